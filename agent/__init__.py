@@ -1,0 +1,1 @@
+"""The Kumo node agent: configuration, plugin manager, runtime loop, controller client, metrics."""

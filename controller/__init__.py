@@ -1,0 +1,1 @@
+"""The Kumo controller: HTTPS API, store, CA and enrollment, scheduler, alerts."""
