@@ -114,6 +114,10 @@ class PluginContext:
     ``state_dir`` is this plugin's own directory (created, mode 0700). ``hooks`` calls other
     plugins' hooks (see :class:`agent.pluginmanager.Hooks`). ``report_changed`` asks the
     runtime to send instance states to the controller now instead of at the next heartbeat.
+    ``call_controller(method, path, json)`` sends one request over the agent's mutual-TLS
+    session (``path`` is relative to ``/v1/nodes/<this node>/``) and returns the decoded
+    JSON answer; it raises :class:`ControllerUnavailable` when the controller cannot be
+    reached, so a plugin can keep what it meant to send and try again later.
     """
 
     name: str
@@ -121,3 +125,8 @@ class PluginContext:
     identity: Identity | None
     hooks: Any
     report_changed: Callable[[], None]
+    call_controller: Callable[..., Awaitable[Any]]
+
+
+class ControllerUnavailable(PluginError):
+    """The controller could not be reached or answered with a server error; try again later."""
