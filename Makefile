@@ -3,7 +3,7 @@ PYTHON ?= /usr/bin/python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: deps venv demo demo-stop test test-unit lint bench
+.PHONY: deps venv demo demo-stop test test-unit lint bench deb
 
 deps:
 	./scripts/install-deps.sh
@@ -34,3 +34,8 @@ lint: venv
 
 bench: deps venv
 	for b in bench/bench_*.py; do $(PY) $$b || exit 1; done
+
+# kumo-agent and kumo-controller .debs into build/deb/.
+deb:
+	./scripts/deps/60-debbuild.sh
+	./packaging/build-deb.sh
