@@ -2,8 +2,12 @@
 PYTHON ?= /usr/bin/python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# The same suite on Debian 12's python3-* packages (what the .debs run on), test tools
+# included: only kumo itself is pip-installed, without dependencies.
+DEBVENV := .venv-debian
+DEBPY := $(DEBVENV)/bin/python
 
-.PHONY: deps venv demo demo-stop test test-unit lint bench deb
+.PHONY: deps venv venv-debian demo demo-stop test test-pypi test-debian test-unit lint bench deb
 
 deps:
 	./scripts/install-deps.sh
@@ -16,14 +20,28 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+$(DEBVENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv --system-site-packages $(DEBVENV)
+	$(DEBPY) -m pip install --quiet --no-deps -e .
+	$(DEBPY) -c 'import aiohttp; assert aiohttp.__file__.startswith("/usr/lib/python3/"), aiohttp.__file__'
+	touch $@
+
+venv-debian: $(DEBVENV)/.installed
+
 demo: deps venv
 	./scripts/demo.sh
 
 demo-stop:
 	./scripts/demo.sh stop
 
-test: deps venv
+test: deps
+	$(MAKE) test-pypi test-debian
+
+test-pypi: venv
 	$(PY) -m pytest -ra $(PYTEST_ARGS)
+
+test-debian: venv-debian
+	$(DEBPY) -m pytest -ra $(PYTEST_ARGS)
 
 # Fast feedback while editing: no real components.
 test-unit: venv
