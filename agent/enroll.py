@@ -1,0 +1,312 @@
+"""Joining a controller (``kumo-agent join``) and the node key/certificate files.
+
+The join string pins the controller's CA by the SHA-256 of its SubjectPublicKeyInfo, as
+``kubeadm join --discovery-token-ca-cert-hash`` does. The agent fetches the enrollment
+listener's certificate chain without trusting it, finds the certificate whose key hash is
+the pinned one, and only then opens a second, fully verified TLS connection to that CA and
+sends the token. A mismatch stops the join before the token leaves the node.
+
+The node key is made here and never leaves the node: only a CSR is sent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import http.client
+import ipaddress
+import json
+import re
+import socket
+import ssl
+import subprocess
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from agent.settings import (
+    CA_CERT,
+    JOIN_FILE,
+    NODE_CERT,
+    NODE_CERT_NEXT,
+    NODE_KEY,
+    JoinRecord,
+    write_atomic,
+    write_join_record,
+)
+
+JOIN_PREFIX = "kumo1"
+_TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{16,}$")
+_HASH_RE = re.compile(r"^[0-9a-f]{64}$")
+_PEM_CERT_RE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
+NETWORK_TIMEOUT = 30.0
+
+
+class JoinError(Exception):
+    """Joining failed; the message says what was wrong and what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class JoinString:
+    """A parsed ``kumo1:<enroll_port>:<token>:<ca_hash>``."""
+
+    enroll_port: int
+    token: str
+    ca_hash: str
+
+
+def parse_join_string(text: str) -> JoinString:
+    """Parse the string ``kumoctl token create`` prints; JoinError names the bad part."""
+    expected = "expected kumo1:<enroll_port>:<token>:<ca_hash> as printed by `kumoctl token create`"
+    parts = text.strip().split(":")
+    if len(parts) != 4 or parts[0] != JOIN_PREFIX:
+        raise JoinError(f"malformed join string: {expected}")
+    _, port, token, ca_hash = parts
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise JoinError(f"malformed join string: enrollment port {port!r} is not a TCP port; {expected}")
+    if not _TOKEN_RE.match(token):
+        raise JoinError(f"malformed join string: the token part is not a Kumo token; {expected}")
+    ca_hash = ca_hash.lower()
+    if not _HASH_RE.match(ca_hash):
+        raise JoinError(
+            f"malformed join string: the CA hash must be 64 hex digits (SHA-256), got {len(ca_hash)} characters; {expected}"
+        )
+    return JoinString(int(port), token, ca_hash)
+
+
+def parse_controller_url(url: str) -> tuple[str, int]:
+    """``https://HOST:PORT`` → (host, port); JoinError otherwise."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if parts.scheme != "https" or not parts.hostname or port is None:
+        raise JoinError(f"--controller: expected https://HOST:PORT (the controller's API address), got {url!r}")
+    return parts.hostname, port
+
+
+def spki_sha256(cert: x509.Certificate) -> str:
+    """Lowercase hex SHA-256 of a certificate's SubjectPublicKeyInfo (DER): the join string's pin."""
+    der = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(der).hexdigest()
+
+
+def fetch_unverified_chain(host: str, port: int, timeout: float = NETWORK_TIMEOUT) -> list[x509.Certificate]:
+    """The certificates the TLS server at host:port presents, leaf first, NOT verified.
+
+    Python's ssl exposes the peer's chain only from 3.13 (``get_unverified_chain``); before
+    that it gives just the leaf, and the leaf alone cannot be checked against a pinned CA.
+    On older Pythons the chain comes from ``openssl s_client -showcerts`` (an argument list,
+    no shell): the openssl binary is a dependency of the agent package anyway.
+    """
+    if hasattr(ssl.SSLSocket, "get_unverified_chain"):
+        return _chain_from_ssl(host, port, timeout)
+    return _chain_from_openssl(host, port, timeout)
+
+
+def _chain_from_ssl(host: str, port: int, timeout: float) -> list[x509.Certificate]:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # nothing is trusted yet: the pin is checked by the caller
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw:
+            with ctx.wrap_socket(raw, server_hostname=None if _is_ip(host) else host) as tls:
+                chain = tls.get_unverified_chain() or []
+    except (OSError, ssl.SSLError) as exc:
+        raise JoinError(f"cannot reach the enrollment listener at {host}:{port}: {exc}") from None
+    ders = [c if isinstance(c, bytes) else c.public_bytes(ssl.ENCODING_DER) for c in chain]
+    return [x509.load_der_x509_certificate(der) for der in ders]
+
+
+def _chain_from_openssl(host: str, port: int, timeout: float) -> list[x509.Certificate]:
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    args = ["openssl", "s_client", "-connect", target, "-showcerts"]
+    if not _is_ip(host):
+        args += ["-servername", host]
+    try:
+        proc = subprocess.run(  # noqa: S603 - fixed argument list, no shell
+            args, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, check=False
+        )
+    except FileNotFoundError:
+        raise JoinError("the openssl command is missing: install the openssl package") from None
+    except subprocess.TimeoutExpired:
+        raise JoinError(f"no TLS answer from the enrollment listener at {host}:{port} within {timeout:.0f} s") from None
+    certs = [x509.load_pem_x509_certificate(pem) for pem in _PEM_CERT_RE.findall(proc.stdout)]
+    if not certs:
+        detail = proc.stderr.decode(errors="replace").strip().splitlines()
+        reason = detail[0] if detail else f"openssl exited {proc.returncode}"
+        raise JoinError(f"cannot reach the enrollment listener at {host}:{port}: {reason}")
+    return certs
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def find_pinned_ca(chain: list[x509.Certificate], ca_hash: str, where: str) -> x509.Certificate:
+    """The certificate of ``chain`` whose SPKI hash is ``ca_hash``; JoinError (refusal) otherwise."""
+    for cert in chain:
+        if spki_sha256(cert) == ca_hash:
+            return cert
+    seen = ", ".join(spki_sha256(c)[:16] + "..." for c in chain) or "no certificate"
+    raise JoinError(
+        f"refusing to join: the server at {where} presented no CA certificate matching the join "
+        f"string's hash {ca_hash[:16]}... (it presented {seen}). The token was NOT sent. Check the "
+        "--controller address and that the join string comes from that controller."
+    )
+
+
+def new_node_key() -> ec.EllipticCurvePrivateKey:
+    """A fresh ECDSA P-256 node key."""
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+def make_csr(key: ec.EllipticCurvePrivateKey, common_name: str) -> str:
+    """A PEM CSR for ``key``; the controller decides the final subject (its node id)."""
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "kumo"),
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "node"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name[:64]),
+        ]
+    )
+    csr = x509.CertificateSigningRequestBuilder().subject_name(subject).sign(key, hashes.SHA256())
+    return csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def check_issued(cert: x509.Certificate, key: ec.EllipticCurvePrivateKey, node_id: str) -> None:
+    """The certificate the controller returned is for our key and our node id."""
+    ours = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    theirs = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if ours != theirs:
+        raise JoinError("the controller returned a certificate for a different key; not stored")
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if not names or names[0].value != node_id:
+        raise JoinError(f"the controller returned a certificate for another node than {node_id}; not stored")
+
+
+def _verified_context(ca_pem: str) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cadata=ca_pem)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def _post_json(host: str, port: int, ctx: ssl.SSLContext, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    conn = http.client.HTTPSConnection(host, port, context=ctx, timeout=NETWORK_TIMEOUT)
+    try:
+        conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        raw = response.read()
+    except ssl.SSLCertVerificationError as exc:
+        raise JoinError(
+            f"the enrollment listener at {host}:{port} is not verified by the pinned CA: {exc.verify_message}; "
+            "use the address the controller's certificate names (kumo-controller init --san)"
+        ) from None
+    except (OSError, http.client.HTTPException) as exc:
+        raise JoinError(f"enrollment request to {host}:{port} failed: {exc}") from None
+    finally:
+        conn.close()
+    try:
+        data = json.loads(raw or b"{}")
+    except ValueError:
+        data = {}
+    if response.status >= 400:
+        error = data.get("error") if isinstance(data, dict) else None
+        raise JoinError(f"the controller refused the enrollment ({response.status}): {error or raw[:200]!r}")
+    if not isinstance(data, dict):
+        raise JoinError("the controller's enrollment answer is not a JSON object")
+    return data
+
+
+def identity_exists(state_dir: Path) -> bool:
+    return any((state_dir / name).exists() for name in (JOIN_FILE, NODE_CERT, NODE_KEY))
+
+
+def join(controller: str, join_text: str, state_dir: Path, *, force: bool = False) -> JoinRecord:
+    """Enroll this node; write node.key (0600), node.crt, ca.crt and join.json into ``state_dir``."""
+    host, _api_port = parse_controller_url(controller)
+    pin = parse_join_string(join_text)
+    if identity_exists(state_dir) and not force:
+        raise JoinError(
+            f"{state_dir} already holds a node identity; pass --force to replace it "
+            "(the old node stays registered until an admin removes it)"
+        )
+    where = f"{host}:{pin.enroll_port}"
+    ca = find_pinned_ca(fetch_unverified_chain(host, pin.enroll_port), pin.ca_hash, where)
+    ca_pem = ca.public_bytes(serialization.Encoding.PEM).decode()
+    key = new_node_key()
+    hostname = socket.gethostname()
+    answer = _post_json(
+        host,
+        pin.enroll_port,
+        _verified_context(ca_pem),
+        "/v1/enroll",
+        {"token": pin.token, "csr": make_csr(key, hostname), "hostname": hostname},
+    )
+    try:
+        node_id = str(answer["node_id"])
+        cert = x509.load_pem_x509_certificate(str(answer["certificate"]).encode())
+    except (KeyError, ValueError) as exc:
+        raise JoinError(f"the controller's enrollment answer is incomplete: {exc}") from None
+    check_issued(cert, key, node_id)
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    (state_dir / NODE_CERT_NEXT).unlink(missing_ok=True)
+    write_atomic(state_dir / NODE_KEY, key_pem(key), 0o600)
+    write_atomic(state_dir / NODE_CERT, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_atomic(state_dir / CA_CERT, ca_pem.encode(), 0o644)
+    record = JoinRecord(controller=controller.rstrip("/"), node_id=node_id)
+    write_join_record(state_dir, record)
+    return record
+
+
+def load_certificate(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def cert_validity(cert: x509.Certificate) -> tuple[datetime.datetime, datetime.datetime]:
+    """(not before, not after) as aware UTC datetimes, on cryptography 38 and current releases."""
+    before = getattr(cert, "not_valid_before_utc", None) or cert.not_valid_before.replace(tzinfo=datetime.UTC)
+    after = getattr(cert, "not_valid_after_utc", None) or cert.not_valid_after.replace(tzinfo=datetime.UTC)
+    return before, after
+
+
+def install_renewed(state_dir: Path, key: ec.EllipticCurvePrivateKey, cert_pem: bytes) -> None:
+    """Put a renewed key and certificate in place so that a crash never leaves a mismatched pair.
+
+    Order: the new certificate waits in node.crt.next, then the key is replaced atomically,
+    then the certificate. :func:`recover_renewal` finishes or discards a half-done renewal.
+    """
+    write_atomic(state_dir / NODE_CERT_NEXT, cert_pem, 0o644)
+    write_atomic(state_dir / NODE_KEY, key_pem(key), 0o600)
+    (state_dir / NODE_CERT_NEXT).replace(state_dir / NODE_CERT)
+
+
+def recover_renewal(state_dir: Path) -> None:
+    """Finish a renewal interrupted between the key and the certificate, or discard it."""
+    pending = state_dir / NODE_CERT_NEXT
+    if not pending.exists():
+        return
+    key = serialization.load_pem_private_key((state_dir / NODE_KEY).read_bytes(), password=None)
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    key_pub = key.public_key().public_bytes(serialization.Encoding.DER, spki)
+    cert_pub = load_certificate(pending).public_key().public_bytes(serialization.Encoding.DER, spki)
+    if key_pub == cert_pub:
+        pending.replace(state_dir / NODE_CERT)
+    else:
+        pending.unlink()

@@ -1,0 +1,222 @@
+"""The agent's own configuration (``/etc/kumo/agent.yaml``) and the identity ``join`` leaves behind.
+
+The YAML file is parsed strictly with :func:`agent.config.parse_section`: every error names
+the file, the dotted key and what was expected. Plugin tables (``plugins.<name>``) are kept
+raw here and handed to each plugin's ``kumo_configure``; a table for a plugin that is not
+installed is an error, since it is almost always a typo or a missing package.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from agent.config import ConfigError, load_yaml_file, parse_section
+from agent.plugin import Identity
+
+DEFAULT_CONFIG = Path("/etc/kumo/agent.yaml")
+DEFAULT_STATE_DIR = Path("/var/lib/kumo")
+
+# Files ``kumo-agent join`` writes into the state directory.
+NODE_KEY = "node.key"
+NODE_CERT = "node.crt"
+CA_CERT = "ca.crt"
+JOIN_FILE = "join.json"
+# A renewed certificate waits here while the new key is moved into place (see enroll.py).
+NODE_CERT_NEXT = "node.crt.next"
+
+
+@dataclasses.dataclass
+class MetricsSettings:
+    """Where ``/metrics`` listens (``null`` turns it off) and, optionally, the CA scrapers must hold."""
+
+    listen: str | None = "0.0.0.0:9464"
+    client_ca: Path | None = None
+
+
+@dataclasses.dataclass
+class HeartbeatSettings:
+    """How often plugin fingerprints are refreshed and re-sent with the heartbeat.
+
+    The heartbeat interval itself comes from the controller at registration.
+    """
+
+    fingerprint_interval: float = 30.0
+
+
+@dataclasses.dataclass
+class TaskSettings:
+    """How many tasks run at once, and how long in-flight tasks may finish at shutdown."""
+
+    concurrency: int = 8
+    shutdown_grace: float = 10.0
+
+
+@dataclasses.dataclass
+class AgentSettings:
+    """The whole agent config file, ``/etc/kumo/agent.yaml`` by default."""
+
+    state_dir: Path = DEFAULT_STATE_DIR
+    controller: str | None = None
+    metrics: MetricsSettings = dataclasses.field(default_factory=MetricsSettings)
+    heartbeat: HeartbeatSettings = dataclasses.field(default_factory=HeartbeatSettings)
+    tasks: TaskSettings = dataclasses.field(default_factory=TaskSettings)
+    vcpu_overcommit: float = 4.0
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    plugins: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    # Not a field, so not a config key: the file these settings came from (None: defaults).
+    source = None
+
+    def plugin_source(self, name: str) -> str:
+        """How messages name a plugin's table: ``"/etc/kumo/agent.yaml: plugins.kvm"``."""
+        return f"{self.source or '<defaults>'}: plugins.{name}"
+
+
+def load_settings(path: Path | None, *, required: bool = False) -> AgentSettings:
+    """Read the agent config.
+
+    With ``path`` None the default file is read when it exists (built-in defaults otherwise);
+    an explicitly named file must exist (``required``).
+    """
+    if path is None:
+        path = DEFAULT_CONFIG
+        if not path.exists() and not required:
+            return AgentSettings()
+    data = load_yaml_file(path)
+    prefix = str(path)
+    try:
+        settings = parse_section(AgentSettings, data, prefix)
+    except ConfigError as exc:
+        # parse_section joins keys with dots; the file name reads better followed by a colon.
+        message = str(exc)
+        if message.startswith(prefix + "."):
+            message = f"{prefix}: {message[len(prefix) + 1:]}"
+        raise ConfigError(message) from None
+    settings.source = path
+    _validate(settings, path)
+    return settings
+
+
+def _validate(settings: AgentSettings, path: Path) -> None:
+    if settings.controller is not None:
+        _check_controller_url(settings.controller, f"{path}: controller")
+    if settings.metrics.listen is not None:
+        try:
+            split_listen(settings.metrics.listen)
+        except ValueError as exc:
+            raise ConfigError(f"{path}: metrics.listen: {exc}") from None
+    if settings.metrics.client_ca is not None and settings.metrics.listen is None:
+        raise ConfigError(f"{path}: metrics.client_ca: set, but metrics.listen is null (metrics are off)")
+    if settings.vcpu_overcommit <= 0:
+        raise ConfigError(f"{path}: vcpu_overcommit: expected a number above 0, got {settings.vcpu_overcommit}")
+    if settings.heartbeat.fingerprint_interval <= 0:
+        raise ConfigError(f"{path}: heartbeat.fingerprint_interval: expected seconds above 0")
+    if settings.tasks.concurrency < 1:
+        raise ConfigError(f"{path}: tasks.concurrency: expected an integer of at least 1")
+    if settings.tasks.shutdown_grace < 0:
+        raise ConfigError(f"{path}: tasks.shutdown_grace: expected seconds, 0 or more")
+    for name, section in settings.plugins.items():
+        if section is not None and not isinstance(section, Mapping):
+            raise ConfigError(f"{path}: plugins.{name}: expected a mapping of that plugin's settings")
+
+
+def check_plugin_sections(settings: AgentSettings, installed: Iterable[str]) -> None:
+    """Refuse a ``plugins.<name>`` table for a plugin that is not installed."""
+    names = sorted(installed)
+    for name in settings.plugins:
+        if name not in names:
+            raise ConfigError(
+                f"{settings.source}: plugins.{name}: no plugin named {name!r} is installed "
+                f"(installed plugins: {', '.join(names) or 'none'})"
+            )
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """``"0.0.0.0:9464"`` or ``"[::]:9464"`` → (host, port); ValueError says what was expected."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT (e.g. 0.0.0.0:9464), got {listen!r}")
+    return host.strip("[]"), int(port)
+
+
+def _check_controller_url(url: str, where: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme != "https" or not parts.hostname:
+        raise ConfigError(f"{where}: expected an https://HOST:PORT URL, got {url!r}")
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError:
+        raise ConfigError(f"{where}: bad port in {url!r}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class JoinRecord:
+    """What ``join`` recorded: the controller URL and this node's id."""
+
+    controller: str
+    node_id: str
+
+
+class NotJoined(Exception):
+    """The state directory holds no usable identity; the message says how to join."""
+
+
+def identity_paths(state_dir: Path) -> tuple[Path, Path, Path]:
+    """(key, certificate, CA) paths inside a state directory."""
+    return state_dir / NODE_KEY, state_dir / NODE_CERT, state_dir / CA_CERT
+
+
+def read_join_record(state_dir: Path) -> JoinRecord:
+    """Read ``join.json``; NotJoined when it is missing or unreadable."""
+    path = state_dir / JOIN_FILE
+    try:
+        data = json.loads(path.read_text())
+        return JoinRecord(controller=str(data["controller"]), node_id=str(data["node_id"]))
+    except FileNotFoundError:
+        raise NotJoined(
+            f"{state_dir} holds no node identity: run `kumo-agent join --controller URL --token JOIN` first"
+        ) from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise NotJoined(f"{path}: unreadable ({exc}); re-join with `kumo-agent join --force ...`") from None
+
+
+def write_join_record(state_dir: Path, record: JoinRecord) -> None:
+    """Write ``join.json`` atomically: it is what marks the identity complete."""
+    write_atomic(state_dir / JOIN_FILE, json.dumps(dataclasses.asdict(record), indent=2).encode() + b"\n", 0o644)
+
+
+def load_identity(state_dir: Path) -> Identity:
+    """The node identity for plugins and the controller session; NotJoined when incomplete."""
+    record = read_join_record(state_dir)
+    key, cert, ca = identity_paths(state_dir)
+    for path in (key, cert, ca):
+        if not path.exists():
+            raise NotJoined(f"{path} is missing; re-join with `kumo-agent join --force ...`")
+    return Identity(node_id=record.node_id, key=key, certificate=cert, ca=ca)
+
+
+def write_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Write ``data`` to ``path`` through a temporary file, created with ``mode`` (never wider)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        os.fchmod(fd, mode)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
