@@ -29,7 +29,9 @@ DEFAULT_VCPU_OVERCOMMIT = 4.0
 MIB = 1024 * 1024
 
 
-def place(request: Mapping[str, Any], nodes: list[Mapping[str, Any]]) -> tuple[str | None, dict[str, str]]:
+def place(
+    request: Mapping[str, Any], nodes: list[Mapping[str, Any]]
+) -> tuple[str | None, dict[str, str]]:
     """Choose the node for ``request`` (``kind``, ``vcpus``, ``memory_mib``, optional ``node``).
 
     Returns the chosen node id (None when no node fits) and, for every node that was
@@ -94,9 +96,7 @@ def _kind_unsupported(kind: str, plugins: Mapping[str, Any]) -> str | None:
     after the kind counts as offering it: its reason is the useful message.
     """
     offering = {
-        name: fp
-        for name, fp in plugins.items()
-        if kind in (fp.get("kinds") or ()) or name == kind
+        name: fp for name, fp in plugins.items() if kind in (fp.get("kinds") or ()) or name == kind
     }
     if not offering:
         return f"no plugin on the node runs {kind} instances"

@@ -67,7 +67,12 @@ def test_node_without_a_plugin_for_the_kind_is_dropped():
 
 
 def test_unavailable_plugin_reports_its_own_reason():
-    kvm_down = {"available": False, "reason": "libvirtd is not running", "kinds": ["kvm"], "attributes": {}}
+    kvm_down = {
+        "available": False,
+        "reason": "libvirtd is not running",
+        "kinds": ["kvm"],
+        "attributes": {},
+    }
     chosen, reasons = place(request(), [node("n-a", plugins={"kvm": kvm_down})])
     assert chosen is None
     assert reasons == {"n-a": "plugin kvm is unavailable: libvirtd is not running"}
