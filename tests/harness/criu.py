@@ -1,0 +1,122 @@
+"""CRIU for the tests: is a working criu (>= 4.1) here, and a node with the process and
+checkpoint plugins wired together exactly as the agent wires them (through Hooks)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+from collections.abc import AsyncIterator, Mapping
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.plugin import ControllerUnavailable, PluginContext
+from agent.pluginmanager import Hooks, make_plugin_manager
+from tests.harness import require
+
+SBIN_PATH = os.environ.get("PATH", "") + ":/usr/local/sbin:/usr/sbin:/sbin"
+
+
+@cache
+def criu_status() -> tuple[bool, str]:
+    """(usable, why not): criu >= 4.1 found and `criu check` passing on this kernel."""
+    criu = shutil.which("criu", path=SBIN_PATH)
+    if criu is None:
+        return False, "criu is not installed"
+    out = subprocess.run([criu, "--version"], capture_output=True, text=True).stdout  # noqa: S603
+    match = re.search(r"Version:\s*(\d+)\.(\d+)", out)
+    if not match or (int(match.group(1)), int(match.group(2))) < (4, 1):
+        return False, f"{criu} is not criu >= 4.1 ({out.strip() or 'no version'})"
+    if os.geteuid() != 0:
+        return False, "criu needs root"
+    check = subprocess.run([criu, "check"], capture_output=True, text=True)  # noqa: S603
+    if check.returncode != 0:
+        return False, f"`{criu} check` fails: {check.stdout[-200:]}{check.stderr[-200:]}"
+    return True, ""
+
+
+@pytest.fixture
+def criu_required() -> None:
+    """Skip (fail in CI) unless a working criu >= 4.1 is installed."""
+    ok, why = criu_status()
+    require(ok, f"a working criu >= 4.1 ({why}; scripts/deps/30-criu.sh builds one)")
+
+
+class CriuNode:
+    """The process and checkpoint plugins of one pretend agent, sharing one Hooks."""
+
+    def __init__(self, root: Path, checkpoint_config: Mapping[str, Any] | None = None):
+        from plugins.checkpoint import CheckpointPlugin
+        from plugins.process import ProcessPlugin
+
+        self.root = root
+        self.changes = 0
+        self.process = ProcessPlugin()
+        self.checkpoint = CheckpointPlugin()
+        self.process.kumo_configure(section={"reap_interval": 0.2}, source="test: plugins.process")
+        self.checkpoint.kumo_configure(section=dict(checkpoint_config or {}), source="test: plugins.checkpoint")
+        self.hooks = Hooks(make_plugin_manager({"process": self.process, "checkpoint": self.checkpoint}))
+
+    def context(self, name: str) -> PluginContext:
+        state = self.root / name
+        state.mkdir(mode=0o700, exist_ok=True)
+
+        async def no_controller(*args: Any, **kwargs: Any) -> Any:
+            raise ControllerUnavailable("no controller in this test")
+
+        return PluginContext(name, state, None, self.hooks, self._changed, no_controller)
+
+    def _changed(self) -> None:
+        self.changes += 1
+
+    async def start(self) -> None:
+        await self.process.kumo_startup(context=self.context("process"))
+        await self.process.kumo_adopt()
+        await self.checkpoint.kumo_startup(context=self.context("checkpoint"))
+
+    async def restart_process_plugin(self) -> None:
+        """Replace the process plugin by a fresh one on the same state dir, as an agent restart does."""
+        from plugins.process import ProcessPlugin
+
+        await self.process.kumo_shutdown()
+        self.process = ProcessPlugin()
+        self.process.kumo_configure(section={"reap_interval": 0.2}, source="test: plugins.process")
+        self.hooks = Hooks(make_plugin_manager({"process": self.process, "checkpoint": self.checkpoint}))
+        self.checkpoint.context.hooks = self.hooks
+        await self.process.kumo_startup(context=self.context("process"))
+        await self.process.kumo_adopt()
+
+    async def task(self, kind: str, payload: Mapping[str, Any]) -> Any:
+        owner = self.hooks.task_owners()[kind]
+        return await self.hooks.handle_task(owner, kind, payload, task_id=f"test-{kind}")
+
+    def state(self, name: str) -> Any:
+        return next(s for s in self.process.kumo_instances() if s.name == name)
+
+    async def stop(self) -> None:
+        pids = [s.details["pid"] for s in self.process.kumo_instances() if s.details.get("pid")]
+        await self.process.kumo_shutdown()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+        for pid in pids:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+
+
+@pytest.fixture
+async def criu_node(tmp_path: Path) -> AsyncIterator[CriuNode]:
+    """A started CriuNode under tmp_path; every process it runs is killed afterwards."""
+    node = CriuNode(tmp_path / "state")
+    node.root.mkdir()
+    await node.start()
+    try:
+        yield node
+    finally:
+        await node.stop()
