@@ -1,0 +1,927 @@
+"""The ``checkpoint`` plugin: CRIU checkpoint and restore of ``process`` and ``lxc`` instances.
+
+It runs no instances of its own: it finds the instance through the other plugins' states
+(``context.hooks.instances()``) and uses only what their details publish — a process's
+``pid`` and create ``options``, a container's ``lxcpath`` (its name is the instance name).
+
+We drive the ``criu`` command line through asyncio subprocesses rather than pycriu's RPC
+(``criu swrk``): pycriu is not on PyPI (Debian ships it only for /usr/bin/python3, and a
+venv would need it built from the criu tree plus protobuf), the command line costs the same
+per operation, its logs are the files operators already know, and ``lxc-checkpoint`` runs
+criu by name anyway.
+
+Image layout (designed for migration, where the directory is copied to another node and
+restored there)::
+
+    <images_dir>/<kind>/<name>/<UTC time>-<random>/   one checkpoint
+        *.img                   CRIU's images
+        dump.log, restore.log   CRIU's logs (not checksummed: restore appends to the directory)
+        kumo-manifest.json      written last: {"format", "name", "kind", "created_at", "kernel",
+                                "criu_version", "pid", "instance", "open_files", "files": {file: sha256}}
+        kumo-verified.json      this node only: the stat of each file when it was hashed here
+    <images_dir>/<kind>/<name>/latest -> the newest complete checkpoint
+
+A directory without a manifest is a dump that never finished. Before a restore every file
+listed is checked against its sha256 — by hashing it again, unless ``kumo-verified.json``
+shows the file untouched (same inode, size, mtime and ctime) since this node hashed it, as
+after a local dump; a copied image (a migration) has no valid stamp and is always hashed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import platform
+import re
+import secrets
+import shutil
+import signal
+import socket
+import stat
+import struct
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from agent.config import ConfigError, parse_section
+from agent.plugin import Fingerprint, InstanceState, PluginContext, TaskError, hookimpl
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "kumo-manifest.json"
+STAMP = "kumo-verified.json"
+MANIFEST_FORMAT = 1
+KINDS = ("process", "lxc")
+INSTALL_HINT = "install criu >= 4.1: see scripts/deps/30-criu.sh"
+# `criu check --feature` names worth scheduling by: soft-dirty tracking makes pre-dump and
+# iterative (low-downtime) migration possible, userfaultfd makes lazy (post-copy) restore possible.
+FEATURES = ("mem_dirty_track", "uffd", "uffd-noncoop", "pidfd_store", "network_lock_nftables", "timens")
+PROBE_TTL = 300.0
+# Character devices CRIU restores by path on any Linux host: null, zero, full, random, urandom.
+SAFE_CHAR_DEVICES = {(1, 3), (1, 5), (1, 7), (1, 8), (1, 9)}
+TTY_MAJORS = {4, 5, 136}
+UNSUPPORTED_ANON = ("[io_uring]", "[userfaultfd]", "[perf_event]", "bpf-map", "bpf-prog")
+UNSUPPORTED_FS = {"fuse", "fuseblk", "nfs", "nfs4", "cifs", "smb3", "9p", "ceph", "glusterfs", "virtiofs"}
+TCP_STATES = {
+    "01": "ESTABLISHED", "02": "SYN_SENT", "03": "SYN_RECV", "04": "FIN_WAIT1", "05": "FIN_WAIT2",
+    "06": "TIME_WAIT", "07": "CLOSE", "08": "CLOSE_WAIT", "09": "LAST_ACK", "0A": "LISTEN", "0B": "CLOSING",
+}
+HASH_CHUNK = 1 << 20
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    """``plugins.checkpoint`` settings."""
+
+    criu: str = "criu"  # a path, or a name looked up in PATH
+    lxc_checkpoint: str = "lxc-checkpoint"
+    images_dir: Path | None = None  # default: <state_dir>/images
+    keep: int = 2  # complete checkpoints kept per instance; older ones are removed
+    timeout: float = 600.0  # seconds one criu dump or restore may take
+
+
+@dataclasses.dataclass(frozen=True)
+class CriuStatus:
+    """What probing criu found; ``reason`` says what is wrong when it is not usable."""
+
+    usable: bool
+    reason: str = ""
+    path: str | None = None
+    version: str | None = None
+    features: Mapping[str, bool] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class _Target:
+    name: str
+    kind: str
+    state: InstanceState
+    pid: int | None
+    lxcpath: str | None = None
+
+
+class CheckpointPlugin:
+    """CRIU checkpoint/restore for other plugins' instances; see the module docstring."""
+
+    def __init__(self) -> None:
+        self.config = CheckpointConfig()
+        self.context: PluginContext | None = None
+        self.status = CriuStatus(False, "not started")
+        self.probed_at = 0.0
+        self.locks: dict[tuple[str, str], asyncio.Lock] = {}
+
+    @hookimpl
+    def kumo_configure(self, section: Mapping[str, Any], source: str) -> None:
+        config = parse_section(CheckpointConfig, section, source)
+        if config.keep < 1:
+            raise ConfigError(f"{source}.keep: expected an integer >= 1, got {config.keep}")
+        self.config = config
+
+    @hookimpl
+    async def kumo_startup(self, context: PluginContext) -> None:
+        self.context = context
+        await asyncio.to_thread(self._images_root().mkdir, parents=True, exist_ok=True)
+        # CRIU's mntns-compat-mode is needed to restore an lxc container here, and is
+        # refused on dump: lxc-checkpoint reads it from this file for restores only.
+        await asyncio.to_thread(self._lxc_restore_conf().write_text, "mntns-compat-mode\n")
+        await self._probe()
+
+    @hookimpl
+    async def kumo_fingerprint(self) -> Fingerprint:
+        if time.monotonic() - self.probed_at > PROBE_TTL:
+            await self._probe()
+        st = self.status
+        attributes: dict[str, Any] = {"criu": st.path, "criu_version": st.version, "instance_kinds": list(KINDS)}
+        if st.usable:
+            attributes.update(
+                check="ok",
+                features=dict(st.features),
+                pre_dump=st.features.get("mem_dirty_track", False),
+                lazy_pages=st.features.get("uffd-noncoop", False),
+            )
+        return Fingerprint(available=st.usable, reason=st.reason, attributes=attributes)
+
+    @hookimpl
+    def kumo_task_kinds(self) -> Iterable[str]:
+        return ["checkpoint.preflight", "checkpoint.dump", "checkpoint.restore"]
+
+    @hookimpl
+    async def kumo_handle_task(self, kind: str, payload: Mapping[str, Any], task_id: str) -> Mapping[str, Any]:
+        name, ikind = payload.get("name"), payload.get("kind")
+        if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+            raise TaskError(f"payload.name must be an instance name, got {name!r}", code="bad-request")
+        if ikind not in KINDS:
+            raise TaskError(f"payload.kind must be one of {', '.join(KINDS)}, got {ikind!r}", code="unsupported-kind")
+        async with self.locks.setdefault((ikind, name), asyncio.Lock()):
+            if kind == "checkpoint.preflight":
+                blockers = await self._preflight(await self._target(name, ikind, must_exist=False))
+                return {"ok": not blockers, "blockers": blockers}
+            if kind == "checkpoint.dump":
+                leave_running = payload.get("leave_running", False)
+                if not isinstance(leave_running, bool):
+                    raise TaskError("payload.leave_running must be true or false", code="bad-request")
+                return await self._dump(await self._target(name, ikind), leave_running)
+            if kind == "checkpoint.restore":
+                return await self._restore(name, ikind, payload.get("image"), task_id)
+        raise TaskError(f"the checkpoint plugin has no task kind {kind!r}", code="bad-request")
+
+    # -- criu ----------------------------------------------------------------------
+
+    async def _probe(self) -> None:
+        self.status = await probe_criu(self.config.criu)
+        self.probed_at = time.monotonic()
+        if not self.status.usable:
+            log.warning("checkpoint: %s", self.status.reason)
+
+    def _require_criu(self) -> str:
+        if not self.status.usable:
+            raise TaskError(self.status.reason, code="criu-unavailable")
+        assert self.status.path is not None
+        return self.status.path
+
+    # -- finding the instance ------------------------------------------------------
+
+    async def _target(self, name: str, kind: str, must_exist: bool = True) -> _Target | None:
+        assert self.context is not None, "kumo_startup was not called"
+        states = await self.context.hooks.instances()
+        state = next((s for s in states if s.name == name and s.kind == kind), None)
+        if state is None:
+            if must_exist:
+                raise TaskError(f"no {kind} instance named {name!r} on this node", code="not-found")
+            return None
+        pid = state.details.get("pid") if state.state == "running" else None
+        lxcpath = None
+        if kind == "lxc":
+            lxcpath = state.details.get("lxcpath")
+            if not isinstance(lxcpath, str) or not lxcpath:
+                raise TaskError(
+                    f"the lxc plugin's state of {name!r} carries no details.lxcpath: cannot find the container",
+                    code="lxc-details",
+                )
+        return _Target(name, kind, state, pid if isinstance(pid, int) else None, lxcpath)
+
+    async def _preflight(self, target: _Target | None) -> list[dict[str, str]]:
+        blockers: list[dict[str, str]] = []
+        if not self.status.usable:
+            blockers.append({"code": "criu-unavailable", "message": self.status.reason})
+        if target is None:
+            blockers.append({"code": "not-found", "message": "no such instance on this node"})
+            return blockers
+        if target.pid is None and target.kind == "lxc" and target.state.state == "running":
+            target.pid = await self._lxc_init_pid(target)
+        if target.pid is None:
+            blockers.append({
+                "code": "not-running",
+                "message": f"{target.kind} instance {target.name!r} is {target.state.state}: only a running instance can be checkpointed",
+            })
+            return blockers
+        blockers += await asyncio.to_thread(scan_blockers, target.pid, target.kind)
+        return blockers
+
+    # -- dump ----------------------------------------------------------------------
+
+    async def _dump(self, target: _Target, leave_running: bool) -> Mapping[str, Any]:
+        blockers = await self._preflight(target)
+        if blockers:
+            raise TaskError(
+                f"{target.kind} instance {target.name!r} cannot be checkpointed: "
+                + "; ".join(b["message"] for b in blockers),
+                code=blockers[0]["code"],
+                details={"blockers": blockers},
+            )
+        criu = self._require_criu()
+        assert target.pid is not None
+        base = self._images_root() / target.kind / target.name
+        image = base / (time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3))
+        await asyncio.to_thread(image.mkdir, parents=True)
+        open_files = await asyncio.to_thread(_open_files, _tree(target.pid))
+        if target.kind == "process":
+            argv = [criu, "dump", "-t", str(target.pid), "-D", str(image), "-o", "dump.log"]
+            if leave_running:
+                argv.append("--leave-running")
+            env = None
+        else:
+            argv = [self.config.lxc_checkpoint, "-n", target.name, "-P", target.lxcpath or "", "-D", str(image)]
+            if not leave_running:
+                argv.append("-s")
+            env = self._lxc_env(criu, restore=False)
+        hasher = _TailHasher(image)
+        hasher.start()
+        try:
+            rc = await self._run(argv, image / "kumo-dump.out", env)
+        finally:
+            hasher.stop()
+        if rc != 0:
+            alive = _start_time(target.pid) is not None
+            kept = await asyncio.to_thread(_keep_failure_log, image, base, "dump")
+            await asyncio.to_thread(shutil.rmtree, image, True)
+            raise TaskError(
+                f"criu dump of {target.kind} instance {target.name!r} failed: {_criu_error(kept)}; "
+                + ("the instance is still running" if alive else "the instance is no longer running")
+                + f" (log: {kept})",
+                code="dump-failed",
+            )
+        instance: dict[str, Any] = {}
+        if target.kind == "process":
+            instance["options"] = dict(target.state.details.get("options") or {})
+        else:
+            instance["lxcpath"] = target.lxcpath
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "name": target.name,
+            "kind": target.kind,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "kernel": platform.release(),
+            "criu_version": self.status.version,
+            "leave_running": leave_running,
+            "pid": target.pid,
+            "instance": instance,
+            "open_files": open_files,
+        }
+        files, size = await asyncio.to_thread(_finish_manifest, image, hasher, manifest)
+        if not leave_running:
+            await self._until_stopped(target)
+        await asyncio.to_thread(_publish, base, image, self.config.keep)
+        log.info("checkpoint: %s %s dumped to %s (%d bytes)", target.kind, target.name, image, size)
+        return {"image": str(image), "manifest": files, "size_bytes": size}
+
+    async def _until_stopped(self, target: _Target) -> None:
+        # criu has killed the instance; wait until its plugin has seen that too, so a
+        # restore sent right after this dump does not find it "running".
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            current = await self._target(target.name, target.kind, must_exist=False)
+            if current is None or current.state.state != "running":
+                return
+            await asyncio.sleep(0.01)
+        log.warning("checkpoint: %s %s still reported running 5 s after its dump", target.kind, target.name)
+
+    # -- restore -------------------------------------------------------------------
+
+    async def _restore(self, name: str, kind: str, image_arg: Any, task_id: str) -> Mapping[str, Any]:
+        assert self.context is not None
+        criu = self._require_criu()
+        if image_arg is None:
+            latest = self._images_root() / kind / name / "latest"
+            if not latest.is_symlink():
+                raise TaskError(f"no checkpoint of {kind} instance {name!r} on this node: dump one first",
+                                code="no-image")
+            image = latest.resolve()
+        elif isinstance(image_arg, str) and image_arg.startswith("/"):
+            image = Path(image_arg)
+        else:
+            raise TaskError("payload.image must be an absolute path to a checkpoint directory", code="bad-request")
+        manifest = await asyncio.to_thread(verify_image, image, name, kind)
+        current = await self._target(name, kind, must_exist=False)
+        if current is not None and current.state.state == "running":
+            raise TaskError(f"{kind} instance {name!r} is running: stop it before restoring a checkpoint",
+                            code="already-running")
+        if kind == "process":
+            pid = await self._restore_process(criu, image, manifest)
+        else:
+            pid = await self._restore_lxc(criu, image, manifest, name)
+        await self._hand_over(kind, name, pid, manifest, task_id)
+        log.info("checkpoint: %s %s restored from %s as pid %d", kind, name, image, pid)
+        return {"pid": pid, "image": str(image)}
+
+    async def _restore_process(self, criu: str, image: Path, manifest: Mapping[str, Any]) -> int:
+        pid = manifest["pid"]
+        await self._wait_pid_free(pid)
+        pidfile = image / "kumo-restore.pid"
+        with contextlib.suppress(FileNotFoundError):
+            pidfile.unlink()
+        argv = [criu, "restore", "-D", str(image), "-d", "-o", "restore.log", "--pidfile", str(pidfile)]
+        rc = await self._run(argv, image / "kumo-restore.out")
+        if rc != 0:
+            raise TaskError(
+                f"criu restore of process instance {manifest['name']!r} failed: "
+                f"{_criu_error(image / 'restore.log')}; the instance is left stopped (log: {image / 'restore.log'})",
+                code="restore-failed",
+            )
+        return int(pidfile.read_text().strip())
+
+    async def _restore_lxc(self, criu: str, image: Path, manifest: Mapping[str, Any], name: str) -> int:
+        current = await self._target(name, "lxc", must_exist=False)
+        lxcpath = current.lxcpath if current else manifest["instance"].get("lxcpath")
+        if not lxcpath:
+            raise TaskError(f"no lxcpath known for container {name!r}: create the container on this node first",
+                            code="lxc-details")
+        argv = [self.config.lxc_checkpoint, "-n", name, "-P", lxcpath, "-D", str(image), "-r"]
+        # Output to a file, never a pipe: the restored container's monitor inherits it
+        # and would hold a pipe open for the container's whole life.
+        rc = await self._run(argv, image / "kumo-restore.out", self._lxc_env(criu, restore=True))
+        if rc != 0:
+            raise TaskError(
+                f"lxc-checkpoint restore of container {name!r} failed: {_criu_error(image / 'restore.log')}; "
+                f"the container is left stopped (logs: {image / 'restore.log'}, {image / 'kumo-restore.out'})",
+                code="restore-failed",
+            )
+        target = _Target(name, "lxc", InstanceState(name, "lxc", "running"), None, lxcpath)
+        pid = await self._lxc_init_pid(target)
+        if pid is None:
+            raise TaskError(f"container {name!r} was restored but lxc-info shows no init pid", code="restore-failed")
+        return pid
+
+    async def _hand_over(self, kind: str, name: str, pid: int, manifest: Mapping[str, Any], task_id: str) -> None:
+        """Tell the instance's own plugin about the restored pid, through its ``<kind>.adopt`` task.
+
+        A restored process keeps its pid but not its start time, so the owning plugin must
+        re-learn it. Plugins without an ``adopt`` task (lxc reads liblxc's state) are skipped.
+        """
+        assert self.context is not None
+        owner = self.context.hooks.task_owners().get(f"{kind}.adopt")
+        if owner is None:
+            return
+        payload = {"name": name, "pid": pid, **manifest.get("instance", {})}
+        try:
+            await self.context.hooks.handle_task(owner, f"{kind}.adopt", payload, f"{task_id}:adopt")
+        except Exception as exc:
+            # All or nothing: an instance its plugin does not know would run unmanaged.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            raise TaskError(
+                f"{kind} instance {name!r} was restored as pid {pid} but the {owner} plugin refused it ({exc}); "
+                "the restored process was killed and the checkpoint is unchanged",
+                code="adopt-failed",
+            ) from exc
+
+    async def _wait_pid_free(self, pid: int) -> None:
+        # CRIU restores a plain process under its old pid. After a dump that pid may still
+        # be a zombie for a moment: reap it if it is our child, else give its parent time.
+        me = os.getpid()
+        deadline = time.monotonic() + 5
+        while True:
+            fields = _stat_fields(pid)
+            if fields is None:
+                return
+            if fields[0] != "Z":
+                raise TaskError(
+                    f"pid {pid}, which the checkpoint must be restored under, belongs to another running process "
+                    f"({_comm(pid)}): restore on a node where it is free",
+                    code="pid-in-use",
+                )
+            if int(fields[1]) == me:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
+            if time.monotonic() > deadline:
+                raise TaskError(f"pid {pid} is a zombie its parent does not reap: restore needs it free",
+                                code="pid-in-use")
+            await asyncio.sleep(0.02)
+
+    # -- helpers -------------------------------------------------------------------
+
+    async def _run(self, argv: list[str], output: Path, env: Mapping[str, str] | None = None) -> int:
+        with open(output, "ab") as out:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, env=env
+            )
+        try:
+            return await asyncio.wait_for(proc.wait(), self.config.timeout)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            raise TaskError(f"{Path(argv[0]).name} took longer than {self.config.timeout:.0f} s and was killed "
+                            f"(plugins.checkpoint.timeout); see {output.parent}", code="timeout") from None
+
+    def _lxc_env(self, criu: str, restore: bool) -> dict[str, str]:
+        # lxc-checkpoint runs "criu" from PATH: put the configured one first.
+        env = dict(os.environ)
+        env["PATH"] = os.path.dirname(criu) + os.pathsep + env.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        if restore:
+            env["CRIU_CONFIG_FILE"] = str(self._lxc_restore_conf())
+        else:
+            env.pop("CRIU_CONFIG_FILE", None)
+        return env
+
+    async def _lxc_init_pid(self, target: _Target) -> int | None:
+        proc = await asyncio.create_subprocess_exec(
+            "lxc-info", "-n", target.name, "-P", target.lxcpath or "", "-pH",
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        )
+        out, _ = await proc.communicate()
+        text = out.decode().strip()
+        return int(text) if proc.returncode == 0 and text.isdigit() else None
+
+    def _images_root(self) -> Path:
+        assert self.context is not None, "kumo_startup was not called"
+        return self.config.images_dir or self.context.state_dir / "images"
+
+    def _lxc_restore_conf(self) -> Path:
+        assert self.context is not None
+        return self.context.state_dir / "criu-lxc-restore.conf"
+
+
+# -- probing criu --------------------------------------------------------------------
+
+
+async def probe_criu(criu: str) -> CriuStatus:
+    """Find criu, its version, whether ``criu check`` passes here, and its optional features."""
+    path = criu if "/" in criu else shutil.which(criu, path=os.environ.get("PATH", "") + ":/usr/local/sbin:/usr/sbin:/sbin")
+    if not path or not os.access(path, os.X_OK):
+        return CriuStatus(False, f"criu not found at {criu!r} (plugins.checkpoint.criu); {INSTALL_HINT}")
+    rc, out = await _capture([path, "--version"])
+    match = re.search(r"Version:\s*(\S+)", out)
+    if rc != 0 or not match:
+        return CriuStatus(False, f"{path} is not a working criu (--version: {_first_line(out)}); {INSTALL_HINT}", path)
+    version = match.group(1)
+    rc, out = await _capture([path, "check"])
+    if rc != 0:
+        # A failing `criu check` often says only "Could not initialize kernel features
+        # detection"; `--all` names the cause (on kernels >= 6.13, criu < 4.1: the vDSO).
+        _, more = await _capture([path, "check", "--all"])
+        reason = _criu_error_text(out + "\n" + more)
+        return CriuStatus(
+            False,
+            f"criu {version} ({path}) fails on kernel {platform.release()}: {reason}; {INSTALL_HINT}",
+            path,
+            version,
+        )
+    results = await asyncio.gather(*(_capture([path, "check", "--feature", f]) for f in FEATURES))
+    return CriuStatus(True, "", path, version, {f: r[0] == 0 for f, r in zip(FEATURES, results, strict=True)})
+
+
+async def _capture(argv: list[str]) -> tuple[int, str]:
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        )
+    except OSError as exc:
+        return 127, exc.strerror or str(exc)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        return 124, "timed out after 30 s"
+    return proc.returncode or 0, out.decode("utf-8", "replace")
+
+
+def _criu_error_text(text: str) -> str:
+    generic = ("Could not initialize kernel features detection", "Dumping FAILED", "Restoring FAILED")
+    errors = [re.sub(r"^.*?Error \([^)]*\):\s*", "", line).strip() for line in text.splitlines() if "Error" in line]
+    specific = [e for e in errors if e and not any(g in e for g in generic)]
+    if specific:
+        return specific[0]
+    if errors:
+        return errors[0]
+    return _first_line(text) or "no error message"
+
+
+def _criu_error(logfile: Path) -> str:
+    try:
+        text = logfile.read_text(errors="replace")
+    except OSError:
+        return f"no log at {logfile}"
+    errors = [line for line in text.splitlines() if "Error" in line]
+    return _criu_error_text("\n".join(errors[-3:]) or text[-400:])
+
+
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
+# -- pre-flight scanning -------------------------------------------------------------
+
+
+def scan_blockers(root: int, kind: str) -> list[dict[str, str]]:
+    """What in the process tree under ``root`` would make a CRIU dump fail, from /proc.
+
+    Each blocker is ``{"code", "message"}``: ``traced``, ``tty``, ``char-device``,
+    ``unsupported-fd``, ``tcp-established``, ``tcp-connection``, ``unix-external``,
+    ``unsupported-mount``.
+    """
+    blockers: list[dict[str, str]] = []
+    pids = _tree(root)
+    sockets: dict[int, int] = {}  # socket inode -> pid holding it
+    for pid in pids:
+        tracer = _status_field(pid, "TracerPid")
+        if tracer and tracer != "0":
+            blockers.append({
+                "code": "traced",
+                "message": f"pid {pid} ({_comm(pid)}) is traced by pid {tracer} ({_comm(int(tracer))}); "
+                "CRIU must be its only tracer: detach the debugger or strace first",
+            })
+        for fd, target in _fds(pid):
+            if target.startswith("socket:["):
+                sockets[int(target[8:-1])] = pid
+            elif target.startswith("anon_inode:"):
+                if any(a in target for a in UNSUPPORTED_ANON):
+                    blockers.append({"code": "unsupported-fd", "message": f"pid {pid} has fd {fd} {target} open, which CRIU cannot checkpoint"})
+            elif target.startswith("/"):
+                try:
+                    st = os.stat(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if stat.S_ISCHR(st.st_mode):
+                    dev = (os.major(st.st_rdev), os.minor(st.st_rdev))
+                    if dev in SAFE_CHAR_DEVICES:
+                        continue
+                    if dev[0] in TTY_MAJORS:
+                        blockers.append({"code": "tty", "message": f"pid {pid} ({_comm(pid)}) has the terminal {target} open as fd {fd}: "
+                                         "run it without a terminal (stdin from /dev/null, output to a file)"})
+                    else:
+                        blockers.append({"code": "char-device", "message": f"pid {pid} ({_comm(pid)}) has the device {target} "
+                                         f"({dev[0]}:{dev[1]}) open as fd {fd}; CRIU cannot restore device state: close it first"})
+    if kind == "process":
+        # lxc-checkpoint passes --tcp-established: a container keeps its connections (and
+        # its address); a plain process shares the host's network and cannot.
+        blockers += _tcp_blockers(root, sockets)
+        if _same_netns(root):
+            blockers += _unix_blockers(sockets)
+    elif not _same_mntns(root):
+        blockers += _mount_blockers(root)
+    return blockers
+
+
+def _tree(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            fields = _stat_fields(int(entry.name))
+            if fields:
+                children.setdefault(int(fields[1]), []).append(int(entry.name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, ()))
+    return out
+
+
+def _fds(pid: int) -> list[tuple[int, str]]:
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return []
+    out = []
+    for name in names:
+        with contextlib.suppress(OSError):
+            out.append((int(name), os.readlink(f"/proc/{pid}/fd/{name}")))
+    return sorted(out)
+
+
+def _open_files(pids: list[int]) -> list[str]:
+    """Regular files the tree holds open: a restore elsewhere needs them at the same paths and sizes."""
+    files = set()
+    for pid in pids:
+        for fd, target in _fds(pid):
+            if target.startswith("/") and not target.endswith(" (deleted)"):
+                with contextlib.suppress(OSError):
+                    if stat.S_ISREG(os.stat(f"/proc/{pid}/fd/{fd}").st_mode):
+                        files.add(target)
+    return sorted(files)
+
+
+def _tcp_blockers(root: int, sockets: Mapping[int, int]) -> list[dict[str, str]]:
+    blockers = []
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{root}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            cols = line.split()
+            if len(cols) < 10 or int(cols[9]) not in sockets or cols[3] == "0A":
+                continue
+            pid, state = sockets[int(cols[9])], TCP_STATES.get(cols[3], cols[3])
+            where = f"{_addr(cols[1])} -> {_addr(cols[2])}"
+            if state == "ESTABLISHED":
+                blockers.append({"code": "tcp-established", "message": f"pid {pid} ({_comm(pid)}) has an established TCP connection "
+                                 f"{where}; a plain process cannot take it along: close it (or run the workload in an lxc container)"})
+            else:
+                blockers.append({"code": "tcp-connection", "message": f"pid {pid} ({_comm(pid)}) has a TCP socket in state {state} "
+                                 f"{where}, which CRIU cannot checkpoint: retry when it has settled"})
+    return blockers
+
+
+def _addr(hexaddr: str) -> str:
+    host, port = hexaddr.split(":")
+    if len(host) == 8:
+        return f"{socket.inet_ntop(socket.AF_INET, bytes.fromhex(host)[::-1])}:{int(port, 16)}"
+    raw = b"".join(bytes.fromhex(host[i : i + 8])[::-1] for i in range(0, 32, 8))
+    return f"[{socket.inet_ntop(socket.AF_INET6, raw)}]:{int(port, 16)}"
+
+
+def _unix_blockers(sockets: Mapping[int, int]) -> list[dict[str, str]]:
+    try:
+        table = _unix_sockets()
+    except OSError as exc:
+        log.warning("checkpoint: unix socket diagnostics unavailable: %s", exc)
+        return []
+    blockers = []
+    for inode, pid in sockets.items():
+        peer = table.get(inode, (0, ""))[0]
+        if peer and peer not in sockets:
+            name = table.get(peer, (0, ""))[1] or table.get(inode, (0, ""))[1] or "an unnamed socket"
+            blockers.append({"code": "unix-external", "message": f"pid {pid} ({_comm(pid)}) has a unix socket connected to "
+                             f"{name} outside the instance; CRIU cannot restore the other end: close it first"})
+    return blockers
+
+
+def _unix_sockets() -> dict[int, tuple[int, str]]:
+    """inode -> (peer inode or 0, bound name) for the unix sockets of our network namespace.
+
+    /proc/net/unix does not show peers; NETLINK_SOCK_DIAG does (as ``ss -x`` uses it).
+    """
+    netlink_sock_diag, sock_diag_by_family, nlmsg_done, nlmsg_error = 4, 20, 3, 2
+    udiag_show_name, udiag_show_peer, unix_diag_name, unix_diag_peer = 0x1, 0x4, 0, 2
+    req = struct.pack("=BBHIIIII", socket.AF_UNIX, 0, 0, 0xFFFFFFFF, 0, udiag_show_name | udiag_show_peer,
+                      0xFFFFFFFF, 0xFFFFFFFF)
+    header = struct.pack("=IHHII", 16 + len(req), sock_diag_by_family, 0x1 | 0x300, 1, 0)
+    out: dict[int, tuple[int, str]] = {}
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, netlink_sock_diag) as nl:
+        nl.sendto(header + req, (0, 0))
+        while True:
+            data = nl.recv(1 << 16)
+            offset = 0
+            while offset + 16 <= len(data):
+                length, mtype, _, _, _ = struct.unpack_from("=IHHII", data, offset)
+                if mtype == nlmsg_done:
+                    return out
+                if mtype == nlmsg_error:
+                    raise OSError("sock_diag answered with an error")
+                _, _, _, _, inode, _, _ = struct.unpack_from("=BBBBIII", data, offset + 16)
+                peer, name = 0, ""
+                pos = offset + 32
+                while pos + 4 <= offset + length:
+                    alen, atype = struct.unpack_from("=HH", data, pos)
+                    if alen < 4:
+                        break
+                    value = data[pos + 4 : pos + alen]
+                    if atype == unix_diag_peer:
+                        peer = struct.unpack("=I", value[:4])[0]
+                    elif atype == unix_diag_name:
+                        name = value.replace(b"\0", b"@", 1).decode(errors="replace") if value[:1] == b"\0" else value.decode(errors="replace")
+                    pos += (alen + 3) & ~3
+                out[inode] = (peer, name)
+                offset += (length + 3) & ~3
+
+
+def _mount_blockers(root: int) -> list[dict[str, str]]:
+    blockers = []
+    try:
+        lines = Path(f"/proc/{root}/mountinfo").read_text().splitlines()
+    except OSError:
+        return blockers
+    for line in lines:
+        post = line.split(" - ", 1)
+        if len(post) != 2:
+            continue
+        fstype, mountpoint = post[1].split()[0], line.split()[4]
+        if fstype in UNSUPPORTED_FS or fstype.startswith("fuse."):
+            blockers.append({"code": "unsupported-mount", "message": f"{mountpoint} is a {fstype} mount, which CRIU cannot "
+                             "checkpoint inside a container: unmount it or make it an lxc.mount.entry bind from the host"})
+    return blockers
+
+
+def _same_netns(pid: int) -> bool:
+    return _ns(pid, "net") == _ns(os.getpid(), "net")
+
+
+def _same_mntns(pid: int) -> bool:
+    return _ns(pid, "mnt") == _ns(os.getpid(), "mnt")
+
+
+def _ns(pid: int, name: str) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/{name}")
+    except OSError:
+        return None
+
+
+def _status_field(pid: int, key: str) -> str | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "gone"
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return data[data.rindex(b")") + 2 :].decode().split()
+
+
+def _start_time(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    if fields is None or fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
+# -- images --------------------------------------------------------------------------
+
+
+def _checksummed(name: str) -> bool:
+    """Which files of a checkpoint directory the manifest covers: not logs or our own files."""
+    return not (name.startswith("kumo-") or name.endswith(".log") or name.startswith("stats-"))
+
+
+class _TailHasher:
+    """Hashes CRIU's page images while criu is still writing them, on another core.
+
+    criu writes ``pages-*.img`` front to back in one pass (pagemap entries point at
+    increasing offsets), so the bytes read so far are final. Memory pages are nearly the
+    whole image, so this hides most of the hashing behind the dump itself.
+    """
+
+    def __init__(self, image: Path):
+        self.image = image
+        self.hashes: dict[str, tuple[Any, int, int]] = {}  # name -> (sha256, bytes hashed, inode)
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="checkpoint-hasher", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join()
+
+    def _run(self) -> None:
+        while True:
+            progressed = False
+            for path in self.image.glob("pages-*.img"):
+                progressed |= self._advance(path)
+            if not progressed and self.stopping.wait(0.05):
+                return
+
+    def _advance(self, path: Path) -> bool:
+        try:
+            with open(path, "rb") as f:
+                ino = os.fstat(f.fileno()).st_ino
+                digest, done, known = self.hashes.get(path.name, (hashlib.sha256(), 0, ino))
+                if known != ino:
+                    digest, done = hashlib.sha256(), 0
+                f.seek(done)
+                chunk = f.read(HASH_CHUNK * 16)
+        except OSError:
+            return False
+        if not chunk:
+            return False
+        digest.update(chunk)
+        self.hashes[path.name] = (digest, done + len(chunk), ino)
+        return True
+
+    def finish(self, path: Path) -> str:
+        """The sha256 of ``path`` now that criu has exited, reusing what was hashed meanwhile."""
+        with open(path, "rb") as f:
+            ino = os.fstat(f.fileno()).st_ino
+            digest, done, known = self.hashes.get(path.name, (hashlib.sha256(), 0, ino))
+            if known != ino or os.fstat(f.fileno()).st_size < done:
+                digest, done = hashlib.sha256(), 0
+            f.seek(done)
+            while chunk := f.read(HASH_CHUNK):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+
+def _finish_manifest(image: Path, hasher: _TailHasher, manifest: dict[str, Any]) -> tuple[dict[str, str], int]:
+    files: dict[str, str] = {}
+    stamp: dict[str, list[int]] = {}
+    size = 0
+    for path in sorted(image.iterdir()):
+        if not path.is_file() or not _checksummed(path.name):
+            continue
+        files[path.name] = hasher.finish(path)
+        st = path.stat()
+        stamp[path.name] = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+        size += st.st_size
+    manifest["files"] = files
+    manifest["size_bytes"] = size
+    _write_json(image / STAMP, stamp)
+    _write_json(image / MANIFEST, manifest)
+    return files, size
+
+
+def verify_image(image: Path, name: str, kind: str) -> dict[str, Any]:
+    """Read and check a checkpoint directory; raise TaskError naming what is wrong."""
+    if not image.is_dir():
+        raise TaskError(f"checkpoint directory {image} does not exist", code="no-image")
+    try:
+        manifest = json.loads((image / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise TaskError(f"{image} has no {MANIFEST}: the dump never finished (or this is not a Kumo checkpoint); "
+                        "take a new checkpoint", code="image-incomplete") from None
+    except (OSError, ValueError) as exc:
+        raise TaskError(f"{image / MANIFEST} is unreadable ({exc}): the checkpoint is damaged", code="image-corrupt") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT or not isinstance(manifest.get("files"), dict):
+        raise TaskError(f"{image / MANIFEST} is not a format-{MANIFEST_FORMAT} Kumo manifest", code="image-corrupt")
+    if manifest.get("name") != name or manifest.get("kind") != kind:
+        raise TaskError(f"{image} is a checkpoint of {manifest.get('kind')} instance {manifest.get('name')!r}, "
+                        f"not of {kind} instance {name!r}", code="image-mismatch")
+    files: dict[str, str] = manifest["files"]
+    on_disk = {p.name for p in image.iterdir() if p.is_file() and _checksummed(p.name)}
+    missing = sorted(set(files) - on_disk)
+    extra = sorted(on_disk - set(files))
+    if missing or extra:
+        what = f"missing {', '.join(missing)}" if missing else f"unexpected {', '.join(extra)}"
+        raise TaskError(f"checkpoint {image} is incomplete or altered ({what}): restore refused, nothing was changed",
+                        code="image-corrupt")
+    try:
+        stamp = json.loads((image / STAMP).read_text())
+    except (OSError, ValueError):
+        stamp = {}
+    bad = []
+    for fname, expected in files.items():
+        st = (image / fname).stat()
+        if stamp.get(fname) == [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]:
+            continue  # untouched since this node hashed it
+        digest = hashlib.sha256()
+        with open(image / fname, "rb") as f:
+            while chunk := f.read(HASH_CHUNK):
+                digest.update(chunk)
+        if digest.hexdigest() != expected:
+            bad.append(fname)
+    if bad:
+        raise TaskError(f"checkpoint {image} is corrupt: sha256 of {', '.join(sorted(bad))} does not match its manifest; "
+                        "restore refused, nothing was changed: take a new checkpoint or copy the image again",
+                        code="image-checksum")
+    return manifest
+
+
+def _publish(base: Path, image: Path, keep: int) -> None:
+    """Point ``latest`` at the new checkpoint and drop the oldest beyond ``keep``."""
+    tmp = base / f".latest-{secrets.token_hex(3)}"
+    tmp.symlink_to(image.name)
+    os.replace(tmp, base / "latest")
+    complete = sorted(p for p in base.iterdir() if p.is_dir() and not p.is_symlink() and (p / MANIFEST).exists())
+    for old in complete[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _keep_failure_log(image: Path, base: Path, what: str) -> Path:
+    kept = base / f"last-failed-{what}.log"
+    src = image / f"{what}.log"
+    if not src.exists():
+        src = image / f"kumo-{what}.out"
+    with contextlib.suppress(OSError):
+        shutil.copyfile(src, kept)
+    return kept
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)

@@ -1,0 +1,305 @@
+"""The checkpoint plugin against real CRIU: dump, restore, pre-flight blockers, damaged images,
+and a missing or broken criu."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from agent.plugin import TaskError
+from plugins.checkpoint import CheckpointPlugin, probe_criu
+from tests.harness.criu import CriuNode
+
+PY = "/usr/bin/python3"
+COUNTER = """
+import sys, time
+i = 0
+while True:
+    i += 1
+    with open(sys.argv[1], "w") as f:
+        f.write(str(i))
+    time.sleep(0.05)
+"""
+
+
+async def wait_for(predicate, what: str, limit: float = 10.0):
+    for _ in range(int(limit / 0.02)):
+        value = predicate()
+        if value:
+            return value
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def read_counter(path: Path) -> int:
+    try:
+        return int(path.read_text() or 0)
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+async def start_counter(node: CriuNode, tmp_path: Path, name: str = "counter") -> tuple[int, Path]:
+    counter = tmp_path / f"{name}.txt"
+    created = await node.task(
+        "process.create", {"name": name, "kind": "process", "options": {"command": [PY, "-c", COUNTER, str(counter)]}}
+    )
+    await wait_for(lambda: read_counter(counter) >= 10, "the counter to count")
+    return created["details"]["pid"], counter
+
+
+@pytest.mark.integration
+async def test_dump_kill_restore_keeps_counting_with_the_same_pid(criu_required, criu_node, tmp_path):
+    pid, counter = await start_counter(criu_node, tmp_path)
+    dumped = await criu_node.task("checkpoint.dump", {"name": "counter", "kind": "process", "leave_running": False})
+    image = Path(dumped["image"])
+    assert (image / "kumo-manifest.json").exists()
+    assert any(name.startswith("pages-") for name in dumped["manifest"])
+    assert dumped["size_bytes"] == sum((image / f).stat().st_size for f in dumped["manifest"])
+    assert criu_node.state("counter").state == "stopped"
+    frozen = read_counter(counter)
+    await asyncio.sleep(0.3)
+    assert read_counter(counter) == frozen, "the dumped process was stopped"
+
+    restored = await criu_node.task("checkpoint.restore", {"name": "counter", "kind": "process"})
+    assert restored["pid"] == pid
+    new = await wait_for(lambda: read_counter(counter) != frozen and read_counter(counter), "counting to resume")
+    assert frozen < new <= frozen + 5, f"resumed at {new} after {frozen}: it must continue, not start over"
+    state = criu_node.state("counter")
+    assert state.state == "running" and state.details["pid"] == pid, "the process plugin adopted the restored pid"
+
+    # A restored process is an ordinary instance again: it can be checkpointed and restored once more.
+    await criu_node.task("checkpoint.dump", {"name": "counter", "kind": "process"})
+    again = await criu_node.task("checkpoint.restore", {"name": "counter", "kind": "process"})
+    assert again["pid"] == pid
+    await criu_node.task("process.stop", {"name": "counter", "timeout": 5})
+    assert criu_node.state("counter").state == "stopped"
+
+
+@pytest.mark.integration
+async def test_leave_running_dump_then_restore_that_image(criu_required, criu_node, tmp_path):
+    pid, counter = await start_counter(criu_node, tmp_path)
+    dumped = await criu_node.task("checkpoint.dump", {"name": "counter", "kind": "process", "leave_running": True})
+    at_dump = read_counter(counter)
+    assert criu_node.state("counter").state == "running"
+    await wait_for(lambda: read_counter(counter) > at_dump + 3, "the counter to keep counting")
+    await criu_node.task("process.stop", {"name": "counter", "timeout": 5})
+    later = read_counter(counter)
+    restored = await criu_node.task(
+        "checkpoint.restore", {"name": "counter", "kind": "process", "image": dumped["image"]}
+    )
+    assert restored["pid"] == pid
+    await wait_for(lambda: read_counter(counter) != later, "counting to resume")
+    # Back to the state of the dump: the count restarts from the value at dump time.
+    assert read_counter(counter) <= at_dump + 6 < later + 6
+
+
+@pytest.mark.integration
+async def test_established_tcp_connection_blocks_and_dump_leaves_it_running(criu_required, criu_node):
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    client = f"import socket, time\ns = socket.create_connection(('127.0.0.1', {port}))\nprint('connected', flush=True)\ntime.sleep(300)"
+    created = await criu_node.task("process.create", {"name": "tcp", "kind": "process", "options": {"command": [PY, "-c", client]}})
+    conn, _ = await asyncio.to_thread(listener.accept)
+    try:
+        await wait_for(lambda: "connected" in (criu_node.root / "process/instances/tcp/console.log").read_text(), "connect")
+        result = await criu_node.task("checkpoint.preflight", {"name": "tcp", "kind": "process"})
+        assert result["ok"] is False
+        codes = [b["code"] for b in result["blockers"]]
+        assert codes == ["tcp-established"]
+        assert f"127.0.0.1:{port}" in result["blockers"][0]["message"]
+        with pytest.raises(TaskError) as err:
+            await criu_node.task("checkpoint.dump", {"name": "tcp", "kind": "process"})
+        assert err.value.code == "tcp-established"
+        assert "cannot be checkpointed" in str(err.value)
+        assert criu_node.state("tcp").state == "running"
+        assert criu_node.state("tcp").details["pid"] == created["details"]["pid"]
+    finally:
+        conn.close()
+        listener.close()
+
+
+@pytest.mark.integration
+async def test_traced_process_blocks(criu_required, criu_node):
+    created = await criu_node.task("process.create", {"name": "traced", "kind": "process", "options": {"command": ["/bin/sleep", "300"]}})
+    pid = created["details"]["pid"]
+    # A tracer of our own: PTRACE_SEIZE from a helper that then just waits.
+    tracer_src = (
+        "import ctypes, sys, time\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        f"assert libc.ptrace(0x4206, {pid}, None, None) == 0, ctypes.get_errno()\n"
+        "print('seized', flush=True)\n"
+        "time.sleep(300)\n"
+    )
+    tracer = subprocess.Popen([PY, "-c", tracer_src], stdout=subprocess.PIPE, text=True)  # noqa: S603
+    try:
+        assert tracer.stdout.readline().strip() == "seized"
+        result = await criu_node.task("checkpoint.preflight", {"name": "traced", "kind": "process"})
+        assert [b["code"] for b in result["blockers"]] == ["traced"]
+        assert f"traced by pid {tracer.pid}" in result["blockers"][0]["message"]
+    finally:
+        tracer.kill()
+        tracer.wait()
+    assert (await criu_node.task("checkpoint.preflight", {"name": "traced", "kind": "process"}))["ok"] is True
+
+
+@pytest.mark.integration
+async def test_unix_socket_to_outside_and_odd_devices_block(criu_required, criu_node, tmp_path):
+    path = tmp_path / "outside.sock"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    server.listen()
+    client = (
+        "import socket, time\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        f"s.connect({str(path)!r})\n"
+        "k = open('/dev/kmsg', 'rb')\n"
+        "a, b = socket.socketpair()\n"  # both ends inside: fine
+        "print('ready', flush=True)\n"
+        "time.sleep(300)\n"
+    )
+    await criu_node.task("process.create", {"name": "unix", "kind": "process", "options": {"command": [PY, "-c", client]}})
+    conn, _ = await asyncio.to_thread(server.accept)
+    try:
+        await wait_for(lambda: "ready" in (criu_node.root / "process/instances/unix/console.log").read_text(), "ready")
+        result = await criu_node.task("checkpoint.preflight", {"name": "unix", "kind": "process"})
+        codes = sorted(b["code"] for b in result["blockers"])
+        assert codes == ["char-device", "unix-external"], result
+        assert any("/dev/kmsg" in b["message"] for b in result["blockers"])
+        assert any(str(path) in b["message"] for b in result["blockers"])
+    finally:
+        conn.close()
+        server.close()
+
+
+@pytest.mark.integration
+async def test_corrupt_or_partial_image_is_refused_and_nothing_changes(criu_required, criu_node, tmp_path):
+    pid, counter = await start_counter(criu_node, tmp_path)
+    dumped = await criu_node.task("checkpoint.dump", {"name": "counter", "kind": "process"})
+    image = Path(dumped["image"])
+    pages = next(image / f for f in dumped["manifest"] if f.startswith("pages-"))
+    original = pages.read_bytes()
+    with open(pages, "r+b") as f:
+        f.seek(len(original) // 2)
+        f.write(bytes([original[len(original) // 2] ^ 0xFF]))
+    with pytest.raises(TaskError) as err:
+        await criu_node.task("checkpoint.restore", {"name": "counter", "kind": "process"})
+    assert err.value.code == "image-checksum"
+    assert pages.name in str(err.value) and "restore refused" in str(err.value)
+    assert criu_node.state("counter").state == "stopped"
+    assert not os.path.exists(f"/proc/{pid}")
+
+    # Partial: a dump that never wrote its manifest.
+    pages.write_bytes(original)
+    (image / "kumo-manifest.json").rename(image / "manifest.bak")
+    with pytest.raises(TaskError) as err:
+        await criu_node.task("checkpoint.restore", {"name": "counter", "kind": "process", "image": str(image)})
+    assert err.value.code == "image-incomplete"
+
+    # A missing image file.
+    (image / "manifest.bak").rename(image / "kumo-manifest.json")
+    (image / "pstree.img").unlink()
+    with pytest.raises(TaskError) as err:
+        await criu_node.task("checkpoint.restore", {"name": "counter", "kind": "process"})
+    assert err.value.code == "image-corrupt" and "pstree.img" in str(err.value)
+    assert criu_node.state("counter").state == "stopped"
+
+
+@pytest.mark.integration
+async def test_copied_image_is_verified_by_hashing(criu_required, criu_node, tmp_path):
+    """An image that arrives from elsewhere (no valid local stamp) is hashed in full, then restores."""
+    pid, counter = await start_counter(criu_node, tmp_path)
+    dumped = await criu_node.task("checkpoint.dump", {"name": "counter", "kind": "process"})
+    copy = tmp_path / "copied"
+    await asyncio.to_thread(subprocess.run, ["cp", "-a", dumped["image"], str(copy)], check=True)
+    stamp = json.loads((copy / "kumo-verified.json").read_text())
+    assert set(stamp) == set(dumped["manifest"])
+    restored = await criu_node.task("checkpoint.restore", {"name": "counter", "kind": "process", "image": str(copy)})
+    assert restored["pid"] == pid
+
+
+@pytest.mark.integration
+async def test_dump_of_a_missing_or_stopped_instance(criu_required, criu_node):
+    with pytest.raises(TaskError) as err:
+        await criu_node.task("checkpoint.dump", {"name": "ghost", "kind": "process"})
+    assert err.value.code == "not-found"
+    await criu_node.task("process.create", {"name": "idle", "kind": "process", "options": {"command": ["/bin/sleep", "300"]}})
+    await criu_node.task("process.stop", {"name": "idle", "timeout": 5})
+    result = await criu_node.task("checkpoint.preflight", {"name": "idle", "kind": "process"})
+    assert result == {"ok": False, "blockers": [result["blockers"][0]]} and result["blockers"][0]["code"] == "not-running"
+
+
+@pytest.mark.integration
+async def test_fingerprint_of_a_working_criu(criu_required, criu_node):
+    fp = await criu_node.checkpoint.kumo_fingerprint()
+    assert fp.available, fp.reason
+    assert fp.attributes["criu_version"].split(".")[:2] >= ["4", "1"]
+    assert fp.attributes["check"] == "ok"
+    assert set(fp.attributes["features"]) >= {"mem_dirty_track", "uffd-noncoop"}
+    assert fp.attributes["pre_dump"] == fp.attributes["features"]["mem_dirty_track"]
+
+
+# -- no real criu needed below: a missing or broken one ------------------------------
+
+BROKEN_CRIU = """#!/bin/sh
+case "$1" in
+  --version) echo "Version: 3.17.1"; exit 0 ;;
+  check)
+    if [ "$2" = "--all" ]; then
+      echo "Error (criu/vdso.c:381): vdso: Unexpected rt vDSO area bounds" >&2
+      echo "Error (criu/vdso.c:613): vdso: Failed to fill self vdso symtable" >&2
+    else
+      echo "Error (criu/crtools.c:260): Could not initialize kernel features detection." >&2
+    fi
+    exit 1 ;;
+esac
+exit 1
+"""
+
+
+@pytest.mark.parametrize("kind", ["missing", "broken"])
+async def test_missing_or_broken_criu_makes_the_plugin_unavailable(tmp_path, kind):
+    criu = tmp_path / "criu"
+    if kind == "broken":
+        criu.write_text(BROKEN_CRIU)
+        criu.chmod(0o755)
+    node = CriuNode(tmp_path / "state", checkpoint_config={"criu": str(criu)})
+    node.root.mkdir()
+    await node.start()
+    try:
+        fp = await node.checkpoint.kumo_fingerprint()
+        assert fp.available is False
+        if kind == "missing":
+            assert fp.reason.startswith(f"criu not found at '{criu}'")
+        else:
+            assert fp.reason.startswith(f"criu 3.17.1 ({criu}) fails on kernel {os.uname().release}: "
+                                        "vdso: Unexpected rt vDSO area bounds")
+        assert fp.reason.endswith("install criu >= 4.1: see scripts/deps/30-criu.sh")
+        await node.task("process.create", {"name": "p", "kind": "process", "options": {"command": ["/bin/sleep", "60"]}})
+        result = await node.task("checkpoint.preflight", {"name": "p", "kind": "process"})
+        assert result["blockers"][0] == {"code": "criu-unavailable", "message": fp.reason}
+        with pytest.raises(TaskError) as err:
+            await node.task("checkpoint.dump", {"name": "p", "kind": "process"})
+        assert err.value.code == "criu-unavailable"
+        assert node.state("p").state == "running"
+    finally:
+        await node.stop()
+
+
+async def test_probe_of_something_that_is_not_criu(tmp_path):
+    status = await probe_criu("/bin/false")
+    assert not status.usable and "is not a working criu" in status.reason
+
+
+def test_config_is_strict():
+    from agent.config import ConfigError
+
+    with pytest.raises(ConfigError, match="plugins.checkpoint.keep"):
+        CheckpointPlugin().kumo_configure(section={"keep": 0}, source="agent.yaml: plugins.checkpoint")
+    with pytest.raises(ConfigError, match="unknown key"):
+        CheckpointPlugin().kumo_configure(section={"criu_path": "/x"}, source="agent.yaml: plugins.checkpoint")
