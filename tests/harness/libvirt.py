@@ -1,0 +1,256 @@
+"""The real libvirtd for the kvm plugin's tests, and a plugin factory wired to it.
+
+libvirtd and virtlogd have no init scripts on these machines (RECIPES.md 2a): the
+``libvirtd`` fixture starts them when they are not running and leaves them running, since
+other tests (and engineers) share the one daemon. "libvirtd goes down" is simulated with
+:class:`LibvirtSocketProxy`, a socket forwarder the plugin connects through, so the test
+never stops the shared daemon.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness import require
+
+SYSTEM_URI = "qemu:///system"
+SYSTEM_SOCKET = Path("/run/libvirt/libvirt-sock")
+# Must be reachable by qemu (user libvirt-qemu): pytest's tmp_path is under a 0700 dir.
+TEST_INSTANCE_ROOT = Path("/var/lib/libvirt/images")
+
+
+def _libvirt_answers() -> bool:
+    result = subprocess.run(  # noqa: S603 - an argv list, never a shell
+        ["virsh", "-c", SYSTEM_URI, "version"], capture_output=True, timeout=30, check=False
+    )
+    return result.returncode == 0
+
+
+def _running(name: str) -> bool:
+    found = subprocess.run(  # noqa: S603 - an argv list, never a shell
+        ["pgrep", "-x", name], capture_output=True, check=False
+    )
+    return found.returncode == 0
+
+
+@pytest.fixture(scope="session")
+def libvirtd() -> str:
+    """A running libvirtd (qemu driver) with virtlogd; returns its URI."""
+    require(shutil.which("libvirtd") is not None, "libvirtd (libvirt-daemon-system)")
+    require(shutil.which("virsh") is not None, "virsh (libvirt-clients)")
+    require(shutil.which("qemu-system-x86_64") is not None, "qemu-system-x86_64 (qemu-system-x86)")
+    try:
+        import libvirt  # noqa: F401
+    except ImportError:
+        require(False, "the libvirt Python binding (pip install -e '.[libvirt]')")
+    if not _running("virtlogd"):
+        subprocess.run(["virtlogd", "-d"], check=True)
+    if not _running("libvirtd"):
+        subprocess.run(["libvirtd", "-d"], check=True)
+    deadline = time.monotonic() + 30
+    while not _libvirt_answers():
+        require(time.monotonic() < deadline, f"libvirtd answering on {SYSTEM_URI}")
+        time.sleep(0.2)
+    return SYSTEM_URI
+
+
+class LibvirtSocketProxy:
+    """Forwards a private unix socket to libvirtd's; ``stop()`` looks like libvirtd dying."""
+
+    def __init__(self, path: Path, target: Path = SYSTEM_SOCKET):
+        self.path = path
+        self.target = target
+        self._listener: socket.socket | None = None
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    @property
+    def uri(self) -> str:
+        return f"qemu+unix:///system?socket={self.path}"
+
+    def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(self.path))
+        listener.listen(16)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def stop(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            upstream.connect(str(self.target))
+            with self._lock:
+                self._sockets += [client, upstream]
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.fixture
+def libvirt_proxy(libvirtd: str, tmp_path: Path) -> Any:
+    """A LibvirtSocketProxy, started; stopped at the end."""
+    proxy = LibvirtSocketProxy(tmp_path / "libvirt-proxy.sock")
+    proxy.start()
+    yield proxy
+    proxy.stop()
+
+
+class KvmTestBed:
+    """Builds started kvm plugins (with the cloudinit plugin beside them) and cleans up after."""
+
+    def __init__(self, uri: str, root: Path, state_dir: Path):
+        self.uri = uri
+        self.root = root
+        self.state_dir = state_dir
+        self.prefix = f"kt{uuid.uuid4().hex[:6]}"
+        self.plugins: list[Any] = []
+        self.changes = 0
+
+    def name(self, suffix: str) -> str:
+        """A domain name unique to this test."""
+        return f"{self.prefix}-{suffix}"
+
+    def settings(self, **overrides: Any) -> dict[str, Any]:
+        settings = {
+            "uri": self.uri,
+            "instance_dir": str(self.root / "instances"),
+            "image_cache": str(self.root / "images"),
+            "acceleration": "auto",
+            "shutdown_timeout": 20,
+        }
+        settings.update(overrides)
+        return settings
+
+    async def plugin(self, **overrides: Any) -> Any:
+        """A configured and started KvmPlugin (state dir shared by every plugin of this test)."""
+        from agent.plugin import PluginContext
+        from agent.pluginmanager import Hooks, make_plugin_manager
+        from plugins.cloudinit import CloudInitPlugin
+        from plugins.kvm import KvmPlugin
+
+        kvm = KvmPlugin()
+        hooks = Hooks(make_plugin_manager({"kvm": kvm, "cloudinit": CloudInitPlugin()}))
+        kvm.kumo_configure(section=self.settings(**overrides), source="test: plugins.kvm")
+
+        def changed() -> None:
+            self.changes += 1
+
+        async def no_controller(*args: Any, **kwargs: Any) -> Any:
+            raise AssertionError("the kvm plugin does not call the controller")
+
+        context = PluginContext(
+            name="kvm",
+            state_dir=self.state_dir,
+            identity=None,
+            hooks=hooks,
+            report_changed=changed,
+            call_controller=no_controller,
+        )
+        await kvm.kumo_startup(context=context)
+        self.plugins.append(kvm)
+        return kvm
+
+    def cleanup(self) -> None:
+        import libvirt
+
+        conn = libvirt.open(SYSTEM_URI)
+        try:
+            for dom in conn.listAllDomains():
+                if dom.name().startswith(self.prefix):
+                    with contextlib.suppress(libvirt.libvirtError):
+                        dom.destroy()
+                    with contextlib.suppress(libvirt.libvirtError):
+                        dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+        finally:
+            conn.close()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def domains(self) -> list[str]:
+        """Names of this test's libvirt domains, straight from libvirtd."""
+        import libvirt
+
+        conn = libvirt.open(SYSTEM_URI)
+        try:
+            return sorted(d.name() for d in conn.listAllDomains() if d.name().startswith(self.prefix))
+        finally:
+            conn.close()
+
+
+@pytest.fixture(scope="session")
+def kvm_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One plugin state dir per session, so the per-boot acceleration verdict is probed once."""
+    state = tmp_path_factory.mktemp("kvm-state")
+    state.chmod(0o700)
+    return state
+
+
+@pytest.fixture
+async def kvm_bed(libvirtd: str, kvm_state_dir: Path) -> AsyncIterator[KvmTestBed]:
+    """A KvmTestBed on the real libvirtd; its domains and files are removed afterwards."""
+    root = TEST_INSTANCE_ROOT / f"kumo-test-{uuid.uuid4().hex[:8]}"
+    root.mkdir(parents=True, mode=0o711)
+    os.chmod(root, 0o711)
+    bed = KvmTestBed(libvirtd, root, kvm_state_dir)
+    try:
+        yield bed
+    finally:
+        for plugin in bed.plugins:
+            with contextlib.suppress(Exception):
+                await plugin.kumo_shutdown()
+        bed.cleanup()
+
+
+async def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, interval: float = 0.2) -> Any:
+    """Poll ``predicate`` (sync) until it returns something truthy; fail the test after ``timeout``."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout} s: {predicate}")
+        await asyncio.sleep(interval)
