@@ -281,7 +281,6 @@ class Runtime:
         adopted = await self.hooks.instances("kumo_adopt")
         if adopted:
             log.info("adopted %d instance(s): %s", len(adopted), ", ".join(f"{i.kind}/{i.name}" for i in adopted))
-        await self._refresh_fingerprints()
         await self._start_metrics()
         log.info(
             "node %s: plugins %s; task kinds %s",

@@ -1,0 +1,255 @@
+"""Real ``kumo-agent`` processes joined to the real controller, for any test that needs a node.
+
+Use the ``kumo_agent`` fixture (a factory) together with the controller fixture of
+:mod:`tests.harness.cluster`::
+
+    def test_my_plugin(controller, kumo_agent):
+        agent = kumo_agent(plugins={"rsyslog": {"target": "127.0.0.1:5514"}})
+        task = controller.admin("POST", "/v1/tasks", {"node": agent.node_id, "kind": "x.run", "payload": {}})
+        ...
+        agent.restart()          # SIGTERM, start again, wait until ready: same node id
+        agent.kill()             # SIGKILL, as a crash (workloads are not touched either way)
+
+Each call makes a join token, runs the real ``kumo-agent join`` and then ``kumo-agent run``
+as subprocesses with their own state directory and ``agent.yaml`` (metrics on a free
+127.0.0.1 port, log level debug), and waits until the node is ``ready`` in ``GET /v1/nodes``.
+Agents are stopped (SIGTERM, then SIGKILL) when the test ends, whatever happened.
+
+Third-party plugins load exactly as built-ins do, through an entry point: write one with
+:func:`write_plugin_distribution` and pass its directory in ``pythonpath``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.harness import REPO, free_port
+
+READY_TIMEOUT = 60.0
+# What the agent logs each time it registers with the controller.
+CONNECTED = "connected as node"
+
+
+def agent_command() -> list[str]:
+    """``kumo-agent`` of the interpreter running the tests (the PyPI venv or the Debian one)."""
+    script = Path(sys.executable).with_name("kumo-agent")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "agent.cli"]
+
+
+def write_plugin_distribution(directory: Path, name: str, module_source: str, entry: str) -> Path:
+    """Make ``directory`` hold an installed third-party plugin: a module and its ``*.dist-info``.
+
+    ``name`` is the plugin (entry point) name, ``module_source`` the module's code and
+    ``entry`` the entry point value (``"module:Class"``). Put ``directory`` on PYTHONPATH
+    (``kumo_agent(pythonpath=[directory])``) and the agent finds it through
+    ``importlib.metadata`` like any pip-installed plugin.
+    """
+    module = entry.split(":")[0]
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{module}.py").write_text(module_source)
+    dist = directory / f"kumo_plugin_{name}-0.1.dist-info"
+    dist.mkdir(exist_ok=True)
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: kumo-plugin-{name}\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[kumo.plugins]\n{name} = {entry}\n")
+    return directory
+
+
+@dataclasses.dataclass
+class AgentProcess:
+    """One joined node running ``kumo-agent run``. ``node_id`` is fixed at join and survives restarts."""
+
+    controller: Any
+    workdir: Path
+    state_dir: Path
+    config_path: Path
+    log_path: Path
+    env: dict[str, str]
+    node_id: str = ""
+    metrics_port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait_ready: bool = True) -> None:
+        """Start ``kumo-agent run`` (output appended to ``log_path``); wait until the node is ready.
+
+        Ready means this new process registered (its log says so) and the controller lists
+        the node as ``ready``.
+        """
+        connected_before = self.log_text().count(CONNECTED)
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(  # noqa: S603 - fixed argument list
+                [*agent_command(), "run", "--config", str(self.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                cwd=self.workdir,
+                start_new_session=True,
+            )
+        if wait_ready:
+            self.wait_log(CONNECTED, timeout=READY_TIMEOUT, count=connected_before + 1)
+            self.wait_ready()
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT, since: float | None = None) -> dict[str, Any]:
+        """Wait until ``GET /v1/nodes/{id}`` says ready (and, with ``since``, was seen after it)."""
+        deadline = time.monotonic() + timeout
+        node: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"kumo-agent exited {self.proc.returncode}:\n{self.log_tail()}")
+            node = self.node()
+            if node.get("state") == "ready" and (since is None or _seen_after(node, since)):
+                return node
+            time.sleep(0.3)
+        raise AssertionError(f"node {self.node_id} not ready after {timeout:.0f} s ({node}):\n{self.log_tail()}")
+
+    def node(self) -> dict[str, Any]:
+        """The controller's view of this node (``GET /v1/nodes/{id}``)."""
+        return self.controller.admin("GET", f"/v1/nodes/{self.node_id}")
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM and wait; SIGKILL if it does not stop. Returns the exit code."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"kumo-agent ignored SIGTERM for {timeout:.0f} s:\n{self.log_tail()}") from None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def restart(self, wait_ready: bool = True) -> None:
+        """Stop cleanly (SIGTERM) and start again with the same state dir and config."""
+        code = self.stop()
+        assert code == 0, f"kumo-agent exited {code} on SIGTERM:\n{self.log_tail()}"
+        self.start(wait_ready=wait_ready)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def wait_log(self, text: str, timeout: float = 30.0, count: int = 1) -> None:
+        """Wait until ``text`` appears ``count`` times in the agent log."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.log_text().count(text) >= count:
+                return
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"kumo-agent exited {self.proc.returncode}:\n{self.log_tail()}")
+            time.sleep(0.2)
+        raise AssertionError(f"{text!r} not seen {count}x in the agent log after {timeout:.0f} s:\n{self.log_tail()}")
+
+
+def _seen_after(node: Mapping[str, Any], since: float) -> bool:
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(str(node["last_seen"]).replace("Z", "+00:00")).timestamp() >= since
+    except (KeyError, ValueError):
+        return True
+
+
+def join_agent(controller: Any, state_dir: Path, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real ``kumo-agent join`` with a fresh single-use token; returns the finished process."""
+    token = controller.admin("POST", "/v1/tokens", {"ttl_seconds": 600, "uses": 1})["join"]
+    return subprocess.run(  # noqa: S603 - fixed argument list
+        [*agent_command(), "join", "--controller", controller.url, "--token", token, "--state-dir", str(state_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(env or _base_env()),
+        check=False,
+    )
+
+
+def _base_env(pythonpath: list[Path] | tuple[Path, ...] = ()) -> dict[str, str]:
+    env = dict(os.environ)
+    paths = [str(p) for p in pythonpath] + [str(REPO)]
+    if env.get("PYTHONPATH"):
+        paths.append(env["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@pytest.fixture
+def kumo_agent(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., AgentProcess]]:
+    """Factory: ``kumo_agent(plugins=None, settings=None, pythonpath=(), start=True, controller=None)``.
+
+    Returns an :class:`AgentProcess`. ``plugins`` becomes the ``plugins:`` table of
+    agent.yaml; ``settings`` adds or overrides other top-level keys (``{"tasks":
+    {"concurrency": 2}}``); ``pythonpath`` directories are put first on the agent's
+    PYTHONPATH (third-party plugins); ``start=False`` joins and writes the config but does not
+    run the agent; ``controller`` joins another controller than the ``controller`` fixture
+    (e.g. one made with a short certificate lifetime). Every agent is stopped when the test ends.
+    """
+    started: list[AgentProcess] = []
+
+    def make(
+        plugins: Mapping[str, Any] | None = None,
+        settings: Mapping[str, Any] | None = None,
+        pythonpath: list[Path] | tuple[Path, ...] = (),
+        start: bool = True,
+        controller: Any = None,
+    ) -> AgentProcess:
+        if controller is None:
+            controller = request.getfixturevalue("controller")
+        workdir = tmp_path_factory.mktemp("agent")
+        state_dir = workdir / "state"
+        env = _base_env(pythonpath)
+        joined = join_agent(controller, state_dir, env)
+        assert joined.returncode == 0, f"kumo-agent join failed ({joined.returncode}): {joined.stderr}"
+        node_id = json.loads((state_dir / "join.json").read_text())["node_id"]
+        metrics_port = free_port()
+        config: dict[str, Any] = {
+            "state_dir": str(state_dir),
+            "log_level": "debug",
+            "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
+            "plugins": dict(plugins or {}),
+        }
+        config.update(settings or {})
+        config_path = workdir / "agent.yaml"
+        config_path.write_text(yaml.safe_dump(config))
+        agent = AgentProcess(
+            controller=controller,
+            workdir=workdir,
+            state_dir=state_dir,
+            config_path=config_path,
+            log_path=workdir / "agent.log",
+            env=env,
+            node_id=node_id,
+            metrics_port=metrics_port,
+        )
+        started.append(agent)
+        if start:
+            agent.start()
+        return agent
+
+    yield make
+    for agent in started:
+        try:
+            agent.stop()
+        except AssertionError:
+            pass
