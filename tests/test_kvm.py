@@ -1,0 +1,318 @@
+"""The kvm plugin: domain XML (unit) and real guests through the real libvirtd.
+
+The guest is Debian's kernel with a busybox initramfs (tests/harness/guest.py) whose /init
+prints the cidata seed it finds on the serial console; with ``kumo.hold`` it stays up until
+an ACPI power-button press.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.config import ConfigError
+from agent.plugin import TaskError
+from plugins.kvm import (
+    METADATA_NS,
+    CreateSpec,
+    KvmPlugin,
+    _Acceleration,
+    _metadata_directory,
+    domain_xml,
+)
+from tests.harness.guest import Guest
+from tests.harness.libvirt import KvmTestBed, wait_for
+
+# ---- unit -------------------------------------------------------------------------------
+
+
+def _spec(**kw: Any) -> CreateSpec:
+    base = dict(image="/i.qcow2", image_sha256=None, vcpus=2, memory_mib=256, kernel=None, initrd=None, cmdline=None)
+    base.update(kw)
+    return CreateSpec(**base)
+
+
+def _xml(spec: CreateSpec, network: str = "none", accel: str = "qemu") -> ET.Element:
+    text = domain_xml(
+        name="vm-1",
+        spec=spec,
+        accel=_Acceleration(accel, "tcg" if accel == "qemu" else "kvm", "test"),  # type: ignore[arg-type]
+        disk=Path("/d/vm-1/disk.qcow2"),
+        seed=Path("/d/vm-1/cidata.iso"),
+        console_log=Path("/d/vm-1/console.log"),
+        directory=Path("/d/vm-1"),
+        network=network,
+    )
+    assert _metadata_directory(text) == Path("/d/vm-1")
+    return ET.fromstring(text)
+
+
+def test_domain_xml_direct_kernel_boot_keeps_user_strings_as_text() -> None:
+    hostile = "console=ttyS0 '\"/><evil/>&amp;"
+    root = _xml(_spec(kernel="/k", initrd="/i", cmdline=hostile))
+    assert root.get("type") == "qemu"
+    assert root.findtext("os/cmdline") == hostile
+    assert root.find(".//evil") is None
+    assert root.findtext("os/kernel") == "/k" and root.findtext("os/initrd") == "/i"
+    assert root.findtext("memory") == "256" and root.find("memory").get("unit") == "MiB"
+    assert root.findtext("vcpu") == "2"
+    cdrom = root.find("devices/disk[@device='cdrom']")
+    assert cdrom.find("readonly") is not None and cdrom.find("source").get("file") == "/d/vm-1/cidata.iso"
+    assert root.find("devices/serial").get("type") == "file"
+    assert root.find("devices/serial/source").get("path") == "/d/vm-1/console.log"
+    assert root.find(f"metadata/{{{METADATA_NS}}}instance") is not None
+    assert root.find("devices/interface") is None
+
+
+def test_domain_xml_disk_boot_and_networks() -> None:
+    root = _xml(_spec(), network="user", accel="kvm")
+    assert root.get("type") == "kvm"
+    assert root.find("os/boot").get("dev") == "hd" and root.find("os/kernel") is None
+    assert root.find("devices/interface").get("type") == "user"
+    bridged = _xml(_spec(), network="bridge:br-x")
+    assert bridged.find("devices/interface/source").get("bridge") == "br-x"
+
+
+def test_foreign_domain_has_no_kumo_metadata() -> None:
+    assert _metadata_directory("<domain type='qemu'><name>x</name></domain>") is None
+
+
+@pytest.mark.parametrize(
+    "section",
+    [{"network": "bridge:"}, {"acceleration": "fast"}, {"shutdown_timeout": 0}, {"urii": "x"}],
+)
+def test_bad_config_is_refused(section: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError):
+        KvmPlugin().kumo_configure(section=section, source="agent.yaml: plugins.kvm")
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        ({"name": "Bad_Name", "image": "/x", "memory_mib": 64}, "name must be"),
+        ({"name": "a", "memory_mib": 64}, "image is required"),
+        ({"name": "a", "image": "/x", "memory_mib": 8}, "memory_mib must be"),
+        ({"name": "a", "image": "/x", "memory_mib": 64, "vcpus": 0}, "vcpus must be"),
+        ({"name": "a", "image": "/x", "memory_mib": 64, "image_sha256": "abc"}, "64 hexadecimal"),
+        ({"name": "a", "image": "/x", "memory_mib": 64, "options": {"bios": 1}}, "options.bios"),
+        ({"name": "a", "image": "/x", "memory_mib": 64, "options": {"initrd": "/i"}}, "need options.kernel"),
+    ],
+)
+async def test_bad_payload_is_refused_before_libvirt(payload: dict[str, Any], message: str) -> None:
+    plugin = KvmPlugin()
+    with pytest.raises(TaskError, match=message):
+        await plugin.kumo_handle_task(kind="kvm.create", payload=payload, task_id="t")
+
+
+# ---- against the real libvirtd ----------------------------------------------------------
+
+
+def _payload(bed: KvmTestBed, guest: Guest, name: str, hold: bool = False, **extra: Any) -> dict[str, Any]:
+    payload = {
+        "name": name,
+        "kind": "kvm",
+        "image": str(guest.disk),
+        "image_sha256": guest.disk_sha256,
+        "vcpus": 1,
+        "memory_mib": 192,
+        "user_data": f"#cloud-config {name}-marker\nruncmd:\n  - echo hello\n",
+        "options": {
+            "kernel": str(guest.kernel),
+            "initrd": str(guest.initrd),
+            "cmdline": guest.cmdline + (" kumo.hold" if hold else ""),
+        },
+    }
+    payload.update(extra)
+    return payload
+
+
+async def _task(plugin: KvmPlugin, task_kind: str, /, **payload: Any) -> Any:
+    return await plugin.kumo_handle_task(kind=task_kind, payload=payload, task_id=f"{task_kind}-test")
+
+
+async def _console(plugin: KvmPlugin, name: str) -> str:
+    return (await _task(plugin, "kvm.console", name=name))["log"]
+
+
+def _state(plugin: KvmPlugin, name: str) -> str | None:
+    return next((i.state for i in plugin.kumo_instances() if i.name == name), None)
+
+
+def _leftovers(bed: KvmTestBed, name: str) -> list[str]:
+    files = [str(p) for p in (bed.root / "images").glob("*")] + [str(p) for p in (bed.root / "instances").glob(f"{name}*")]
+    return bed.domains() + files
+
+
+async def _fingerprint_until(plugin: KvmPlugin, available: bool) -> Any:
+    for _ in range(150):
+        fingerprint = await plugin.kumo_fingerprint()
+        if fingerprint.available == available:
+            return fingerprint
+        await asyncio.sleep(0.2)
+    pytest.fail(f"the kvm plugin never became {'available' if available else 'unavailable'}")
+
+
+@pytest.mark.integration
+async def test_create_boots_with_the_users_seed(kvm_bed: KvmTestBed, kvm_guest: Guest) -> None:
+    plugin = await kvm_bed.plugin()
+    name = kvm_bed.name("seed")
+    result = await plugin.kumo_handle_task(kind="kvm.create", payload=_payload(kvm_bed, kvm_guest, name), task_id="t1")
+    assert result["state"] == "running" and result["name"] == name
+    assert kvm_bed.domains() == [name]
+    # The guest powers itself off after printing the seed: the STOPPED lifecycle event says so.
+    await wait_for(lambda: _state(plugin, name) == "stopped")
+    lines = (await _console(plugin, name)).splitlines()  # the serial line ends in CRLF
+    assert f"CIDATA-META: instance-id: {name}" in lines
+    assert f"CIDATA-USERDATA-FIRSTLINE: #cloud-config {name}-marker" in lines
+    assert "GUEST-DONE" in lines
+    assert kvm_bed.changes >= 2
+
+
+@pytest.mark.integration
+async def test_stop_start_delete(kvm_bed: KvmTestBed, kvm_guest: Guest) -> None:
+    plugin = await kvm_bed.plugin()
+    name = kvm_bed.name("life")
+    await _task(plugin, "kvm.create", **_payload(kvm_bed, kvm_guest, name, hold=True))
+    async def holding(count: int) -> None:
+        for _ in range(300):
+            if (await _console(plugin, name)).count("GUEST-HOLDING") >= count:
+                return
+            await asyncio.sleep(0.2)
+        pytest.fail(f"guest did not reach GUEST-HOLDING #{count}: {await _console(plugin, name)}")
+
+    await holding(1)
+    stopped = await _task(plugin, "kvm.stop", name=name)
+    assert stopped == {"name": name, "state": "stopped", "forced": False}  # ACPI power button obeyed
+    assert "GUEST-POWER-BUTTON" in await _console(plugin, name)
+
+    started = await _task(plugin, "kvm.start", name=name)
+    assert started["state"] == "running" and _state(plugin, name) == "running"
+    await holding(2)
+    # A zero timeout leaves no time for the guest: the plugin destroys it.
+    forced = await _task(plugin, "kvm.stop", name=name, timeout=0)
+    assert forced["forced"] is True and forced["state"] == "stopped"
+
+    directory = kvm_bed.root / "instances" / name
+    assert (directory / "disk.qcow2").exists()
+    assert await _task(plugin, "kvm.delete", name=name) == {"name": name, "state": "deleted"}
+    assert kvm_bed.domains() == [] and not directory.exists()
+    assert _state(plugin, name) is None
+    with pytest.raises(TaskError) as err:
+        await _task(plugin, "kvm.start", name=name)
+    assert err.value.code == "not-found"
+
+
+@pytest.mark.integration
+async def test_acceleration_is_proven_not_assumed(kvm_bed: KvmTestBed) -> None:
+    fingerprint = await (await kvm_bed.plugin()).kumo_fingerprint()
+    assert fingerprint.available and fingerprint.kinds == ("kvm",)
+    attrs = fingerprint.attributes
+    cpu_flags = Path("/proc/cpuinfo").read_text().split()
+    if "vmx" not in cpu_flags and "svm" not in cpu_flags:
+        # These machines: /dev/kvm is software (PVM); guests crawl or fault (RECIPES.md 1b).
+        assert attrs["acceleration"] == "tcg"
+        assert "falling back to TCG" in attrs["acceleration_reason"]
+        assert "probe guest" in attrs["acceleration_reason"] or "/dev/kvm" in attrs["acceleration_reason"]
+    else:
+        assert attrs["acceleration"] in ("kvm", "tcg") and attrs["acceleration_reason"]
+    forced = await (await kvm_bed.plugin(acceleration="tcg")).kumo_fingerprint()
+    assert forced.attributes["acceleration"] == "tcg"
+    assert "set by configuration" in forced.attributes["acceleration_reason"]
+
+
+@pytest.mark.integration
+async def test_adoption_leaves_the_running_domain_alone(kvm_bed: KvmTestBed, kvm_guest: Guest) -> None:
+    import libvirt
+
+    first = await kvm_bed.plugin()
+    name = kvm_bed.name("adopt")
+    await _task(first, "kvm.create", **_payload(kvm_bed, kvm_guest, name, hold=True))
+    conn = libvirt.open("qemu:///system")
+    try:
+        before = conn.lookupByName(name).ID()
+        await first.kumo_shutdown()  # the agent stops; the VM must not
+
+        second = await kvm_bed.plugin()
+        adopted = await second.kumo_adopt()
+        assert [(s.name, s.kind, s.state) for s in adopted if s.name.startswith(kvm_bed.prefix)] == [
+            (name, "kvm", "running")
+        ]
+        dom = conn.lookupByName(name)
+        assert dom.isActive() and dom.ID() == before  # same qemu process: never restarted
+        # The adopted instance is fully managed: events and tasks work.
+        await _task(second, "kvm.stop", name=name, timeout=0)
+        assert _state(second, name) == "stopped"
+    finally:
+        conn.close()
+
+
+@pytest.mark.integration
+async def test_missing_image_leaves_nothing(kvm_bed: KvmTestBed, kvm_guest: Guest) -> None:
+    plugin = await kvm_bed.plugin()
+    name = kvm_bed.name("noimg")
+    payload = _payload(kvm_bed, kvm_guest, name, image=str(kvm_bed.root / "nope.qcow2"), image_sha256=None)
+    with pytest.raises(TaskError) as err:
+        await _task(plugin, "kvm.create", **payload)
+    assert err.value.code == "image-missing" and "does not exist" in str(err.value)
+    assert _leftovers(kvm_bed, name) == []
+
+
+@pytest.mark.integration
+async def test_checksum_mismatch_leaves_nothing(kvm_bed: KvmTestBed, kvm_guest: Guest) -> None:
+    plugin = await kvm_bed.plugin()
+    name = kvm_bed.name("badsum")
+    wrong = hashlib.sha256(b"not the image").hexdigest()
+    with pytest.raises(TaskError) as err:
+        await _task(plugin, "kvm.create", **_payload(kvm_bed, kvm_guest, name, image_sha256=wrong))
+    assert err.value.code == "image-checksum"
+    assert kvm_guest.disk_sha256 in str(err.value) and wrong in str(err.value)
+    assert _leftovers(kvm_bed, name) == []
+
+
+@pytest.mark.integration
+async def test_duplicate_name_is_refused_and_the_first_survives(kvm_bed: KvmTestBed, kvm_guest: Guest) -> None:
+    plugin = await kvm_bed.plugin()
+    name = kvm_bed.name("dup")
+    await _task(plugin, "kvm.create", **_payload(kvm_bed, kvm_guest, name, hold=True))
+    with pytest.raises(TaskError) as err:
+        await _task(plugin, "kvm.create", **_payload(kvm_bed, kvm_guest, name))
+    assert err.value.code == "exists"
+    assert kvm_bed.domains() == [name] and _state(plugin, name) == "running"
+    assert (kvm_bed.root / "instances" / name / "disk.qcow2").exists()
+
+
+@pytest.mark.integration
+async def test_invalid_user_data_leaves_nothing(kvm_bed: KvmTestBed, kvm_guest: Guest) -> None:
+    plugin = await kvm_bed.plugin()
+    name = kvm_bed.name("baduser")
+    payload = _payload(kvm_bed, kvm_guest, name, user_data="#cloud-config\nhostname: x\npackagez: [vim]\n")
+    with pytest.raises(TaskError) as err:
+        await _task(plugin, "kvm.create", **payload)
+    assert err.value.code == "invalid-seed"
+    assert "user_data line 3" in str(err.value) and "'packagez'" in str(err.value)
+    assert _leftovers(kvm_bed, name) == []
+
+
+@pytest.mark.integration
+async def test_libvirtd_down_then_back(kvm_bed: KvmTestBed, kvm_guest: Guest, libvirt_proxy: Any) -> None:
+    plugin = await kvm_bed.plugin(uri=libvirt_proxy.uri)
+    assert (await plugin.kumo_fingerprint()).available
+
+    libvirt_proxy.stop()  # to the plugin, libvirtd just died
+    fingerprint = await _fingerprint_until(plugin, available=False)
+    assert libvirt_proxy.uri in fingerprint.reason
+    name = kvm_bed.name("down")
+    with pytest.raises(TaskError) as err:
+        await _task(plugin, "kvm.create", **_payload(kvm_bed, kvm_guest, name))
+    assert err.value.code == "unavailable" and "start libvirtd" in str(err.value)
+    assert _leftovers(kvm_bed, name) == []
+
+    libvirt_proxy.start()  # libvirtd is back: the plugin reconnects by itself
+    await _fingerprint_until(plugin, available=True)
+    result = await _task(plugin, "kvm.create", **_payload(kvm_bed, kvm_guest, name))
+    assert result["state"] == "running"
