@@ -104,7 +104,9 @@ def _plugins(args: argparse.Namespace) -> int:
     _setup_logging("warning")
     hooks = _load_plugins(settings)
     owners = hooks.task_owners()
-    fingerprints = asyncio.run(hooks.fingerprints())
+    from agent.runtime import probe_plugins
+
+    fingerprints = asyncio.run(probe_plugins(hooks, settings))
     rows: list[dict[str, Any]] = []
     for name in hooks.plugin_names():
         fp = fingerprints.get(name)

@@ -1,10 +1,10 @@
 """The agent's ``/metrics``: plugin metric families plus the agent's own health.
 
 Served by aiohttp inside the agent's event loop rather than prometheus_client's
-``start_http_server``: that one runs a thread per listener and a thread per request, while
-aiohttp is already loaded for the controller session, so serving here costs no extra
-threads or memory, shares the loop's shutdown, and lets the server certificate be
-reloaded after a renewal. Rendering (which calls every plugin's ``kumo_metrics``) happens
+``start_http_server``: Debian 12's prometheus-client 0.16 has no TLS options there (they
+came in 0.17), so it could not do the mTLS mode; it also runs a thread per request. aiohttp
+is already loaded for the controller session, so serving here costs no extra threads,
+shares the loop's shutdown, and lets the server certificate be reloaded after a renewal. Rendering (which calls every plugin's ``kumo_metrics``) happens
 in a worker thread, as the hook contract promises plugins.
 
 With ``metrics.client_ca`` set, the listener speaks TLS with the node's own certificate and

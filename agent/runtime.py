@@ -111,6 +111,41 @@ def configure_plugins(hooks: Hooks, settings: AgentSettings) -> None:
             raise ConfigError(f"{settings.plugin_source(name)}: the {name!r} plugin takes no settings")
 
 
+async def probe_plugins(hooks: Hooks, settings: AgentSettings) -> dict[str, Fingerprint]:
+    """Start every plugin away from the running agent's state, fingerprint it, shut it down.
+
+    For ``kumo-agent plugins``: most plugins only know what they can do once started
+    (libvirt connected, binaries checked). Their state directories are throwaway ones, so a
+    listing never touches what a running agent keeps, and nothing talks to the controller.
+    """
+    import tempfile
+
+    try:
+        identity: Identity | None = load_identity(settings.state_dir)
+    except (NotJoined, OSError):
+        identity = None
+
+    async def offline(*_args: Any, **_kwargs: Any) -> Any:
+        raise ControllerUnavailable("`kumo-agent plugins` does not talk to the controller")
+
+    failures: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="kumo-plugins-") as tmp:
+        for name in hooks.plugin_names():
+            plugin_dir = Path(tmp) / name
+            plugin_dir.mkdir(mode=0o700)
+            context = PluginContext(name, plugin_dir, identity, hooks, lambda: None, offline)
+            _, startup = await hooks.call_each("kumo_startup", only=name, context=context)
+            if startup:
+                failures[name] = f"startup failed: {startup[0].message}"
+        try:
+            fingerprints = await hooks.fingerprints()
+        finally:
+            await hooks.call_each("kumo_shutdown")
+    for name, reason in failures.items():
+        fingerprints[name] = Fingerprint(False, reason)
+    return fingerprints
+
+
 @dataclasses.dataclass(frozen=True)
 class Outcome:
     """How one task ended, as reported to the controller and kept in the journal."""
