@@ -116,6 +116,7 @@ class CheckpointPlugin:
         self.status = CriuStatus(False, "not started")
         self.probed_at = 0.0
         self.locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self.pruning: set[asyncio.Task] = set()
 
     @hookimpl
     def kumo_configure(self, section: Mapping[str, Any], source: str) -> None:
@@ -132,6 +133,11 @@ class CheckpointPlugin:
         # refused on dump: lxc-checkpoint reads it from this file for restores only.
         await asyncio.to_thread(self._lxc_restore_conf().write_text, "mntns-compat-mode\n")
         await self._probe()
+
+    @hookimpl
+    async def kumo_shutdown(self) -> None:
+        if self.pruning:
+            await asyncio.wait(self.pruning)
 
     @hookimpl
     async def kumo_fingerprint(self) -> Fingerprint:
@@ -256,9 +262,12 @@ class CheckpointPlugin:
         hasher.start()
         try:
             rc = await self._run(argv, image / "kumo-dump.out", env)
-        finally:
-            hasher.stop()
+        except BaseException:
+            await asyncio.to_thread(hasher.stop)
+            await asyncio.to_thread(shutil.rmtree, image, True)
+            raise
         if rc != 0:
+            await asyncio.to_thread(hasher.stop)
             alive = _start_time(target.pid) is not None
             kept = await asyncio.to_thread(_keep_failure_log, image, base, "dump")
             await asyncio.to_thread(shutil.rmtree, image, True)
@@ -288,7 +297,11 @@ class CheckpointPlugin:
         files, size = await asyncio.to_thread(_finish_manifest, image, hasher, manifest)
         if not leave_running:
             await self._until_stopped(target)
-        await asyncio.to_thread(_publish, base, image, self.config.keep)
+        await asyncio.to_thread(_publish, base, image)
+        # Old checkpoints go in the background: deleting gigabytes is no part of this dump.
+        prune = asyncio.create_task(asyncio.to_thread(_prune, base, self.config.keep))
+        self.pruning.add(prune)
+        prune.add_done_callback(self.pruning.discard)
         log.info("checkpoint: %s %s dumped to %s (%d bytes)", target.kind, target.name, image, size)
         return {"image": str(image), "manifest": files, "size_bytes": size}
 
@@ -409,7 +422,8 @@ class CheckpointPlugin:
                 )
             if int(fields[1]) == me:
                 with contextlib.suppress(ChildProcessError):
-                    os.waitpid(pid, os.WNOHANG)
+                    if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                        continue
             if time.monotonic() > deadline:
                 raise TaskError(f"pid {pid} is a zombie its parent does not reap: restore needs it free",
                                 code="pid-in-use")
@@ -796,6 +810,7 @@ class _TailHasher:
         self.thread.start()
 
     def stop(self) -> None:
+        """Criu has exited: hash the rest and return (blocks; call it off the event loop)."""
         self.stopping.set()
         self.thread.join()
 
@@ -838,6 +853,7 @@ class _TailHasher:
 
 
 def _finish_manifest(image: Path, hasher: _TailHasher, manifest: dict[str, Any]) -> tuple[dict[str, str], int]:
+    hasher.stop()  # lets it catch up with what criu wrote last
     files: dict[str, str] = {}
     stamp: dict[str, list[int]] = {}
     size = 0
@@ -901,11 +917,15 @@ def verify_image(image: Path, name: str, kind: str) -> dict[str, Any]:
     return manifest
 
 
-def _publish(base: Path, image: Path, keep: int) -> None:
-    """Point ``latest`` at the new checkpoint and drop the oldest beyond ``keep``."""
+def _publish(base: Path, image: Path) -> None:
+    """Point ``latest`` at the new checkpoint."""
     tmp = base / f".latest-{secrets.token_hex(3)}"
     tmp.symlink_to(image.name)
     os.replace(tmp, base / "latest")
+
+
+def _prune(base: Path, keep: int) -> None:
+    """Remove the oldest complete checkpoints beyond ``keep`` (``latest`` is always the newest)."""
     complete = sorted(p for p in base.iterdir() if p.is_dir() and not p.is_symlink() and (p / MANIFEST).exists())
     for old in complete[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

@@ -72,9 +72,10 @@ class _Instance:
     boot_id: str | None = None
     exit_code: int | None = None
     # In memory only: the Popen of a process this agent started (it reaps it), the pidfd
-    # the loop watches, and the event set when the process has exited.
+    # the loop watches, the record write started by an exit, and the event set on exit.
     popen: subprocess.Popen | None = None
     pidfd: int | None = None
+    saving: asyncio.Task | None = None
     exited: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
     def record(self) -> dict[str, Any]:
@@ -201,7 +202,9 @@ class ProcessPlugin:
             if op == "delete":
                 await self._stop(inst, self.config.stop_timeout)
                 del self.instances[name]
-                await asyncio.to_thread(shutil.rmtree, self._dir(name), True)
+                if inst.saving is not None:
+                    await asyncio.wait([inst.saving])
+                await asyncio.to_thread(shutil.rmtree, self._dir(name))
                 self._changed()
                 return {"name": name, "deleted": True}
             if op == "console":
@@ -353,8 +356,8 @@ class ProcessPlugin:
         inst.exit_code = code
         inst.exited.set()
         if self.instances.get(inst.name) is inst:
-            task = asyncio.get_running_loop().create_task(self._save(inst))
-            task.add_done_callback(_log_failure)
+            inst.saving = asyncio.get_running_loop().create_task(self._save(inst))
+            inst.saving.add_done_callback(_log_failure)
             self._changed()
 
     async def _reap_orphans(self) -> None:

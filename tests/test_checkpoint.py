@@ -304,6 +304,20 @@ async def test_probe_of_something_that_is_not_criu(tmp_path):
     assert not status.usable and "is not a working criu" in status.reason
 
 
+def test_old_checkpoints_are_pruned(tmp_path):
+    from plugins.checkpoint import MANIFEST, _prune, _publish
+
+    for stamp in ("20260101T000000Z-aaaaaa", "20260102T000000Z-bbbbbb", "20260103T000000Z-cccccc"):
+        (tmp_path / stamp).mkdir()
+        (tmp_path / stamp / MANIFEST).write_text("{}")
+        _publish(tmp_path, tmp_path / stamp)
+    (tmp_path / "20260104T000000Z-dddddd").mkdir()  # a dump still being written: no manifest
+    _prune(tmp_path, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "20260102T000000Z-bbbbbb", "20260103T000000Z-cccccc", "20260104T000000Z-dddddd", "latest"]
+    assert os.readlink(tmp_path / "latest") == "20260103T000000Z-cccccc"
+
+
 def test_config_is_strict():
     from agent.config import ConfigError
 

@@ -101,6 +101,7 @@ class CriuNode:
 
     async def stop(self) -> None:
         pids = [s.details["pid"] for s in self.process.kumo_instances() if s.details.get("pid")]
+        await self.checkpoint.kumo_shutdown()
         await self.process.kumo_shutdown()
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
