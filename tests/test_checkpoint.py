@@ -167,6 +167,7 @@ async def test_unix_socket_to_outside_and_odd_devices_block(criu_required, criu_
         "s = socket.socket(socket.AF_UNIX)\n"
         f"s.connect({str(path)!r})\n"
         "k = open('/dev/kmsg', 'rb')\n"
+        "import os; master, slave = os.openpty()\n"
         "a, b = socket.socketpair()\n"  # both ends inside: fine
         "print('ready', flush=True)\n"
         "time.sleep(300)\n"
@@ -177,7 +178,7 @@ async def test_unix_socket_to_outside_and_odd_devices_block(criu_required, criu_
         await wait_for(lambda: "ready" in (criu_node.root / "process/instances/unix/console.log").read_text(), "ready")
         result = await criu_node.task("checkpoint.preflight", {"name": "unix", "kind": "process"})
         codes = sorted(b["code"] for b in result["blockers"])
-        assert codes == ["char-device", "unix-external"], result
+        assert codes == ["char-device", "tty", "tty", "unix-external"], result
         assert any("/dev/kmsg" in b["message"] for b in result["blockers"])
         assert any(str(path) in b["message"] for b in result["blockers"])
     finally:
@@ -229,6 +230,25 @@ async def test_copied_image_is_verified_by_hashing(criu_required, criu_node, tmp
     assert set(stamp) == set(dumped["manifest"])
     restored = await criu_node.task("checkpoint.restore", {"name": "counter", "kind": "process", "image": str(copy)})
     assert restored["pid"] == pid
+
+
+@pytest.mark.integration
+async def test_restore_where_the_instance_is_unknown_as_on_a_migration_target(criu_required, criu_node, tmp_path):
+    """The manifest carries the create options: the process plugin gets a record back through process.adopt."""
+    pid, counter = await start_counter(criu_node, tmp_path)
+    dumped = await criu_node.task("checkpoint.dump", {"name": "counter", "kind": "process"})
+    # What a migration target has: the image and the console log (the restored process
+    # holds it open), but no record of the instance.
+    (criu_node.root / "process/instances/counter/record.json").unlink()
+    await criu_node.restart_process_plugin()
+    assert criu_node.process.kumo_instances() == []
+    restored = await criu_node.task("checkpoint.restore", {"name": "counter", "kind": "process", "image": dumped["image"]})
+    assert restored["pid"] == pid
+    state = criu_node.state("counter")
+    assert state.state == "running" and state.details["pid"] == pid
+    assert state.details["options"]["command"][:2] == [PY, "-c"]
+    frozen = read_counter(counter)
+    await wait_for(lambda: read_counter(counter) > frozen, "counting to resume")
 
 
 @pytest.mark.integration
