@@ -15,13 +15,16 @@ restored there)::
 
     <images_dir>/<kind>/<name>/<UTC time>-<random>/   one checkpoint
         *.img                   CRIU's images
-        dump.log, restore.log   CRIU's logs (not checksummed: restore appends to the directory)
+        stats-*, kumo-*.pid     CRIU's statistics and our pidfile (not checksummed)
         kumo-manifest.json      written last: {"format", "name", "kind", "created_at", "kernel",
                                 "criu_version", "pid", "instance", "open_files", "files": {file: sha256}}
         kumo-verified.json      this node only: the stat of each file when it was hashed here
     <images_dir>/<kind>/<name>/latest -> the newest complete checkpoint
 
-A directory without a manifest is a dump that never finished. Before a restore every file
+A directory without a manifest is a dump that never finished. CRIU's logs of the last dump
+and restore of each instance go to ``<state_dir>/logs/<kind>-<name>-{dump,restore}.{log,out}``,
+outside the image, so a full image disk cannot swallow the reason a dump failed
+(lxc-checkpoint keeps its own criu logs, dump.log and restore.log, in the image directory). Before a restore every file
 listed is checked against its sha256 — by hashing it again, unless ``kumo-verified.json``
 shows the file untouched (same inode, size, mtime and ctime) since this node hashed it, as
 after a local dump; a copied image (a migration) has no valid stamp and is always hashed.
@@ -245,11 +248,12 @@ class CheckpointPlugin:
         criu = self._require_criu()
         assert target.pid is not None
         base = self._images_root() / target.kind / target.name
+        logs = self._logs(target.kind, target.name)
         image = base / (time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3))
         await asyncio.to_thread(image.mkdir, parents=True)
-        open_files = await asyncio.to_thread(_open_files, _tree(target.pid))
+        open_files = await asyncio.to_thread(lambda: _open_files(_tree(target.pid)))
         if target.kind == "process":
-            argv = [criu, "dump", "-t", str(target.pid), "-D", str(image), "-o", "dump.log"]
+            argv = [criu, "dump", "-t", str(target.pid), "-D", str(image), "-o", str(logs / "dump.log")]
             if leave_running:
                 argv.append("--leave-running")
             env = None
@@ -261,7 +265,7 @@ class CheckpointPlugin:
         hasher = _TailHasher(image)
         hasher.start()
         try:
-            rc = await self._run(argv, image / "kumo-dump.out", env)
+            rc = await self._run(argv, logs / "dump.out", env)
         except BaseException:
             await asyncio.to_thread(hasher.stop)
             await asyncio.to_thread(shutil.rmtree, image, True)
@@ -269,12 +273,14 @@ class CheckpointPlugin:
         if rc != 0:
             await asyncio.to_thread(hasher.stop)
             alive = _start_time(target.pid) is not None
-            kept = await asyncio.to_thread(_keep_failure_log, image, base, "dump")
+            if target.kind == "lxc":
+                await asyncio.to_thread(_keep_lxc_log, image / "dump.log", logs / "dump.log")
+            reason = await asyncio.to_thread(_criu_error, logs / "dump.log", logs / "dump.out")
             await asyncio.to_thread(shutil.rmtree, image, True)
             raise TaskError(
-                f"criu dump of {target.kind} instance {target.name!r} failed: {_criu_error(kept)}; "
+                f"criu dump of {target.kind} instance {target.name!r} failed: {reason}; "
                 + ("the instance is still running" if alive else "the instance is no longer running")
-                + f" (log: {kept})",
+                + f" (logs: {logs}/dump.*)",
                 code="dump-failed",
             )
         instance: dict[str, Any] = {}
@@ -350,12 +356,14 @@ class CheckpointPlugin:
         pidfile = image / "kumo-restore.pid"
         with contextlib.suppress(FileNotFoundError):
             pidfile.unlink()
-        argv = [criu, "restore", "-D", str(image), "-d", "-o", "restore.log", "--pidfile", str(pidfile)]
-        rc = await self._run(argv, image / "kumo-restore.out")
+        logs = self._logs("process", manifest["name"])
+        argv = [criu, "restore", "-D", str(image), "-d", "-o", str(logs / "restore.log"), "--pidfile", str(pidfile)]
+        rc = await self._run(argv, logs / "restore.out")
         if rc != 0:
+            reason = await asyncio.to_thread(_criu_error, logs / "restore.log", logs / "restore.out")
             raise TaskError(
-                f"criu restore of process instance {manifest['name']!r} failed: "
-                f"{_criu_error(image / 'restore.log')}; the instance is left stopped (log: {image / 'restore.log'})",
+                f"criu restore of process instance {manifest['name']!r} failed: {reason}; "
+                f"the instance is left stopped (logs: {logs}/restore.*)",
                 code="restore-failed",
             )
         return int(pidfile.read_text().strip())
@@ -369,11 +377,13 @@ class CheckpointPlugin:
         argv = [self.config.lxc_checkpoint, "-n", name, "-P", lxcpath, "-D", str(image), "-r"]
         # Output to a file, never a pipe: the restored container's monitor inherits it
         # and would hold a pipe open for the container's whole life.
-        rc = await self._run(argv, image / "kumo-restore.out", self._lxc_env(criu, restore=True))
+        logs = self._logs("lxc", name)
+        rc = await self._run(argv, logs / "restore.out", self._lxc_env(criu, restore=True))
         if rc != 0:
+            reason = await asyncio.to_thread(_criu_error, image / "restore.log", logs / "restore.out")
             raise TaskError(
-                f"lxc-checkpoint restore of container {name!r} failed: {_criu_error(image / 'restore.log')}; "
-                f"the container is left stopped (logs: {image / 'restore.log'}, {image / 'kumo-restore.out'})",
+                f"lxc-checkpoint restore of container {name!r} failed: {reason}; "
+                f"the container is left stopped (logs: {image / 'restore.log'}, {logs / 'restore.out'})",
                 code="restore-failed",
             )
         target = _Target(name, "lxc", InstanceState(name, "lxc", "running"), None, lxcpath)
@@ -432,7 +442,7 @@ class CheckpointPlugin:
     # -- helpers -------------------------------------------------------------------
 
     async def _run(self, argv: list[str], output: Path, env: Mapping[str, str] | None = None) -> int:
-        with open(output, "ab") as out:
+        with open(output, "wb") as out:
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, env=env
             )
@@ -443,7 +453,7 @@ class CheckpointPlugin:
                 proc.kill()
             await proc.wait()
             raise TaskError(f"{Path(argv[0]).name} took longer than {self.config.timeout:.0f} s and was killed "
-                            f"(plugins.checkpoint.timeout); see {output.parent}", code="timeout") from None
+                            f"(plugins.checkpoint.timeout); see {output}", code="timeout") from None
 
     def _lxc_env(self, criu: str, restore: bool) -> dict[str, str]:
         # lxc-checkpoint runs "criu" from PATH: put the configured one first.
@@ -467,6 +477,13 @@ class CheckpointPlugin:
     def _images_root(self) -> Path:
         assert self.context is not None, "kumo_startup was not called"
         return self.config.images_dir or self.context.state_dir / "images"
+
+    def _logs(self, kind: str, name: str) -> Path:
+        """The directory for the logs of one instance's last dump and restore (created)."""
+        assert self.context is not None
+        path = self.context.state_dir / "logs" / kind / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
 
     def _lxc_restore_conf(self) -> Path:
         assert self.context is not None
@@ -529,13 +546,19 @@ def _criu_error_text(text: str) -> str:
     return _first_line(text) or "no error message"
 
 
-def _criu_error(logfile: Path) -> str:
-    try:
-        text = logfile.read_text(errors="replace")
-    except OSError:
-        return f"no log at {logfile}"
-    errors = [line for line in text.splitlines() if "Error" in line]
-    return _criu_error_text("\n".join(errors[-3:]) or text[-400:])
+def _criu_error(*logfiles: Path) -> str:
+    """The most telling error line in a criu log (or, failing that, the tool's own output)."""
+    for logfile in logfiles:
+        try:
+            text = logfile.read_text(errors="replace")
+        except OSError:
+            continue
+        errors = [line for line in text.splitlines() if "Error" in line or "error" in line]
+        if errors:
+            return _criu_error_text("\n".join(errors[-3:]))
+        if text.strip():
+            return text.strip().splitlines()[-1]
+    return "no error message in " + ", ".join(map(str, logfiles))
 
 
 def _first_line(text: str) -> str:
@@ -549,8 +572,8 @@ def scan_blockers(root: int, kind: str) -> list[dict[str, str]]:
     """What in the process tree under ``root`` would make a CRIU dump fail, from /proc.
 
     Each blocker is ``{"code", "message"}``: ``traced``, ``tty``, ``char-device``,
-    ``unsupported-fd``, ``tcp-established``, ``tcp-connection``, ``unix-external``,
-    ``unsupported-mount``.
+    ``unsupported-fd``, ``file-lock``, ``tcp-established``, ``tcp-connection``,
+    ``unix-external``, ``unsupported-mount``.
     """
     blockers: list[dict[str, str]] = []
     pids = _tree(root)
@@ -585,6 +608,7 @@ def scan_blockers(root: int, kind: str) -> list[dict[str, str]]:
                         blockers.append({"code": "char-device", "message": f"pid {pid} ({_comm(pid)}) has the device {target} "
                                          f"({dev[0]}:{dev[1]}) open as fd {fd}; CRIU cannot restore device state: close it first"})
     if kind == "process":
+        blockers += _lock_blockers(pids)
         # lxc-checkpoint passes --tcp-established: a container keeps its connections (and
         # its address); a plain process shares the host's network and cannot.
         blockers += _tcp_blockers(root, sockets)
@@ -593,6 +617,18 @@ def scan_blockers(root: int, kind: str) -> list[dict[str, str]]:
     elif not _same_mntns(root):
         blockers += _mount_blockers(root)
     return blockers
+
+
+def _lock_blockers(pids: list[int]) -> list[dict[str, str]]:
+    # CRIU takes file locks along only with --file-locks, which is meant for containers: on
+    # a shared host, the locked file's other users would see the lock vanish and come back.
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return []
+    holders = sorted({int(cols[4]) for cols in map(str.split, lines) if len(cols) > 5 and cols[4].isdigit()} & set(pids))
+    return [{"code": "file-lock", "message": f"pid {pid} ({_comm(pid)}) holds a file lock (see /proc/locks); "
+             "CRIU takes locks along only for containers: release it first"} for pid in holders]
 
 
 def _tree(root: int) -> list[int]:
@@ -931,14 +967,9 @@ def _prune(base: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _keep_failure_log(image: Path, base: Path, what: str) -> Path:
-    kept = base / f"last-failed-{what}.log"
-    src = image / f"{what}.log"
-    if not src.exists():
-        src = image / f"kumo-{what}.out"
+def _keep_lxc_log(src: Path, dst: Path) -> None:
     with contextlib.suppress(OSError):
-        shutil.copyfile(src, kept)
-    return kept
+        shutil.copyfile(src, dst)
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -187,6 +187,42 @@ async def test_unix_socket_to_outside_and_odd_devices_block(criu_required, criu_
 
 
 @pytest.mark.integration
+async def test_file_lock_blocks(criu_required, criu_node, tmp_path):
+    locker = f"import fcntl, time\nf = open({str(tmp_path / 'lock')!r}, 'w')\nfcntl.flock(f, fcntl.LOCK_EX)\nprint('locked', flush=True)\ntime.sleep(300)"
+    await criu_node.task("process.create", {"name": "locker", "kind": "process", "options": {"command": [PY, "-c", locker]}})
+    await wait_for(lambda: "locked" in (criu_node.root / "process/instances/locker/console.log").read_text(), "the lock")
+    result = await criu_node.task("checkpoint.preflight", {"name": "locker", "kind": "process"})
+    assert [b["code"] for b in result["blockers"]] == ["file-lock"]
+
+
+@pytest.mark.integration
+async def test_failed_dump_leaves_the_instance_running(criu_required, tmp_path):
+    """criu itself fails (the image disk is full): the error is clear and the process runs on."""
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "kumo-test", str(small)])  # noqa: S603
+    assert mounted.returncode == 0
+    node = CriuNode(tmp_path / "state", checkpoint_config={"images_dir": str(small)})
+    node.root.mkdir()
+    await node.start()
+    try:
+        pid, counter = await start_counter(node, tmp_path)
+        with pytest.raises(TaskError) as err:
+            await node.task("checkpoint.dump", {"name": "counter", "kind": "process"})
+        assert err.value.code == "dump-failed"
+        assert "criu dump of process instance 'counter' failed" in str(err.value)
+        assert "No space left on device" in str(err.value)
+        assert "the instance is still running" in str(err.value)
+        assert running(pid) and node.state("counter").details["pid"] == pid
+        before = read_counter(counter)
+        await wait_for(lambda: read_counter(counter) > before, "the counter to go on")
+        assert not any(p.is_dir() for p in (small / "process" / "counter").iterdir()), "no partial image is left"
+    finally:
+        await node.stop()
+        subprocess.run(["umount", str(small)])  # noqa: S603
+
+
+@pytest.mark.integration
 async def test_corrupt_or_partial_image_is_refused_and_nothing_changes(criu_required, criu_node, tmp_path):
     pid, counter = await start_counter(criu_node, tmp_path)
     dumped = await criu_node.task("checkpoint.dump", {"name": "counter", "kind": "process"})
