@@ -135,9 +135,9 @@ class ControllerClient:
             raise ControllerUnavailable(f"{method} {path}: the controller's answer is not JSON")
         return data
 
-    async def node_call(self, method: str, path: str, json: Any = None) -> Any:
+    async def node_call(self, method: str, path: str, json: Any = None, timeout: float = REQUEST_TIMEOUT) -> Any:
         """``PluginContext.call_controller``: ``path`` is relative to ``/v1/nodes/<this node>/``."""
-        return await self.request(method.upper(), f"{self.node_path}/{path.lstrip('/')}", json)
+        return await self.request(method.upper(), f"{self.node_path}/{path.lstrip('/')}", json, timeout)
 
     def mark_connected(self) -> None:
         if self.connected is not True:

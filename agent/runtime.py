@@ -470,7 +470,9 @@ class Runtime:
                 body["plugins"] = plugins
             started = time.monotonic()
             await self.client.node_call("POST", "heartbeat", body)
-            self.metrics.heartbeat_seconds.observe(time.monotonic() - started)
+            elapsed = time.monotonic() - started
+            self.metrics.heartbeat_seconds.observe(elapsed)
+            log.debug("heartbeat: %.3f s%s", elapsed, " (with fingerprints)" if plugins is not None else "")
             if plugins is not None:
                 self._fingerprints_sent = (time.monotonic(), plugins)
 
@@ -515,7 +517,7 @@ class Runtime:
         assert self.client is not None
         while True:
             wait = int(self.poll_timeout)
-            answer = await self.client.node_call("GET", f"tasks?wait={wait}", None)
+            answer = await self.client.node_call("GET", f"tasks?wait={wait}", timeout=wait + POLL_SLACK)
             for task in answer.get("tasks") or ():
                 self._dispatch(task)
 
@@ -561,8 +563,8 @@ class Runtime:
                     code="interrupted",
                 )
             else:
-                await asyncio.to_thread(self.journal.record_started, key, task_id, kind)
                 async with self._slots:
+                    await asyncio.to_thread(self.journal.record_started, key, task_id, kind)
                     outcome = await self._run_task(task_id, kind, payload)
                 self.metrics.tasks.labels(kind=kind, outcome=outcome.state).inc()
             await asyncio.to_thread(self.journal.record_done, key, task_id, outcome)

@@ -193,6 +193,12 @@ def test_tasks_run_on_their_plugin_and_failures_carry_the_message(controller, ku
     assert unknown["error"].startswith("no plugin on this node handles task kind nosuch.thing; installed plugins: ")
     assert "counter" in unknown["error"] and "host" in unknown["error"]
     assert output.read_text() == "one\n"
+    # Tasks run side by side: two blocked tasks are both running before either finishes.
+    release = output.with_name("release")
+    both = [submit(controller, agent.node_id, "counter.append", {"line": n, "wait_for": str(release)}) for n in ("a", "b")]
+    agent.wait_log("running on plugin counter", count=4)
+    release.touch()
+    assert [wait_task(controller, t["id"])["state"] for t in both] == ["succeeded", "succeeded"]
 
 
 def test_restarted_agent_keeps_its_node_id_and_stays_ready(controller, kumo_agent):
