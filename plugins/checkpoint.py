@@ -352,6 +352,14 @@ class CheckpointPlugin:
 
     async def _restore_process(self, criu: str, image: Path, manifest: Mapping[str, Any]) -> int:
         pid = manifest["pid"]
+        files = manifest.get("open_files") or []
+        missing = [f for f in files if not await asyncio.to_thread(os.path.exists, f)]
+        if missing:
+            raise TaskError(
+                f"process instance {manifest['name']!r} had files open that are missing on this node: "
+                f"{', '.join(missing)}; put them back at the same paths (a migration must carry them) and retry",
+                code="missing-files",
+            )
         await self._wait_pid_free(pid)
         pidfile = image / "kumo-restore.pid"
         with contextlib.suppress(FileNotFoundError):

@@ -264,7 +264,7 @@ class ProcessPlugin:
             try:
                 return subprocess.Popen(  # noqa: S603 - an argv list, never a shell
                     inst.argv,
-                    cwd=inst.cwd,
+                    cwd=inst.cwd or "/",
                     env={**BASE_ENV, **inst.env},
                     stdin=subprocess.DEVNULL,
                     stdout=fd,
@@ -460,7 +460,7 @@ def _instance_from_options(name: str, options: Any) -> _Instance:
             "payload.options.command must be a non-empty argv list of strings (never a shell string)",
             code="bad-request",
         )
-    cwd = options.get("cwd")
+    cwd = options.get("cwd")  # default "/": never wherever the agent happened to start
     if cwd is not None and (not isinstance(cwd, str) or not cwd.startswith("/")):
         raise TaskError("payload.options.cwd must be an absolute path", code="bad-request")
     env = options.get("env") or {}

@@ -256,6 +256,37 @@ async def test_corrupt_or_partial_image_is_refused_and_nothing_changes(criu_requ
 
 
 @pytest.mark.integration
+async def test_failed_restore_is_clear_and_leaves_the_instance_stopped(criu_required, criu_node, tmp_path):
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    counter = tmp_path / "counter.txt"
+    created = await criu_node.task("process.create", {"name": "counter", "kind": "process", "options": {
+        "command": [PY, "-c", COUNTER, str(counter)], "cwd": str(workdir)}})
+    pid = created["details"]["pid"]
+    await wait_for(lambda: read_counter(counter) >= 3, "the counter")
+    await criu_node.task("checkpoint.dump", {"name": "counter", "kind": "process"})
+
+    # The process had its console log open: the manifest lists it, so its absence is named up front.
+    log = criu_node.root / "process/instances/counter/console.log"
+    log.rename(log.with_name("moved.log"))
+    with pytest.raises(TaskError) as err:
+        await criu_node.task("checkpoint.restore", {"name": "counter", "kind": "process"})
+    assert err.value.code == "missing-files" and str(log) in str(err.value)
+    log.with_name("moved.log").rename(log)
+
+    # criu itself fails (its working directory is gone): the reason is named, the instance stays stopped.
+    workdir.rename(tmp_path / "elsewhere")
+    with pytest.raises(TaskError) as err:
+        await criu_node.task("checkpoint.restore", {"name": "counter", "kind": "process"})
+    assert err.value.code == "restore-failed"
+    assert "left stopped" in str(err.value) and "No such file or directory" in str(err.value), str(err.value)
+    assert criu_node.state("counter").state == "stopped" and not running(pid)
+
+    (tmp_path / "elsewhere").rename(workdir)
+    assert (await criu_node.task("checkpoint.restore", {"name": "counter", "kind": "process"}))["pid"] == pid
+
+
+@pytest.mark.integration
 async def test_copied_image_is_verified_by_hashing(criu_required, criu_node, tmp_path):
     """An image that arrives from elsewhere (no valid local stamp) is hashed in full, then restores."""
     pid, counter = await start_counter(criu_node, tmp_path)
