@@ -544,8 +544,16 @@ async def _capture(argv: list[str]) -> tuple[int, str]:
 
 
 def _criu_error_text(text: str) -> str:
-    generic = ("Could not initialize kernel features detection", "Dumping FAILED", "Restoring FAILED")
-    errors = [re.sub(r"^.*?Error \([^)]*\):\s*", "", line).strip() for line in text.splitlines() if "Error" in line]
+    """The first error line that names a cause: criu logs the root cause first, then the
+    consequences ("Can't open cwd", "Restoring FAILED")."""
+    harmless = ("RLIMIT_NOFILE",)  # logged on every run where root lacks CAP_SYS_RESOURCE
+    generic = ("Could not initialize kernel features detection", "Dumping FAILED", "Restoring FAILED",
+               "exited, status=")
+    errors = [
+        re.sub(r"^.*?Error \([^)]*\):\s*", "", line).strip()
+        for line in text.splitlines()
+        if re.search(r"Error \(", line) and not any(h in line for h in harmless)
+    ]
     specific = [e for e in errors if e and not any(g in e for g in generic)]
     if specific:
         return specific[0]
@@ -555,17 +563,14 @@ def _criu_error_text(text: str) -> str:
 
 
 def _criu_error(*logfiles: Path) -> str:
-    """The most telling error line in a criu log (or, failing that, the tool's own output)."""
+    """The most telling error in a criu log (or, failing that, the tool's own output)."""
     for logfile in logfiles:
         try:
             text = logfile.read_text(errors="replace")
         except OSError:
             continue
-        errors = [line for line in text.splitlines() if "Error" in line or "error" in line]
-        if errors:
-            return _criu_error_text("\n".join(errors[-3:]))
         if text.strip():
-            return text.strip().splitlines()[-1]
+            return _criu_error_text(text)
     return "no error message in " + ", ".join(map(str, logfiles))
 
 
