@@ -119,18 +119,21 @@ def _extract_vmlinux(vmlinuz: Path, dest: Path) -> None:
     dest.write_bytes(elf)
 
 
-def _build_initramfs(moddir: Path, dest: Path, root: Path) -> None:
-    for sub in ("bin", "proc", "sys", "dev", "mnt", "lib/modules"):
+def _build_initramfs(
+    moddir: Path, dest: Path, root: Path, modules: list[str] = MODULES, init: str = INIT
+) -> None:
+    """A gzip'd newc cpio: static busybox, the named modules as plain .ko files, ``init``."""
+    for sub in ("bin", "proc", "sys", "dev", "mnt", "newroot", "lib/modules"):
         (root / sub).mkdir(parents=True)
     shutil.copy(BUSYBOX, root / "bin" / "busybox")
     by_name = {p.name.removesuffix(".ko"): p for p in moddir.rglob("*.ko")}
-    for module in MODULES:
+    for module in modules:
         shutil.copy(by_name[module], root / "lib" / "modules" / f"{module}.ko")
-    (root / "init").write_text(INIT)
+    (root / "init").write_text(init)
     os.chmod(root / "init", 0o755)
     names = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
     archive = subprocess.run(
-        ["cpio", "-o", "-H", "newc", "--quiet"],
+        ["cpio", "-o", "-H", "newc", "--quiet"],  # noqa: S603 - an argv list, never a shell
         input="\n".join(names).encode(),
         cwd=root,
         capture_output=True,
@@ -149,3 +152,96 @@ def kvm_guest() -> Guest:
     require(BUSYBOX.exists(), "busybox-static (scripts/deps/10-libvirt.sh)")
     require(shutil.which("qemu-img") is not None, "qemu-img (qemu-utils)")
     return build_guest(deb)
+
+
+# ---- a real Debian guest with cloud-init (for the slow test) ---------------------------
+
+DEBIAN_SUITE = "bookworm"
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+# python3-cffi-backend: debootstrap does not resolve the virtual package
+# python3-cryptography needs (python3-cffi-backend-api-*), so name its provider.
+DEBIAN_PACKAGES = "systemd-sysv,udev,kmod,cloud-init,python3-cffi-backend"
+ROOT_MODULES = (
+    "virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk "
+    "crc16 mbcache jbd2 crc32c_generic ext4"
+).split()
+# The initramfs only mounts the root disk and hands over to systemd; the rootfs carries the
+# kernel's full module tree, so udev loads the cdrom drivers cloud-init needs.
+ROOT_INIT = """#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+for m in {modules}; do insmod /lib/modules/$m.ko 2>/dev/null; done
+for i in $(seq 1 100); do [ -b /dev/vda ] && break; sleep 0.1; done
+mount -t ext4 /dev/vda /newroot || {{ echo "ROOT-MOUNT-FAILED"; poweroff -f; }}
+umount /proc /sys; mount --move /dev /newroot/dev
+exec switch_root /newroot /sbin/init
+""".format(modules=" ".join(ROOT_MODULES))
+CLOUD_CFG = """# Kumo test guest: NoCloud only, so boot does not wait probing clouds that are not there.
+datasource_list: [NoCloud, None]
+"""
+
+
+def build_debian_guest(deb: Path, cache: Path = CACHE_DIR / "debian-guest") -> Guest:
+    """A debootstrapped Debian (systemd + cloud-init) booted by Debian's kernel directly.
+
+    Built once (a few minutes: debootstrap dominates) and cached by recipe.
+    """
+    recipe = hashlib.sha256(
+        "\n".join([deb.name, DEBIAN_SUITE, DEBIAN_PACKAGES, ROOT_INIT, CLOUD_CFG]).encode()
+    ).hexdigest()[:16]
+    out = cache / recipe
+    guest = Guest(out / "vmlinux", out / "initramfs.cpio.gz", out / "root.qcow2",
+                  cmdline="console=ttyS0 panic=-1")
+    if (out / "done").exists():
+        return guest
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        kroot = Path(tmp) / "kroot"
+        rootfs = Path(tmp) / "rootfs"
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(kroot)], check=True)  # noqa: S603
+        vmlinuz = next((kroot / "boot").glob("vmlinuz-*"))
+        release = vmlinuz.name.removeprefix("vmlinuz-")
+        _extract_vmlinux(vmlinuz, guest.kernel)
+        boot = subprocess.run(  # noqa: S603 - an argv list, never a shell
+            ["debootstrap", "--variant=minbase", f"--include={DEBIAN_PACKAGES}",
+             DEBIAN_SUITE, str(rootfs), DEBIAN_MIRROR],
+            capture_output=True, text=True, check=False,
+        )
+        if boot.returncode != 0:
+            details = rootfs / "debootstrap" / "debootstrap.log"
+            tail = details.read_text()[-3000:] if details.exists() else boot.stdout[-3000:]
+            raise RuntimeError(f"debootstrap failed: {boot.stderr[-1000:]}\n{tail}")
+        shutil.copytree(kroot / "lib" / "modules" / release, rootfs / "lib" / "modules" / release)
+        subprocess.run(["depmod", "-b", str(rootfs), release], check=True)  # noqa: S603
+        (rootfs / "etc" / "cloud" / "cloud.cfg.d" / "99-kumo-test.cfg").write_text(CLOUD_CFG)
+        (rootfs / "etc" / "fstab").write_text("/dev/vda / ext4 defaults 0 1\n")
+        for leftover in ("etc/machine-id", "etc/hostname"):
+            (rootfs / leftover).write_text("")
+        initramfs = Path(tmp) / "initramfs"
+        _build_initramfs(
+            kroot / "lib" / "modules" / release, guest.initrd, initramfs, ROOT_MODULES, ROOT_INIT
+        )
+        raw = Path(tmp) / "root.raw"
+        subprocess.run(  # noqa: S603 - an argv list, never a shell
+            ["mkfs.ext4", "-q", "-L", "kumoroot", "-d", str(rootfs), str(raw), "2G"], check=True
+        )
+        subprocess.run(  # noqa: S603 - an argv list, never a shell
+            ["qemu-img", "convert", "-O", "qcow2", str(raw), str(guest.disk)], check=True
+        )
+    for path in (out, guest.kernel, guest.initrd, guest.disk):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    (out / "done").touch()
+    return guest
+
+
+@pytest.fixture(scope="session")
+def debian_guest() -> Guest:
+    """The debootstrapped Debian guest with cloud-init; built on first use, then cached."""
+    from tests.harness import require
+
+    deb = kernel_package()
+    require(deb is not None, f"a Debian kernel package in {DEBS} (scripts/deps/10-libvirt.sh)")
+    require(shutil.which("debootstrap") is not None, "debootstrap (scripts/deps/10-libvirt.sh)")
+    require(shutil.which("mkfs.ext4") is not None, "mkfs.ext4 (e2fsprogs)")
+    return build_debian_guest(deb)
