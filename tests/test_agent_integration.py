@@ -164,6 +164,17 @@ def test_config_errors_stop_the_agent_naming_file_and_key(tmp_path, counter, tex
     assert "Traceback" not in result.stderr
 
 
+def test_run_before_join_says_how_to_join(tmp_path):
+    config = tmp_path / "agent.yaml"
+    config.write_text(json.dumps({"state_dir": str(tmp_path / "empty"), "metrics": {"listen": None}}))
+    result = subprocess.run(  # noqa: S603
+        [*agent_command(), "run", "--config", str(config)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 2
+    assert "holds no node identity: run `kumo-agent join" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_plugins_command_lists_builtin_and_third_party_plugins(tmp_path, counter):
     site, plugins, _ = counter
     config = tmp_path / "agent.yaml"
