@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime
 import hashlib
 import json
 import logging
@@ -249,7 +250,9 @@ class CheckpointPlugin:
         assert target.pid is not None
         base = self._images_root() / target.kind / target.name
         logs = self._logs(target.kind, target.name)
-        image = base / (time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3))
+        # Names sort by creation time (to the microsecond), which is how _prune picks the oldest.
+        now = datetime.datetime.now(datetime.UTC)
+        image = base / (now.strftime("%Y%m%dT%H%M%S.%fZ") + "-" + secrets.token_hex(3))
         await asyncio.to_thread(image.mkdir, parents=True)
         open_files = await asyncio.to_thread(lambda: _open_files(_tree(target.pid)))
         if target.kind == "process":
@@ -304,12 +307,17 @@ class CheckpointPlugin:
         if not leave_running:
             await self._until_stopped(target)
         await asyncio.to_thread(_publish, base, image)
-        # Old checkpoints go in the background: deleting gigabytes is no part of this dump.
-        prune = asyncio.create_task(asyncio.to_thread(_prune, base, self.config.keep))
+        # Old checkpoints go in the background (deleting gigabytes is no part of this dump),
+        # under the instance's lock so that no restore reads a checkpoint being deleted.
+        prune = asyncio.create_task(self._prune(target, base))
         self.pruning.add(prune)
         prune.add_done_callback(self.pruning.discard)
         log.info("checkpoint: %s %s dumped to %s (%d bytes)", target.kind, target.name, image, size)
         return {"image": str(image), "manifest": files, "size_bytes": size}
+
+    async def _prune(self, target: _Target, base: Path) -> None:
+        async with self.locks.setdefault((target.kind, target.name), asyncio.Lock()):
+            await asyncio.to_thread(_prune, base, self.config.keep)
 
     async def _until_stopped(self, target: _Target) -> None:
         # criu has killed the instance; wait until its plugin has seen that too, so a
@@ -879,14 +887,15 @@ class _TailHasher:
                 if known != ino:
                     digest, done = hashlib.sha256(), 0
                 f.seek(done)
-                chunk = f.read(HASH_CHUNK * 16)
+                start = done
+                # 1 MiB reads stay in the CPU cache between read and hash.
+                while done - start < HASH_CHUNK * 64 and (chunk := f.read(HASH_CHUNK)):
+                    digest.update(chunk)
+                    done += len(chunk)
         except OSError:
             return False
-        if not chunk:
-            return False
-        digest.update(chunk)
-        self.hashes[path.name] = (digest, done + len(chunk), ino)
-        return True
+        self.hashes[path.name] = (digest, done, ino)
+        return done > start
 
     def finish(self, path: Path) -> str:
         """The sha256 of ``path`` now that criu has exited, reusing what was hashed meanwhile."""
@@ -975,8 +984,11 @@ def _publish(base: Path, image: Path) -> None:
 
 def _prune(base: Path, keep: int) -> None:
     """Remove the oldest complete checkpoints beyond ``keep`` (``latest`` is always the newest)."""
+    latest = (base / "latest").resolve()
     complete = sorted(p for p in base.iterdir() if p.is_dir() and not p.is_symlink() and (p / MANIFEST).exists())
     for old in complete[:-keep]:
+        if old.resolve() == latest:
+            continue
         shutil.rmtree(old, ignore_errors=True)
 
 
