@@ -403,6 +403,10 @@ def test_old_checkpoints_are_pruned(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "20260102T000000Z-bbbbbb", "20260103T000000Z-cccccc", "20260104T000000Z-dddddd", "latest"]
     assert os.readlink(tmp_path / "latest") == "20260103T000000Z-cccccc"
+    # Whatever the names say, the checkpoint "latest" points to is never removed.
+    _publish(tmp_path, tmp_path / "20260102T000000Z-bbbbbb")
+    _prune(tmp_path, 1)
+    assert (tmp_path / "20260102T000000Z-bbbbbb").is_dir()
 
 
 def test_config_is_strict():
