@@ -33,6 +33,7 @@ import logging
 import os
 import re
 import shutil
+import ssl
 import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Mapping
@@ -74,6 +75,8 @@ class KvmConfig:
     acceleration: Literal["auto", "kvm", "tcg"] = "auto"
     shutdown_timeout: float = 60.0
     network: str = "none"
+    # CA bundle for image URLs served by a private mirror; None trusts the system's CAs.
+    image_ca_file: Path | None = None
 
 
 @dataclasses.dataclass
@@ -381,10 +384,13 @@ class KvmPlugin:
         await asyncio.to_thread(self.config.image_cache.mkdir, parents=True, exist_ok=True)
         partial = cached.with_suffix(f".partial-{os.getpid()}-{id(url)}")
         digest = hashlib.sha256()
+        ssl_context = None
+        if self.config.image_ca_file is not None:
+            ssl_context = await asyncio.to_thread(ssl.create_default_context, cafile=str(self.config.image_ca_file))
         try:
             with open(partial, "wb") as out:
                 async with aiohttp.ClientSession(raise_for_status=True) as session:
-                    async with session.get(url) as response:
+                    async with session.get(url, ssl=ssl_context) as response:
                         async for chunk in response.content.iter_chunked(1 << 20):
                             digest.update(chunk)
                             await asyncio.to_thread(out.write, chunk)

@@ -316,3 +316,74 @@ async def test_libvirtd_down_then_back(kvm_bed: KvmTestBed, kvm_guest: Guest, li
     await _fingerprint_until(plugin, available=True)
     result = await _task(plugin, "kvm.create", **_payload(kvm_bed, kvm_guest, name))
     assert result["state"] == "running"
+
+
+@pytest.fixture
+async def https_image_server(tmp_path: Path, kvm_guest: Guest) -> Any:
+    """Serves the guest disk over HTTPS with a throwaway self-signed CA (``tmp_path/cert.pem``)."""
+    import datetime
+    import ipaddress
+    import ssl
+
+    from aiohttp import web
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from tests.harness import free_port
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kumo-test-images")])
+    now = datetime.datetime.utcnow()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "key.pem").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    app = web.Application()
+    async def disk(request: web.Request) -> web.StreamResponse:
+        return web.FileResponse(kvm_guest.disk)
+
+    app.router.add_get("/disk.qcow2", disk)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=context).start()
+    yield f"https://127.0.0.1:{port}/disk.qcow2", tmp_path / "cert.pem"
+    await runner.cleanup()
+
+
+@pytest.mark.integration
+async def test_image_from_https_is_verified_and_cached(
+    kvm_bed: KvmTestBed, kvm_guest: Guest, https_image_server: tuple[str, Path]
+) -> None:
+    url, ca = https_image_server
+    untrusting = await kvm_bed.plugin()
+    with pytest.raises(TaskError) as err:
+        await _task(untrusting, "kvm.create", **_payload(kvm_bed, kvm_guest, kvm_bed.name("url0"), image=url))
+    assert err.value.code == "image-download" and "certificate verify failed" in str(err.value)
+
+    plugin = await kvm_bed.plugin(image_ca_file=str(ca))
+    bad = kvm_bed.name("urlbad")
+    wrong = hashlib.sha256(b"something else").hexdigest()
+    with pytest.raises(TaskError) as err:
+        await _task(plugin, "kvm.create", **_payload(kvm_bed, kvm_guest, bad, image=url, image_sha256=wrong))
+    assert err.value.code == "image-checksum", str(err.value)
+    assert _leftovers(kvm_bed, bad) == []
+
+    good = kvm_bed.name("url")
+    payload = _payload(kvm_bed, kvm_guest, good, hold=True, image=url)
+    assert (await _task(plugin, "kvm.create", **payload))["state"] == "running"
+    assert [p.name for p in (kvm_bed.root / "images").iterdir()] == [f"{kvm_guest.disk_sha256}.img"]
