@@ -43,7 +43,15 @@ from typing import Any, Literal
 import psutil
 
 from agent.config import ConfigError, parse_section
-from agent.plugin import Fingerprint, InstanceState, PluginContext, TaskError, hookimpl
+from agent.plugin import (
+    Fingerprint,
+    InstanceState,
+    PluginContext,
+    Probe,
+    ProbeResult,
+    TaskError,
+    hookimpl,
+)
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +121,7 @@ class KvmPlugin:
         self._reconnect_task: asyncio.Task[None] | None = None
         self._acceleration_task: asyncio.Task[_Acceleration] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopped = False
 
     # ---- hooks ---------------------------------------------------------------------
 
@@ -159,6 +168,7 @@ class KvmPlugin:
             self._acceleration_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._acceleration_task
+        self._stopped = True
         conn, self._conn = self._conn, None
         self._unavailable = "the kvm plugin has stopped"
         if conn is not None:
@@ -222,6 +232,30 @@ class KvmPlugin:
             )
             for inst in sorted(self._instances.values(), key=lambda i: i.name)
         ]
+
+    @hookimpl
+    def kumo_metrics(self) -> Iterable[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        up = GaugeMetricFamily("kumo_kvm_libvirt_up", "1 while the kvm plugin is connected to libvirtd")
+        up.add_metric([], 1.0 if self._conn is not None else 0.0)
+        by_state = GaugeMetricFamily("kumo_kvm_instances", "Kumo's KVM instances by state", labels=["state"])
+        states = [inst.state for inst in list(self._instances.values())]
+        for state in ("creating", "running", "stopped", "paused", "failed", "unknown"):
+            by_state.add_metric([state], float(states.count(state)))
+        return [up, by_state]
+
+    @hookimpl
+    def kumo_probes(self) -> Iterable[Probe]:
+        return [Probe(name="kvm-libvirtd", run=self._probe_libvirtd)]
+
+    def _probe_libvirtd(self) -> ProbeResult:
+        """Critical while libvirtd is unreachable: running VMs are unmanaged until it is back."""
+        if self._libvirt is None:
+            return ProbeResult("unknown", message=self._unavailable)
+        if self._conn is None:
+            return ProbeResult("critical", 0.0, message=self._unavailable)
+        return ProbeResult("ok", 1.0, message=f"connected to {self.config.uri}")
 
     # ---- tasks -----------------------------------------------------------------------
 
@@ -455,6 +489,8 @@ class KvmPlugin:
         async with self._connect_lock:
             if self._conn is not None:
                 return True
+            if self._stopped:
+                return False
             try:
                 conn, callback = await asyncio.to_thread(self._open_blocking)
             except self._libvirt.libvirtError as exc:

@@ -312,10 +312,17 @@ async def test_libvirtd_down_then_back(kvm_bed: KvmTestBed, kvm_guest: Guest, li
     assert err.value.code == "unavailable" and "start libvirtd" in str(err.value)
     assert _leftovers(kvm_bed, name) == []
 
+    assert plugin.kumo_probes()[0].run().status == "critical"
+    metrics = {m.name: m for m in plugin.kumo_metrics()}
+    assert metrics["kumo_kvm_libvirt_up"].samples[0].value == 0.0
+
     libvirt_proxy.start()  # libvirtd is back: the plugin reconnects by itself
     await _fingerprint_until(plugin, available=True)
-    result = await _task(plugin, "kvm.create", **_payload(kvm_bed, kvm_guest, name))
+    assert plugin.kumo_probes()[0].run().status == "ok"
+    result = await _task(plugin, "kvm.create", **_payload(kvm_bed, kvm_guest, name, hold=True))
     assert result["state"] == "running"
+    running = [s for s in plugin.kumo_metrics()[1].samples if s.labels["state"] == "running"]
+    assert running[0].value == 1.0
 
 
 @pytest.fixture
