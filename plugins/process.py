@@ -120,7 +120,7 @@ class ProcessPlugin:
         # these machines reaps lazily, and a dumped task left as a zombie keeps its pid
         # taken, so a CRIU restore of that pid fails ("Process with requested pid already
         # exists"). As a child subreaper the agent gets those orphans and reaps them itself.
-        self.subreaper = _set_child_subreaper()
+        self.subreaper = _set_child_subreaper(True)
         self.reaper = asyncio.create_task(self._reap_orphans(), name="process-reaper")
 
     @hookimpl
@@ -132,6 +132,10 @@ class ProcessPlugin:
         loop = asyncio.get_running_loop()
         for inst in self.instances.values():
             self._unwatch(inst, loop)
+        # Nobody reaps for us any more: orphans must go back to PID 1 (this matters when
+        # the plugin stops inside a longer-lived process, as in tests).
+        if self.subreaper:
+            self.subreaper = not _set_child_subreaper(False)
 
     @hookimpl
     def kumo_fingerprint(self) -> Fingerprint:
@@ -471,11 +475,11 @@ def _instance_from_options(name: str, options: Any) -> _Instance:
     return _Instance(name=name, argv=list(argv), cwd=cwd, env=dict(env))
 
 
-def _set_child_subreaper() -> bool:
+def _set_child_subreaper(on: bool) -> bool:
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) != 0:
         err = ctypes.get_errno()
-        log.error("process: prctl(PR_SET_CHILD_SUBREAPER) failed: %s; orphans go to PID 1", os.strerror(err))
+        log.error("process: prctl(PR_SET_CHILD_SUBREAPER, %d) failed: %s", on, os.strerror(err))
         return False
     return True
 

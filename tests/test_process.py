@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
 import os
 import sys
@@ -144,3 +145,10 @@ async def test_the_agent_is_a_subreaper_and_reaps_orphans(criu_node):
     out, _ = await proc.communicate()
     orphan = int(out)
     await wait_for(lambda: not os.path.exists(f"/proc/{orphan}"), "the orphan to be reaped", limit=5)
+    # Once the plugin stops, this process is an ordinary parent again.
+    await criu_node.process.kumo_shutdown()
+    assert criu_node.process.subreaper is False
+    libc = ctypes.CDLL(None, use_errno=True)
+    flag = ctypes.c_int(-1)
+    assert libc.prctl(37, ctypes.byref(flag), 0, 0, 0) == 0  # PR_GET_CHILD_SUBREAPER
+    assert flag.value == 0
