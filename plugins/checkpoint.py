@@ -3,6 +3,8 @@
 It runs no instances of its own: it finds the instance through the other plugins' states
 (``context.hooks.instances()``) and uses only what their details publish — a process's
 ``pid`` and create ``options``, a container's ``lxcpath`` (its name is the instance name).
+After a restore it hands the new pid back to the owning plugin through that plugin's
+``<kind>.adopt`` task, when it declares one (``{"name", "pid", **manifest["instance"]}``).
 
 We drive the ``criu`` command line through asyncio subprocesses rather than pycriu's RPC
 (``criu swrk``): pycriu is not on PyPI (Debian ships it only for /usr/bin/python3, and a
