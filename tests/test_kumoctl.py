@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime as dt
+import ipaddress
+import json
 import os
+import ssl
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
+from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from controller import kumoctl
+from tests.harness import free_port
 
 
 def run_kumoctl(
@@ -150,3 +161,312 @@ def test_bad_config_files(tmp_path, text, phrase):
     config = tmp_path / "kumoctl.yaml"
     config.write_text(text)
     assert_clean_failure(run_kumoctl("nodes", "list", config=config), str(config), phrase)
+
+
+# --- instance commands against a stand-in API ----------------------------------------------
+# The instance flows (create and wait, console) need a node plugin doing real work; these
+# tests pin what kumoctl sends and how it waits and reports, over real mutual TLS.
+
+
+def _name(role: str, cn: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "kumo"),
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
+            x509.NameAttribute(NameOID.COMMON_NAME, cn),
+        ]
+    )
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Path:
+    """A CA, a server certificate for 127.0.0.1 and an admin client certificate."""
+    directory = tmp_path_factory.mktemp("pki")
+    now = dt.datetime.utcnow()
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(_name("ca", "Kumo CA"))
+        .issuer_name(_name("ca", "Kumo CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    (directory / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    for name, role, san in (("server", "controller", True), ("admin", "admin", False)):
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(_name(role, name))
+            .issuer_name(ca.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=1))
+            .not_valid_after(now + dt.timedelta(days=1))
+        )
+        if san:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False,
+            )
+        (directory / f"{name}.key").write_bytes(_pem_key(key))
+        (directory / f"{name}.crt").write_bytes(
+            builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+        )
+    return directory
+
+
+class StandIn:
+    """An HTTPS API on a thread answering the instance routes from canned state."""
+
+    def __init__(self, pki: Path):
+        self.pki = pki
+        self.port = free_port()
+        self.requests: list[tuple[str, str, object]] = []
+        self.polls: dict[str, int] = {}
+        self.loop = asyncio.new_event_loop()
+        self.runner: web.AppRunner | None = None
+
+    def config(self, directory: Path) -> Path:
+        path = directory / "kumoctl.yaml"
+        path.write_text(
+            f"controller: https://127.0.0.1:{self.port}\nca: {self.pki / 'ca.crt'}\n"
+            f"cert: {self.pki / 'admin.crt'}\nkey: {self.pki / 'admin.key'}\n"
+        )
+        return path
+
+    def task(self, task_id: str) -> dict:
+        # Each task is pending twice, then ends: "fail-*" instances fail, the rest succeed.
+        polls = self.polls[task_id] = self.polls.get(task_id, -1) + 1
+        name, verb = task_id.split(":")
+        state = "pending" if polls < 2 else "failed" if name.startswith("fail") else "succeeded"
+        result = (
+            {"log": f"console of {name}\nline two"}
+            if verb == "console" and state == "succeeded"
+            else {}
+        )
+        error = "image checksum mismatch: expected abc, got def" if state == "failed" else None
+        return {
+            "id": task_id,
+            "node": "n-000000000001",
+            "kind": f"process.{verb}",
+            "state": state,
+            "result": result,
+            "error": error,
+            "code": "image-checksum" if error else None,
+        }
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.json() if request.can_read_body else None
+        self.requests.append((request.method, request.path, body))
+        parts = request.path.strip("/").split("/")
+        if request.path == "/v1/instances" and request.method == "POST":
+            if body["name"] == "taken":
+                return web.json_response(
+                    {"error": "an instance named taken exists; pick another name"}, status=409
+                )
+            instance = {
+                "name": body["name"],
+                "kind": body["kind"],
+                "node": "n-000000000001",
+                "state": "creating",
+            }
+            return web.json_response(
+                {"instance": instance, "task": self.task(f"{body['name']}:create")}, status=202
+            )
+        if request.path == "/v1/instances":
+            return web.json_response(
+                {
+                    "instances": [
+                        {
+                            "name": "web",
+                            "kind": "process",
+                            "node": "n-000000000001",
+                            "state": "running",
+                            "vcpus": 1,
+                            "memory_mib": 64,
+                        }
+                    ]
+                }
+            )
+        if parts[:2] == ["v1", "tasks"]:
+            return web.json_response(self.task(parts[2]))
+        if parts[:2] == ["v1", "instances"] and len(parts) == 4:
+            return web.json_response({"task": self.task(f"{parts[2]}:{parts[3]}")}, status=202)
+        if parts[:2] == ["v1", "instances"] and request.method == "DELETE":
+            return web.json_response({"task": self.task(f"{parts[2]}:delete")}, status=202)
+        return web.json_response({"error": f"no route {request.path}"}, status=404)
+
+    def start(self) -> None:
+        context = ssl.create_default_context(
+            ssl.Purpose.CLIENT_AUTH, cafile=str(self.pki / "ca.crt")
+        )
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_cert_chain(str(self.pki / "server.crt"), str(self.pki / "server.key"))
+        app = web.Application()
+        app.router.add_route("*", "/{path:.*}", self.handle)
+        self.runner = web.AppRunner(app, access_log=None)
+        self.loop.run_until_complete(self.runner.setup())
+        site = web.TCPSite(self.runner, "127.0.0.1", self.port, ssl_context=context)
+        self.loop.run_until_complete(site.start())
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+@pytest.fixture
+def stand_in(pki):
+    server = StandIn(pki)
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_instances_create_sends_the_request_waits_and_says_where(stand_in, tmp_path):
+    (tmp_path / "user-data").write_text("#cloud-config\nhostname: web\n")
+    result = run_kumoctl(
+        "instances",
+        "create",
+        "web",
+        "--kind",
+        "process",
+        "--vcpus",
+        "1",
+        "--memory",
+        "64",
+        "--user-data",
+        str(tmp_path / "user-data"),
+        "--option",
+        'command=["sleep", "60"]',
+        "--option",
+        "cwd=/tmp",
+        config=stand_in.config(tmp_path),
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "instance web (process, 1 vCPU, 64 MiB) is on node n-000000000001\n"
+    method, path, body = stand_in.requests[0]
+    assert (method, path) == ("POST", "/v1/instances")
+    assert body == {
+        "name": "web",
+        "kind": "process",
+        "vcpus": 1,
+        "memory_mib": 64,
+        "user_data": "#cloud-config\nhostname: web\n",
+        "options": {"command": ["sleep", "60"], "cwd": "/tmp"},
+    }
+    assert [p for m, p, _ in stand_in.requests[1:]] == ["/v1/tasks/web:create"] * 2
+
+
+def test_instances_create_no_wait_returns_at_once(stand_in, tmp_path):
+    result = run_kumoctl(
+        "instances",
+        "create",
+        "web",
+        "--kind",
+        "kvm",
+        "--vcpus",
+        "2",
+        "--memory",
+        "512",
+        "--node",
+        "n-000000000001",
+        "--no-wait",
+        config=stand_in.config(tmp_path),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "create task web:create is pending" in result.stdout
+    assert len(stand_in.requests) == 1 and stand_in.requests[0][2]["node"] == "n-000000000001"
+
+
+def test_failed_task_is_an_error_with_the_plugin_message(stand_in, tmp_path):
+    result = run_kumoctl(
+        "instances",
+        "create",
+        "fail-1",
+        "--kind",
+        "kvm",
+        "--vcpus",
+        "1",
+        "--memory",
+        "64",
+        config=stand_in.config(tmp_path),
+    )
+    assert_clean_failure(result, "creating fail-1", "image checksum mismatch", "[image-checksum]")
+
+
+def test_controller_error_sentence_reaches_stderr(stand_in, tmp_path):
+    result = run_kumoctl(
+        "instances",
+        "create",
+        "taken",
+        "--kind",
+        "kvm",
+        "--vcpus",
+        "1",
+        "--memory",
+        "64",
+        config=stand_in.config(tmp_path),
+    )
+    assert_clean_failure(result, "an instance named taken exists; pick another name (HTTP 409)")
+
+
+@pytest.mark.parametrize(
+    ("verb", "method"), [("start", "POST"), ("stop", "POST"), ("delete", "DELETE")]
+)
+def test_instance_operations_wait_for_their_task(stand_in, tmp_path, verb, method):
+    result = run_kumoctl("instances", verb, "web", config=stand_in.config(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"instance web {verb}")
+    assert stand_in.requests[0][0] == method
+
+
+def test_console_prints_the_log_from_the_task_result(stand_in, tmp_path):
+    result = run_kumoctl("instances", "console", "web", config=stand_in.config(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "console of web\nline two\n"
+
+
+def test_instances_list_table_and_json(stand_in, tmp_path):
+    config = stand_in.config(tmp_path)
+    table = run_kumoctl("instances", "list", config=config)
+    assert table.returncode == 0, table.stderr
+    header, row = table.stdout.splitlines()
+    assert header.split() == ["NAME", "KIND", "NODE", "STATE", "VCPUS", "MEMORY/MIB", "IMAGE"]
+    assert row.split() == ["web", "process", "n-000000000001", "running", "1", "64", "-"]
+    listed = run_kumoctl("instances", "list", "--output", "json", config=config)
+    assert json.loads(listed.stdout)[0]["name"] == "web"
+
+
+def test_a_client_certificate_from_another_ca_is_refused(stand_in, tmp_path, tmp_path_factory):
+    foreign = tmp_path / "foreign.key"
+    key = ec.generate_private_key(ec.SECP256R1())
+    foreign.write_bytes(_pem_key(key))
+    now = dt.datetime.utcnow()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name("admin", "mallory"))
+        .issuer_name(_name("admin", "mallory"))
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    (tmp_path / "foreign.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    config = tmp_path / "foreign.yaml"
+    config.write_text(
+        f"controller: https://127.0.0.1:{stand_in.port}\nca: {stand_in.pki / 'ca.crt'}\n"
+        f"cert: {tmp_path / 'foreign.crt'}\nkey: {foreign}\n"
+    )
+    assert_clean_failure(run_kumoctl("instances", "list", config=config), "refused the TLS session")
