@@ -528,8 +528,7 @@ class KvmPlugin:
 
     def _on_close(self, conn: Any, reason: int, opaque: Any) -> None:
         """libvirt's event thread: the connection dropped (libvirtd stopped or crashed)."""
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._disconnected, conn, reason)
+        self._to_loop(self._disconnected, conn, reason)
 
     def _disconnected(self, conn: Any, reason: int) -> None:
         if self._conn is not conn:
@@ -556,8 +555,15 @@ class KvmPlugin:
 
     def _on_lifecycle(self, conn: Any, dom: Any, event: int, detail: int, opaque: Any) -> None:
         """libvirt's event thread: hand the event to asyncio without touching plugin state here."""
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._lifecycle, dom.name(), event, detail)
+        self._to_loop(self._lifecycle, dom.name(), event, detail)
+
+    def _to_loop(self, callback: Any, *args: Any) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        # The agent's loop may already be closed when a late libvirt event arrives.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(callback, *args)
 
     def _lifecycle(self, name: str, event: int, detail: int) -> None:
         inst = self._instances.get(name)

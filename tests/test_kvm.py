@@ -394,3 +394,16 @@ async def test_image_from_https_is_verified_and_cached(
     payload = _payload(kvm_bed, kvm_guest, good, hold=True, image=url)
     assert (await _task(plugin, "kvm.create", **payload))["state"] == "running"
     assert [p.name for p in (kvm_bed.root / "images").iterdir()] == [f"{kvm_guest.disk_sha256}.img"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("extra", "code"), [({"memory_mib": 1 << 30}, "insufficient-memory"), ({"vcpus": 4096}, "insufficient-cpu")]
+)
+async def test_resources_are_checked(kvm_bed: KvmTestBed, kvm_guest: Guest, extra: dict[str, int], code: str) -> None:
+    plugin = await kvm_bed.plugin()
+    name = kvm_bed.name("big")
+    with pytest.raises(TaskError) as err:
+        await _task(plugin, "kvm.create", **_payload(kvm_bed, kvm_guest, name, **extra))
+    assert err.value.code == code and "this node" in str(err.value)
+    assert _leftovers(kvm_bed, name) == []
