@@ -258,13 +258,14 @@ class Runtime:
         self._slots = asyncio.Semaphore(settings.tasks.concurrency)
         self._expired_logged = False
         self._plugins_started = False
+        self._signal_name = "SIGTERM"
 
     # -- lifecycle ---------------------------------------------------------------------
 
     async def run(self) -> int:
         self._loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            self._loop.add_signal_handler(sig, self._stop.set)
+            self._loop.add_signal_handler(sig, self._signalled, sig)
         try:
             await self._prepare()
         except (NotJoined, JoinError, ConfigError, PluginLoadError, OSError, ValueError) as exc:
@@ -283,7 +284,7 @@ class Runtime:
         code = EXIT_OK
         for task in done:
             if task is stopper:
-                log.info("stopping: SIGTERM received")
+                log.info("stopping: %s received", self._signal_name)
                 continue
             exc = task.exception()
             if isinstance(exc, NodeRejected):
@@ -303,6 +304,10 @@ class Runtime:
             await self.metrics_server.stop()
         log.info("stopped (exit %d); workloads were left running", code)
         return code
+
+    def _signalled(self, sig: signal.Signals) -> None:
+        self._signal_name = sig.name
+        self._stop.set()
 
     async def _prepare(self) -> None:
         await asyncio.to_thread(recover_renewal, self.state_dir)
