@@ -69,14 +69,12 @@ def floor_rss() -> float:
         proc.wait()
 
 
-def admin_post(ctl_dir: Path, path: str, body: dict) -> dict:
-    conf = yaml.safe_load((ctl_dir / "kumoctl.yaml").read_text())
-    url = conf["controller"].removeprefix("https://")
-    host, port = url.rsplit(":", 1)
-    ca, cert, key = (ctl_dir / conf[name] for name in ("ca", "cert", "key"))  # absolute paths stay as they are
-    ctx = ssl.create_default_context(cafile=str(ca))
-    ctx.load_cert_chain(cert, key)
-    conn = http.client.HTTPSConnection(host, int(port), context=ctx, timeout=30)
+def admin_post(ctl_dir: Path, port: int, path: str, body: dict) -> dict:
+    """One admin request with the certificate ``kumo-controller init`` wrote into DIR/pki."""
+    pki = ctl_dir / "pki"
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+    ctx.load_cert_chain(pki / "admin.crt", pki / "admin.key")
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=30)
     conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
     response = conn.getresponse()
     data = json.loads(response.read())
@@ -107,7 +105,7 @@ def agent_rss(work: Path) -> float:
     agent = None
     try:
         wait_for(lambda: _port_open(port), "the controller to listen")
-        join = admin_post(ctl_dir, "/v1/tokens", {"ttl_seconds": 600, "uses": 1})["join"]
+        join = admin_post(ctl_dir, port, "/v1/tokens", {"ttl_seconds": 600, "uses": 1})["join"]
         state = work / "agent-state"
         subprocess.run(  # noqa: S603
             [*script("kumo-agent"), "join", "--controller", f"https://127.0.0.1:{port}", "--token", join, "--state-dir", str(state)],
