@@ -1,0 +1,341 @@
+"""The lxc plugin against real liblxc: busybox and tarball containers, limits, networking,
+cloud-init seeds, kill -9 of init, adoption after a restart, unprivileged containers and
+every kind of bad input. Unit tests of the payload parser come first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import signal
+import tarfile
+from pathlib import Path
+
+import psutil
+import pytest
+
+from agent.config import ConfigError
+from agent.plugin import TaskError
+from plugins.lxc import LxcConfig, LxcPlugin, cgroup_layout, parse_create, parse_lxc_ls
+from tests.harness.lxc import LxcNode, bridge_ports, container_cgroups, monitor_pids, run
+
+# ---- units -----------------------------------------------------------------------------
+
+
+def test_payload_defaults_to_the_busybox_template_without_limits():
+    spec = parse_create({"name": "c1"}, LxcConfig())
+    assert (spec.template, spec.image, spec.vcpus, spec.memory_mib) == ("busybox", None, None, None)
+    assert spec.network.mode == "empty"
+
+
+@pytest.mark.parametrize(
+    "payload, message",
+    [
+        ({"template": "busybox", "image": "/x.tar"}, "either template or image"),
+        ({"image": "/x.tar", "image_sha256": "abc"}, "64 hexadecimal"),
+        ({"vcpus": 0}, "vcpus must be a positive integer"),
+        ({"memory_mib": 4}, "memory_mib must be an integer of at least"),
+        ({"network": {"mode": "veth", "bridge": "br0", "address": "10.0.0.5"}}, "needs a prefix length"),
+        ({"network": {"mode": "veth", "bridge": "br0", "address": "10.0.0.5/24", "dhcp": True}}, "exclude each other"),
+        ({"network": {"mode": "empty", "address": "10.0.0.5/24"}}, "need mode 'veth'"),
+        ({"network": {"mode": "veth"}}, "network.bridge must name a host bridge"),
+        ({"network": {"mode": "veth", "bridge": "br0", "mtu": 9000}}, "network.mtu: unknown key"),
+        ({"hostname": "bad host"}, "hostname must be a DNS name"),
+        ({"kind": "kvm"}, "kind must be 'lxc'"),
+    ],
+)
+def test_bad_payload_fields_are_named(payload, message):
+    with pytest.raises(TaskError, match=message):
+        parse_create({"name": "c1", **payload}, LxcConfig())
+
+
+def test_lxc_ls_output_is_parsed():
+    out = "NAME  STATE   PID   \nweb   RUNNING 4242  \nidle  STOPPED -     \n"
+    assert parse_lxc_ls(out) == {"web": ("RUNNING", 4242), "idle": ("STOPPED", None)}
+
+
+def test_config_rejects_veth_without_a_bridge_and_unknown_keys():
+    with pytest.raises(ConfigError, match="plugins.lxc.network: mode 'veth' needs"):
+        LxcPlugin().kumo_configure({"network": {"mode": "veth"}}, "plugins.lxc")
+    with pytest.raises(ConfigError, match="plugins.lxc.lxc_path: unknown key"):
+        LxcPlugin().kumo_configure({"lxc_path": "/x"}, "plugins.lxc")
+
+
+# ---- real containers -----------------------------------------------------------------
+
+integration = pytest.mark.integration
+
+
+def limit_key(controller: str) -> str:
+    """The key lxc-cgroup reads a limit under on this host's cgroup layout."""
+    v2 = cgroup_layout()[controller] == "v2"
+    return {"memory": "memory.max" if v2 else "memory.limit_in_bytes",
+            "cpu": "cpu.max" if v2 else "cpu.cfs_quota_us"}[controller]
+
+
+@integration
+async def test_busybox_container_with_limits_and_a_static_address_on_a_bridge(lxc_node, lxc_bridge):
+    node = await lxc_node()
+    address = lxc_bridge.address(12)
+    result = await node.task("lxc.create", {
+        "name": "web-1", "kind": "lxc", "vcpus": 1, "memory_mib": 96,
+        "network": {"mode": "veth", "bridge": lxc_bridge.name, "address": f"{address}/24",
+                    "gateway": lxc_bridge.gateway},
+    })
+    assert result["state"] == "running" and result["pid"] > 0
+    state = node.state("web-1")
+    assert state.state == "running"
+    assert state.details["lxcpath"] == str(node.lxcpath) and state.details["pid"] == result["pid"]
+
+    inside = node.attach("web-1", "/bin/sh", "-c", "echo IN-CONTAINER; ip -4 addr show eth0; ip route")
+    assert inside.returncode == 0, inside.stderr
+    assert "IN-CONTAINER" in inside.stdout and f"inet {address}/24" in inside.stdout
+    assert f"default via {lxc_bridge.gateway}" in inside.stdout
+    ping = run("busybox", "ping", "-c", "1", "-W", "2", address)
+    assert ping.returncode == 0, ping.stdout
+
+    cgroup = ["lxc-cgroup", "-P", str(node.lxcpath), "-n", "web-1"]
+    memory = run(*cgroup, limit_key("memory")).stdout.strip()
+    assert memory == str(96 * 1024 * 1024)
+    assert run(*cgroup, limit_key("cpu")).stdout.strip().split()[0] == "100000"
+
+    console = await node.task("lxc.console", {"name": "web-1"})
+    assert "kumo: container web-1 booted" in console["log"]
+
+
+@integration
+async def test_cloud_init_seed_lands_in_the_root_filesystem(lxc_node):
+    node = await lxc_node()
+    user_data = "#cloud-config\nruncmd:\n  - [touch, /tmp/seeded]\n"
+    await node.task("lxc.create", {"name": "seeded", "user_data": user_data, "instance_id": "i-42",
+                                   "hostname": "seeded.example"})
+    seed = node.lxcpath / "seeded/rootfs/var/lib/cloud/seed/nocloud"
+    assert (seed / "user-data").read_text() == user_data
+    assert "instance-id: i-42" in (seed / "meta-data").read_text()
+    inside = node.attach("seeded", "/bin/sh", "-c", "cat /var/lib/cloud/seed/nocloud/user-data; hostname")
+    assert user_data in inside.stdout and "seeded.example" in inside.stdout
+
+
+@integration
+async def test_invalid_user_data_fails_the_create_and_leaves_nothing(lxc_node):
+    node = await lxc_node()
+    with pytest.raises(TaskError, match="user_data"):
+        await node.task("lxc.create", {"name": "badseed", "user_data": "#cloud-config\nruncmd: [unclosed\n"})
+    assert node.state("badseed") is None and list(node.lxcpath.iterdir()) == []
+
+
+@integration
+async def test_kill_9_of_init_reports_stopped_and_liblxc_cleans_up(lxc_node, lxc_bridge):
+    node = await lxc_node()
+    await node.task("lxc.create", {"name": "victim", "network": {
+        "mode": "veth", "bridge": lxc_bridge.name, "address": f"{lxc_bridge.address(13)}/24"}})
+    pid = node.state("victim").details["pid"]
+    assert bridge_ports(lxc_bridge.name) and container_cgroups("victim") and monitor_pids(node.lxcpath, "victim")
+    changes = node.changes
+
+    os.kill(pid, signal.SIGKILL)
+    await node.wait_for(lambda: node.state("victim").state == "stopped", "the container reported stopped")
+    assert "pid" not in node.state("victim").details
+    assert node.changes > changes, "the runtime was not told about the stop"
+    await node.wait_for(lambda: not bridge_ports(lxc_bridge.name), "the veth to leave the bridge")
+    await node.wait_for(lambda: not container_cgroups("victim"), "the container's cgroups to go")
+    await node.wait_for(lambda: not monitor_pids(node.lxcpath, "victim"), "the lxc monitor to exit")
+
+    started = await node.task("lxc.start", {"name": "victim"})
+    assert started["state"] == "running" and started["pid"] != pid
+
+
+@integration
+async def test_a_restarted_plugin_adopts_running_containers_without_restarting_them(lxc_node):
+    node = await lxc_node()
+    await node.task("lxc.create", {"name": "keeper", "memory_mib": 64})
+    await node.task("lxc.create", {"name": "resting"})
+    await node.task("lxc.stop", {"name": "resting", "timeout": 10})
+    pid = node.state("keeper").details["pid"]
+
+    adopted = {s.name: s for s in await node.restart()}
+    assert adopted["keeper"].state == "running" and adopted["keeper"].details["pid"] == pid
+    assert adopted["resting"].state == "stopped"
+    assert psutil.Process(pid).is_running()
+    # The new plugin instance watches the adopted init as closely as its own.
+    os.kill(pid, signal.SIGKILL)
+    await node.wait_for(lambda: node.state("keeper").state == "stopped", "the adopted container to stop")
+
+
+@integration
+async def test_stop_is_graceful_and_delete_removes_everything(lxc_node):
+    node = await lxc_node()
+    await node.task("lxc.create", {"name": "short"})
+    stopped = await node.task("lxc.stop", {"name": "short", "timeout": 20})
+    assert stopped == {"name": "short", "state": "stopped", "forced": False}
+    deleted = await node.task("lxc.delete", {"name": "short"})
+    assert deleted["deleted"] and node.state("short") is None
+    assert not (node.lxcpath / "short").exists()
+    with pytest.raises(TaskError, match="no Kumo container named 'short'") as err:
+        await node.task("lxc.start", {"name": "short"})
+    assert err.value.code == "not-found"
+
+
+@integration
+async def test_stop_kills_a_container_whose_init_ignores_the_halt_signal(lxc_node):
+    node = await lxc_node()
+    await node.task("lxc.create", {"name": "stubborn"})
+    # Busybox init halts on SIGUSR1 (lxc.signal.halt); point liblxc at a signal init ignores.
+    config = node.lxcpath / "stubborn/config"
+    config.write_text(config.read_text() + "lxc.signal.halt = SIGURG\n")
+    stopped = await node.task("lxc.stop", {"name": "stubborn", "timeout": 1})
+    assert stopped == {"name": "stubborn", "state": "stopped", "forced": True}
+
+
+def rootfs_tarball(path: Path) -> str:
+    """A minimal busybox root filesystem as a tarball; returns its sha256."""
+    busybox = shutil.which("busybox")
+    assert busybox is not None
+    rcs = b"#!/bin/sh\nexec >>/var/log/console.log 2>&1\necho tarball-rootfs-up\n"
+    with tarfile.open(path, "w:gz") as tar:
+        for directory in ("bin", "sbin", "etc", "etc/init.d", "proc", "sys", "dev", "tmp", "var", "var/log", "root"):
+            info = tarfile.TarInfo(directory)
+            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            tar.addfile(info)
+        tar.add(busybox, "bin/busybox")
+        for link, target in (("bin/sh", "busybox"), ("sbin/init", "../bin/busybox"), ("bin/ip", "busybox"),
+                             ("bin/cat", "busybox"), ("bin/id", "busybox")):
+            info = tarfile.TarInfo(link)
+            info.type, info.linkname = tarfile.SYMTYPE, target
+            tar.addfile(info)
+        for name, data, mode in (("etc/inittab", b"::sysinit:/etc/init.d/rcS\n", 0o644),
+                                 ("etc/init.d/rcS", rcs, 0o755)):
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), mode
+            tar.addfile(info, io.BytesIO(data))
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@integration
+async def test_container_from_a_rootfs_tarball_verified_by_sha256(lxc_node, tmp_path):
+    node = await lxc_node()
+    image = tmp_path / "rootfs.tar.gz"
+    sha = rootfs_tarball(image)
+    result = await node.task("lxc.create", {"name": "fromtar", "image": str(image), "image_sha256": sha,
+                                            "user_data": "#cloud-config\n{}\n"})
+    assert result["state"] == "running"
+    assert (node.lxcpath / "fromtar/rootfs/var/lib/cloud/seed/nocloud/meta-data").is_file()
+    log = node.lxcpath / "fromtar/rootfs/var/log/console.log"
+    await node.wait_for(lambda: log.exists() and "tarball-rootfs-up" in log.read_text(), "the tarball's init to run")
+    assert node.state("fromtar").details["source"] == f"image:{sha}"
+
+
+@integration
+async def test_unprivileged_container_runs_in_a_user_namespace(lxc_node):
+    node = await lxc_node({"unprivileged": True, "idmap_start": 1_300_000})
+    await node.task("lxc.create", {"name": "userns", "user_data": "#cloud-config\n{}\n", "memory_mib": 64})
+    inside = node.attach("userns", "/bin/cat", "/proc/self/uid_map")
+    assert inside.returncode == 0, inside.stderr
+    assert inside.stdout.split() == ["0", "1300000", "65536"]
+    rootfs = node.lxcpath / "userns/rootfs"
+    assert (rootfs / "bin").stat().st_uid == 1_300_000
+    assert (rootfs / "var/lib/cloud/seed/nocloud/user-data").stat().st_uid == 1_300_000
+    assert (rootfs / "etc/init.d/rcS").stat().st_uid == 1_300_000
+    assert node.state("userns").details["unprivileged"] is True
+    # Init is host uid 1300000, not root: a container escape lands as an unprivileged user.
+    init = psutil.Process(node.state("userns").details["pid"])
+    assert init.uids().real == 1_300_000
+
+
+@integration
+async def test_unprivileged_needs_a_searchable_lxcpath(lxc_node, tmp_path):
+    hidden = tmp_path / "private"
+    hidden.mkdir(mode=0o700)
+    node = await lxc_node({"unprivileged": True, "lxcpath": str(hidden / "lxc")})
+    fingerprint = node.plugin.kumo_fingerprint()
+    assert not fingerprint.available and "chmod o+x" in fingerprint.reason and str(hidden) in fingerprint.reason
+
+
+# ---- bad input, one test each ----------------------------------------------------------
+
+
+@integration
+async def test_unknown_template(lxc_node):
+    node = await lxc_node()
+    with pytest.raises(TaskError, match="unknown template 'ubuntu-nope': this node allows busybox") as err:
+        await node.task("lxc.create", {"name": "tpl", "template": "ubuntu-nope"})
+    assert err.value.code == "unknown-template"
+    assert node.state("tpl") is None and list(node.lxcpath.iterdir()) == []
+
+
+@integration
+async def test_image_checksum_mismatch(lxc_node, tmp_path):
+    node = await lxc_node()
+    image = tmp_path / "rootfs.tar.gz"
+    sha = rootfs_tarball(image)
+    wrong = hashlib.sha256(b"something else").hexdigest()
+    with pytest.raises(TaskError, match=f"has SHA-256 {sha}, not the expected {wrong}") as err:
+        await node.task("lxc.create", {"name": "tampered", "image": str(image), "image_sha256": wrong})
+    assert err.value.code == "image-checksum"
+    assert node.state("tampered") is None and list(node.lxcpath.iterdir()) == []
+
+
+@integration
+async def test_name_already_in_use(lxc_node):
+    node = await lxc_node()
+    first = await node.task("lxc.create", {"name": "twin"})
+    with pytest.raises(TaskError, match="a container named 'twin' already exists") as err:
+        await node.task("lxc.create", {"name": "twin", "memory_mib": 64})
+    assert err.value.code == "exists"
+    assert node.state("twin").state == "running" and node.state("twin").details["pid"] == first["pid"]
+
+
+@integration
+async def test_bridge_that_does_not_exist(lxc_node):
+    node = await lxc_node()
+    with pytest.raises(TaskError, match="bridge 'brnope0' does not exist on this node") as err:
+        await node.task("lxc.create", {"name": "lost", "network": {"mode": "veth", "bridge": "brnope0"}})
+    assert err.value.code == "no-bridge"
+    assert node.state("lost") is None and list(node.lxcpath.iterdir()) == []
+
+
+@integration
+async def test_limits_the_host_cannot_give(lxc_node):
+    node = await lxc_node()
+    cpus = psutil.cpu_count(logical=True)
+    with pytest.raises(TaskError, match=f"more than the {cpus} CPUs of this node") as err:
+        await node.task("lxc.create", {"name": "greedy", "vcpus": cpus + 1})
+    assert err.value.code == "insufficient-cpu"
+    too_much = psutil.virtual_memory().total // (1024 * 1024) * 2
+    with pytest.raises(TaskError, match=f"memory_mib {too_much} is more than the") as err:
+        await node.task("lxc.create", {"name": "greedy", "memory_mib": too_much})
+    assert err.value.code == "insufficient-memory"
+    assert node.state("greedy") is None and list(node.lxcpath.iterdir()) == []
+
+
+@integration
+async def test_plugin_created_bridge_carries_containers(lxc_node):
+    import secrets
+
+    name, subnet = f"brk{secrets.token_hex(4)}", f"10.233.{secrets.randbelow(250) + 2}"
+    try:
+        node = await lxc_node({"bridge": {"name": name, "address": f"{subnet}.1/24"},
+                               "network": {"mode": "veth", "bridge": name}})
+        assert node.plugin.kumo_fingerprint().attributes["bridge"] == name
+        await node.task("lxc.create", {"name": "onbr", "network": {"address": f"{subnet}.20/24"}})
+        assert run("busybox", "ping", "-c", "1", "-W", "2", f"{subnet}.20").returncode == 0
+    finally:
+        run("ip", "link", "del", name)
+
+
+@integration
+async def test_lxc_missing_leaves_the_plugin_loaded_but_unavailable(tmp_path, monkeypatch):
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    node = LxcNode(tmp_path / "node", tmp_path / "lxc")
+    await node.start()
+    fingerprint = node.plugin.kumo_fingerprint()
+    assert not fingerprint.available and fingerprint.kinds == ("lxc",)
+    assert "liblxc's tools are not installed" in fingerprint.reason and "apt install lxc" in fingerprint.reason
+    with pytest.raises(TaskError, match="the lxc plugin is unavailable on this node") as err:
+        await node.task("lxc.create", {"name": "nolxc"})
+    assert err.value.code == "unavailable"
+    await node.stop()
