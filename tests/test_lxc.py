@@ -10,6 +10,7 @@ import io
 import os
 import shutil
 import signal
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -242,6 +243,8 @@ async def test_unprivileged_container_runs_in_a_user_namespace(lxc_node):
     # Init is host uid 1300000, not root: a container escape lands as an unprivileged user.
     init = psutil.Process(node.state("userns").details["pid"])
     assert init.uids().real == 1_300_000
+    await node.task("lxc.delete", {"name": "userns"})
+    assert not (node.lxcpath / "userns").exists()
 
 
 @integration
@@ -369,3 +372,28 @@ async def test_the_checkpoint_plugin_dumps_and_restores_a_container_this_plugin_
         assert f"inet {address}/24" in inside.stdout, inside.stdout + inside.stderr
     finally:
         await checkpoint.kumo_shutdown()
+
+
+@integration
+async def test_dhcp_address_from_a_server_on_the_bridge(lxc_node, lxc_bridge, tmp_path):
+    conf = tmp_path / "udhcpd.conf"
+    conf.write_text(
+        f"start {lxc_bridge.address(100)}\nend {lxc_bridge.address(110)}\ninterface {lxc_bridge.name}\n"
+        f"lease_file {tmp_path / 'leases'}\noption subnet 255.255.255.0\noption router {lxc_bridge.gateway}\n"
+    )
+    (tmp_path / "leases").touch()
+    server = subprocess.Popen(["busybox", "udhcpd", "-f", str(conf)],  # noqa: S603
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        node = await lxc_node()
+        await node.task("lxc.create", {"name": "leased", "network": {
+            "mode": "veth", "bridge": lxc_bridge.name, "dhcp": True}})
+
+        def leased() -> bool:
+            out = node.attach("leased", "/bin/ip", "-4", "addr", "show", "eth0").stdout
+            return any(f"inet {lxc_bridge.address(host)}/24" in out for host in range(100, 111))
+
+        await node.wait_for(leased, "a DHCP lease inside the container", limit=30)
+    finally:
+        server.kill()
+        server.wait()
