@@ -1,0 +1,91 @@
+"""The controller's HTTP API, one module per area. Each module lists its routes in ``ROUTES``;
+the app and the OpenAPI document are both built from those lists, so they cannot disagree."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Literal
+
+from aiohttp import web
+
+Role = Literal["admin", "node", "scraper", "enroll", "any"]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    """One endpoint: who may call it (``node`` means the node named in the path) and what it does."""
+
+    method: str
+    path: str
+    handler: Handler
+    role: Role
+    summary: str
+    body: Mapping[str, str] | None = None  # request fields -> description, for the OpenAPI document
+
+
+class ApiError(Exception):
+    """An answer other than success: status, a sentence naming the problem and what to do."""
+
+    def __init__(self, status: int, message: str, **extra: Any):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.extra = extra
+
+
+def state(request: web.Request) -> Any:
+    return request.app["kumo"]
+
+
+def reply(data: Any, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status, dumps=lambda d: json.dumps(d, separators=(",", ":")))
+
+
+async def json_body(request: web.Request) -> dict[str, Any]:
+    """The request's JSON object; 400 naming the problem when it is not one."""
+    if not request.body_exists:
+        return {}
+    raw = await request.read()  # over client_max_size: aiohttp raises 413, turned into JSON
+    try:
+        data = json.loads(raw or b"{}")
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, f"request body must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def field(data: Mapping[str, Any], name: str, kind: type | tuple[type, ...], required: bool = True, default: Any = None) -> Any:
+    """``data[name]`` checked against ``kind``; 400 naming the field otherwise."""
+    if name not in data or data[name] is None:
+        if required:
+            raise ApiError(400, f"field {name!r} is required")
+        return default
+    value = data[name]
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise ApiError(400, f"field {name!r} must be {_names(kind)}, got {value!r}")
+    if not isinstance(value, kind):
+        raise ApiError(400, f"field {name!r} must be {_names(kind)}, got {type(value).__name__}")
+    return value
+
+
+def reject_unknown(data: Mapping[str, Any], allowed: set[str]) -> None:
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ApiError(400, f"unknown field {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})")
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _names(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    words = {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "an object", list: "a list"}
+    return " or ".join(words.get(k, k.__name__) for k in kinds)

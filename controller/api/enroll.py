@@ -1,0 +1,93 @@
+"""Joining: admins make join tokens; a new node trades one for its certificate.
+
+Only the token's SHA-256 is stored, so a copy of the database cannot enroll anything. The
+join string also carries the hash of the CA's public key, which the node checks before it
+sends the token (see ``agent/enroll.py``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import secrets
+import time
+
+from aiohttp import web
+
+from controller import pki
+from controller.api import ApiError, Route, field, iso, json_body, reject_unknown, reply, state
+from controller.settings import split_address
+
+JOIN_PREFIX = "kumo1"
+MAX_TOKEN_TTL = 30 * 86400
+MAX_TOKEN_USES = 1000
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+async def create_token(request: web.Request) -> web.Response:
+    ctl = state(request)
+    data = await json_body(request)
+    reject_unknown(data, {"ttl_seconds", "uses"})
+    ttl = field(data, "ttl_seconds", int, required=False, default=3600)
+    uses = field(data, "uses", int, required=False, default=1)
+    if not 60 <= ttl <= MAX_TOKEN_TTL:
+        raise ApiError(400, f"ttl_seconds must be from 60 to {MAX_TOKEN_TTL} (30 days), got {ttl}")
+    if not 1 <= uses <= MAX_TOKEN_USES:
+        raise ApiError(400, f"uses must be from 1 to {MAX_TOKEN_USES}, got {uses}")
+    token = secrets.token_urlsafe(24)
+    expires_at = time.time() + ttl
+    await ctl.store.add_token(token_hash(token), expires_at, uses)
+    _, enroll_port = split_address(ctl.settings.enroll_listen, "enroll_listen")
+    join = f"{JOIN_PREFIX}:{enroll_port}:{token}:{pki.spki_sha256(ctl.ca.cert)}"
+    return reply({"join": join, "expires_at": iso(expires_at), "uses": uses}, 201)
+
+
+async def enroll_node(request: web.Request) -> web.Response:
+    ctl = state(request)
+    data = await json_body(request)
+    reject_unknown(data, {"token", "csr", "hostname"})
+    token = field(data, "token", str)
+    csr = field(data, "csr", str)
+    hostname = field(data, "hostname", str)
+    if not 0 < len(hostname) <= 253:
+        raise ApiError(400, "hostname must be 1 to 253 characters")
+    try:
+        public_key = pki.public_key_from_csr(csr)
+    except pki.CSRError as exc:
+        # Checked before the token is spent: a bad CSR does not cost the node its token.
+        ctl.metrics.enrollments.labels("bad-csr").inc()
+        raise ApiError(400, str(exc)) from None
+    node_id = "n-" + secrets.token_hex(6)
+    lifetime = datetime.timedelta(seconds=ctl.settings.node_cert_ttl)
+    cert = ctl.ca.issue(public_key, "node", node_id, lifetime, dns_names=(node_id,), server=True)
+    serial = format(cert.serial_number, "x")
+    outcome = await ctl.store.enroll(token_hash(token), node_id, hostname, serial, time.time() + ctl.settings.node_cert_ttl)
+    ctl.metrics.enrollments.labels(outcome).inc()
+    if outcome != "ok":
+        why = {
+            "unknown": "is not known to this controller",
+            "expired": "has expired",
+            "used": "was already used as many times as it allows",
+        }[outcome]
+        raise ApiError(401, f"the join token {why}; make a new one with `kumoctl token create`")
+    ctl.serials[node_id] = {serial}
+    return reply(
+        {
+            "node_id": node_id,
+            "certificate": pki.pem(cert),
+            "ca": pki.pem(ctl.ca.cert),
+            "cert_ttl_seconds": ctl.settings.node_cert_ttl,
+        },
+        201,
+    )
+
+
+ROUTES = [
+    Route("POST", "/v1/tokens", create_token, "admin", "Create a join token and its join string.",
+          {"ttl_seconds": "integer, 60..2592000 (default 3600)", "uses": "integer, 1..1000 (default 1)"}),
+    Route("POST", "/v1/enroll", enroll_node, "enroll", "Trade a join token and a CSR for a node certificate.",
+          {"token": "the token part of the join string", "csr": "PEM CSR, ECDSA P-256", "hostname": "string"}),
+]

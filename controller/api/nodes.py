@@ -1,0 +1,208 @@
+"""Nodes: what agents call about themselves, and what admins see and do to nodes.
+
+A node's calls carry its certificate; the guard in ``controller/app.py`` has already checked
+that it names the node in the path and has not been revoked.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from typing import Any
+
+from aiohttp import web
+
+from controller import pki
+from controller.api import (
+    ApiError,
+    Route,
+    field,
+    iso,
+    json_body,
+    logging_settings,
+    reject_unknown,
+    reply,
+    state,
+)
+
+MAX_POLL_WAIT = 60.0
+CLAIM_LIMIT = 32
+INSTANCE_STATES = {"creating", "running", "stopped", "paused", "failed", "unknown"}
+
+
+def _instances(data: dict[str, Any]) -> list[dict[str, Any]]:
+    instances = field(data, "instances", list, required=False, default=[])
+    for item in instances:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or item.get("state") not in INSTANCE_STATES:
+            raise ApiError(400, f"instances: each item needs a name and a state from {sorted(INSTANCE_STATES)}, got {item!r:.200}")
+    return instances
+
+
+async def register(request: web.Request) -> web.Response:
+    ctl = state(request)
+    node_id = request.match_info["id"]
+    data = await json_body(request)
+    reject_unknown(data, {"hostname", "agent_version", "facts", "plugins", "metrics_url", "instances"})
+    fields = {
+        "hostname": field(data, "hostname", str),
+        "agent_version": field(data, "agent_version", str, required=False, default=""),
+        "facts": field(data, "facts", dict, required=False, default={}),
+        "plugins": field(data, "plugins", dict, required=False, default={}),
+        "metrics_url": field(data, "metrics_url", str, required=False),
+        "instances": _instances(data),
+        "last_seen": time.time(),
+    }
+    await ctl.store.register_node(node_id, fields)
+    ctl.live.pop(node_id, None)
+    ctl.touch(node_id, fields["instances"], fields["plugins"])
+    # A fresh agent process has no memory of tasks delivered to the one before it.
+    if await ctl.store.requeue_delivered(node_id):
+        ctl.wake(node_id)
+    await logging_settings.push(ctl, [node_id])
+    return reply({"heartbeat_interval": ctl.settings.heartbeat_interval, "poll_timeout": ctl.settings.poll_timeout})
+
+
+async def heartbeat(request: web.Request) -> web.Response:
+    ctl = state(request)
+    data = await json_body(request)
+    reject_unknown(data, {"instances", "plugins"})
+    ctl.touch(request.match_info["id"], _instances(data), field(data, "plugins", dict, required=False))
+    return reply({"ok": True})
+
+
+async def poll_tasks(request: web.Request) -> web.Response:
+    ctl = state(request)
+    node_id = request.match_info["id"]
+    try:
+        wait = min(float(request.query.get("wait", "0")), MAX_POLL_WAIT)
+    except ValueError:
+        raise ApiError(400, f"wait must be a number of seconds, got {request.query['wait']!r}") from None
+    deadline = time.monotonic() + max(wait, 0.0)
+    claimed: list[dict[str, Any]] = []
+    while True:
+        # An agent that went away while waiting must not take tasks with it: they would be
+        # "delivered" to nobody until it registers again.
+        if request.transport is None or request.transport.is_closing():
+            break
+        claimed = await ctl.store.claim_tasks(node_id, CLAIM_LIMIT)
+        left = deadline - time.monotonic()
+        if claimed or left <= 0 or node_id not in ctl.serials:
+            break
+        await ctl.wait_for_tasks(node_id, left)
+    ctl.touch(node_id)
+    return reply({"tasks": [
+        {"id": t["id"], "kind": t["kind"], "payload": t["payload"], "idempotency_key": t["idempotency_key"],
+         "created_at": iso(t["created_at"])}
+        for t in claimed
+    ]})
+
+
+async def task_result(request: web.Request) -> web.Response:
+    ctl = state(request)
+    node_id, task_id = request.match_info["id"], request.match_info["task_id"]
+    data = await json_body(request)
+    reject_unknown(data, {"state", "result", "error", "code"})
+    outcome = {
+        "state": field(data, "state", str),
+        "result": field(data, "result", dict, required=False, default={}),
+        "error": field(data, "error", str, required=False),
+        "code": field(data, "code", str, required=False),
+    }
+    if outcome["state"] not in ("succeeded", "failed"):
+        raise ApiError(400, f"state must be succeeded or failed, got {outcome['state']!r}")
+    task = await ctl.store.finish_task(task_id, node_id, outcome)
+    if task is None:
+        raise ApiError(404, f"task {task_id} is not a task of node {node_id}")
+    ctl.task_finished(task)
+    return reply({"ok": True})
+
+
+async def renew(request: web.Request) -> web.Response:
+    ctl = state(request)
+    node_id = request.match_info["id"]
+    data = await json_body(request)
+    reject_unknown(data, {"csr"})
+    try:
+        public_key = pki.public_key_from_csr(field(data, "csr", str))
+    except pki.CSRError as exc:
+        raise ApiError(400, str(exc)) from None
+    lifetime = datetime.timedelta(seconds=ctl.settings.node_cert_ttl)
+    cert = ctl.ca.issue(public_key, "node", node_id, lifetime, dns_names=(node_id,), server=True)
+    serial = format(cert.serial_number, "x")
+    await ctl.store.add_certificate(node_id, serial, time.time() + ctl.settings.node_cert_ttl)
+    ctl.serials.setdefault(node_id, set()).add(serial)
+    return reply({"certificate": pki.pem(cert)})
+
+
+# Admin side.
+
+
+def shown(ctl: Any, row: dict[str, Any]) -> dict[str, Any]:
+    view = ctl.node_view(row)
+    view["last_seen"] = iso(view["last_seen"])
+    return view
+
+
+async def _node_row(ctl: Any, node_id: str) -> dict[str, Any]:
+    row = await ctl.store.get_node(node_id)
+    if row is None:
+        raise ApiError(404, f"no node {node_id!r}: see `kumoctl nodes list`")
+    return row
+
+
+async def list_nodes(request: web.Request) -> web.Response:
+    ctl = state(request)
+    return reply({"nodes": [shown(ctl, row) for row in await ctl.store.list_nodes()]})
+
+
+async def show_node(request: web.Request) -> web.Response:
+    ctl = state(request)
+    return reply(shown(ctl, await _node_row(ctl, request.match_info["id"])))
+
+
+async def _set_drained(request: web.Request, drained: bool) -> web.Response:
+    ctl = state(request)
+    node_id = request.match_info["id"]
+    row = await _node_row(ctl, node_id)
+    if row["removed"]:
+        raise ApiError(409, f"node {node_id} was removed")
+    await ctl.store.set_drained(node_id, drained)
+    row["drained"] = drained
+    return reply(shown(ctl, row))
+
+
+async def drain(request: web.Request) -> web.Response:
+    return await _set_drained(request, True)
+
+
+async def undrain(request: web.Request) -> web.Response:
+    return await _set_drained(request, False)
+
+
+async def remove(request: web.Request) -> web.Response:
+    ctl = state(request)
+    node_id = request.match_info["id"]
+    await _node_row(ctl, node_id)
+    await ctl.store.remove_node(node_id)
+    ctl.forget(node_id)
+    return reply({"ok": True, "id": node_id})
+
+
+NODE = "/v1/nodes/{id}"
+ROUTES = [
+    Route("POST", NODE + "/register", register, "node", "An agent (re)starts: its facts, plugins and instances.",
+          {"hostname": "string", "agent_version": "string", "facts": "object", "plugins": "object: name -> fingerprint",
+           "metrics_url": "string or null", "instances": "list of instance states"}),
+    Route("POST", NODE + "/heartbeat", heartbeat, "node", "An agent is alive; its instances' states.",
+          {"instances": "list of instance states", "plugins": "object, only when fingerprints changed"}),
+    Route("GET", NODE + "/tasks", poll_tasks, "node", "Long-poll for tasks (?wait=seconds, at most 60)."),
+    Route("POST", NODE + "/tasks/{task_id}/result", task_result, "node", "Report how a task ended.",
+          {"state": "succeeded or failed", "result": "object", "error": "string or null", "code": "string or null"}),
+    Route("POST", NODE + "/renew", renew, "node", "Trade a CSR for a fresh certificate of the same node.",
+          {"csr": "PEM CSR, ECDSA P-256"}),
+    Route("GET", "/v1/nodes", list_nodes, "admin", "Every enrolled node, its state, plugins and instances."),
+    Route("GET", NODE, show_node, "admin", "One node."),
+    Route("POST", NODE + "/drain", drain, "admin", "Place nothing new on the node and migrate what can move."),
+    Route("POST", NODE + "/undrain", undrain, "admin", "Let the scheduler place instances on the node again."),
+    Route("DELETE", NODE, remove, "admin", "Remove the node and revoke its certificates at once."),
+]
