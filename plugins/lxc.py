@@ -51,6 +51,7 @@ import re
 import shutil
 import ssl
 import stat
+import subprocess
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -73,6 +74,7 @@ HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-
 IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 MIN_MEMORY_MIB = 16
+OPTION_FIELDS = ("hostname", "network", "template")
 CPU_PERIOD_US = 100_000
 CONSOLE_TAIL_BYTES = 64 * 1024
 CONSOLE_LOG = "var/log/console.log"
@@ -765,6 +767,15 @@ def parse_create(payload: Mapping[str, Any], config: LxcConfig) -> CreateSpec:
     kind = payload.get("kind", KIND)
     if kind != KIND:
         raise TaskError(f"kind must be 'lxc' for the lxc plugin, got {kind!r}", code="invalid")
+    options = payload.get("options") or {}
+    if not isinstance(options, Mapping):
+        raise TaskError("options must be a mapping", code="invalid")
+    unknown = sorted(set(options) - set(OPTION_FIELDS))
+    if unknown:
+        raise TaskError(f"options.{unknown[0]}: unknown option (known: {', '.join(OPTION_FIELDS)})", code="invalid")
+    # kumoctl sends kind-specific fields as options (--option network='{...}'); the API
+    # also takes them at the top level, which wins.
+    payload = {**options, **{k: v for k, v in payload.items() if v is not None}}
     image = payload.get("image")
     template = payload.get("template")
     if image is not None and template is not None:
@@ -1082,7 +1093,5 @@ async def _tool_output(*argv: str) -> str:
 
 def _tool_sync(*argv: str) -> _Result:
     """For code already off the event loop (asyncio.to_thread)."""
-    import subprocess
-
     proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True)  # noqa: S603
     return _Result(proc.returncode, proc.stdout, proc.stderr)

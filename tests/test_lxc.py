@@ -52,6 +52,15 @@ def test_bad_payload_fields_are_named(payload, message):
         parse_create({"name": "c1", **payload}, LxcConfig())
 
 
+def test_kumoctl_options_carry_template_network_and_hostname():
+    spec = parse_create({"name": "c1", "kind": "lxc", "vcpus": 1, "memory_mib": 256, "options": {
+        "template": "busybox", "hostname": "c1.example",
+        "network": {"mode": "veth", "bridge": "br0", "address": "10.0.0.5/24", "gateway": "10.0.0.1"}}}, LxcConfig())
+    assert (spec.template, spec.hostname, spec.network.address) == ("busybox", "c1.example", "10.0.0.5/24")
+    with pytest.raises(TaskError, match=r"options.kernel: unknown option \(known: hostname, network, template\)"):
+        parse_create({"name": "c1", "options": {"kernel": "/boot/vmlinuz"}}, LxcConfig())
+
+
 def test_lxc_ls_output_is_parsed():
     out = "NAME  STATE   PID   \nweb   RUNNING 4242  \nidle  STOPPED -     \n"
     assert parse_lxc_ls(out) == {"web": ("RUNNING", 4242), "idle": ("STOPPED", None)}
@@ -130,8 +139,9 @@ async def test_invalid_user_data_fails_the_create_and_leaves_nothing(lxc_node):
 @integration
 async def test_kill_9_of_init_reports_stopped_and_liblxc_cleans_up(lxc_node, lxc_bridge):
     node = await lxc_node()
-    await node.task("lxc.create", {"name": "victim", "network": {
-        "mode": "veth", "bridge": lxc_bridge.name, "address": f"{lxc_bridge.address(13)}/24"}})
+    # As kumoctl sends it: --option network='{...}' arrives under options.
+    await node.task("lxc.create", {"name": "victim", "kind": "lxc", "vcpus": 1, "memory_mib": 256, "options": {
+        "network": {"mode": "veth", "bridge": lxc_bridge.name, "address": f"{lxc_bridge.address(13)}/24"}}})
     pid = node.state("victim").details["pid"]
     assert bridge_ports(lxc_bridge.name) and container_cgroups("victim") and monitor_pids(node.lxcpath, "victim")
     changes = node.changes
