@@ -346,7 +346,7 @@ class LxcPlugin:
         except BaseException:
             self._instances.pop(name, None)
             if started or await asyncio.to_thread((lxcpath / name).exists):
-                await self._destroy(name, force=True)
+                await self._destroy(name)
             raise
         finally:
             await asyncio.to_thread(shutil.rmtree, workdir, True)
@@ -393,7 +393,7 @@ class LxcPlugin:
     async def delete(self, name: str, payload: Mapping[str, Any]) -> dict[str, Any]:
         """Kill the container if it runs and destroy it with its root filesystem."""
         self._known(name)
-        await self._destroy(name, force=True)
+        await self._destroy(name)
         inst = self._instances.pop(name, None)
         if inst is not None:
             self._unwatch(inst)
@@ -586,10 +586,9 @@ class LxcPlugin:
     async def _lxc_state(self, name: str) -> str:
         return (await _tool_output("lxc-info", "-P", str(self.config.lxcpath), "-n", name, "-sH")).strip()
 
-    async def _destroy(self, name: str, force: bool) -> None:
+    async def _destroy(self, name: str) -> None:
         """Kill and destroy a container (``lxc-destroy -f``), then drop any directory left."""
-        args = ["lxc-destroy", "-P", str(self.config.lxcpath), "-n", name]
-        result = await _tool(*args, "-f") if force else await _tool(*args)
+        result = await _tool("lxc-destroy", "-P", str(self.config.lxcpath), "-n", name, "-f")
         directory = self.config.lxcpath / name
         if result.returncode != 0 and await self._lxc_state(name) == "RUNNING":
             raise TaskError(f"lxc-destroy could not remove container {name!r}: {result.error}", code="lxc")
@@ -1061,7 +1060,8 @@ def _tail(path: Path, size: int) -> str:
 
 def _last_errors(log_file: Path) -> str:
     """The ERROR lines of liblxc's container log from its last start, shortened."""
-    errors = [line.split(" - ", 1)[-1] for line in _tail(log_file, 16384).splitlines() if " ERROR " in line]
+    errors = [line.split(" - ", 2)[-1] for line in _tail(log_file, 16384).splitlines()
+              if line.startswith("lxc-start ") and " ERROR " in line]
     return "; ".join(errors[-3:])
 
 

@@ -200,6 +200,19 @@ async def test_stop_kills_a_container_whose_init_ignores_the_halt_signal(lxc_nod
     assert stopped == {"name": "stubborn", "state": "stopped", "forced": True}
 
 
+@integration
+async def test_a_start_liblxc_refuses_says_why(lxc_node):
+    node = await lxc_node()
+    await node.task("lxc.create", {"name": "broken"})
+    await node.task("lxc.stop", {"name": "broken", "timeout": 0})
+    config = node.lxcpath / "broken/config"
+    config.write_text(config.read_text() + "lxc.init.cmd = /no/such/init\n")
+    with pytest.raises(TaskError, match="lxc-start failed for .broken.: .*") as err:
+        await node.task("lxc.start", {"name": "broken"})
+    assert err.value.code == "lxc"
+    assert node.state("broken").state == "stopped"
+
+
 def rootfs_tarball(path: Path) -> str:
     """A minimal busybox root filesystem as a tarball; returns its sha256."""
     busybox = shutil.which("busybox")
