@@ -6,9 +6,10 @@ and the small helpers that run the lxc tools.
 
 - liblxc is driven through its own command-line tools (``lxc-create``, ``lxc-start``,
   ``lxc-stop``, ``lxc-ls``, ``lxc-destroy``) as asyncio subprocesses with argument lists.
-  The python3-lxc binding is not on PyPI, exists in Debian only for /usr/bin/python3, and
-  its calls block (and fork) inside the agent process; each tool costs a few milliseconds,
-  never blocks the event loop and keeps liblxc out of the agent's memory.
+  The python3-lxc binding is a C extension built against one liblxc (Debian ships it only
+  for /usr/bin/python3, so a venv cannot import it), and its calls block (and fork) inside
+  the agent process; each tool costs a few milliseconds, never blocks the event loop and
+  keeps liblxc out of the agent's memory.
 - Every container lives under one ``lxcpath`` that the plugin owns: whatever has a config
   there is a Kumo instance whose name is the container name. Nothing else is recorded, so
   an agent restart adopts what liblxc shows (running containers keep running) and the
