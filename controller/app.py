@@ -86,11 +86,19 @@ class Controller:
         self._peers: OrderedDict[bytes, tuple[str, str, str]] = OrderedDict()
         self._background: list[asyncio.Task[None]] = []
         self.alerts_waiting = asyncio.Event()
+        self.stopping = False
 
     async def start(self) -> None:
         self.serials = await self.store.valid_serials()
         self._background.append(asyncio.create_task(self._flush_loop(), name="kumo-flush"))
         self._background.append(asyncio.create_task(alerts.forward_loop(self), name="kumo-alert-forwarder"))
+
+    def release_waiters(self) -> None:
+        """Answer every long-poll now, so shutting down does not wait out their timeouts."""
+        self.stopping = True
+        for waiters in self._wakeups.values():
+            for event in waiters:
+                event.set()
 
     async def stop(self) -> None:
         for task in self._background:
@@ -319,6 +327,7 @@ async def serve(settings: ControllerSettings, stop: asyncio.Event) -> None:
             log.info("%s listening on https://%s", "enrollment" if enrollment else "API", listen)
         await stop.wait()
     finally:
+        ctl.release_waiters()
         for runner in runners:
             await runner.cleanup()
         await ctl.stop()

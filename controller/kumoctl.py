@@ -592,6 +592,9 @@ def _instance_operation(verb: str, done: str) -> Callable[[Client, argparse.Name
         else:
             answer = client.call("POST", f"/v1/instances/{name}/{verb}")
         task = answer["task"]
+        if task is None:
+            print(f"instance {args.name}: its node was removed; the record is deleted")
+            return 0
         if args.no_wait:
             print(f"instance {args.name}: {verb} task {task['id']} is {task['state']}")
             return 0
@@ -609,6 +612,90 @@ def cmd_instances_console(client: Client, args: argparse.Namespace) -> int:
     )
     log = (task.get("result") or {}).get("log") or ""
     sys.stdout.write(log if log.endswith("\n") or not log else log + "\n")
+    return 0
+
+
+def cmd_logging_set(client: Client, args: argparse.Namespace) -> int:
+    if args.disable == (args.target is not None):
+        raise CommandError("give either --target HOST:PORT or --disable")
+    body: dict[str, Any] = {"target": args.target, "protocol": args.protocol, "tls": args.tls}
+    if args.peer:
+        body["peer"] = args.peer
+    if args.node:
+        body["node"] = args.node
+    answer = client.call("PUT", "/v1/logging", body)
+    where = f"node {args.node}" if args.node else "the fleet"
+    what = f"{args.protocol}{'+tls' if args.tls else ''} to {args.target}" if args.target else "no forwarding"
+    print(f"log forwarding for {where}: {what}; sent to {len(answer['tasks'])} node(s)")
+    return 0
+
+
+def cmd_logging_unset(client: Client, args: argparse.Namespace) -> int:
+    answer = client.call("DELETE", f"/v1/logging/nodes/{quote(args.node, safe='')}")
+    print(f"node {args.node} follows the fleet setting again; sent to {len(answer['tasks'])} node(s)")
+    return 0
+
+
+def cmd_logging_show(client: Client, args: argparse.Namespace) -> int:
+    answer = client.call("GET", "/v1/logging")
+    if args.output == "json":
+        print_json(answer)
+        return 0
+
+    def describe(setting: Mapping[str, Any] | None) -> str:
+        if not setting or not setting.get("target"):
+            return "no forwarding"
+        return f"{setting['protocol']}{'+tls' if setting['tls'] else ''} {setting['target']}"
+
+    print(f"fleet: {describe(answer['fleet'])}")
+    rows = [
+        [node, describe(setting), "override" if node in answer["overrides"] else "fleet"]
+        for node, setting in sorted(answer["effective"].items())
+    ]
+    print_table(["NODE", "FORWARDING", "FROM"], rows, empty="no nodes")
+    return 0
+
+
+def cmd_alerts_list(client: Client, args: argparse.Namespace) -> int:
+    query = {k: v for k, v in (("state", args.state), ("node", args.node)) if v}
+    alerts = client.call("GET", "/v1/alerts" + (f"?{urlencode(query)}" if query else ""))["alerts"]
+    if args.output == "json":
+        print_json(alerts)
+        return 0
+    rows = [
+        [
+            a["rule"], a["state"], a["severity"], a["node"],
+            ",".join(f"{k}={v}" for k, v in sorted(a["labels"].items())),
+            a["starts_at"], a["annotations"].get("summary", ""),
+        ]
+        for a in alerts
+    ]
+    print_table(["RULE", "STATE", "SEVERITY", "NODE", "LABELS", "SINCE", "SUMMARY"], rows, empty="no alerts")
+    return 0
+
+
+def cmd_certificate_create(client: Client, args: argparse.Namespace) -> int:
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509 import CertificateSigningRequestBuilder, Name, NameAttribute
+    from cryptography.x509.oid import NameOID
+
+    out = Path(args.out)
+    key_path, cert_path, ca_path = out / f"{args.name}.key", out / f"{args.name}.crt", out / "ca.crt"
+    if key_path.exists():
+        raise CommandError(f"{key_path} already exists; remove it or choose another --name")
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = CertificateSigningRequestBuilder().subject_name(Name([NameAttribute(NameOID.COMMON_NAME, args.name)]))
+    pem = csr.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode()
+    answer = client.call("POST", "/v1/certificates", {"role": args.role, "name": args.name, "csr": pem})
+    out.mkdir(parents=True, exist_ok=True)
+    # The key is made here and written 0600 from the start; only the CSR went to the controller.
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    cert_path.write_text(answer["certificate"])
+    ca_path.write_text(answer["ca"])
+    print(f"{args.role} certificate for {args.name}: {cert_path}, key {key_path}, CA {ca_path}")
     return 0
 
 
@@ -694,7 +781,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="kumoctl",
-        description="Administer a Kumo controller: join tokens, nodes, tasks and instances.",
+        description="Administer a Kumo controller: join tokens, nodes, tasks, instances, logging and alerts.",
         parents=[common],
     )
     groups = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
@@ -801,6 +888,30 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DURATION",
         help="how long to wait for the node to answer (default: 60s)",
     )
+
+    logging_group = group("logging", "where every node's logs are forwarded (rsyslog)")
+    sub = leaf(logging_group, "set", cmd_logging_set, "set the log collector for the fleet or one node")
+    sub.add_argument("--target", metavar="HOST:PORT", help="the collector")
+    sub.add_argument("--disable", action="store_true", help="stop forwarding")
+    sub.add_argument("--protocol", choices=("relp", "tcp"), default="relp", help="default: relp (acknowledged)")
+    sub.add_argument("--tls", action=argparse.BooleanOptionalAction, default=True,
+                     help="TLS with the nodes' Kumo certificates (default: on)")
+    sub.add_argument("--peer", metavar="NAME", help="the collector's certificate name (default: the target host)")
+    sub.add_argument("--node", help="only this node (an override of the fleet setting)")
+    leaf(logging_group, "unset", cmd_logging_unset, "drop a node's override").add_argument("--node", required=True)
+    leaf(logging_group, "show", cmd_logging_show, "show the fleet setting and each node's", [output])
+
+    alerts = group("alerts", "alerts raised by the nodes' monitoring rules")
+    sub = leaf(alerts, "list", cmd_alerts_list, "list each alert's latest state", [output])
+    sub.add_argument("--state", choices=("firing", "resolved"), help="only alerts in this state")
+    sub.add_argument("--node", help="only this node's alerts")
+
+    certificates = group("certificate", "client certificates from the Kumo CA")
+    sub = leaf(certificates, "create", cmd_certificate_create,
+               "make a key here and get it certified (e.g. for Prometheus to scrape the agents)")
+    sub.add_argument("--role", choices=("scraper", "admin"), default="scraper", help="default: scraper")
+    sub.add_argument("--name", required=True, help="name in the certificate, e.g. prometheus")
+    sub.add_argument("--out", required=True, metavar="DIR", help="where NAME.key, NAME.crt and ca.crt go")
     return parser
 
 

@@ -86,7 +86,7 @@ async def poll_tasks(request: web.Request) -> web.Response:
             break
         claimed = await ctl.store.claim_tasks(node_id, CLAIM_LIMIT)
         left = deadline - time.monotonic()
-        if claimed or left <= 0 or node_id not in ctl.serials:
+        if claimed or left <= 0 or ctl.stopping or node_id not in ctl.serials:
             break
         await ctl.wait_for_tasks(node_id, left)
     ctl.touch(node_id)

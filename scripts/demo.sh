@@ -1,0 +1,217 @@
+#!/usr/bin/env bash
+# `make demo`: a Kumo controller and one enrolled agent on this machine, state in ./demo-state/.
+# `scripts/demo.sh stop` (`make demo-stop`) stops both. The state is kept, so running the demo
+# again restarts the same controller (same CA, same kumoctl credentials) and the same node.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+STATE=$ROOT/demo-state
+BIN=$ROOT/.venv/bin
+CTL_DIR=$STATE/controller
+AGENT_DIR=$STATE/agent
+AGENT_CONFIG=$STATE/agent.yaml
+LISTEN=${KUMO_DEMO_LISTEN:-127.0.0.1:8443}
+METRICS_LISTEN=${KUMO_DEMO_METRICS:-127.0.0.1:9464}
+export KUMOCTL_CONFIG=$CTL_DIR/kumoctl.yaml
+
+say() { printf '\n== %s\n' "$*"; }
+die() { printf 'demo: %s\n' "$*" >&2; exit 1; }
+
+# pid_alive PID: running and not a zombie (PID 1 here may reap late).
+pid_alive() {
+    [ -d "/proc/$1" ] && ! grep -q '^State:.*Z' "/proc/$1/status" 2>/dev/null
+}
+
+daemon_alive() {
+    pid_alive "$(cat "$STATE/$1.pid")"
+}
+
+# stop_daemon NAME: stop the process recorded in demo-state/NAME.pid, if it is still ours.
+stop_daemon() {
+    local name=$1 pidfile=$STATE/$1.pid pid i
+    [ -f "$pidfile" ] || return 0
+    pid=$(cat "$pidfile")
+    # The pid may have been reused since: only signal a process running our command.
+    if [ -r "/proc/$pid/cmdline" ] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q "kumo-$name run"; then
+        kill -TERM "$pid"
+        for i in $(seq 1 50); do
+            pid_alive "$pid" || break
+            sleep 0.2
+        done
+        if pid_alive "$pid"; then
+            echo "demo: kumo-$name ($pid) ignored SIGTERM for 10 s; killing it" >&2
+            kill -KILL "$pid"
+        fi
+        echo "stopped kumo-$name ($pid)"
+    fi
+    rm -f "$pidfile"
+}
+
+# start_daemon NAME ARG...: run kumo-NAME in its own session, output to demo-state/NAME.log.
+start_daemon() {
+    local name=$1
+    shift
+    setsid "$BIN/kumo-$name" "$@" </dev/null >>"$STATE/$name.log" 2>&1 &
+    echo $! >"$STATE/$name.pid"
+    echo "started kumo-$name ($!), log: $STATE/$name.log"
+}
+
+start_controller() {
+    say "controller on https://$LISTEN"
+    if [ ! -f "$CTL_DIR/controller.yaml" ]; then
+        "$BIN/kumo-controller" init --dir "$CTL_DIR" --listen "$LISTEN" --san 127.0.0.1 --san localhost
+    fi
+    start_daemon controller run --config "$CTL_DIR/controller.yaml"
+    local i
+    for i in $(seq 1 100); do
+        "$BIN/kumoctl" nodes list >/dev/null 2>&1 && return 0
+        daemon_alive controller || die "the controller exited; see $STATE/controller.log"
+        sleep 0.2
+    done
+    die "the controller did not answer within 20 s; see $STATE/controller.log"
+}
+
+# The node id this agent joined as, or nothing before the first join.
+node_id() {
+    [ -f "$AGENT_DIR/join.json" ] || return 0
+    "$BIN/python" -c 'import json, sys; print(json.load(open(sys.argv[1]))["node_id"])' "$AGENT_DIR/join.json"
+}
+
+node_field() {
+    "$BIN/kumoctl" nodes show "$1" --output json 2>/dev/null |
+        "$BIN/python" -c 'import json, sys; print(json.load(sys.stdin).get(sys.argv[1], ""))' "$2" || true
+}
+
+enroll_agent() {
+    say "agent"
+    local node join
+    node=$(node_id)
+    # A node removed with `kumoctl nodes remove` (or a fresh controller) needs a new join.
+    if [ -n "$node" ] && [ "$(node_field "$node" state)" != "" ] && [ "$(node_field "$node" state)" != removed ]; then
+        echo "reusing node $node (identity in $AGENT_DIR)"
+        return 0
+    fi
+    join=$("$BIN/kumoctl" token create --ttl 10m 2>/dev/null)
+    "$BIN/kumo-agent" join --controller "https://$LISTEN" --token "$join" --state-dir "$AGENT_DIR" --force
+}
+
+write_agent_config() {
+    # Written through PyYAML so the paths are quoted whatever directory the checkout is in.
+    "$BIN/python" - "$AGENT_CONFIG" "$AGENT_DIR" "https://$LISTEN" "$METRICS_LISTEN" <<'PY'
+import sys, yaml
+path, state_dir, controller, metrics = sys.argv[1:]
+config = {
+    "state_dir": state_dir,
+    "controller": controller,
+    "metrics": {"listen": metrics},
+    "log_level": "info",
+    # Containers get a bridge of their own with a static address each.
+    "plugins": {"lxc": {"bridge": {"name": "kumodemo0", "address": "10.77.0.1/24"},
+                        "network": {"mode": "veth", "bridge": "kumodemo0"}}},
+}
+with open(path, "w") as f:
+    f.write("# Written by scripts/demo.sh; rewritten at every `make demo`.\n")
+    yaml.safe_dump(config, f, sort_keys=False)
+PY
+}
+
+wait_until_ready() {
+    local node i
+    node=$(node_id)
+    for i in $(seq 1 150); do
+        [ "$(node_field "$node" state)" = ready ] && { echo "node $node is ready"; return 0; }
+        daemon_alive agent || die "the agent exited; see $STATE/agent.log"
+        sleep 0.2
+    done
+    die "node $node did not become ready within 30 s; see $STATE/agent.log"
+}
+
+# What the node can run, and two real instances: a host process (the process plugin) that
+# prints the time, and a busybox container (the lxc plugin) on the demo bridge. Neither needs
+# an image download.
+show_workloads() {
+    say "what the node can run"
+    "$BIN/kumoctl" nodes show "$(node_id)" | sed -n '/^plugins:/,/^$/p'
+    if "$BIN/kumoctl" instances show demo-clock >/dev/null 2>&1; then
+        echo "instance demo-clock exists (from an earlier demo)"
+    else
+        say "a first instance: a process"
+        "$BIN/kumoctl" instances create demo-clock --kind process --vcpus 1 --memory 32 \
+            --option 'command=["/bin/sh", "-c", "while :; do date; sleep 5; done"]'
+    fi
+    if "$BIN/kumoctl" instances show demo-box >/dev/null 2>&1; then
+        echo "instance demo-box exists (from an earlier demo)"
+    else
+        say "a container beside it"
+        "$BIN/kumoctl" instances create demo-box --kind lxc --vcpus 1 --memory 64 \
+            --option template=busybox --option 'network={"mode": "veth", "address": "10.77.0.10/24"}'
+    fi
+    "$BIN/kumoctl" instances list
+    echo
+    echo "the process's console (kumoctl instances console demo-clock):"
+    "$BIN/kumoctl" instances console demo-clock | tail -n 3
+    echo "the container's own view of its network (lxc-attach):"
+    lxc-attach -P /var/lib/kumo-lxc -n demo-box -- ip -4 -o addr show eth0 | awk '{print "  " $2, $4}'
+}
+
+show_usage() {
+    say "nodes"
+    "$BIN/kumoctl" nodes list
+    cat <<EOF
+
+Kumo is running: controller log $STATE/controller.log, agent log $STATE/agent.log,
+agent metrics on http://$METRICS_LISTEN/metrics.
+
+Use kumoctl against it:
+    export KUMOCTL_CONFIG=$KUMOCTL_CONFIG
+    export PATH=$BIN:\$PATH
+    kumoctl nodes list
+    kumoctl nodes show $(node_id)
+    kumoctl token create --ttl 30m      # to join another node
+    kumoctl instances console demo-clock
+    kumoctl instances show demo-box
+    kumoctl instances stop demo-clock
+    kumoctl instances create --help
+
+Stop it:  make demo-stop   (state stays in $STATE; remove that directory to start afresh)
+EOF
+}
+
+stop_all() {
+    stop_daemon agent
+    stop_daemon controller
+}
+
+# `make demo-stop`: the demo's instances run outside the agent (instances outlive agent
+# restarts), so delete them while the agent is still there to do it, then stop both daemons.
+teardown() {
+    local name
+    if [ -f "$STATE/agent.pid" ] && daemon_alive agent; then
+        for name in demo-clock demo-box; do
+            "$BIN/kumoctl" instances show "$name" >/dev/null 2>&1 || continue
+            "$BIN/kumoctl" instances delete "$name" --timeout 60s ||
+                echo "demo: could not delete $name; stopping anyway" >&2
+        done
+    fi
+    stop_all
+}
+
+main() {
+    [ -x "$BIN/kumoctl" ] || die "no virtualenv at $ROOT/.venv: run make venv (or make demo)"
+    mkdir -p "$STATE"
+    chmod 0700 "$STATE"
+    stop_all
+    start_controller
+    enroll_agent
+    write_agent_config
+    start_daemon agent run --config "$AGENT_CONFIG"
+    wait_until_ready
+    show_workloads
+    show_usage
+}
+
+case "${1:-start}" in
+    start) main ;;
+    stop) teardown ;;
+    *) die "usage: $0 [start|stop]" ;;
+esac
