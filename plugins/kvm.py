@@ -596,8 +596,12 @@ class KvmPlugin:
     async def _resync(self, conn: Any) -> None:
         """Rebuild the instance table from libvirt (at connect and reconnect)."""
         found = await asyncio.to_thread(_kumo_domains, self._libvirt, conn)
+        # Only this agent's domains: another Kumo agent sharing the libvirtd (a test bed, or a
+        # second agent on one host) keeps its instances under its own instance_dir.
         self._instances = {
-            name: _Instance(name, directory, state) for name, (directory, state) in found.items()
+            name: _Instance(name, directory, state)
+            for name, (directory, state) in found.items()
+            if directory.is_relative_to(self.config.instance_dir)
         }
         self._notify()
 
