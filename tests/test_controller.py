@@ -8,6 +8,7 @@ import socket
 import sqlite3
 import ssl
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -265,3 +266,45 @@ def test_run_with_a_bad_config_names_the_key(tmp_path):
     result = subprocess.run([*controller_command(), "run", "--config", str(config)],  # noqa: S603
                             capture_output=True, text=True, check=False)
     assert result.returncode == 2 and "lisen" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_alerts_reach_an_alertmanager_webhook_with_retries(controller_factory, tmp_path):
+    import http.server
+    import threading
+
+    from tests.harness import free_port
+
+    received: list = []
+
+    class Receiver(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's naming
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            assert self.path == "/api/v2/alerts"
+            received.extend(body)
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    port = free_port()
+    controller = controller_factory(alertmanager_url=f"http://127.0.0.1:{port}")
+    node_id, cert = enroll_node(controller, tmp_path)
+    alert = {"id": "t1", "rule": "load", "state": "firing", "severity": "warning", "labels": {"probe": "load"},
+             "annotations": {"summary": "load high"}, "value": 9.0, "starts_at": "2026-01-01T00:00:00Z", "ends_at": None}
+    # The receiver is not up yet: the controller keeps the alert and retries.
+    assert controller.call("POST", f"/v1/nodes/{node_id}/alerts", {"alerts": [alert]}, cert=cert)[0] == 200
+    server = http.server.HTTPServer(("127.0.0.1", port), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        resolved = {**alert, "id": "t2", "state": "resolved", "ends_at": "2026-01-01T00:01:00Z"}
+        controller.call("POST", f"/v1/nodes/{node_id}/alerts", {"alerts": [resolved]}, cert=cert)
+        deadline = time.monotonic() + 30
+        while len(received) < 2:
+            assert time.monotonic() < deadline, received
+            time.sleep(0.2)
+    finally:
+        server.shutdown()
+    assert received[0]["labels"] == {"probe": "load", "alertname": "load", "node": node_id, "severity": "warning"}
+    assert "endsAt" not in received[0] and received[1]["endsAt"] == "2026-01-01T00:01:00Z"
+    assert len(received) == 2
