@@ -134,7 +134,9 @@ class CertificateAuthority:
             .issuer_name(self.cert.subject)
             .public_key(public_key)
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - BACKDATE)
+            # Agents renew at two thirds of not_before..not_after: a backdate longer than a
+            # tenth of a short lifetime would have them renew at once, again and again.
+            .not_valid_before(now - min(BACKDATE, lifetime / 10))
             .not_valid_after(now + lifetime)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage(usages), critical=False)

@@ -196,8 +196,16 @@ teardown() {
     stop_all
 }
 
+# No init system starts libvirtd here (RECIPES.md): start it, so the kvm plugin is available.
+start_libvirtd() {
+    command -v libvirtd >/dev/null || return 0
+    pgrep -x virtlogd >/dev/null || virtlogd -d
+    pgrep -x libvirtd >/dev/null || libvirtd -d
+}
+
 main() {
     [ -x "$BIN/kumoctl" ] || die "no virtualenv at $ROOT/.venv: run make venv (or make demo)"
+    start_libvirtd
     mkdir -p "$STATE"
     chmod 0700 "$STATE"
     stop_all
