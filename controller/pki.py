@@ -11,6 +11,7 @@ import datetime
 import hashlib
 import ipaddress
 import os
+import re
 from pathlib import Path
 
 from cryptography import x509
@@ -24,6 +25,7 @@ ROLES = ("admin", "node", "controller", "scraper")
 CA_LIFETIME = datetime.timedelta(days=3650)
 SERVER_LIFETIME = datetime.timedelta(days=825)
 ADMIN_LIFETIME = datetime.timedelta(days=365)
+HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
 # Clocks of freshly booted nodes drift: certificates are valid from a little before now.
 BACKDATE = datetime.timedelta(minutes=5)
 
@@ -150,11 +152,23 @@ class CertificateAuthority:
             builder = builder.add_extension(x509.SubjectAlternativeName(alt), critical=False)
         return builder.sign(self.key, hashes.SHA256())
 
-    def issue_node(self, csr_pem: str, node_id: str, lifetime: datetime.timedelta) -> x509.Certificate:
-        """Sign a node's CSR: the identity is ``node_id`` whatever the CSR asked for."""
-        return self.issue(
-            public_key_from_csr(csr_pem), "node", node_id, lifetime, dns_names=(node_id,), server=True
-        )
+    def issue_node(
+        self, public_key: ec.EllipticCurvePublicKey, node_id: str, lifetime: datetime.timedelta,
+        hostname: str | None, address: str | None,
+    ) -> x509.Certificate:
+        """A node's certificate: the identity is ``node_id`` whatever its CSR asked for.
+
+        It also names the node's hostname and the address the controller saw it at, so a
+        scraper (Prometheus) verifying the node's metrics endpoint finds the name it dialled.
+        """
+        names = (node_id,) + ((hostname,) if hostname and HOSTNAME_RE.match(hostname) else ())
+        ips: tuple[str, ...] = ()
+        if address:
+            try:
+                ips = (str(ipaddress.ip_address(address)),)
+            except ValueError:
+                ips = ()
+        return self.issue(public_key, "node", node_id, lifetime, dns_names=names, ips=ips, server=True)
 
 
 def public_key_from_csr(csr_pem: str) -> ec.EllipticCurvePublicKey:

@@ -143,6 +143,10 @@ def test_node_certificate_names_the_node_not_what_the_csr_asked(controller, tmp_
     cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
     assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == node_id
     assert cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)[0].value == "node"
+    # The names a scraper may dial: the node id, its hostname, the address it enrolled from.
+    alt = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert alt.get_values_for_type(x509.DNSName) == [node_id, "h1"]
+    assert [str(ip) for ip in alt.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
 
 
 def test_a_node_can_act_only_as_itself_and_never_as_admin(controller, tmp_path):

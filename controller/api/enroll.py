@@ -62,7 +62,7 @@ async def enroll_node(request: web.Request) -> web.Response:
         raise ApiError(400, str(exc)) from None
     node_id = "n-" + secrets.token_hex(6)
     lifetime = datetime.timedelta(seconds=ctl.settings.node_cert_ttl)
-    cert = ctl.ca.issue(public_key, "node", node_id, lifetime, dns_names=(node_id,), server=True)
+    cert = ctl.ca.issue_node(public_key, node_id, lifetime, hostname, request.remote)
     serial = format(cert.serial_number, "x")
     outcome = await ctl.store.enroll(token_hash(token), node_id, hostname, serial, time.time() + ctl.settings.node_cert_ttl)
     ctl.metrics.enrollments.labels(outcome).inc()

@@ -127,7 +127,8 @@ async def renew(request: web.Request) -> web.Response:
     except pki.CSRError as exc:
         raise ApiError(400, str(exc)) from None
     lifetime = datetime.timedelta(seconds=ctl.settings.node_cert_ttl)
-    cert = ctl.ca.issue(public_key, "node", node_id, lifetime, dns_names=(node_id,), server=True)
+    row = await ctl.store.get_node(node_id)
+    cert = ctl.ca.issue_node(public_key, node_id, lifetime, row["hostname"] if row else None, request.remote)
     serial = format(cert.serial_number, "x")
     await ctl.store.add_certificate(node_id, serial, time.time() + ctl.settings.node_cert_ttl)
     ctl.serials.setdefault(node_id, set()).add(serial)
