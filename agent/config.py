@@ -76,6 +76,8 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         options = [a for a in args if a is not type(None)]
+        if len(options) == 1 and (dataclasses.is_dataclass(options[0]) or typing.get_origin(options[0]) in (list, dict)):
+            return _convert(options[0], value, key)  # a table or list: the error inside it is the useful one
         for option in options:
             try:
                 return _convert(option, value, key)

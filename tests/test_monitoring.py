@@ -1,0 +1,329 @@
+"""The monitoring plugin: probes, Nagios checks, rules, the alert outbox, Prometheus."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from agent.config import ConfigError
+from agent.plugin import ControllerUnavailable, PluginContext, Probe, ProbeResult, TaskError
+from plugins.monitoring import MonitoringPlugin, nagios_result
+
+
+class FakeHooks:
+    def __init__(self, probes: list[Probe] | None = None):
+        self._probes = probes or []
+
+    async def probes(self) -> list[Probe]:
+        return self._probes
+
+
+class FakeController:
+    """Records alert batches; raises ControllerUnavailable while ``down``."""
+
+    def __init__(self) -> None:
+        self.down = False
+        self.received: list[dict[str, Any]] = []
+
+    async def __call__(self, method: str, path: str, json: Any = None) -> Any:
+        if self.down:
+            raise ControllerUnavailable("connection refused")
+        assert (method, path) == ("POST", "alerts")
+        self.received.extend(json["alerts"])
+        return {"ok": True}
+
+
+async def started(state: Path, section: dict[str, Any], controller: Any = None, probes: list[Probe] | None = None) -> MonitoringPlugin:
+    plugin = MonitoringPlugin()
+    plugin.kumo_configure(section=section, source="agent.yaml: plugins.monitoring")
+    state.mkdir(exist_ok=True)
+    context = PluginContext("monitoring", state, None, FakeHooks(probes), lambda: None, controller or FakeController())
+    await plugin.kumo_startup(context=context)
+    return plugin
+
+
+async def until(predicate: Any, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.05)
+
+
+def metric_lines(plugin: MonitoringPlugin) -> str:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    class Collector:
+        def collect(self) -> Any:
+            return plugin.kumo_metrics()
+
+    registry = CollectorRegistry()
+    registry.register(Collector())
+    return generate_latest(registry).decode()
+
+
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ({"probez": []}, "plugins.monitoring.probez: unknown key"),
+        ({"probes": [{"name": "t", "type": "tcp", "host": "x"}]}, r"probes\[0\].port: required for a tcp probe"),
+        ({"probes": [{"name": "t", "type": "ping"}]}, r"probes\[0\].type: expected one of"),
+        ({"probes": [{"name": "h", "type": "http", "url": "ftp://x"}]}, r"probes\[0\].url: expected an http"),
+        ({"rules": [{"name": "r", "probe": "nosuch", "status": "critical"}]}, r"rules\[0\].probe: no probe named 'nosuch'"),
+        ({"rules": [{"name": "r", "probe": "cpu"}]}, r"rules\[0\]: give either condition"),
+        ({"rules": [{"name": "r", "probe": "cpu", "status": "critical", "fro": 3}]}, r"rules\[0\].fro: unknown key"),
+    ],
+)
+def test_bad_config_names_the_key(section: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        MonitoringPlugin().kumo_configure(section=section, source="agent.yaml: plugins.monitoring")
+
+
+@pytest.mark.parametrize("code, status", [(0, "ok"), (1, "warning"), (2, "critical"), (3, "unknown"), (7, "unknown")])
+def test_nagios_exit_codes(code: int, status: str) -> None:
+    result = nagios_result(code, "DISK OK - free space: / 3326 MB | /=2643MB;5948;5958;0;5968\nmore\n")
+    assert result.status == status
+    assert result.value == 2643.0
+    assert result.message.startswith("DISK OK") or "not a Nagios status" in result.message
+
+
+async def test_a_hung_check_never_delays_the_others(tmp_path: Path) -> None:
+    marker = tmp_path / "hung.pid"
+    section = {"default_probes": False, "probes": [
+        {"name": "hung", "type": "command", "interval": 0.2, "timeout": 0.5,
+         "command": [sys.executable, "-c", f"import os,time; open({str(marker)!r},'w').write(str(os.getpid())); time.sleep(60)"]},
+        {"name": "quick", "type": "command", "interval": 0.1, "timeout": 5, "command": ["/bin/true"]},
+    ]}
+    plugin = await started(tmp_path / "state", section)
+    try:
+        await until(lambda: plugin.timeouts.get("hung", 0) >= 1)
+        runs_before = plugin.samples[("quick", "")].at
+        await asyncio.sleep(0.6)
+        assert plugin.samples[("quick", "")].at > runs_before
+        assert plugin.samples[("hung", "")].status == "unknown"
+        assert "timed out after 0.5 s" in plugin.samples[("hung", "")].message
+        pid = int(marker.read_text())
+        await until(lambda: not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2])
+    finally:
+        await plugin.kumo_shutdown()
+
+
+async def test_alerts_fire_and_resolve_offline_and_arrive_once_after_a_restart(tmp_path: Path) -> None:
+    flag = tmp_path / "broken"
+    flag.touch()
+    section = {"default_probes": False,
+               "probes": [{"name": "svc", "type": "command", "interval": 0.1, "timeout": 5,
+                           "command": ["/bin/sh", "-c", f'test -e {flag} && {{ echo "SVC CRITICAL"; exit 2; }}; echo OK']}],
+               "rules": [{"name": "svc-down", "probe": "svc", "status": "critical", "for": 0.3, "severity": "critical",
+                          "labels": {"team": "ops"}}]}
+    controller = FakeController()
+    controller.down = True
+    plugin = await started(tmp_path / "state", section, controller)
+    await until(lambda: len(plugin.outbox) == 1)
+    flag.unlink()
+    await until(lambda: len(plugin.outbox) == 2)
+    await plugin.kumo_shutdown()
+    outbox = [json.loads(line) for line in (tmp_path / "state" / "outbox.jsonl").read_text().splitlines()]
+    assert [a["state"] for a in outbox] == ["firing", "resolved"]
+
+    controller.down = False
+    plugin = await started(tmp_path / "state", section, controller)
+    try:
+        await until(lambda: len(controller.received) == 2 and not plugin.outbox)
+        firing, resolved = controller.received
+        assert (firing["state"], resolved["state"]) == ("firing", "resolved")
+        assert firing["labels"] == {"team": "ops", "probe": "svc"} and firing["annotations"]["summary"].endswith("SVC CRITICAL")
+        assert resolved["starts_at"] == firing["starts_at"] and resolved["ends_at"]
+        await asyncio.sleep(0.5)
+        assert len(controller.received) == 2, "nothing is sent twice"
+        assert (tmp_path / "state" / "outbox.jsonl").read_text() == ""
+    finally:
+        await plugin.kumo_shutdown()
+
+
+async def test_a_firing_alert_is_not_fired_again_after_a_restart(tmp_path: Path) -> None:
+    section = {"default_probes": False,
+               "probes": [{"name": "bad", "type": "command", "interval": 0.1, "command": ["/bin/sh", "-c", "exit 2"]}],
+               "rules": [{"name": "bad", "probe": "bad", "status": "critical"}]}
+    controller = FakeController()
+    plugin = await started(tmp_path / "state", section, controller)
+    await until(lambda: len(controller.received) == 1)
+    await plugin.kumo_shutdown()
+    plugin = await started(tmp_path / "state", section, controller)
+    await asyncio.sleep(0.5)
+    await plugin.kumo_shutdown()
+    assert len(controller.received) == 1
+
+
+async def test_rules_pushed_by_the_controller_are_kept_and_checked(tmp_path: Path) -> None:
+    section = {"default_probes": False, "probes": [{"name": "v", "type": "command", "interval": 0.1,
+                                                     "command": ["/bin/echo", "OK | v=42"]}]}
+    controller = FakeController()
+    plugin = await started(tmp_path / "state", section, controller)
+    with pytest.raises(TaskError, match=r"payload.rules\[0\].condition.op: expected one of"):
+        await plugin.kumo_handle_task(kind="monitoring.rules", payload={"rules": [{"name": "x", "probe": "v",
+                                      "condition": {"op": "~", "value": 1}}]}, task_id="t")
+    rules = [{"name": "high", "probe": "v", "condition": {"op": ">", "value": 40}}]
+    assert await plugin.kumo_handle_task(kind="monitoring.rules", payload={"rules": rules}, task_id="t") == {"rules": 1}
+    await until(lambda: len(controller.received) == 1)
+    assert controller.received[0]["value"] == 42.0
+    await plugin.kumo_shutdown()
+    plugin = await started(tmp_path / "state", section, controller)
+    assert [r.name for r in plugin.rules] == ["high"]
+    await plugin.kumo_shutdown()
+
+
+async def test_textfiles_and_contributed_probes_are_exported(tmp_path: Path) -> None:
+    textfiles = tmp_path / "textfiles"
+    textfiles.mkdir()
+    (textfiles / "backup.prom").write_text("# HELP backup_age_seconds Age.\n# TYPE backup_age_seconds gauge\nbackup_age_seconds 12\n")
+    contributed = Probe("kvm.libvirtd", lambda: ProbeResult("ok", 1.0, "connected"), interval=0.1)
+    plugin = await started(tmp_path / "state", {"textfile_dir": str(textfiles)}, probes=[contributed])
+    try:
+        await until(lambda: ("kvm.libvirtd", "") in plugin.samples and ("memory", "") in plugin.samples)
+        text = metric_lines(plugin)
+        assert "backup_age_seconds 12.0" in text and "kumo_textfile_scrape_error 0.0" in text
+        assert 'kumo_probe_value{probe="kvm.libvirtd",target=""} 1.0' in text
+        assert 'kumo_probe_status{probe="memory",target=""} ' in text
+        (textfiles / "broken.prom").write_text("this is { not prometheus\n")
+        assert "kumo_textfile_scrape_error 1.0" in metric_lines(plugin)
+    finally:
+        await plugin.kumo_shutdown()
+
+
+# ---- real probes, a real Prometheus, a real controller --------------------------------
+
+
+@pytest.mark.integration
+async def test_tcp_http_process_and_disk_probes_against_real_endpoints(tmp_path: Path) -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    open_port = listener.getsockname()[1]
+    closed = socket.create_server(("127.0.0.1", 0))
+    closed_port = closed.getsockname()[1]
+    closed.close()
+    app = web.Application()
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="fine")
+
+    async def broken(request: web.Request) -> web.Response:
+        return web.Response(status=503)
+
+    app.router.add_get("/ok", ok)
+    app.router.add_get("/broken", broken)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    http_port = site._server.sockets[0].getsockname()[1]  # noqa: SLF001 - the port the OS chose
+    section = {"default_probes": False, "probes": [
+        {"name": "open", "type": "tcp", "host": "127.0.0.1", "port": open_port, "interval": 0.2},
+        {"name": "closed", "type": "tcp", "host": "127.0.0.1", "port": closed_port, "interval": 0.2},
+        {"name": "web", "type": "http", "url": f"http://127.0.0.1:{http_port}/ok", "interval": 0.2},
+        {"name": "web-broken", "type": "http", "url": f"http://127.0.0.1:{http_port}/broken", "interval": 0.2},
+        {"name": "me", "type": "process", "process": Path(sys.executable).name, "interval": 0.2},
+        {"name": "root", "type": "disk", "mount": "/", "interval": 0.2, "warning": 2.0},
+    ]}
+    plugin = await started(tmp_path / "state", section)
+    try:
+        names = ("open", "closed", "web", "web-broken", "me", "root")
+        await until(lambda: {p for p, _ in plugin.samples} >= set(names))
+        status = {p: s.status for (p, _), s in plugin.samples.items()}
+        assert status == {"open": "ok", "closed": "critical", "web": "ok", "web-broken": "critical", "me": "ok", "root": "ok"}
+        assert 0 < plugin.samples[("root", "/")].value < 1
+        assert "HTTP 503, expected 200" in plugin.samples[("web-broken", f"http://127.0.0.1:{http_port}/broken")].message
+    finally:
+        await plugin.kumo_shutdown()
+        await runner.cleanup()
+        listener.close()
+
+
+def kumoctl(controller: Any, *args: str) -> str:
+    script = Path(sys.executable).with_name("kumoctl")
+    env = {**os.environ, "KUMOCTL_CONFIG": str(controller.kumoctl_config)}
+    result = subprocess.run([str(script), *args], capture_output=True, text=True, env=env, timeout=60, check=False)  # noqa: S603
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@pytest.mark.integration
+def test_prometheus_discovers_and_scrapes_the_agents_over_mutual_tls(controller, kumo_agent, prometheus, tmp_path):
+    scraper = tmp_path / "scraper"
+    kumoctl(controller, "certificate", "create", "--role", "scraper", "--name", "prometheus", "--out", str(scraper))
+    assert (scraper / "prometheus.key").stat().st_mode & 0o777 == 0o600
+    ca = controller.pki / "ca.crt"
+    agents = []
+    for _ in range(2):
+        agent = kumo_agent(start=False)
+        config = __import__("yaml").safe_load(agent.config_path.read_text())
+        config["metrics"] = {"listen": f"127.0.0.1:{agent.metrics_port}", "client_ca": str(ca)}
+        config["plugins"] = {"monitoring": {"probes": [{"name": "answer", "type": "command", "interval": 1,
+                                                        "command": ["/bin/echo", "OK | answer=42"]}]}}
+        agent.config_path.write_text(__import__("yaml").safe_dump(config))
+        agent.start()
+        agents.append(agent)
+    tls = {"ca_file": str(ca), "cert_file": str(scraper / "prometheus.crt"), "key_file": str(scraper / "prometheus.key")}
+    server = prometheus({"scrape_configs": [{
+        "job_name": "kumo",
+        "scheme": "https",
+        "tls_config": tls,
+        "http_sd_configs": [{"url": f"{controller.url}/v1/prometheus/targets", "refresh_interval": "2s", "tls_config": tls}],
+    }]})
+    found = server.wait_for('kumo_probe_value{probe="answer"}', timeout=90, count=2)
+    assert sorted(r["metric"]["node_id"] for r in found) == sorted(a.node_id for a in agents)
+    assert {r["value"][1] for r in found} == {"42"}
+    assert {r["metric"]["kumo_kinds"] for r in found} <= {"kvm,lxc,process", "lxc,process", "process", "kvm,process"}
+
+
+@pytest.mark.integration
+def test_a_check_script_alert_reaches_kumoctl_and_survives_a_controller_outage(controller, kumo_agent, tmp_path):
+    flag = tmp_path / "broken"
+    check = tmp_path / "check_flag"
+    check.write_text(f'#!/bin/sh\nif [ -e {flag} ]; then echo "FLAG CRITICAL - {flag} exists"; exit 2; fi\necho "FLAG OK"\n')
+    check.chmod(0o755)
+    agent = kumo_agent(plugins={"monitoring": {
+        "default_probes": False,
+        "probes": [{"name": "flag", "type": "command", "interval": 0.5, "command": [str(check)]}],
+        "rules": [{"name": "flag-set", "probe": "flag", "status": "critical", "for": 1, "severity": "critical"}],
+    }})
+
+    def alerts(state: str) -> list[dict[str, Any]]:
+        return json.loads(kumoctl(controller, "alerts", "list", "--state", state, "--output", "json"))
+
+    def wait(state: str) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + 60
+        while not alerts(state):
+            assert time.monotonic() < deadline, agent.log_tail()
+            time.sleep(0.5)
+        return alerts(state)
+
+    flag.touch()
+    [firing] = wait("firing")
+    assert (firing["rule"], firing["node"], firing["severity"]) == ("flag-set", agent.node_id, "critical")
+    assert "FLAG CRITICAL" in kumoctl(controller, "alerts", "list")
+    # The controller is down while the alert resolves and fires again: the node keeps both.
+    controller.kill()
+    flag.unlink()
+    time.sleep(3)
+    flag.touch()
+    time.sleep(3)
+    controller.start()
+    deadline = time.monotonic() + 60
+    while True:
+        rows = controller.admin("GET", "/v1/alerts")["alerts"]
+        transitions = __import__("sqlite3").connect(controller.dir / "controller.db").execute(
+            "SELECT state FROM alerts ORDER BY received_at, rowid").fetchall()
+        if len(transitions) >= 3:
+            break
+        assert time.monotonic() < deadline, (transitions, agent.log_tail())
+        time.sleep(0.5)
+    assert [t[0] for t in transitions] == ["firing", "resolved", "firing"]
+    assert [r["state"] for r in rows] == ["firing"]
