@@ -10,6 +10,7 @@ import asyncio
 import ipaddress
 import logging
 import os
+import pwd
 import signal
 import socket
 import sys
@@ -51,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="another DNS name or IP address nodes use to reach the controller (repeatable); "
                            "the first one also goes into kumoctl.yaml")
     init.add_argument("--config", type=Path, help="where to write controller.yaml (default DIR/controller.yaml)")
+    init.add_argument("--owner", metavar="USER",
+                      help="system user the controller runs as (e.g. kumo-controller): it gets DIR and the keys, "
+                           "its group may read the config; run init as root for this")
     init.set_defaults(func=_init)
 
     run = sub.add_parser("run", help="serve the API and enrollment until SIGTERM")
@@ -69,6 +73,7 @@ def _init(args: argparse.Namespace) -> int:
     for path in (pki_dir / "ca.key", config_path):
         if path.exists():
             raise ValueError(f"{path} already exists: this controller is initialised (use another --dir to make a new one)")
+    owner = _owner(args.owner) if args.owner else None
     directory.mkdir(parents=True, exist_ok=True)
     pki_dir.mkdir(mode=0o700, exist_ok=True)
 
@@ -113,10 +118,31 @@ def _init(args: argparse.Namespace) -> int:
         "key": str(pki_dir / "admin.key"),
     }
     (directory / "kumoctl.yaml").write_text(yaml.safe_dump(kumoctl, sort_keys=False))
+    if owner:
+        _hand_over(owner, directory, config_path)
     print(f"controller initialised in {directory}")
     print(f"  start it:   kumo-controller run --config {config_path}")
     print(f"  admin tool: export KUMOCTL_CONFIG={directory / 'kumoctl.yaml'}; kumoctl token create")
     return 0
+
+
+def _owner(user: str) -> tuple[int, int]:
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise ValueError(f"--owner: no user {user!r} on this host; install the kumo-controller package "
+                         "(it creates the user) or name an existing one") from None
+    return entry.pw_uid, entry.pw_gid
+
+
+def _hand_over(owner: tuple[int, int], directory: Path, config_path: Path) -> None:
+    """Give the service user what it writes and its keys; the config stays root's, readable by its group."""
+    uid, gid = owner
+    directory.chmod(0o700)
+    for path in (directory, directory / "kumoctl.yaml", *directory.joinpath("pki").rglob("*"), directory / "pki"):
+        os.chown(path, uid, gid)
+    os.chown(config_path, -1, gid)
+    config_path.chmod(0o640)
 
 
 def _write_pair(directory: Path, name: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
