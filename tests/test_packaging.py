@@ -260,6 +260,8 @@ def test_packaged_controller_and_agent_run_on_debian_python(deployment: Deployme
     # Every plugin's entry point was found in the private directory's dist-info.
     assert {"host", "kvm", "lxc", "process", "checkpoint", "cloudinit", "monitoring"} <= set(node["plugins"])
 
+    conffiles = run(["dpkg-query", "-W", "-f", "${Conffiles}", "kumo-agent"]).stdout
+    assert f" {AGENT_CONFIG} " in conffiles, conffiles
     service_user = pwd.getpwnam(SERVICE_USER)
     for key in ("ca.key", "server.key", "admin.key"):
         info = (CONTROLLER_DIR / "pki" / key).stat()
