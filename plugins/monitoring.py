@@ -3,23 +3,30 @@
 Probes. Built-in types: ``cpu``, ``memory``, ``swap``, ``disk`` (every mount, or one), ``load``,
 ``network`` (bytes/s per interface), ``process`` (how many match a name), ``tcp`` (connect
 time), ``http`` (GET, response time) and ``command`` (any Nagios plugin: exit 0 OK,
-1 WARNING, 2 CRITICAL, 3 UNKNOWN, the first perfdata value as the number). Other plugins add
-probes through ``kumo_probes``. Every probe runs in its own asyncio task with its own
-interval and timeout, so a slow or hung probe never delays another; a command that times
-out is killed with its whole process group. Values are in base units: ratios 0..1, seconds,
-bytes.
+1 WARNING, 2 CRITICAL, 3 UNKNOWN, the first perfdata value as the number). Each type takes
+only its own options, so a misplaced one is an error rather than silently ignored. Other
+plugins add probes through ``kumo_probes``; they are named ``<plugin>.<probe>`` (a dot,
+which configured probe names may not contain). Every probe runs in its own asyncio task
+with its own interval and timeout, so a slow or hung probe never delays another; a command
+that times out is killed with its whole process group and reads UNKNOWN. Values are in base
+units: ratios 0..1, seconds, bytes.
 
 Textfiles. ``*.prom`` files in ``textfile_dir`` are read at every scrape the way
 node_exporter's textfile collector reads them; a file that does not parse is skipped and
 ``kumo_textfile_scrape_error`` says so.
 
 Alerts. A rule watches one probe: a condition on its value (``op``, ``value``) or on its
-status (``status: warning`` fires on warning or critical), held for ``for`` seconds. Rules
+status, held for ``for`` seconds. Statuses rank ok < warning < critical < unknown and a
+status rule fires at its rank or above (``status: critical`` fires on critical and on a
+check that could not tell, as Nagios notifies on both). A probe with several targets (disk
+mounts, interfaces) gives one alert per target. Rules
 come from the agent config and from the controller (task ``monitoring.rules``, kept in the
 plugin's state dir). Each firing or resolved transition is appended to an on-disk outbox
 (fsync'd) and sent to the controller until it says "ok", with the same id every time, so a
 controller outage or an agent restart loses none and the controller stores each once.
-Firing alerts are remembered on disk too, so a restarted agent does not fire them again.
+Firing alerts are remembered on disk too, so a restarted agent does not fire them again,
+and an alert whose rule is removed (config or controller) is resolved rather than left
+firing for ever.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ import signal
 import ssl
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -146,13 +153,31 @@ def parse_rules(items: list[Any], where: str) -> list[RuleConfig]:
     return rules
 
 
-def check_probe(probe: ProbeConfig, where: str) -> None:
-    needs = {"tcp": ("host", "port"), "http": ("url",), "process": ("process",), "command": ("command",)}
-    for option in needs.get(probe.type, ()):
+COMMON_OPTIONS = {"name", "type", "interval", "timeout"}
+THRESHOLDS = {"warning", "critical"}
+# Which options each type reads; command and process decide their status themselves.
+TYPE_OPTIONS: dict[str, set[str]] = {
+    "cpu": THRESHOLDS, "memory": THRESHOLDS, "swap": THRESHOLDS, "load": THRESHOLDS, "network": THRESHOLDS,
+    "disk": THRESHOLDS | {"mount"}, "tcp": THRESHOLDS | {"host", "port"},
+    "http": THRESHOLDS | {"url", "ca_file", "expect_status"}, "process": {"process"}, "command": {"command"},
+}
+REQUIRED_OPTIONS = {"tcp": ("host", "port"), "http": ("url",), "process": ("process",), "command": ("command",)}
+
+
+def check_probe(probe: ProbeConfig, given: Mapping[str, Any], where: str) -> None:
+    """What parse_section cannot see: options that belong to another type, ranges, names."""
+    allowed = COMMON_OPTIONS | TYPE_OPTIONS[probe.type]
+    stray = sorted(set(map(str, given)) - allowed)
+    if stray:
+        raise ConfigError(f"{where}.{stray[0]}: not an option of a {probe.type} probe (options: {', '.join(sorted(allowed))})")
+    for option in REQUIRED_OPTIONS.get(probe.type, ()):
         if getattr(probe, option) in (None, []):
             raise ConfigError(f"{where}.{option}: required for a {probe.type} probe")
-    if probe.interval <= 0 or probe.timeout <= 0:
-        raise ConfigError(f"{where}: interval and timeout must be positive seconds")
+    if not probe.name or "." in probe.name:
+        raise ConfigError(f"{where}.name: expected a name without dots (dotted names are other plugins' probes), got {probe.name!r}")
+    for option in ("interval", "timeout"):
+        if getattr(probe, option) <= 0:
+            raise ConfigError(f"{where}.{option}: expected seconds > 0, got {getattr(probe, option)}")
     if probe.port is not None and not 0 < probe.port < 65536:
         raise ConfigError(f"{where}.port: expected 1 to 65535, got {probe.port}")
     if probe.url is not None and not probe.url.startswith(("http://", "https://")):
@@ -191,6 +216,8 @@ class MonitoringPlugin:
         self._background: list[asyncio.Task[None]] = []
         self._outbox_ready = asyncio.Event()
         self._net_last: dict[str, tuple[float, int]] = {}
+        self._cpu_last: Any = None
+        self.network_counters: dict[str, tuple[int, int]] = {}  # nic -> (received, sent) bytes
         self._file_lock = asyncio.Lock()
         self._writes: set[asyncio.Future[None]] = set()
 
@@ -199,9 +226,15 @@ class MonitoringPlugin:
     @hookimpl
     def kumo_configure(self, section: Mapping[str, Any], source: str) -> None:
         self.config = parse_section(MonitoringConfig, section, source)
+        # A configured probe may take a default's name to change its thresholds or interval.
         probes = {p.name: p for p in DEFAULT_PROBES} if self.config.default_probes else {}
+        configured: set[str] = set()
         for i, probe in enumerate(self.config.probes):
-            check_probe(probe, f"{source}.probes[{i}]")
+            where = f"{source}.probes[{i}]"
+            check_probe(probe, section["probes"][i], where)
+            if probe.name in configured:
+                raise ConfigError(f"{where}.name: probe name {probe.name!r} is used twice")
+            configured.add(probe.name)
             probes[probe.name] = probe
         self.probes = probes
         self.config_rules = parse_rules(self.config.rules, f"{source}.rules")
@@ -214,6 +247,7 @@ class MonitoringPlugin:
     async def kumo_startup(self, context: PluginContext) -> None:
         self.context = context
         self.pushed_rules, self.firing, self.outbox = await asyncio.to_thread(self._load_state)
+        await self._resolve_removed_rules()
         self._outbox_ready.set()
         for probe in self.probes.values():
             self._schedule(probe.name, self._builtin(probe), probe.interval, probe.timeout)
@@ -259,6 +293,7 @@ class MonitoringPlugin:
             raise TaskError(f"rule {sorted(clash)[0]!r} is already defined in the agent config", code="conflict")
         self.pushed_rules = rules
         await self._save_json("rules.json", items)
+        await self._resolve_removed_rules()
         return {"rules": len(rules)}
 
     @property
@@ -293,10 +328,20 @@ class MonitoringPlugin:
         """Pick up probes other plugins contribute (they may start after this plugin)."""
         assert self.context is not None
         await asyncio.sleep(1.0)
+        told: set[str] = set()
         while True:
-            for probe in await self.context.hooks.probes():
-                if probe.name not in self._tasks:
-                    self._schedule(probe.name, _contributed(probe), probe.interval, probe.timeout)
+            # By plugin, so each contributed probe is named after the plugin that owns it.
+            results, _ = await self.context.hooks.call_each("kumo_probes")
+            for plugin, probes in sorted(results.items()):
+                for probe in probes or ():
+                    name = contributed_name(plugin, probe.name)
+                    if name not in self._tasks:
+                        self._schedule(name, _contributed(probe), probe.interval, probe.timeout)
+            for rule in self.rules:
+                if rule.probe not in self._tasks and rule.name not in told:
+                    told.add(rule.name)
+                    log.warning("monitoring: rule %s watches probe %r, which this node does not have (probes: %s)",
+                                rule.name, rule.probe, ", ".join(sorted(self._tasks)))
             await asyncio.sleep(COLLECT_PROBES_EVERY)
 
     # -- built-in probes ----------------------------------------------------------------
@@ -313,8 +358,16 @@ class MonitoringPlugin:
             return [(target, ProbeResult(graded(value), value, message))]
 
         async def cpu() -> list[tuple[str, ProbeResult]]:
-            value = await asyncio.to_thread(psutil.cpu_percent, None)
-            return one(value / 100, f"{value:.0f}% busy")
+            # From our own previous reading, not psutil.cpu_percent()'s process-wide one,
+            # which any other caller in the agent would reset.
+            times = await asyncio.to_thread(psutil.cpu_times)
+            last, self._cpu_last = self._cpu_last, times
+            if last is None:
+                return []
+            total = sum(times) - sum(last)
+            idle = (times.idle + getattr(times, "iowait", 0.0)) - (last.idle + getattr(last, "iowait", 0.0))
+            busy = min(1.0, max(0.0, 1 - idle / total)) if total > 0 else 0.0
+            return one(busy, f"{busy * 100:.0f}% busy")
 
         async def memory() -> list[tuple[str, ProbeResult]]:
             vm = await asyncio.to_thread(psutil.virtual_memory)
@@ -346,6 +399,7 @@ class MonitoringPlugin:
 
         async def network() -> list[tuple[str, ProbeResult]]:
             counters = await asyncio.to_thread(psutil.net_io_counters, True)
+            self.network_counters = {nic: (c.bytes_recv, c.bytes_sent) for nic, c in counters.items()}
             now, out = time.monotonic(), []
             for nic, c in sorted(counters.items()):
                 total = c.bytes_recv + c.bytes_sent
@@ -455,20 +509,48 @@ class MonitoringPlugin:
             "value": sample.value, "starts_at": self.firing[key]["starts_at"] if state == "resolved" else now,
             "ends_at": now if state == "resolved" else None,
         }
-        if state == "firing":
+        await self._commit(key, alert)
+
+    async def _resolve_removed_rules(self) -> None:
+        """Resolve firing alerts whose rule is gone: nothing would ever resolve them otherwise."""
+        names = {rule.name for rule in self.rules}
+        for key, alert in list(self.firing.items()):
+            if alert["rule"] not in names:
+                resolved = {**alert, "id": uuid.uuid4().hex, "state": "resolved", "ends_at": now_iso(),
+                            "annotations": {"summary": f"{alert['rule']}: the rule was removed"}}
+                await self._commit(key, resolved)
+
+    async def _commit(self, key: str, alert: dict[str, Any]) -> None:
+        """Record a transition: the firing set, the disk and the outbox, or none of them."""
+        if alert["state"] == "firing":
             self.firing[key] = alert
         else:
             del self.firing[key]
-        log.warning("alert %s %s: %s", rule.name, state, alert["annotations"]["summary"])
-        async with self._file_lock:
-            # The transition and the firing set reach the disk together, and a shutdown
-            # waits for that write: a restart must neither lose nor repeat a transition.
-            write = asyncio.ensure_future(asyncio.to_thread(self._record, alert, dict(self.firing)))
-            self._writes.add(write)
-            write.add_done_callback(self._writes.discard)
-            await asyncio.shield(write)
+        log.warning("alert %s %s: %s", alert["rule"], alert["state"], alert["annotations"]["summary"])
+
+        async def record() -> None:
+            await asyncio.to_thread(self._record, alert, dict(self.firing))
             self.outbox.append(alert)
+
+        await self._shielded(record)
         self._outbox_ready.set()
+
+    async def _shielded(self, step: Callable[[], Awaitable[None]]) -> None:
+        """Run ``step`` (a state write and the in-memory change it stands for) under the file
+        lock, to its end even when the caller is cancelled.
+
+        A shutdown cancels probes and the sender mid-write; the step still finishes (and
+        kumo_shutdown waits for it). Memory and disk change together under the lock, so the
+        sender's rewrite of the outbox never drops a transition appended meanwhile.
+        """
+        async def locked() -> None:
+            async with self._file_lock:
+                await step()
+
+        task = asyncio.ensure_future(locked())
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+        await asyncio.shield(task)
 
     async def _deliver_loop(self) -> None:
         assert self.context is not None
@@ -490,10 +572,13 @@ class MonitoringPlugin:
                     continue
                 delay = 1.0
                 sent = {a["id"] for a in batch}
-                async with self._file_lock:
+                self.sent_total += len(batch)
+
+                async def remove(sent: set[str] = sent) -> None:
                     self.outbox = [a for a in self.outbox if a["id"] not in sent]
                     await asyncio.to_thread(self._rewrite_outbox, list(self.outbox))
-                self.sent_total += len(batch)
+
+                await self._shielded(remove)
 
     # -- state on disk ------------------------------------------------------------------
 
@@ -536,8 +621,10 @@ class MonitoringPlugin:
         self._write_text(name, json.dumps(data))
 
     async def _save_json(self, name: str, data: Any) -> None:
-        async with self._file_lock:
+        async def save() -> None:
             await asyncio.to_thread(self._write_json, name, data)
+
+        await self._shielded(save)
 
     def _write_text(self, name: str, text: str) -> None:
         path = self._path(name)
@@ -554,47 +641,79 @@ class MonitoringPlugin:
     def kumo_metrics(self) -> Iterable[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        value = GaugeMetricFamily("kumo_probe_value", "The last number a probe measured (base units).", labels=["probe", "target"])
+        value = GaugeMetricFamily("kumo_probe_value", "The last number a probe measured, in base units.", labels=["probe", "target"])
         status = GaugeMetricFamily(
-            "kumo_probe_status", "The last status of a probe: 0 ok, 1 warning, 2 critical, 3 unknown.", labels=["probe", "target"]
+            "kumo_probe_status", "1 for the status the probe's last run gave (ok, warning, critical, unknown), else 0.",
+            labels=["probe", "target", "status"],
         )
-        age = GaugeMetricFamily("kumo_probe_last_run_timestamp_seconds", "When a probe last ran.", labels=["probe", "target"])
+        last_run = GaugeMetricFamily(
+            "kumo_probe_last_run_timestamp_seconds", "When a probe last ran, as a Unix timestamp.", labels=["probe", "target"]
+        )
         for (probe, target), sample in sorted(self.samples.items()):
             if sample.value is not None:
                 value.add_metric([probe, target], sample.value)
-            status.add_metric([probe, target], SEVERITY[sample.status])
-            age.add_metric([probe, target], sample.at)
+            for name in STATUSES:
+                status.add_metric([probe, target, name], 1.0 if sample.status == name else 0.0)
+            last_run.add_metric([probe, target], sample.at)
         duration = GaugeMetricFamily("kumo_probe_duration_seconds", "How long a probe's last run took.", labels=["probe"])
         for probe, seconds in sorted(self.durations.items()):
             duration.add_metric([probe], seconds)
         timeouts = CounterMetricFamily("kumo_probe_timeouts", "Probe runs cut off by their timeout.", labels=["probe"])
         for probe, count in sorted(self.timeouts.items()):
             timeouts.add_metric([probe], count)
-        firing = GaugeMetricFamily("kumo_alerts_firing", "Alerts firing on this node.", labels=["rule"])
+        received = CounterMetricFamily("kumo_network_receive_bytes", "Bytes received, by interface.", labels=["device"])
+        sent_bytes = CounterMetricFamily("kumo_network_transmit_bytes", "Bytes sent, by interface.", labels=["device"])
+        for nic, (rx, tx) in sorted(self.network_counters.items()):
+            received.add_metric([nic], rx)
+            sent_bytes.add_metric([nic], tx)
+        firing = GaugeMetricFamily("kumo_alerts_firing", "Alerts firing on this node, by rule.", labels=["rule"])
+        by_rule: dict[str, int] = {}
         for alert in self.firing.values():
-            firing.add_metric([alert["rule"]], 1)
-        queued = GaugeMetricFamily("kumo_alert_outbox", "Alert transitions waiting for the controller.")
+            by_rule[alert["rule"]] = by_rule.get(alert["rule"], 0) + 1
+        for rule, count in sorted(by_rule.items()):
+            firing.add_metric([rule], count)
+        queued = GaugeMetricFamily("kumo_alert_outbox_transitions", "Alert transitions waiting for the controller's answer.")
         queued.add_metric([], len(self.outbox))
-        sent = CounterMetricFamily("kumo_alerts_sent", "Alert transitions the controller accepted.")
+        sent = CounterMetricFamily("kumo_alert_transitions_sent", "Alert transitions the controller accepted.")
         sent.add_metric([], self.sent_total)
-        return [value, status, age, duration, timeouts, firing, queued, sent, *self._textfiles()]
+        return [value, status, last_run, duration, timeouts, received, sent_bytes, firing, queued, sent, *self._textfiles()]
 
     def _textfiles(self) -> list[Any]:
+        """``*.prom`` files as node_exporter's textfile collector reads them.
+
+        A file that cannot be read or parsed, or that gives a metric another file typed
+        differently, is skipped whole and ``kumo_textfile_scrape_error`` is 1; the same
+        metric in several files is merged into one family, as Prometheus requires.
+        """
         from prometheus_client.core import GaugeMetricFamily
         from prometheus_client.parser import text_string_to_metric_families
 
         if self.config.textfile_dir is None:
             return []
-        error = GaugeMetricFamily("kumo_textfile_scrape_error", "1 if a textfile could not be read or parsed.")
-        families, failed = [], 0
+        error = GaugeMetricFamily("kumo_textfile_scrape_error", "1 if a textfile could not be read or parsed, else 0.")
+        mtime = GaugeMetricFamily("kumo_textfile_mtime_seconds", "When each textfile read was last changed.", labels=["file"])
+        families: dict[str, Any] = {}
+        failed = 0
         for path in sorted(self.config.textfile_dir.glob("*.prom")):
             try:
-                families.extend(text_string_to_metric_families(path.read_text()))
+                parsed = list(text_string_to_metric_families(path.read_text()))
+                changed = path.stat().st_mtime
+                for family in parsed:
+                    known = families.get(family.name)
+                    if known is not None and known.type != family.type:
+                        raise ValueError(f"{family.name} is a {family.type} here but a {known.type} in an earlier file")
             except (OSError, ValueError, UnicodeDecodeError) as exc:
                 failed = 1
                 log.warning("monitoring: textfile %s skipped: %s", path, exc)
+                continue
+            for family in parsed:
+                if family.name in families:
+                    families[family.name].samples.extend(family.samples)
+                else:
+                    families[family.name] = family
+            mtime.add_metric([str(path)], changed)
         error.add_metric([], failed)
-        return [*families, error]
+        return [*families.values(), mtime, error]
 
 
 def nagios_result(code: int | None, output: str) -> ProbeResult:
@@ -607,6 +726,14 @@ def nagios_result(code: int | None, output: str) -> ProbeResult:
     if code not in NAGIOS:
         text = f"exit {code} is not a Nagios status: {text.strip()}"
     return ProbeResult(status, value, text.strip())  # type: ignore[arg-type]
+
+
+def contributed_name(plugin: str, name: str) -> str:
+    """``<plugin>.<probe>``; a probe name already starting with the plugin's name keeps it once."""
+    for prefix in (f"{plugin}.", f"{plugin}-"):
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+    return f"{plugin}.{name}"
 
 
 def _contributed(probe: Probe) -> Any:

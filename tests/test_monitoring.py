@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,21 +19,30 @@ from aiohttp import web
 from agent.config import ConfigError
 from agent.plugin import ControllerUnavailable, PluginContext, Probe, ProbeResult, TaskError
 from plugins.monitoring import MonitoringPlugin, nagios_result
+from tests.harness import require
 
 
 class FakeHooks:
-    def __init__(self, probes: list[Probe] | None = None):
-        self._probes = probes or []
+    """Other plugins' ``kumo_probes``, as ``Hooks.call_each`` answers: by plugin name."""
 
-    async def probes(self) -> list[Probe]:
-        return self._probes
+    def __init__(self, probes: dict[str, list[Probe]] | None = None):
+        self._probes = probes or {}
+
+    async def call_each(self, hook: str, **kwargs: Any) -> tuple[dict[str, Any], list[Any]]:
+        assert hook == "kumo_probes"
+        return dict(self._probes), []
 
 
 class FakeController:
-    """Records alert batches; raises ControllerUnavailable while ``down``."""
+    """Records alert batches; raises ControllerUnavailable while ``down``.
+
+    ``lose_answers`` many batches are stored but answered with ControllerUnavailable, as
+    when the connection drops after the controller committed: the node must re-send them.
+    """
 
     def __init__(self) -> None:
         self.down = False
+        self.lose_answers = 0
         self.received: list[dict[str, Any]] = []
 
     async def __call__(self, method: str, path: str, json: Any = None) -> Any:
@@ -40,10 +50,14 @@ class FakeController:
             raise ControllerUnavailable("connection refused")
         assert (method, path) == ("POST", "alerts")
         self.received.extend(json["alerts"])
+        if self.lose_answers:
+            self.lose_answers -= 1
+            raise ControllerUnavailable("connection reset after the request was sent")
         return {"ok": True}
 
 
-async def started(state: Path, section: dict[str, Any], controller: Any = None, probes: list[Probe] | None = None) -> MonitoringPlugin:
+async def started(state: Path, section: dict[str, Any], controller: Any = None,
+                  probes: dict[str, list[Probe]] | None = None) -> MonitoringPlugin:
     plugin = MonitoringPlugin()
     plugin.kumo_configure(section=section, source="agent.yaml: plugins.monitoring")
     state.mkdir(exist_ok=True)
@@ -81,6 +95,17 @@ def metric_lines(plugin: MonitoringPlugin) -> str:
         ({"rules": [{"name": "r", "probe": "nosuch", "status": "critical"}]}, r"rules\[0\].probe: no probe named 'nosuch'"),
         ({"rules": [{"name": "r", "probe": "cpu"}]}, r"rules\[0\]: give either condition"),
         ({"rules": [{"name": "r", "probe": "cpu", "status": "critical", "fro": 3}]}, r"rules\[0\].fro: unknown key"),
+        ({"rules": [{"name": "r", "probe": "cpu", "condition": {"op": ">", "value": "high"}}]},
+         r"rules\[0\].condition.value: expected a number"),
+        ({"rules": [{"name": "r", "probe": "cpu", "status": "critical", "for": -1}]}, r"rules\[0\].for: expected seconds >= 0"),
+        ({"probes": [{"name": "t", "type": "tcp", "host": "x", "port": 1, "url": "http://x"}]},
+         r"probes\[0\].url: not an option of a tcp probe \(options: critical, host, interval, name, port"),
+        ({"probes": [{"name": "c", "type": "command", "command": ["true"], "warning": 1}]},
+         r"probes\[0\].warning: not an option of a command probe"),
+        ({"probes": [{"name": "c", "type": "command", "command": "check_disk -w 10"}]}, r"probes\[0\].command: expected a list"),
+        ({"probes": [{"name": "a.b", "type": "load"}]}, r"probes\[0\].name: expected a name without dots"),
+        ({"probes": [{"name": "l", "type": "load"}, {"name": "l", "type": "cpu"}]}, r"probes\[1\].name: probe name 'l' is used twice"),
+        ({"probes": [{"name": "l", "type": "load", "timeout": 0}]}, r"probes\[0\].timeout: expected seconds > 0"),
     ],
 )
 def test_bad_config_names_the_key(section: dict[str, Any], message: str) -> None:
@@ -182,20 +207,101 @@ async def test_rules_pushed_by_the_controller_are_kept_and_checked(tmp_path: Pat
     await plugin.kumo_shutdown()
 
 
-async def test_textfiles_and_contributed_probes_are_exported(tmp_path: Path) -> None:
+async def test_textfiles_are_read_like_node_exporter(tmp_path: Path) -> None:
     textfiles = tmp_path / "textfiles"
     textfiles.mkdir()
-    (textfiles / "backup.prom").write_text("# HELP backup_age_seconds Age.\n# TYPE backup_age_seconds gauge\nbackup_age_seconds 12\n")
-    contributed = Probe("kvm.libvirtd", lambda: ProbeResult("ok", 1.0, "connected"), interval=0.1)
-    plugin = await started(tmp_path / "state", {"textfile_dir": str(textfiles)}, probes=[contributed])
+    (textfiles / "backup.prom").write_text(
+        "# HELP backup_age_seconds Age of the last backup.\n# TYPE backup_age_seconds gauge\n"
+        'backup_age_seconds{set="home"} 12\n'
+    )
+    (textfiles / "backup-db.prom").write_text('# TYPE backup_age_seconds gauge\nbackup_age_seconds{set="db"} 30\n')
+    (textfiles / "notes.txt").write_text("not a .prom file, not read\n")
+    plugin = MonitoringPlugin()
+    plugin.kumo_configure(section={"textfile_dir": str(textfiles)}, source="agent.yaml: plugins.monitoring")
+    text = metric_lines(plugin)
+    # One family for both files, as Prometheus rejects a metric announced twice.
+    assert text.count("# TYPE backup_age_seconds gauge") == 1
+    assert 'backup_age_seconds{set="home"} 12.0' in text and 'backup_age_seconds{set="db"} 30.0' in text
+    assert "kumo_textfile_scrape_error 0.0" in text
+    assert f'kumo_textfile_mtime_seconds{{file="{textfiles / "backup.prom"}"}}' in text
+    # A bad file is reported and skipped whole, even the lines before its error; the others stay.
+    (textfiles / "broken.prom").write_text('half_read{a="b"} 1\nthis is { not prometheus\n')
+    (textfiles / "clash.prom").write_text("# TYPE backup_age_seconds counter\nbackup_age_seconds_total 3\n")
+    text = metric_lines(plugin)
+    assert "kumo_textfile_scrape_error 1.0" in text and "half_read" not in text
+    assert 'backup_age_seconds{set="db"} 30.0' in text and "backup_age_seconds_total" not in text
+
+
+async def test_contributed_probes_are_named_after_their_plugin(tmp_path: Path) -> None:
+    contributed = {"kvm": [Probe("kvm-libvirtd", lambda: ProbeResult("ok", 1.0, "connected"), interval=0.1)],
+                   "other": [Probe("thing", lambda: ProbeResult("critical", None, "broken"), interval=0.1)]}
+    section = {"rules": [{"name": "libvirtd-down", "probe": "kvm.libvirtd", "status": "critical"},
+                         {"name": "thing-broken", "probe": "other.thing", "status": "critical"}]}
+    controller = FakeController()
+    plugin = await started(tmp_path / "state", section, controller, probes=contributed)
     try:
         await until(lambda: ("kvm.libvirtd", "") in plugin.samples and ("memory", "") in plugin.samples)
+        await until(lambda: len(controller.received) == 1)
+        assert controller.received[0]["rule"] == "thing-broken"
         text = metric_lines(plugin)
-        assert "backup_age_seconds 12.0" in text and "kumo_textfile_scrape_error 0.0" in text
         assert 'kumo_probe_value{probe="kvm.libvirtd",target=""} 1.0' in text
-        assert 'kumo_probe_status{probe="memory",target=""} ' in text
-        (textfiles / "broken.prom").write_text("this is { not prometheus\n")
-        assert "kumo_textfile_scrape_error 1.0" in metric_lines(plugin)
+        assert 'kumo_probe_status{probe="other.thing",status="critical",target=""} 1.0' in text
+        assert 'kumo_probe_status{probe="other.thing",status="ok",target=""} 0.0' in text
+        assert 'kumo_probe_value{probe="other.thing"' not in text, "no number, no value series"
+    finally:
+        await plugin.kumo_shutdown()
+
+
+@pytest.mark.integration
+async def test_metrics_follow_prometheus_conventions(tmp_path: Path) -> None:
+    require(shutil.which("promtool") is not None, "promtool (Debian's prometheus package; make deps)")
+    section = {"probes": [{"name": "check", "type": "command", "interval": 0.1, "command": ["/bin/echo", "OK | x=1"]},
+                          {"name": "network", "type": "network", "interval": 0.2}, {"name": "cpu", "type": "cpu", "interval": 0.2}]}
+    plugin = await started(tmp_path / "state", section)
+    try:
+        await until(lambda: {("check", ""), ("network", "lo"), ("cpu", "")} <= set(plugin.samples))
+        assert 0 <= plugin.samples[("cpu", "")].value <= 1
+        text = metric_lines(plugin)
+    finally:
+        await plugin.kumo_shutdown()
+    assert 'kumo_network_receive_bytes_total{device="lo"}' in text
+    assert "kumo_alert_transitions_sent_total 0.0" in text
+    # The linter Prometheus ships: help text, base units, counter suffixes.
+    lint = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True, check=False)  # noqa: S603, S607
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+
+
+async def test_an_answer_lost_on_the_way_back_is_resent_with_the_same_id(tmp_path: Path) -> None:
+    section = {"default_probes": False,
+               "probes": [{"name": "bad", "type": "command", "interval": 0.1, "command": ["/bin/sh", "-c", "echo BAD; exit 2"]}],
+               "rules": [{"name": "bad", "probe": "bad", "status": "critical"}]}
+    controller = FakeController()
+    controller.lose_answers = 2
+    plugin = await started(tmp_path / "state", section, controller)
+    try:
+        await until(lambda: controller.received and not plugin.outbox, timeout=30)
+        assert len(controller.received) == 3 and len({a["id"] for a in controller.received}) == 1
+        assert plugin.sent_total == 1
+    finally:
+        await plugin.kumo_shutdown()
+
+
+async def test_removing_a_rule_resolves_its_firing_alert(tmp_path: Path) -> None:
+    section = {"default_probes": False,
+               "probes": [{"name": "bad", "type": "command", "interval": 0.1, "command": ["/bin/sh", "-c", "exit 2"]}]}
+    controller = FakeController()
+    plugin = await started(tmp_path / "state", section, controller)
+    try:
+        rules = [{"name": "bad", "probe": "bad", "status": "critical", "labels": {"team": "ops"}}]
+        await plugin.kumo_handle_task(kind="monitoring.rules", payload={"rules": rules}, task_id="t1")
+        await until(lambda: len(controller.received) == 1)
+        await plugin.kumo_handle_task(kind="monitoring.rules", payload={"rules": []}, task_id="t2")
+        await until(lambda: len(controller.received) == 2)
+        firing, resolved = controller.received
+        assert resolved["state"] == "resolved" and resolved["id"] != firing["id"]
+        assert resolved["starts_at"] == firing["starts_at"] and resolved["labels"] == firing["labels"]
+        assert "the rule was removed" in resolved["annotations"]["summary"]
+        assert not plugin.firing
     finally:
         await plugin.kumo_shutdown()
 
