@@ -352,6 +352,38 @@ async def test_tcp_http_process_and_disk_probes_against_real_endpoints(tmp_path:
         listener.close()
 
 
+@pytest.mark.integration
+async def test_prometheus_scrapes_the_agent_metrics_endpoint(tmp_path: Path, prometheus: Any) -> None:
+    """A real Prometheus with a static target reads a probe value and a textfile metric."""
+    from agent.metrics import AgentMetrics, MetricsServer
+    from tests.harness import free_port
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    textfiles = tmp_path / "textfiles"
+    textfiles.mkdir()
+    (textfiles / "role.prom").write_text("# HELP node_role_info The role of this node.\n# TYPE node_role_info gauge\nnode_role_info{role=\"db\"} 1\n")
+    section = {"textfile_dir": str(textfiles), "probes": [
+        {"name": "listener", "type": "tcp", "host": "127.0.0.1", "port": listener.getsockname()[1], "interval": 0.5}]}
+    plugin = await started(tmp_path / "state", section)
+    port = free_port()
+    server = MetricsServer(AgentMetrics(plugin.kumo_metrics), "127.0.0.1", port)
+    await server.start()
+    try:
+        prom = await asyncio.to_thread(prometheus, {"scrape_configs": [
+            {"job_name": "kumo", "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}]})
+        [ok] = await asyncio.to_thread(prom.wait_for, 'kumo_probe_status{probe="listener",status="ok"} == 1')
+        assert ok["metric"]["target"] == f"127.0.0.1:{listener.getsockname()[1]}"
+        [connect] = await asyncio.to_thread(prom.query, 'kumo_probe_value{probe="listener"}')
+        assert float(connect["value"][1]) > 0
+        await asyncio.to_thread(prom.wait_for, 'node_role_info{role="db"} == 1')
+        [up] = await asyncio.to_thread(prom.query, 'up{job="kumo"}')
+        assert up["value"][1] == "1"
+    finally:
+        await server.stop()
+        await plugin.kumo_shutdown()
+        listener.close()
+
+
 def kumoctl(controller: Any, *args: str) -> str:
     script = Path(sys.executable).with_name("kumoctl")
     env = {**os.environ, "KUMOCTL_CONFIG": str(controller.kumoctl_config)}
