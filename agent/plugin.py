@@ -118,6 +118,8 @@ class PluginContext:
     session (``path`` is relative to ``/v1/nodes/<this node>/``) and returns the decoded
     JSON answer; it raises :class:`ControllerUnavailable` when the controller cannot be
     reached, so a plugin can keep what it meant to send and try again later.
+    ``controller_url`` (``https://HOST:PORT``) is for the rare plugin that must stream a body
+    too large for ``call_controller`` (checkpoint images), with its own TLS from ``identity``.
     """
 
     name: str
@@ -126,6 +128,7 @@ class PluginContext:
     hooks: Any
     report_changed: Callable[[], None]
     call_controller: Callable[..., Awaitable[Any]]
+    controller_url: str | None = None
 
 
 class ControllerUnavailable(PluginError):

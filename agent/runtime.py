@@ -343,6 +343,7 @@ class Runtime:
                 hooks=self.hooks,
                 report_changed=self.report_changed,
                 call_controller=self.client.node_call,
+                controller_url=self.client.base_url,
             )
             _, failures = await self.hooks.call_each("kumo_startup", only=name, context=context)
             for failure in failures:

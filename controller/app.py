@@ -34,6 +34,7 @@ from controller.api import (
     instances,
     logging_settings,
     meta,
+    migration,
     nodes,
     reply,
     tasks,
@@ -44,7 +45,7 @@ from controller.store import SQLiteStore, Store
 log = logging.getLogger("kumo.controller")
 
 FLUSH_INTERVAL = 2.0
-API_MODULES = (enroll, nodes, tasks, instances, logging_settings, alerts, meta)
+API_MODULES = (enroll, nodes, tasks, instances, migration, logging_settings, alerts, meta)
 
 
 class Metrics:

@@ -48,8 +48,11 @@ CREATE TABLE IF NOT EXISTS alerts (
     starts_at TEXT NOT NULL, ends_at TEXT, received_at REAL NOT NULL, forwarded INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (node, id));
 CREATE INDEX IF NOT EXISTS alerts_unforwarded ON alerts (forwarded, received_at);
+CREATE TABLE IF NOT EXISTS migrations (
+    id TEXT PRIMARY KEY, instance TEXT NOT NULL, doc TEXT NOT NULL, created_at REAL NOT NULL, updated_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS migrations_by_instance ON migrations (instance, created_at);
 """
-JSON_COLUMNS = ("facts", "plugins", "instances", "payload", "result", "spec", "reasons", "labels", "annotations")
+JSON_COLUMNS = ("facts", "plugins", "instances", "payload", "result", "spec", "reasons", "labels", "annotations", "doc")
 
 
 class StoreError(Exception):
@@ -90,6 +93,10 @@ class Store(Protocol):
     async def list_alerts(self) -> list[dict[str, Any]]: ...
     async def unforwarded_alerts(self, limit: int) -> list[dict[str, Any]]: ...
     async def mark_forwarded(self, keys: list[tuple[str, str]]) -> None: ...
+    async def cancel_task(self, task_id: str, error: str) -> bool: ...
+    async def move_instance(self, name: str, source: str, destination: str) -> bool: ...
+    async def put_migration(self, migration: dict[str, Any]) -> None: ...
+    async def get_migration(self, migration_id: str) -> dict[str, Any] | None: ...
 
 
 class SQLiteStore:
@@ -413,6 +420,42 @@ class SQLiteStore:
 
     async def mark_forwarded(self, keys: list[tuple[str, str]]) -> None:
         await self._tx(lambda c: c.executemany("UPDATE alerts SET forwarded=1 WHERE node=? AND id=?", keys))
+
+    # Migrations: a task that never reached its node can be withdrawn, and an instance moves
+    # to another node only from the node the caller believes it is on.
+
+    async def cancel_task(self, task_id: str, error: str) -> bool:
+        """Fail ``task_id`` if no node has taken it yet; True when it was withdrawn."""
+        return await self._tx(
+            lambda c: c.execute(
+                "UPDATE tasks SET state='failed', error=?, code='cancelled', updated_at=? WHERE id=? AND state='pending'",
+                (error, time.time(), task_id),
+            ).rowcount
+            == 1
+        )
+
+    async def move_instance(self, name: str, source: str, destination: str) -> bool:
+        return await self._tx(
+            lambda c: c.execute(
+                "UPDATE instances SET node=? WHERE name=? AND node=?", (destination, name, source)
+            ).rowcount
+            == 1
+        )
+
+    async def put_migration(self, migration: dict[str, Any]) -> None:
+        """Insert or replace one migration's record (a JSON document with ``id`` and ``instance``)."""
+        now = time.time()
+        await self._tx(
+            lambda c: c.execute(
+                "INSERT INTO migrations VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET doc=excluded.doc, updated_at=excluded.updated_at",
+                (migration["id"], migration["instance"], json.dumps(migration), now, now),
+            )
+        )
+
+    async def get_migration(self, migration_id: str) -> dict[str, Any] | None:
+        row = await self._tx(lambda c: _one(c.execute("SELECT doc FROM migrations WHERE id=?", (migration_id,))))
+        return row["doc"] if row is not None else None
 
 
 def _insert_task(c: sqlite3.Connection, task: dict[str, Any]) -> None:

@@ -30,6 +30,18 @@ outside the image, so a full image disk cannot swallow the reason a dump failed
 listed is checked against its sha256 — by hashing it again, unless ``kumo-verified.json``
 shows the file untouched (same inode, size, mtime and ctime) since this node hashed it, as
 after a local dump; a copied image (a migration) has no valid stamp and is always hashed.
+
+Migration moves a checkpoint between nodes through the controller, which relays one stream
+(it never stores the image): ``checkpoint.send`` on the source PUTs a tar of the checkpoint to
+``/v1/nodes/<source>/migrations/<id>/image`` while ``checkpoint.receive`` on the destination
+GETs ``/v1/nodes/<destination>/migrations/<id>/image``, both over mutual TLS with the node's
+own certificate. The tar holds ``image/<file>`` for the manifest and every file it covers,
+and, for a process, ``files/<path>`` for each regular file it had open (its log...), which
+CRIU needs at the same path and size to restore it. The receiver hashes every image file as
+it arrives, checks it against the manifest and stamps it, so the restore that follows does
+not hash it again; an open file it already has must be identical, and a missing one is
+created only under the agent's state directory (anywhere else it must already be there).
+Both ends return the stream's sha256 and length, which the controller compares.
 """
 
 from __future__ import annotations
@@ -48,8 +60,10 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import stat
 import struct
+import tarfile
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -80,6 +94,9 @@ TCP_STATES = {
     "06": "TIME_WAIT", "07": "CLOSE", "08": "CLOSE_WAIT", "09": "LAST_ACK", "0A": "LISTEN", "0B": "CLOSING",
 }
 HASH_CHUNK = 1 << 20
+STALL_TIMEOUT = 60.0  # seconds a transfer may go without a byte moving
+IMAGE_NAME_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]{0,100}$")
+TAR_BLOCK = 512
 
 
 @dataclasses.dataclass
@@ -162,7 +179,7 @@ class CheckpointPlugin:
 
     @hookimpl
     def kumo_task_kinds(self) -> Iterable[str]:
-        return ["checkpoint.preflight", "checkpoint.dump", "checkpoint.restore"]
+        return ["checkpoint.preflight", "checkpoint.dump", "checkpoint.restore", "checkpoint.send", "checkpoint.receive"]
 
     @hookimpl
     async def kumo_handle_task(self, kind: str, payload: Mapping[str, Any], task_id: str) -> Mapping[str, Any]:
@@ -182,6 +199,10 @@ class CheckpointPlugin:
                 return await self._dump(await self._target(name, ikind), leave_running)
             if kind == "checkpoint.restore":
                 return await self._restore(name, ikind, payload.get("image"), task_id)
+            if kind == "checkpoint.send":
+                return await self._send(name, ikind, payload)
+            if kind == "checkpoint.receive":
+                return await self._receive(name, ikind, payload)
         raise TaskError(f"the checkpoint plugin has no task kind {kind!r}", code="bad-request")
 
     # -- criu ----------------------------------------------------------------------
@@ -456,6 +477,91 @@ class CheckpointPlugin:
                 raise TaskError(f"pid {pid} is a zombie its parent does not reap: restore needs it free",
                                 code="pid-in-use")
             await asyncio.sleep(0.02)
+
+    # -- migration transfer --------------------------------------------------------
+
+    async def _send(self, name: str, kind: str, payload: Mapping[str, Any]) -> Mapping[str, Any]:
+        image_arg = payload.get("image")
+        base = self._images_root() / kind / name
+        if not isinstance(image_arg, str) or Path(image_arg).parent != base:
+            raise TaskError(f"payload.image must be a checkpoint directory under {base}, got {image_arg!r}",
+                            code="bad-request")
+        image = Path(image_arg)
+        manifest = await asyncio.to_thread(verify_image, image, name, kind)
+        members = await asyncio.to_thread(_transfer_members, image, manifest)
+        # Known before the first byte, so the controller can show progress against it.
+        total = sum(len(header) + _padded(size) for header, _, size in members) + 2 * TAR_BLOCK
+        digest, sent = hashlib.sha256(), 0
+
+        async def tar_stream() -> Any:
+            nonlocal sent
+            async for chunk in _tar_chunks(members):
+                digest.update(chunk)
+                sent += len(chunk)
+                yield chunk
+
+        answer = await self._transfer("PUT", payload, tar_stream(), {"Content-Type": "application/x-tar", "X-Kumo-Size": str(total)})
+        log.info("checkpoint: sent %s %s (%d bytes) for migration %s", kind, name, sent, payload.get("migration"))
+        return {"bytes": sent, "sha256": digest.hexdigest(), "relayed": answer.get("bytes")}
+
+    async def _receive(self, name: str, kind: str, payload: Mapping[str, Any]) -> Mapping[str, Any]:
+        assert self.context is not None
+        image_name = payload.get("image_name")
+        if not isinstance(image_name, str) or not IMAGE_NAME_RE.match(image_name):
+            raise TaskError(f"payload.image_name must be a checkpoint directory name, got {image_name!r}", code="bad-request")
+        base = self._images_root() / kind / name
+        final = base / image_name
+        if final.exists():
+            raise TaskError(f"checkpoint {final} already exists on this node", code="exists")
+        incoming = base / f".incoming-{image_name}"
+        await asyncio.to_thread(shutil.rmtree, incoming, True)
+        await asyncio.to_thread(incoming.mkdir, parents=True)
+        # Files a process had open may be created only inside this agent's own state.
+        own_root = self.context.state_dir.parent.parent
+        try:
+            stats = await self._transfer("GET", payload, None, {}, receive=lambda body: _unpack(body, incoming, own_root))
+            await asyncio.to_thread(_check_received, incoming, name, kind, stats["hashes"])
+            await asyncio.to_thread(os.rename, incoming, final)
+        except BaseException:
+            await asyncio.to_thread(shutil.rmtree, incoming, True)
+            raise
+        await asyncio.to_thread(_publish, base, final)
+        log.info("checkpoint: received %s %s (%d bytes) into %s", kind, name, stats["bytes"], final)
+        return {"image": str(final), "bytes": stats["bytes"], "sha256": stats["sha256"], "files": stats["files"]}
+
+    async def _transfer(self, method: str, payload: Mapping[str, Any], body: Any, headers: Mapping[str, str],
+                        receive: Any = None) -> dict[str, Any]:
+        """One request to this node's migration endpoint on the controller; the decoded answer
+        (PUT) or what ``receive`` made of the streamed body in a worker thread (GET)."""
+        import aiohttp
+
+        assert self.context is not None
+        migration = payload.get("migration")
+        if not isinstance(migration, str) or not re.fullmatch(r"m-[0-9a-f]{1,32}", migration):
+            raise TaskError(f"payload.migration must be a migration id, got {migration!r}", code="bad-request")
+        identity, base_url = self.context.identity, self.context.controller_url
+        if identity is None or not base_url:
+            raise TaskError("this agent has no controller session to transfer an image through", code="no-controller")
+        url = f"{base_url.rstrip('/')}/v1/nodes/{identity.node_id}/migrations/{migration}/image"
+        tls = await asyncio.to_thread(_tls_context, identity)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=STALL_TIMEOUT)
+        what = "sending the image to" if method == "PUT" else "receiving the image from"
+        try:
+            async with aiohttp.ClientSession(timeout=timeout) as session, session.request(
+                method, url, data=body, headers=dict(headers), ssl=tls
+            ) as response:
+                if response.status >= 400:
+                    text = await response.text(errors="replace")
+                    with contextlib.suppress(ValueError):
+                        text = json.loads(text).get("error", text)
+                    raise TaskError(f"{what} the controller failed ({response.status}): {text}", code="transfer-failed")
+                if receive is None:
+                    return await response.json(content_type=None) or {}
+                loop = asyncio.get_running_loop()
+                return await asyncio.to_thread(receive, _BodyReader(response.content, loop))
+        except (aiohttp.ClientError, OSError, TimeoutError, tarfile.TarError, EOFError) as exc:
+            raise TaskError(f"{what} the controller broke off: {exc or type(exc).__name__}; nothing was restored",
+                            code="transfer-failed") from exc
 
     # -- helpers -------------------------------------------------------------------
 
@@ -975,6 +1081,157 @@ def verify_image(image: Path, name: str, kind: str) -> dict[str, Any]:
                         "restore refused, nothing was changed: take a new checkpoint or copy the image again",
                         code="image-checksum")
     return manifest
+
+
+# -- transfer ------------------------------------------------------------------------
+
+
+def _padded(size: int) -> int:
+    return -(-size // TAR_BLOCK) * TAR_BLOCK
+
+
+def _transfer_members(image: Path, manifest: Mapping[str, Any]) -> list[tuple[bytes, Path, int]]:
+    """(tar header, path, size) of everything a migration carries; the manifest goes first."""
+    entries = [(f"image/{n}", image / n) for n in [MANIFEST, *sorted(manifest["files"])]]
+    if manifest.get("kind") == "process":
+        entries += [(f"files{path}", Path(path)) for path in manifest.get("open_files") or ()]
+    members = []
+    now = int(time.time())
+    for arcname, path in entries:
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            raise TaskError(f"{path} cannot be read for the migration: {exc.strerror}", code="missing-files") from exc
+        info = tarfile.TarInfo(arcname)
+        info.size, info.mode, info.mtime = size, 0o600, now
+        members.append((info.tobuf(format=tarfile.PAX_FORMAT), path, size))
+    return members
+
+
+async def _tar_chunks(members: list[tuple[bytes, Path, int]]) -> Any:
+    """The tar stream of ``members``, read from disk a chunk at a time."""
+    for header, path, size in members:
+        yield header
+        f = await asyncio.to_thread(open, path, "rb")
+        try:
+            left = size
+            while left:
+                chunk = await asyncio.to_thread(f.read, min(HASH_CHUNK, left))
+                if not chunk:
+                    raise TaskError(f"{path} shrank while it was being sent: the checkpoint changed underneath",
+                                    code="image-changed")
+                left -= len(chunk)
+                yield chunk
+        finally:
+            await asyncio.to_thread(f.close)
+        if _padded(size) > size:
+            yield b"\0" * (_padded(size) - size)
+    yield b"\0" * (2 * TAR_BLOCK)
+
+
+def _tls_context(identity: Any) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(identity.ca))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(identity.certificate), str(identity.key))
+    return context
+
+
+class _BodyReader:
+    """A blocking ``read`` over an aiohttp body, for tarfile in a worker thread; counts and hashes."""
+
+    def __init__(self, content: Any, loop: asyncio.AbstractEventLoop):
+        self.content = content
+        self.loop = loop
+        self.digest = hashlib.sha256()
+        self.count = 0
+
+    def read(self, size: int = -1) -> bytes:
+        want = HASH_CHUNK if size is None or size < 0 else size
+        data = asyncio.run_coroutine_threadsafe(self.content.read(want), self.loop).result(STALL_TIMEOUT)
+        self.digest.update(data)
+        self.count += len(data)
+        return data
+
+
+def _unpack(body: _BodyReader, incoming: Path, own_root: Path) -> dict[str, Any]:
+    """Write a migration tar into ``incoming`` (and carried files in place); hash as it goes."""
+    hashes: dict[str, str] = {}
+    carried: list[str] = []
+    with tarfile.open(fileobj=body, mode="r|", bufsize=HASH_CHUNK) as tar:  # type: ignore[call-overload]
+        for member in tar:
+            kind, _, rest = member.name.partition("/")
+            source = tar.extractfile(member) if member.isfile() else None
+            if source is None:
+                raise TaskError(f"the image stream holds {member.name!r}, which is not a regular file", code="image-corrupt")
+            if kind == "image" and IMAGE_NAME_RE.match(rest):
+                hashes[rest] = _copy_hashed(source, incoming / rest)
+            elif kind == "files" and rest and os.path.normpath("/" + rest) == "/" + rest:
+                carried.append(_place_carried(source, Path("/" + rest), incoming, own_root))
+            else:
+                raise TaskError(f"the image stream holds an unexpected entry {member.name!r}", code="image-corrupt")
+        # tarfile stops at the end-of-archive blocks; what follows them must be nothing.
+        while body.read(HASH_CHUNK):
+            pass
+    return {"hashes": hashes, "files": carried, "bytes": body.count, "sha256": body.digest.hexdigest()}
+
+
+def _copy_hashed(source: Any, target: Path) -> str:
+    digest = hashlib.sha256()
+    with open(target, "xb") as out:
+        while chunk := source.read(HASH_CHUNK):
+            digest.update(chunk)
+            out.write(chunk)
+    return digest.hexdigest()
+
+
+def _place_carried(source: Any, path: Path, incoming: Path, own_root: Path) -> str:
+    """Put a file the process had open at ``path``, where CRIU expects it; the path."""
+    tmp = incoming / f"kumo-carried-{secrets.token_hex(4)}"
+    received = _copy_hashed(source, tmp)
+    if path.is_file() and _sha256(path) == received:
+        tmp.unlink()
+        return str(path)
+    # Inside our own state a differing file can only be a leftover of an earlier attempt
+    # (instance names are unique in the fleet): replace it. Elsewhere it is someone's data.
+    if not path.resolve().is_relative_to(own_root.resolve()):
+        if path.exists():
+            raise TaskError(f"{path}, which the process had open, exists on this node with other content: move it "
+                            "away (or give both nodes the same file) and migrate again", code="file-conflict")
+        raise TaskError(f"{path}, which the process had open, is missing on this node and lies outside the agent's "
+                        f"state ({own_root}): provide it at the same path (shared storage) and migrate again",
+                        code="missing-files")
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    shutil.move(tmp, path)
+    return str(path)
+
+
+def _check_received(image: Path, name: str, kind: str, hashes: Mapping[str, str]) -> None:
+    """Check what arrived against its manifest and stamp it, so the restore need not hash it again."""
+    try:
+        manifest = json.loads((image / MANIFEST).read_text())
+    except (OSError, ValueError) as exc:
+        raise TaskError(f"the received checkpoint has no readable {MANIFEST} ({exc})", code="image-corrupt") from exc
+    if manifest.get("name") != name or manifest.get("kind") != kind or not isinstance(manifest.get("files"), dict):
+        raise TaskError(f"the received checkpoint is of {manifest.get('kind')} instance {manifest.get('name')!r}, "
+                        f"not of {kind} instance {name!r}", code="image-mismatch")
+    got = {n: h for n, h in hashes.items() if n != MANIFEST}
+    if got != manifest["files"]:
+        bad = sorted(n for n in set(got) | set(manifest["files"]) if got.get(n) != manifest["files"].get(n))
+        raise TaskError(f"the received checkpoint does not match its manifest ({', '.join(bad)}): the transfer "
+                        "damaged it; nothing was restored", code="image-checksum")
+    stamp = {}
+    for fname in got:
+        st = (image / fname).stat()
+        stamp[fname] = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    _write_json(image / STAMP, stamp)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _publish(base: Path, image: Path) -> None:

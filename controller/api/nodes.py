@@ -20,6 +20,7 @@ from controller.api import (
     iso,
     json_body,
     logging_settings,
+    migration,
     reject_unknown,
     reply,
     state,
@@ -169,7 +170,11 @@ async def _set_drained(request: web.Request, drained: bool) -> web.Response:
         raise ApiError(409, f"node {node_id} was removed")
     await ctl.store.set_drained(node_id, drained)
     row["drained"] = drained
-    return reply(shown(ctl, row))
+    view = shown(ctl, row)
+    if drained:
+        # What passes its pre-flight check moves off the node; the rest is reported.
+        view["evacuation"] = await migration.evacuate(ctl, node_id)
+    return reply(view)
 
 
 async def drain(request: web.Request) -> web.Response:

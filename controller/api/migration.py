@@ -1,0 +1,579 @@
+"""Checkpoint, restore and migration of instances, and the moves a drain makes.
+
+Checkpoint and restore are one task each on the instance's node (the checkpoint plugin's
+``checkpoint.dump`` / ``checkpoint.restore``). A migration is a sequence the controller
+drives, one task at a time, and records as a document (``GET /v1/migrations/{id}``):
+
+1. pre-flight on the source (``checkpoint.preflight``): blockers refuse it at once (409);
+2. checkpoint on the source (``checkpoint.dump``, stopping the instance);
+3. transfer: ``checkpoint.send`` on the source and ``checkpoint.receive`` on the destination
+   meet here: the controller relays one stream between the two mutual-TLS requests through
+   a small queue (never to disk, never whole in memory), counting the bytes as they pass;
+   both ends report the stream's sha256 and they must agree;
+4. restore on the destination (``checkpoint.restore``), then wait until the destination's
+   own heartbeat reports the instance running;
+5. only then the instance's record moves to the destination and the source deletes its copy.
+
+Any failure after step 2 restores the instance on the source from the checkpoint it just
+made, so it is never lost; nothing is restored on the source while the destination might
+still run it, so it never runs twice. When the controller cannot know (a node took a task
+and never answered), it says so and leaves the checkpoint in place rather than guess.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+import weakref
+from collections.abc import Awaitable
+from typing import Any
+
+from aiohttp import web
+
+from controller import scheduler
+from controller.api import ApiError, Route, field, iso, json_body, reject_unknown, reply, state
+from controller.api.instances import fleet, shown
+from controller.api.tasks import new_task, submit
+from controller.api.tasks import shown as shown_task
+
+log = logging.getLogger("kumo.controller.migration")
+
+CHECKPOINT_KINDS = ("process", "lxc")
+# An lxc container's root filesystem lives beside its checkpoint and is not carried yet.
+MIGRATABLE_KINDS = ("process",)
+PREFLIGHT_TIMEOUT = 30.0
+CRIU_TIMEOUT = 660.0  # the plugin's own criu timeout (600 s) plus slack
+TRANSFER_TIMEOUT = 6 * 3600.0  # the stall timeout below is what ends a stuck transfer
+STALL_TIMEOUT = 60.0
+CLEANUP_TIMEOUT = 60.0
+RELAY_DEPTH = 64  # chunks held between the source's upload and the destination's download
+
+
+class RelayAborted(Exception):
+    """The transfer was given up; the message says why."""
+
+
+class Relay:
+    """One image stream from the source's PUT to the destination's GET."""
+
+    def __init__(self, source: str, destination: str):
+        self.source = source
+        self.destination = destination
+        self.chunks: asyncio.Queue[bytes | None] = asyncio.Queue(RELAY_DEPTH)
+        self.total: int | None = None
+        self.sent = 0  # bytes received from the source
+        self.received = 0  # bytes handed to the destination
+        self.attached = asyncio.Event()
+        self.delivered = asyncio.Event()
+        self.aborted = asyncio.Event()
+        self.error: str | None = None
+
+    def abort(self, reason: str) -> None:
+        if self.error is None:
+            self.error = reason
+        self.aborted.set()
+
+    async def until(self, awaitable: Awaitable[Any], stalled: str) -> Any:
+        """Await ``awaitable`` unless the transfer is aborted or nothing happens for STALL_TIMEOUT."""
+        if self.aborted.is_set():
+            if asyncio.iscoroutine(awaitable):
+                awaitable.close()
+            raise RelayAborted(self.error)
+        waiter = asyncio.ensure_future(awaitable)
+        abort = asyncio.ensure_future(self.aborted.wait())
+        try:
+            done, _ = await asyncio.wait({waiter, abort}, timeout=STALL_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            abort.cancel()
+        if waiter in done:
+            return waiter.result()
+        waiter.cancel()
+        if not done:
+            self.abort(f"the transfer stalled: {stalled} for {STALL_TIMEOUT:.0f} s")
+        raise RelayAborted(self.error)
+
+
+class Migrations:
+    """The migrations this controller process is driving."""
+
+    def __init__(self) -> None:
+        self.relays: dict[str, Relay] = {}
+        self.running: dict[str, asyncio.Task[None]] = {}
+        self.docs: dict[str, dict[str, Any]] = {}
+        self.busy: dict[str, str] = {}  # instance name -> migration id ("" while pre-flight runs)
+
+
+_MIGRATIONS: weakref.WeakKeyDictionary[Any, Migrations] = weakref.WeakKeyDictionary()
+
+
+def migrations(ctl: Any) -> Migrations:
+    if ctl not in _MIGRATIONS:
+        _MIGRATIONS[ctl] = Migrations()
+    return _MIGRATIONS[ctl]
+
+
+# -- tasks the controller waits for ------------------------------------------------------
+
+
+async def run_task(ctl: Any, node: str, kind: str, payload: dict[str, Any], timeout: float,
+                   instance: str | None = None) -> dict[str, Any]:
+    """Queue a task and wait for its end. A task no node took in time is withdrawn (failed,
+    code ``node-timeout``); one taken but never answered comes back with state ``lost``."""
+    task, _ = await submit(ctl, new_task(node, kind, payload, instance=instance))
+    try:
+        return await ctl.wait_task(task["id"], timeout)
+    except TimeoutError:
+        sentence = f"node {node} did not take {kind} within {timeout:.0f} s (is its agent running?)"
+        if await ctl.store.cancel_task(task["id"], sentence):
+            return {**task, "state": "failed", "error": sentence, "code": "node-timeout"}
+        return {**task, "state": "lost", "error": f"node {node} took {kind} but did not answer within {timeout:.0f} s",
+                "code": "no-answer"}
+
+
+async def preflight(ctl: Any, row: dict[str, Any], doing: str) -> None:
+    """Ask the instance's node what would block a checkpoint; 409 naming the blockers."""
+    task = await run_task(ctl, row["node"], "checkpoint.preflight", {"name": row["name"], "kind": row["kind"]},
+                          PREFLIGHT_TIMEOUT)
+    if task["state"] != "succeeded":
+        raise ApiError(409, f"cannot {doing} instance {row['name']}: the pre-flight check on node {row['node']} "
+                       f"failed: {task['error']}", code=task.get("code"))
+    blockers = (task["result"] or {}).get("blockers") or []
+    if blockers:
+        raise ApiError(
+            409,
+            f"cannot {doing} instance {row['name']} on node {row['node']}: "
+            + "; ".join(f"{b['message']} [{b['code']}]" for b in blockers),
+            blockers=blockers,
+        )
+
+
+def _checkpointable(row: dict[str, Any], kinds: tuple[str, ...], doing: str) -> None:
+    if row["kind"] not in kinds:
+        raise ApiError(409, f"cannot {doing} instance {row['name']}: {row['kind']} instances cannot be "
+                       f"{'migrated' if doing == 'migrate' else 'checkpointed'} (only {', '.join(kinds)})",
+                       code="unsupported-kind")
+
+
+async def _instance(ctl: Any, name: str) -> dict[str, Any]:
+    row = await ctl.store.get_instance(name)
+    if row is None:
+        raise ApiError(404, f"no instance {name!r}: see `kumoctl instances list`")
+    return row
+
+
+def _not_migrating(ctl: Any, name: str) -> None:
+    current = migrations(ctl).busy.get(name)
+    if current is not None:
+        follow = f" (GET /v1/migrations/{current})" if current else ""
+        raise ApiError(409, f"instance {name} is being migrated{follow}; wait until it ends")
+
+
+# -- checkpoint and restore ---------------------------------------------------------------
+
+
+async def checkpoint(request: web.Request) -> web.Response:
+    ctl = state(request)
+    row = await _instance(ctl, request.match_info["name"])
+    data = await json_body(request)
+    reject_unknown(data, {"leave_running"})
+    leave_running = field(data, "leave_running", bool, required=False, default=False)
+    _checkpointable(row, CHECKPOINT_KINDS, "checkpoint")
+    _not_migrating(ctl, row["name"])
+    await preflight(ctl, row, "checkpoint")
+    payload = {"name": row["name"], "kind": row["kind"], "leave_running": leave_running}
+    task, _ = await submit(ctl, new_task(row["node"], "checkpoint.dump", payload, instance=row["name"]))
+    return reply({"instance": await shown(ctl, row), "task": shown_task(task)}, 202)
+
+
+async def restore(request: web.Request) -> web.Response:
+    ctl = state(request)
+    row = await _instance(ctl, request.match_info["name"])
+    data = await json_body(request)
+    reject_unknown(data, {"image"})
+    image = field(data, "image", str, required=False)
+    _checkpointable(row, CHECKPOINT_KINDS, "restore")
+    _not_migrating(ctl, row["name"])
+    payload: dict[str, Any] = {"name": row["name"], "kind": row["kind"]}
+    if image is not None:
+        payload["image"] = image
+    task, _ = await submit(ctl, new_task(row["node"], "checkpoint.restore", payload, instance=row["name"]))
+    return reply({"instance": await shown(ctl, row), "task": shown_task(task)}, 202)
+
+
+# -- migration ---------------------------------------------------------------------------
+
+
+async def migrate(request: web.Request) -> web.Response:
+    ctl = state(request)
+    row = await _instance(ctl, request.match_info["name"])
+    data = await json_body(request)
+    reject_unknown(data, {"to"})
+    doc = await start_migration(ctl, row, field(data, "to", str, required=False))
+    return reply({"migration": public(ctl, doc)}, 202)
+
+
+async def show_migration(request: web.Request) -> web.Response:
+    ctl = state(request)
+    doc = migrations(ctl).docs.get(request.match_info["id"]) or await ctl.store.get_migration(request.match_info["id"])
+    if doc is None:
+        raise ApiError(404, f"no migration {request.match_info['id']!r}")
+    return reply(public(ctl, doc))
+
+
+def public(ctl: Any, doc: dict[str, Any]) -> dict[str, Any]:
+    """The migration as the API shows it, with the relay's live byte counts."""
+    out = {**doc, "progress": dict(doc["progress"])}
+    relay = migrations(ctl).relays.get(doc["id"])
+    if relay is not None:
+        out["progress"].update(bytes_sent=relay.sent, bytes_received=relay.received)
+        if relay.total is not None:
+            out["progress"]["bytes_total"] = relay.total
+    if doc["state"] == "running" and doc["id"] not in migrations(ctl).running:
+        out.update(state="failed", code="interrupted",
+                   error="the controller restarted while this migration ran; check where the instance runs "
+                   f"(kumoctl instances show {doc['instance']}) and restore its checkpoint if it runs nowhere")
+    return out
+
+
+async def _destination(ctl: Any, row: dict[str, Any], to: str | None) -> str:
+    source = row["node"]
+    if to == source:
+        raise ApiError(409, f"instance {row['name']} is already on node {source}: choose another node", code="same-node")
+    nodes = await fleet(ctl)
+    by_id = {n["id"]: n for n in nodes}
+    if to is not None and to not in by_id:
+        raise ApiError(404, f"no node {to!r} to migrate to: see `kumoctl nodes list`")
+    if source not in by_id or by_id[source]["state"] != "ready":
+        state_ = by_id[source]["state"] if source in by_id else "removed"
+        raise ApiError(409, f"instance {row['name']} is on node {source}, which is {state_}: it cannot be checkpointed "
+                       "there now", code="source-unreachable")
+    reasons: dict[str, str] = {}
+    usable = []
+    for node in nodes:
+        if node["id"] == source:
+            continue
+        plugin = (node.get("plugins") or {}).get("checkpoint")
+        if not plugin or not plugin.get("available"):
+            why = (plugin or {}).get("reason") or "not installed"
+            reasons[node["id"]] = f"plugin checkpoint is unavailable: {why}"
+        else:
+            usable.append(node)
+    request = {"kind": row["kind"], "vcpus": row["spec"].get("vcpus", 1),
+               "memory_mib": row["spec"].get("memory_mib", 0), "node": to}
+    chosen, more = scheduler.place(request, usable)
+    reasons.update(more)
+    if chosen is None:
+        if to is not None:
+            raise ApiError(409, f"node {to} cannot take instance {row['name']}: {reasons.get(to)}", reasons=reasons)
+        why = "; ".join(f"{node}: {reason}" for node, reason in sorted(reasons.items())) or "it is the only node"
+        raise ApiError(409, f"no other node can take instance {row['name']}: {why}", reasons=reasons)
+    return chosen
+
+
+async def start_migration(ctl: Any, row: dict[str, Any], to: str | None) -> dict[str, Any]:
+    """Check, pre-flight and start moving ``row``'s instance; its migration document.
+
+    Raises ApiError (404/409) when it cannot start: then nothing was changed anywhere.
+    """
+    name = row["name"]
+    _checkpointable(row, MIGRATABLE_KINDS, "migrate")
+    _not_migrating(ctl, name)
+    mgr = migrations(ctl)
+    mgr.busy[name] = ""
+    try:
+        destination = await _destination(ctl, row, to)
+        await preflight(ctl, row, "migrate")
+    except BaseException:
+        mgr.busy.pop(name, None)
+        raise
+    now = time.time()
+    doc: dict[str, Any] = {
+        "id": "m-" + uuid.uuid4().hex[:16], "instance": name, "kind": row["kind"], "source": row["node"],
+        "destination": destination, "node": row["node"], "state": "running", "phase": "checkpoint",
+        "progress": {"bytes_total": None, "bytes_sent": 0, "bytes_received": 0},
+        "image": None, "sha256": None, "error": None, "code": None, "outcome": None,
+        "created_at": iso(now), "finished_at": None, "seconds": None,
+    }
+    mgr.busy[name] = doc["id"]
+    mgr.docs[doc["id"]] = doc
+    try:
+        await ctl.store.put_migration(doc)
+    except BaseException:
+        mgr.busy.pop(name, None)
+        mgr.docs.pop(doc["id"], None)
+        raise
+    mgr.running[doc["id"]] = asyncio.create_task(_drive(ctl, doc, now), name=f"kumo-migration-{doc['id']}")
+    log.info("migration %s: %s %s from %s to %s", doc["id"], row["kind"], name, row["node"], destination)
+    return doc
+
+
+async def _drive(ctl: Any, doc: dict[str, Any], started: float) -> None:
+    mgr = migrations(ctl)
+    try:
+        await _migrate(ctl, doc)
+    except Exception as exc:
+        log.exception("migration %s failed unexpectedly", doc["id"])
+        doc.update(state="failed", error=f"the controller failed while migrating: {exc}", code="internal")
+    finally:
+        relay = mgr.relays.pop(doc["id"], None)
+        if relay is not None:
+            doc["progress"].update(bytes_sent=relay.sent, bytes_received=relay.received)
+            if relay.total is not None:
+                doc["progress"]["bytes_total"] = relay.total
+        doc.update(finished_at=iso(time.time()), seconds=round(time.time() - started, 3))
+        if doc["state"] == "running":
+            doc["state"] = "failed"
+        with contextlib.suppress(Exception):
+            await ctl.store.put_migration(doc)
+        mgr.busy.pop(doc["instance"], None)
+        mgr.running.pop(doc["id"], None)
+        mgr.docs.pop(doc["id"], None)
+        log.info("migration %s %s: %s", doc["id"], doc["state"], doc.get("outcome") or doc.get("error"))
+
+
+async def _phase(ctl: Any, doc: dict[str, Any], phase: str) -> None:
+    doc["phase"] = phase
+    await ctl.store.put_migration(doc)
+
+
+def _fail(doc: dict[str, Any], task: dict[str, Any], what: str) -> None:
+    code = task.get("code") or "failed"
+    doc.update(state="failed", error=f"{what}: {task.get('error') or 'no error given'}", code=code)
+
+
+async def _migrate(ctl: Any, doc: dict[str, Any]) -> None:
+    name, kind, source, destination = doc["instance"], doc["kind"], doc["source"], doc["destination"]
+    base = {"name": name, "kind": kind}
+
+    dump = await run_task(ctl, source, "checkpoint.dump", {**base, "leave_running": False}, CRIU_TIMEOUT, name)
+    if dump["state"] != "succeeded":
+        _fail(doc, dump, f"checkpoint on node {source} failed")
+        doc["outcome"] = (f"the instance was not moved; if the dump stopped it, restore it with "
+                          f"kumoctl instances restore {name}" if dump["state"] == "lost"
+                          else f"the instance was not moved and stays on node {source} as the dump left it")
+        return
+    image = dump["result"]["image"]
+    doc.update(image=image)
+    doc["progress"]["bytes_total"] = dump["result"].get("size_bytes")
+
+    await _phase(ctl, doc, "transfer")
+    received = await _transfer(ctl, doc, base, image)
+    if received is None:
+        await _roll_back(ctl, doc, base, image)
+        return
+
+    await _phase(ctl, doc, "restore")
+    restored = await run_task(ctl, destination, "checkpoint.restore", {**base, "image": received}, CRIU_TIMEOUT, name)
+    if restored["state"] == "lost":
+        _fail(doc, restored, f"restore on node {destination} has no outcome")
+        doc["outcome"] = (f"the instance may be running on node {destination}; it was not restored on node {source} "
+                          f"so that it cannot run twice: check node {destination}, then restore it where it belongs "
+                          f"(its checkpoint is kept at {image} on node {source})")
+        return
+    if restored["state"] != "succeeded":
+        _fail(doc, restored, f"restore on node {destination} failed")
+        await _roll_back(ctl, doc, base, image)
+        return
+    if not await _reported_running(ctl, destination, name, kind):
+        undone = await run_task(ctl, destination, f"{kind}.delete", base, CLEANUP_TIMEOUT, name)
+        doc.update(state="failed", code="not-running",
+                   error=f"node {destination} restored the instance but never reported it running")
+        if undone["state"] == "succeeded":
+            await _roll_back(ctl, doc, base, image)
+        else:
+            doc["outcome"] = (f"removing it from node {destination} failed too ({undone.get('error')}); it was not "
+                              f"restored on node {source} so that it cannot run twice: check node {destination}")
+        return
+
+    await _phase(ctl, doc, "cleanup")
+    await ctl.store.move_instance(name, source, destination)
+    doc.update(node=destination)
+    cleanup = await run_task(ctl, source, f"{kind}.delete", base, CLEANUP_TIMEOUT, name)
+    doc.update(state="succeeded", phase="done")
+    if cleanup["state"] == "succeeded":
+        doc["outcome"] = f"instance {name} runs on node {destination}; node {source} no longer has it"
+    else:
+        doc["outcome"] = (f"instance {name} runs on node {destination}; removing the stopped copy from node {source} "
+                          f"failed ({cleanup.get('error')}): delete it there by hand")
+
+
+async def _transfer(ctl: Any, doc: dict[str, Any], base: dict[str, Any], image: str) -> str | None:
+    """Relay the image; the destination's path of it, or None (``doc`` says why)."""
+    mgr = migrations(ctl)
+    source, destination = doc["source"], doc["destination"]
+    relay = mgr.relays[doc["id"]] = Relay(source, destination)
+    transfer = {**base, "migration": doc["id"]}
+    send, _ = await submit(ctl, new_task(source, "checkpoint.send", {**transfer, "image": image}, instance=doc["instance"]))
+    image_name = image.rstrip("/").rpartition("/")[2]
+    recv, _ = await submit(ctl, new_task(destination, "checkpoint.receive", {**transfer, "image_name": image_name},
+                                         instance=doc["instance"]))
+    waits = {asyncio.ensure_future(ctl.wait_task(t["id"], TRANSFER_TIMEOUT)): t for t in (send, recv)}
+    ended: dict[str, dict[str, Any]] = {}
+    pending = set(waits)
+    while pending:
+        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        for future in done:
+            task = waits[future]
+            try:
+                ended[task["id"]] = future.result()
+            except TimeoutError:
+                ended[task["id"]] = {**task, "state": "failed", "error": "no answer", "code": "no-answer"}
+            if ended[task["id"]]["state"] != "succeeded":
+                # One end gave up: the other must not wait out the stall timeout.
+                relay.abort(f"node {task['node']} failed: {ended[task['id']].get('error')}")
+                for other in pending:
+                    if await ctl.store.cancel_task(waits[other]["id"], "the migration's transfer was aborted"):
+                        ctl.task_finished(await ctl.store.get_task(waits[other]["id"]))
+    sent, got = ended[send["id"]], ended[recv["id"]]
+    for task, where in ((got, destination), (sent, source)):
+        if task["state"] != "succeeded":
+            _fail(doc, task, f"transfer ({'receiving on' if where == destination else 'sending from'} node {where}) failed")
+            return None
+    if sent["result"].get("sha256") != got["result"].get("sha256") or sent["result"].get("bytes") != got["result"].get("bytes"):
+        doc.update(state="failed", code="transfer-checksum",
+                   error=f"the image arrived damaged: node {source} sent {sent['result'].get('bytes')} bytes with sha256 "
+                   f"{sent['result'].get('sha256')}, node {destination} received {got['result'].get('bytes')} with "
+                   f"{got['result'].get('sha256')}")
+        return None
+    doc["sha256"] = got["result"]["sha256"]
+    return got["result"]["image"]
+
+
+async def _reported_running(ctl: Any, node_id: str, name: str, kind: str) -> bool:
+    """Wait until the node's own report (its heartbeat) lists the instance running."""
+    deadline = time.monotonic() + max(10.0, 5 * ctl.settings.heartbeat_interval)
+    while time.monotonic() < deadline:
+        row = await ctl.store.get_node(node_id)
+        if row is not None and any(
+            i.get("name") == name and i.get("kind") == kind and i.get("state") == "running"
+            for i in ctl.node_view(row)["instances"]
+        ):
+            return True
+        await asyncio.sleep(0.2)
+    return False
+
+
+async def _roll_back(ctl: Any, doc: dict[str, Any], base: dict[str, Any], image: str) -> None:
+    """Restore the instance on the source from the checkpoint this migration made."""
+    source = doc["source"]
+    doc["phase"] = "rollback"
+    await ctl.store.put_migration(doc)
+    restored = await run_task(ctl, source, "checkpoint.restore", {**base, "image": image}, CRIU_TIMEOUT, doc["instance"])
+    if restored["state"] == "succeeded":
+        doc["outcome"] = f"the instance was restored on node {source} from its checkpoint and runs there"
+    else:
+        doc["outcome"] = (f"restoring it on node {source} failed too ({restored.get('error')}); its checkpoint is kept "
+                          f"at {image}: kumoctl instances restore {doc['instance']} --image {image}")
+
+
+# -- the image relay (node endpoints) -------------------------------------------------------
+
+
+def _relay(request: web.Request, role: str) -> Relay:
+    ctl = state(request)
+    migration_id, node_id = request.match_info["mid"], request.match_info["id"]
+    relay = migrations(ctl).relays.get(migration_id)
+    if relay is None:
+        raise ApiError(404, f"migration {migration_id} has no transfer in progress")
+    if node_id != (relay.source if role == "source" else relay.destination):
+        raise ApiError(403, f"node {node_id} is not the {role} of migration {migration_id}")
+    return relay
+
+
+async def upload_image(request: web.Request) -> web.Response:
+    relay = _relay(request, "source")
+    if relay.attached.is_set():
+        raise ApiError(409, "the image of this migration is already being sent")
+    size = request.headers.get("X-Kumo-Size", "")
+    relay.total = int(size) if size.isdigit() else None
+    relay.attached.set()
+    try:
+        # request.content streams: client_max_size limits request.read(), not this.
+        async for chunk in request.content.iter_any():
+            if relay.chunks.full():
+                await relay.until(relay.chunks.put(chunk), "the destination took nothing")
+            else:
+                relay.chunks.put_nowait(chunk)
+            relay.sent += len(chunk)
+        await relay.until(relay.chunks.put(None), "the destination took nothing")
+        await relay.until(relay.delivered.wait(), "the destination did not take the rest")
+    except RelayAborted as exc:
+        raise ApiError(409, f"the transfer was aborted: {exc}") from None
+    except BaseException as exc:
+        relay.abort(f"the stream from node {relay.source} broke: {exc or type(exc).__name__}")
+        raise
+    return reply({"bytes": relay.sent})
+
+
+async def download_image(request: web.Request) -> web.StreamResponse:
+    relay = _relay(request, "destination")
+    try:
+        await relay.until(relay.attached.wait(), f"node {relay.source} did not start sending")
+    except RelayAborted as exc:
+        raise ApiError(409, f"the transfer was aborted: {exc}") from None
+    response = web.StreamResponse(headers={"Content-Type": "application/x-tar"})
+    if relay.total is not None:
+        response.content_length = relay.total
+    await response.prepare(request)
+    try:
+        while True:
+            if relay.chunks.empty():
+                chunk = await relay.until(relay.chunks.get(), f"node {relay.source} sent nothing")
+            else:
+                chunk = relay.chunks.get_nowait()
+            if chunk is None:
+                break
+            await response.write(chunk)
+            relay.received += len(chunk)
+        await response.write_eof()
+    except asyncio.CancelledError:
+        relay.abort(f"node {relay.destination} went away during the transfer")
+        raise
+    except (RelayAborted, OSError) as exc:
+        relay.abort(f"node {relay.destination} went away during the transfer: {exc}")
+        # The answer has begun: cutting the connection is how the destination learns of it.
+        if request.transport is not None:
+            request.transport.close()
+        return response
+    relay.delivered.set()
+    return response
+
+
+# -- drain ---------------------------------------------------------------------------------
+
+
+async def evacuate(ctl: Any, node_id: str) -> dict[str, Any]:
+    """Start migrating every instance of ``node_id`` that passes its pre-flight check.
+
+    Returns ``{"moving": [migration], "staying": [{"name", "kind", "reason", "blockers"}]}``.
+    """
+    moving, staying = [], []
+    for row in await ctl.store.list_instances():
+        if row["node"] != node_id:
+            continue
+        try:
+            moving.append(public(ctl, await start_migration(ctl, row, None)))
+        except ApiError as exc:
+            staying.append({"name": row["name"], "kind": row["kind"], "reason": exc.message,
+                            "blockers": exc.extra.get("blockers") or []})
+    return {"moving": moving, "staying": staying}
+
+
+INSTANCE = "/v1/instances/{name}"
+IMAGE = "/v1/nodes/{id}/migrations/{mid}/image"
+ROUTES = [
+    Route("POST", INSTANCE + "/checkpoint", checkpoint, "admin",
+          "Checkpoint a process or lxc instance with CRIU (pre-flight first: 409 with the blockers).",
+          {"leave_running": "true to keep it running after the dump (default false: it stops)"}),
+    Route("POST", INSTANCE + "/restore", restore, "admin", "Restore an instance from its latest or a given checkpoint.",
+          {"image": "checkpoint directory on the instance's node, optional"}),
+    Route("POST", INSTANCE + "/migrate", migrate, "admin",
+          "Move a running instance to another node (checkpoint, transfer, restore); 409 with the blockers.",
+          {"to": "node id, or null to let the scheduler choose"}),
+    Route("GET", "/v1/migrations/{id}", show_migration, "admin", "A migration: its phase, progress and outcome."),
+    Route("PUT", IMAGE, upload_image, "node", "The source node streams a migration's checkpoint (a tar)."),
+    Route("GET", IMAGE, download_image, "node", "The destination node reads a migration's checkpoint as it arrives."),
+]
