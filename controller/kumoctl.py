@@ -429,9 +429,23 @@ def cmd_nodes_show(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_nodes_drain(client: Client, args: argparse.Namespace) -> int:
-    client.call("POST", f"/v1/nodes/{quote(args.id, safe='')}/drain")
-    print(f"node {args.id} drained: no new instances will be placed on it; running ones stay")
-    return 0
+    answer = client.call("POST", f"/v1/nodes/{quote(args.id, safe='')}/drain")
+    evacuation = answer.get("evacuation") or {"moving": [], "staying": []}
+    moved = [wait_for_migration(client, m, args.timeout) for m in evacuation["moving"]]
+    if args.output == "json":
+        print_json({"node": args.id, "moved": moved, "staying": evacuation["staying"]})
+        return EXIT_ERROR if any(m["state"] != "succeeded" for m in moved) else 0
+    print(f"node {args.id} drained: no new instances will be placed on it")
+    failed = 0
+    for migration in moved:
+        if migration["state"] == "succeeded":
+            print(f"moved {migration['instance']} to {migration['destination']}")
+        else:
+            failed += 1
+            print(f"could not move {migration['instance']}: {_migration_failure(migration)}")
+    for stay in evacuation["staying"]:
+        print(f"{stay['name']} stays on {args.id}: {stay['reason']}")
+    return EXIT_ERROR if failed else 0
 
 
 def cmd_nodes_undrain(client: Client, args: argparse.Namespace) -> int:
@@ -605,6 +619,87 @@ def _instance_operation(verb: str, done: str) -> Callable[[Client, argparse.Name
     return command
 
 
+def cmd_instances_checkpoint(client: Client, args: argparse.Namespace) -> int:
+    answer = client.call(
+        "POST",
+        f"/v1/instances/{quote(args.name, safe='')}/checkpoint",
+        {"leave_running": args.leave_running},
+    )
+    task = answer["task"]
+    if args.no_wait:
+        print(f"instance {args.name}: checkpoint task {task['id']} is {task['state']}")
+        return 0
+    task = wait_for_task(client, task, f"checkpointing {args.name}", args.timeout)
+    result = task.get("result") or {}
+    if args.output == "json":
+        print_json(task)
+        return 0
+    after = "it keeps running" if args.leave_running else "it is stopped until restored"
+    print(
+        f"instance {args.name} checkpointed on node {task['node']} to {result.get('image')} "
+        f"({mib(result.get('size_bytes'))} MiB); {after}"
+    )
+    return 0
+
+
+def cmd_instances_restore(client: Client, args: argparse.Namespace) -> int:
+    body = {"image": args.image} if args.image else {}
+    answer = client.call("POST", f"/v1/instances/{quote(args.name, safe='')}/restore", body)
+    task = answer["task"]
+    if args.no_wait:
+        print(f"instance {args.name}: restore task {task['id']} is {task['state']}")
+        return 0
+    task = wait_for_task(client, task, f"restoring {args.name}", args.timeout)
+    result = task.get("result") or {}
+    if args.output == "json":
+        print_json(task)
+        return 0
+    print(
+        f"instance {args.name} restored on node {task['node']} from {result.get('image')} "
+        f"(pid {result.get('pid')})"
+    )
+    return 0
+
+
+def cmd_instances_migrate(client: Client, args: argparse.Namespace) -> int:
+    answer = client.call(
+        "POST", f"/v1/instances/{quote(args.name, safe='')}/migrate", {"to": args.to}
+    )
+    migration = answer["migration"]
+    if args.no_wait:
+        print(
+            f"instance {args.name}: migration {migration['id']} to node "
+            f"{migration['destination']} started (GET /v1/migrations/{migration['id']})"
+        )
+        return 0
+    migration = wait_for_migration(client, migration, args.timeout)
+    if args.output == "json":
+        print_json(migration)
+        return 0 if migration["state"] == "succeeded" else EXIT_ERROR
+    if migration["state"] != "succeeded":
+        raise CommandError(f"migrating {args.name} failed: {_migration_failure(migration)}")
+    progress = migration.get("progress") or {}
+    print(
+        f"instance {args.name} now runs on node {migration['destination']} (moved from "
+        f"{migration['source']} in {migration.get('seconds') or 0:.1f} s, "
+        f"{mib(progress.get('bytes_received'))} MiB transferred, sha256 checked)"
+    )
+    outcome = migration.get("outcome") or ""
+    if "failed" in outcome:
+        print(f"warning: {outcome}", file=sys.stderr)
+    return 0
+
+
+def _migration_failure(migration: Mapping[str, Any]) -> str:
+    code = f" [{migration['code']}]" if migration.get("code") else ""
+    outcome = f"; {migration['outcome']}" if migration.get("outcome") else ""
+    return f"{migration.get('error') or 'no error given'}{code}{outcome}"
+
+
+def mib(value: Any) -> str:
+    return f"{(value or 0) / 1024**2:.1f}"
+
+
 def cmd_instances_console(client: Client, args: argparse.Namespace) -> int:
     answer = client.call("POST", f"/v1/instances/{quote(args.name, safe='')}/console")
     task = wait_for_task(
@@ -748,6 +843,50 @@ def wait_for_task(
     return task
 
 
+def _migration_line(migration: Mapping[str, Any], elapsed: float) -> str:
+    progress = migration.get("progress") or {}
+    phase = migration.get("phase") or "?"
+    line = f"migrating {migration['instance']} {migration['source']} -> {migration['destination']}: {phase}"
+    total = progress.get("bytes_total")
+    if phase != "checkpoint" and total:
+        done = progress.get("bytes_received") or 0
+        line += f" {mib(done)}/{mib(total)} MiB ({min(100, 100 * done // total)}%)"
+    return f"{line} {elapsed:.0f}s"
+
+
+def wait_for_migration(
+    client: Client, migration: Mapping[str, Any], timeout: float
+) -> Mapping[str, Any]:
+    """Poll a migration until it ends, its phase and bytes moved on stderr when it is a terminal."""
+    show = sys.stderr.isatty()
+    started = time.monotonic()
+    path = f"/v1/migrations/{quote(migration['id'], safe='')}"
+    try:
+        while migration["state"] == "running":
+            elapsed = time.monotonic() - started
+            if elapsed > timeout:
+                raise CommandError(
+                    f"migration {migration['id']} of {migration['instance']} is still in its "
+                    f"{migration.get('phase')} phase after {timeout:g} s; follow it with GET {path}"
+                )
+            if show:
+                sys.stderr.write(f"\r\033[K{_migration_line(migration, elapsed)}")
+                sys.stderr.flush()
+            time.sleep(0.2)
+            migration = client.call("GET", path)
+    except KeyboardInterrupt:
+        if show:
+            sys.stderr.write("\n")
+        print(f"stopped waiting; migration {migration['id']} goes on: GET {path}", file=sys.stderr)
+        raise
+    if show:
+        # The last line stays: how much moved and how long it took.
+        final = {**migration, "phase": "transfer" if migration["state"] == "succeeded" else migration.get("phase")}
+        sys.stderr.write(f"\r\033[K{_migration_line(final, time.monotonic() - started)} {migration['state']}\n")
+        sys.stderr.flush()
+    return migration
+
+
 # --- argument parsing -------------------------------------------------------------------
 
 
@@ -823,8 +962,20 @@ def build_parser() -> argparse.ArgumentParser:
     leaf(
         nodes, "show", cmd_nodes_show, "show one node's facts, plugins and instances", [output]
     ).add_argument("id", help="node id (n-...)")
-    leaf(nodes, "drain", cmd_nodes_drain, "place no new instances on a node").add_argument(
-        "id", help="node id"
+    sub = leaf(
+        nodes,
+        "drain",
+        cmd_nodes_drain,
+        "place no new instances on a node and migrate off what can move",
+        [output],
+    )
+    sub.add_argument("id", help="node id")
+    sub.add_argument(
+        "--timeout",
+        type=parse_duration,
+        default=int(DEFAULT_WAIT),
+        metavar="DURATION",
+        help=f"how long to wait for each migration (default: {DEFAULT_WAIT:g}s)",
     )
     leaf(nodes, "undrain", cmd_nodes_undrain, "let a drained node take new instances").add_argument(
         "id", help="node id"
@@ -879,6 +1030,33 @@ def build_parser() -> argparse.ArgumentParser:
         ("delete", "deleted", "delete an instance and its disks"),
     ):
         leaf(instances, verb, _instance_operation(verb, done), help, [waiting]).add_argument("name")
+    sub = leaf(
+        instances,
+        "checkpoint",
+        cmd_instances_checkpoint,
+        "checkpoint a process or container with CRIU (stops it unless --leave-running)",
+        [waiting, output],
+    )
+    sub.add_argument("name")
+    sub.add_argument("--leave-running", action="store_true", help="keep it running after the dump")
+    sub = leaf(
+        instances,
+        "restore",
+        cmd_instances_restore,
+        "restore a stopped instance from its latest checkpoint",
+        [waiting, output],
+    )
+    sub.add_argument("name")
+    sub.add_argument("--image", metavar="DIR", help="a checkpoint directory on its node instead")
+    sub = leaf(
+        instances,
+        "migrate",
+        cmd_instances_migrate,
+        "move a running instance to another node (checkpoint, transfer, restore)",
+        [waiting, output],
+    )
+    sub.add_argument("name")
+    sub.add_argument("--to", metavar="NODE", help="destination node id (default: the scheduler chooses)")
     sub = leaf(instances, "console", cmd_instances_console, "print an instance's console log")
     sub.add_argument("name")
     sub.add_argument(

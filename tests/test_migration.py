@@ -1,0 +1,214 @@
+"""Checkpoint, restore and migration through the controller, with real CRIU and two real agents
+on this machine (each its own state dir): a counter moves and keeps counting, blockers refuse
+early, a failed restore on the destination leaves it running on the source, kumoctl shows the
+progress and drain moves what can move."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pty
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness.criu import SBIN_PATH
+
+pytestmark = pytest.mark.integration
+
+PY = "/usr/bin/python3"
+COUNTER = """
+import sys, time
+i = 0
+while True:
+    i += 1
+    with open(sys.argv[1], "w") as f:
+        f.write(str(i))
+    time.sleep(0.05)
+"""
+CONNECTED = """
+import socket, sys, time
+conn = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+while True:
+    time.sleep(0.1)
+"""
+
+
+def wait_for(predicate: Any, what: str, limit: float = 30.0) -> Any:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def read_counter(path: Path) -> int:
+    try:
+        return int(path.read_text() or 0)
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+def reported(agent: Any, name: str) -> dict[str, Any] | None:
+    """The instance as the node itself last reported it (its heartbeat), or None."""
+    return next((i for i in agent.node()["instances"] if i["name"] == name), None)
+
+
+def running_on(agent: Any, name: str) -> dict[str, Any] | None:
+    state = reported(agent, name)
+    return state if state and state["state"] == "running" else None
+
+
+@pytest.fixture
+def cluster(criu_required, controller, kumo_agent, tmp_path):
+    """Two agents and a helper to start instances on them; every instance is deleted afterwards
+    and any process still running from this test's directory is killed."""
+    made: list[str] = []
+
+    def create(agent: Any, name: str, argv: list[str]) -> None:
+        controller.admin("POST", "/v1/instances", {
+            "name": name, "kind": "process", "node": agent.node_id, "vcpus": 1, "memory_mib": 64,
+            "options": {"command": argv},
+        })
+        made.append(name)
+        wait_for(lambda: running_on(agent, name), f"{name} to run on {agent.node_id}")
+
+    def counter(agent: Any, name: str) -> Path:
+        path = tmp_path / f"{name}.count"
+        create(agent, name, [PY, "-c", COUNTER, str(path)])
+        wait_for(lambda: read_counter(path) >= 5, f"{name} to count")
+        return path
+
+    yield controller, kumo_agent, create, counter
+    for name in made:
+        with contextlib.suppress(AssertionError):
+            controller.admin("DELETE", f"/v1/instances/{name}")
+    for pid in _pids_mentioning(str(tmp_path)):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _pids_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if text.encode() in (entry / "cmdline").read_bytes() and int(entry.name) != os.getpid():
+                    pids.append(int(entry.name))
+    return pids
+
+
+def finished(controller: Any, migration_id: str) -> dict[str, Any]:
+    return wait_for(
+        lambda: (m := controller.admin("GET", f"/v1/migrations/{migration_id}"))["state"] != "running" and m,
+        f"migration {migration_id} to end", limit=120,
+    )
+
+
+def test_a_counter_migrates_and_keeps_counting(cluster):
+    controller, kumo_agent, _, counter = cluster
+    a, b = kumo_agent(), kumo_agent()
+    path = counter(a, "mover")
+    pid = running_on(a, "mover")["details"]["pid"]
+
+    answer = controller.admin("POST", "/v1/instances/mover/migrate", {"to": b.node_id})
+    done = finished(controller, answer["migration"]["id"])
+    assert done["state"] == "succeeded", done
+    assert done["node"] == b.node_id and done["progress"]["bytes_received"] == done["progress"]["bytes_total"] > 0
+    assert len(done["sha256"]) == 64
+
+    on_b = running_on(b, "mover")
+    assert on_b and on_b["details"]["pid"] == pid, "CRIU restores a process under its own pid"
+    assert controller.admin("GET", "/v1/instances/mover")["node"] == b.node_id
+    wait_for(lambda: reported(a, "mover") is None, "node A to forget the instance")
+    before = read_counter(path)
+    later = wait_for(lambda: (n := read_counter(path)) > before + 3 and n, "the counter to go on counting on B")
+    assert later > 5, "it continued from where it was, it did not start over"
+
+
+def test_blockers_and_a_migration_to_its_own_node_are_refused_early(cluster, tmp_path):
+    controller, kumo_agent, create, _ = cluster
+    a, b = kumo_agent(), kumo_agent()
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        create(a, "talker", [PY, "-c", CONNECTED, str(server.getsockname()[1])])
+        peer, _ = server.accept()
+        with peer:
+            for path, body in (("migrate", {"to": b.node_id}), ("checkpoint", {})):
+                status, answer = controller.call("POST", f"/v1/instances/talker/{path}", body, cert=controller.admin_cert)
+                assert status == 409, answer
+                assert [x["code"] for x in answer["blockers"]] == ["tcp-established"], answer
+                assert "established TCP connection" in answer["error"]
+            status, answer = controller.call("POST", "/v1/instances/talker/migrate", {"to": a.node_id},
+                                             cert=controller.admin_cert)
+            assert status == 409 and "already on node" in answer["error"]
+            assert running_on(a, "talker") and controller.admin("GET", "/v1/instances/talker")["node"] == a.node_id
+
+
+def test_a_failed_restore_on_the_destination_leaves_it_running_on_the_source(cluster, tmp_path):
+    controller, kumo_agent, _, counter = cluster
+    real = shutil.which("criu", path=SBIN_PATH)
+    broken = tmp_path / "criu-that-cannot-restore"
+    broken.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = restore ]; then echo "Error (test): injected restore failure" >&2; exit 1; fi\n'
+        f'exec {real} "$@"\n'
+    )
+    broken.chmod(0o755)
+    a, b = kumo_agent(), kumo_agent(plugins={"checkpoint": {"criu": str(broken)}})
+    path = counter(a, "stayer")
+
+    answer = controller.admin("POST", "/v1/instances/stayer/migrate", {"to": b.node_id})
+    done = finished(controller, answer["migration"]["id"])
+    assert done["state"] == "failed" and done["code"] == "restore-failed", done
+    assert "injected restore failure" in done["error"]
+    assert f"restored on node {a.node_id}" in done["outcome"]
+    assert controller.admin("GET", "/v1/instances/stayer")["node"] == a.node_id
+    wait_for(lambda: running_on(a, "stayer"), "the instance to run on A again")
+    assert not running_on(b, "stayer")
+    before = read_counter(path)
+    wait_for(lambda: read_counter(path) > before + 3, "the counter to go on counting on A")
+
+
+def kumoctl(controller: Any, *args: str, tty: bool = False) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of the real kumoctl; ``tty`` puts stderr on a terminal."""
+    argv = [sys.executable, "-m", "controller.kumoctl", "--config", str(controller.kumoctl_config), *args]
+    if not tty:
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=180, check=False)  # noqa: S603
+        return result.returncode, result.stdout, result.stderr
+    master, slave = pty.openpty()
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=slave, text=True) as proc:  # noqa: S603
+        os.close(slave)
+        err = b""
+        with contextlib.suppress(OSError):  # EIO once the child has closed the terminal
+            while chunk := os.read(master, 65536):
+                err += chunk
+        out = proc.stdout.read() if proc.stdout else ""
+        proc.wait(180)
+    os.close(master)
+    return proc.returncode, out, err.decode(errors="replace")
+
+
+def test_kumoctl_migrate_shows_progress_and_drain_moves_the_rest(cluster):
+    controller, kumo_agent, _, counter = cluster
+    a, b = kumo_agent(), kumo_agent()
+    counter(a, "first")
+    status, out, err = kumoctl(controller, "instances", "migrate", "first", "--to", b.node_id, tty=True)
+    assert status == 0, err
+    assert "transfer" in err and "%" in err, err
+    assert f"now runs on node {b.node_id}" in out
+
+    counter(a, "second")
+    status, out, err = kumoctl(controller, "nodes", "drain", a.node_id)
+    assert status == 0, err
+    assert f"moved second to {b.node_id}" in out, out
+    assert controller.admin("GET", "/v1/instances/second")["node"] == b.node_id
+    assert running_on(b, "second")
