@@ -42,6 +42,7 @@ import random
 import re
 import signal
 import ssl
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -220,6 +221,7 @@ class MonitoringPlugin:
         self.network_counters: dict[str, tuple[int, int]] = {}  # nic -> (received, sent) bytes
         self._file_lock = asyncio.Lock()
         self._writes: set[asyncio.Future[None]] = set()
+        self._threads: dict[str, threading.Thread] = {}
 
     # -- configuration and lifecycle ------------------------------------------------------
 
@@ -308,21 +310,63 @@ class MonitoringPlugin:
     async def _probe_loop(self, name: str, run: Any, interval: float, timeout: float) -> None:
         while True:
             started = time.monotonic()
-            try:
-                results = await asyncio.wait_for(run(), timeout)
-            except TimeoutError:
+            # A failed run leaves every target the probe had unknown, not stale.
+            targets = sorted(t for p, t in self.samples if p == name) or [""]
+            blocked = self._threads.get(name)
+            if blocked is not None and blocked.is_alive():
+                # A thread cannot be cancelled: starting another run would pile them up.
                 self.timeouts[name] = self.timeouts.get(name, 0) + 1
-                results = [("", ProbeResult("unknown", None, f"timed out after {timeout:g} s"))]
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.debug("probe %s failed", name, exc_info=True)
-                results = [("", ProbeResult("unknown", None, f"{type(exc).__name__}: {exc}"))]
-            self.durations[name] = time.monotonic() - started
+                message = "its previous run is still blocked in a system call: not started again"
+                results = [(t, ProbeResult("unknown", None, message)) for t in targets]
+            else:
+                try:
+                    results = await asyncio.wait_for(run(), timeout)
+                except TimeoutError:
+                    self.timeouts[name] = self.timeouts.get(name, 0) + 1
+                    results = [(t, ProbeResult("unknown", None, f"timed out after {timeout:g} s")) for t in targets]
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.debug("probe %s failed", name, exc_info=True)
+                    results = [(t, ProbeResult("unknown", None, f"{type(exc).__name__}: {exc}")) for t in targets]
+                self.durations[name] = time.monotonic() - started
             for target, result in results:
                 self.samples[(name, target)] = Sample(result.status, result.value, result.message, time.time())
                 await self._evaluate(name, target)
+            await self._forget_targets(name, {t for t, _ in results})
             await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+
+    async def _in_thread(self, probe: str, function: Callable[..., Any], *args: Any) -> Any:
+        """Run a blocking probe step in a thread of its own.
+
+        Not the loop's default executor: a probe stuck in the kernel (statfs on a dead NFS
+        server) would hold one of its few workers, which the agent's metrics and other
+        plugins share, and its exit would wait for it. A daemon thread holds nothing, and
+        the probe loop does not start another run while it is alive.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+
+        def settle(result: Any, error: BaseException | None) -> None:
+            if future.done():
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+        def work() -> None:
+            try:
+                result, error = function(*args), None
+            except BaseException as exc:  # handed to the awaiting coroutine
+                result, error = None, exc
+            with contextlib.suppress(RuntimeError):  # the loop closed while we were blocked
+                loop.call_soon_threadsafe(settle, result, error)
+
+        thread = threading.Thread(target=work, name=f"kumo-probe {probe}", daemon=True)
+        self._threads[probe] = thread
+        thread.start()
+        return await future
 
     async def _collect_loop(self) -> None:
         """Pick up probes other plugins contribute (they may start after this plugin)."""
@@ -360,7 +404,7 @@ class MonitoringPlugin:
         async def cpu() -> list[tuple[str, ProbeResult]]:
             # From our own previous reading, not psutil.cpu_percent()'s process-wide one,
             # which any other caller in the agent would reset.
-            times = await asyncio.to_thread(psutil.cpu_times)
+            times = await self._in_thread(p.name, psutil.cpu_times)
             last, self._cpu_last = self._cpu_last, times
             if last is None:
                 return []
@@ -370,11 +414,11 @@ class MonitoringPlugin:
             return one(busy, f"{busy * 100:.0f}% busy")
 
         async def memory() -> list[tuple[str, ProbeResult]]:
-            vm = await asyncio.to_thread(psutil.virtual_memory)
+            vm = await self._in_thread(p.name, psutil.virtual_memory)
             return one((vm.total - vm.available) / vm.total, f"{vm.available // 2**20} MiB available")
 
         async def swap() -> list[tuple[str, ProbeResult]]:
-            sw = await asyncio.to_thread(psutil.swap_memory)
+            sw = await self._in_thread(p.name, psutil.swap_memory)
             return one(sw.used / sw.total if sw.total else 0.0, f"{sw.used // 2**20} of {sw.total // 2**20} MiB used")
 
         async def disk() -> list[tuple[str, ProbeResult]]:
@@ -391,14 +435,14 @@ class MonitoringPlugin:
                     out.append((mount, ProbeResult(graded(ratio), ratio, f"{mount}: {du.free // 2**20} MiB free")))
                 return out
 
-            return await asyncio.to_thread(usage)
+            return await self._in_thread(p.name, usage)
 
         async def load() -> list[tuple[str, ProbeResult]]:
             load1, _, _ = os.getloadavg()
             return one(load1, f"load {load1:.2f} on {os.cpu_count()} CPUs")
 
         async def network() -> list[tuple[str, ProbeResult]]:
-            counters = await asyncio.to_thread(psutil.net_io_counters, True)
+            counters = await self._in_thread(p.name, psutil.net_io_counters, True)
             self.network_counters = {nic: (c.bytes_recv, c.bytes_sent) for nic, c in counters.items()}
             now, out = time.monotonic(), []
             for nic, c in sorted(counters.items()):
@@ -419,7 +463,7 @@ class MonitoringPlugin:
                         n += 1
                 return n
 
-            n = await asyncio.to_thread(count)
+            n = await self._in_thread(p.name, count)
             return [("", ProbeResult("ok" if n else "critical", float(n), f"{n} {p.process} process(es)"))]
 
         async def tcp() -> list[tuple[str, ProbeResult]]:
@@ -498,6 +542,19 @@ class MonitoringPlugin:
                 self.pending.pop((rule.name, target), None)
                 if key in self.firing:
                     await self._transition(rule, probe, target, sample, "resolved")
+
+    async def _forget_targets(self, probe: str, current: set[str]) -> None:
+        """Drop targets a probe no longer reports (an unmounted disk, the placeholder a failed
+        run used), resolving their alerts: nothing would resolve them otherwise."""
+        for _, target in [key for key in self.samples if key[0] == probe and key[1] not in current]:
+            del self.samples[(probe, target)]
+            gone = Sample("unknown", None, f"{target or probe} is no longer reported", time.time())
+            for rule in self.rules:
+                if rule.probe != probe:
+                    continue
+                self.pending.pop((rule.name, target), None)
+                if f"{rule.name}\0{target}" in self.firing:
+                    await self._transition(rule, probe, target, gone, "resolved")
 
     async def _transition(self, rule: RuleConfig, probe: str, target: str, sample: Sample, state: str) -> None:
         key = f"{rule.name}\0{target}"

@@ -142,6 +142,48 @@ async def test_a_hung_check_never_delays_the_others(tmp_path: Path) -> None:
         await plugin.kumo_shutdown()
 
 
+async def test_a_probe_stuck_in_the_kernel_holds_one_thread_and_nothing_else(tmp_path: Path, monkeypatch: Any) -> None:
+    """statfs on a dead NFS server never returns: the disk probe must not pile threads or starve the agent."""
+    import threading
+
+    import psutil
+
+    release = threading.Event()
+    calls: list[str] = []
+    real_disk_usage = psutil.disk_usage
+
+    def disk_usage(path: str) -> Any:
+        if path == "/mnt/dead-nfs":
+            calls.append(path)
+            release.wait(60)
+        return real_disk_usage("/")
+
+    monkeypatch.setattr(psutil, "disk_usage", disk_usage)
+    section = {"default_probes": False, "probes": [
+        {"name": "nfs", "type": "disk", "mount": "/mnt/dead-nfs", "interval": 0.1, "timeout": 0.2},
+        {"name": "root", "type": "disk", "mount": "/", "interval": 0.1},
+    ], "rules": [{"name": "nfs-unreadable", "probe": "nfs", "status": "unknown"}]}
+    controller = FakeController()
+    plugin = await started(tmp_path / "state", section, controller)
+    try:
+        await until(lambda: plugin.timeouts.get("nfs", 0) >= 4)
+        assert calls == ["/mnt/dead-nfs"], "one blocked thread, not one per interval"
+        assert plugin.samples[("nfs", "")].status == "unknown"
+        assert "still blocked" in plugin.samples[("nfs", "")].message
+        root_before = plugin.samples[("root", "/")].at
+        await until(lambda: plugin.samples[("root", "/")].at > root_before)
+        release.set()  # the server comes back: the probe reads again
+        await until(lambda: ("nfs", "/mnt/dead-nfs") in plugin.samples)
+        assert plugin.samples[("nfs", "/mnt/dead-nfs")].status == "ok"
+        assert ("nfs", "") not in plugin.samples, "the placeholder of the failed runs is gone"
+        await until(lambda: len(controller.received) == 2)
+        assert [a["state"] for a in controller.received] == ["firing", "resolved"]
+        assert "no longer reported" in controller.received[1]["annotations"]["summary"]
+    finally:
+        release.set()
+        await plugin.kumo_shutdown()
+
+
 async def test_alerts_fire_and_resolve_offline_and_arrive_once_after_a_restart(tmp_path: Path) -> None:
     flag = tmp_path / "broken"
     flag.touch()
