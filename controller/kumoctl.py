@@ -881,8 +881,8 @@ def wait_for_migration(
         raise
     if show:
         # The last line stays: how much moved and how long it took.
-        final = {**migration, "phase": "transfer" if migration["state"] == "succeeded" else migration.get("phase")}
-        sys.stderr.write(f"\r\033[K{_migration_line(final, time.monotonic() - started)} {migration['state']}\n")
+        final = {**migration, "phase": f"{migration['state']} (last phase: {migration.get('phase')})"}
+        sys.stderr.write(f"\r\033[K{_migration_line(final, time.monotonic() - started)}\n")
         sys.stderr.flush()
     return migration
 

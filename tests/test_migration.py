@@ -5,6 +5,7 @@ progress and drain moves what can move."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import pty
@@ -203,7 +204,7 @@ def test_kumoctl_migrate_shows_progress_and_drain_moves_the_rest(cluster):
     counter(a, "first")
     status, out, err = kumoctl(controller, "instances", "migrate", "first", "--to", b.node_id, tty=True)
     assert status == 0, err
-    assert "transfer" in err and "%" in err, err
+    assert f"migrating first {a.node_id} -> {b.node_id}: succeeded" in err and "MiB (100%)" in err, err
     assert f"now runs on node {b.node_id}" in out
 
     counter(a, "second")
@@ -212,3 +213,20 @@ def test_kumoctl_migrate_shows_progress_and_drain_moves_the_rest(cluster):
     assert f"moved second to {b.node_id}" in out, out
     assert controller.admin("GET", "/v1/instances/second")["node"] == b.node_id
     assert running_on(b, "second")
+
+
+async def test_an_aborted_relay_releases_both_ends_at_once():
+    from controller.api.migration import RELAY_DEPTH, Relay, RelayAborted
+
+    relay = Relay("n-source", "n-destination")
+    for _ in range(RELAY_DEPTH):
+        relay.chunks.put_nowait(b"x")
+    source = asyncio.ensure_future(relay.until(relay.chunks.put(b"y"), "the destination took nothing"))
+    destination = asyncio.ensure_future(relay.until(relay.delivered.wait(), "nothing"))
+    await asyncio.sleep(0.01)
+    relay.abort("node n-destination went away during the transfer")
+    for end in (source, destination):
+        with pytest.raises(RelayAborted, match="went away"):
+            await end
+    with pytest.raises(RelayAborted):
+        await relay.until(relay.chunks.get(), "nothing")
