@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import configparser
 import datetime as dt
+import fcntl
 import hashlib
 import importlib.util
 import json
 import os
 import pwd
+import re
 import shlex
 import shutil
 import subprocess
@@ -45,9 +47,27 @@ CONTROLLER_DIR = Path("/var/lib/kumo-controller")
 AGENT_STATE = Path("/var/lib/kumo")
 KUMOCTL_CONFIG = CONTROLLER_DIR / "kumoctl.yaml"
 SERVICE_USER = "kumo-controller"
+# What the agent writes outside /var/lib/kumo and its purge deletes.
+AGENT_CACHE = Path("/var/cache/kumo")
+COLLECTED_LOGS = Path("/var/log/kumo-remote")
+RSYSLOG_SNIPPET = Path("/etc/rsyslog.d/60-kumo.conf")
 # Paths a run of these tests creates and purge must take away again.
-OWNED_PATHS = (CONTROLLER_CONFIG, CONTROLLER_DIR, AGENT_STATE)
+OWNED_PATHS = (CONTROLLER_CONFIG, CONTROLLER_DIR, AGENT_STATE, AGENT_CACHE, COLLECTED_LOGS, RSYSLOG_SNIPPET)
+# Where the packaged programs may import from: the stdlib, Debian's python3-* and their own
+# private directory.
+ALLOWED_ORIGINS = ("/usr/lib/python3.11/", "/usr/lib/python3/dist-packages/", "/usr/share/kumo-agent/",
+                   "/usr/share/kumo-controller/")
+# Two runs of this module at once (two checkouts on one machine) would share /etc/kumo.
+LOCK = Path("/run/lock/kumo-test-packaging.lock")
 READY_TIMEOUT = 60.0
+# MemoryDenyWriteExecute= without systemd: PR_SET_MDWE (Linux 6.3+) refuses the same
+# write+exec mappings, and execve keeps it. An older kernel runs the service without it.
+MDWE_SHIM = (
+    "import ctypes, os, sys\n"
+    "if ctypes.CDLL(None, use_errno=True).prctl(65, 1, 0, 0, 0) != 0:\n"
+    "    print('test: no PR_SET_MDWE on this kernel, running without MemoryDenyWriteExecute', file=sys.stderr)\n"
+    "os.execv(sys.argv[1], sys.argv[1:])\n"
+)
 
 
 def run(argv: list[str], env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -105,9 +125,18 @@ class Service:
         condition = unit.get("ConditionPathExists")
         assert condition is None or Path(condition).exists(), f"{self.name}: systemd would not start it: {condition} is missing"
         argv = shlex.split(unit["ExecStart"])
+        if unit.get("MemoryDenyWriteExecute") == "yes":
+            argv = ["/usr/bin/python3", "-c", MDWE_SHIM, *argv]
+        sandbox = []
         if "User" in unit:
             user = unit["User"]
-            argv = ["setpriv", f"--reuid={user}", f"--regid={unit.get('Group', user)}", "--init-groups", "--", *argv]
+            sandbox += [f"--reuid={user}", f"--regid={unit.get('Group', user)}", "--init-groups"]
+        if unit.get("NoNewPrivileges") == "yes":
+            sandbox.append("--no-new-privs")
+        if unit.get("CapabilityBoundingSet") == "":
+            sandbox += ["--bounding-set=-all", "--inh-caps=-all"]
+        if sandbox:
+            argv = ["setpriv", *sandbox, "--", *argv]
         self.started_at = dt.datetime.now(dt.UTC)
         with (self.logs / f"{self.name}.log").open("ab") as log:
             self.proc = subprocess.Popen(  # noqa: S603 - the unit's own command line
@@ -211,6 +240,13 @@ def debs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Path]]:
 @pytest.fixture(scope="module")
 def deployment(debs: dict[str, list[Path]], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     """apt-get install the first version, init the controller, enroll and start the agent."""
+    LOCK.parent.mkdir(parents=True, exist_ok=True)
+    with LOCK.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield from _deploy(debs, tmp_path_factory)
+
+
+def _deploy(debs: dict[str, list[Path]], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     # Leftovers of an earlier run that was killed before its cleanup are this test's own.
     purge_packages()
     for path in OWNED_PATHS:
@@ -248,6 +284,12 @@ def deployment(debs: dict[str, list[Path]], tmp_path_factory: pytest.TempPathFac
             run(["systemctl", "unmask", "--runtime", *units])
 
 
+def imported_files(argv: list[str], env: dict[str, str] | None = None) -> set[str]:
+    """Every module file a packaged program loads, from ``python3 -v``'s trace."""
+    trace = run(["/usr/bin/python3", "-v", *argv], env=env).stderr
+    return set(re.findall(r"^# (?:code object|extension module '[^']+' loaded) from '([^']+)'$", trace, re.MULTILINE))
+
+
 def survivors() -> dict[str, str]:
     """Hashes of the config, keys and identity an upgrade must not touch."""
     files = [CONTROLLER_CONFIG, AGENT_CONFIG, KUMOCTL_CONFIG, *sorted((CONTROLLER_DIR / "pki").iterdir()),
@@ -270,6 +312,8 @@ def test_packaged_controller_and_agent_run_on_debian_python(deployment: Deployme
     assert (CONTROLLER_DIR / "controller.db").stat().st_uid == service_user.pw_uid
     status = deployment.controller.proc_file("status")
     assert f"Uid:\t{service_user.pw_uid}\t" in status, status
+    # ...and inside the unit's sandbox, as far as it can be had without systemd.
+    assert "NoNewPrivs:\t1" in status and "CapBnd:\t0000000000000000" in status, status
 
     for service in (deployment.controller, deployment.agent):
         argv = service.proc_file("cmdline").split("\0")
@@ -280,6 +324,23 @@ def test_packaged_controller_and_agent_run_on_debian_python(deployment: Deployme
         assert any(path.startswith(DIST_PACKAGES + "aiohttp/") for path in libraries), libraries
         assert not [path for path in libraries if not path.startswith(DIST_PACKAGES)], libraries
         assert not [path for path in libraries if str(REPO) in path], libraries
+
+    # Pure-Python libraries leave nothing in /proc/PID/maps: trace one run of each program.
+    agent = (["/usr/bin/kumo-agent", "plugins", "--output", "json"], {},
+             "/usr/share/kumo-agent/", ("aiohttp", "cryptography", "pluggy", "prometheus_client", "psutil", "yaml"))
+    kumoctl = (["/usr/bin/kumoctl", "nodes", "list", "--output", "json"], {"KUMOCTL_CONFIG": str(KUMOCTL_CONFIG)},
+               "/usr/share/kumo-controller/", ("yaml",))
+    for argv, env, own, libraries in (agent, kumoctl):
+        files = imported_files(argv, env)
+        assert not [path for path in files if not path.startswith(ALLOWED_ORIGINS)], files
+        assert any(path.startswith(own) for path in files), files
+        for library in libraries:
+            assert any(path.startswith(f"{DIST_PACKAGES}{library}/") for path in files), (library, files)
+
+    # systemd itself is not running, but its parser checks the installed units (it warns on
+    # stderr and still exits 0 for an unknown key or a bad value).
+    verify = run(["systemd-analyze", "verify", "--man=no", *(str(UNITS / f"{n}.service") for n in PACKAGES)])
+    assert verify.stdout + verify.stderr == "", verify.stderr
 
     # The short import names stay out of Debian's python3 path.
     probe = run(["/usr/bin/python3", "-c", "import importlib.util as u; print([u.find_spec(n) for n in "
@@ -308,17 +369,25 @@ def test_upgrade_keeps_config_keys_store_and_node(deployment: Deployment, debs: 
 
 def test_remove_keeps_state_and_purge_deletes_it(deployment: Deployment) -> None:
     deployment.stop()
+    # What the agent writes outside /var/lib/kumo on other nodes (kvm and lxc image caches,
+    # a log collector's files, log forwarding): purge takes these too.
+    planted = [AGENT_CACHE / "images" / "base.qcow2", COLLECTED_LOGS / "node-a.log", RSYSLOG_SNIPPET]
+    if not RSYSLOG_SNIPPET.parent.is_dir():
+        planted.remove(RSYSLOG_SNIPPET)
+    for path in planted:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("written by the kumo-agent packaging test\n")
     apt_get("remove", *PACKAGES)
     for name in PACKAGES:
         assert package_status(name) == "deinstall ok config-files"
     assert not Path("/usr/bin/kumo-agent").exists() and not Path("/usr/bin/kumoctl").exists()
     assert not Path("/usr/share/kumo-agent").exists() and not Path("/usr/share/kumo-controller").exists()
     for path in (AGENT_CONFIG, CONTROLLER_CONFIG, CONTROLLER_DIR / "pki" / "ca.key", CONTROLLER_DIR / "controller.db",
-                 AGENT_STATE / "node.key", AGENT_STATE / "join.json"):
+                 AGENT_STATE / "node.key", AGENT_STATE / "join.json", *planted):
         assert path.exists(), f"remove deleted {path}"
 
     apt_get("purge", *PACKAGES)
     for name in PACKAGES:
         assert package_status(name) in ("", "unknown ok not-installed")
-    for path in (ETC, CONTROLLER_DIR, AGENT_STATE):
+    for path in (ETC, CONTROLLER_DIR, AGENT_STATE, AGENT_CACHE, COLLECTED_LOGS, *planted):
         assert not path.exists(), f"purge left {path}"
