@@ -73,6 +73,14 @@ async def until(predicate: Any, timeout: float = 15.0) -> None:
         await asyncio.sleep(0.05)
 
 
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie waiting for its reaper counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
 def metric_lines(plugin: MonitoringPlugin) -> str:
     from prometheus_client import CollectorRegistry, generate_latest
 
@@ -122,10 +130,11 @@ def test_nagios_exit_codes(code: int, status: str) -> None:
 
 
 async def test_a_hung_check_never_delays_the_others(tmp_path: Path) -> None:
-    marker = tmp_path / "hung.pid"
+    marker = tmp_path / "hung.pids"
+    # A check that hangs in a child of its own: the whole process group must go.
+    hung = f'sleep 60 & echo "$$ $!" > {marker}; wait'
     section = {"default_probes": False, "probes": [
-        {"name": "hung", "type": "command", "interval": 0.2, "timeout": 0.5,
-         "command": [sys.executable, "-c", f"import os,time; open({str(marker)!r},'w').write(str(os.getpid())); time.sleep(60)"]},
+        {"name": "hung", "type": "command", "interval": 0.2, "timeout": 0.5, "command": ["/bin/sh", "-c", hung]},
         {"name": "quick", "type": "command", "interval": 0.1, "timeout": 5, "command": ["/bin/true"]},
     ]}
     plugin = await started(tmp_path / "state", section)
@@ -136,8 +145,8 @@ async def test_a_hung_check_never_delays_the_others(tmp_path: Path) -> None:
         assert plugin.samples[("quick", "")].at > runs_before
         assert plugin.samples[("hung", "")].status == "unknown"
         assert "timed out after 0.5 s" in plugin.samples[("hung", "")].message
-        pid = int(marker.read_text())
-        await until(lambda: not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2])
+        shell, child = map(int, marker.read_text().split())
+        await until(lambda: gone(shell) and gone(child))
     finally:
         await plugin.kumo_shutdown()
 
