@@ -101,6 +101,8 @@ class ProbeConfig:
 
 @dataclasses.dataclass
 class Condition:
+    """``value <op> threshold``: true fires the rule (after ``for``)."""
+
     op: Literal[">", ">=", "<", "<=", "==", "!="]
     value: float
 
@@ -186,6 +188,7 @@ def check_probe(probe: ProbeConfig, given: Mapping[str, Any], where: str) -> Non
 
 
 def now_iso() -> str:
+    """Now in UTC, ISO 8601 with a ``Z``, as the alerts contract writes times."""
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
@@ -200,6 +203,8 @@ class Sample:
 
 
 class MonitoringPlugin:
+    """The ``monitoring`` entry point: probes, rules, the alert outbox and their metrics."""
+
     def __init__(self) -> None:
         self.config = MonitoringConfig()
         self.probes: dict[str, ProbeConfig] = {p.name: p for p in DEFAULT_PROBES}
