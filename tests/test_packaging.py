@@ -223,6 +223,7 @@ def debs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Path]]:
     require(shutil.which("dpkg-buildpackage") is not None and shutil.which("apt-get") is not None,
             "dpkg-buildpackage and apt-get (scripts/deps/60-debbuild.sh)")
     require(os.geteuid() == 0, "root, to install packages")
+    require(shutil.which("systemd-analyze") is not None, "systemd-analyze (scripts/deps/60-debbuild.sh)")
     changelog = REPO / "packaging" / "debian" / "changelog"
     base = run(["dpkg-parsechangelog", "-l", str(changelog), "-S", "Version"]).stdout.strip()
     upgrade = base + "+1"
