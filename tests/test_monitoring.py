@@ -460,16 +460,21 @@ def test_prometheus_discovers_and_scrapes_the_agents_over_mutual_tls(controller,
         agent.start()
         agents.append(agent)
     tls = {"ca_file": str(ca), "cert_file": str(scraper / "prometheus.crt"), "key_file": str(scraper / "prometheus.key")}
-    server = prometheus({"scrape_configs": [{
-        "job_name": "kumo",
-        "scheme": "https",
-        "tls_config": tls,
-        "http_sd_configs": [{"url": f"{controller.url}/v1/prometheus/targets", "refresh_interval": "2s", "tls_config": tls}],
-    }]})
+    discovery = [{"url": f"{controller.url}/v1/prometheus/targets", "refresh_interval": "2s", "tls_config": tls}]
+    server = prometheus({"scrape_configs": [
+        {"job_name": "kumo", "scheme": "https", "tls_config": tls, "http_sd_configs": discovery},
+        # The negative control: the same targets scraped without a client certificate.
+        {"job_name": "kumo-nocert", "scheme": "https", "tls_config": {"ca_file": str(ca)}, "http_sd_configs": discovery},
+    ]})
     found = server.wait_for('kumo_probe_value{probe="answer"}', timeout=90, count=2)
     assert sorted(r["metric"]["node_id"] for r in found) == sorted(a.node_id for a in agents)
     assert {r["value"][1] for r in found} == {"42"}
     assert {r["metric"]["kumo_kinds"] for r in found} <= {"kvm,lxc,process", "lxc,process", "process", "kvm,process"}
+    refused = server.wait_for('up{job="kumo-nocert"} == 0', count=2)
+    assert sorted(r["metric"]["node_id"] for r in refused) == sorted(a.node_id for a in agents)
+    targets = server.api("/api/v1/targets")["activeTargets"]
+    errors = [t["lastError"] for t in targets if t["labels"]["job"] == "kumo-nocert"]
+    assert len(errors) == 2 and all(errors), errors  # the handshake is refused ("EOF" to Prometheus)
 
 
 @pytest.mark.integration
