@@ -478,6 +478,23 @@ def test_prometheus_discovers_and_scrapes_the_agents_over_mutual_tls(controller,
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("section, key", [
+    ({"probes": [{"name": "x", "type": "ping"}]}, "plugins.monitoring.probes[0].type: expected one of 'cpu'"),
+    ({"rules": [{"name": "r", "probe": "cpu", "status": "critical", "severty": "page"}]},
+     "plugins.monitoring.rules[0].severty: unknown key"),
+])
+def test_the_agent_refuses_to_start_with_a_bad_monitoring_config(controller, kumo_agent, section, key):
+    from tests.harness.agents import agent_command
+
+    agent = kumo_agent(plugins={"monitoring": section}, start=False)
+    run = subprocess.run([*agent_command(), "run", "--config", str(agent.config_path)],  # noqa: S603
+                         capture_output=True, text=True, env=agent.env, timeout=60, check=False)
+    assert run.returncode == 2, run.stderr
+    assert f"{agent.config_path}" in run.stderr and key in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr
+
+
+@pytest.mark.integration
 def test_a_check_script_alert_reaches_kumoctl_and_survives_a_controller_outage(controller, kumo_agent, tmp_path):
     flag = tmp_path / "broken"
     check = tmp_path / "check_flag"
