@@ -1,0 +1,178 @@
+"""The rsyslog plugin against real rsyslogd daemons: a sender node and a collector node on
+127.0.0.1, RELP over TLS with Kumo-shaped certificates, counted message by message."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.config import ConfigError
+from agent.plugin import TaskError
+from plugins.rsyslog import RsyslogPlugin, quote
+from tests.harness import free_port
+from tests.harness.rsyslog import RsyslogBed, received
+
+pytestmark = pytest.mark.integration
+
+
+async def wait_count(bed: RsyslogBed, tag: str, count: int, timeout: float = 60.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = received(bed.root / "collected", tag)
+        if len(got) >= count or time.monotonic() > deadline:
+            return got
+        await asyncio.sleep(0.2)
+
+
+async def pair(bed: RsyslogBed, protocol: str = "relp") -> tuple[Any, Any, Any, int]:
+    """A running collector and sender, the sender forwarding to the collector over TLS."""
+    port = free_port()
+    collector = bed.daemon("collector")
+    collector.start()
+    await bed.plugin(collector, bed.identity("collector"), collector={
+        "listen": f"127.0.0.1:{port}", "protocol": protocol, "tls": True, "directory": str(bed.root / "collected")})
+    sender = bed.daemon("sender", input_port=True)
+    sender.start()
+    plugin = await bed.plugin(sender, bed.identity("sender"))
+    answer = await plugin.kumo_handle_task(
+        kind="rsyslog.configure", payload={"target": f"127.0.0.1:{port}", "protocol": protocol, "peer": "collector.test"},
+        task_id="t1")
+    assert answer == {"target": f"127.0.0.1:{port}", "changed": True}
+    return collector, sender, plugin, port
+
+
+def messages(prefix: str, n: int) -> list[str]:
+    return [f"{prefix}-{i:05d}" for i in range(n)]
+
+
+@pytest.mark.parametrize("protocol", ["relp", "tcp"])
+async def test_every_message_arrives_once(rsyslog_bed: RsyslogBed, protocol: str) -> None:
+    _, sender, plugin, _ = await pair(rsyslog_bed, protocol)
+    sent = messages("once", 500)
+    sender.send(sent, "kumotest")
+    assert await wait_count(rsyslog_bed, "kumotest", 500) == sent
+    await asyncio.sleep(1.5)
+    assert received(rsyslog_bed.root / "collected", "kumotest") == sent, "no duplicates"
+    # impstats reach the agent's metrics.
+    def metrics() -> dict[str, float]:
+        return {family.name: family.samples[0].value for family in plugin.kumo_metrics()}
+
+    deadline = time.monotonic() + 15
+    while metrics().get("kumo_rsyslog_enqueued_messages", 0) < 500:
+        assert time.monotonic() < deadline, f"impstats never showed the 500 messages: {metrics()}"
+        await asyncio.sleep(0.3)
+    assert metrics()["kumo_rsyslog_discarded_messages"] == 0
+
+
+async def test_collector_down_for_a_while_loses_nothing(rsyslog_bed: RsyslogBed) -> None:
+    collector, sender, _, _ = await pair(rsyslog_bed)
+    collector.stop()
+    sent = messages("outage", 300)
+    sender.send(sent, "outage")
+    await asyncio.sleep(3)
+    collector.start()
+    got = await wait_count(rsyslog_bed, "outage", 300)
+    assert set(got) == set(sent), f"{len(set(sent) - set(got))} lost"
+    # RELP resends the one message it had in flight when the connection broke.
+    assert len(got) - len(set(got)) <= 1
+
+
+@pytest.mark.xfail(
+    reason="known gap: with rsyslog 8.2302 / librelp 1.11 a RELP collector killed with SIGKILL loses the "
+    "one to three messages in flight (the disk queue, a disk-queued collector ruleset and windowSize=1 "
+    "did not change it); the outage and restart cases above lose nothing",
+    strict=False,
+)
+async def test_collector_killed_mid_stream_loses_nothing(rsyslog_bed: RsyslogBed) -> None:
+    collector, sender, _, _ = await pair(rsyslog_bed)
+    sent = messages("kill", 3000)
+    feeder = asyncio.create_task(asyncio.to_thread(sender.send, sent, "killtest"))
+    await asyncio.sleep(0.05)
+    collector.stop(signal.SIGKILL)
+    await feeder
+    await asyncio.sleep(2)
+    collector.start()
+    got = await wait_count(rsyslog_bed, "killtest", 3000, timeout=20)
+    assert set(got) == set(sent), f"{len(set(sent) - set(got))} lost"
+
+
+async def test_sender_restarted_during_an_outage_loses_nothing(rsyslog_bed: RsyslogBed) -> None:
+    collector, sender, _, _ = await pair(rsyslog_bed)
+    collector.stop()
+    sent = messages("restart", 500)
+    sender.send(sent, "restarted")
+    await asyncio.sleep(2)
+    sender.stop()
+    sender.start()
+    collector.start()
+    got = await wait_count(rsyslog_bed, "restarted", 500)
+    assert set(got) == set(sent), f"{len(set(sent) - set(got))} lost"
+    # The disk queue may repeat the one message that was in flight when rsyslog stopped.
+    assert len(got) - len(set(got)) <= 1
+
+
+async def test_plaintext_to_the_tls_port_is_refused_and_the_queue_keeps_the_messages(rsyslog_bed: RsyslogBed) -> None:
+    _, sender, plugin, port = await pair(rsyslog_bed)
+    await plugin.kumo_handle_task(kind="rsyslog.configure", payload={"target": f"127.0.0.1:{port}", "tls": False},
+                                  task_id="t2")
+    sent = messages("plain", 50)
+    sender.send(sent, "plaintext")
+    assert await wait_count(rsyslog_bed, "plaintext", 1, timeout=4) == []
+    await plugin.kumo_handle_task(kind="rsyslog.configure", payload={"target": f"127.0.0.1:{port}", "peer": "collector.test"},
+                                  task_id="t3")
+    assert set(await wait_count(rsyslog_bed, "plaintext", 50)) == set(sent)
+
+
+async def test_a_snippet_rsyslog_rejects_is_not_installed(rsyslog_bed: RsyslogBed) -> None:
+    _, sender, plugin, port = await pair(rsyslog_bed)
+    live = (sender.confd / "60-kumo.conf").read_text()
+    pid = sender.pid
+    # An admin's own snippet that already loads impstats: rsyslog refuses ours beside it.
+    (sender.confd / "50-admin.conf").write_text('module(load="impstats")\n')
+    with pytest.raises(TaskError, match="rsyslog rejected the new configuration .*60-kumo.conf"):
+        await plugin.kumo_handle_task(kind="rsyslog.configure", payload={"target": f"127.0.0.1:{port}", "protocol": "tcp"},
+                                      task_id="t4")
+    (sender.confd / "50-admin.conf").unlink()
+    assert (sender.confd / "60-kumo.conf").read_text() == live and sender.pid == pid
+    sent = messages("still", 20)
+    sender.send(sent, "still")
+    assert await wait_count(rsyslog_bed, "still", 20) == sent
+
+
+async def test_bad_targets_are_refused_before_anything_changes(rsyslog_bed: RsyslogBed) -> None:
+    sender = rsyslog_bed.daemon("sender", input_port=True)
+    sender.start()
+    plugin = await rsyslog_bed.plugin(sender, rsyslog_bed.identity("sender"))
+    for payload, message in (
+        ({"target": "nosuch.invalid:2514"}, "does not resolve"),
+        ({"target": "127.0.0.1:70000"}, "port from 1 to 65535"),
+        ({"target": 'bad"host:514'}, "not a valid host name"),
+        ({"target": "127.0.0.1:514", "protocol": "udp"}, "relp or tcp"),
+        ({"target": "127.0.0.1:514", "colour": "red"}, "payload.colour: unknown field"),
+    ):
+        with pytest.raises(TaskError, match=message):
+            await plugin.kumo_handle_task(kind="rsyslog.configure", payload=payload, task_id="t")
+    assert not (sender.confd / "60-kumo.conf").exists()
+    unjoined = await rsyslog_bed.plugin(sender, None)
+    with pytest.raises(TaskError, match="TLS needs this node's Kumo certificate"):
+        await unjoined.kumo_handle_task(kind="rsyslog.configure", payload={"target": "127.0.0.1:514"}, task_id="t")
+
+
+async def test_missing_rsyslog_makes_the_plugin_unavailable(tmp_path: Path) -> None:
+    plugin = RsyslogPlugin()
+    plugin.kumo_configure(section={"rsyslogd": str(tmp_path / "rsyslogd")}, source="agent.yaml: plugins.rsyslog")
+    fingerprint = plugin.kumo_fingerprint()
+    assert not fingerprint.available and "apt install rsyslog" in fingerprint.reason
+    with pytest.raises(TaskError, match="rsyslog is not installed"):
+        await plugin.kumo_handle_task(kind="rsyslog.configure", payload={"target": "x:1"}, task_id="t")
+    with pytest.raises(ConfigError, match="collector.listen: expected HOST:PORT"):
+        plugin.kumo_configure(section={"collector": {"listen": "everywhere"}}, source="agent.yaml: plugins.rsyslog")
+
+
+def test_values_are_quoted_for_rainerscript() -> None:
+    assert quote('a"b\\c') == '"a\\"b\\\\c"'
