@@ -15,9 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import ConfigError
-from agent.enroll import JoinError
 from agent.pluginmanager import Hooks, PluginLoadError, make_plugin_manager
-from agent.settings import DEFAULT_CONFIG, DEFAULT_STATE_DIR, AgentSettings, load_settings
+from agent.settings import (
+    DEFAULT_CONFIG,
+    DEFAULT_STATE_DIR,
+    AgentSettings,
+    JoinError,
+    load_settings,
+)
 
 log = logging.getLogger("agent")
 

@@ -36,6 +36,7 @@ from agent.settings import (
     NODE_CERT,
     NODE_CERT_NEXT,
     NODE_KEY,
+    JoinError,
     JoinRecord,
     write_atomic,
     write_join_record,
@@ -46,10 +47,6 @@ _TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{16,}$")
 _HASH_RE = re.compile(r"^[0-9a-f]{64}$")
 _PEM_CERT_RE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
 NETWORK_TIMEOUT = 30.0
-
-
-class JoinError(Exception):
-    """Joining failed; the message says what was wrong and what to do."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
+import importlib
 import json
 import logging
 import os
@@ -35,26 +36,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-
+from agent.certinfo import certificate_validity
 from agent.client import Backoff, ControllerClient, ControllerRejected
 from agent.config import ConfigError
-from agent.enroll import (
-    JoinError,
-    cert_validity,
-    check_issued,
-    install_renewed,
-    load_certificate,
-    make_csr,
-    new_node_key,
-    recover_renewal,
-)
 from agent.metrics import AgentMetrics, MetricsServer, server_tls_context
 from agent.plugin import ControllerUnavailable, Fingerprint, Identity, PluginContext, TaskError
 from agent.pluginmanager import Hooks, PluginLoadError
 from agent.settings import (
+    NODE_CERT_NEXT,
     AgentSettings,
+    JoinError,
     NotJoined,
     check_plugin_sections,
     load_identity,
@@ -310,7 +301,7 @@ class Runtime:
         self._stop.set()
 
     async def _prepare(self) -> None:
-        await asyncio.to_thread(recover_renewal, self.state_dir)
+        await asyncio.to_thread(_recover_renewal, self.state_dir)
         self.identity = load_identity(self.state_dir)
         controller = self.settings.controller or read_join_record(self.state_dir).controller
         self.client = ControllerClient(controller, self.identity, self._on_connection_change)
@@ -641,8 +632,7 @@ class Runtime:
         assert self.identity is not None
         backoff = Backoff(base=2.0, cap=60.0)
         while True:
-            cert = await asyncio.to_thread(load_certificate, self.identity.certificate)
-            not_before, not_after = cert_validity(cert)
+            not_before, not_after = await asyncio.to_thread(certificate_validity, self.identity.certificate)
             self.metrics.cert_expiry.set(not_after.timestamp())
             now = datetime.datetime.now(datetime.UTC)
             renew_at = not_before + (not_after - not_before) * 2 / 3
@@ -675,6 +665,21 @@ class Runtime:
                 await asyncio.sleep(backoff.next())
 
     async def _renew(self) -> None:
+        # cryptography is imported at the first renewal, not at start: the idle agent needs
+        # only the certificate's dates (agent.certinfo), and it costs ~9 MB resident. The
+        # import runs off the event loop, which it would otherwise stall.
+        await asyncio.to_thread(importlib.import_module, "agent.enroll")
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+
+        from agent.enroll import (
+            cert_validity,
+            check_issued,
+            install_renewed,
+            make_csr,
+            new_node_key,
+        )
+
         assert self.client is not None and self.identity is not None
         key = await asyncio.to_thread(new_node_key)
         csr = make_csr(key, self.identity.node_id)
@@ -700,6 +705,14 @@ def _positive(value: Any, default: float) -> float:
     if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
         return float(value)
     return default
+
+
+def _recover_renewal(state_dir: Path) -> None:
+    """Finish or discard a renewal a crash interrupted; cryptography is imported only then."""
+    if (state_dir / NODE_CERT_NEXT).exists():
+        from agent.enroll import recover_renewal
+
+        recover_renewal(state_dir)
 
 
 def _source_address(remote_host: str) -> str:

@@ -167,6 +167,14 @@ class NotJoined(Exception):
     """The state directory holds no usable identity; the message says how to join."""
 
 
+class JoinError(Exception):
+    """Joining (or renewing) failed; the message says what was wrong and what to do.
+
+    Defined here rather than in :mod:`agent.enroll` so that catching it does not import
+    cryptography into the running agent; ``agent.enroll.JoinError`` is the same class.
+    """
+
+
 def identity_paths(state_dir: Path) -> tuple[Path, Path, Path]:
     """(key, certificate, CA) paths inside a state directory."""
     return state_dir / NODE_KEY, state_dir / NODE_CERT, state_dir / CA_CERT
