@@ -316,19 +316,19 @@ def test_packaged_controller_and_agent_run_on_debian_python(deployment: Deployme
     # ...and inside the unit's sandbox, as far as it can be had without systemd.
     assert "NoNewPrivs:\t1" in status and "CapBnd:\t0000000000000000" in status, status
 
-    for service in (deployment.controller, deployment.agent):
+    # Compiled modules in the running services show where their aiohttp came from (the
+    # controller's cryptography too; the agent may import it only when it renews).
+    for service, needed in ((deployment.controller, ("aiohttp", "cryptography")), (deployment.agent, ("aiohttp",))):
         argv = service.proc_file("cmdline").split("\0")
         assert argv[:2] == ["/usr/bin/python3", f"/usr/bin/{service.name}"], argv
-        # Compiled modules show which aiohttp, cryptography and yaml were imported.
         libraries = {line.split()[-1] for line in service.proc_file("maps").splitlines() if "-packages/" in line}
-        assert any(path.startswith(DIST_PACKAGES + "cryptography/") for path in libraries), libraries
-        assert any(path.startswith(DIST_PACKAGES + "aiohttp/") for path in libraries), libraries
         assert not [path for path in libraries if not path.startswith(DIST_PACKAGES)], libraries
-        assert not [path for path in libraries if str(REPO) in path], libraries
+        for library in needed:
+            assert any(path.startswith(f"{DIST_PACKAGES}{library}/") for path in libraries), (library, libraries)
 
-    # Pure-Python libraries leave nothing in /proc/PID/maps: trace one run of each program.
-    agent = (["/usr/bin/kumo-agent", "plugins", "--output", "json"], {},
-             "/usr/share/kumo-agent/", ("aiohttp", "cryptography", "pluggy", "prometheus_client", "psutil", "yaml"))
+    # Pure-Python modules leave nothing in /proc/PID/maps: trace every module one run of each
+    # program loads. Only the stdlib, Debian's python3-* and the private directory may appear.
+    agent = (["/usr/bin/kumo-agent", "plugins", "--output", "json"], {}, "/usr/share/kumo-agent/", ("pluggy", "yaml"))
     kumoctl = (["/usr/bin/kumoctl", "nodes", "list", "--output", "json"], {"KUMOCTL_CONFIG": str(KUMOCTL_CONFIG)},
                "/usr/share/kumo-controller/", ("yaml",))
     for argv, env, own, libraries in (agent, kumoctl):
