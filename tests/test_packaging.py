@@ -4,7 +4,10 @@ Both packages are built from this checkout and installed with apt, so Debian 12 
 every dependency and the packaged programs run on /usr/bin/python3 with Debian's
 python3-* modules, never the repo or a venv. There is no systemd as PID 1 here, so each
 service is started as exactly what its installed unit runs: the ExecStart line, as the
-unit's User/Group and UMask, with an empty environment but PATH, from /.
+unit's User/Group and UMask, with an empty environment but PATH, from /, and inside the
+parts of its sandbox a process can set up for itself (NoNewPrivileges=, an empty
+CapabilityBoundingSet=, MemoryDenyWriteExecute=); `systemd-analyze verify` checks the rest
+of each unit.
 
 Everything lives at the packaged paths (/etc/kumo, /var/lib/kumo, /var/lib/kumo-controller)
 and the packages are purged at the end, also when a test fails.
