@@ -265,12 +265,15 @@ class MonitoringPlugin:
 
     @hookimpl
     async def kumo_shutdown(self) -> None:
-        tasks = [*self._tasks.values(), *self._background]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        pending = {*self._tasks.values(), *self._background}
+        while pending:
+            # Again until they end: a contributed probe may swallow one cancellation.
+            for task in pending:
+                task.cancel()
+            done, pending = await asyncio.wait(pending, timeout=1.0)
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    log.error("monitoring: %s ended with %r", task.get_name(), task.exception())
         await asyncio.gather(*self._writes, return_exceptions=True)
 
     @hookimpl
@@ -325,7 +328,10 @@ class MonitoringPlugin:
                 results = [(t, ProbeResult("unknown", None, message)) for t in targets]
             else:
                 try:
-                    results = await asyncio.wait_for(run(), timeout)
+                    # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the
+                    # shutdown's cancellation when the probe finishes at that moment.
+                    async with asyncio.timeout(timeout):
+                        results = await run()
                 except TimeoutError:
                     self.timeouts[name] = self.timeouts.get(name, 0) + 1
                     results = [(t, ProbeResult("unknown", None, f"timed out after {timeout:g} s")) for t in targets]

@@ -151,6 +151,23 @@ async def test_a_hung_check_never_delays_the_others(tmp_path: Path) -> None:
         await plugin.kumo_shutdown()
 
 
+async def test_shutdown_ends_even_a_probe_that_swallows_its_cancellation(tmp_path: Path) -> None:
+    started_runs: list[float] = []
+
+    async def stubborn() -> ProbeResult:
+        started_runs.append(time.monotonic())
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:  # a badly written plugin
+            pass
+        return ProbeResult("ok", 1.0)
+
+    plugin = await started(tmp_path / "state", {"default_probes": False}, probes={"bad": [Probe("stubborn", stubborn, timeout=60)]})
+    await until(lambda: started_runs)
+    await asyncio.wait_for(plugin.kumo_shutdown(), 30)
+    assert all(task.done() for task in plugin._tasks.values())  # noqa: SLF001
+
+
 async def test_a_probe_stuck_in_the_kernel_holds_one_thread_and_nothing_else(tmp_path: Path, monkeypatch: Any) -> None:
     """statfs on a dead NFS server never returns: the disk probe must not pile threads or starve the agent."""
     import threading
@@ -224,6 +241,62 @@ async def test_alerts_fire_and_resolve_offline_and_arrive_once_after_a_restart(t
         assert (tmp_path / "state" / "outbox.jsonl").read_text() == ""
     finally:
         await plugin.kumo_shutdown()
+
+
+async def test_a_flapping_probe_and_a_flapping_controller_lose_nothing_across_a_restart(tmp_path: Path) -> None:
+    runs, settled = [0], [False]
+
+    def flapping() -> ProbeResult:
+        runs[0] += 1
+        critical = runs[0] % 2 and not settled[0]
+        return ProbeResult("critical" if critical else "ok", 1.0 if critical else 0.0)
+
+    section = {"default_probes": False, "rules": [{"name": "flap", "probe": "svc.flap", "status": "critical"}]}
+    probes = {"svc": [Probe("flap", flapping, interval=0.02)]}
+    controller = FakeController()
+    committed: list[dict[str, Any]] = []
+
+    async def start() -> MonitoringPlugin:
+        plugin = MonitoringPlugin()
+        record = plugin._record  # noqa: SLF001 - observe every transition that reaches the disk
+
+        def recording(alert: dict[str, Any], firing: dict[str, Any]) -> None:
+            record(alert, firing)
+            committed.append(alert)
+
+        plugin._record = recording  # type: ignore[method-assign]  # noqa: SLF001
+        plugin.kumo_configure(section=section, source="agent.yaml: plugins.monitoring")
+        (tmp_path / "state").mkdir(exist_ok=True)
+        await plugin.kumo_startup(context=PluginContext("monitoring", tmp_path / "state", None, FakeHooks(probes),
+                                                        lambda: None, controller))
+        return plugin
+
+    async def flap_controller() -> None:
+        for i in range(1000):
+            controller.down = i % 3 == 0
+            controller.lose_answers = 1 if i % 5 == 0 else 0
+            await asyncio.sleep(0.07)
+
+    flapper = asyncio.create_task(flap_controller())
+    plugin = await start()
+    await until(lambda: len(committed) >= 20)
+    await plugin.kumo_shutdown()
+    plugin = await start()
+    await until(lambda: len(committed) >= 40)
+    flapper.cancel()
+    controller.down, controller.lose_answers = False, 0
+    settled[0] = True  # the probe stays ok from now on: the last alert resolves
+    try:
+        await until(lambda: not plugin.firing and not plugin.outbox)
+    finally:
+        await plugin.kumo_shutdown()
+
+    unique = list({alert["id"]: alert for alert in controller.received}.values())
+    assert [a["id"] for a in unique] == [a["id"] for a in committed], "every transition arrives, in order"
+    states = [a["state"] for a in unique]
+    assert states == ["firing", "resolved"] * (len(states) // 2), "never two firings or two resolutions in a row"
+    for firing, resolved in zip(unique[::2], unique[1::2], strict=True):
+        assert resolved["starts_at"] == firing["starts_at"]
 
 
 async def test_a_firing_alert_is_not_fired_again_after_a_restart(tmp_path: Path) -> None:
