@@ -454,6 +454,9 @@ async def test_tcp_http_process_and_disk_probes_against_real_endpoints(tmp_path:
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     http_port = site._server.sockets[0].getsockname()[1]  # noqa: SLF001 - the port the OS chose
+    check = tmp_path / "check_load"  # a Nagios plugin as such scripts are written: text | perfdata, exit code
+    check.write_text('#!/bin/sh\necho "LOAD WARNING - load average 3.20 | load1=3.2;2;5;0 load5=1.1;2;5;0"\nexit 1\n')
+    check.chmod(0o755)
     section = {"default_probes": False, "probes": [
         {"name": "open", "type": "tcp", "host": "127.0.0.1", "port": open_port, "interval": 0.2},
         {"name": "closed", "type": "tcp", "host": "127.0.0.1", "port": closed_port, "interval": 0.2},
@@ -461,13 +464,17 @@ async def test_tcp_http_process_and_disk_probes_against_real_endpoints(tmp_path:
         {"name": "web-broken", "type": "http", "url": f"http://127.0.0.1:{http_port}/broken", "interval": 0.2},
         {"name": "me", "type": "process", "process": Path(sys.executable).name, "interval": 0.2},
         {"name": "root", "type": "disk", "mount": "/", "interval": 0.2, "warning": 2.0},
+        {"name": "nagios", "type": "command", "command": [str(check)], "interval": 0.2},
     ]}
     plugin = await started(tmp_path / "state", section)
     try:
-        names = ("open", "closed", "web", "web-broken", "me", "root")
+        names = ("open", "closed", "web", "web-broken", "me", "root", "nagios")
         await until(lambda: {p for p, _ in plugin.samples} >= set(names))
         status = {p: s.status for (p, _), s in plugin.samples.items()}
-        assert status == {"open": "ok", "closed": "critical", "web": "ok", "web-broken": "critical", "me": "ok", "root": "ok"}
+        assert status == {"open": "ok", "closed": "critical", "web": "ok", "web-broken": "critical", "me": "ok", "root": "ok",
+                          "nagios": "warning"}
+        nagios = plugin.samples[("nagios", "")]
+        assert (nagios.value, nagios.message) == (3.2, "LOAD WARNING - load average 3.20")
         assert 0 < plugin.samples[("root", "/")].value < 1
         assert "HTTP 503, expected 200" in plugin.samples[("web-broken", f"http://127.0.0.1:{http_port}/broken")].message
     finally:
