@@ -185,6 +185,8 @@ def check_probe(probe: ProbeConfig, given: Mapping[str, Any], where: str) -> Non
         raise ConfigError(f"{where}.port: expected 1 to 65535, got {probe.port}")
     if probe.url is not None and not probe.url.startswith(("http://", "https://")):
         raise ConfigError(f"{where}.url: expected an http:// or https:// URL, got {probe.url!r}")
+    if probe.ca_file is not None and not probe.ca_file.is_file():
+        raise ConfigError(f"{where}.ca_file: {probe.ca_file} is not a file (a PEM CA bundle for the https URL)")
 
 
 def now_iso() -> str:
@@ -490,13 +492,18 @@ class MonitoringPlugin:
                 await writer.wait_closed()
             return [(target, ProbeResult(graded(elapsed), elapsed, f"{target}: connected in {elapsed * 1000:.1f} ms"))]
 
+        tls: list[ssl.SSLContext] = []
+
         async def http() -> list[tuple[str, ProbeResult]]:
             import aiohttp
 
-            context = ssl.create_default_context(cafile=str(p.ca_file) if p.ca_file else None)
+            if p.url and p.url.startswith("https://") and not tls:
+                # Once, and off the loop: loading a CA bundle reads and parses files.
+                cafile = str(p.ca_file) if p.ca_file else None
+                tls.append(await self._in_thread(p.name, lambda: ssl.create_default_context(cafile=cafile)))
             started = time.monotonic()
             try:
-                async with aiohttp.ClientSession() as session, session.get(p.url, ssl=context) as response:
+                async with aiohttp.ClientSession() as session, session.get(p.url, **({"ssl": tls[0]} if tls else {})) as response:
                     await response.read()
                     status = response.status
             except (aiohttp.ClientError, OSError) as exc:

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -114,6 +115,8 @@ def metric_lines(plugin: MonitoringPlugin) -> str:
         ({"probes": [{"name": "a.b", "type": "load"}]}, r"probes\[0\].name: expected a name without dots"),
         ({"probes": [{"name": "l", "type": "load"}, {"name": "l", "type": "cpu"}]}, r"probes\[1\].name: probe name 'l' is used twice"),
         ({"probes": [{"name": "l", "type": "load", "timeout": 0}]}, r"probes\[0\].timeout: expected seconds > 0"),
+        ({"probes": [{"name": "h", "type": "http", "url": "https://x", "ca_file": "/nonexistent/ca.pem"}]},
+         r"probes\[0\].ca_file: /nonexistent/ca.pem is not a file"),
     ],
 )
 def test_bad_config_names_the_key(section: dict[str, Any], message: str) -> None:
@@ -454,6 +457,12 @@ async def test_tcp_http_process_and_disk_probes_against_real_endpoints(tmp_path:
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     http_port = site._server.sockets[0].getsockname()[1]  # noqa: SLF001 - the port the OS chose
+    cert = self_signed(tmp_path, "127.0.0.1")
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, tmp_path / "server.key")
+    tls_site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_tls)
+    await tls_site.start()
+    https = f"https://127.0.0.1:{tls_site._server.sockets[0].getsockname()[1]}/ok"  # noqa: SLF001
     check = tmp_path / "check_load"  # a Nagios plugin as such scripts are written: text | perfdata, exit code
     check.write_text('#!/bin/sh\necho "LOAD WARNING - load average 3.20 | load1=3.2;2;5;0 load5=1.1;2;5;0"\nexit 1\n')
     check.chmod(0o755)
@@ -465,14 +474,17 @@ async def test_tcp_http_process_and_disk_probes_against_real_endpoints(tmp_path:
         {"name": "me", "type": "process", "process": Path(sys.executable).name, "interval": 0.2},
         {"name": "root", "type": "disk", "mount": "/", "interval": 0.2, "warning": 2.0},
         {"name": "nagios", "type": "command", "command": [str(check)], "interval": 0.2},
+        {"name": "web-tls", "type": "http", "url": https, "ca_file": str(cert), "interval": 0.2},
+        {"name": "web-tls-untrusted", "type": "http", "url": https, "interval": 0.2},
     ]}
     plugin = await started(tmp_path / "state", section)
     try:
-        names = ("open", "closed", "web", "web-broken", "me", "root", "nagios")
+        names = ("open", "closed", "web", "web-broken", "me", "root", "nagios", "web-tls", "web-tls-untrusted")
         await until(lambda: {p for p, _ in plugin.samples} >= set(names))
         status = {p: s.status for (p, _), s in plugin.samples.items()}
         assert status == {"open": "ok", "closed": "critical", "web": "ok", "web-broken": "critical", "me": "ok", "root": "ok",
-                          "nagios": "warning"}
+                          "nagios": "warning", "web-tls": "ok", "web-tls-untrusted": "critical"}
+        assert "certificate verify failed" in plugin.samples[("web-tls-untrusted", https)].message
         nagios = plugin.samples[("nagios", "")]
         assert (nagios.value, nagios.message) == (3.2, "LOAD WARNING - load average 3.20")
         assert 0 < plugin.samples[("root", "/")].value < 1
@@ -513,6 +525,35 @@ async def test_prometheus_scrapes_the_agent_metrics_endpoint(tmp_path: Path, pro
         await server.stop()
         await plugin.kumo_shutdown()
         listener.close()
+
+
+def self_signed(directory: Path, address: str) -> Path:
+    """A self-signed server certificate for ``address`` (and its key, server.key), its own CA."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "probe-target")])
+    now = datetime.datetime.utcnow()
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(address))]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    (directory / "server.key").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    path = directory / "server.crt"
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return path
 
 
 def kumoctl(controller: Any, *args: str) -> str:
