@@ -102,6 +102,7 @@ class Controller:
                 event.set()
 
     async def stop(self) -> None:
+        await migration.shutdown(self)
         for task in self._background:
             task.cancel()
         for task in self._background:

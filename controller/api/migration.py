@@ -115,6 +115,14 @@ def migrations(ctl: Any) -> Migrations:
     return _MIGRATIONS[ctl]
 
 
+async def shutdown(ctl: Any) -> None:
+    """Stop driving migrations (the controller is stopping); their records say they were cut off."""
+    tasks = list(migrations(ctl).running.values())
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 # -- tasks the controller waits for ------------------------------------------------------
 
 
@@ -164,7 +172,8 @@ async def _instance(ctl: Any, name: str) -> dict[str, Any]:
     return row
 
 
-def _not_migrating(ctl: Any, name: str) -> None:
+def refuse_if_migrating(ctl: Any, name: str) -> None:
+    """409 while a migration holds the instance: nothing else may start, stop or delete it."""
     current = migrations(ctl).busy.get(name)
     if current is not None:
         follow = f" (GET /v1/migrations/{current})" if current else ""
@@ -181,7 +190,7 @@ async def checkpoint(request: web.Request) -> web.Response:
     reject_unknown(data, {"leave_running"})
     leave_running = field(data, "leave_running", bool, required=False, default=False)
     _checkpointable(row, CHECKPOINT_KINDS, "checkpoint")
-    _not_migrating(ctl, row["name"])
+    refuse_if_migrating(ctl, row["name"])
     await preflight(ctl, row, "checkpoint")
     payload = {"name": row["name"], "kind": row["kind"], "leave_running": leave_running}
     task, _ = await submit(ctl, new_task(row["node"], "checkpoint.dump", payload, instance=row["name"]))
@@ -195,7 +204,7 @@ async def restore(request: web.Request) -> web.Response:
     reject_unknown(data, {"image"})
     image = field(data, "image", str, required=False)
     _checkpointable(row, CHECKPOINT_KINDS, "restore")
-    _not_migrating(ctl, row["name"])
+    refuse_if_migrating(ctl, row["name"])
     payload: dict[str, Any] = {"name": row["name"], "kind": row["kind"]}
     if image is not None:
         payload["image"] = image
@@ -280,7 +289,7 @@ async def start_migration(ctl: Any, row: dict[str, Any], to: str | None) -> dict
     """
     name = row["name"]
     _checkpointable(row, MIGRATABLE_KINDS, "migrate")
-    _not_migrating(ctl, name)
+    refuse_if_migrating(ctl, name)
     mgr = migrations(ctl)
     mgr.busy[name] = ""
     try:
