@@ -90,7 +90,7 @@ class ProbeConfig:
     warning: float | None = None  # the value at or above which the status is warning
     critical: float | None = None
     mount: str | None = None  # disk: one mount (default: every real one)
-    process: str | None = None  # process: name (comm) or argv[0] basename
+    process: str | None = None  # process: its name, as `pgrep -x NAME` matches it
     host: str | None = None  # tcp
     port: int | None = None  # tcp
     url: str | None = None  # http(s)
@@ -468,15 +468,8 @@ class MonitoringPlugin:
             return out
 
         async def process() -> list[tuple[str, ProbeResult]]:
-            def count() -> int:
-                n = 0
-                for proc in psutil.process_iter(["name", "cmdline"]):
-                    argv0 = (proc.info["cmdline"] or [""])[0]
-                    if p.process in (proc.info["name"], os.path.basename(argv0)):
-                        n += 1
-                return n
-
-            n = await self._in_thread(p.name, count)
+            assert p.process is not None
+            n = await self._in_thread(p.name, count_processes, p.process)
             return [("", ProbeResult("ok" if n else "critical", float(n), f"{n} {p.process} process(es)"))]
 
         async def tcp() -> list[tuple[str, ProbeResult]]:
@@ -801,6 +794,35 @@ def nagios_result(code: int | None, output: str) -> ProbeResult:
     if code not in NAGIOS:
         text = f"exit {code} is not a Nagios status: {text.strip()}"
     return ProbeResult(status, value, text.strip())  # type: ignore[arg-type]
+
+
+COMM_LENGTH = 15  # the kernel keeps this much of a process name in /proc/PID/comm
+
+
+def count_processes(name: str) -> int:
+    """How many processes are called ``name``, as ``pgrep -x`` counts them.
+
+    /proc/PID/comm alone, a fifth of psutil.process_iter's cost on a busy host; a name
+    longer than the kernel keeps is checked in full against the command line (argv[0], or
+    argv[1] for a script run by its interpreter).
+    """
+    count = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/comm", "rb") as f:
+                if f.read().rstrip(b"\n").decode(errors="replace") != name[:COMM_LENGTH]:
+                    continue
+            if len(name) > COMM_LENGTH:
+                with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                    argv = f.read().decode(errors="replace").split("\0")[:2]
+                if name not in (os.path.basename(arg) for arg in argv):
+                    continue
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        count += 1
+    return count
 
 
 def contributed_name(plugin: str, name: str) -> str:

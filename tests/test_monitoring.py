@@ -463,6 +463,9 @@ async def test_tcp_http_process_and_disk_probes_against_real_endpoints(tmp_path:
     tls_site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_tls)
     await tls_site.start()
     https = f"https://127.0.0.1:{tls_site._server.sockets[0].getsockname()[1]}/ok"  # noqa: SLF001
+    sleeper = tmp_path / "kumo-test-long-named-sleeper"  # longer than the kernel's 15-character comm
+    shutil.copy("/bin/sleep", sleeper)
+    sleeping = subprocess.Popen([str(sleeper), "60"])  # noqa: S603
     check = tmp_path / "check_load"  # a Nagios plugin as such scripts are written: text | perfdata, exit code
     check.write_text('#!/bin/sh\necho "LOAD WARNING - load average 3.20 | load1=3.2;2;5;0 load5=1.1;2;5;0"\nexit 1\n')
     check.chmod(0o755)
@@ -475,15 +478,18 @@ async def test_tcp_http_process_and_disk_probes_against_real_endpoints(tmp_path:
         {"name": "root", "type": "disk", "mount": "/", "interval": 0.2, "warning": 2.0},
         {"name": "nagios", "type": "command", "command": [str(check)], "interval": 0.2},
         {"name": "web-tls", "type": "http", "url": https, "ca_file": str(cert), "interval": 0.2},
+        {"name": "long", "type": "process", "process": sleeper.name, "interval": 0.2},
+        {"name": "truncated", "type": "process", "process": sleeper.name[:15] + "-other", "interval": 0.2},
         {"name": "web-tls-untrusted", "type": "http", "url": https, "interval": 0.2},
     ]}
     plugin = await started(tmp_path / "state", section)
     try:
-        names = ("open", "closed", "web", "web-broken", "me", "root", "nagios", "web-tls", "web-tls-untrusted")
+        names = ("open", "closed", "web", "web-broken", "me", "root", "nagios", "web-tls", "web-tls-untrusted", "long", "truncated")
         await until(lambda: {p for p, _ in plugin.samples} >= set(names))
         status = {p: s.status for (p, _), s in plugin.samples.items()}
         assert status == {"open": "ok", "closed": "critical", "web": "ok", "web-broken": "critical", "me": "ok", "root": "ok",
-                          "nagios": "warning", "web-tls": "ok", "web-tls-untrusted": "critical"}
+                          "nagios": "warning", "web-tls": "ok", "web-tls-untrusted": "critical", "long": "ok", "truncated": "critical"}
+        assert plugin.samples[("long", "")].value == 1.0
         assert "certificate verify failed" in plugin.samples[("web-tls-untrusted", https)].message
         nagios = plugin.samples[("nagios", "")]
         assert (nagios.value, nagios.message) == (3.2, "LOAD WARNING - load average 3.20")
@@ -493,6 +499,8 @@ async def test_tcp_http_process_and_disk_probes_against_real_endpoints(tmp_path:
         await plugin.kumo_shutdown()
         await runner.cleanup()
         listener.close()
+        sleeping.kill()
+        sleeping.wait()
 
 
 @pytest.mark.integration
