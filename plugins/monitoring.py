@@ -12,16 +12,16 @@ that times out is killed with its whole process group and reads UNKNOWN. Values 
 units: ratios 0..1, seconds, bytes.
 
 Textfiles. ``*.prom`` files in ``textfile_dir`` are read at every scrape the way
-node_exporter's textfile collector reads them; a file that does not parse is skipped and
-``kumo_textfile_scrape_error`` says so.
+node_exporter's textfile collector reads them (the same metric in several files is one
+family); a file that does not parse is skipped whole and ``kumo_textfile_scrape_error``
+says so.
 
 Alerts. A rule watches one probe: a condition on its value (``op``, ``value``) or on its
 status, held for ``for`` seconds. Statuses rank ok < warning < critical < unknown and a
 status rule fires at its rank or above (``status: critical`` fires on critical and on a
 check that could not tell, as Nagios notifies on both). A probe with several targets (disk
-mounts, interfaces) gives one alert per target. Rules
-come from the agent config and from the controller (task ``monitoring.rules``, kept in the
-plugin's state dir). Each firing or resolved transition is appended to an on-disk outbox
+mounts, interfaces) gives one alert per target. Rules come from the agent config and from
+the controller (task ``monitoring.rules``, kept in the plugin's state dir). Each firing or resolved transition is appended to an on-disk outbox
 (fsync'd) and sent to the controller until it says "ok", with the same id every time, so a
 controller outage or an agent restart loses none and the controller stores each once.
 Firing alerts are remembered on disk too, so a restarted agent does not fire them again,
@@ -141,9 +141,14 @@ def parse_rules(items: list[Any], where: str) -> list[RuleConfig]:
     rules = []
     for i, item in enumerate(items):
         key = f"{where}[{i}]"
+        if isinstance(item, Mapping) and "for_" in item:
+            raise ConfigError(f"{key}.for_: unknown key (the hold time is spelt for)")
         if isinstance(item, Mapping) and "for" in item:
             item = {**{k: v for k, v in item.items() if k != "for"}, "for_": item["for"]}
-        rule = parse_section(RuleConfig, item, key)
+        try:
+            rule = parse_section(RuleConfig, item, key)
+        except ConfigError as exc:
+            raise ConfigError(str(exc).replace("for_", "for")) from None  # name the key as the user wrote it
         if (rule.condition is None) == (rule.status is None):
             raise ConfigError(f"{key}: give either condition: {{op, value}} or status: warning|critical|unknown")
         if rule.for_ < 0:
@@ -302,7 +307,10 @@ class MonitoringPlugin:
             raise TaskError(str(exc), code="invalid") from None
         clash = {r.name for r in rules} & {r.name for r in self.config_rules}
         if clash:
-            raise TaskError(f"rule {sorted(clash)[0]!r} is already defined in the agent config", code="conflict")
+            raise TaskError(
+                f"rule {sorted(clash)[0]!r} is already defined in this node's agent config: rename it in the pushed set",
+                code="conflict",
+            )
         self.pushed_rules = rules
         await self._save_json("rules.json", items)
         await self._resolve_removed_rules()

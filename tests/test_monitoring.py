@@ -107,6 +107,8 @@ def metric_lines(plugin: MonitoringPlugin) -> str:
         ({"rules": [{"name": "r", "probe": "cpu", "condition": {"op": ">", "value": "high"}}]},
          r"rules\[0\].condition.value: expected a number"),
         ({"rules": [{"name": "r", "probe": "cpu", "status": "critical", "for": -1}]}, r"rules\[0\].for: expected seconds >= 0"),
+        ({"rules": [{"name": "r", "probe": "cpu", "status": "critical", "for": "5m"}]}, r"rules\[0\].for: expected a number, got '5m'"),
+        ({"rules": [{"name": "r", "probe": "cpu", "status": "page"}]}, r"rules\[0\].status: expected one of 'warning'"),
         ({"probes": [{"name": "t", "type": "tcp", "host": "x", "port": 1, "url": "http://x"}]},
          r"probes\[0\].url: not an option of a tcp probe \(options: critical, host, interval, name, port"),
         ({"probes": [{"name": "c", "type": "command", "command": ["true"], "warning": 1}]},
