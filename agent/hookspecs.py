@@ -116,7 +116,11 @@ def kumo_metrics() -> Iterable[Any]:
 
 @hookspec
 def kumo_probes() -> Iterable[Probe]:
-    """Contribute health probes for the monitoring plugin to schedule and alert on."""
+    """Contribute health probes for the monitoring plugin to schedule and alert on.
+
+    A probe named ``libvirtd`` from plugin ``kvm`` is scheduled, exported and matched by
+    alert rules as ``kvm.libvirtd``.
+    """
 
 
 @hookspec

@@ -21,7 +21,7 @@ from typing import Any
 import pluggy
 
 from agent import hookspecs
-from agent.plugin import PROJECT, Fingerprint, InstanceState, PluginError, Probe, TaskError
+from agent.plugin import PROJECT, Fingerprint, InstanceState, PluginError, TaskError
 
 log = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "kumo.plugins"
@@ -167,10 +167,6 @@ class Hooks:
     async def instances(self, hook: str = "kumo_instances") -> list[InstanceState]:
         results, _ = await self.call_each(hook)
         return [state for states in results.values() for state in (states or ())]
-
-    async def probes(self) -> list[Probe]:
-        results, _ = await self.call_each("kumo_probes")
-        return [probe for probes in results.values() for probe in (probes or ())]
 
     async def instance_seed(self, instance: Mapping[str, Any], medium: str, workdir: Path) -> Path | None:
         """The seed for a new instance, from whichever plugin builds one; errors propagate.
