@@ -8,14 +8,23 @@ over the live one, then rsyslog is restarted (rsyslog 8 reads its config only at
 SIGHUP just reopens files). A snippet rsyslog rejects is never installed: the task fails
 with rsyslog's own complaint and the previous snippet keeps forwarding.
 
-Zero loss. The forwarding action has a pure disk queue (``queue.type="Disk"``) and retries
-forever. A disk-assisted in-memory queue loses the batch its worker holds when rsyslog is
-restarted during an outage (RECIPES.md measured 128 of 500 messages over TCP); the disk
-queue deletes a message only after the collector took it, so a restart costs at most one
-duplicate of the message in flight, never a loss. RELP (the default) acknowledges every
-message; librelp uses OpenSSL, which rsyslog's documentation recommends over GnuTLS. One
-gap is known: a collector killed with SIGKILL mid-stream can lose the one to three messages
-in flight (tests/test_rsyslog.py keeps that case as an expected failure until it is fixed).
+Zero loss. The forwarding action has a pure disk queue (``queue.type="Disk"``) sized by bytes
+(``max_disk_space``) rather than by a small message count, and retries forever. Each setting
+closes a loss measured against rsyslog 8.2302 / librelp 1.11 (tests/test_rsyslog.py):
+
+- ``queue.size``: the default (1000 messages) fills during an outage of a few seconds, and
+  rsyslog then drops what it cannot enqueue within two seconds;
+- ``queue.type="Disk"`` and ``queue.dequeueBatchSize="1"``: a worker that is retrying when
+  rsyslog stops is cancelled and its batch is gone (128 messages with a disk-assisted
+  in-memory queue, RECIPES.md); from a disk queue the batch is one message;
+- omrelp ``windowSize="1"``: the messages librelp wrote to a connection that died are resent
+  only by the same process, so a restart loses its whole window (128 by default).
+
+What remains: a sender restarted during an outage that began while its connection was open
+loses the (at most two) messages that were in flight when the collector went away. A
+collector stopped, unreachable or killed with SIGKILL costs nothing; RELP may deliver the
+message in flight twice. All of this is RELP's (the default): plain TCP has no acknowledgement,
+so what it wrote to a connection that had just died is lost.
 
 TLS uses the node's own Kumo certificate and the Kumo CA; the forwarder checks the
 collector's certificate name (``peer``, by default the target's host). The collector role
@@ -229,7 +238,7 @@ class RsyslogPlugin:
         fwd, col = self.forwarding, c.collector
         if fwd is not None and fwd.target:
             if fwd.protocol == "relp":
-                lines.append('module(load="omrelp" tls.tlslib="openssl")')
+                lines.append('module(load="omrelp")')
             lines += self._forward_lines(fwd)
         if col is not None:
             lines += self._collector_lines(col)
@@ -239,13 +248,13 @@ class RsyslogPlugin:
         assert fwd.target is not None
         host, port = split_target(fwd.target)
         queue = [
-            'queue.type="Disk"', f'queue.filename="{ACTION}"', f"queue.spoolDirectory={quote(self.config.spool_dir)}",
+            'queue.type="Disk"', 'queue.size="1000000"', 'queue.dequeueBatchSize="1"', f'queue.filename="{ACTION}"', f"queue.spoolDirectory={quote(self.config.spool_dir)}",
             f"queue.maxDiskSpace={quote(self.config.max_disk_space)}", 'queue.saveOnShutdown="on"',
             'action.resumeRetryCount="-1"', 'action.resumeInterval="2"',
         ]
         params = [f'name="{ACTION}"', f"target={quote(host)}", f'port="{port}"']
         if fwd.protocol == "relp":
-            params.insert(1, 'type="omrelp"')
+            params[1:1] = ['type="omrelp"', 'windowSize="1"']
             if fwd.tls:
                 ca, cert, key = self._tls_files()
                 params += [
@@ -268,18 +277,16 @@ class RsyslogPlugin:
         host = host.strip("[]") or "0.0.0.0"
         lines = [
             f"template(name=\"kumo-per-host\" type=\"string\" string={quote(str(col.directory) + '/%fromhost%.log')})",
-            # A disk queue: what the input acknowledges (RELP) is in a file already, so a
+            # Direct: the input acknowledges (RELP) a message after omfile wrote it, so a
             # collector killed with SIGKILL has lost nothing it confirmed.
-            f'ruleset(name="kumo-collect" queue.type="Disk" queue.filename="kumo-collect" '
-            f'queue.spoolDirectory={quote(self.config.spool_dir)} queue.saveOnShutdown="on" '
-            'queue.syncQueueFiles="on") {',
+            'ruleset(name="kumo-collect" queue.type="Direct") {',
             '  action(type="omfile" dynaFile="kumo-per-host" template="RSYSLOG_FileFormat" '
             'dirCreateMode="0750" fileCreateMode="0640")',
             "}",
         ]
         params = [f"address={quote(host)}", f'port="{port}"', 'ruleset="kumo-collect"']
         if col.protocol == "relp":
-            lines.insert(0, 'module(load="imrelp" tls.tlslib="openssl")')
+            lines.insert(0, 'module(load="imrelp")')
             if col.tls:
                 ca, cert, key = self._tls_files()
                 # Every certificate of the Kumo CA is a Kumo node: any of them may send.
