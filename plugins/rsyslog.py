@@ -45,6 +45,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import tempfile
@@ -327,31 +328,45 @@ class RsyslogPlugin:
 
     async def _check(self, text: str) -> None:
         """``rsyslogd -N1`` on the main config as it would be with this snippet, live files untouched."""
-        c = self.config
-        with tempfile.TemporaryDirectory(prefix="kumo-rsyslog-") as tmp:
-            staging = Path(tmp) / "rsyslog.d"
-            staging.mkdir()
-            for other in c.config_dir.glob("*.conf"):
-                if other.name != SNIPPET:
-                    (staging / other.name).symlink_to(other)
-            (staging / SNIPPET).write_text(text)
-            try:
-                main = c.main_config.read_text()
-            except OSError as exc:
-                raise TaskError(f"cannot read {c.main_config}: {exc.strerror}", code="rsyslog-config") from None
-            # The main config includes config_dir; the copy includes the staging directory instead.
-            (Path(tmp) / "rsyslog.conf").write_text(main.replace(str(c.config_dir), str(staging)))
+        tmp = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="kumo-rsyslog-"))
+        try:
+            conf = await asyncio.to_thread(self._stage, tmp, text)
             proc = await asyncio.create_subprocess_exec(
-                str(c.rsyslogd), "-N1", "-f", str(Path(tmp) / "rsyslog.conf"),
+                str(self.config.rsyslogd), "-N1", "-f", str(conf),
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             )
             output, _ = await proc.communicate()
+        finally:
+            await asyncio.to_thread(shutil.rmtree, tmp, True)
         if proc.returncode != 0:
             complaint = " / ".join(
                 line.strip() for line in output.decode(errors="replace").splitlines()
                 if "error" in line.lower() or "could not" in line.lower()
             ) or output.decode(errors="replace").strip()[-500:]
             raise TaskError(f"rsyslog rejected the new configuration (the previous one stays): {complaint}", code="rsyslog-config")
+
+    def _stage(self, tmp: Path, text: str) -> Path:
+        """A copy of the main config reading ``tmp/rsyslog.d``: the other snippets and this one."""
+        c = self.config
+        staging = tmp / "rsyslog.d"
+        staging.mkdir()
+        for other in c.config_dir.glob("*.conf"):
+            if other.name != SNIPPET:
+                (staging / other.name).symlink_to(other)
+        (staging / SNIPPET).write_text(text)
+        try:
+            main = c.main_config.read_text()
+        except OSError as exc:
+            raise TaskError(f"cannot read {c.main_config}: {exc.strerror}", code="rsyslog-config") from None
+        if str(c.config_dir) not in main:
+            raise TaskError(
+                f"{c.main_config} does not include {c.config_dir}, so rsyslog would never read the snippet: "
+                "set plugins.rsyslog.config_dir to the directory it includes",
+                code="rsyslog-config",
+            )
+        conf = tmp / "rsyslog.conf"
+        conf.write_text(main.replace(str(c.config_dir), str(staging)))
+        return conf
 
     async def _restart(self) -> None:
         c = self.config

@@ -147,6 +147,16 @@ async def test_plaintext_to_the_tls_port_is_refused_and_the_queue_keeps_the_mess
     assert set(await wait_count(rsyslog_bed, "plaintext", 50)) == set(sent)
 
 
+async def test_a_null_target_stops_forwarding(rsyslog_bed: RsyslogBed) -> None:
+    _, sender, plugin, _ = await pair(rsyslog_bed)
+    answer = await plugin.kumo_handle_task(kind="rsyslog.configure", payload={"target": None}, task_id="t5")
+    assert answer == {"target": None, "changed": True}
+    assert "kumo-forward" not in (sender.confd / "60-kumo.conf").read_text()
+    assert plugin.kumo_fingerprint().attributes["forwarding"] is None
+    sender.send(messages("local", 5), "localonly")
+    assert await wait_count(rsyslog_bed, "localonly", 1, timeout=3) == []
+
+
 async def test_a_snippet_rsyslog_rejects_is_not_installed(rsyslog_bed: RsyslogBed) -> None:
     _, sender, plugin, port = await pair(rsyslog_bed)
     live = (sender.confd / "60-kumo.conf").read_text()
