@@ -277,7 +277,7 @@ class RsyslogPlugin:
         host, _, port = col.listen.rpartition(":")
         host = host.strip("[]") or "0.0.0.0"
         lines = [
-            f"template(name=\"kumo-per-host\" type=\"string\" string={quote(str(col.directory) + '/%fromhost%.log')})",
+            f"template(name=\"kumo-per-host\" type=\"string\" string={quote(str(col.directory) + '/%fromhost:::secpath-replace%.log')})",
             # Direct: the input acknowledges (RELP) a message after omfile wrote it, so a
             # collector killed with SIGKILL has lost nothing it confirmed.
             'ruleset(name="kumo-collect" queue.type="Direct") {',

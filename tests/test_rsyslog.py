@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -205,3 +207,45 @@ async def test_missing_rsyslog_makes_the_plugin_unavailable(tmp_path: Path) -> N
 
 def test_values_are_quoted_for_rainerscript() -> None:
     assert quote('a"b\\c') == '"a\\"b\\\\c"'
+
+
+async def test_kumoctl_logging_set_reaches_a_collector_node(rsyslog_bed: RsyslogBed, controller: Any, kumo_agent: Any) -> None:
+    """The README tour: one node is the collector, `kumoctl logging set` points the fleet at it
+    (RELP over TLS with the nodes' own Kumo certificates), a `logger` line on a node arrives."""
+    port = free_port()
+    collector_daemon = rsyslog_bed.daemon("collector")
+    collector_daemon.start()
+    sender_daemon = rsyslog_bed.daemon("sender", input_port=True)
+    sender_daemon.start()
+
+    def plugin_config(daemon: Any, **extra: Any) -> dict[str, Any]:
+        return {"config_dir": str(daemon.confd), "main_config": str(daemon.main), "pid_file": str(daemon.pid_file),
+                "spool_dir": str(daemon.dir / "spool"), "stats_interval": 1, **extra}
+
+    log_host = await asyncio.to_thread(kumo_agent, plugins={"rsyslog": plugin_config(collector_daemon, collector={
+        "listen": f"127.0.0.1:{port}", "protocol": "relp", "tls": True, "directory": str(rsyslog_bed.root / "collected")})})
+    node = await asyncio.to_thread(kumo_agent, plugins={"rsyslog": plugin_config(sender_daemon)})
+    kumoctl = Path(sys.executable).with_name("kumoctl")
+    command = [str(kumoctl)] if kumoctl.exists() else [sys.executable, "-m", "controller.kumoctl"]
+    result = await asyncio.to_thread(
+        subprocess.run,  # noqa: S603 - fixed argument list
+        [*command, "--config", str(controller.kumoctl_config), "logging", "set",
+         "--target", f"127.0.0.1:{port}", "--peer", log_host.node_id],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "log forwarding for the fleet: relp+tls to 127.0.0.1:" in result.stdout
+
+    def configured() -> list[dict[str, Any]]:
+        tasks = controller.admin("GET", f"/v1/tasks?node={node.node_id}")["tasks"]
+        return [t for t in tasks if t["kind"] == "rsyslog.configure" and t["state"] in ("succeeded", "failed")]
+
+    deadline = time.monotonic() + 60
+    while not configured():
+        assert time.monotonic() < deadline, f"rsyslog.configure never finished:\n{node.log_tail()}"
+        await asyncio.sleep(0.3)
+    task = configured()[0]
+    assert task["state"] == "succeeded", task
+    assert task["result"] == {"target": f"127.0.0.1:{port}", "changed": True}
+    sender_daemon.send(["hello from a node"], "tour")
+    assert await wait_count(rsyslog_bed, "tour", 1) == ["hello from a node"]
