@@ -22,8 +22,8 @@ closes a loss measured against rsyslog 8.2302 / librelp 1.11 (tests/test_rsyslog
 
 What remains: a sender restarted during an outage that began while its connection was open
 loses the (at most two) messages that were in flight when the collector went away. A
-collector stopped, unreachable or killed with SIGKILL costs nothing; RELP may deliver the
-message in flight twice. All of this is RELP's (the default): plain TCP has no acknowledgement,
+collector stopped, unreachable or killed with SIGKILL costs nothing, though RELP may then
+deliver what was in flight twice (at least once, never lost). All of this is RELP's (the default): plain TCP has no acknowledgement,
 so what it wrote to a connection that had just died is lost.
 
 TLS uses the node's own Kumo certificate and the Kumo CA; the forwarder checks the
@@ -188,9 +188,13 @@ class RsyslogPlugin:
         unknown = sorted(set(payload) - {"target", "protocol", "tls", "peer"})
         if unknown:
             raise TaskError(f"payload.{unknown[0]}: unknown field (allowed: target, protocol, tls, peer)", code="invalid")
+        for name, types, what in (("target", (str, type(None)), "HOST:PORT or null"), ("protocol", (str,), "relp or tcp"),
+                                  ("tls", (bool,), "true or false"), ("peer", (str, type(None)), "a name or null")):
+            if name in payload and not isinstance(payload[name], types):
+                raise TaskError(f"payload.{name}: expected {what}, got {payload[name]!r}", code="invalid")
         wanted = Forwarding(
             target=payload.get("target"), protocol=payload.get("protocol", "relp"),
-            tls=bool(payload.get("tls", True)), peer=payload.get("peer"),
+            tls=payload.get("tls", True), peer=payload.get("peer"),
         )
         if wanted.protocol not in ("relp", "tcp"):
             raise TaskError(f"protocol must be relp or tcp, got {wanted.protocol!r}", code="invalid")
