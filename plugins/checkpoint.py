@@ -72,6 +72,7 @@ from typing import Any
 
 from agent.config import ConfigError, parse_section
 from agent.plugin import Fingerprint, InstanceState, PluginContext, TaskError, hookimpl
+from agent.procfs import start_time, stat_fields
 
 log = logging.getLogger(__name__)
 
@@ -298,7 +299,7 @@ class CheckpointPlugin:
             raise
         if rc != 0:
             await asyncio.to_thread(hasher.stop)
-            alive = _start_time(target.pid) is not None
+            alive = start_time(target.pid) is not None
             if target.kind == "lxc":
                 await asyncio.to_thread(_keep_lxc_log, image / "dump.log", logs / "dump.log")
             reason = await asyncio.to_thread(_criu_error, logs / "dump.log", logs / "dump.out")
@@ -460,7 +461,7 @@ class CheckpointPlugin:
         me = os.getpid()
         deadline = time.monotonic() + 5
         while True:
-            fields = _stat_fields(pid)
+            fields = stat_fields(pid)
             if fields is None:
                 return
             if fields[0] != "Z":
@@ -764,7 +765,7 @@ def _tree(root: int) -> list[int]:
     children: dict[int, list[int]] = {}
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
-            fields = _stat_fields(int(entry.name))
+            fields = stat_fields(int(entry.name))
             if fields:
                 children.setdefault(int(fields[1]), []).append(int(entry.name))
     out, todo = [], [root]
@@ -931,22 +932,6 @@ def _comm(pid: int) -> str:
         return Path(f"/proc/{pid}/comm").read_text().strip()
     except OSError:
         return "gone"
-
-
-def _stat_fields(pid: int) -> list[str] | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    return data[data.rindex(b")") + 2 :].decode().split()
-
-
-def _start_time(pid: int) -> int | None:
-    fields = _stat_fields(pid)
-    if fields is None or fields[0] in ("Z", "X"):
-        return None
-    return int(fields[19])
 
 
 # -- images --------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from typing import Any
 
 from agent.config import parse_section
 from agent.plugin import Fingerprint, InstanceState, PluginContext, TaskError, hookimpl
+from agent.procfs import start_time, stat_fields
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ class ProcessPlugin:
             )
             self.instances[inst.name] = inst
             pid, start = record.get("pid"), record.get("start_time")
-            if pid and start is not None and record.get("boot_id") == boot_id and _start_time(pid) == start:
+            if pid and start is not None and record.get("boot_id") == boot_id and start_time(pid) == start:
                 inst.pid, inst.start_time, inst.boot_id = pid, start, boot_id
                 if self._watch(inst):
                     log.info("process %s: adopted running pid %d", inst.name, pid)
@@ -247,7 +248,7 @@ class ProcessPlugin:
             if inst.pid == pid:
                 return self._state(inst).to_json()
             raise TaskError(f"process instance {name!r} already runs as pid {inst.pid}", code="conflict")
-        start = _start_time(pid)
+        start = start_time(pid)
         if start is None:
             raise TaskError(f"pid {pid} is not a running process: nothing to adopt", code="not-running")
         inst.pid, inst.start_time, inst.boot_id = pid, start, await asyncio.to_thread(_boot_id)
@@ -289,7 +290,7 @@ class ProcessPlugin:
         except (PermissionError, NotADirectoryError) as exc:
             raise TaskError(f"cannot run {inst.argv[0]!r}: {exc.strerror}", code="bad-command") from exc
         inst.popen, inst.pid, inst.exit_code = popen, popen.pid, None
-        inst.start_time, inst.boot_id = _start_time(popen.pid), await asyncio.to_thread(_boot_id)
+        inst.start_time, inst.boot_id = start_time(popen.pid), await asyncio.to_thread(_boot_id)
         inst.exited = asyncio.Event()
         if not self._watch(inst):
             inst.exited.set()
@@ -328,7 +329,7 @@ class ProcessPlugin:
         except ProcessLookupError:
             return False
         # Checked again with the pidfd held: from here the fd names this very process.
-        if _start_time(inst.pid) != inst.start_time:
+        if start_time(inst.pid) != inst.start_time:
             os.close(pidfd)
             return False
         inst.pidfd = pidfd
@@ -484,31 +485,12 @@ def _set_child_subreaper(on: bool) -> bool:
     return True
 
 
-def _stat_fields(pid: int) -> list[str] | None:
-    """Fields of /proc/PID/stat from the state on (field 3), or None when the pid is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    # comm (field 2) may hold spaces and parentheses: split after its last ')'.
-    return data[data.rindex(b")") + 2 :].decode().split()
-
-
-def _start_time(pid: int) -> int | None:
-    """The pid's start time (clock ticks after boot), None when gone or a zombie."""
-    fields = _stat_fields(pid)
-    if fields is None or fields[0] in ("Z", "X"):
-        return None
-    return int(fields[19])
-
-
 def _zombie_children(parent: int) -> set[int]:
     # /proc/PID/task/TID/children needs CONFIG_PROC_CHILDREN, which these kernels lack.
     zombies = set()
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
-            fields = _stat_fields(int(entry.name))
+            fields = stat_fields(int(entry.name))
             if fields and fields[0] == "Z" and int(fields[1]) == parent:
                 zombies.add(int(entry.name))
     return zombies

@@ -55,6 +55,7 @@ from typing import Any, Literal
 
 from agent.config import ConfigError, parse_section
 from agent.plugin import Fingerprint, PluginContext, TaskError, hookimpl
+from agent.procfs import start_time
 
 log = logging.getLogger(__name__)
 
@@ -404,7 +405,7 @@ class RsyslogPlugin:
             return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + STOP_TIMEOUT
-        while Path(f"/proc/{pid}").exists() and "Z" not in _proc_state(pid):
+        while start_time(pid) is not None:
             if loop.time() > deadline:
                 raise TaskError(f"rsyslogd ({pid}) did not stop within {STOP_TIMEOUT:.0f} s", code="rsyslog-restart")
             await asyncio.sleep(0.1)
@@ -449,13 +450,6 @@ def _replace(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def _proc_state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return "Z"
 
 
 def _read_stats(path: Path) -> dict[str, dict[str, int]]:
