@@ -192,6 +192,46 @@ def _base_env(pythonpath: list[Path] | tuple[Path, ...] = ()) -> dict[str, str]:
     return env
 
 
+def start_agent(
+    controller: Any,
+    workdir: Path,
+    plugins: Mapping[str, Any] | None = None,
+    settings: Mapping[str, Any] | None = None,
+    pythonpath: list[Path] | tuple[Path, ...] = (),
+    start: bool = True,
+) -> AgentProcess:
+    """Join a new node to ``controller`` with its state under ``workdir`` and (unless
+    ``start=False``) run it; what the ``kumo_agent`` fixture and the benchmarks use."""
+    state_dir = workdir / "state"
+    env = _base_env(pythonpath)
+    joined = join_agent(controller, state_dir, env)
+    assert joined.returncode == 0, f"kumo-agent join failed ({joined.returncode}): {joined.stderr}"
+    node_id = json.loads((state_dir / "join.json").read_text())["node_id"]
+    metrics_port = free_port()
+    config: dict[str, Any] = {
+        "state_dir": str(state_dir),
+        "log_level": "debug",
+        "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
+        "plugins": dict(plugins or {}),
+    }
+    config.update(settings or {})
+    config_path = workdir / "agent.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    agent = AgentProcess(
+        controller=controller,
+        workdir=workdir,
+        state_dir=state_dir,
+        config_path=config_path,
+        log_path=workdir / "agent.log",
+        env=env,
+        node_id=node_id,
+        metrics_port=metrics_port,
+    )
+    if start:
+        agent.start()
+    return agent
+
+
 @pytest.fixture
 def kumo_agent(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
@@ -216,32 +256,7 @@ def kumo_agent(
     ) -> AgentProcess:
         if controller is None:
             controller = request.getfixturevalue("controller")
-        workdir = tmp_path_factory.mktemp("agent")
-        state_dir = workdir / "state"
-        env = _base_env(pythonpath)
-        joined = join_agent(controller, state_dir, env)
-        assert joined.returncode == 0, f"kumo-agent join failed ({joined.returncode}): {joined.stderr}"
-        node_id = json.loads((state_dir / "join.json").read_text())["node_id"]
-        metrics_port = free_port()
-        config: dict[str, Any] = {
-            "state_dir": str(state_dir),
-            "log_level": "debug",
-            "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
-            "plugins": dict(plugins or {}),
-        }
-        config.update(settings or {})
-        config_path = workdir / "agent.yaml"
-        config_path.write_text(yaml.safe_dump(config))
-        agent = AgentProcess(
-            controller=controller,
-            workdir=workdir,
-            state_dir=state_dir,
-            config_path=config_path,
-            log_path=workdir / "agent.log",
-            env=env,
-            node_id=node_id,
-            metrics_port=metrics_port,
-        )
+        agent = start_agent(controller, tmp_path_factory.mktemp("agent"), plugins, settings, pythonpath, start=False)
         started.append(agent)
         if start:
             agent.start()
