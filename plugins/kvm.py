@@ -1,7 +1,8 @@
 """The ``kvm`` plugin: virtual machines as persistent libvirt domains.
 
 Read top to bottom: settings, the plugin (hooks, then one method per task kind), then the
-pieces it is made of — acceleration probe, images, domain XML, the libvirt connection.
+pieces it is made of — acceleration probe, images, domain XML, the libvirt connection, and
+the probe an idle node runs in a child process.
 
 - A VM is a persistent domain defined from XML built with ``xml.etree`` (user strings only
   ever become element text or attribute values). Its disk is a qcow2 overlay on a base
@@ -17,8 +18,14 @@ pieces it is made of — acceleration probe, images, domain XML, the libvirt con
 - Hardware acceleration is proven, not assumed: ``/dev/kvm`` opening is not enough (on
   nested or paravirtual hosts guests run at emulation speed or fault), so a tiny real guest
   must finish under ``-accel kvm`` within a few seconds. The verdict is cached per boot.
+- libvirt (the binding, libvirt.so with what it links, and its event thread: ~12 MB) is
+  loaded only once the node has KVM work: instance directories from before (domains to
+  adopt) or a kvm task. It then stays loaded, since libvirt cannot unregister its event
+  loop. Until then the fingerprint comes from a short-lived child running this module
+  (``python -m plugins.kvm URI``), which connects through the same :func:`_open` as the
+  plugin (keepalive, events, versions, failure messages alike) and exits.
 - Every libvirt call and file operation runs off the event loop (``asyncio.to_thread`` or
-  asyncio subprocesses). libvirt is imported at start-up, not at module import.
+  asyncio subprocesses).
 """
 
 from __future__ import annotations
@@ -34,7 +41,9 @@ import os
 import re
 import shutil
 import ssl
+import sys
 import threading
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -65,6 +74,16 @@ MIN_MEMORY_MIB = 32
 CONSOLE_TAIL_BYTES = 64 * 1024
 PROBE_TIMEOUT = 5.0
 QEMU = "qemu-system-x86_64"
+# An idle node's libvirtd probe is a child process (~0.1 s of CPU): once per fingerprint
+# refresh (every 30 s by default), never more often even when other plugins' changes make
+# the runtime refresh sooner.
+IDLE_PROBE_INTERVAL = 30.0
+# libvirtd may probe QEMU's capabilities at a first connection, which takes seconds.
+IDLE_PROBE_TIMEOUT = 30.0
+NO_BINDING = (
+    "the libvirt Python binding is not installed "
+    "(apt install python3-libvirt or pip install libvirt-python)"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,14 +129,19 @@ class KvmPlugin:
     def __init__(self) -> None:
         self.config = KvmConfig()
         self._context: PluginContext | None = None
-        self._libvirt: Any = None
+        self._libvirt: Any = None  # the module, once this node has KVM work
         self._conn: Any = None
         self._event_callback: int | None = None
+        # Empty while libvirtd answers (the connection, or the idle probe): the one truth
+        # the fingerprint, the metric and the health probe all report.
         self._unavailable = "the kvm plugin has not started yet"
+        self._versions: dict[str, str] = {}
+        self._probed_at: float | None = None
         self._instances: dict[str, _Instance] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._changed = asyncio.Event()
-        self._connect_lock: asyncio.Lock | None = None
+        self._connect_lock = asyncio.Lock()
+        self._probe_lock = asyncio.Lock()
         self._reconnect_task: asyncio.Task[None] | None = None
         self._acceleration_task: asyncio.Task[_Acceleration] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -143,20 +167,11 @@ class KvmPlugin:
         self._context = context
         self._loop = asyncio.get_running_loop()
         self._changed = asyncio.Event()
-        self._connect_lock = asyncio.Lock()
-        try:
-            import libvirt
-        except ImportError:
-            self._unavailable = (
-                "the libvirt Python binding is not installed (apt install python3-libvirt "
-                "or pip install libvirt-python)"
-            )
-            return
-        self._libvirt = libvirt
-        _EventThread.ensure(libvirt)
         self._acceleration_task = asyncio.create_task(self._decide_acceleration())
-        if not await self._connect():
-            self._start_reconnecting()
+        if await asyncio.to_thread(_has_instance_dirs, self.config.instance_dir):
+            await self._load()
+        else:
+            await self._probe_idle()
 
     @hookimpl
     async def kumo_shutdown(self) -> None:
@@ -172,17 +187,17 @@ class KvmPlugin:
         conn, self._conn = self._conn, None
         self._unavailable = "the kvm plugin has stopped"
         if conn is not None:
-            await asyncio.to_thread(self._close_blocking, conn, self._event_callback)
+            await asyncio.to_thread(_close, conn, self._event_callback)
 
     @hookimpl
     async def kumo_fingerprint(self) -> Fingerprint:
         if self._libvirt is None:
-            return Fingerprint(available=False, reason=self._unavailable, kinds=(KIND,))
-        if self._conn is None and not await self._connect():
+            await self._probe_idle()
+        elif self._conn is None:
+            await self._connect()
+        if self._unavailable:
             return Fingerprint(available=False, reason=self._unavailable, kinds=(KIND,))
         accel = await self._acceleration()
-        conn = self._conn
-        versions = await asyncio.to_thread(_versions, conn) if conn is not None else {}
         return Fingerprint(
             available=True,
             kinds=(KIND,),
@@ -190,7 +205,7 @@ class KvmPlugin:
                 "acceleration": accel.name,
                 "acceleration_reason": accel.reason,
                 "uri": self.config.uri,
-                **versions,
+                **self._versions,
                 "instances": len(self._instances),
             },
         )
@@ -216,7 +231,10 @@ class KvmPlugin:
 
     @hookimpl
     async def kumo_adopt(self) -> Iterable[InstanceState]:
-        """Re-read Kumo's domains from libvirt; running ones are left exactly as they are."""
+        """Re-read Kumo's domains from libvirt; running ones are left exactly as they are.
+
+        A node without instance directories has none, and libvirt stays unloaded.
+        """
         if self._conn is not None:
             await self._resync(self._conn)
         return self.kumo_instances()
@@ -237,8 +255,10 @@ class KvmPlugin:
     def kumo_metrics(self) -> Iterable[Any]:
         from prometheus_client.core import GaugeMetricFamily
 
-        up = GaugeMetricFamily("kumo_kvm_libvirt_up", "1 while the kvm plugin is connected to libvirtd")
-        up.add_metric([], 1.0 if self._conn is not None else 0.0)
+        up = GaugeMetricFamily(
+            "kumo_kvm_libvirt_up", "1 while libvirtd answers the kvm plugin (its connection, or its idle probe)"
+        )
+        up.add_metric([], 0.0 if self._unavailable else 1.0)
         by_state = GaugeMetricFamily("kumo_kvm_instances", "Kumo's KVM instances by state", labels=["state"])
         states = [inst.state for inst in list(self._instances.values())]
         for state in ("creating", "running", "stopped", "paused", "failed", "unknown"):
@@ -250,11 +270,13 @@ class KvmPlugin:
         return [Probe(name="kvm-libvirtd", run=self._probe_libvirtd)]
 
     def _probe_libvirtd(self) -> ProbeResult:
-        """Critical while libvirtd is unreachable: running VMs are unmanaged until it is back."""
-        if self._libvirt is None:
+        """Critical while libvirtd is unreachable: VMs are unmanaged and refused until it is back."""
+        if self._context is None or self._unavailable == NO_BINDING:
             return ProbeResult("unknown", message=self._unavailable)
-        if self._conn is None:
+        if self._unavailable:
             return ProbeResult("critical", 0.0, message=self._unavailable)
+        if self._libvirt is None:
+            return ProbeResult("ok", 1.0, message=f"{self.config.uri} answers (no VMs here: libvirt not loaded)")
         return ProbeResult("ok", 1.0, message=f"connected to {self.config.uri}")
 
     # ---- tasks -----------------------------------------------------------------------
@@ -474,57 +496,61 @@ class KvmPlugin:
     # ---- connection and events -------------------------------------------------------
 
     async def _connection(self) -> Any:
-        if self._libvirt is None:
-            raise TaskError(f"the kvm plugin is unavailable: {self._unavailable}", code="unavailable")
-        if self._conn is None and not await self._connect():
+        """The connection a task works through; the first kvm task of an idle node loads libvirt."""
+        if self._conn is None and not await self._load():
+            if self._libvirt is None:
+                raise TaskError(f"the kvm plugin is unavailable: {self._unavailable}", code="unavailable")
             raise TaskError(
                 f"libvirtd is not reachable: {self._unavailable}; start libvirtd and retry",
                 code="unavailable",
             )
         return self._conn
 
+    async def _load(self) -> bool:
+        """Load libvirt and connect (or keep reconnecting); False while there is no connection."""
+        if self._libvirt is None:
+            try:
+                self._libvirt = await asyncio.to_thread(_EventThread.load)
+            except ImportError:
+                self._unavailable = NO_BINDING
+                return False
+            log.info("kvm: libvirt loaded (this node has KVM work)")
+        if await self._connect():
+            return True
+        self._start_reconnecting()
+        return False
+
     async def _connect(self) -> bool:
         """Open the connection, watch events, and re-read Kumo's domains; False if libvirtd is down."""
-        assert self._connect_lock is not None
         async with self._connect_lock:
             if self._conn is not None:
                 return True
             if self._stopped:
                 return False
             try:
-                conn, callback = await asyncio.to_thread(self._open_blocking)
+                conn, callback, versions = await asyncio.to_thread(
+                    _open, self._libvirt, self.config.uri, self._on_close, self._on_lifecycle
+                )
             except self._libvirt.libvirtError as exc:
-                self._unavailable = f"cannot connect to {self.config.uri}: {exc.get_error_message()}"
+                self._unavailable = _cannot_connect(self.config.uri, exc)
                 return False
-            self._conn, self._event_callback = conn, callback
+            self._conn, self._event_callback, self._versions = conn, callback, versions
             self._unavailable = ""
             await self._resync(conn)
             log.info("kvm: connected to %s", self.config.uri)
             return True
 
-    def _open_blocking(self) -> tuple[Any, int]:
-        libvirt = self._libvirt
-        conn = libvirt.open(self.config.uri)
-        try:
-            # Keepalive notices a daemon that vanished without closing the socket.
-            conn.setKeepAlive(5, 3)
-            conn.registerCloseCallback(self._on_close, None)
-            callback = conn.domainEventRegisterAny(
-                None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None
-            )
-        except libvirt.libvirtError:
-            conn.close()
-            raise
-        return conn, callback
-
-    @staticmethod
-    def _close_blocking(conn: Any, callback: int | None) -> None:
-        with contextlib.suppress(Exception):
-            if callback is not None:
-                conn.domainEventDeregisterAny(callback)
-            conn.unregisterCloseCallback()
-        with contextlib.suppress(Exception):
-            conn.close()
+    async def _probe_idle(self) -> None:
+        """Without libvirt loaded: whether libvirtd answers and its versions, from a child process."""
+        async with self._probe_lock:
+            fresh = self._probed_at is not None and time.monotonic() - self._probed_at < IDLE_PROBE_INTERVAL
+            if self._libvirt is not None or self._stopped or fresh:
+                return
+            self._probed_at = time.monotonic()
+            answer = await _probe_in_child(self.config.uri)
+            # A task may have loaded libvirt meanwhile: its connection knows better.
+            if self._libvirt is None and not self._stopped:
+                self._unavailable, self._versions = answer["reason"], answer["versions"]
 
     def _on_close(self, conn: Any, reason: int, opaque: Any) -> None:
         """libvirt's event thread: the connection dropped (libvirtd stopped or crashed)."""
@@ -539,7 +565,7 @@ class KvmPlugin:
         for inst in self._instances.values():
             inst.state = "unknown"
         self._notify()
-        threading.Thread(target=self._close_blocking, args=(conn, None), daemon=True).start()
+        threading.Thread(target=_close, args=(conn, None), daemon=True).start()
         self._start_reconnecting()
 
     def _start_reconnecting(self) -> None:
@@ -658,15 +684,18 @@ class _EventThread:
     _started = False
 
     @classmethod
-    def ensure(cls, libvirt: Any) -> None:
+    def load(cls) -> Any:
+        """Import libvirt and start the event thread once; the module (ImportError without it)."""
+        import libvirt
+
         with cls._lock:
-            if cls._started:
-                return
-            # Errors are raised as exceptions; libvirt would also print each one to stderr.
-            libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-            libvirt.virEventRegisterDefaultImpl()
-            threading.Thread(target=cls._run, args=(libvirt,), name="libvirt-events", daemon=True).start()
-            cls._started = True
+            if not cls._started:
+                # Errors are raised as exceptions; libvirt would also print each one to stderr.
+                libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+                libvirt.virEventRegisterDefaultImpl()
+                threading.Thread(target=cls._run, args=(libvirt,), name="libvirt-events", daemon=True).start()
+                cls._started = True
+        return libvirt
 
     @staticmethod
     def _run(libvirt: Any) -> None:
@@ -907,7 +936,46 @@ def _versions(conn: Any) -> dict[str, str]:
         return {}
 
 
+def _open(libvirt: Any, uri: str, on_close: Any, on_lifecycle: Any) -> tuple[Any, int, dict[str, str]]:
+    """Connect the way the plugin manages VMs through: (connection, event callback id, versions)."""
+    conn = libvirt.open(uri)
+    try:
+        # Keepalive notices a daemon that vanished without closing the socket.
+        conn.setKeepAlive(5, 3)
+        conn.registerCloseCallback(on_close, None)
+        callback = conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, on_lifecycle, None)
+    except libvirt.libvirtError:
+        conn.close()
+        raise
+    # Versions change only with a libvirtd restart, which is a reconnect.
+    return conn, callback, _versions(conn)
+
+
+def _close(conn: Any, callback: int | None) -> None:
+    with contextlib.suppress(Exception):
+        if callback is not None:
+            conn.domainEventDeregisterAny(callback)
+        conn.unregisterCloseCallback()
+    with contextlib.suppress(Exception):
+        conn.close()
+
+
+def _cannot_connect(uri: str, exc: Any) -> str:
+    return f"cannot connect to {uri}: {exc.get_error_message()}"
+
+
 # ---- files and processes ---------------------------------------------------------------
+
+
+def _has_instance_dirs(instance_dir: Path) -> bool:
+    """Whether instances from before may exist: each Kumo domain has its directory here."""
+    try:
+        with os.scandir(instance_dir) as entries:
+            return any(entry.is_dir() for entry in entries)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # cannot tell: load libvirt and let adoption look
 
 
 def _fresh_dir(directory: Path) -> None:
@@ -1019,3 +1087,53 @@ async def _probe_kvm(qemu: str | None, workdir: Path) -> tuple[bool, str]:
         return True, "a probe guest ran under -accel kvm"
     last = err.decode(errors="replace").strip().splitlines()[-1:] or ["no error output"]
     return False, f"/dev/kvm opens, but a probe guest under -accel kvm failed (exit {proc.returncode}): {last[0]}"
+
+
+# ---- the idle node's libvirtd probe (a child process) ----------------------------------
+
+
+def _probe_libvirt(uri: str) -> dict[str, Any]:
+    """What the child prints: ``{"reason": "" or why libvirtd cannot be used, "versions": {...}}``."""
+    try:
+        libvirt = _EventThread.load()
+    except ImportError:
+        return {"reason": NO_BINDING, "versions": {}}
+    try:
+        conn, callback, versions = _open(libvirt, uri, lambda *_: None, lambda *_: None)
+    except libvirt.libvirtError as exc:
+        return {"reason": _cannot_connect(uri, exc), "versions": {}}
+    _close(conn, callback)
+    return {"reason": "", "versions": versions}
+
+
+async def _probe_in_child(uri: str) -> dict[str, Any]:
+    """Run :func:`_probe_libvirt` in a fresh interpreter, so this process never maps libvirt."""
+    # The child must import this very file: put its import root first (the Debian wrapper
+    # adds it to sys.path by hand), and keep the working directory off sys.path (-P).
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-P", "-m", "plugins.kvm", uri,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    try:
+        async with asyncio.timeout(IDLE_PROBE_TIMEOUT):
+            out, err = await proc.communicate()
+    except TimeoutError:
+        return {"reason": f"{uri} did not answer within {IDLE_PROBE_TIMEOUT:g} s", "versions": {}}
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    try:
+        answer = json.loads(out)
+        return {"reason": str(answer["reason"]), "versions": dict(answer["versions"])}
+    except (ValueError, TypeError, KeyError):
+        last = err.decode(errors="replace").strip().splitlines()[-1:] or ["no error output"]
+        why = f"the libvirtd probe (python -m plugins.kvm) failed (exit {proc.returncode}): {last[0]}"
+        return {"reason": why, "versions": {}}
+
+
+if __name__ == "__main__":
+    print(json.dumps(_probe_libvirt(sys.argv[1])))

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
+import re
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -17,6 +21,7 @@ import pytest
 
 from agent.config import ConfigError
 from agent.plugin import TaskError
+from plugins import kvm
 from plugins.kvm import (
     METADATA_NS,
     CreateSpec,
@@ -25,6 +30,7 @@ from plugins.kvm import (
     _metadata_directory,
     domain_xml,
 )
+from tests.harness import REPO, require
 from tests.harness.guest import Guest
 from tests.harness.libvirt import KvmTestBed, wait_for
 
@@ -107,6 +113,95 @@ async def test_bad_payload_is_refused_before_libvirt(payload: dict[str, Any], me
     plugin = KvmPlugin()
     with pytest.raises(TaskError, match=message):
         await plugin.kumo_handle_task(kind="kvm.create", payload=payload, task_id="t")
+
+
+# A fresh interpreter (this one has libvirt imported already) starts one kvm plugin, and
+# reports what it fingerprints and whether libvirt is in sys.modules and mapped, before and
+# after a kvm task.
+_LAZY_SCRIPT = """
+import asyncio, json, sys
+from pathlib import Path
+from agent.plugin import PluginContext, TaskError
+from plugins.kvm import KvmPlugin
+
+def loaded():
+    with open("/proc/self/maps") as maps:
+        return {"module": "libvirt" in sys.modules, "mapped": "libvirt.so" in maps.read()}
+
+async def main(uri, instance_dir, state_dir):
+    plugin = KvmPlugin()
+    plugin.kumo_configure(section={"uri": uri, "instance_dir": instance_dir, "acceleration": "tcg"}, source="t")
+    async def no_controller(*args, **kwargs):
+        raise AssertionError
+    context = PluginContext("kvm", Path(state_dir), None, None, lambda: None, no_controller)
+    await plugin.kumo_startup(context=context)
+    report = {"startup": loaded(), "fingerprint": (await plugin.kumo_fingerprint()).to_json()}
+    report["idle"] = loaded()
+    try:
+        await plugin.kumo_handle_task(kind="kvm.start", payload={"name": "nope"}, task_id="t")
+    except TaskError as exc:
+        report["task"] = exc.code
+    report["after_task"] = loaded()
+    report["fingerprint_after_task"] = (await plugin.kumo_fingerprint()).to_json()
+    await plugin.kumo_shutdown()
+    print(json.dumps(report))
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+def _lazy_run(tmp_path: Path, uri: str, instances: tuple[str, ...] = ()) -> dict[str, Any]:
+    require(_has_binding(), "the libvirt Python binding (pip install -e '.[libvirt]')")
+    for name in instances:
+        (tmp_path / "instances" / name).mkdir(parents=True)
+    result = subprocess.run(  # noqa: S603 - an argv list
+        [sys.executable, "-c", _LAZY_SCRIPT, uri, str(tmp_path / "instances"), str(tmp_path)],
+        capture_output=True, text=True, cwd=REPO, timeout=120, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def _has_binding() -> bool:
+    try:
+        import libvirt  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_idle_and_loaded_agree_when_libvirtd_is_down(tmp_path: Path) -> None:
+    uri = f"qemu+unix:///system?socket={tmp_path / 'no-libvirtd.sock'}"
+    report = _lazy_run(tmp_path, uri)
+    assert report["idle"] == {"module": False, "mapped": False}
+    assert not report["fingerprint"]["available"]
+    assert report["fingerprint"]["reason"].startswith(f"cannot connect to {uri}: ")
+    assert report["task"] == "unavailable" and report["after_task"]["module"]
+    # The child's answer and the in-process connection's say the same.
+    assert report["fingerprint_after_task"] == report["fingerprint"]
+
+
+def test_instance_directories_from_before_load_libvirt_at_startup(tmp_path: Path) -> None:
+    uri = f"qemu+unix:///system?socket={tmp_path / 'no-libvirtd.sock'}"
+    report = _lazy_run(tmp_path, uri, instances=("vm-1",))
+    assert report["startup"] == {"module": True, "mapped": True}
+
+
+@pytest.mark.integration
+def test_idle_node_fingerprints_libvirt_without_loading_it(libvirtd: str, tmp_path: Path) -> None:
+    report = _lazy_run(tmp_path, libvirtd)
+    assert report["startup"] == report["idle"] == {"module": False, "mapped": False}
+    fingerprint = report["fingerprint"]
+    assert fingerprint["available"] and fingerprint["kinds"] == ["kvm"]
+    attrs = fingerprint["attributes"]
+    assert attrs["acceleration"] == "tcg" and "set by configuration" in attrs["acceleration_reason"]
+    assert re.fullmatch(r"\d+\.\d+\.\d+", attrs["libvirt_version"])
+    assert re.fullmatch(r"\d+\.\d+\.\d+", attrs["qemu_version"])
+    assert attrs["instances"] == 0 and attrs["uri"] == libvirtd
+    # The first kvm task loads libvirt in the agent (no such domain here, so it fails).
+    assert report["task"] == "not-found"
+    assert report["after_task"] == {"module": True, "mapped": True}
+    assert report["fingerprint_after_task"] == fingerprint
 
 
 # ---- against the real libvirtd ----------------------------------------------------------
@@ -229,7 +324,7 @@ async def test_acceleration_is_proven_not_assumed(kvm_bed: KvmTestBed) -> None:
 async def test_adoption_leaves_the_running_domain_alone(kvm_bed: KvmTestBed, kvm_guest: Guest) -> None:
     import libvirt
 
-    first = await kvm_bed.plugin()
+    first = await kvm_bed.plugin()  # idle: its create loads libvirt; the second loads it at startup
     name = kvm_bed.name("adopt")
     await _task(first, "kvm.create", **_payload(kvm_bed, kvm_guest, name, hold=True))
     conn = libvirt.open("qemu:///system")
@@ -299,7 +394,24 @@ async def test_invalid_user_data_leaves_nothing(kvm_bed: KvmTestBed, kvm_guest: 
 
 
 @pytest.mark.integration
-async def test_libvirtd_down_then_back(kvm_bed: KvmTestBed, kvm_guest: Guest, libvirt_proxy: Any) -> None:
+async def test_idle_and_loaded_fingerprints_agree(kvm_bed: KvmTestBed) -> None:
+    idle = await (await kvm_bed.plugin()).kumo_fingerprint()  # no instance directory yet
+    (kvm_bed.root / "instances" / kvm_bed.name("before")).mkdir(parents=True)
+    managing = await (await kvm_bed.plugin()).kumo_fingerprint()  # loads libvirt at startup
+    assert idle.available and idle.attributes["libvirt_version"] and idle.attributes["qemu_version"]
+    assert idle == managing
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("managing", [False, True], ids=["idle", "managing"])
+async def test_libvirtd_down_then_back(
+    kvm_bed: KvmTestBed, kvm_guest: Guest, libvirt_proxy: Any, monkeypatch: pytest.MonkeyPatch, managing: bool
+) -> None:
+    # Idle, the outage is seen by the probe child at the next fingerprint; managing VMs, by
+    # the connection closing. Either way the create loads libvirt and reconnects by itself.
+    monkeypatch.setattr(kvm, "IDLE_PROBE_INTERVAL", 0.0)
+    if managing:
+        (kvm_bed.root / "instances" / kvm_bed.name("before")).mkdir(parents=True)
     plugin = await kvm_bed.plugin(uri=libvirt_proxy.uri)
     assert (await plugin.kumo_fingerprint()).available
 
