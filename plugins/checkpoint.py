@@ -153,6 +153,7 @@ class CheckpointPlugin:
     async def kumo_startup(self, context: PluginContext) -> None:
         self.context = context
         await asyncio.to_thread(self._images_root().mkdir, parents=True, exist_ok=True)
+        await asyncio.to_thread(_discard_incoming, self._images_root())
         # CRIU's mntns-compat-mode is needed to restore an lxc container here, and is
         # refused on dump: lxc-checkpoint reads it from this file for restores only.
         await asyncio.to_thread(self._lxc_restore_conf().write_text, "mntns-compat-mode\n")
@@ -1234,6 +1235,14 @@ def _prune(base: Path, keep: int) -> None:
         if old.resolve() == latest:
             continue
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _discard_incoming(images: Path) -> None:
+    """Remove images half-received by an agent that stopped mid-transfer: the controller has
+    rolled that migration back, and nothing else would ever finish or remove them."""
+    for incoming in images.glob("*/*/.incoming-*"):
+        log.warning("checkpoint: removing %s, left by a transfer that did not finish", incoming)
+        shutil.rmtree(incoming, ignore_errors=True)
 
 
 def _keep_lxc_log(src: Path, dst: Path) -> None:

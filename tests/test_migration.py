@@ -34,6 +34,17 @@ while True:
         f.write(str(i))
     time.sleep(0.05)
 """
+# Enough memory that its image takes a while to stream, so the test can catch it mid-way.
+HEAVY_COUNTER = """
+import sys, time
+ballast = bytearray(b"\\x01") * (512 << 20)
+i = 0
+while True:
+    i += 1
+    with open(sys.argv[1], "w") as f:
+        f.write(str(i))
+    time.sleep(0.05)
+"""
 CONNECTED = """
 import socket, sys, time
 conn = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
@@ -177,6 +188,36 @@ def test_a_failed_restore_on_the_destination_leaves_it_running_on_the_source(clu
     assert not running_on(b, "stayer")
     before = read_counter(path)
     wait_for(lambda: read_counter(path) > before + 3, "the counter to go on counting on A")
+
+
+def test_a_destination_that_dies_mid_transfer_leaves_it_running_on_the_source(cluster, tmp_path):
+    controller, kumo_agent, create, _ = cluster
+    a, b = kumo_agent(), kumo_agent()
+    path = tmp_path / "heavy.count"
+    create(a, "heavy", [PY, "-c", HEAVY_COUNTER, str(path)])
+    wait_for(lambda: read_counter(path) >= 5, "heavy to count")
+
+    answer = controller.admin("POST", "/v1/instances/heavy/migrate", {"to": b.node_id})
+    migration = f"/v1/migrations/{answer['migration']['id']}"
+    progress = wait_for(lambda: (p := controller.admin("GET", migration)["progress"])["bytes_received"] > 0 and p,
+                        "the image to start arriving on B", limit=120)
+    b.proc.send_signal(signal.SIGSTOP)  # frozen mid-stream: what it has received stays as it is
+    progress = controller.admin("GET", migration)["progress"]
+    assert 0 < progress["bytes_received"] < progress["bytes_total"], progress
+    b.kill()
+
+    done = finished(controller, answer["migration"]["id"])
+    assert done["state"] == "failed" and done["code"] == "transfer-failed", done
+    assert f"restored on node {a.node_id}" in done["outcome"], done
+    assert controller.admin("GET", "/v1/instances/heavy")["node"] == a.node_id
+    wait_for(lambda: running_on(a, "heavy"), "the instance to run on A again")
+    before = read_counter(path)
+    wait_for(lambda: read_counter(path) > before + 3, "the counter to go on counting on A")
+
+    b.start()
+    assert not running_on(b, "heavy") and reported(b, "heavy") is None
+    images = b.state_dir / "plugins" / "checkpoint"
+    assert not [p for p in images.rglob(".incoming-*")], "the half-received image was left on B"
 
 
 def kumoctl(controller: Any, *args: str, tty: bool = False) -> tuple[int, str, str]:

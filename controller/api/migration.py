@@ -48,6 +48,7 @@ PREFLIGHT_TIMEOUT = 30.0
 CRIU_TIMEOUT = 660.0  # the plugin's own criu timeout (600 s) plus slack
 TRANSFER_TIMEOUT = 6 * 3600.0  # the stall timeout below is what ends a stuck transfer
 STALL_TIMEOUT = 60.0
+ABORT_GRACE = 30.0  # how long an aborted transfer waits for the other end's task to answer
 CLEANUP_TIMEOUT = 60.0
 RELAY_DEPTH = 64  # chunks held between the source's upload and the destination's download
 
@@ -423,7 +424,18 @@ async def _transfer(ctl: Any, doc: dict[str, Any], base: dict[str, Any], image: 
     ended: dict[str, dict[str, Any]] = {}
     pending = set(waits)
     while pending:
-        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        # After an abort a live end learns of it at once; one that died never answers, and
+        # rolling back without its answer is safe: receiving an image never restores it.
+        grace = ABORT_GRACE if relay.aborted.is_set() else None
+        done, pending = await asyncio.wait(pending, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+        if not done:
+            for future in pending:
+                future.cancel()
+                task = waits[future]
+                ended[task["id"]] = {**task, "state": "failed", "code": "transfer-failed",
+                                     "error": f"{relay.error}; node {task['node']} did not answer within "
+                                     f"{ABORT_GRACE:.0f} s after the transfer was aborted"}
+            break
         for future in done:
             task = waits[future]
             try:
