@@ -350,8 +350,10 @@ async def _phase(ctl: Any, doc: dict[str, Any], phase: str) -> None:
 
 
 def _fail(doc: dict[str, Any], task: dict[str, Any], what: str) -> None:
+    """Record why the migration failed; its state turns ``failed`` only when it ends (``_drive``),
+    so that no client reads an outcome before the rollback has made one."""
     code = task.get("code") or "failed"
-    doc.update(state="failed", error=f"{what}: {task.get('error') or 'no error given'}", code=code)
+    doc.update(error=f"{what}: {task.get('error') or 'no error given'}", code=code)
 
 
 async def _migrate(ctl: Any, doc: dict[str, Any]) -> None:
@@ -389,7 +391,7 @@ async def _migrate(ctl: Any, doc: dict[str, Any]) -> None:
         return
     if not await _reported_running(ctl, destination, name, kind):
         undone = await run_task(ctl, destination, f"{kind}.delete", base, CLEANUP_TIMEOUT, name)
-        doc.update(state="failed", code="not-running",
+        doc.update(code="not-running",
                    error=f"node {destination} restored the instance but never reported it running")
         if undone["state"] == "succeeded":
             await _roll_back(ctl, doc, base, image)
@@ -454,7 +456,7 @@ async def _transfer(ctl: Any, doc: dict[str, Any], base: dict[str, Any], image: 
             _fail(doc, task, f"transfer ({'receiving on' if where == destination else 'sending from'} node {where}) failed")
             return None
     if sent["result"].get("sha256") != got["result"].get("sha256") or sent["result"].get("bytes") != got["result"].get("bytes"):
-        doc.update(state="failed", code="transfer-checksum",
+        doc.update(code="transfer-checksum",
                    error=f"the image arrived damaged: node {source} sent {sent['result'].get('bytes')} bytes with sha256 "
                    f"{sent['result'].get('sha256')}, node {destination} received {got['result'].get('bytes')} with "
                    f"{got['result'].get('sha256')}")
