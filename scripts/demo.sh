@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
-# `make demo`: a Kumo controller and one enrolled agent on this machine, state in ./demo-state/.
-# `scripts/demo.sh stop` (`make demo-stop`) stops both. The state is kept, so running the demo
-# again restarts the same controller (same CA, same kumoctl credentials) and the same node.
+# `make demo`: a Kumo controller and two enrolled agents (nodes "agent" and "agent2", each
+# with its own state) on this machine, state in ./demo-state/. The second node is there so
+# that the README's migration runs on one machine. `scripts/demo.sh stop` (`make demo-stop`)
+# stops them all. The state is kept, so running the demo again restarts the same controller
+# (same CA, same kumoctl credentials) and the same nodes.
+#
+# KUMO_DEMO_STATE, KUMO_DEMO_LISTEN, KUMO_DEMO_METRICS (the first agent's; the second uses the
+# next port), KUMO_DEMO_LXCPATH and KUMO_DEMO_BIN move it, e.g. for tests/test_demo.py.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-STATE=$ROOT/demo-state
-BIN=$ROOT/.venv/bin
+STATE=${KUMO_DEMO_STATE:-$ROOT/demo-state}
+BIN=${KUMO_DEMO_BIN:-$ROOT/.venv/bin}
 CTL_DIR=$STATE/controller
-AGENT_DIR=$STATE/agent
-AGENT_CONFIG=$STATE/agent.yaml
 LISTEN=${KUMO_DEMO_LISTEN:-127.0.0.1:8443}
 METRICS_LISTEN=${KUMO_DEMO_METRICS:-127.0.0.1:9464}
+LXCPATH=${KUMO_DEMO_LXCPATH:-/var/lib/kumo-lxc}
+AGENTS=(agent agent2)
 export KUMOCTL_CONFIG=$CTL_DIR/kumoctl.yaml
 
 say() { printf '\n== %s\n' "$*"; }
@@ -26,34 +31,39 @@ daemon_alive() {
     pid_alive "$(cat "$STATE/$1.pid")"
 }
 
+# The program a daemon of the demo runs: agent2 is a second kumo-agent.
+program() {
+    case $1 in controller) echo kumo-controller ;; *) echo kumo-agent ;; esac
+}
+
 # stop_daemon NAME: stop the process recorded in demo-state/NAME.pid, if it is still ours.
 stop_daemon() {
     local name=$1 pidfile=$STATE/$1.pid pid i
     [ -f "$pidfile" ] || return 0
     pid=$(cat "$pidfile")
     # The pid may have been reused since: only signal a process running our command.
-    if [ -r "/proc/$pid/cmdline" ] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q "kumo-$name run"; then
+    if [ -r "/proc/$pid/cmdline" ] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q "$(program "$name") run"; then
         kill -TERM "$pid"
         for i in $(seq 1 50); do
             pid_alive "$pid" || break
             sleep 0.2
         done
         if pid_alive "$pid"; then
-            echo "demo: kumo-$name ($pid) ignored SIGTERM for 10 s; killing it" >&2
+            echo "demo: $name ($pid) ignored SIGTERM for 10 s; killing it" >&2
             kill -KILL "$pid"
         fi
-        echo "stopped kumo-$name ($pid)"
+        echo "stopped $name ($pid)"
     fi
     rm -f "$pidfile"
 }
 
-# start_daemon NAME ARG...: run kumo-NAME in its own session, output to demo-state/NAME.log.
+# start_daemon NAME ARG...: run NAME's program in its own session, output to demo-state/NAME.log.
 start_daemon() {
     local name=$1
     shift
-    setsid "$BIN/kumo-$name" "$@" </dev/null >>"$STATE/$name.log" 2>&1 &
+    setsid "$BIN/$(program "$name")" "$@" </dev/null >>"$STATE/$name.log" 2>&1 &
     echo $! >"$STATE/$name.pid"
-    echo "started kumo-$name ($!), log: $STATE/$name.log"
+    echo "started $name ($!), log: $STATE/$name.log"
 }
 
 start_controller() {
@@ -71,10 +81,10 @@ start_controller() {
     die "the controller did not answer within 20 s; see $STATE/controller.log"
 }
 
-# The node id this agent joined as, or nothing before the first join.
+# node_id AGENT: the node id it joined as, or nothing before the first join.
 node_id() {
-    [ -f "$AGENT_DIR/join.json" ] || return 0
-    "$BIN/python" -c 'import json, sys; print(json.load(open(sys.argv[1]))["node_id"])' "$AGENT_DIR/join.json"
+    [ -f "$STATE/$1/join.json" ] || return 0
+    "$BIN/python" -c 'import json, sys; print(json.load(open(sys.argv[1]))["node_id"])' "$STATE/$1/join.json"
 }
 
 node_field() {
@@ -82,48 +92,58 @@ node_field() {
         "$BIN/python" -c 'import json, sys; print(json.load(sys.stdin).get(sys.argv[1], ""))' "$2" || true
 }
 
+# enroll_agent AGENT: join it unless it is still a node of this controller.
 enroll_agent() {
-    say "agent"
-    local node join
-    node=$(node_id)
+    local agent=$1 node join
+    say "$agent"
+    node=$(node_id "$agent")
     # A node removed with `kumoctl nodes remove` (or a fresh controller) needs a new join.
     if [ -n "$node" ] && [ "$(node_field "$node" state)" != "" ] && [ "$(node_field "$node" state)" != removed ]; then
-        echo "reusing node $node (identity in $AGENT_DIR)"
+        echo "reusing node $node (identity in $STATE/$agent)"
         return 0
     fi
     join=$("$BIN/kumoctl" token create --ttl 10m 2>/dev/null)
-    "$BIN/kumo-agent" join --controller "https://$LISTEN" --token "$join" --state-dir "$AGENT_DIR" --force
+    "$BIN/kumo-agent" join --controller "https://$LISTEN" --token "$join" --state-dir "$STATE/$agent" --force
 }
 
+# write_agent_config AGENT INDEX: the first agent owns this machine's lxcpath, libvirt image
+# directory and rsyslog; the second keeps its own of the first two, and an rsyslog.d of its
+# own that rsyslog does not read (two nodes must not both rewrite one rsyslog).
 write_agent_config() {
+    local host=${METRICS_LISTEN%:*} port=${METRICS_LISTEN##*:}
     # Written through PyYAML so the paths are quoted whatever directory the checkout is in.
-    "$BIN/python" - "$AGENT_CONFIG" "$AGENT_DIR" "https://$LISTEN" "$METRICS_LISTEN" <<'PY'
+    "$BIN/python" - "$STATE/$1" "https://$LISTEN" "$host:$((port + $2))" "$LXCPATH" "$2" <<'PY'
 import sys, yaml
-path, state_dir, controller, metrics = sys.argv[1:]
+state_dir, controller, metrics, lxcpath, index = sys.argv[1:]
+# Containers get a bridge of their own with a static address each.
+plugins = {"lxc": {"lxcpath": lxcpath, "bridge": {"name": "kumodemo0", "address": "10.77.0.1/24"},
+                   "network": {"mode": "veth", "bridge": "kumodemo0"}}}
+if index != "0":
+    plugins["lxc"]["lxcpath"] = f"{lxcpath}-{int(index) + 1}"
+    plugins["kvm"] = {"instance_dir": f"/var/lib/libvirt/images/kumo-{int(index) + 1}"}
+    plugins["rsyslog"] = {"config_dir": f"{state_dir}-rsyslog.d"}
 config = {
     "state_dir": state_dir,
     "controller": controller,
     "metrics": {"listen": metrics},
     "log_level": "info",
-    # Containers get a bridge of their own with a static address each.
-    "plugins": {"lxc": {"bridge": {"name": "kumodemo0", "address": "10.77.0.1/24"},
-                        "network": {"mode": "veth", "bridge": "kumodemo0"}}},
+    "plugins": plugins,
 }
-with open(path, "w") as f:
+with open(f"{state_dir}.yaml", "w") as f:
     f.write("# Written by scripts/demo.sh; rewritten at every `make demo`.\n")
     yaml.safe_dump(config, f, sort_keys=False)
 PY
 }
 
 wait_until_ready() {
-    local node i
-    node=$(node_id)
+    local agent=$1 node i
+    node=$(node_id "$agent")
     for i in $(seq 1 150); do
-        [ "$(node_field "$node" state)" = ready ] && { echo "node $node is ready"; return 0; }
-        daemon_alive agent || die "the agent exited; see $STATE/agent.log"
+        [ "$(node_field "$node" state)" = ready ] && { echo "node $node ($agent) is ready"; return 0; }
+        daemon_alive "$agent" || die "$agent exited; see $STATE/$agent.log"
         sleep 0.2
     done
-    die "node $node did not become ready within 30 s; see $STATE/agent.log"
+    die "node $node did not become ready within 30 s; see $STATE/$agent.log"
 }
 
 # What the node can run, and two real instances: a host process (the process plugin) that
@@ -131,19 +151,19 @@ wait_until_ready() {
 # an image download.
 show_workloads() {
     say "what the node can run"
-    "$BIN/kumoctl" nodes show "$(node_id)" | sed -n '/^plugins:/,/^$/p'
+    "$BIN/kumoctl" nodes show "$(node_id agent)" | sed -n '/^plugins:/,/^$/p'
     if "$BIN/kumoctl" instances show demo-clock >/dev/null 2>&1; then
         echo "instance demo-clock exists (from an earlier demo)"
     else
         say "a first instance: a process"
-        "$BIN/kumoctl" instances create demo-clock --kind process --vcpus 1 --memory 32 \
-            --option 'command=["/bin/sh", "-c", "while :; do date; sleep 5; done"]'
+        "$BIN/kumoctl" instances create demo-clock --kind process --vcpus 1 --memory 32 --node "$(node_id agent)" \
+            --option 'command=["/bin/sh", "-c", "i=0; while :; do i=$((i+1)); echo \"$i $(date +%T)\"; sleep 2; done"]'
     fi
     if "$BIN/kumoctl" instances show demo-box >/dev/null 2>&1; then
         echo "instance demo-box exists (from an earlier demo)"
     else
         say "a container beside it"
-        "$BIN/kumoctl" instances create demo-box --kind lxc --vcpus 1 --memory 64 \
+        "$BIN/kumoctl" instances create demo-box --kind lxc --vcpus 1 --memory 64 --node "$(node_id agent)" \
             --option template=busybox --option 'network={"mode": "veth", "address": "10.77.0.10/24"}'
     fi
     "$BIN/kumoctl" instances list
@@ -151,7 +171,7 @@ show_workloads() {
     echo "the process's console (kumoctl instances console demo-clock):"
     "$BIN/kumoctl" instances console demo-clock | tail -n 3
     echo "the container's own view of its network (lxc-attach):"
-    lxc-attach -P /var/lib/kumo-lxc -n demo-box -- ip -4 -o addr show eth0 | awk '{print "  " $2, $4}'
+    lxc-attach -P "$LXCPATH" -n demo-box -- ip -4 -o addr show eth0 | awk '{print "  " $2, $4}'
 }
 
 show_usage() {
@@ -159,14 +179,15 @@ show_usage() {
     "$BIN/kumoctl" nodes list
     cat <<EOF
 
-Kumo is running: controller log $STATE/controller.log, agent log $STATE/agent.log,
-agent metrics on http://$METRICS_LISTEN/metrics.
+Kumo is running: controller log $STATE/controller.log, agent logs $STATE/agent.log and
+$STATE/agent2.log, agent metrics on http://$METRICS_LISTEN/metrics.
 
 Use kumoctl against it:
     export KUMOCTL_CONFIG=$KUMOCTL_CONFIG
     export PATH=$BIN:\$PATH
     kumoctl nodes list
-    kumoctl nodes show $(node_id)
+    kumoctl nodes show $(node_id agent)
+    kumoctl instances migrate demo-clock --to $(node_id agent2)
     kumoctl token create --ttl 30m      # to join another node
     kumoctl instances console demo-clock
     kumoctl instances show demo-box
@@ -178,7 +199,10 @@ EOF
 }
 
 stop_all() {
-    stop_daemon agent
+    local agent
+    for agent in "${AGENTS[@]}"; do
+        stop_daemon "$agent"
+    done
     stop_daemon controller
 }
 
@@ -186,7 +210,7 @@ stop_all() {
 # restarts), so delete them while the agent is still there to do it, then stop both daemons.
 teardown() {
     local name
-    if [ -f "$STATE/agent.pid" ] && daemon_alive agent; then
+    if [ -f "$STATE/agent.pid" ] && daemon_alive agent && [ -f "$STATE/agent2.pid" ] && daemon_alive agent2; then
         for name in demo-clock demo-box; do
             "$BIN/kumoctl" instances show "$name" >/dev/null 2>&1 || continue
             "$BIN/kumoctl" instances delete "$name" --timeout 60s ||
@@ -210,10 +234,16 @@ main() {
     chmod 0700 "$STATE"
     stop_all
     start_controller
-    enroll_agent
-    write_agent_config
-    start_daemon agent run --config "$AGENT_CONFIG"
-    wait_until_ready
+    local index=0 agent
+    for agent in "${AGENTS[@]}"; do
+        enroll_agent "$agent"
+        write_agent_config "$agent" "$index"
+        start_daemon "$agent" run --config "$STATE/$agent.yaml"
+        index=$((index + 1))
+    done
+    for agent in "${AGENTS[@]}"; do
+        wait_until_ready "$agent"
+    done
     show_workloads
     show_usage
 }
