@@ -42,6 +42,21 @@ it arrives, checks it against the manifest and stamps it, so the restore that fo
 not hash it again; an open file it already has must be identical, and a missing one is
 created only under the agent's state directory (anywhere else it must already be there).
 Both ends return the stream's sha256 and length, which the controller compares.
+
+A container travels with its definition: ``container/config`` first, then everything else
+under ``<lxcpath>/<name>`` (its rootfs, Kumo's record), stopped since the dump. The tar is
+written here member by member rather than by ``tar``: every header is built before the
+first byte is sent, so the size is known for the progress display and the stream never
+sits whole in memory or on disk; ownership is numeric (an unprivileged container's shifted
+ids), hardlinks, symlinks, device nodes and FIFOs are kept, and extended attributes travel
+as PAX ``SCHILY.xattr.*`` records (file capabilities included). Paths the config binds
+from the host (the busybox template's /lib, /usr/lib) are not in the directory and are
+not carried. The receiver unpacks it itself, never following a symlink or writing outside
+the directory the lxc plugin gave it: the config's arrival is the moment the destination's
+lxc plugin checks that this node has what the container needs (``lxc.stage``), before the
+rootfs is sent. The stream's sha256 covers these bytes as it covers the image; the restore
+then asks the lxc plugin to take the container over (``lxc.import``) and deletes it again
+(``lxc.delete``) if CRIU fails, so a failed migration leaves no copy behind.
 """
 
 from __future__ import annotations
@@ -51,6 +66,7 @@ import contextlib
 import dataclasses
 import datetime
 import hashlib
+import io
 import json
 import logging
 import os
@@ -78,6 +94,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "kumo-manifest.json"
 STAMP = "kumo-verified.json"
+CARRIED = "kumo-container.json"  # a received image: where its container was unpacked
 MANIFEST_FORMAT = 1
 KINDS = ("process", "lxc")
 INSTALL_HINT = "install criu >= 4.1: see scripts/deps/30-criu.sh"
@@ -98,6 +115,8 @@ HASH_CHUNK = 1 << 20
 STALL_TIMEOUT = 60.0  # seconds a transfer may go without a byte moving
 IMAGE_NAME_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]{0,100}$")
 TAR_BLOCK = 512
+MAX_CONFIG_BYTES = 1 << 20
+XATTR = "SCHILY.xattr."
 
 
 @dataclasses.dataclass
@@ -181,7 +200,8 @@ class CheckpointPlugin:
 
     @hookimpl
     def kumo_task_kinds(self) -> Iterable[str]:
-        return ["checkpoint.preflight", "checkpoint.dump", "checkpoint.restore", "checkpoint.send", "checkpoint.receive"]
+        return ["checkpoint.preflight", "checkpoint.dump", "checkpoint.restore", "checkpoint.send", "checkpoint.receive",
+                "checkpoint.discard"]
 
     @hookimpl
     async def kumo_handle_task(self, kind: str, payload: Mapping[str, Any], task_id: str) -> Mapping[str, Any]:
@@ -204,7 +224,9 @@ class CheckpointPlugin:
             if kind == "checkpoint.send":
                 return await self._send(name, ikind, payload)
             if kind == "checkpoint.receive":
-                return await self._receive(name, ikind, payload)
+                return await self._receive(name, ikind, payload, task_id)
+            if kind == "checkpoint.discard":
+                return await self._discard(name, ikind)
         raise TaskError(f"the checkpoint plugin has no task kind {kind!r}", code="bad-request")
 
     # -- criu ----------------------------------------------------------------------
@@ -377,6 +399,8 @@ class CheckpointPlugin:
                             code="already-running")
         if kind == "process":
             pid = await self._restore_process(criu, image, manifest)
+        elif current is None and await asyncio.to_thread((image / CARRIED).is_file):
+            pid = await self._restore_carried(criu, image, manifest, name, task_id)
         else:
             pid = await self._restore_lxc(criu, image, manifest, name)
         await self._hand_over(kind, name, pid, manifest, task_id)
@@ -411,10 +435,12 @@ class CheckpointPlugin:
 
     async def _restore_lxc(self, criu: str, image: Path, manifest: Mapping[str, Any], name: str) -> int:
         current = await self._target(name, "lxc", must_exist=False)
-        lxcpath = current.lxcpath if current else manifest["instance"].get("lxcpath")
-        if not lxcpath:
-            raise TaskError(f"no lxcpath known for container {name!r}: create the container on this node first",
-                            code="lxc-details")
+        if current is None:
+            # Never fall back to the lxcpath in the manifest: on a node that shares the
+            # source's disk that would restore the source's own copy.
+            raise TaskError(f"no container {name!r} on this node to restore into: restore it where it was "
+                            "checkpointed, or migrate it here", code="not-found")
+        lxcpath = current.lxcpath
         argv = [self.config.lxc_checkpoint, "-n", name, "-P", lxcpath, "-D", str(image), "-r"]
         # Output to a file, never a pipe: the restored container's monitor inherits it
         # and would hold a pipe open for the container's whole life.
@@ -432,6 +458,32 @@ class CheckpointPlugin:
         if pid is None:
             raise TaskError(f"container {name!r} was restored but lxc-info shows no init pid", code="restore-failed")
         return pid
+
+    async def _restore_carried(self, criu: str, image: Path, manifest: Mapping[str, Any], name: str,
+                               task_id: str) -> int:
+        """Restore a container that migrated here: the lxc plugin takes over the directory it
+        was unpacked into, and deletes it again if CRIU fails, so no stopped copy is left."""
+        assert self.context is not None
+        carried = json.loads(await asyncio.to_thread((image / CARRIED).read_text))
+        payload = {"name": name, "directory": carried["directory"], "lxcpath": manifest["instance"].get("lxcpath")}
+        await self._lxc_task("lxc.import", payload, f"{task_id}:import")
+        await asyncio.to_thread((image / CARRIED).unlink)
+        try:
+            return await self._restore_lxc(criu, image, manifest, name)
+        except BaseException:
+            try:
+                await self._lxc_task("lxc.delete", {"name": name}, f"{task_id}:undo-import")
+            except Exception:
+                log.exception("checkpoint: could not delete container %s after its failed restore", name)
+            raise
+
+    async def _lxc_task(self, kind: str, payload: Mapping[str, Any], task_id: str) -> Mapping[str, Any]:
+        assert self.context is not None
+        owner = self.context.hooks.task_owners().get(kind)
+        if owner is None:
+            raise TaskError(f"a container migrating here needs the lxc plugin's {kind} task, and no plugin on "
+                            "this node has it: enable the lxc plugin", code="lxc-unavailable")
+        return await self.context.hooks.handle_task(owner, kind, payload, task_id)
 
     async def _hand_over(self, kind: str, name: str, pid: int, manifest: Mapping[str, Any], task_id: str) -> None:
         """Tell the instance's own plugin about the restored pid, through its ``<kind>.adopt`` task.
@@ -491,6 +543,14 @@ class CheckpointPlugin:
         image = Path(image_arg)
         manifest = await asyncio.to_thread(verify_image, image, name, kind)
         members = await asyncio.to_thread(_transfer_members, image, manifest)
+        if kind == "lxc":
+            current = await self._target(name, kind, must_exist=False)
+            if current is not None and current.state.state == "running":
+                raise TaskError(f"container {name!r} is running: its rootfs would change while it is sent; "
+                                "migrate it (the dump stops it) rather than send a checkpoint of it running",
+                                code="already-running")
+            directory = Path(manifest["instance"]["lxcpath"]) / name
+            members += await asyncio.to_thread(_container_members, directory)
         # Known before the first byte, so the controller can show progress against it.
         total = sum(len(header) + _padded(size) for header, _, size in members) + 2 * TAR_BLOCK
         digest, sent = hashlib.sha256(), 0
@@ -506,7 +566,7 @@ class CheckpointPlugin:
         log.info("checkpoint: sent %s %s (%d bytes) for migration %s", kind, name, sent, payload.get("migration"))
         return {"bytes": sent, "sha256": digest.hexdigest(), "relayed": answer.get("bytes")}
 
-    async def _receive(self, name: str, kind: str, payload: Mapping[str, Any]) -> Mapping[str, Any]:
+    async def _receive(self, name: str, kind: str, payload: Mapping[str, Any], task_id: str) -> Mapping[str, Any]:
         assert self.context is not None
         image_name = payload.get("image_name")
         if not isinstance(image_name, str) or not IMAGE_NAME_RE.match(image_name):
@@ -520,16 +580,41 @@ class CheckpointPlugin:
         await asyncio.to_thread(incoming.mkdir, parents=True)
         # Files a process had open may be created only inside this agent's own state.
         own_root = self.context.state_dir.parent.parent
+        loop = asyncio.get_running_loop()
+        staged: list[Path] = []
+
+        def stage(config: str) -> Path:
+            """Called from the unpacking thread when the container's config arrives."""
+            manifest = json.loads((incoming / MANIFEST).read_text())
+            payload = {"name": name, "config": config, "lxcpath": manifest.get("instance", {}).get("lxcpath")}
+            future = asyncio.run_coroutine_threadsafe(self._lxc_task("lxc.stage", payload, f"{task_id}:stage"), loop)
+            staged.append(Path(future.result()["directory"]))
+            return staged[0]
+
         try:
-            stats = await self._transfer("GET", payload, None, {}, receive=lambda body: _unpack(body, incoming, own_root))
+            stats = await self._transfer("GET", payload, None, {},
+                                         receive=lambda body: _unpack(body, incoming, own_root, stage if kind == "lxc" else None))
             await asyncio.to_thread(_check_received, incoming, name, kind, stats["hashes"])
+            if kind == "lxc":
+                if not staged:
+                    raise TaskError("the image stream of a container carried no container/config: the source "
+                                    "sent no container definition", code="image-corrupt")
+                await asyncio.to_thread(_write_json, incoming / CARRIED, {"directory": str(staged[0])})
             await asyncio.to_thread(os.rename, incoming, final)
         except BaseException:
             await asyncio.to_thread(shutil.rmtree, incoming, True)
+            for directory in staged:
+                await asyncio.to_thread(shutil.rmtree, directory, True)
             raise
         await asyncio.to_thread(_publish, base, final)
         log.info("checkpoint: received %s %s (%d bytes) into %s", kind, name, stats["bytes"], final)
         return {"image": str(final), "bytes": stats["bytes"], "sha256": stats["sha256"], "files": stats["files"]}
+
+    async def _discard(self, name: str, kind: str) -> Mapping[str, Any]:
+        """Remove every checkpoint of an instance that has moved away (its images would go stale)."""
+        base = self._images_root() / kind / name
+        await asyncio.to_thread(shutil.rmtree, base, True)
+        return {"removed": str(base)}
 
     async def _transfer(self, method: str, payload: Mapping[str, Any], body: Any, headers: Mapping[str, str],
                         receive: Any = None) -> dict[str, Any]:
@@ -1094,10 +1179,66 @@ def _transfer_members(image: Path, manifest: Mapping[str, Any]) -> list[tuple[by
     return members
 
 
+def _container_members(directory: Path) -> list[tuple[bytes, Path, int]]:
+    """(tar header, path, size) of a stopped container's directory, ``container/config`` first."""
+    if not (directory / "config").is_file():
+        raise TaskError(f"{directory} holds no lxc config: the container to migrate is not there",
+                        code="missing-files")
+    paths = [directory / "config", directory]
+    for dirpath, dirnames, filenames in os.walk(directory):
+        dirnames.sort()
+        paths += [Path(dirpath, n) for n in sorted(dirnames + filenames) if Path(dirpath, n) != directory / "config"]
+    members = []
+    first_of: dict[tuple[int, int], str] = {}  # (device, inode) -> arcname, for hardlinks
+    for path in paths:
+        arcname = "container" + ("/" + path.relative_to(directory).as_posix() if path != directory else "")
+        try:
+            info = _tarinfo(path, arcname, first_of)
+        except OSError as exc:
+            raise TaskError(f"{path} cannot be read for the migration: {exc.strerror}", code="missing-files") from exc
+        if info is not None:
+            members.append((info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"), path, info.size))
+    return members
+
+
+def _tarinfo(path: Path, arcname: str, first_of: dict[tuple[int, int], str]) -> tarfile.TarInfo | None:
+    """The header of one file as it is, or None for a socket (whoever bound it binds it again)."""
+    st = os.lstat(path)
+    info = tarfile.TarInfo(arcname)
+    info.mode, info.uid, info.gid, info.mtime = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime
+    info.uname = info.gname = ""  # ids are numeric: names differ between hosts, and shifted ids have none
+    if stat.S_ISREG(st.st_mode):
+        key = (st.st_dev, st.st_ino)
+        if st.st_nlink > 1 and key in first_of:
+            info.type, info.linkname = tarfile.LNKTYPE, first_of[key]
+        else:
+            first_of[key] = arcname
+            info.size = st.st_size
+    elif stat.S_ISDIR(st.st_mode):
+        info.type = tarfile.DIRTYPE
+    elif stat.S_ISLNK(st.st_mode):
+        info.type, info.linkname = tarfile.SYMTYPE, os.readlink(path)
+    elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+        info.type = tarfile.CHRTYPE if stat.S_ISCHR(st.st_mode) else tarfile.BLKTYPE
+        info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
+    elif stat.S_ISFIFO(st.st_mode):
+        info.type = tarfile.FIFOTYPE
+    else:
+        return None
+    # BINARY: xattr values (security.capability) and file names need not be UTF-8.
+    info.pax_headers = {"hdrcharset": "BINARY"}
+    for attr in os.listxattr(path, follow_symlinks=False):
+        value = os.getxattr(path, attr, follow_symlinks=False)
+        info.pax_headers[XATTR + attr] = value.decode("utf-8", "surrogateescape")
+    return info
+
+
 async def _tar_chunks(members: list[tuple[bytes, Path, int]]) -> Any:
     """The tar stream of ``members``, read from disk a chunk at a time."""
     for header, path, size in members:
         yield header
+        if not size:  # directories, links and devices are all header
+            continue
         f = await asyncio.to_thread(open, path, "rb")
         try:
             left = size
@@ -1139,13 +1280,18 @@ class _BodyReader:
         return data
 
 
-def _unpack(body: _BodyReader, incoming: Path, own_root: Path) -> dict[str, Any]:
-    """Write a migration tar into ``incoming`` (and carried files in place); hash as it goes."""
+def _unpack(body: _BodyReader, incoming: Path, own_root: Path, stage: Any) -> dict[str, Any]:
+    """Write a migration tar into ``incoming`` (carried files in place, a container where
+    ``stage(config)`` says); hash as it goes."""
     hashes: dict[str, str] = {}
     carried: list[str] = []
+    container = _ContainerWriter(stage)
     with tarfile.open(fileobj=body, mode="r|", bufsize=HASH_CHUNK) as tar:  # type: ignore[call-overload]
         for member in tar:
             kind, _, rest = member.name.partition("/")
+            if kind == "container":
+                container.add(tar, member, rest)
+                continue
             source = tar.extractfile(member) if member.isfile() else None
             if source is None:
                 raise TaskError(f"the image stream holds {member.name!r}, which is not a regular file", code="image-corrupt")
@@ -1158,7 +1304,99 @@ def _unpack(body: _BodyReader, incoming: Path, own_root: Path) -> dict[str, Any]
         # tarfile stops at the end-of-archive blocks; what follows them must be nothing.
         while body.read(HASH_CHUNK):
             pass
+    container.finish()
     return {"hashes": hashes, "files": carried, "bytes": body.count, "sha256": body.digest.hexdigest()}
+
+
+class _ContainerWriter:
+    """Unpacks the ``container/`` members of a migration tar into the lxc plugin's staging directory.
+
+    Every member's parent must be a directory this writer made (the sender walks top
+    down), so no symlink in the stream is ever followed; hardlinks may point only at files
+    it wrote. Directories get their mode and times last, once nothing more is written in them.
+    """
+
+    def __init__(self, stage: Any):
+        self.stage = stage
+        self.root: Path | None = None
+        self.dirs: dict[str, tarfile.TarInfo | None] = {}
+        self.files: set[str] = set()
+
+    def add(self, tar: tarfile.TarFile, member: tarfile.TarInfo, rel: str) -> None:
+        if self.stage is None:
+            raise TaskError(f"the image stream of a process holds a container entry {member.name!r}",
+                            code="image-corrupt")
+        if self.root is None:
+            if rel != "config" or not member.isfile() or member.size > MAX_CONFIG_BYTES:
+                raise TaskError("the container in the image stream does not begin with its config", code="image-corrupt")
+            source = tar.extractfile(member)
+            assert source is not None
+            data = source.read()
+            self.root = self.stage(data.decode("utf-8", "replace"))
+            self.dirs[""] = None
+            self._write(member, rel, io.BytesIO(data))
+            return
+        if rel == "" and member.isdir():
+            self.dirs[""] = member
+            return
+        parent, _, leaf = rel.rpartition("/")
+        if (not leaf or leaf in (".", "..") or parent not in self.dirs or rel in self.dirs or rel in self.files
+                or os.path.normpath(rel) != rel):
+            raise TaskError(f"the image stream holds an unexpected container entry {member.name!r}", code="image-corrupt")
+        target = self.root / rel
+        if member.isfile():
+            self._write(member, rel, tar.extractfile(member))
+            return
+        if member.isdir():
+            os.mkdir(target, 0o700)
+            self.dirs[rel] = member
+            return
+        if member.issym():
+            os.symlink(member.linkname, target)
+        elif member.islnk():
+            link = member.linkname.partition("/")[2]
+            if not member.linkname.startswith("container/") or link not in self.files:
+                raise TaskError(f"the hardlink {member.name!r} in the image stream points at {member.linkname!r}, "
+                                "which it did not carry", code="image-corrupt")
+            os.link(self.root / link, target, follow_symlinks=False)
+            self.files.add(rel)
+            return  # the inode's metadata came with its first name
+        elif member.ischr() or member.isblk():
+            kind = stat.S_IFCHR if member.ischr() else stat.S_IFBLK
+            os.mknod(target, kind | 0o600, os.makedev(member.devmajor, member.devminor))
+        elif member.isfifo():
+            os.mkfifo(target, 0o600)
+        else:
+            raise TaskError(f"the image stream holds {member.name!r} of a type a container cannot have",
+                            code="image-corrupt")
+        _set_metadata(target, member)
+
+    def _write(self, member: tarfile.TarInfo, rel: str, source: Any) -> None:
+        assert self.root is not None
+        target = self.root / rel
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            shutil.copyfileobj(source, out, HASH_CHUNK)
+        self.files.add(rel)
+        _set_metadata(target, member)
+
+    def finish(self) -> None:
+        """Directories' modes and times, deepest first."""
+        for rel in sorted(self.dirs, key=lambda r: -r.count("/") - bool(r)):
+            member = self.dirs[rel]
+            if member is not None and self.root is not None:
+                _set_metadata(self.root / rel if rel else self.root, member)
+
+
+def _set_metadata(path: Path, member: tarfile.TarInfo) -> None:
+    # Order matters: chown clears setuid bits and file capabilities, so it comes first.
+    os.chown(path, member.uid, member.gid, follow_symlinks=False)
+    if not member.issym():
+        os.chmod(path, member.mode)
+    for key, value in member.pax_headers.items():
+        if key.startswith(XATTR):
+            os.setxattr(path, key[len(XATTR):], value.encode("utf-8", "surrogateescape"), follow_symlinks=False)
+    os.utime(path, (member.mtime, member.mtime), follow_symlinks=False)
 
 
 def _copy_hashed(source: Any, target: Path) -> str:

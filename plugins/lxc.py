@@ -32,6 +32,15 @@ and the small helpers that run the lxc tools.
   directory, copied to ``/var/lib/cloud/seed/nocloud/`` in the root filesystem. Paths in
   a root filesystem are opened one component at a time without following symlinks, so an
   image cannot point a host-side write (or a console read) outside its root.
+- A container migrating here (the checkpoint plugin carries its directory with the CRIU
+  image) arrives in two steps. ``lxc.stage`` gets its config as soon as it arrives and
+  checks that this node has what it needs — the bridges it plugs into, the host paths it
+  binds (they are host paths, never carried: the busybox template's /lib and /usr/lib),
+  the files it includes, a searchable lxcpath for a user namespace — and answers with a
+  hidden directory under lxcpath to unpack it into (liblxc lists no dot-directory).
+  ``lxc.import`` takes it over before the restore: paths into the source's container
+  directory are rewritten to ours, the same checks run again, and the directory is renamed
+  into place. The container keeps its own idmap, since its files are shifted by it.
 - Unprivileged containers (``unprivileged: true``) map container root to
   ``idmap_start`` and up on the host. Root runs liblxc, so no newuidmap is needed, but the
   mapped root must be able to traverse every directory above its root filesystem.
@@ -66,7 +75,7 @@ from agent.plugin import Fingerprint, InstanceState, PluginContext, TaskError, h
 log = logging.getLogger(__name__)
 
 KIND = "lxc"
-TASK_KINDS = ("lxc.create", "lxc.start", "lxc.stop", "lxc.delete", "lxc.console")
+TASK_KINDS = ("lxc.create", "lxc.start", "lxc.stop", "lxc.delete", "lxc.console", "lxc.stage", "lxc.import")
 TOOLS = ("lxc-create", "lxc-start", "lxc-stop", "lxc-ls", "lxc-info", "lxc-destroy")
 TEMPLATE_DIR = Path("/usr/share/lxc/templates")
 LXC_CONFIG_DIR = Path("/usr/share/lxc/config")
@@ -263,6 +272,8 @@ class LxcPlugin:
             "lxc.stop": self.stop,
             "lxc.delete": self.delete,
             "lxc.console": self.console,
+            "lxc.stage": self.stage,
+            "lxc.import": self.import_container,
         }.get(kind)
         if handler is None:
             raise TaskError(f"the lxc plugin does not handle {kind!r}", code="unknown-kind")
@@ -411,6 +422,63 @@ class LxcPlugin:
         text = await asyncio.to_thread(_tail_in_root, directory / "rootfs", CONSOLE_LOG, size)
         lxc_log = await asyncio.to_thread(_tail, directory / LXC_LOG, size)
         return {"name": name, "log": text, "lxc_log": lxc_log}
+
+    async def stage(self, name: str, payload: Mapping[str, Any]) -> dict[str, Any]:
+        """Check a migrating container's config against this node; a directory to unpack it into."""
+        config, source = payload.get("config"), payload.get("lxcpath")
+        if not isinstance(config, str) or not isinstance(source, str) or not source.startswith("/"):
+            raise TaskError("lxc.stage needs config (the container's lxc config) and lxcpath (the source's)",
+                            code="invalid")
+        await self._refuse_existing(name)
+        await asyncio.to_thread(self._adapt, name, config, source, None)
+        directory = await asyncio.to_thread(tempfile.mkdtemp, prefix=f".import-{name}-", dir=self.config.lxcpath)
+        return {"name": name, "directory": directory}
+
+    async def import_container(self, name: str, payload: Mapping[str, Any]) -> dict[str, Any]:
+        """Take over a container unpacked into a directory ``lxc.stage`` gave: it is stopped here after."""
+        directory, source = payload.get("directory"), payload.get("lxcpath")
+        staged = Path(directory) if isinstance(directory, str) else None
+        if (staged is None or staged.parent != self.config.lxcpath or not staged.name.startswith(f".import-{name}-")
+                or not isinstance(source, str)):
+            raise TaskError(f"lxc.import needs a directory lxc.stage gave for {name!r} and the source's lxcpath, "
+                            f"got {directory!r}", code="invalid")
+        await self._refuse_existing(name)
+        target = self.config.lxcpath / name
+
+        def adapt_and_move() -> None:
+            config = self._adapt(name, (staged / "config").read_text(), source, staged)
+            tmp = staged / "config.kumo-import"
+            tmp.write_text(config)
+            os.chmod(tmp, stat.S_IMODE(os.stat(staged / "config").st_mode))
+            os.replace(tmp, staged / "config")
+            os.rename(staged, target)
+
+        await asyncio.to_thread(adapt_and_move)
+        await self._refresh()
+        log.info("lxc: took over container %s, migrated from %s", name, source)
+        return {"name": name, "lxcpath": str(self.config.lxcpath), "state": self._instances[name].state}
+
+    async def _refuse_existing(self, name: str) -> None:
+        if name in self._instances or await asyncio.to_thread((self.config.lxcpath / name).exists):
+            raise TaskError(f"a container named {name!r} already exists on this node (in {self.config.lxcpath}): "
+                            "delete it before migrating one of that name here", code="exists")
+
+    def _adapt(self, name: str, config: str, source_lxcpath: str, arrived: Path | None) -> str:
+        """The config with the source's container directory rewritten to ours, or TaskError naming
+        what this node lacks; ``arrived`` is where it was unpacked (None: not yet, at stage time)."""
+        target = self.config.lxcpath / name
+        adapted = rewrite_config(config, Path(source_lxcpath) / name, target)
+        problems = import_problems(adapted, target, Path(source_lxcpath), arrived)
+        if not problems and any(k == "lxc.idmap" for k, _ in config_items(adapted)):
+            blocked = _untraversable(self.config.lxcpath)
+            if blocked is not None:
+                problems.append(f"it runs in a user namespace and its mapped root cannot search {blocked}: "
+                                "chmod o+x it (or set plugins.lxc.lxcpath elsewhere)")
+        if problems:
+            code = "no-bridge" if any("bridge" in p for p in problems) else "import-refused"
+            raise TaskError(f"container {name!r} cannot run on this node: " + "; ".join(problems)
+                            + "; then migrate again", code=code)
+        return adapted
 
     # ---- creating ----------------------------------------------------------------------
 
@@ -872,6 +940,78 @@ def _line(key: str, value: str) -> str:
     if any(c in value for c in "\n\r\0"):
         raise TaskError(f"{key}: value {value!r} cannot be written into an lxc config", code="invalid")
     return f"{key} = {value}\n"
+
+
+def config_items(config: str) -> list[tuple[str, str]]:
+    """The ``key = value`` lines of an lxc config, in order (comments and blanks left out)."""
+    items = []
+    for line in config.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not line.lstrip().startswith("#"):
+            items.append((key.strip(), value.strip()))
+    return items
+
+
+def rewrite_config(config: str, source: Path, target: Path) -> str:
+    """``config`` with every path into the container directory ``source`` pointing into ``target``."""
+    pattern = re.compile(re.escape(str(source)) + r"(?=/|\s|$)")
+    out = []
+    for line in config.splitlines(keepends=True):
+        key, sep, value = line.partition("=")
+        if sep and not line.lstrip().startswith("#"):
+            line = key + sep + pattern.sub(lambda _m: str(target), value)
+        out.append(line)
+    return "".join(out)
+
+
+def import_problems(config: str, target: Path, source_lxcpath: Path, arrived: Path | None) -> list[str]:
+    """What this node lacks for a container whose (rewritten) config is ``config``; one sentence each.
+
+    Only the container's own directory travels: a path still inside the source's lxcpath
+    (another container's files) or a host path missing here is a problem, as is a bridge or
+    interface this node does not have. ``arrived`` is the directory standing in for ``target``
+    until the import renames it; None (nothing has arrived yet) skips the rootfs check.
+    """
+    problems = []
+    links: dict[str, dict[str, str]] = {}
+    for key, value in config_items(config):
+        if re.search(re.escape(str(source_lxcpath)) + r"/", value) and str(target) not in value:
+            problems.append(f"{key} = {value} points into the source's lxcpath outside the container's own "
+                            "directory, which is not carried: make it a path inside the container's directory")
+            continue
+        match = re.fullmatch(r"lxc\.net\.(\d+)\.(type|link)", key)
+        if match:
+            links.setdefault(match.group(1), {})[match.group(2)] = value
+        elif key == "lxc.rootfs.path":
+            path = Path(value.partition(":")[2] if ":" in value else value)
+            if not path.is_relative_to(target):
+                problems.append(f"its root filesystem is {value} (lxc.rootfs.path), outside the container's "
+                                "directory, and was not carried: only a directory rootfs under lxcpath migrates")
+            elif arrived is not None and not (arrived / path.relative_to(target)).is_dir():
+                problems.append(f"its root filesystem {path} did not arrive")
+        elif key == "lxc.include" and not Path(value).is_relative_to(target) and not Path(value).exists():
+            problems.append(f"it includes {value} (lxc.include), which this node does not have: install the "
+                            "package that provides it (lxc)")
+        elif key == "lxc.mount.entry":
+            fields = value.split()
+            options = fields[3].split(",") if len(fields) > 3 else []
+            if ("bind" in options or "rbind" in options) and fields[0].startswith("/") \
+                    and "optional" not in options and not Path(fields[0]).is_relative_to(target) \
+                    and not Path(fields[0]).exists():
+                problems.append(f"it binds the host path {fields[0]} (lxc.mount.entry), which this node does not "
+                                "have: create it (host paths are not carried)")
+    for index, net in sorted(links.items()):
+        link = net.get("link")
+        if not link:
+            continue
+        if net.get("type") == "veth" and not Path("/sys/class/net", link, "bridge").is_dir():
+            problems.append(f"its interface lxc.net.{index} plugs into bridge {link}, which this node does not "
+                            f"have: create it (ip link add {link} type bridge; ip link set {link} up) or set "
+                            "plugins.lxc.bridge so the plugin does")
+        elif net.get("type") != "veth" and not Path("/sys/class/net", link).exists():
+            problems.append(f"its interface lxc.net.{index} uses the host interface {link}, which this node "
+                            "does not have")
+    return problems
 
 
 def _busybox_rcs(name: str, network: NetworkSpec) -> str:

@@ -12,7 +12,12 @@ drives, one task at a time, and records as a document (``GET /v1/migrations/{id}
    both ends report the stream's sha256 and they must agree;
 4. restore on the destination (``checkpoint.restore``), then wait until the destination's
    own heartbeat reports the instance running;
-5. only then the instance's record moves to the destination and the source deletes its copy.
+5. only then the instance's record moves to the destination and the source deletes its copy
+   (``<kind>.delete``) and its checkpoints (``checkpoint.discard``).
+
+A container's directory (config and rootfs) travels in the same stream as its image, and
+the destination's lxc plugin takes it over as its own when it restores it (see
+plugins/checkpoint.py).
 
 Any failure after step 2 restores the instance on the source from the checkpoint it just
 made, so it is never lost; nothing is restored on the source while the destination might
@@ -42,8 +47,7 @@ from controller.api.tasks import shown as shown_task
 log = logging.getLogger("kumo.controller.migration")
 
 CHECKPOINT_KINDS = ("process", "lxc")
-# An lxc container's root filesystem lives beside its checkpoint and is not carried yet.
-MIGRATABLE_KINDS = ("process",)
+MIGRATABLE_KINDS = ("process", "lxc")
 PREFLIGHT_TIMEOUT = 30.0
 CRIU_TIMEOUT = 660.0  # the plugin's own criu timeout (600 s) plus slack
 TRANSFER_TIMEOUT = 6 * 3600.0  # the stall timeout below is what ends a stuck transfer
@@ -406,7 +410,11 @@ async def _migrate(ctl: Any, doc: dict[str, Any]) -> None:
     cleanup = await run_task(ctl, source, f"{kind}.delete", base, CLEANUP_TIMEOUT, name)
     doc.update(state="succeeded", phase="done")
     if cleanup["state"] == "succeeded":
+        discard = await run_task(ctl, source, "checkpoint.discard", base, CLEANUP_TIMEOUT, name)
         doc["outcome"] = f"instance {name} runs on node {destination}; node {source} no longer has it"
+        if discard["state"] != "succeeded":
+            doc["outcome"] += (f" (removing its checkpoints there failed: {discard.get('error')}; delete "
+                               f"{image} and the checkpoints beside it by hand)")
     else:
         doc["outcome"] = (f"instance {name} runs on node {destination}; removing the stopped copy from node {source} "
                           f"failed ({cleanup.get('error')}): delete it there by hand")

@@ -50,18 +50,32 @@ def lxc_required() -> None:
 
 
 @pytest.fixture
-def lxcpath(lxc_required: None) -> Iterator[Path]:
-    """A fresh lxcpath under /tmp (searchable by an unprivileged container's mapped root)."""
-    path = Path(tempfile.mkdtemp(prefix="kumo-lxc-test-", dir="/tmp"))
-    path.chmod(0o711)
+def lxcpath_factory(lxc_required: None) -> Iterator[Callable[[], Path]]:
+    """Factory of fresh lxcpaths under /tmp (searchable by an unprivileged container's mapped
+    root), one per pretend node; each is emptied (kill, destroy) and removed afterwards."""
+    made: list[Path] = []
+
+    def make() -> Path:
+        path = Path(tempfile.mkdtemp(prefix="kumo-lxc-test-", dir="/tmp"))
+        path.chmod(0o711)
+        made.append(path)
+        return path
+
     try:
-        yield path
+        yield make
     finally:
-        for entry in path.iterdir():
-            if (entry / "config").is_file():
-                run("lxc-stop", "-P", str(path), "-n", entry.name, "-k")
-                run("lxc-destroy", "-P", str(path), "-n", entry.name, "-f")
-        shutil.rmtree(path, ignore_errors=True)
+        for path in made:
+            for entry in path.iterdir():
+                if (entry / "config").is_file():
+                    run("lxc-stop", "-P", str(path), "-n", entry.name, "-k")
+                    run("lxc-destroy", "-P", str(path), "-n", entry.name, "-f")
+            shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def lxcpath(lxcpath_factory: Callable[[], Path]) -> Path:
+    """A fresh lxcpath under /tmp (searchable by an unprivileged container's mapped root)."""
+    return lxcpath_factory()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,367 @@
+"""Migration of lxc containers: the container's directory travels with its CRIU image.
+
+First the stream itself, in process: a directory with every kind of file goes through the
+sender's tar and the receiver's unpacking unchanged (owners, modes, hardlinks, symlinks,
+devices, xattrs). Then the lxc plugin's checks of a migrating config. Then two real agents
+on this machine, each with its own state dir and lxcpath, real liblxc and real CRIU: a busybox
+container with a counter and an address on a bridge moves and keeps both; a failed restore
+on the destination leaves it running on the source and nothing on the destination.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.plugin import TaskError
+from tests.harness.criu import SBIN_PATH
+from tests.harness.lxc import run
+
+COUNTER_RCS = (
+    "( i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.1; done ) </dev/null >/dev/null 2>&1 &\n"
+)
+SHIFT = 1_000_000  # ids as an unprivileged container's rootfs has them on the host
+
+
+# ---- the stream -------------------------------------------------------------------------
+
+
+def make_tree(root: Path) -> None:
+    """A container directory with each kind of file the stream must keep."""
+    rootfs = root / "rootfs"
+    (rootfs / "bin").mkdir(parents=True)
+    (root / "config").write_text("lxc.rootfs.path = dir:/somewhere/c1/rootfs\n")
+    tool = rootfs / "bin" / "tool"
+    tool.write_bytes(b"\x7fELF" + os.urandom(70000))
+    os.chown(tool, SHIFT + 5, SHIFT + 6)
+    tool.chmod(0o4755)
+    os.link(tool, rootfs / "bin" / "tool-again")
+    os.symlink("/etc/hostname", rootfs / "absolute-link")
+    os.symlink("bin/tool", rootfs / "relative-link")
+    os.mknod(rootfs / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    os.mkfifo(rootfs / "fifo", 0o620)
+    os.setxattr(tool, "user.kumo", b"migrated")
+    os.setxattr(tool, "trusted.kumo", b"\xff\x00not utf-8")
+    sealed = rootfs / "sealed"
+    sealed.mkdir(0o555)
+    os.chown(sealed, SHIFT, SHIFT)
+    os.utime(sealed, (1_600_000_000, 1_600_000_000))
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(rootfs / "socket"))
+
+
+def describe(root: Path) -> dict[str, Any]:
+    """Everything the stream must keep, by relative path (inodes as groups of hardlinks)."""
+    out: dict[str, Any] = {}
+    for path in sorted([root, *root.rglob("*")]):
+        st = os.lstat(path)
+        entry: dict[str, Any] = {"mode": st.st_mode, "uid": st.st_uid, "gid": st.st_gid, "nlink": st.st_nlink}
+        if stat.S_ISLNK(st.st_mode):
+            entry["target"] = os.readlink(path)
+        else:
+            entry["mtime"] = int(st.st_mtime)
+            entry["xattrs"] = {a: os.getxattr(path, a) for a in os.listxattr(path)}
+        if stat.S_ISREG(st.st_mode):
+            entry["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+        if stat.S_ISCHR(st.st_mode):
+            entry["rdev"] = st.st_rdev
+        out[str(path.relative_to(root))] = entry
+    return out
+
+
+class Body:
+    """What the receiver reads the stream through (as the HTTP body reader is read)."""
+
+    def __init__(self, data: bytes):
+        self.stream, self.count, self.digest = io.BytesIO(data), 0, hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.count += len(data)
+        self.digest.update(data)
+        return data
+
+
+async def test_a_container_directory_streams_with_owners_links_devices_and_xattrs(tmp_path):
+    from plugins.checkpoint import _container_members, _tar_chunks, _unpack
+
+    source, staged, incoming = tmp_path / "source", tmp_path / "staged", tmp_path / "incoming"
+    source.mkdir()
+    staged.mkdir()
+    incoming.mkdir()
+    make_tree(source)
+    members = _container_members(source)
+    announced = sum(len(header) + -(-size // 512) * 512 for header, _, size in members) + 1024
+    data = b"".join([chunk async for chunk in _tar_chunks(members)])
+    assert len(data) == announced, "the size sent ahead for the progress display is exact"
+
+    configs: list[str] = []
+
+    def stage(config: str) -> Path:
+        configs.append(config)
+        return staged
+
+    stats = await asyncio.to_thread(_unpack, Body(data), incoming, tmp_path, stage)
+    assert configs == ["lxc.rootfs.path = dir:/somewhere/c1/rootfs\n"], "the config comes first, before the rootfs"
+    assert stats["bytes"] == len(data) and stats["sha256"] == hashlib.sha256(data).hexdigest()
+
+    want, got = describe(source), describe(staged)
+    assert "rootfs/socket" in want and "rootfs/socket" not in got, "a socket is bound again by its owner"
+    del want["rootfs/socket"]
+    assert got == want
+    assert os.lstat(staged / "rootfs/bin/tool").st_ino == os.lstat(staged / "rootfs/bin/tool-again").st_ino
+    assert os.lstat(staged / "rootfs/bin/tool").st_mode & stat.S_ISUID, "setuid survives the chown"
+
+
+async def test_a_stream_cannot_write_through_a_symlink_it_carries(tmp_path):
+    import tarfile
+
+    from plugins.checkpoint import _unpack
+
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in (("container/config", b"x\n"),):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("container/escape")
+        link.type, link.linkname = tarfile.SYMTYPE, str(tmp_path / "outside")
+        tar.addfile(link)
+        evil = tarfile.TarInfo("container/escape/owned")
+        evil.size = 1
+        tar.addfile(evil, io.BytesIO(b"!"))
+    (tmp_path / "outside").mkdir()
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    with pytest.raises(TaskError, match="unexpected container entry 'container/escape/owned'"):
+        await asyncio.to_thread(_unpack, Body(out.getvalue()), tmp_path, tmp_path, lambda config: staged)
+    assert not (tmp_path / "outside" / "owned").exists()
+
+
+# ---- the destination's checks -------------------------------------------------------------
+
+
+def test_paths_into_the_source_container_are_rewritten_and_host_paths_kept():
+    from plugins.lxc import rewrite_config
+
+    config = (
+        "lxc.rootfs.path = dir:/src/lxc/web/rootfs\n"
+        "lxc.log.file = /src/lxc/web/lxc.log\n"
+        "# lxc.log.file = /src/lxc/web/old.log\n"
+        "lxc.mount.entry = /lib lib none ro,bind 0 0\n"
+        "lxc.mount.entry = /src/lxc/web-data data none bind 0 0\n"
+    )
+    assert rewrite_config(config, Path("/src/lxc/web"), Path("/dst/kumo/web")) == (
+        "lxc.rootfs.path = dir:/dst/kumo/web/rootfs\n"
+        "lxc.log.file = /dst/kumo/web/lxc.log\n"
+        "# lxc.log.file = /src/lxc/web/old.log\n"
+        "lxc.mount.entry = /lib lib none ro,bind 0 0\n"
+        "lxc.mount.entry = /src/lxc/web-data data none bind 0 0\n"
+    )
+
+
+def test_what_the_destination_lacks_is_named_with_what_to_do(tmp_path):
+    from plugins.lxc import import_problems
+
+    target = tmp_path / "web"
+    config = (
+        f"lxc.rootfs.path = dir:{target}/rootfs\n"
+        "lxc.net.0.type = veth\nlxc.net.0.link = brnope9\n"
+        "lxc.mount.entry = /lib lib none ro,bind 0 0\n"
+        "lxc.mount.entry = /no/such/host/dir data none ro,bind 0 0\n"
+        "lxc.mount.entry = /no/such/optional opt none ro,bind,optional 0 0\n"
+        "lxc.mount.entry = /src/lxc/other/data data none bind 0 0\n"
+        "lxc.include = /no/such/common.conf\n"
+    )
+    problems = import_problems(config, target, Path("/src/lxc"), None)
+    assert len(problems) == 4, problems
+    assert "plugs into bridge brnope9, which this node does not have: create it (ip link add brnope9" in problems[-1]
+    assert any("binds the host path /no/such/host/dir" in p and "host paths are not carried" in p for p in problems)
+    assert any("/src/lxc/other/data" in p and "not carried" in p for p in problems)
+    assert any("includes /no/such/common.conf" in p for p in problems)
+    outside = import_problems("lxc.rootfs.path = dir:/srv/web\n", target, Path("/src/lxc"), None)
+    assert outside and "outside the container's directory" in outside[0]
+
+
+@pytest.mark.integration
+async def test_the_lxc_plugin_refuses_to_stage_a_container_whose_bridge_is_missing(lxc_node):
+    node = await lxc_node()
+    with pytest.raises(TaskError) as err:
+        await node.task("lxc.stage", {"name": "web", "lxcpath": "/src/lxc", "config": (
+            "lxc.rootfs.path = dir:/src/lxc/web/rootfs\nlxc.net.0.type = veth\nlxc.net.0.link = brnope8\n")})
+    assert err.value.code == "no-bridge"
+    assert "container 'web' cannot run on this node: its interface lxc.net.0 plugs into bridge brnope8" in str(err.value)
+    assert not [p for p in node.lxcpath.iterdir()], "nothing is staged when the node cannot run it"
+
+
+# ---- two real agents ----------------------------------------------------------------------
+
+
+def wait_for(predicate: Any, what: str, limit: float = 60.0) -> Any:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def reported(agent: Any, name: str) -> dict[str, Any] | None:
+    return next((i for i in agent.node()["instances"] if i["name"] == name), None)
+
+
+def running_on(agent: Any, name: str) -> dict[str, Any] | None:
+    state = reported(agent, name)
+    return state if state and state["state"] == "running" else None
+
+
+def counter(lxcpath: Path, name: str) -> int:
+    try:
+        return int((lxcpath / name / "rootfs/tmp/counter").read_text() or 0)
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+def finished(controller: Any, migration_id: str) -> dict[str, Any]:
+    return wait_for(
+        lambda: (m := controller.admin("GET", f"/v1/migrations/{migration_id}"))["state"] != "running" and m,
+        f"migration {migration_id} to end", limit=180,
+    )
+
+
+def kumoctl(controller: Any, *args: str) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "controller.kumoctl", "--config", str(controller.kumoctl_config), *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=180, check=False)  # noqa: S603
+
+
+@pytest.fixture
+def lxc_cluster(criu_required, lxc_required, controller, kumo_agent, lxcpath_factory, lxc_bridge):
+    """``node(**checkpoint_settings)`` → (agent, its lxcpath); ``container(agent, lxcpath, name,
+    host)`` makes a busybox container with a counter and the bridge address ``.host`` on it."""
+
+    def node(**checkpoint: Any) -> tuple[Any, Path]:
+        path = lxcpath_factory()
+        agent = kumo_agent(plugins={"lxc": {"lxcpath": str(path), "poll_interval": 0.5}, "checkpoint": checkpoint})
+        return agent, path
+
+    def container(agent: Any, path: Path, name: str, host: int) -> str:
+        address = lxc_bridge.address(host)
+        controller.admin("POST", "/v1/instances", {
+            "name": name, "kind": "lxc", "node": agent.node_id, "vcpus": 1, "memory_mib": 64,
+            "options": {"template": "busybox", "network": {
+                "mode": "veth", "bridge": lxc_bridge.name, "address": f"{address}/24", "gateway": lxc_bridge.gateway}},
+        })
+        wait_for(lambda: running_on(agent, name), f"{name} to run")
+        # The counter starts with init, so that CRIU finds it in the container's own session.
+        controller.admin("POST", f"/v1/instances/{name}/stop", {})
+        wait_for(lambda: (reported(agent, name) or {}).get("state") == "stopped", f"{name} to stop")
+        with (path / name / "rootfs/etc/init.d/rcS").open("a") as rcs:
+            rcs.write(COUNTER_RCS)
+        controller.admin("POST", f"/v1/instances/{name}/start", {})
+        wait_for(lambda: running_on(agent, name), f"{name} to run again")
+        wait_for(lambda: counter(path, name) >= 5, f"{name} to count")
+        return address
+
+    yield controller, node, container
+    for row in controller.admin("GET", "/v1/instances")["instances"]:
+        with contextlib.suppress(AssertionError):
+            controller.admin("DELETE", f"/v1/instances/{row['name']}")
+
+
+def images(agent: Any, name: str) -> Path:
+    return agent.state_dir / "plugins" / "checkpoint" / "images" / "lxc" / name
+
+
+@pytest.mark.integration
+def test_a_container_migrates_keeping_its_counter_address_and_files(lxc_cluster):
+    controller, node, container = lxc_cluster
+    (a, path_a), (b, path_b) = node(), node()
+    address = container(a, path_a, "mover", 21)
+    rootfs_a = path_a / "mover/rootfs"
+    make_files = rootfs_a / "root"
+    (make_files / "shared").write_text("one inode, two names")
+    os.link(make_files / "shared", make_files / "shared-too")
+    os.chown(make_files / "shared", SHIFT + 7, SHIFT + 8)
+    os.setxattr(make_files / "shared", "user.kumo", b"kept")
+    os.mknod(make_files / "zero", stat.S_IFCHR | 0o666, os.makedev(1, 5))
+    os.symlink("/etc/hostname", make_files / "hostname-link")
+
+    answer = controller.admin("POST", "/v1/instances/mover/migrate", {"to": b.node_id})
+    done = finished(controller, answer["migration"]["id"])
+    assert done["state"] == "succeeded", done
+    assert done["progress"]["bytes_received"] == done["progress"]["bytes_total"] > 0
+    assert len(done["sha256"]) == 64
+
+    assert running_on(b, "mover")
+    listed = json.loads(kumoctl(controller, "instances", "list", "-o", "json").stdout)
+    assert [(i["name"], i["node"], i["state"]) for i in listed] == [("mover", b.node_id, "running")]
+    fingerprint = b.node()["plugins"]["lxc"]["attributes"]
+    assert fingerprint["instances"] == 1 and fingerprint["lxcpath"] == str(path_b)
+
+    wait_for(lambda: reported(a, "mover") is None, "node A to forget the container")
+    assert not (path_a / "mover").exists(), "the source's container directory is gone"
+    assert not images(a, "mover").exists(), "and so are its checkpoints there"
+    assert run("lxc-ls", "-P", str(path_a), "-1").stdout.strip() == ""
+    assert [p.name for p in path_b.iterdir()] == ["mover"], "no staging directory is left"
+    config_b = (path_b / "mover/config").read_text()
+    assert str(path_a) not in config_b and f"dir:{path_b}/mover/rootfs" in config_b
+
+    before = counter(path_b, "mover")
+    later = wait_for(lambda: (n := counter(path_b, "mover")) > before + 3 and n, "the counter to go on in B's rootfs")
+    assert later > 8, "it went on from where it stopped, it did not start over"
+    ping = run("busybox", "ping", "-c", "1", "-W", "2", address)
+    assert ping.returncode == 0, ping.stdout + ping.stderr
+    inside = run("lxc-attach", "-P", str(path_b), "-n", "mover", "--", "/bin/ip", "-4", "addr", "show", "eth0")
+    assert f"inet {address}/24" in inside.stdout, inside.stdout + inside.stderr
+
+    moved = path_b / "mover/rootfs/root"
+    assert os.lstat(moved / "shared").st_ino == os.lstat(moved / "shared-too").st_ino
+    assert (os.lstat(moved / "shared").st_uid, os.lstat(moved / "shared").st_gid) == (SHIFT + 7, SHIFT + 8)
+    assert os.getxattr(moved / "shared", "user.kumo") == b"kept"
+    assert os.lstat(moved / "zero").st_rdev == os.makedev(1, 5)
+    assert os.readlink(moved / "hostname-link") == "/etc/hostname"
+    assert not any((path_b / "mover/rootfs/lib").iterdir()), "the host's /lib is bound, not copied"
+
+
+@pytest.mark.integration
+def test_a_failed_restore_on_the_destination_leaves_the_container_running_on_the_source(lxc_cluster, tmp_path):
+    controller, node, container = lxc_cluster
+    # lxc-checkpoint runs "criu" from PATH, which the plugin starts with its criu's directory.
+    wrapper = tmp_path / "broken" / "criu"
+    wrapper.parent.mkdir()
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = restore ]; then echo "Error (test): injected restore failure" >&2; exit 1; fi\n'
+        f'exec {shutil.which("criu", path=SBIN_PATH)} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    (a, path_a), (b, path_b) = node(), node(criu=str(wrapper))
+    address = container(a, path_a, "stayer", 22)
+
+    answer = controller.admin("POST", "/v1/instances/stayer/migrate", {"to": b.node_id})
+    done = finished(controller, answer["migration"]["id"])
+    assert done["state"] == "failed" and done["code"] == "restore-failed", done
+    assert f"restored on node {a.node_id}" in (done["outcome"] or ""), json.dumps(done)
+    assert controller.admin("GET", "/v1/instances/stayer")["node"] == a.node_id
+
+    wait_for(lambda: running_on(a, "stayer"), "the container to run on A again")
+    before = counter(path_a, "stayer")
+    wait_for(lambda: counter(path_a, "stayer") > before + 3, "the counter to go on on A")
+    assert run("busybox", "ping", "-c", "1", "-W", "2", address).returncode == 0
+    assert reported(b, "stayer") is None
+    assert list(path_b.iterdir()) == [], "the destination keeps no copy, staged or imported"
