@@ -20,11 +20,42 @@ closes a loss measured against rsyslog 8.2302 / librelp 1.11 (tests/test_rsyslog
 - omrelp ``windowSize="1"``: the messages librelp wrote to a connection that died are resent
   only by the same process, so a restart loses its whole window (128 by default).
 
-What remains: a sender restarted during an outage that began while its connection was open
-loses the (at most two) messages that were in flight when the collector went away. A
-collector stopped, unreachable or killed with SIGKILL costs nothing, though RELP may then
-deliver what was in flight twice (at least once, never lost). All of this is RELP's (the default): plain TCP has no acknowledgement,
-so what it wrote to a connection that had just died is lost.
+A collector stopped, unreachable or killed with SIGKILL costs nothing, though RELP may then
+deliver what was in flight twice (at least once, never lost). All of this is RELP's (the
+default): plain TCP has no acknowledgement, so what it wrote to a connection that had just
+died is lost.
+
+What remains, and no setting closes it: a sender restarted (SIGTERM, then start) during an
+outage that began while its RELP connection was open loses the first two messages queued
+after the collector went away, whether the collector was stopped or SIGKILLed (exactly those
+two in every trial). Both are already deleted from the disk queue when rsyslog stops:
+
+1. The first is written to the dead connection. librelp reads the collector's replies only
+   on the next send (relpsess.c: relpSessSendCommand, one non-blocking read in
+   relpSessWaitState), and a TLS read yields one record: it gets the pending ack of the
+   previous message, not the "serverclose" hint or the EOF behind it, and sends. omrelp's
+   doAction counts a written frame as done (RS_RET_PREVIOUS_COMMITTED; endTransaction only
+   uncorks the socket), so rsyslog commits it; it lives on only in librelp's unacked list,
+   which the same process resends after reconnecting and a restart drops. (Without TLS, the
+   ack and the hint are read together and a stopped collector costs one message, not two.)
+2. The second is the one the queue worker is retrying. For a transactional output like
+   omrelp, processBatchMain (action.c) marks a message committed (BATCH_STATE_COMM) once it is
+   buffered, before doAction runs, and the retries happen inside actionCommit. At shutdown
+   actionCommit ignores the RS_RET_FORCE_TERM of its first actionTryCommit and keeps retrying
+   until queue.timeoutActionCompletion, then the worker is cancelled; the cleanup
+   (wti.c: wtiWorkerCancelCleanup, queue.c: DeleteProcessedBatch) re-enqueues only elements
+   still ready and deletes this one. A cooperative exit calls the same cleanup.
+
+Measured with rsyslog 8.2302 / librelp 1.11, 3 to 5 restarts each, all still losing those two:
+queue.timeoutShutdown and queue.timeoutActionCompletion of 5000 ms (the stop then takes 10 s),
+queue.checkpointInterval="1", action.resumeInterval 1 or 10, action.resumeRetryCount="3"
+(finite retries also discard what arrives while the action is suspended), omrelp timeout="1",
+and a disk-queued ruleset calling the action with a Direct queue (ruleset.c marks messages
+committed before its commit phase too). omrelp rebindInterval="1" lost nothing on that
+restart (3 trials), since no connection stays open between messages, but it delivered a few
+messages a second (a TLS session and a close handshake per message), and by its code doRebind
+ignores a close whose ack never came, after librelp has freed that message. omrelp 8.2302 has
+no option to wait for a message's ack before reporting it sent.
 
 TLS uses the node's own Kumo certificate and the Kumo CA; the forwarder checks the
 collector's certificate name (``peer``, by default the target's host). The collector role
