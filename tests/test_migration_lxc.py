@@ -237,13 +237,6 @@ def counter(lxcpath: Path, name: str) -> int:
         return 0
 
 
-def finished(controller: Any, migration_id: str) -> dict[str, Any]:
-    return wait_for(
-        lambda: (m := controller.admin("GET", f"/v1/migrations/{migration_id}"))["state"] != "running" and m,
-        f"migration {migration_id} to end", limit=180,
-    )
-
-
 def kumoctl(controller: Any, *args: str) -> subprocess.CompletedProcess[str]:
     argv = [sys.executable, "-m", "controller.kumoctl", "--config", str(controller.kumoctl_config), *args]
     return subprocess.run(argv, capture_output=True, text=True, timeout=180, check=False)  # noqa: S603
@@ -293,17 +286,19 @@ def test_a_container_migrates_keeping_its_counter_address_and_files(lxc_cluster)
     (a, path_a), (b, path_b) = node(), node()
     address = container(a, path_a, "mover", 21)
     rootfs_a = path_a / "mover/rootfs"
-    make_files = rootfs_a / "root"
-    (make_files / "shared").write_text("one inode, two names")
-    os.link(make_files / "shared", make_files / "shared-too")
-    os.chown(make_files / "shared", SHIFT + 7, SHIFT + 8)
-    os.setxattr(make_files / "shared", "user.kumo", b"kept")
-    os.mknod(make_files / "zero", stat.S_IFCHR | 0o666, os.makedev(1, 5))
-    os.symlink("/etc/hostname", make_files / "hostname-link")
+    extra = rootfs_a / "root"
+    (extra / "shared").write_text("one inode, two names")
+    os.link(extra / "shared", extra / "shared-too")
+    os.chown(extra / "shared", SHIFT + 7, SHIFT + 8)
+    os.setxattr(extra / "shared", "user.kumo", b"kept")
+    os.mknod(extra / "zero", stat.S_IFCHR | 0o666, os.makedev(1, 5))
+    os.symlink("/etc/hostname", extra / "hostname-link")
 
-    answer = controller.admin("POST", "/v1/instances/mover/migrate", {"to": b.node_id})
-    done = finished(controller, answer["migration"]["id"])
-    assert done["state"] == "succeeded", done
+    seen_on_a = counter(path_a, "mover")
+    moved = kumoctl(controller, "instances", "migrate", "mover", "--to", b.node_id, "-o", "json")
+    assert moved.returncode == 0, moved.stderr
+    done = json.loads(moved.stdout)
+    assert done["state"] == "succeeded" and done["kind"] == "lxc", done
     assert done["progress"]["bytes_received"] == done["progress"]["bytes_total"] > 0
     assert len(done["sha256"]) == 64
 
@@ -322,19 +317,19 @@ def test_a_container_migrates_keeping_its_counter_address_and_files(lxc_cluster)
     assert str(path_a) not in config_b and f"dir:{path_b}/mover/rootfs" in config_b
 
     before = counter(path_b, "mover")
-    later = wait_for(lambda: (n := counter(path_b, "mover")) > before + 3 and n, "the counter to go on in B's rootfs")
-    assert later > 8, "it went on from where it stopped, it did not start over"
+    assert before >= seen_on_a, "it went on from where it stopped on A, it did not start over"
+    wait_for(lambda: counter(path_b, "mover") > before + 3, "the counter to go on in B's rootfs")
     ping = run("busybox", "ping", "-c", "1", "-W", "2", address)
     assert ping.returncode == 0, ping.stdout + ping.stderr
     inside = run("lxc-attach", "-P", str(path_b), "-n", "mover", "--", "/bin/ip", "-4", "addr", "show", "eth0")
     assert f"inet {address}/24" in inside.stdout, inside.stdout + inside.stderr
 
-    moved = path_b / "mover/rootfs/root"
-    assert os.lstat(moved / "shared").st_ino == os.lstat(moved / "shared-too").st_ino
-    assert (os.lstat(moved / "shared").st_uid, os.lstat(moved / "shared").st_gid) == (SHIFT + 7, SHIFT + 8)
-    assert os.getxattr(moved / "shared", "user.kumo") == b"kept"
-    assert os.lstat(moved / "zero").st_rdev == os.makedev(1, 5)
-    assert os.readlink(moved / "hostname-link") == "/etc/hostname"
+    files = path_b / "mover/rootfs/root"
+    assert os.lstat(files / "shared").st_ino == os.lstat(files / "shared-too").st_ino
+    assert (os.lstat(files / "shared").st_uid, os.lstat(files / "shared").st_gid) == (SHIFT + 7, SHIFT + 8)
+    assert os.getxattr(files / "shared", "user.kumo") == b"kept"
+    assert os.lstat(files / "zero").st_rdev == os.makedev(1, 5)
+    assert os.readlink(files / "hostname-link") == "/etc/hostname"
     assert not any((path_b / "mover/rootfs/lib").iterdir()), "the host's /lib is bound, not copied"
 
 
@@ -353,10 +348,10 @@ def test_a_failed_restore_on_the_destination_leaves_the_container_running_on_the
     (a, path_a), (b, path_b) = node(), node(criu=str(wrapper))
     address = container(a, path_a, "stayer", 22)
 
-    answer = controller.admin("POST", "/v1/instances/stayer/migrate", {"to": b.node_id})
-    done = finished(controller, answer["migration"]["id"])
-    assert done["state"] == "failed" and done["code"] == "restore-failed", done
-    assert f"restored on node {a.node_id}" in (done["outcome"] or ""), json.dumps(done)
+    failed = kumoctl(controller, "instances", "migrate", "stayer", "--to", b.node_id)
+    assert failed.returncode != 0
+    assert "migrating stayer failed" in failed.stderr and "injected restore failure" in failed.stderr, failed.stderr
+    assert f"restored on node {a.node_id} from its checkpoint and runs there" in failed.stderr, failed.stderr
     assert controller.admin("GET", "/v1/instances/stayer")["node"] == a.node_id
 
     wait_for(lambda: running_on(a, "stayer"), "the container to run on A again")
