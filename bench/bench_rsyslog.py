@@ -197,7 +197,7 @@ async def main(runs: int, n: int) -> None:
     for i, (name, _) in enumerate(SCENARIOS):
         (kl, kd), (bl, bd) = lost["kumo"][i], lost["baseline"][i]
         failed |= kl > 0
-        print(f"  {name:48s} kumo {kl:4d} / {kd:<3d}  baseline {bl:4d} / {bd}")
+        print(f"  {name:52s} kumo {kl:4d} / {kd:<3d}  baseline {bl:4d} / {bd}")
     print(f"  zero loss with kumo's configuration: {'OK' if not failed else 'NOT MET (the restarts on an open connection: plugins/rsyslog.py)'}")
 
 
