@@ -168,6 +168,8 @@ class KvmPlugin:
         self._loop = asyncio.get_running_loop()
         self._changed = asyncio.Event()
         self._acceleration_task = asyncio.create_task(self._decide_acceleration())
+        # Instance directories from before mean domains to adopt: libvirt is needed now.
+        # Otherwise it waits for the first kvm task, and a probe child answers for it.
         if await asyncio.to_thread(_has_instance_dirs, self.config.instance_dir):
             await self._load()
         else:
