@@ -43,9 +43,9 @@ not hash it again; an open file it already has must be identical, and a missing 
 created only under the agent's state directory (anywhere else it must already be there).
 Both ends return the stream's sha256 and length, which the controller compares.
 
-A container travels with its definition: ``container/config`` first, then everything else
-under ``<lxcpath>/<name>`` (its rootfs, Kumo's record), stopped since the dump. The tar is
-written here member by member rather than by ``tar``: every header is built before the
+A container travels with its definition, stopped since the dump: ``container/config``, then
+after the image everything else under ``<lxcpath>/<name>`` (its rootfs, Kumo's record). The
+tar is written here member by member rather than by ``tar``: every header is built before the
 first byte is sent, so the size is known for the progress display and the stream never
 sits whole in memory or on disk; ownership is numeric (an unprivileged container's shifted
 ids), hardlinks, symlinks, device nodes and FIFOs are kept, and extended attributes travel
@@ -53,8 +53,8 @@ as PAX ``SCHILY.xattr.*`` records (file capabilities included). Paths the config
 from the host (the busybox template's /lib, /usr/lib) are not in the directory and are
 not carried. The receiver unpacks it itself, never following a symlink or writing outside
 the directory the lxc plugin gave it: the config's arrival is the moment the destination's
-lxc plugin checks that this node has what the container needs (``lxc.stage``), before the
-rootfs is sent. The stream's sha256 covers these bytes as it covers the image; the restore
+lxc plugin checks that this node has what the container needs (``lxc.stage``), so the config
+comes right after the manifest, before CRIU's images and the rootfs. The stream's sha256 covers these bytes as it covers the image; the restore
 then asks the lxc plugin to take the container over (``lxc.import``) and deletes it again
 (``lxc.delete``) if CRIU fails, so a failed migration leaves no copy behind.
 """
@@ -550,7 +550,10 @@ class CheckpointPlugin:
                                 "migrate it (the dump stops it) rather than send a checkpoint of it running",
                                 code="already-running")
             directory = Path(manifest["instance"]["lxcpath"]) / name
-            members += await asyncio.to_thread(_container_members, directory)
+            container = await asyncio.to_thread(_container_members, directory)
+            # The config right after the manifest: a destination that cannot run the
+            # container refuses before a single memory page is sent.
+            members = members[:1] + container[:1] + members[1:] + container[1:]
         # Known before the first byte, so the controller can show progress against it.
         total = sum(len(header) + _padded(size) for header, _, size in members) + 2 * TAR_BLOCK
         digest, sent = hashlib.sha256(), 0
