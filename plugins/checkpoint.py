@@ -19,7 +19,8 @@ restored there)::
         *.img                   CRIU's images
         stats-*, kumo-*.pid     CRIU's statistics and our pidfile (not checksummed)
         kumo-manifest.json      written last: {"format", "name", "kind", "created_at", "kernel",
-                                "criu_version", "pid", "instance", "open_files", "files": {file: sha256}}
+                                "criu_version", "pid", "pids", "instance", "state_dir", "open_files",
+                                "files": {file: sha256}}
         kumo-verified.json      this node only: the stat of each file when it was hashed here
     <images_dir>/<kind>/<name>/latest -> the newest complete checkpoint
 
@@ -36,11 +37,15 @@ Migration moves a checkpoint between nodes through the controller, which relays 
 ``/v1/nodes/<source>/migrations/<id>/image`` while ``checkpoint.receive`` on the destination
 GETs ``/v1/nodes/<destination>/migrations/<id>/image``, both over mutual TLS with the node's
 own certificate. The tar holds ``image/<file>`` for the manifest and every file it covers,
-and, for a process, ``files/<path>`` for each regular file it had open (its log...), which
-CRIU needs at the same path and size to restore it. The receiver hashes every image file as
-it arrives, checks it against the manifest and stamps it, so the restore that follows does
-not hash it again; an open file it already has must be identical, and a missing one is
-created only under the agent's state directory (anywhere else it must already be there).
+and, for a process, each regular file it had open. Those under the source agent's state
+directory (its console log) are the instance's own: they travel as ``state/<path in the
+state directory>``, land in the destination's state directory, and CRIU restores the
+process with them in place of the originals (``--inherit-fd``), so two agents with
+different state directories (two on one machine) never write into each other's. Any other
+open file travels as ``files/<path>`` and must be at the same path and identical on the
+destination, or missing there and inside its state directory. The receiver hashes every
+image file as it arrives, checks it against the manifest and stamps it, so the restore that
+follows does not hash it again.
 Both ends return the stream's sha256 and length, which the controller compares.
 
 A container travels with its definition, stopped since the dump: ``container/config``, then
@@ -301,7 +306,8 @@ class CheckpointPlugin:
         now = datetime.datetime.now(datetime.UTC)
         image = base / (now.strftime("%Y%m%dT%H%M%S.%fZ") + "-" + secrets.token_hex(3))
         await asyncio.to_thread(image.mkdir, parents=True)
-        open_files = await asyncio.to_thread(lambda: _open_files(_tree(target.pid)))
+        tree = await asyncio.to_thread(_tree, target.pid)
+        open_files = await asyncio.to_thread(_open_files, tree)
         if target.kind == "process":
             argv = [criu, "dump", "-t", str(target.pid), "-D", str(image), "-o", str(logs / "dump.log")]
             if leave_running:
@@ -347,12 +353,15 @@ class CheckpointPlugin:
             "criu_version": self.status.version,
             "leave_running": leave_running,
             "pid": target.pid,
+            "pids": tree,
             "instance": instance,
+            "state_dir": str(self._agent_state()),
             "open_files": open_files,
         }
         files, size = await asyncio.to_thread(_finish_manifest, image, hasher, manifest)
         if not leave_running:
             await self._until_stopped(target)
+            await self._reap(tree[1:])
         await asyncio.to_thread(_publish, base, image)
         # Old checkpoints go in the background (deleting gigabytes is no part of this dump),
         # under the instance's lock so that no restore reads a checkpoint being deleted.
@@ -365,6 +374,22 @@ class CheckpointPlugin:
     async def _prune(self, target: _Target, base: Path) -> None:
         async with self.locks.setdefault((target.kind, target.name), asyncio.Lock()):
             await asyncio.to_thread(_prune, base, self.config.keep)
+
+    async def _reap(self, pids: list[int]) -> None:
+        """Reap the tree's other processes, which criu killed and the agent (a subreaper)
+        inherited: a restore, here or on a node sharing this pid namespace, needs their pids
+        free, and the periodic reaper could be seconds late. The root is its plugin's to reap."""
+        me = os.getpid()
+        deadline = time.monotonic() + 5
+        for pid in pids:
+            while (fields := stat_fields(pid)) is not None and time.monotonic() < deadline:
+                if fields[0] != "Z":
+                    await asyncio.sleep(0.01)  # SIGKILLed, not yet exited
+                    continue
+                if int(fields[1]) == me:
+                    with contextlib.suppress(ChildProcessError):
+                        os.waitpid(pid, os.WNOHANG)
+                break
 
     async def _until_stopped(self, target: _Target) -> None:
         # criu has killed the instance; wait until its plugin has seen that too, so a
@@ -409,21 +434,33 @@ class CheckpointPlugin:
 
     async def _restore_process(self, criu: str, image: Path, manifest: Mapping[str, Any]) -> int:
         pid = manifest["pid"]
-        files = manifest.get("open_files") or []
-        missing = [f for f in files if not await asyncio.to_thread(os.path.exists, f)]
+        files = {Path(f): _local_path(f, manifest, self._agent_state()) for f in manifest.get("open_files") or []}
+        missing = [str(local) for local in files.values() if not await asyncio.to_thread(os.path.exists, local)]
         if missing:
             raise TaskError(
                 f"process instance {manifest['name']!r} had files open that are missing on this node: "
                 f"{', '.join(missing)}; put them back at the same paths (a migration must carry them) and retry",
                 code="missing-files",
             )
-        await self._wait_pid_free(pid)
+        for tree_pid in manifest.get("pids") or [pid]:
+            await self._wait_pid_free(tree_pid)
         pidfile = image / "kumo-restore.pid"
         with contextlib.suppress(FileNotFoundError):
             pidfile.unlink()
         logs = self._logs("process", manifest["name"])
         argv = [criu, "restore", "-D", str(image), "-d", "-o", str(logs / "restore.log"), "--pidfile", str(pidfile)]
-        rc = await self._run(argv, logs / "restore.out")
+        # A file of the source agent's state (the console log the process plugin opened for
+        # appending) is this agent's copy now: CRIU hands the process our descriptor for it.
+        inherited: list[int] = []
+        try:
+            for path, local in files.items():
+                if local != path:
+                    inherited.append(os.open(local, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC))
+                    argv += ["--inherit-fd", f"fd[{inherited[-1]}]:{str(path).lstrip('/')}"]
+            rc = await self._run(argv, logs / "restore.out", pass_fds=tuple(inherited))
+        finally:
+            for fd in inherited:
+                os.close(fd)
         if rc != 0:
             reason = await asyncio.to_thread(_criu_error, logs / "restore.log", logs / "restore.out")
             raise TaskError(
@@ -582,7 +619,7 @@ class CheckpointPlugin:
         await asyncio.to_thread(shutil.rmtree, incoming, True)
         await asyncio.to_thread(incoming.mkdir, parents=True)
         # Files a process had open may be created only inside this agent's own state.
-        own_root = self.context.state_dir.parent.parent
+        own_root = self._agent_state()
         loop = asyncio.get_running_loop()
         staged: list[Path] = []
 
@@ -655,10 +692,11 @@ class CheckpointPlugin:
 
     # -- helpers -------------------------------------------------------------------
 
-    async def _run(self, argv: list[str], output: Path, env: Mapping[str, str] | None = None) -> int:
+    async def _run(self, argv: list[str], output: Path, env: Mapping[str, str] | None = None,
+                   pass_fds: tuple[int, ...] = ()) -> int:
         with open(output, "wb") as out:
             proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, env=env
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, env=env, pass_fds=pass_fds
             )
         try:
             return await asyncio.wait_for(proc.wait(), self.config.timeout)
@@ -691,6 +729,11 @@ class CheckpointPlugin:
     def _images_root(self) -> Path:
         assert self.context is not None, "kumo_startup was not called"
         return self.config.images_dir or self.context.state_dir / "images"
+
+    def _agent_state(self) -> Path:
+        """The agent's state directory (this plugin's is ``<it>/plugins/checkpoint``)."""
+        assert self.context is not None, "kumo_startup was not called"
+        return self.context.state_dir.parent.parent
 
     def _logs(self, kind: str, name: str) -> Path:
         """The directory for the logs of one instance's last dump and restore (created)."""
@@ -1168,7 +1211,7 @@ def _transfer_members(image: Path, manifest: Mapping[str, Any]) -> list[tuple[by
     """(tar header, path, size) of everything a migration carries; the manifest goes first."""
     entries = [(f"image/{n}", image / n) for n in [MANIFEST, *sorted(manifest["files"])]]
     if manifest.get("kind") == "process":
-        entries += [(f"files{path}", Path(path)) for path in manifest.get("open_files") or ()]
+        entries += [(_carried_name(path, manifest), Path(path)) for path in manifest.get("open_files") or ()]
     members = []
     now = int(time.time())
     for arcname, path in entries:
@@ -1302,6 +1345,8 @@ def _unpack(body: _BodyReader, incoming: Path, own_root: Path, stage: Any) -> di
                 hashes[rest] = _copy_hashed(source, incoming / rest)
             elif kind == "files" and rest and os.path.normpath("/" + rest) == "/" + rest:
                 carried.append(_place_carried(source, Path("/" + rest), incoming, own_root))
+            elif kind == "state" and rest and os.path.normpath("/" + rest) == "/" + rest:
+                carried.append(_place_carried(source, own_root / rest, incoming, own_root))
             else:
                 raise TaskError(f"the image stream holds an unexpected entry {member.name!r}", code="image-corrupt")
         # tarfile stops at the end-of-archive blocks; what follows them must be nothing.
@@ -1409,6 +1454,22 @@ def _copy_hashed(source: Any, target: Path) -> str:
             digest.update(chunk)
             out.write(chunk)
     return digest.hexdigest()
+
+
+def _carried_name(path: str, manifest: Mapping[str, Any]) -> str:
+    """The tar name of an open file: relative to the agent's state directory when inside it."""
+    state = manifest.get("state_dir")
+    if state and Path(path).is_relative_to(state):
+        return f"state/{Path(path).relative_to(state)}"
+    return f"files{path}"
+
+
+def _local_path(path: str, manifest: Mapping[str, Any], own_state: Path) -> Path:
+    """Where an open file of the checkpointed process is on this node (see _carried_name)."""
+    state = manifest.get("state_dir")
+    if state and Path(path).is_relative_to(state):
+        return own_state / Path(path).relative_to(state)
+    return Path(path)
 
 
 def _place_carried(source: Any, path: Path, incoming: Path, own_root: Path) -> str:
