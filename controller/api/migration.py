@@ -330,19 +330,20 @@ async def _drive(ctl: Any, doc: dict[str, Any], started: float) -> None:
         await _migrate(ctl, doc)
     except Exception as exc:
         log.exception("migration %s failed unexpectedly", doc["id"])
-        doc.update(state="failed", error=f"the controller failed while migrating: {exc}", code="internal")
+        doc.update(error=f"the controller failed while migrating: {exc}", code="internal")
     finally:
         relay = mgr.relays.pop(doc["id"], None)
         if relay is not None:
             doc["progress"].update(bytes_sent=relay.sent, bytes_received=relay.received)
             if relay.total is not None:
                 doc["progress"]["bytes_total"] = relay.total
-        doc.update(finished_at=iso(time.time()), seconds=round(time.time() - started, 3))
-        if doc["state"] == "running":
-            doc["state"] = "failed"
+        # The instance is free before anyone can read the end state: a client that sees
+        # "succeeded" may at once stop, delete or migrate it again.
+        mgr.busy.pop(doc["instance"], None)
+        doc.update(state="succeeded" if doc["phase"] == "done" and doc["error"] is None else "failed",
+                   finished_at=iso(time.time()), seconds=round(time.time() - started, 3))
         with contextlib.suppress(Exception):
             await ctl.store.put_migration(doc)
-        mgr.busy.pop(doc["instance"], None)
         mgr.running.pop(doc["id"], None)
         mgr.docs.pop(doc["id"], None)
         log.info("migration %s %s: %s", doc["id"], doc["state"], doc.get("outcome") or doc.get("error"))
@@ -408,7 +409,7 @@ async def _migrate(ctl: Any, doc: dict[str, Any]) -> None:
     await ctl.store.move_instance(name, source, destination)
     doc.update(node=destination)
     cleanup = await run_task(ctl, source, f"{kind}.delete", base, CLEANUP_TIMEOUT, name)
-    doc.update(state="succeeded", phase="done")
+    doc.update(phase="done")
     if cleanup["state"] == "succeeded":
         discard = await run_task(ctl, source, "checkpoint.discard", base, CLEANUP_TIMEOUT, name)
         doc["outcome"] = f"instance {name} runs on node {destination}; node {source} no longer has it"
