@@ -37,7 +37,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.harness import free_port  # noqa: E402
-from tests.harness.agents import start_agent  # noqa: E402
+from tests.harness.agents import running_on, start_agent, wait_for  # noqa: E402
 from tests.harness.cluster import ControllerProcess  # noqa: E402
 from tests.harness.criu import criu_status  # noqa: E402
 
@@ -54,20 +54,6 @@ MB = 1e6
 POLL = 0.01
 
 
-def wait_for(predicate: Any, what: str, limit: float = 120.0) -> Any:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(POLL)
-    sys.exit(f"bench_migration: timed out waiting for {what}")
-
-
-def running_on(agent: Any, name: str) -> bool:
-    return any(i["name"] == name and i["state"] == "running" for i in agent.node()["instances"])
-
-
 def kumo_round(ctl: ControllerProcess, source: Any, destination: Any, name: str, mib: int, work: Path) -> tuple[float, int, Path]:
     """(seconds in the transfer phase, bytes relayed, the source's checkpoint directory)."""
     ready = work / f"{name}.ready"
@@ -75,8 +61,8 @@ def kumo_round(ctl: ControllerProcess, source: Any, destination: Any, name: str,
         "name": name, "kind": "process", "node": source.node_id, "vcpus": 1, "memory_mib": mib + 64,
         "options": {"command": [PY, "-c", TOUCHER, str(mib), str(ready)]},
     })
-    wait_for(ready.exists, f"{name} to touch {mib} MiB")
-    wait_for(lambda: running_on(source, name), f"{name} to run on {source.node_id}")
+    wait_for(ready.exists, f"{name} to touch {mib} MiB", limit=120, interval=POLL)
+    wait_for(lambda: running_on(source, name), f"{name} to run on {source.node_id}", interval=POLL)
     migration = ctl.admin("POST", f"/v1/instances/{name}/migrate", {"to": destination.node_id})["migration"]
     started = ended = None
     while True:

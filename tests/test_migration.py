@@ -14,12 +14,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.harness.agents import reported, running_on, wait_for
 from tests.harness.criu import SBIN_PATH
 
 pytestmark = pytest.mark.integration
@@ -53,31 +53,11 @@ while True:
 """
 
 
-def wait_for(predicate: Any, what: str, limit: float = 30.0) -> Any:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def read_counter(path: Path) -> int:
     try:
         return int(path.read_text() or 0)
     except (FileNotFoundError, ValueError):
         return 0
-
-
-def reported(agent: Any, name: str) -> dict[str, Any] | None:
-    """The instance as the node itself last reported it (its heartbeat), or None."""
-    return next((i for i in agent.node()["instances"] if i["name"] == name), None)
-
-
-def running_on(agent: Any, name: str) -> dict[str, Any] | None:
-    state = reported(agent, name)
-    return state if state and state["state"] == "running" else None
 
 
 @pytest.fixture

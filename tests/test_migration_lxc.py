@@ -21,13 +21,13 @@ import socket
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from agent.plugin import TaskError
+from tests.harness.agents import reported, running_on, wait_for
 from tests.harness.criu import SBIN_PATH
 from tests.harness.lxc import run
 
@@ -209,25 +209,6 @@ async def test_the_lxc_plugin_refuses_to_stage_a_container_whose_bridge_is_missi
 
 
 # ---- two real agents ----------------------------------------------------------------------
-
-
-def wait_for(predicate: Any, what: str, limit: float = 60.0) -> Any:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def reported(agent: Any, name: str) -> dict[str, Any] | None:
-    return next((i for i in agent.node()["instances"] if i["name"] == name), None)
-
-
-def running_on(agent: Any, name: str) -> dict[str, Any] | None:
-    state = reported(agent, name)
-    return state if state and state["state"] == "running" else None
 
 
 def counter(lxcpath: Path, name: str) -> int:

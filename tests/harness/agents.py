@@ -160,6 +160,28 @@ class AgentProcess:
         raise AssertionError(f"{text!r} not seen {count}x in the agent log after {timeout:.0f} s:\n{self.log_tail()}")
 
 
+def wait_for(predicate: Callable[[], Any], what: str, limit: float = 60.0, interval: float = 0.1) -> Any:
+    """Poll ``predicate`` until it returns something true, and return that; AssertionError
+    naming ``what`` after ``limit`` seconds."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def reported(agent: AgentProcess, name: str) -> dict[str, Any] | None:
+    """The instance as the node itself last reported it (its heartbeat), or None."""
+    return next((i for i in agent.node()["instances"] if i["name"] == name), None)
+
+
+def running_on(agent: AgentProcess, name: str) -> dict[str, Any] | None:
+    state = reported(agent, name)
+    return state if state and state["state"] == "running" else None
+
+
 def _seen_after(node: Mapping[str, Any], since: float) -> bool:
     from datetime import datetime
 
