@@ -55,7 +55,7 @@ POLL = 0.01
 
 
 def kumo_round(ctl: ControllerProcess, source: Any, destination: Any, name: str, mib: int, work: Path) -> tuple[float, int, Path]:
-    """(seconds in the transfer phase, bytes relayed, the source's checkpoint directory)."""
+    """(seconds in the transfer phase, bytes relayed, the checkpoint as the destination received it)."""
     ready = work / f"{name}.ready"
     ctl.admin("POST", "/v1/instances", {
         "name": name, "kind": "process", "node": source.node_id, "vcpus": 1, "memory_mib": mib + 64,
@@ -77,8 +77,8 @@ def kumo_round(ctl: ControllerProcess, source: Any, destination: Any, name: str,
         time.sleep(POLL)
     if doc["state"] != "succeeded" or started is None or ended is None:
         sys.exit(f"bench_migration: the migration of {name} did not succeed: {doc}")
-    ctl.admin("DELETE", f"/v1/instances/{name}")
-    return ended - started, doc["progress"]["bytes_total"], Path(doc["image"])
+    received = destination.state_dir / "plugins" / "checkpoint" / "images" / "process" / name / Path(doc["image"]).name
+    return ended - started, doc["progress"]["bytes_total"], received
 
 
 RECEIVER = """
@@ -195,7 +195,8 @@ def main() -> None:
                             raw_seconds, raw_size = raw_round(image, work, raw_port)
                             raw_rates.append(raw_size / raw_seconds / MB)
                             image_mb = size / MB
-                            shutil.rmtree(image)
+                            ctl.admin("DELETE", f"/v1/instances/{name}")
+                            shutil.rmtree(image, ignore_errors=True)
                         kumo, raw = statistics.median(kumo_rates), statistics.median(raw_rates)
                         if link != "loopback":
                             verdicts.append(kumo / raw)
