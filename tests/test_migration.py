@@ -25,19 +25,10 @@ from tests.harness.criu import SBIN_PATH
 pytestmark = pytest.mark.integration
 
 PY = "/usr/bin/python3"
+# argv: the file it counts into, and optionally MiB of memory to hold (a bigger image).
 COUNTER = """
 import sys, time
-i = 0
-while True:
-    i += 1
-    with open(sys.argv[1], "w") as f:
-        f.write(str(i))
-    time.sleep(0.05)
-"""
-# Enough memory that its image takes a while to stream, so the test can catch it mid-way.
-HEAVY_COUNTER = """
-import sys, time
-ballast = bytearray(b"\\x01") * (512 << 20)
+ballast = bytearray(b"\\x01") * (int(sys.argv[2]) << 20) if len(sys.argv) > 2 else b""
 i = 0
 while True:
     i += 1
@@ -174,7 +165,8 @@ def test_a_destination_that_dies_mid_transfer_leaves_it_running_on_the_source(cl
     controller, kumo_agent, create, _ = cluster
     a, b = kumo_agent(), kumo_agent()
     path = tmp_path / "heavy.count"
-    create(a, "heavy", [PY, "-c", HEAVY_COUNTER, str(path)])
+    # Enough memory that its image takes a while to stream, so the test can catch it mid-way.
+    create(a, "heavy", [PY, "-c", COUNTER, str(path), "512"])
     wait_for(lambda: read_counter(path) >= 5, "heavy to count")
 
     answer = controller.admin("POST", "/v1/instances/heavy/migrate", {"to": b.node_id})
