@@ -18,7 +18,6 @@ cloud-init assembles or renders them in the guest).
 from __future__ import annotations
 
 import asyncio
-import difflib
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -164,6 +163,8 @@ def validate_user_data(text: str, what: str = "user_data") -> None:
     for key_node, _ in node.value:
         key = key_node.value
         if key not in KNOWN_CLOUD_CONFIG_KEYS:
+            import difflib  # only for a bad key's suggestion: not in every idle agent (~0.2 MB)
+
             close = difflib.get_close_matches(str(key), KNOWN_CLOUD_CONFIG_KEYS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise TaskError(
