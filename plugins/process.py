@@ -133,6 +133,10 @@ class ProcessPlugin:
         loop = asyncio.get_running_loop()
         for inst in self.instances.values():
             self._unwatch(inst, loop)
+        # An exit seen just before the shutdown is still written to its record.
+        saves = [inst.saving for inst in self.instances.values() if inst.saving is not None and not inst.saving.done()]
+        if saves:
+            await asyncio.wait(saves)
         # Nobody reaps for us any more: orphans must go back to PID 1 (this matters when
         # the plugin stops inside a longer-lived process, as in tests).
         if self.subreaper:
