@@ -8,7 +8,7 @@ one an idle agent must not hold, which is what "below the floor" proves; the flo
 without it is printed too, so its share is visible.
 
 Two agents are joined to a real controller (``kumo-controller init`` + ``run`` in a
-temporary directory) and left idle until they have heartbeated for a while, then their
+temporary directory, through tests/harness with a deployment's defaults) and left idle until they have heartbeated for a while, then their
 resident set size is sampled: one on a node with no VMs (an empty kvm instance_dir; the
 target, 45 MB, is for this one) and one with KVM work (an instance directory from
 before, as after a restart with VMs: the kvm plugin loads libvirt at startup). Kumo's own
@@ -19,40 +19,24 @@ modules are byte-compiled first, as they are once installed.
 
 from __future__ import annotations
 
-import contextlib
-import http.client
-import json
-import signal
-import socket
-import ssl
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
-import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.harness.agents import start_agent  # noqa: E402
+from tests.harness.cluster import ControllerProcess  # noqa: E402
 
 TARGET_MB = 45.0
 IDLE_SECONDS = 15.0
 SAMPLES = 5
 MB = 1024 * 1024
 FLOOR_IMPORTS = "aiohttp, pluggy, yaml, cryptography, cryptography.x509, psutil, prometheus_client"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def script(name: str) -> list[str]:
-    path = Path(sys.executable).with_name(name)
-    if not path.exists():
-        sys.exit(f"{path} is missing: install kumo into this interpreter's environment (make venv)")
-    return [str(path)]
 
 
 def sample_rss(pid: int) -> float:
@@ -89,96 +73,27 @@ def byte_compile() -> None:
     subprocess.run([sys.executable, "-m", "compileall", "-q", *agent.__path__, *plugins.__path__], check=True)  # noqa: S603
 
 
-def admin_post(ctl_dir: Path, port: int, path: str, body: dict) -> dict:
-    """One admin request with the certificate ``kumo-controller init`` wrote into DIR/pki."""
-    pki = ctl_dir / "pki"
-    ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
-    ctx.load_cert_chain(pki / "admin.crt", pki / "admin.key")
-    conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=30)
-    conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
-    response = conn.getresponse()
-    data = json.loads(response.read())
-    if response.status >= 400:
-        sys.exit(f"controller refused {path}: {data}")
-    return data
+# What `kumo-controller init` writes and an agent.yaml leaves unset: the harness's own faster
+# heartbeats and debug logging would not be an idle deployed agent.
+CONTROLLER_DEFAULTS = {"heartbeat_interval": 10.0, "poll_timeout": 30.0, "log_level": "info"}
 
 
-def wait_for(predicate, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            sys.exit(f"timed out waiting for {what}")
-        time.sleep(0.2)
-
-
-@contextlib.contextmanager
-def controller(work: Path) -> Iterator[tuple[Path, int]]:
-    """A real controller in ``work``: (its directory, its port)."""
-    ctl_dir = work / "controller"
-    port = free_port()
-    subprocess.run(  # noqa: S603
-        [*script("kumo-controller"), "init", "--dir", str(ctl_dir), "--listen", f"127.0.0.1:{port}", "--san", "127.0.0.1"],
-        check=True, capture_output=True,
-    )
-    with (work / "controller.log").open("wb") as ctl_log:
-        proc = subprocess.Popen(  # noqa: S603
-            [*script("kumo-controller"), "run", "--config", str(ctl_dir / "controller.yaml")],
-            stdout=ctl_log, stderr=subprocess.STDOUT,
-        )
-        try:
-            wait_for(lambda: _port_open(port), "the controller to listen")
-            yield ctl_dir, port
-        finally:
-            stop(proc)
-
-
-def agent_rss(work: Path, ctl_dir: Path, port: int, kvm_work: bool) -> tuple[float, bool]:
+def agent_rss(ctl: ControllerProcess, work: Path, kvm_work: bool) -> tuple[float, bool]:
     """An idle agent's RSS in MB, and whether it has libvirt mapped (the kvm plugin loaded it)."""
-    join = admin_post(ctl_dir, port, "/v1/tokens", {"ttl_seconds": 600, "uses": 1})["join"]
-    state = work / "agent-state"
-    subprocess.run(  # noqa: S603
-        [*script("kumo-agent"), "join", "--controller", f"https://127.0.0.1:{port}", "--token", join, "--state-dir", str(state)],
-        check=True, capture_output=True,
-    )
     # The kvm plugin loads libvirt at startup only when it finds instance directories there.
     instance_dir = work / "kvm-instances"
     if kvm_work:
         (instance_dir / "vm-from-before").mkdir(parents=True)
-    config = work / "agent.yaml"
-    config.write_text(yaml.safe_dump({
-        "state_dir": str(state),
-        "metrics": {"listen": f"127.0.0.1:{free_port()}"},
-        "plugins": {"kvm": {"instance_dir": str(instance_dir)}},
-    }))
-    log = work / "agent.log"
-    with log.open("wb") as out:
-        agent = subprocess.Popen([*script("kumo-agent"), "run", "--config", str(config)], stdout=out, stderr=subprocess.STDOUT)  # noqa: S603
+    agent = start_agent(ctl, work, plugins={"kvm": {"instance_dir": str(instance_dir)}},
+                        settings={"log_level": "info"})
     try:
-        wait_for(lambda: "connected as node" in log.read_text(), "the agent to register")
         time.sleep(IDLE_SECONDS)
-        rss = sample_rss(agent.pid)
-        libvirt = any("libvirt.so" in m.path for m in psutil.Process(agent.pid).memory_maps())
+        assert agent.proc is not None
+        rss = sample_rss(agent.proc.pid)
+        libvirt = any("libvirt.so" in m.path for m in psutil.Process(agent.proc.pid).memory_maps())
         return rss, libvirt
     finally:
-        stop(agent)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _port_open(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    except OSError:
-        return False
-    return True
+        agent.stop()
 
 
 def main() -> None:
@@ -186,11 +101,15 @@ def main() -> None:
         work = Path(tmp)
         floor, floor_without_libvirt = floor_rss(libvirt=True), floor_rss(libvirt=False)
         byte_compile()
-        with controller(work) as (ctl_dir, port):
+        ctl = ControllerProcess(work / "controller", CONTROLLER_DEFAULTS)
+        ctl.start()
+        try:
             (work / "idle").mkdir()
             (work / "vms").mkdir()
-            idle, idle_libvirt = agent_rss(work / "idle", ctl_dir, port, kvm_work=False)
-            vms, vms_libvirt = agent_rss(work / "vms", ctl_dir, port, kvm_work=True)
+            idle, idle_libvirt = agent_rss(ctl, work / "idle", kvm_work=False)
+            vms, vms_libvirt = agent_rss(ctl, work / "vms", kvm_work=True)
+        finally:
+            ctl.stop()
     import aiohttp
     import cryptography
     import libvirt
