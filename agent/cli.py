@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from agent.config import ConfigError
 from agent.pluginmanager import Hooks, PluginLoadError, make_plugin_manager
+from agent.sdk import ConfigError
 from agent.settings import (
     DEFAULT_CONFIG,
     DEFAULT_STATE_DIR,

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import ssl
 from typing import Any
 
 import aiohttp
 
-from agent.plugin import ControllerUnavailable, Identity, PluginError
+from agent.sdk import ControllerUnavailable, Identity, PluginError
 
 log = logging.getLogger(__name__)
 REQUEST_TIMEOUT = 20.0
@@ -31,28 +30,6 @@ class ControllerRejected(PluginError):
         super().__init__(f"controller refused {method} {path} ({status}): {error}")
         self.status = status
         self.error = error
-
-
-class Backoff:
-    """Exponential backoff with full jitter (AWS architecture blog's "full jitter").
-
-    Each delay is uniform in [base, min(cap, base * 2**attempt)], so a fleet that lost its
-    controller at the same moment does not come back in lockstep.
-    """
-
-    def __init__(self, base: float = 0.5, cap: float = 30.0, rng: random.Random | None = None):
-        self.base = base
-        self.cap = cap
-        self.attempt = 0
-        self._rng = rng or random.Random()
-
-    def next(self) -> float:
-        ceiling = min(self.cap, self.base * 2**self.attempt)
-        self.attempt += 1
-        return self._rng.uniform(self.base, max(self.base, ceiling))
-
-    def reset(self) -> None:
-        self.attempt = 0
 
 
 def client_tls_context(identity: Identity) -> ssl.SSLContext:

@@ -8,8 +8,9 @@ Each docstring is the plugin author's reference. Rules that hold for all hooks:
   ``asyncio.to_thread`` or an asyncio subprocess, never directly on the event loop.
 - The runtime calls each plugin's implementation separately: one plugin raising does not
   stop the others. The error is logged and reported as that plugin's failure.
-- Raise :class:`agent.plugin.PluginError` (or ``TaskError`` in task hooks) with a message
+- Raise :class:`agent.sdk.PluginError` (or ``TaskError`` in task hooks) with a message
   that names what was wrong and what to do; any other exception is reported as a bug.
+- Everything named here is imported from :mod:`agent.sdk`, the plugin author's whole API.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 import pluggy
 
-from agent.plugin import PROJECT, Fingerprint, InstanceState, PluginContext, Probe
+from agent.sdk import PROJECT, Checkpointer, Fingerprint, InstanceDriver, PluginContext, Probe
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 
@@ -32,7 +33,7 @@ def kumo_configure(section: Mapping[str, Any], source: str) -> None:
     ``section`` is this plugin's own table, ``plugins.<name>`` of the agent config (an
     empty mapping when the config has none). ``source`` names where it came from, for
     messages: ``"/etc/kumo/agent.yaml: plugins.kvm"``. Parse it with
-    :func:`agent.config.parse_section` or raise :class:`agent.config.ConfigError` naming
+    :func:`agent.sdk.parse_section` or raise :class:`agent.sdk.ConfigError` naming
     the key and what was expected: the agent then refuses to start.
     """
 
@@ -67,42 +68,50 @@ def kumo_fingerprint() -> Fingerprint:
 
 
 @hookspec
-def kumo_task_kinds() -> Iterable[str]:
-    """Name the task kinds this plugin handles, e.g. ``["kvm.create", "kvm.stop"]``.
+def kumo_instance_driver() -> InstanceDriver | None:
+    """Return the driver of the instance kind this plugin runs, or None for no kind.
 
-    Instance operations are ``<instance kind>.<operation>`` (``create``, ``start``,
-    ``stop``, ``delete``, ...). Each kind has exactly one owner: two plugins claiming one
-    kind stop the agent at start-up.
+    Called once after :func:`kumo_startup`. The agent then owns the kind's tasks
+    (``<kind>.create|start|stop|delete|console``), their payload checks, per-instance
+    locking and result shapes, the instances' place in heartbeats and metrics, and their
+    adoption after a restart: see :class:`agent.sdk.InstanceDriver` for what the driver
+    fills. Each kind has exactly one driver on a node; two plugins driving one kind stop
+    the agent at start-up.
+    """
+
+
+@hookspec
+def kumo_checkpointer() -> Checkpointer | None:
+    """Return what CRIU needs to know about this plugin's instance kind, or None.
+
+    Implement it when the kind's instances are process trees CRIU can dump (processes,
+    containers): the checkpoint plugin then checkpoints, restores and migrates them
+    through :class:`agent.sdk.Checkpointer` without knowing the kind. Nodes publish the
+    kinds they can checkpoint in the checkpoint plugin's fingerprint, and the controller
+    migrates only those.
+    """
+
+
+@hookspec
+def kumo_task_kinds() -> Iterable[str]:
+    """Name the task kinds this plugin handles besides its instance driver's, e.g.
+    ``["checkpoint.dump", "checkpoint.restore"]``.
+
+    A task kind is ``<plugin or instance kind>.<operation>``. Each kind has exactly one
+    owner: two plugins claiming one kind stop the agent at start-up.
     """
 
 
 @hookspec
 def kumo_handle_task(kind: str, payload: Mapping[str, Any], task_id: str) -> Mapping[str, Any]:
-    """Run one task of a kind this plugin declared; return its JSON-able result.
+    """Run one task of a kind this plugin declared in :func:`kumo_task_kinds`; return its
+    JSON-able result.
 
-    Called only on the plugin that owns ``kind``. Raise :class:`agent.plugin.TaskError`
+    Called only on the plugin that owns ``kind``. Raise :class:`agent.sdk.TaskError`
     for a clean failure: its message reaches the user through the controller. A failed
     task must leave nothing half-made behind (no domain without disk, no stray files).
     The same task may be delivered twice after a crash; the runtime filters repeats by
     idempotency key, so a handler sees each key once.
-    """
-
-
-@hookspec
-def kumo_adopt() -> Iterable[InstanceState]:
-    """Find the workloads this plugin started before the agent restarted, and take them over.
-
-    Called once after :func:`kumo_startup`. Re-attach watchers and supervisors; never
-    restart or stop what is running. Return what was found.
-    """
-
-
-@hookspec
-def kumo_instances() -> Iterable[InstanceState]:
-    """Return the current state of every workload this plugin runs.
-
-    Called at every heartbeat: answer from what the plugin already knows (kept fresh by
-    events), without slow calls.
     """
 
 

@@ -29,7 +29,7 @@ from aiohttp.web_runner import AppRunner, TCPSite
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from agent.plugin import Identity
+from agent.sdk import Identity
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,16 @@ from typing import Any
 import pluggy
 
 from agent import hookspecs
-from agent.plugin import PROJECT, Fingerprint, InstanceState, PluginError, TaskError
+from agent.instances import Driver, Drivers
+from agent.sdk import (
+    PROJECT,
+    Checkpointer,
+    Fingerprint,
+    InstanceState,
+    PluginError,
+    Probe,
+    TaskError,
+)
 
 log = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "kumo.plugins"
@@ -76,11 +85,12 @@ def make_plugin_manager(plugins: Mapping[str, object] | None = None) -> pluggy.P
 
 
 class Hooks:
-    """The one typed way the core (and plugins, through their context) calls hooks."""
+    """The one typed way the core calls hooks; plugins get it as ``context.hooks``, typed as
+    :class:`agent.sdk.PluginHooks` (the subset a plugin may call)."""
 
     def __init__(self, pm: pluggy.PluginManager):
         self.pm = pm
-        self.failures: list[PluginFailure] = []
+        self.drivers = Drivers({})
 
     def plugin_names(self) -> list[str]:
         return sorted(name for name, _ in self.pm.list_name_plugin())
@@ -140,9 +150,26 @@ class Hooks:
             out[failure.plugin] = Fingerprint(False, f"fingerprint failed: {failure.message}")
         return out
 
+    def load_drivers(self) -> None:
+        """Ask every plugin for its instance driver (``kumo_instance_driver``); after start-up."""
+        results, failures = self.call_each_sync("kumo_instance_driver")
+        if failures:
+            raise PluginLoadError(f"plugin {failures[0].plugin!r}: kumo_instance_driver: {failures[0].message}")
+        drivers: dict[str, Driver] = {}
+        for plugin, driver in sorted(results.items()):
+            if driver is None:
+                continue
+            kind = getattr(driver, "kind", None)
+            if not isinstance(kind, str) or not kind.isidentifier():
+                raise PluginLoadError(f"plugin {plugin!r}: its instance driver has no kind (a name like 'kvm')")
+            if kind in drivers:
+                raise PluginLoadError(f"instance kind {kind!r} is driven by both {drivers[kind].plugin!r} and {plugin!r}")
+            drivers[kind] = Driver(plugin, driver)
+        self.drivers = Drivers(drivers)
+
     def task_owners(self) -> dict[str, str]:
-        """Map each declared task kind to the plugin that owns it."""
-        owners: dict[str, str] = {}
+        """Map each task kind (plugins' own and their drivers' operations) to its plugin."""
+        owners = self.drivers.task_kinds()
         results, failures = self.call_each_sync("kumo_task_kinds")
         if failures:
             raise PluginLoadError(f"plugin {failures[0].plugin!r}: kumo_task_kinds: {failures[0].message}")
@@ -155,18 +182,31 @@ class Hooks:
                 owners[kind] = plugin
         return owners
 
-    async def handle_task(self, owner: str, kind: str, payload: Mapping[str, Any], task_id: str) -> Any:
+    async def handle_task(self, kind: str, payload: Mapping[str, Any], task_id: str) -> Mapping[str, Any]:
         """Run a task on its owner; exceptions propagate (the runtime reports them)."""
+        if self.drivers.owns(kind):
+            return await self.drivers.handle(kind, payload)
+        owner = self.task_owners().get(kind)
         for impl in self.pm.hook.kumo_handle_task.get_hookimpls():
-            if impl.plugin_name == owner:
+            if owner is not None and impl.plugin_name == owner:
                 args = {"kind": kind, "payload": payload, "task_id": task_id}
                 value = impl.function(**{arg: args[arg] for arg in impl.argnames})
                 return await value if inspect.isawaitable(value) else value
-        raise TaskError(f"plugin {owner!r} declares {kind!r} but does not implement kumo_handle_task")
+        raise TaskError(f"no plugin on this node handles task kind {kind!r}", code="unknown-kind")
 
-    async def instances(self, hook: str = "kumo_instances") -> list[InstanceState]:
-        results, _ = await self.call_each(hook)
-        return [state for states in results.values() for state in (states or ())]
+    async def instances(self) -> list[InstanceState]:
+        return self.drivers.instances()
+
+    async def adopt(self) -> list[InstanceState]:
+        return await self.drivers.adopt()
+
+    def checkpointers(self) -> dict[str, Checkpointer]:
+        results, _ = self.call_each_sync("kumo_checkpointer")
+        return {cp.kind: cp for cp in results.values() if cp is not None}
+
+    async def probes(self) -> list[tuple[str, Probe]]:
+        results, _ = await self.call_each("kumo_probes")
+        return [(plugin, probe) for plugin, probes in sorted(results.items()) for probe in probes or ()]
 
     async def instance_seed(self, instance: Mapping[str, Any], medium: str, workdir: Path) -> Path | None:
         """The seed for a new instance, from whichever plugin builds one; errors propagate.
@@ -189,6 +229,7 @@ class Hooks:
         results, _ = self.call_each_sync("kumo_metrics")
         for families in results.values():
             yield from families or ()
+        yield from self.drivers.metrics()
 
 
 def _describe(exc: BaseException) -> str:

@@ -37,11 +37,19 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from agent.certinfo import certificate_validity
-from agent.client import Backoff, ControllerClient, ControllerRejected
-from agent.config import ConfigError
+from agent.client import ControllerClient, ControllerRejected
+from agent.facts import node_facts
 from agent.metrics import AgentMetrics, MetricsServer, server_tls_context
-from agent.plugin import ControllerUnavailable, Fingerprint, Identity, PluginContext, TaskError
 from agent.pluginmanager import Hooks, PluginLoadError
+from agent.sdk import (
+    Backoff,
+    ConfigError,
+    ControllerUnavailable,
+    Fingerprint,
+    Identity,
+    PluginContext,
+    TaskError,
+)
 from agent.settings import (
     NODE_CERT_NEXT,
     AgentSettings,
@@ -124,7 +132,7 @@ async def probe_plugins(hooks: Hooks, settings: AgentSettings) -> dict[str, Fing
         for name in hooks.plugin_names():
             plugin_dir = Path(tmp) / name
             plugin_dir.mkdir(mode=0o700)
-            context = PluginContext(name, plugin_dir, identity, hooks, lambda: None, offline)
+            context = PluginContext(name, plugin_dir, Path(tmp), identity, hooks, lambda: None, offline)
             _, startup = await hooks.call_each("kumo_startup", only=name, context=context)
             if startup:
                 failures[name] = f"startup failed: {startup[0].message}"
@@ -307,9 +315,10 @@ class Runtime:
         self.client = ControllerClient(controller, self.identity, self._on_connection_change)
         self.metrics.connected.set(0)
         await asyncio.to_thread(self.journal.load)
-        self.owners = self.hooks.task_owners()
         await self._start_plugins()
-        adopted = await self.hooks.instances("kumo_adopt")
+        self.hooks.load_drivers()
+        self.owners = self.hooks.task_owners()
+        adopted = await self.hooks.adopt()
         if adopted:
             log.info("adopted %d instance(s): %s", len(adopted), ", ".join(f"{i.kind}/{i.name}" for i in adopted))
         await self._start_metrics()
@@ -323,6 +332,7 @@ class Runtime:
     async def _start_plugins(self) -> None:
         assert self.identity is not None and self.client is not None
         self._plugins_started = True
+        self.reaper.start()
         for name in self.hooks.plugin_names():
             plugin_dir = self.state_dir / "plugins" / name
             plugin_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -330,6 +340,7 @@ class Runtime:
             context = PluginContext(
                 name=name,
                 state_dir=plugin_dir,
+                agent_state_dir=self.state_dir,
                 identity=self.identity,
                 hooks=self.hooks,
                 report_changed=self.report_changed,
@@ -342,6 +353,7 @@ class Runtime:
 
     async def _shutdown_plugins(self) -> None:
         await self.hooks.call_each("kumo_shutdown")
+        await self.reaper.stop()
 
     async def _start_metrics(self) -> None:
         listen = self.settings.metrics.listen
@@ -435,8 +447,7 @@ class Runtime:
     async def _register(self) -> None:
         assert self.client is not None
         fingerprints = await self._refresh_fingerprints()
-        host = fingerprints.get("host")
-        facts = dict(host.attributes) if host is not None else {}
+        facts = await asyncio.to_thread(node_facts)
         facts["vcpu_overcommit"] = self.settings.vcpu_overcommit
         plugins = {name: fp.to_json() for name, fp in fingerprints.items()}
         body = {
@@ -585,11 +596,11 @@ class Runtime:
             return Outcome(
                 "failed",
                 error=f"no plugin on this node handles task kind {kind}; installed plugins: {installed}",
-                code="unknown-task-kind",
+                code="unknown-kind",
             )
         log.info("task %s (%s): running on plugin %s", task_id, kind, owner)
         try:
-            result = await self.hooks.handle_task(owner, kind, payload, task_id)
+            result = await self.hooks.handle_task(kind, payload, task_id)
             result = json.loads(json.dumps(dict(result or {})))
         except TaskError as exc:
             log.warning("task %s (%s) failed: %s [%s]", task_id, kind, exc, exc.code)

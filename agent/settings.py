@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from agent.config import ConfigError, load_yaml_file, parse_section
-from agent.plugin import Identity
+from agent.sdk import ConfigError, Identity, load_yaml_file, parse_section
 
 DEFAULT_CONFIG = Path("/etc/kumo/agent.yaml")
 DEFAULT_STATE_DIR = Path("/var/lib/kumo")

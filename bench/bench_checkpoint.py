@@ -27,8 +27,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.plugin import ControllerUnavailable, PluginContext  # noqa: E402
 from agent.pluginmanager import Hooks, make_plugin_manager  # noqa: E402
+from agent.sdk import ControllerUnavailable, PluginContext  # noqa: E402
 from plugins.checkpoint import CheckpointPlugin  # noqa: E402
 from plugins.process import ProcessPlugin  # noqa: E402
 

@@ -20,7 +20,7 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.config import ConfigError
+from agent.sdk import ConfigError
 from controller import pki
 from controller.app import serve
 from controller.settings import load_settings, split_address

@@ -6,7 +6,7 @@ import dataclasses
 from pathlib import Path
 from typing import Literal
 
-from agent.config import ConfigError, load_yaml_file, parse_section
+from agent.sdk import ConfigError, load_yaml_file, parse_section
 
 
 @dataclasses.dataclass

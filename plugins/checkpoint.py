@@ -92,9 +92,17 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from agent.config import ConfigError, parse_section
-from agent.plugin import Fingerprint, InstanceState, PluginContext, TaskError, hookimpl
-from agent.procfs import start_time, stat_fields
+from agent.sdk import (
+    ConfigError,
+    Fingerprint,
+    InstanceState,
+    PluginContext,
+    TaskError,
+    hookimpl,
+    parse_section,
+    start_time,
+    stat_fields,
+)
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from agent.plugin import Fingerprint, TaskError, hookimpl
+from agent.sdk import Fingerprint, TaskError, hookimpl
 
 CODE = "invalid-seed"
 VOLUME_LABEL = "cidata"

@@ -50,8 +50,8 @@ from typing import Any, Literal
 
 import psutil
 
-from agent.config import ConfigError, parse_section
-from agent.plugin import (
+from agent.sdk import (
+    ConfigError,
     Fingerprint,
     InstanceState,
     PluginContext,
@@ -59,6 +59,7 @@ from agent.plugin import (
     ProbeResult,
     TaskError,
     hookimpl,
+    parse_section,
 )
 
 log = logging.getLogger(__name__)

@@ -69,8 +69,15 @@ from typing import Any, Literal
 
 import psutil
 
-from agent.config import ConfigError, parse_section
-from agent.plugin import Fingerprint, InstanceState, PluginContext, TaskError, hookimpl
+from agent.sdk import (
+    ConfigError,
+    Fingerprint,
+    InstanceState,
+    PluginContext,
+    TaskError,
+    hookimpl,
+    parse_section,
+)
 
 log = logging.getLogger(__name__)
 

@@ -51,8 +51,8 @@ from typing import Any, Literal
 
 import psutil
 
-from agent.config import ConfigError, parse_section
-from agent.plugin import (
+from agent.sdk import (
+    ConfigError,
     ControllerUnavailable,
     Fingerprint,
     PluginContext,
@@ -60,6 +60,7 @@ from agent.plugin import (
     ProbeResult,
     TaskError,
     hookimpl,
+    parse_section,
 )
 
 log = logging.getLogger(__name__)

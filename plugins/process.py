@@ -35,9 +35,16 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from agent.config import parse_section
-from agent.plugin import Fingerprint, InstanceState, PluginContext, TaskError, hookimpl
-from agent.procfs import start_time, stat_fields
+from agent.sdk import (
+    Fingerprint,
+    InstanceState,
+    PluginContext,
+    TaskError,
+    hookimpl,
+    parse_section,
+    start_time,
+    stat_fields,
+)
 
 log = logging.getLogger(__name__)
 

@@ -84,9 +84,15 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from agent.config import ConfigError, parse_section
-from agent.plugin import Fingerprint, PluginContext, TaskError, hookimpl
-from agent.procfs import start_time
+from agent.sdk import (
+    ConfigError,
+    Fingerprint,
+    PluginContext,
+    TaskError,
+    hookimpl,
+    parse_section,
+    start_time,
+)
 
 log = logging.getLogger(__name__)
 

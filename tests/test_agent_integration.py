@@ -32,8 +32,8 @@ import asyncio
 import dataclasses
 import os
 
-from agent.config import parse_section
-from agent.plugin import Fingerprint, TaskError, hookimpl
+from agent.sdk import parse_section
+from agent.sdk import Fingerprint, TaskError, hookimpl
 
 
 @dataclasses.dataclass

@@ -16,8 +16,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from agent.client import Backoff
-from agent.config import ConfigError
 from agent.enroll import (
     JoinError,
     fetch_unverified_chain,
@@ -29,9 +27,9 @@ from agent.enroll import (
     recover_renewal,
     spki_sha256,
 )
-from agent.plugin import Fingerprint, hookimpl
 from agent.pluginmanager import Hooks, make_plugin_manager
 from agent.runtime import Outcome, TaskJournal, configure_plugins
+from agent.sdk import Backoff, ConfigError, Fingerprint, hookimpl
 from agent.settings import NODE_CERT, NODE_CERT_NEXT, NODE_KEY, load_settings
 from tests.harness import free_port
 

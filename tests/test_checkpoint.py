@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.plugin import TaskError
+from agent.sdk import TaskError
 from plugins.checkpoint import CheckpointPlugin, probe_criu
 from tests.harness.criu import CriuNode
 
@@ -410,7 +410,7 @@ def test_old_checkpoints_are_pruned(tmp_path):
 
 
 def test_config_is_strict():
-    from agent.config import ConfigError
+    from agent.sdk import ConfigError
 
     with pytest.raises(ConfigError, match="plugins.checkpoint.keep"):
         CheckpointPlugin().kumo_configure(section={"keep": 0}, source="agent.yaml: plugins.checkpoint")

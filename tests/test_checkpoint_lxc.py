@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.plugin import InstanceState, hookimpl
 from agent.pluginmanager import Hooks, make_plugin_manager
+from agent.sdk import InstanceState, hookimpl
 from tests.harness import require
 from tests.harness.criu import CriuNode
 

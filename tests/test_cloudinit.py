@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agent.plugin import TaskError
 from agent.pluginmanager import Hooks, make_plugin_manager
+from agent.sdk import TaskError
 from plugins.cloudinit import CloudInitPlugin, seed_files, validate_network_config
 from tests.harness import require
 

@@ -8,7 +8,7 @@ from typing import Literal
 
 import pytest
 
-from agent.config import ConfigError, load_yaml_file, parse_section
+from agent.sdk import ConfigError, load_yaml_file, parse_section
 
 
 @dataclasses.dataclass

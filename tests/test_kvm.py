@@ -19,8 +19,7 @@ from typing import Any
 
 import pytest
 
-from agent.config import ConfigError
-from agent.plugin import TaskError
+from agent.sdk import ConfigError, TaskError
 from plugins import kvm
 from plugins.kvm import (
     METADATA_NS,
@@ -121,7 +120,7 @@ async def test_bad_payload_is_refused_before_libvirt(payload: dict[str, Any], me
 _LAZY_SCRIPT = """
 import asyncio, json, sys
 from pathlib import Path
-from agent.plugin import PluginContext, TaskError
+from agent.sdk import PluginContext, TaskError
 from plugins.kvm import KvmPlugin
 
 def loaded():

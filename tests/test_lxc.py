@@ -17,8 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from agent.config import ConfigError
-from agent.plugin import TaskError
+from agent.sdk import ConfigError, TaskError
 from plugins.lxc import LxcConfig, LxcPlugin, cgroup_layout, parse_create, parse_lxc_ls
 from tests.harness.lxc import LxcNode, bridge_ports, container_cgroups, monitor_pids, run
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from agent.plugin import TaskError
+from agent.sdk import TaskError
 from tests.harness.agents import reported, running_on, wait_for
 from tests.harness.criu import SBIN_PATH
 from tests.harness.lxc import run

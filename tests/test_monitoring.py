@@ -17,8 +17,14 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from agent.config import ConfigError
-from agent.plugin import ControllerUnavailable, PluginContext, Probe, ProbeResult, TaskError
+from agent.sdk import (
+    ConfigError,
+    ControllerUnavailable,
+    PluginContext,
+    Probe,
+    ProbeResult,
+    TaskError,
+)
 from plugins.monitoring import MonitoringPlugin, nagios_result
 from tests.harness import require
 

@@ -8,8 +8,8 @@ import inspect
 import pytest
 
 from agent import hookspecs
-from agent.plugin import Fingerprint, PluginError, hookimpl
 from agent.pluginmanager import Hooks, PluginLoadError, make_plugin_manager
+from agent.sdk import Fingerprint, PluginError, hookimpl
 
 
 def test_every_hook_is_documented_and_prefixed():
@@ -23,7 +23,7 @@ def test_every_hook_is_documented_and_prefixed():
 
 def test_builtin_plugins_are_found_through_entry_points():
     pm = make_plugin_manager()
-    assert "host" in {name for name, _ in pm.list_name_plugin()}
+    assert {"process", "lxc", "kvm", "checkpoint"} <= {name for name, _ in pm.list_name_plugin()}
 
 
 class Good:
@@ -74,11 +74,10 @@ def test_an_implementation_of_an_unknown_hook_is_refused():
         make_plugin_manager({"typo": Typo()})
 
 
-def test_host_plugin_fingerprints_the_node():
-    from plugins.host import HostPlugin
+def test_the_core_reports_the_node_facts_the_scheduler_needs():
+    from agent.facts import node_facts
 
-    fp = HostPlugin().kumo_fingerprint()
-    assert fp.available
-    assert fp.attributes["cpus"] >= 1
-    assert fp.attributes["memory_bytes"] > 0
-    assert isinstance(fp.attributes["kvm_device"], bool)
+    facts = node_facts()
+    assert facts["cpus"] >= 1
+    assert facts["memory_bytes"] > 0
+    assert isinstance(facts["kvm_device"], bool)

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from agent.plugin import TaskError
+from agent.sdk import TaskError
 
 PY = sys.executable
 

@@ -13,8 +13,7 @@ from typing import Any
 
 import pytest
 
-from agent.config import ConfigError
-from agent.plugin import TaskError
+from agent.sdk import ConfigError, TaskError
 from plugins.rsyslog import RsyslogPlugin, quote
 from tests.harness import free_port
 from tests.harness.rsyslog import RsyslogBed, received

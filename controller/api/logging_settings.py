@@ -11,7 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
-from agent.config import ConfigError
+from agent.sdk import ConfigError
 from controller.api import ApiError, Route, field, json_body, reject_unknown, reply, state
 from controller.api.tasks import new_task, submit
 from controller.api.tasks import shown as shown_task

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from agent.plugin import ControllerUnavailable, PluginContext
 from agent.pluginmanager import Hooks, make_plugin_manager
+from agent.sdk import ControllerUnavailable, PluginContext
 from tests.harness import require
 
 SBIN_PATH = os.environ.get("PATH", "") + ":/usr/local/sbin:/usr/sbin:/sbin"

@@ -165,8 +165,8 @@ class KvmTestBed:
 
     async def plugin(self, **overrides: Any) -> Any:
         """A configured and started KvmPlugin (state dir shared by every plugin of this test)."""
-        from agent.plugin import PluginContext
         from agent.pluginmanager import Hooks, make_plugin_manager
+        from agent.sdk import PluginContext
         from plugins.cloudinit import CloudInitPlugin
         from plugins.kvm import KvmPlugin
 

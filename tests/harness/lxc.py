@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from agent.plugin import ControllerUnavailable, InstanceState, PluginContext
 from agent.pluginmanager import Hooks, make_plugin_manager
+from agent.sdk import ControllerUnavailable, InstanceState, PluginContext
 from tests.harness import require
 
 TOOLS = ("lxc-create", "lxc-start", "lxc-stop", "lxc-ls", "lxc-info", "lxc-destroy", "lxc-attach", "lxc-cgroup")

@@ -111,7 +111,7 @@ class RsyslogBed:
             self._certs[name] = (node_id, root / f"{name}.crt", root / f"{name}.key")
 
     def identity(self, name: str) -> Any:
-        from agent.plugin import Identity
+        from agent.sdk import Identity
 
         node_id, cert, key = self._certs[name]
         return Identity(node_id=node_id, key=key, certificate=cert, ca=self.ca_path)
@@ -123,7 +123,7 @@ class RsyslogBed:
 
     async def plugin(self, daemon: Daemon, identity: Any = None, **settings: Any) -> Any:
         """A configured and started RsyslogPlugin driving ``daemon``."""
-        from agent.plugin import PluginContext
+        from agent.sdk import PluginContext
         from plugins.rsyslog import RsyslogPlugin
 
         async def no_controller(*args: Any, **kwargs: Any) -> Any:

@@ -1,0 +1,98 @@
+"""The plugin SDK: everything a Kumo plugin imports from the agent, and nothing else.
+
+A plugin is a class named by an entry point in the group ``kumo.plugins``; the agent makes
+one instance of it and registers it under the entry point's name. Its methods marked with
+``@hookimpl`` implement the hooks documented in :mod:`agent.hookspecs`. A plugin imports
+the standard library, its declared dependencies and this module; never another module of
+the agent and never another plugin (``tests/test_layers.py`` fails when one does).
+
+What is here, by concern:
+
+- the contract: :data:`hookimpl`, :class:`PluginContext` (with :class:`PluginHooks`, the
+  calls a plugin makes on the others), :class:`Fingerprint`, :class:`InstanceState`,
+  :class:`Probe` and :class:`ProbeResult`, :class:`Identity`;
+- errors: :class:`PluginError`, :class:`TaskError` with its closed set of codes
+  :data:`ErrorCode`, :class:`ConfigError`, :class:`ControllerUnavailable`;
+- input: :func:`parse_section` for the plugin's ``plugins.<name>`` settings and
+  :func:`parse_payload` for task payloads, both from a dataclass, both strict;
+- running instances: the driver contract (:class:`InstanceDriver`, :class:`ConsoleOutput`,
+  :data:`NAME_RE`), the checkpoint capability (:class:`Checkpointer`,
+  :class:`CheckpointSubject`, :class:`CriuCommand`) and the node's image cache
+  (:class:`ImageCache`);
+- mechanics every plugin would otherwise write again: :func:`atomic_write` and
+  :func:`tail` for files, :func:`run_command` for host tools, :class:`ExitWatcher` for
+  processes, :func:`stat_fields`, :func:`start_time`, :func:`boot_id` and
+  :func:`zombie_children` for /proc, :class:`Backoff` for retries.
+"""
+
+from agent.sdk.backoff import Backoff
+from agent.sdk.checkpointing import Checkpointer, CheckpointSubject, CriuCommand
+from agent.sdk.commands import CommandResult, run_command, run_command_sync
+from agent.sdk.config import ConfigError, load_yaml_file, parse_section
+from agent.sdk.driver import CONSOLE_BYTES, NAME_RE, OPERATIONS, ConsoleOutput, InstanceDriver
+from agent.sdk.files import atomic_write, tail
+from agent.sdk.hooks import PluginHooks
+from agent.sdk.payload import parse_payload
+from agent.sdk.procfs import boot_id, start_time, stat_fields, zombie_children
+from agent.sdk.types import (
+    ERROR_CODES,
+    INSTANCE_STATES,
+    PROJECT,
+    ControllerUnavailable,
+    ErrorCode,
+    Fingerprint,
+    Identity,
+    InstanceState,
+    InstanceStateName,
+    PluginContext,
+    PluginError,
+    Probe,
+    ProbeResult,
+    ProbeStatus,
+    TaskError,
+    hookimpl,
+)
+from agent.sdk.watch import ExitWatcher
+
+__all__ = [
+    "CONSOLE_BYTES",
+    "ERROR_CODES",
+    "INSTANCE_STATES",
+    "NAME_RE",
+    "OPERATIONS",
+    "PROJECT",
+    "Backoff",
+    "CheckpointSubject",
+    "Checkpointer",
+    "CommandResult",
+    "ConfigError",
+    "ConsoleOutput",
+    "ControllerUnavailable",
+    "CriuCommand",
+    "ErrorCode",
+    "ExitWatcher",
+    "Fingerprint",
+    "Identity",
+    "InstanceDriver",
+    "InstanceState",
+    "InstanceStateName",
+    "PluginContext",
+    "PluginError",
+    "PluginHooks",
+    "Probe",
+    "ProbeResult",
+    "ProbeStatus",
+    "TaskError",
+    "atomic_write",
+    "boot_id",
+    "hookimpl",
+    "load_yaml_file",
+    "parse_payload",
+    "parse_section",
+    "run_command",
+    "run_command_sync",
+    "start_time",
+    "stat_fields",
+    "tail",
+    "zombie_children",
+]
