@@ -1,0 +1,1 @@
+"""How liblxc containers are checkpointed (the ``kumo_checkpointer`` of the lxc plugin)."""
