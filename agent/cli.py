@@ -108,10 +108,9 @@ def _plugins(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _setup_logging("warning")
     hooks = _load_plugins(settings)
-    owners = hooks.task_owners()
     from agent.runtime import probe_plugins
 
-    fingerprints = asyncio.run(probe_plugins(hooks, settings))
+    fingerprints, owners = asyncio.run(probe_plugins(hooks, settings))
     rows: list[dict[str, Any]] = []
     for name in hooks.plugin_names():
         fp = fingerprints.get(name)

@@ -110,8 +110,9 @@ def configure_plugins(hooks: Hooks, settings: AgentSettings) -> None:
             raise ConfigError(f"{settings.plugin_source(name)}: the {name!r} plugin takes no settings")
 
 
-async def probe_plugins(hooks: Hooks, settings: AgentSettings) -> dict[str, Fingerprint]:
-    """Start every plugin away from the running agent's state, fingerprint it, shut it down.
+async def probe_plugins(hooks: Hooks, settings: AgentSettings) -> tuple[dict[str, Fingerprint], dict[str, str]]:
+    """Start every plugin away from the running agent's state, fingerprint it, shut it down;
+    the fingerprints and the owner of every task kind (instance drivers' included).
 
     For ``kumo-agent plugins``: most plugins only know what they can do once started
     (libvirt connected, binaries checked). Their state directories are throwaway ones, so a
@@ -138,11 +139,13 @@ async def probe_plugins(hooks: Hooks, settings: AgentSettings) -> dict[str, Fing
                 failures[name] = f"startup failed: {startup[0].message}"
         try:
             fingerprints = await hooks.fingerprints()
+            hooks.load_drivers()
+            owners = hooks.task_owners()
         finally:
             await hooks.call_each("kumo_shutdown")
     for name, reason in failures.items():
         fingerprints[name] = Fingerprint(False, reason)
-    return fingerprints
+    return fingerprints, owners
 
 
 @dataclasses.dataclass(frozen=True)

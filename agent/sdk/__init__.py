@@ -32,6 +32,7 @@ from agent.sdk.config import ConfigError, load_yaml_file, parse_section
 from agent.sdk.driver import CONSOLE_BYTES, NAME_RE, OPERATIONS, ConsoleOutput, InstanceDriver
 from agent.sdk.files import atomic_write, tail
 from agent.sdk.hooks import PluginHooks
+from agent.sdk.images import ImageCache
 from agent.sdk.payload import parse_payload
 from agent.sdk.procfs import boot_id, start_time, stat_fields, zombie_children
 from agent.sdk.types import (
@@ -73,6 +74,7 @@ __all__ = [
     "ExitWatcher",
     "Fingerprint",
     "Identity",
+    "ImageCache",
     "InstanceDriver",
     "InstanceState",
     "InstanceStateName",
