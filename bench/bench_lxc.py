@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from plugins.lxc import cgroup_layout  # noqa: E402
+from plugins.lxc.host import cgroup_layout  # noqa: E402
 from tests.harness.lxc import LxcNode, lxc_missing  # noqa: E402
 
 TARGET = 1.1

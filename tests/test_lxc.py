@@ -1,6 +1,7 @@
-"""The lxc plugin against real liblxc: busybox and tarball containers, limits, networking,
-cloud-init seeds, kill -9 of init, adoption after a restart, unprivileged containers and
-every kind of bad input. Unit tests of the payload parser come first.
+"""The lxc plugin against real liblxc, driven through the agent's Hooks as the runtime drives
+it: busybox and tarball containers, limits, networking, cloud-init seeds, kill -9 of init,
+adoption after a restart, unprivileged containers, a container arriving from another
+lxcpath and every kind of bad input. Unit tests of the payload parser come first.
 """
 
 from __future__ import annotations
@@ -17,8 +18,13 @@ from pathlib import Path
 import psutil
 import pytest
 
+from agent.pluginmanager import Hooks, make_plugin_manager
 from agent.sdk import ConfigError, TaskError
-from plugins.lxc import LxcConfig, LxcPlugin, cgroup_layout, parse_create, parse_lxc_ls
+from plugins.lxc import LxcPlugin
+from plugins.lxc.host import cgroup_layout
+from plugins.lxc.liblxc import parse_lxc_info, parse_lxc_ls
+from plugins.lxc.settings import LxcConfig
+from plugins.lxc.spec import parse_create
 from tests.harness.lxc import LxcNode, bridge_ports, container_cgroups, monitor_pids, run
 
 # ---- units -----------------------------------------------------------------------------
@@ -43,12 +49,32 @@ def test_payload_defaults_to_the_busybox_template_without_limits():
         ({"network": {"mode": "veth"}}, "network.bridge must name a host bridge"),
         ({"network": {"mode": "veth", "bridge": "br0", "mtu": 9000}}, "network.mtu: unknown key"),
         ({"hostname": "bad host"}, "hostname must be a DNS name"),
-        ({"kind": "kvm"}, "kind must be 'lxc'"),
+        ({"vcpus": "two"}, "payload.vcpus: expected an integer"),
+        ({"disk_gib": 10}, "payload.disk_gib: unknown key"),
     ],
 )
 def test_bad_payload_fields_are_named(payload, message):
-    with pytest.raises(TaskError, match=message):
-        parse_create({"name": "c1", **payload}, LxcConfig())
+    with pytest.raises(TaskError, match=message) as err:
+        parse_create({"name": "c1", "kind": "lxc", **payload}, LxcConfig())
+    assert err.value.code == "bad-request"
+
+
+async def test_the_agent_checks_the_name_and_kind_before_the_driver_sees_them():
+    plugin = LxcPlugin()
+    hooks = Hooks(make_plugin_manager({"lxc": plugin}))
+    hooks.load_drivers()
+    with pytest.raises(TaskError, match="payload.kind is 'kvm' in a lxc task") as err:
+        await hooks.handle_task("lxc.create", {"name": "c1", "kind": "kvm"}, "t-1")
+    assert err.value.code == "bad-request"
+    with pytest.raises(TaskError, match="payload.name must be") as err:
+        await hooks.handle_task("lxc.start", {"name": "../c1"}, "t-2")
+    assert err.value.code == "bad-request"
+    with pytest.raises(TaskError, match="payload.timeout must be a number") as err:
+        await hooks.handle_task("lxc.stop", {"name": "c1", "timeout": "soon"}, "t-3")
+    # A plugin that has not started says so, whatever the operation.
+    with pytest.raises(TaskError, match="the lxc plugin is unavailable on this node") as err:
+        await hooks.handle_task("lxc.console", {"name": "c1"}, "t-4")
+    assert err.value.code == "unavailable"
 
 
 def test_kumoctl_options_carry_template_network_and_hostname():
@@ -56,13 +82,19 @@ def test_kumoctl_options_carry_template_network_and_hostname():
         "template": "busybox", "hostname": "c1.example",
         "network": {"mode": "veth", "bridge": "br0", "address": "10.0.0.5/24", "gateway": "10.0.0.1"}}}, LxcConfig())
     assert (spec.template, spec.hostname, spec.network.address) == ("busybox", "c1.example", "10.0.0.5/24")
-    with pytest.raises(TaskError, match=r"options.kernel: unknown option \(known: hostname, network, template\)"):
+    with pytest.raises(TaskError, match=r"options.kernel: unknown key \(allowed keys: hostname, network, template\)"):
         parse_create({"name": "c1", "options": {"kernel": "/boot/vmlinuz"}}, LxcConfig())
+    top = parse_create({"name": "c1", "template": "busybox", "hostname": "top.example",
+                        "options": {"template": "other", "hostname": "c1.example"}}, LxcConfig())
+    assert (top.template, top.hostname) == ("busybox", "top.example"), "the top level wins over options"
 
 
-def test_lxc_ls_output_is_parsed():
+def test_lxc_ls_and_lxc_info_output_is_parsed():
     out = "NAME  STATE   PID   \nweb   RUNNING 4242  \nidle  STOPPED -     \n"
     assert parse_lxc_ls(out) == {"web": ("RUNNING", 4242), "idle": ("STOPPED", None)}
+    assert parse_lxc_info("State:          RUNNING\nPID:            4242\n") == ("RUNNING", 4242)
+    assert parse_lxc_info("State:          STOPPED\n") == ("STOPPED", None)
+    assert parse_lxc_info("") is None
 
 
 def test_config_rejects_veth_without_a_bridge_and_unknown_keys():
@@ -93,10 +125,12 @@ async def test_busybox_container_with_limits_and_a_static_address_on_a_bridge(lx
         "network": {"mode": "veth", "bridge": lxc_bridge.name, "address": f"{address}/24",
                     "gateway": lxc_bridge.gateway},
     })
-    assert result["state"] == "running" and result["pid"] > 0
+    assert result["name"] == "web-1" and result["kind"] == "lxc"
+    assert result["state"] == "running" and result["details"]["pid"] > 0
+    assert result["details"]["address"] == f"{address}/24"
     state = node.state("web-1")
     assert state.state == "running"
-    assert state.details["lxcpath"] == str(node.lxcpath) and state.details["pid"] == result["pid"]
+    assert state.details["lxcpath"] == str(node.lxcpath) and state.details["pid"] == result["details"]["pid"]
 
     inside = node.attach("web-1", "/bin/sh", "-c", "echo IN-CONTAINER; ip -4 addr show eth0; ip route")
     assert inside.returncode == 0, inside.stderr
@@ -112,6 +146,8 @@ async def test_busybox_container_with_limits_and_a_static_address_on_a_bridge(lx
 
     console = await node.task("lxc.console", {"name": "web-1"})
     assert "kumo: container web-1 booted" in console["log"]
+    assert console["logs"]["lxc"] == (node.lxcpath / "web-1/lxc.log").read_text()
+    assert len((await node.task("lxc.console", {"name": "web-1", "bytes": 8}))["log"]) == 8
 
 
 @integration
@@ -154,7 +190,7 @@ async def test_kill_9_of_init_reports_stopped_and_liblxc_cleans_up(lxc_node, lxc
     await node.wait_for(lambda: not monitor_pids(node.lxcpath, "victim"), "the lxc monitor to exit")
 
     started = await node.task("lxc.start", {"name": "victim"})
-    assert started["state"] == "running" and started["pid"] != pid
+    assert started["state"] == "running" and started["details"]["pid"] != pid
 
 
 @integration
@@ -179,9 +215,11 @@ async def test_stop_is_graceful_and_delete_removes_everything(lxc_node):
     node = await lxc_node()
     await node.task("lxc.create", {"name": "short"})
     stopped = await node.task("lxc.stop", {"name": "short", "timeout": 20})
-    assert stopped == {"name": "short", "state": "stopped", "forced": False}
+    assert stopped == {"name": "short", "kind": "lxc", "state": "stopped", "forced": False, "details": {
+        "lxcpath": str(node.lxcpath), "unprivileged": False, "source": "template:busybox"}}
+    assert (await node.task("lxc.stop", {"name": "short"}))["forced"] is False, "stopping a stopped one is no error"
     deleted = await node.task("lxc.delete", {"name": "short"})
-    assert deleted["deleted"] and node.state("short") is None
+    assert deleted == {"name": "short", "kind": "lxc", "state": "deleted"} and node.state("short") is None
     assert not (node.lxcpath / "short").exists()
     with pytest.raises(TaskError, match="no Kumo container named 'short'") as err:
         await node.task("lxc.start", {"name": "short"})
@@ -196,7 +234,8 @@ async def test_stop_kills_a_container_whose_init_ignores_the_halt_signal(lxc_nod
     config = node.lxcpath / "stubborn/config"
     config.write_text(config.read_text() + "lxc.signal.halt = SIGURG\n")
     stopped = await node.task("lxc.stop", {"name": "stubborn", "timeout": 1})
-    assert stopped == {"name": "stubborn", "state": "stopped", "forced": True}
+    assert stopped == {"name": "stubborn", "kind": "lxc", "state": "stopped", "forced": True, "details": {
+        "lxcpath": str(node.lxcpath), "unprivileged": False, "source": "template:busybox"}}
 
 
 @integration
@@ -208,7 +247,7 @@ async def test_a_start_liblxc_refuses_says_why(lxc_node):
     config.write_text(config.read_text() + "lxc.init.cmd = /no/such/init\n")
     with pytest.raises(TaskError, match="lxc-start failed for .broken.: .*") as err:
         await node.task("lxc.start", {"name": "broken"})
-    assert err.value.code == "lxc"
+    assert err.value.code == "failed"
     assert node.state("broken").state == "stopped"
 
 
@@ -309,7 +348,7 @@ async def test_name_already_in_use(lxc_node):
     with pytest.raises(TaskError, match="a container named 'twin' already exists") as err:
         await node.task("lxc.create", {"name": "twin", "memory_mib": 64})
     assert err.value.code == "exists"
-    assert node.state("twin").state == "running" and node.state("twin").details["pid"] == first["pid"]
+    assert node.state("twin").state == "running" and node.state("twin").details["pid"] == first["details"]["pid"]
 
 
 @integration
@@ -387,13 +426,49 @@ async def test_the_checkpoint_plugin_dumps_and_restores_a_container_this_plugin_
         await node.task("checkpoint.dump", {"name": "ckpt", "kind": "lxc", "leave_running": False})
         await node.wait_for(lambda: node.state("ckpt").state == "stopped", "the dumped container to stop")
         await node.task("checkpoint.restore", {"name": "ckpt", "kind": "lxc"})
-        # Nothing tells the lxc plugin about the restore: liblxc's state reaches it by polling.
+        # However the checkpoint plugin learns of the restore, the lxc plugin shows it from liblxc.
         await node.wait_for(lambda: node.state("ckpt").state == "running", "the restored container")
         assert node.state("ckpt").details["pid"] != pid
         inside = node.attach("ckpt", "/bin/ip", "-4", "addr", "show", "eth0")
         assert f"inet {address}/24" in inside.stdout, inside.stdout + inside.stderr
     finally:
         await checkpoint.kumo_shutdown()
+
+
+@integration
+async def test_a_container_from_another_lxcpath_is_staged_checked_and_taken_over(lxc_node, lxcpath_factory, tmp_path):
+    source = await lxc_node()
+    await source.task("lxc.create", {"name": "mover", "memory_mib": 64})
+    await source.task("lxc.stop", {"name": "mover", "timeout": 10})
+    here = LxcNode(tmp_path / "here", lxcpath_factory())
+    await here.start()
+    try:
+        with pytest.raises(TaskError, match="container 'web' cannot run on this node: its interface lxc.net.0 "
+                                             "plugs into bridge brnope8") as err:
+            await here.plugin.stage_migration("web", "lxc.rootfs.path = dir:/src/lxc/web/rootfs\n"
+                                              "lxc.net.0.type = veth\nlxc.net.0.link = brnope8\n", "/src/lxc")
+        assert err.value.code == "no-bridge"
+        assert list(here.lxcpath.iterdir()) == [], "nothing is staged when the node cannot run it"
+
+        config = (source.lxcpath / "mover/config").read_text()
+        staged = await here.plugin.stage_migration("mover", config, str(source.lxcpath))
+        assert staged.parent == here.lxcpath and staged.name.startswith(".import-mover-")
+        assert run("cp", "-a", f"{source.lxcpath / 'mover'}/.", str(staged)).returncode == 0
+        # liblxc lists no dot-directory: a container still arriving is no instance yet.
+        assert [s.name for s in await here.plugin.adopt()] == [] and here.state("mover") is None
+
+        await here.plugin.import_migrated("mover", staged, str(source.lxcpath))
+        assert here.state("mover").state == "stopped" and not staged.exists()
+        moved = (here.lxcpath / "mover/config").read_text()
+        assert f"dir:{here.lxcpath}/mover/rootfs" in moved and str(source.lxcpath) not in moved
+        started = await here.task("lxc.start", {"name": "mover"})
+        assert started["state"] == "running" and started["details"]["source"] == "template:busybox"
+        assert await here.plugin.init_pid("mover") == started["details"]["pid"]
+        with pytest.raises(TaskError, match="a container named 'mover' already exists") as err:
+            await here.plugin.stage_migration("mover", config, str(source.lxcpath))
+        assert err.value.code == "exists"
+    finally:
+        await here.stop()
 
 
 @integration

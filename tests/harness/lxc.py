@@ -104,12 +104,14 @@ def lxc_bridge(lxc_required: None) -> Iterator[Bridge]:
 
 
 class LxcNode:
-    """The lxc and cloudinit plugins of one pretend agent, as the runtime would drive them."""
+    """The lxc and cloudinit plugins of one pretend agent, wired as the agent wires them: one
+    Hooks, the lxc driver loaded after start-up, every task through ``hooks.handle_task``."""
 
     def __init__(self, root: Path, lxcpath: Path, config: Mapping[str, Any] | None = None,
                  others: Mapping[str, object] | None = None):
         self.root, self.lxcpath = root, lxcpath
-        self.config = {"lxcpath": str(lxcpath), "poll_interval": 0.5, **dict(config or {})}
+        self.config = {"lxcpath": str(lxcpath), "poll_interval": 0.5, "image_cache": str(root / "images"),
+                       **dict(config or {})}
         self.others = dict(others or {})
         self.changes = 0
         self.plugin: Any = None
@@ -125,13 +127,15 @@ class LxcNode:
         return plugin
 
     def context(self, name: str) -> PluginContext:
-        state = self.root / name
+        """The context the agent would give plugin ``name`` (its state under ``root/plugins``)."""
+        state = self.root / "plugins" / name
         state.mkdir(mode=0o700, parents=True, exist_ok=True)
 
         async def no_controller(*args: Any, **kwargs: Any) -> Any:
             raise ControllerUnavailable("no controller in this test")
 
-        return PluginContext(name, state, None, self.hooks, self._changed, no_controller)
+        assert self.hooks is not None
+        return PluginContext(name, state, self.root, None, self.hooks, self._changed, no_controller)
 
     def _changed(self) -> None:
         self.changes += 1
@@ -140,7 +144,9 @@ class LxcNode:
         """Start a new plugin instance (as an agent start does) and return what it adopted."""
         self.plugin = self._make()
         await self.plugin.kumo_startup(context=self.context("lxc"))
-        return list(await self.plugin.kumo_adopt())
+        assert self.hooks is not None
+        self.hooks.load_drivers()
+        return await self.hooks.adopt()
 
     async def restart(self) -> list[InstanceState]:
         await self.plugin.kumo_shutdown()
@@ -148,11 +154,10 @@ class LxcNode:
 
     async def task(self, kind: str, payload: Mapping[str, Any]) -> Any:
         assert self.hooks is not None
-        owner = self.hooks.task_owners()[kind]
-        return await self.hooks.handle_task(owner, kind, payload, task_id=f"test-{kind}")
+        return await self.hooks.handle_task(kind, payload, task_id=f"test-{kind}")
 
     def state(self, name: str) -> InstanceState | None:
-        return next((s for s in self.plugin.kumo_instances() if s.name == name), None)
+        return next((s for s in self.plugin.list() if s.name == name), None)
 
     async def wait_for(self, predicate: Callable[[], Any], what: str, limit: float = 15.0) -> Any:
         for _ in range(int(limit / 0.05)):

@@ -1,0 +1,66 @@
+"""A container migrating here: its config checked against this node, then its directory taken over.
+
+The checkpoint plugin carries the container's directory with the CRIU image, and it
+arrives in two steps. As soon as the config arrives, this node checks that it has what the
+container needs: the bridges it plugs into, the host paths it binds (they are host paths,
+never carried: the busybox template's /lib and /usr/lib), the files it includes, a
+searchable lxcpath for a user namespace. It then gives a hidden directory under lxcpath to
+unpack the rest into (liblxc lists no dot-directory, so a half-arrived container is no
+instance). Before the restore the directory is taken over: paths into the source's
+container directory are rewritten to ours, the same checks run again, and the directory is
+renamed into place. The container keeps its own idmap, since its files are shifted by it.
+
+Every function here blocks: call them through ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+from pathlib import Path
+
+from agent.sdk import TaskError
+
+from .host import untraversable
+from .lxcconf import config_items, import_problems, rewrite_config
+
+STAGED_PREFIX = ".import-"
+
+
+def adapt(lxcpath: Path, name: str, config: str, source_lxcpath: str, arrived: Path | None) -> str:
+    """The config with the source's container directory rewritten to ours, or TaskError naming
+    what this node lacks; ``arrived`` is where it was unpacked (None: not yet, at staging)."""
+    target = lxcpath / name
+    adapted = rewrite_config(config, Path(source_lxcpath) / name, target)
+    problems = import_problems(adapted, target, Path(source_lxcpath), arrived)
+    if not problems and any(key == "lxc.idmap" for key, _ in config_items(adapted)):
+        blocked = untraversable(lxcpath)
+        if blocked is not None:
+            problems.append(f"it runs in a user namespace and its mapped root cannot search {blocked}: "
+                            "chmod o+x it (or set plugins.lxc.lxcpath elsewhere)")
+    if problems:
+        code = "no-bridge" if any("bridge" in p for p in problems) else "import-refused"
+        raise TaskError(f"container {name!r} cannot run on this node: " + "; ".join(problems)
+                        + "; then migrate again", code=code)
+    return adapted
+
+
+def staging_directory(lxcpath: Path, name: str) -> Path:
+    """A fresh hidden directory under lxcpath for the arriving container."""
+    return Path(tempfile.mkdtemp(prefix=f"{STAGED_PREFIX}{name}-", dir=lxcpath))
+
+
+def take_over(lxcpath: Path, name: str, staged: Path, source_lxcpath: str) -> None:
+    """Make the unpacked ``staged`` directory container ``name``: its config adapted, then renamed
+    into place."""
+    if staged.parent != lxcpath or not staged.name.startswith(f"{STAGED_PREFIX}{name}-"):
+        raise TaskError(f"{staged} is not a directory this node staged for container {name!r}",
+                        code="bad-request")
+    config_path = staged / "config"
+    config = adapt(lxcpath, name, config_path.read_text(), source_lxcpath, staged)
+    tmp = staged / "config.kumo-import"
+    tmp.write_text(config)
+    os.chmod(tmp, stat.S_IMODE(os.stat(config_path).st_mode))
+    os.replace(tmp, config_path)
+    os.rename(staged, lxcpath / name)
