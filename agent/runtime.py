@@ -239,6 +239,7 @@ class Runtime:
         self.hooks = hooks
         self.state_dir = settings.state_dir
         self.metrics = AgentMetrics(hooks.metrics)
+        self.reaper = Reaper()
         self.journal = TaskJournal(self.state_dir / JOURNAL_FILE)
         self.identity: Identity | None = None
         self.client: ControllerClient | None = None

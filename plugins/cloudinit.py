@@ -25,9 +25,9 @@ from typing import Any
 
 import yaml
 
-from agent.sdk import Fingerprint, TaskError, hookimpl
+from agent.sdk import ErrorCode, Fingerprint, TaskError, hookimpl
 
-CODE = "invalid-seed"
+CODE: ErrorCode = "invalid-seed"  # what is wrong is the seed data the create sent
 VOLUME_LABEL = "cidata"
 
 # Top-level keys of cloud-config that cloud-init's modules (and its base config) read, from
@@ -90,7 +90,7 @@ class CloudInitPlugin:
         tool = _iso_tool()
         if tool is None:
             raise TaskError(
-                "cannot build a cidata ISO: install genisoimage (or xorriso) on this node", code=CODE
+                "cannot build a cidata ISO: install genisoimage (or xorriso) on this node", code="seed-build"
             )
         staging = workdir / ".cidata"
         iso = workdir / "cidata.iso"
@@ -230,9 +230,9 @@ def _write_tree(target: Path, files: Mapping[str, str]) -> None:
 
 
 # Why an external tool rather than pycdlib in-process: genisoimage is one small Debian
-# package that RECIPES.md already proved (seed built in ~10 ms), while pycdlib would be a new
-# runtime dependency for a ten-millisecond job; the subprocess is an asyncio one, so the
-# event loop never waits on it. xorriso's mkisofs emulation is the fallback.
+# package that builds a seed ISO in about 10 ms, while pycdlib would be a new runtime
+# dependency for a ten-millisecond job; the subprocess is an asyncio one, so the event loop
+# never waits on it. xorriso's mkisofs emulation is the fallback.
 def _iso_tool() -> list[str] | None:
     if path := shutil.which("genisoimage"):
         return [path]

@@ -15,8 +15,8 @@ closes a loss measured against rsyslog 8.2302 / librelp 1.11 (tests/test_rsyslog
 - ``queue.size``: the default (1000 messages) fills during an outage of a few seconds, and
   rsyslog then drops what it cannot enqueue within two seconds;
 - ``queue.type="Disk"`` and ``queue.dequeueBatchSize="1"``: a worker that is retrying when
-  rsyslog stops is cancelled and its batch is gone (128 messages with a disk-assisted
-  in-memory queue, RECIPES.md); from a disk queue the batch is one message;
+  rsyslog stops is cancelled and its batch is gone (a whole dequeue batch, 128 messages, with
+  a disk-assisted in-memory queue); from a disk queue the batch is one message;
 - omrelp ``windowSize="1"``: the messages librelp wrote to a connection that died are resent
   only by the same process, so a restart loses its whole window (128 by default).
 
@@ -89,8 +89,11 @@ from agent.sdk import (
     Fingerprint,
     PluginContext,
     TaskError,
+    atomic_write,
     hookimpl,
+    parse_payload,
     parse_section,
+    run_command,
     start_time,
 )
 
@@ -131,8 +134,10 @@ class RsyslogConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Forwarding:
-    target: str | None
-    protocol: str = "relp"
+    """The ``rsyslog.configure`` payload, kept as ``forwarding.json``; no target: no forwarding."""
+
+    target: str | None = None
+    protocol: Literal["relp", "tcp"] = "relp"
     tls: bool = True
     peer: str | None = None
 
@@ -146,12 +151,12 @@ def split_target(target: str) -> tuple[str, int]:
     host, sep, port = target.rpartition(":")
     host = host.strip("[]")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise TaskError(f"target must be HOST:PORT with a port from 1 to 65535, got {target!r}", code="invalid")
+        raise TaskError(f"target must be HOST:PORT with a port from 1 to 65535, got {target!r}", code="bad-request")
     try:
         ipaddress.ip_address(host)
     except ValueError:
         if not HOST_RE.match(host):
-            raise TaskError(f"target host {host!r} is not a valid host name or address", code="invalid") from None
+            raise TaskError(f"target host {host!r} is not a valid host name or address", code="bad-request") from None
     return host, int(port)
 
 
@@ -181,9 +186,7 @@ class RsyslogPlugin:
         self.context = context
         if not self._installed():
             return
-        saved = context.state_dir / "forwarding.json"
-        if saved.exists():
-            self.forwarding = Forwarding(**json.loads(saved.read_text()))
+        self.forwarding = await asyncio.to_thread(_load_forwarding, self._forwarding_file())
         if self.forwarding is not None or self.config.collector is not None:
             try:
                 await self._apply()
@@ -223,19 +226,7 @@ class RsyslogPlugin:
             raise TaskError(f"the rsyslog plugin does not handle {kind!r}", code="unknown-kind")
         if not self._installed():
             raise TaskError(f"rsyslog is not installed here ({self.config.rsyslogd} is missing)", code="unavailable")
-        unknown = sorted(set(payload) - {"target", "protocol", "tls", "peer"})
-        if unknown:
-            raise TaskError(f"payload.{unknown[0]}: unknown field (allowed: target, protocol, tls, peer)", code="invalid")
-        for name, types, what in (("target", (str, type(None)), "HOST:PORT or null"), ("protocol", (str,), "relp or tcp"),
-                                  ("tls", (bool,), "true or false"), ("peer", (str, type(None)), "a name or null")):
-            if name in payload and not isinstance(payload[name], types):
-                raise TaskError(f"payload.{name}: expected {what}, got {payload[name]!r}", code="invalid")
-        wanted = Forwarding(
-            target=payload.get("target"), protocol=payload.get("protocol", "relp"),
-            tls=payload.get("tls", True), peer=payload.get("peer"),
-        )
-        if wanted.protocol not in ("relp", "tcp"):
-            raise TaskError(f"protocol must be relp or tcp, got {wanted.protocol!r}", code="invalid")
+        wanted = parse_payload(Forwarding, payload)
         if wanted.target is not None:
             host, port = split_target(wanted.target)
             try:
@@ -243,17 +234,14 @@ class RsyslogPlugin:
             except socket.gaierror as exc:
                 raise TaskError(f"target host {host!r} does not resolve here: {exc.strerror}", code="unresolvable") from None
             if wanted.peer is not None and not HOST_RE.match(wanted.peer):
-                raise TaskError(f"peer {wanted.peer!r} is not a certificate name", code="invalid")
+                raise TaskError(f"peer {wanted.peer!r} is not a certificate name", code="bad-request")
         previous, self.forwarding = self.forwarding, wanted
         try:
             changed = await self._apply()
         except TaskError:
             self.forwarding = previous
             raise
-        assert self.context is not None
-        await asyncio.to_thread(
-            (self.context.state_dir / "forwarding.json").write_text, json.dumps(dataclasses.asdict(wanted))
-        )
+        await asyncio.to_thread(atomic_write, self._forwarding_file(), json.dumps(dataclasses.asdict(wanted)))
         return {"target": wanted.target, "changed": changed}
 
     # -- rendering ------------------------------------------------------------------------
@@ -350,6 +338,10 @@ class RsyslogPlugin:
         assert self.context is not None
         return self.context.state_dir / "impstats.json"
 
+    def _forwarding_file(self) -> Path:
+        assert self.context is not None
+        return self.context.state_dir / "forwarding.json"
+
     # -- applying ---------------------------------------------------------------------------
 
     async def _apply(self) -> bool:
@@ -363,7 +355,8 @@ class RsyslogPlugin:
             if self.config.collector is not None:
                 await asyncio.to_thread(self.config.collector.directory.mkdir, parents=True, exist_ok=True)
             await self._check(text)
-            await asyncio.to_thread(_replace, live, text)
+            # 0644, as every other file in rsyslog.d (not atomic_write's default 0600).
+            await asyncio.to_thread(atomic_write, live, text, 0o644)
             await self._restart()
             log.info("rsyslog: %s installed and rsyslog restarted", live)
             return True
@@ -373,18 +366,15 @@ class RsyslogPlugin:
         tmp = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="kumo-rsyslog-"))
         try:
             conf = await asyncio.to_thread(self._stage, tmp, text)
-            proc = await asyncio.create_subprocess_exec(
-                str(self.config.rsyslogd), "-N1", "-f", str(conf),
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-            )
-            output, _ = await proc.communicate()
+            result = await run_command(str(self.config.rsyslogd), "-N1", "-f", str(conf))
         finally:
             await asyncio.to_thread(shutil.rmtree, tmp, True)
-        if proc.returncode != 0:
+        if result.returncode != 0:
+            output = result.stdout + result.stderr
             complaint = " / ".join(
-                line.strip() for line in output.decode(errors="replace").splitlines()
+                line.strip() for line in output.splitlines()
                 if "error" in line.lower() or "could not" in line.lower()
-            ) or output.decode(errors="replace").strip()[-500:]
+            ) or result.error
             raise TaskError(f"rsyslog rejected the new configuration (the previous one stays): {complaint}", code="rsyslog-config")
 
     def _stage(self, tmp: Path, text: str) -> Path:
@@ -419,14 +409,14 @@ class RsyslogPlugin:
         else:
             await self._stop_daemon()
             command = [str(c.rsyslogd), "-f", str(c.main_config), "-i", str(c.pid_file)]
-        proc = await asyncio.create_subprocess_exec(
-            *command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        )
-        output, _ = await proc.communicate()
-        if proc.returncode != 0:
+        try:
+            result = await run_command(*command)
+        except FileNotFoundError:
+            raise TaskError(f"the snippet is installed but {command[0]} is missing to restart rsyslog",
+                            code="rsyslog-restart") from None
+        if result.returncode != 0:
             raise TaskError(
-                f"the snippet is installed but restarting rsyslog failed ({' '.join(command)}): "
-                f"{output.decode(errors='replace').strip()[-500:]}",
+                f"the snippet is installed but restarting rsyslog failed ({' '.join(command)}): {result.error}",
                 code="rsyslog-restart",
             )
 
@@ -480,13 +470,11 @@ class RsyslogPlugin:
         return [size, enqueued, discarded, failed, resumed]
 
 
-def _replace(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _load_forwarding(path: Path) -> Forwarding | None:
+    try:
+        return Forwarding(**json.loads(path.read_text()))
+    except FileNotFoundError:
+        return None
 
 
 def _read_stats(path: Path) -> dict[str, dict[str, int]]:

@@ -107,6 +107,14 @@ async def test_invalid_seed_writes_nothing(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+async def test_a_node_without_an_iso_tool_cannot_build_the_seed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(TaskError, match="install genisoimage") as err:
+        await CloudInitPlugin().kumo_instance_seed(instance={"name": "a"}, medium="iso", workdir=tmp_path)
+    assert err.value.code == "seed-build"
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.integration
 async def test_iso_seed_is_a_cidata_volume(tmp_path: Path) -> None:
     require(shutil.which("genisoimage") is not None, "genisoimage (scripts/deps/10-libvirt.sh)")

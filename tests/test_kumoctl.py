@@ -22,6 +22,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from controller import kumoctl
+from controller.kumoctl import arguments, output
+from controller.kumoctl.config import CONFIG_ENV
 from tests.harness import free_port
 
 
@@ -31,7 +33,7 @@ def run_kumoctl(
     """The installed ``kumoctl`` console script of the interpreter running the tests."""
     script = Path(sys.executable).with_name("kumoctl")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "controller.kumoctl"]
-    environment = {k: v for k, v in os.environ.items() if k != kumoctl.CONFIG_ENV}
+    environment = {k: v for k, v in os.environ.items() if k != CONFIG_ENV}
     environment.update(env or {})
     if config is not None:
         command += ["--config", str(config)]
@@ -66,31 +68,31 @@ def assert_clean_failure(result: subprocess.CompletedProcess[str], *phrases: str
     ],
 )
 def test_durations(text, seconds):
-    assert kumoctl.parse_duration(text) == seconds
+    assert arguments.parse_duration(text) == seconds
 
 
 @pytest.mark.parametrize("text", ["", "abc", "10x", "m", "0", "0m", "-5", "1.5h"])
 def test_bad_durations_are_rejected(text):
     with pytest.raises(argparse.ArgumentTypeError):
-        kumoctl.parse_duration(text)
+        arguments.parse_duration(text)
 
 
 def test_options_are_json_when_they_parse_else_strings():
-    assert kumoctl.option_pair("disk_gib=10") == ("disk_gib", 10)
-    assert kumoctl.option_pair("nested=true") == ("nested", True)
-    assert kumoctl.option_pair("cpu_model=host-passthrough") == ("cpu_model", "host-passthrough")
-    assert kumoctl.option_pair("cmdline=a=b") == ("cmdline", "a=b")
+    assert arguments.option_pair("disk_gib=10") == ("disk_gib", 10)
+    assert arguments.option_pair("nested=true") == ("nested", True)
+    assert arguments.option_pair("cpu_model=host-passthrough") == ("cpu_model", "host-passthrough")
+    assert arguments.option_pair("cmdline=a=b") == ("cmdline", "a=b")
     with pytest.raises(argparse.ArgumentTypeError):
-        kumoctl.option_pair("novalue")
+        arguments.option_pair("novalue")
 
 
 def test_ago():
     now = dt.datetime(2026, 1, 1, 12, 0, 0, tzinfo=dt.UTC)
-    assert kumoctl.ago("2026-01-01T11:59:55Z", now) == "5s ago"
-    assert kumoctl.ago("2026-01-01T11:58:00+00:00", now) == "2m ago"
-    assert kumoctl.ago("2026-01-01T09:00:00", now) == "3h ago"
-    assert kumoctl.ago(None, now) == "never"
-    assert kumoctl.ago("yesterday", now) == "yesterday"
+    assert output.ago("2026-01-01T11:59:55Z", now) == "5s ago"
+    assert output.ago("2026-01-01T11:58:00+00:00", now) == "2m ago"
+    assert output.ago("2026-01-01T09:00:00", now) == "3h ago"
+    assert output.ago(None, now) == "never"
+    assert output.ago("yesterday", now) == "yesterday"
 
 
 def test_every_command_and_subcommand_has_help(capsys):
@@ -98,7 +100,10 @@ def test_every_command_and_subcommand_has_help(capsys):
         "token": ["create"],
         "nodes": ["list", "show", "drain", "undrain", "remove"],
         "tasks": ["list", "show"],
-        "instances": ["create", "list", "show", "start", "stop", "delete", "console"],
+        "instances": ["create", "list", "show", "start", "stop", "delete", "checkpoint", "restore", "migrate", "console"],
+        "logging": ["set", "unset", "show"],
+        "alerts": ["list"],
+        "certificate": ["create"],
     }
     for group, leaves in commands.items():
         for argv in ([group, "--help"], *([group, leaf, "--help"] for leaf in leaves)):
@@ -139,7 +144,7 @@ def test_no_config_anywhere(tmp_path):
         env={
             "HOME": str(tmp_path),
             "PATH": os.environ["PATH"],
-            "PYTHONPATH": str(Path(kumoctl.__file__).parents[1]),
+            "PYTHONPATH": str(Path(kumoctl.__file__).parents[2]),
         },
         check=False,
     )
@@ -249,11 +254,7 @@ class StandIn:
         polls = self.polls[task_id] = self.polls.get(task_id, -1) + 1
         name, verb = task_id.split(":")
         state = "pending" if polls < 2 else "failed" if name.startswith("fail") else "succeeded"
-        result = (
-            {"log": f"console of {name}\nline two"}
-            if verb == "console" and state == "succeeded"
-            else {}
-        )
+        result = self.result(name, verb) if state == "succeeded" else {}
         error = "image checksum mismatch: expected abc, got def" if state == "failed" else None
         return {
             "id": task_id,
@@ -264,6 +265,21 @@ class StandIn:
             "error": error,
             "code": "image-checksum" if error else None,
         }
+
+    @staticmethod
+    def result(name: str, verb: str) -> dict:
+        """What every kind's node answers: "box*" instances are containers with a liblxc log,
+        "stubborn*" ones had to be forced to stop."""
+        kind = "lxc" if name.startswith("box") else "process"
+        if verb == "delete":
+            return {"name": name, "kind": kind, "state": "deleted"}
+        if verb == "console":
+            logs = {"lxc": f"lxc log of {name}\n", "empty": ""} if kind == "lxc" else {}
+            return {"name": name, "kind": kind, "log": f"console of {name}\nline two", "logs": logs}
+        result = {"name": name, "kind": kind, "state": "stopped" if verb == "stop" else "running", "details": {}}
+        if verb == "stop":
+            result["forced"] = name.startswith("stubborn")
+        return result
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.json() if request.can_read_body else None
@@ -435,6 +451,20 @@ def test_console_prints_the_log_from_the_task_result(stand_in, tmp_path):
     result = run_kumoctl("instances", "console", "web", config=stand_in.config(tmp_path))
     assert result.returncode == 0, result.stderr
     assert result.stdout == "console of web\nline two\n"
+
+
+def test_console_prints_the_other_logs_after_the_console(stand_in, tmp_path):
+    result = run_kumoctl("instances", "console", "box", config=stand_in.config(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "console of box\nline two\n\n==> lxc log <==\nlxc log of box\n"
+
+
+def test_a_forced_stop_says_so(stand_in, tmp_path):
+    result = run_kumoctl("instances", "stop", "stubborn", config=stand_in.config(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "instance stubborn stopped (forced: it did not stop gracefully in time)\n"
+    result = run_kumoctl("instances", "stop", "web", config=stand_in.config(tmp_path))
+    assert result.stdout == "instance web stopped\n"
 
 
 def test_instances_list_table_and_json(stand_in, tmp_path):

@@ -25,19 +25,25 @@ from agent.sdk import (
     ProbeResult,
     TaskError,
 )
-from plugins.monitoring import MonitoringPlugin, nagios_result
+from plugins.monitoring import MonitoringPlugin
+from plugins.monitoring.alerts import AlertFiles
+from plugins.monitoring.probes import nagios_result
 from tests.harness import require
 
 
 class FakeHooks:
-    """Other plugins' ``kumo_probes``, as ``Hooks.call_each`` answers: by plugin name."""
+    """Other plugins' ``kumo_probes``, as ``context.hooks.probes()`` answers: with their plugin's name."""
 
     def __init__(self, probes: dict[str, list[Probe]] | None = None):
         self._probes = probes or {}
 
-    async def call_each(self, hook: str, **kwargs: Any) -> tuple[dict[str, Any], list[Any]]:
-        assert hook == "kumo_probes"
-        return dict(self._probes), []
+    async def probes(self) -> list[tuple[str, Probe]]:
+        return [(plugin, probe) for plugin, probes in sorted(self._probes.items()) for probe in probes]
+
+
+def context(state: Path, controller: Any, probes: dict[str, list[Probe]] | None = None) -> PluginContext:
+    return PluginContext(name="monitoring", state_dir=state, agent_state_dir=state.parent, identity=None,
+                         hooks=FakeHooks(probes), report_changed=lambda: None, call_controller=controller)
 
 
 class FakeController:
@@ -68,8 +74,7 @@ async def started(state: Path, section: dict[str, Any], controller: Any = None,
     plugin = MonitoringPlugin()
     plugin.kumo_configure(section=section, source="agent.yaml: plugins.monitoring")
     state.mkdir(exist_ok=True)
-    context = PluginContext("monitoring", state, None, FakeHooks(probes), lambda: None, controller or FakeController())
-    await plugin.kumo_startup(context=context)
+    await plugin.kumo_startup(context=context(state, controller or FakeController(), probes))
     return plugin
 
 
@@ -150,12 +155,12 @@ async def test_a_hung_check_never_delays_the_others(tmp_path: Path) -> None:
     ]}
     plugin = await started(tmp_path / "state", section)
     try:
-        await until(lambda: plugin.timeouts.get("hung", 0) >= 1)
-        runs_before = plugin.samples[("quick", "")].at
+        await until(lambda: plugin.scheduler.timeouts.get("hung", 0) >= 1)
+        runs_before = plugin.scheduler.samples[("quick", "")].at
         await asyncio.sleep(0.6)
-        assert plugin.samples[("quick", "")].at > runs_before
-        assert plugin.samples[("hung", "")].status == "unknown"
-        assert "timed out after 0.5 s" in plugin.samples[("hung", "")].message
+        assert plugin.scheduler.samples[("quick", "")].at > runs_before
+        assert plugin.scheduler.samples[("hung", "")].status == "unknown"
+        assert "timed out after 0.5 s" in plugin.scheduler.samples[("hung", "")].message
         shell, child = map(int, marker.read_text().split())
         await until(lambda: gone(shell) and gone(child))
     finally:
@@ -176,7 +181,7 @@ async def test_shutdown_ends_even_a_probe_that_swallows_its_cancellation(tmp_pat
     plugin = await started(tmp_path / "state", {"default_probes": False}, probes={"bad": [Probe("stubborn", stubborn, timeout=60)]})
     await until(lambda: started_runs)
     await asyncio.wait_for(plugin.kumo_shutdown(), 30)
-    assert all(task.done() for task in plugin._tasks.values())  # noqa: SLF001
+    assert all(task.done() for task in plugin.scheduler.tasks.values())
 
 
 async def test_a_probe_stuck_in_the_kernel_holds_one_thread_and_nothing_else(tmp_path: Path, monkeypatch: Any) -> None:
@@ -203,16 +208,16 @@ async def test_a_probe_stuck_in_the_kernel_holds_one_thread_and_nothing_else(tmp
     controller = FakeController()
     plugin = await started(tmp_path / "state", section, controller)
     try:
-        await until(lambda: plugin.timeouts.get("nfs", 0) >= 4)
+        await until(lambda: plugin.scheduler.timeouts.get("nfs", 0) >= 4)
         assert calls == ["/mnt/dead-nfs"], "one blocked thread, not one per interval"
-        assert plugin.samples[("nfs", "")].status == "unknown"
-        assert "still blocked" in plugin.samples[("nfs", "")].message
-        root_before = plugin.samples[("root", "/")].at
-        await until(lambda: plugin.samples[("root", "/")].at > root_before)
+        assert plugin.scheduler.samples[("nfs", "")].status == "unknown"
+        assert "still blocked" in plugin.scheduler.samples[("nfs", "")].message
+        root_before = plugin.scheduler.samples[("root", "/")].at
+        await until(lambda: plugin.scheduler.samples[("root", "/")].at > root_before)
         release.set()  # the server comes back: the probe reads again
-        await until(lambda: ("nfs", "/mnt/dead-nfs") in plugin.samples)
-        assert plugin.samples[("nfs", "/mnt/dead-nfs")].status == "ok"
-        assert ("nfs", "") not in plugin.samples, "the placeholder of the failed runs is gone"
+        await until(lambda: ("nfs", "/mnt/dead-nfs") in plugin.scheduler.samples)
+        assert plugin.scheduler.samples[("nfs", "/mnt/dead-nfs")].status == "ok"
+        assert ("nfs", "") not in plugin.scheduler.samples, "the placeholder of the failed runs is gone"
         await until(lambda: len(controller.received) == 2)
         assert [a["state"] for a in controller.received] == ["firing", "resolved"]
         assert "no longer reported" in controller.received[1]["annotations"]["summary"]
@@ -232,9 +237,9 @@ async def test_alerts_fire_and_resolve_offline_and_arrive_once_after_a_restart(t
     controller = FakeController()
     controller.down = True
     plugin = await started(tmp_path / "state", section, controller)
-    await until(lambda: len(plugin.outbox) == 1)
+    await until(lambda: len(plugin.alerts.outbox) == 1)
     flag.unlink()
-    await until(lambda: len(plugin.outbox) == 2)
+    await until(lambda: len(plugin.alerts.outbox) == 2)
     await plugin.kumo_shutdown()
     outbox = [json.loads(line) for line in (tmp_path / "state" / "outbox.jsonl").read_text().splitlines()]
     assert [a["state"] for a in outbox] == ["firing", "resolved"]
@@ -242,7 +247,7 @@ async def test_alerts_fire_and_resolve_offline_and_arrive_once_after_a_restart(t
     controller.down = False
     plugin = await started(tmp_path / "state", section, controller)
     try:
-        await until(lambda: len(controller.received) == 2 and not plugin.outbox)
+        await until(lambda: len(controller.received) == 2 and not plugin.alerts.outbox)
         firing, resolved = controller.received
         assert (firing["state"], resolved["state"]) == ("firing", "resolved")
         assert firing["labels"] == {"team": "ops", "probe": "svc"} and firing["annotations"]["summary"].endswith("SVC CRITICAL")
@@ -254,7 +259,7 @@ async def test_alerts_fire_and_resolve_offline_and_arrive_once_after_a_restart(t
         await plugin.kumo_shutdown()
 
 
-async def test_a_flapping_probe_and_a_flapping_controller_lose_nothing_across_a_restart(tmp_path: Path) -> None:
+async def test_a_flapping_probe_and_a_flapping_controller_lose_nothing_across_a_restart(tmp_path: Path, monkeypatch: Any) -> None:
     runs, settled = [0], [False]
 
     def flapping() -> ProbeResult:
@@ -266,20 +271,19 @@ async def test_a_flapping_probe_and_a_flapping_controller_lose_nothing_across_a_
     probes = {"svc": [Probe("flap", flapping, interval=0.02)]}
     controller = FakeController()
     committed: list[dict[str, Any]] = []
+    record = AlertFiles.record
+
+    def recording(files: AlertFiles, alert: dict[str, Any], firing: dict[str, Any]) -> None:
+        record(files, alert, firing)
+        committed.append(alert)  # every transition that reaches the disk
+
+    monkeypatch.setattr(AlertFiles, "record", recording)
 
     async def start() -> MonitoringPlugin:
         plugin = MonitoringPlugin()
-        record = plugin._record  # noqa: SLF001 - observe every transition that reaches the disk
-
-        def recording(alert: dict[str, Any], firing: dict[str, Any]) -> None:
-            record(alert, firing)
-            committed.append(alert)
-
-        plugin._record = recording  # type: ignore[method-assign]  # noqa: SLF001
         plugin.kumo_configure(section=section, source="agent.yaml: plugins.monitoring")
         (tmp_path / "state").mkdir(exist_ok=True)
-        await plugin.kumo_startup(context=PluginContext("monitoring", tmp_path / "state", None, FakeHooks(probes),
-                                                        lambda: None, controller))
+        await plugin.kumo_startup(context=context(tmp_path / "state", controller, probes))
         return plugin
 
     async def flap_controller() -> None:
@@ -298,7 +302,7 @@ async def test_a_flapping_probe_and_a_flapping_controller_lose_nothing_across_a_
     controller.down, controller.lose_answers = False, 0
     settled[0] = True  # the probe stays ok from now on: the last alert resolves
     try:
-        await until(lambda: not plugin.firing and not plugin.outbox)
+        await until(lambda: not plugin.alerts.firing and not plugin.alerts.outbox)
     finally:
         await plugin.kumo_shutdown()
 
@@ -375,7 +379,7 @@ async def test_contributed_probes_are_named_after_their_plugin(tmp_path: Path) -
     controller = FakeController()
     plugin = await started(tmp_path / "state", section, controller, probes=contributed)
     try:
-        await until(lambda: ("kvm.libvirtd", "") in plugin.samples and ("memory", "") in plugin.samples)
+        await until(lambda: ("kvm.libvirtd", "") in plugin.scheduler.samples and ("memory", "") in plugin.scheduler.samples)
         await until(lambda: len(controller.received) == 1)
         assert controller.received[0]["rule"] == "thing-broken"
         text = metric_lines(plugin)
@@ -394,8 +398,8 @@ async def test_metrics_follow_prometheus_conventions(tmp_path: Path) -> None:
                           {"name": "network", "type": "network", "interval": 0.2}, {"name": "cpu", "type": "cpu", "interval": 0.2}]}
     plugin = await started(tmp_path / "state", section)
     try:
-        await until(lambda: {("check", ""), ("network", "lo"), ("cpu", "")} <= set(plugin.samples))
-        assert 0 <= plugin.samples[("cpu", "")].value <= 1
+        await until(lambda: {("check", ""), ("network", "lo"), ("cpu", "")} <= set(plugin.scheduler.samples))
+        assert 0 <= plugin.scheduler.samples[("cpu", "")].value <= 1
         text = metric_lines(plugin)
     finally:
         await plugin.kumo_shutdown()
@@ -414,9 +418,9 @@ async def test_an_answer_lost_on_the_way_back_is_resent_with_the_same_id(tmp_pat
     controller.lose_answers = 2
     plugin = await started(tmp_path / "state", section, controller)
     try:
-        await until(lambda: controller.received and not plugin.outbox, timeout=30)
+        await until(lambda: controller.received and not plugin.alerts.outbox, timeout=30)
         assert len(controller.received) == 3 and len({a["id"] for a in controller.received}) == 1
-        assert plugin.sent_total == 1
+        assert plugin.alerts.sent_total == 1
     finally:
         await plugin.kumo_shutdown()
 
@@ -436,7 +440,7 @@ async def test_removing_a_rule_resolves_its_firing_alert(tmp_path: Path) -> None
         assert resolved["state"] == "resolved" and resolved["id"] != firing["id"]
         assert resolved["starts_at"] == firing["starts_at"] and resolved["labels"] == firing["labels"]
         assert "the rule was removed" in resolved["annotations"]["summary"]
-        assert not plugin.firing
+        assert not plugin.alerts.firing
     finally:
         await plugin.kumo_shutdown()
 
@@ -493,16 +497,16 @@ async def test_tcp_http_process_and_disk_probes_against_real_endpoints(tmp_path:
     plugin = await started(tmp_path / "state", section)
     try:
         names = ("open", "closed", "web", "web-broken", "me", "root", "nagios", "web-tls", "web-tls-untrusted", "long", "truncated")
-        await until(lambda: {p for p, _ in plugin.samples} >= set(names))
-        status = {p: s.status for (p, _), s in plugin.samples.items()}
+        await until(lambda: {p for p, _ in plugin.scheduler.samples} >= set(names))
+        status = {p: s.status for (p, _), s in plugin.scheduler.samples.items()}
         assert status == {"open": "ok", "closed": "critical", "web": "ok", "web-broken": "critical", "me": "ok", "root": "ok",
                           "nagios": "warning", "web-tls": "ok", "web-tls-untrusted": "critical", "long": "ok", "truncated": "critical"}
-        assert plugin.samples[("long", "")].value == 1.0
-        assert "certificate verify failed" in plugin.samples[("web-tls-untrusted", https)].message
-        nagios = plugin.samples[("nagios", "")]
+        assert plugin.scheduler.samples[("long", "")].value == 1.0
+        assert "certificate verify failed" in plugin.scheduler.samples[("web-tls-untrusted", https)].message
+        nagios = plugin.scheduler.samples[("nagios", "")]
         assert (nagios.value, nagios.message) == (3.2, "LOAD WARNING - load average 3.20")
-        assert 0 < plugin.samples[("root", "/")].value < 1
-        assert "HTTP 503, expected 200" in plugin.samples[("web-broken", f"http://127.0.0.1:{http_port}/broken")].message
+        assert 0 < plugin.scheduler.samples[("root", "/")].value < 1
+        assert "HTTP 503, expected 200" in plugin.scheduler.samples[("web-broken", f"http://127.0.0.1:{http_port}/broken")].message
     finally:
         await plugin.kumo_shutdown()
         await runner.cleanup()

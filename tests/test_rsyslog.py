@@ -186,10 +186,10 @@ async def test_bad_targets_are_refused_before_anything_changes(rsyslog_bed: Rsys
         ({"target": "nosuch.invalid:2514"}, "does not resolve"),
         ({"target": "127.0.0.1:70000"}, "port from 1 to 65535"),
         ({"target": 'bad"host:514'}, "not a valid host name"),
-        ({"target": "127.0.0.1:514", "protocol": "udp"}, "relp or tcp"),
-        ({"target": "127.0.0.1:514", "colour": "red"}, "payload.colour: unknown field"),
+        ({"target": "127.0.0.1:514", "protocol": "udp"}, "payload.protocol: expected one of 'relp', 'tcp'"),
+        ({"target": "127.0.0.1:514", "colour": "red"}, "payload.colour: unknown key"),
         ({"target": "127.0.0.1:514", "tls": "no"}, "payload.tls: expected true or false"),
-        ({"target": 514}, "payload.target: expected HOST:PORT or null"),
+        ({"target": 514}, "payload.target: expected a string or null"),
     ):
         with pytest.raises(TaskError, match=message):
             await plugin.kumo_handle_task(kind="rsyslog.configure", payload=payload, task_id="t")

@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from agent.sdk import Backoff
 from controller.api import ApiError, Route, field, json_body, reject_unknown, reply, state
 
 log = logging.getLogger("kumo.controller.alerts")
@@ -22,6 +23,7 @@ log = logging.getLogger("kumo.controller.alerts")
 ALERT_FIELDS = {"id", "rule", "state", "severity", "labels", "annotations", "value", "starts_at", "ends_at"}
 STATES = ("firing", "resolved")
 FORWARD_BATCH = 200
+RETRY_FIRST = 1.0
 RETRY_MAX = 60.0
 
 
@@ -102,7 +104,7 @@ async def forward_loop(ctl: Any) -> None:
     if not url:
         return
     endpoint = url.rstrip("/") + "/api/v2/alerts"
-    delay = 1.0
+    backoff = Backoff(RETRY_FIRST, RETRY_MAX)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as session:
         while True:
             rows = await ctl.store.unforwarded_alerts(FORWARD_BATCH)
@@ -115,11 +117,11 @@ async def forward_loop(ctl: Any) -> None:
                     if response.status >= 300:
                         raise RuntimeError(f"{endpoint} answered {response.status}")
             except (TimeoutError, aiohttp.ClientError, RuntimeError) as exc:
+                delay = backoff.next()
                 log.warning("forwarding %d alert(s) failed (%s); retrying in %.0f s", len(rows), exc or type(exc).__name__, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX)
                 continue
-            delay = 1.0
+            backoff.reset()
             await ctl.store.mark_forwarded([(row["node"], row["id"]) for row in rows])
 
 

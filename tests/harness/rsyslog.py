@@ -135,7 +135,10 @@ class RsyslogBed:
         plugin.kumo_configure(section=section, source="agent.yaml: plugins.rsyslog")
         state = daemon.dir / "plugin-state"
         state.mkdir(exist_ok=True)
-        await plugin.kumo_startup(context=PluginContext("rsyslog", state, identity, None, lambda: None, no_controller))
+        await plugin.kumo_startup(context=PluginContext(
+            name="rsyslog", state_dir=state, agent_state_dir=daemon.dir, identity=identity, hooks=None,
+            report_changed=lambda: None, call_controller=no_controller,
+        ))
         self.plugins.append(plugin)
         return plugin
 

@@ -1,0 +1,129 @@
+"""The admin's HTTPS client: JSON over one keep-alive connection, with the admin certificate.
+
+http.client and ssl are imported when a client is made, so ``--help`` and usage errors
+never load the TLS modules.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import urlsplit
+
+from .config import Config
+from .errors import ApiError, CommandError
+
+REQUEST_TIMEOUT = 30.0
+
+
+class Client:
+    """JSON over one keep-alive HTTPS connection, authenticated with the admin certificate."""
+
+    def __init__(self, config: Config):
+        import http.client
+        import ssl
+
+        self._http = http.client
+        self._ssl = ssl
+        self.config = config
+        url = urlsplit(config.controller)
+        self.host = url.hostname or ""
+        self.port = url.port or 443
+        try:
+            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(config.ca))
+        except (OSError, ssl.SSLError) as exc:
+            raise CommandError(
+                f"{config.source}: ca: cannot load {config.ca}: {_os_reason(exc)}"
+            ) from None
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_cert_chain(str(config.cert), str(config.key))
+        except (OSError, ssl.SSLError) as exc:
+            raise CommandError(
+                f"{config.source}: cannot load the client certificate {config.cert} "
+                f"with key {config.key}: {_os_reason(exc)}"
+            ) from None
+        self._context = context
+        self._conn: Any = None
+        self._used = False
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        """Send one request; return the decoded JSON answer or raise CommandError/ApiError."""
+        payload = None if body is None else json.dumps(body).encode()
+        headers = {"Accept": "application/json"}
+        if payload is not None:
+            headers["Content-Type"] = "application/json"
+        while True:
+            conn, reused = self._connection()
+            try:
+                conn.request(method, path, body=payload, headers=headers)
+                response = conn.getresponse()
+                raw = response.read()
+                break
+            except (self._http.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
+                self.close()
+                # A keep-alive connection the server closed while idle: retry on a fresh
+                # one. A reset on a fresh connection is the server refusing our certificate.
+                if not reused:
+                    raise CommandError(self._network_message(exc)) from None
+            except (OSError, self._http.HTTPException) as exc:
+                self.close()
+                raise CommandError(self._network_message(exc)) from None
+        self._used = True
+        try:
+            data = json.loads(raw) if raw else None
+        except ValueError:
+            snippet = raw[:200].decode(errors="replace").strip()
+            raise CommandError(
+                f"the controller answered {method} {path} with HTTP {response.status} and a "
+                f"body that is not JSON: {snippet!r}"
+            ) from None
+        if response.status >= 400:
+            message = data.get("error") if isinstance(data, dict) else None
+            raise ApiError(
+                response.status, message or f"{method} {path} failed with {response.reason}"
+            )
+        return data
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _connection(self) -> tuple[Any, bool]:
+        """The connection, and whether it already carried a request (it may have gone stale)."""
+        if self._conn is None:
+            self._conn = self._http.HTTPSConnection(
+                self.host, self.port, context=self._context, timeout=REQUEST_TIMEOUT
+            )
+            self._used = False
+        return self._conn, self._used
+
+    def _network_message(self, exc: BaseException) -> str:
+        ssl = self._ssl
+        where = f"the controller at {self.config.controller}"
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return (
+                f"{where} presented a certificate that does not verify against {self.config.ca}: "
+                f"{exc.verify_message}; check 'ca' in {self.config.source}"
+            )
+        if isinstance(exc, ssl.SSLError | ConnectionResetError | BrokenPipeError):
+            return (
+                f"{where} refused the TLS session ({_os_reason(exc)}): is {self.config.cert} "
+                f"an admin certificate issued by this controller's CA?"
+            )
+        if isinstance(exc, ConnectionRefusedError):
+            return f"cannot connect to {where}: connection refused; is kumo-controller running?"
+        if isinstance(exc, TimeoutError):
+            return f"{where} did not answer within {REQUEST_TIMEOUT:g} s"
+        if isinstance(exc, OSError) and exc.__class__.__name__ == "gaierror":
+            return f"cannot resolve the controller's host name {self.host!r}: {_os_reason(exc)}"
+        return f"cannot talk to {where}: {_os_reason(exc)}"
+
+
+def _os_reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror and not exc.__class__.__name__.startswith("SSL"):
+        return exc.strerror
+    reason = getattr(exc, "reason", None)
+    return str(reason or exc) or exc.__class__.__name__
+

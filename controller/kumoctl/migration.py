@@ -1,0 +1,114 @@
+"""``kumoctl instances checkpoint|restore|migrate``: CRIU checkpoints of processes and
+containers, on one node or moved to another."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from urllib.parse import quote
+
+from .arguments import OUTPUT, WAITING, Group
+from .client import Client
+from .errors import EXIT_ERROR, CommandError
+from .output import mib, print_json
+from .waiting import migration_failure, wait_for_migration, wait_for_task
+
+
+def cmd_instances_checkpoint(client: Client, args: argparse.Namespace) -> int:
+    answer = client.call(
+        "POST",
+        f"/v1/instances/{quote(args.name, safe='')}/checkpoint",
+        {"leave_running": args.leave_running},
+    )
+    task = answer["task"]
+    if args.no_wait:
+        print(f"instance {args.name}: checkpoint task {task['id']} is {task['state']}")
+        return 0
+    task = wait_for_task(client, task, f"checkpointing {args.name}", args.timeout)
+    result = task.get("result") or {}
+    if args.output == "json":
+        print_json(task)
+        return 0
+    after = "it keeps running" if args.leave_running else "it is stopped until restored"
+    print(
+        f"instance {args.name} checkpointed on node {task['node']} to {result.get('image')} "
+        f"({mib(result.get('size_bytes'))} MiB); {after}"
+    )
+    return 0
+
+
+def cmd_instances_restore(client: Client, args: argparse.Namespace) -> int:
+    body = {"image": args.image} if args.image else {}
+    answer = client.call("POST", f"/v1/instances/{quote(args.name, safe='')}/restore", body)
+    task = answer["task"]
+    if args.no_wait:
+        print(f"instance {args.name}: restore task {task['id']} is {task['state']}")
+        return 0
+    task = wait_for_task(client, task, f"restoring {args.name}", args.timeout)
+    result = task.get("result") or {}
+    if args.output == "json":
+        print_json(task)
+        return 0
+    print(
+        f"instance {args.name} restored on node {task['node']} from {result.get('image')} "
+        f"(pid {result.get('pid')})"
+    )
+    return 0
+
+
+def cmd_instances_migrate(client: Client, args: argparse.Namespace) -> int:
+    answer = client.call(
+        "POST", f"/v1/instances/{quote(args.name, safe='')}/migrate", {"to": args.to}
+    )
+    migration = answer["migration"]
+    if args.no_wait:
+        print(
+            f"instance {args.name}: migration {migration['id']} to node "
+            f"{migration['destination']} started (GET /v1/migrations/{migration['id']})"
+        )
+        return 0
+    migration = wait_for_migration(client, migration, args.timeout)
+    if args.output == "json":
+        print_json(migration)
+        return 0 if migration["state"] == "succeeded" else EXIT_ERROR
+    if migration["state"] != "succeeded":
+        raise CommandError(f"migrating {args.name} failed: {migration_failure(migration)}")
+    progress = migration.get("progress") or {}
+    print(
+        f"instance {args.name} now runs on node {migration['destination']} (moved from "
+        f"{migration['source']} in {migration.get('seconds') or 0:.1f} s, "
+        f"{mib(progress.get('bytes_received'))} MiB transferred, sha256 checked)"
+    )
+    outcome = migration.get("outcome") or ""
+    if "failed" in outcome:
+        print(f"warning: {outcome}", file=sys.stderr)
+    return 0
+
+
+
+def register(group: Group) -> None:
+    """Add the commands to the ``instances`` group."""
+    sub = group.leaf(
+        "checkpoint",
+        cmd_instances_checkpoint,
+        "checkpoint a process or container with CRIU (stops it unless --leave-running)",
+        [WAITING, OUTPUT],
+    )
+    sub.add_argument("name")
+    sub.add_argument("--leave-running", action="store_true", help="keep it running after the dump")
+    sub = group.leaf(
+        "restore",
+        cmd_instances_restore,
+        "restore a stopped instance from its latest checkpoint",
+        [WAITING, OUTPUT],
+    )
+    sub.add_argument("name")
+    sub.add_argument("--image", metavar="DIR", help="a checkpoint directory on its node instead")
+    sub = group.leaf(
+        "migrate",
+        cmd_instances_migrate,
+        "move a running instance to another node (checkpoint, transfer, restore)",
+        [WAITING, OUTPUT],
+    )
+    sub.add_argument("name")
+    sub.add_argument("--to", metavar="NODE", help="destination node id (default: the scheduler chooses)")

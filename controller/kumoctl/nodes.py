@@ -1,0 +1,155 @@
+"""``kumoctl nodes``: enrolled nodes, their facts and plugins, draining and removal."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import quote
+
+from .arguments import DEFAULT_WAIT, OUTPUT, Group, parse_duration
+from .client import Client
+from .errors import EXIT_ERROR
+from .output import ago, cell, gib, print_fields, print_json, print_table
+from .waiting import migration_failure, wait_for_migration
+
+NAME = "nodes"
+HELP = "enrolled nodes"
+
+
+def _node_kinds(node: Mapping[str, Any]) -> list[str]:
+    kinds: set[str] = set()
+    for fp in (node.get("plugins") or {}).values():
+        if fp.get("available"):
+            kinds.update(fp.get("kinds") or ())
+    return sorted(kinds)
+
+
+def cmd_nodes_list(client: Client, args: argparse.Namespace) -> int:
+    nodes = client.call("GET", "/v1/nodes")["nodes"]
+    if args.output == "json":
+        print_json(nodes)
+        return 0
+    rows = []
+    for node in sorted(nodes, key=lambda n: (n.get("hostname") or "", n["id"])):
+        facts = node.get("facts") or {}
+        state = node.get("state", "?") + (",drained" if node.get("drained") else "")
+        memory = f"{gib(facts.get('memory_available_bytes'))}/{gib(facts.get('memory_bytes'))}"
+        rows.append(
+            [
+                node["id"],
+                node.get("hostname"),
+                state,
+                _node_kinds(node),
+                facts.get("cpus"),
+                memory,
+                len(node.get("instances") or ()),
+                ago(node.get("last_seen")),
+            ]
+        )
+    print_table(
+        ["ID", "HOSTNAME", "STATE", "KINDS", "CPUS", "MEM FREE/GIB", "INSTANCES", "LAST SEEN"],
+        rows,
+        empty="no nodes enrolled yet: kumoctl token create, then kumo-agent join on the node",
+    )
+    return 0
+
+
+def cmd_nodes_show(client: Client, args: argparse.Namespace) -> int:
+    node = client.call("GET", f"/v1/nodes/{quote(args.id, safe='')}")
+    if args.output == "json":
+        print_json(node)
+        return 0
+    print_fields(
+        [
+            ("id", node["id"]),
+            ("hostname", node.get("hostname")),
+            ("state", node.get("state")),
+            ("drained", bool(node.get("drained"))),
+            ("last seen", f"{node.get('last_seen') or '-'} ({ago(node.get('last_seen'))})"),
+            ("kinds", _node_kinds(node)),
+        ]
+    )
+    facts = node.get("facts") or {}
+    if facts:
+        print("\nfacts:")
+        for key in sorted(facts):
+            print(f"  {key}: {cell(facts[key])}")
+    print("\nplugins:")
+    plugins = node.get("plugins") or {}
+    print_table(
+        ["  NAME", "AVAILABLE", "KINDS", "REASON"],
+        [
+            [f"  {n}", p.get("available"), p.get("kinds"), p.get("reason")]
+            for n, p in sorted(plugins.items())
+        ],
+        empty="  none reported",
+    )
+    print("\ninstances:")
+    print_table(
+        ["  NAME", "KIND", "STATE"],
+        [
+            [f"  {i.get('name')}", i.get("kind"), i.get("state")]
+            for i in node.get("instances") or ()
+        ],
+        empty="  none",
+    )
+    return 0
+
+
+def cmd_nodes_drain(client: Client, args: argparse.Namespace) -> int:
+    answer = client.call("POST", f"/v1/nodes/{quote(args.id, safe='')}/drain")
+    evacuation = answer.get("evacuation") or {"moving": [], "staying": []}
+    moved = [wait_for_migration(client, m, args.timeout) for m in evacuation["moving"]]
+    if args.output == "json":
+        print_json({"node": args.id, "moved": moved, "staying": evacuation["staying"]})
+        return EXIT_ERROR if any(m["state"] != "succeeded" for m in moved) else 0
+    print(f"node {args.id} drained: no new instances will be placed on it")
+    failed = 0
+    for migration in moved:
+        if migration["state"] == "succeeded":
+            print(f"moved {migration['instance']} to {migration['destination']}")
+        else:
+            failed += 1
+            print(f"could not move {migration['instance']}: {migration_failure(migration)}")
+    for stay in evacuation["staying"]:
+        print(f"{stay['name']} stays on {args.id}: {stay['reason']}")
+    return EXIT_ERROR if failed else 0
+
+
+def cmd_nodes_undrain(client: Client, args: argparse.Namespace) -> int:
+    client.call("POST", f"/v1/nodes/{quote(args.id, safe='')}/undrain")
+    print(f"node {args.id} accepts new instances again")
+    return 0
+
+
+def cmd_nodes_remove(client: Client, args: argparse.Namespace) -> int:
+    client.call("DELETE", f"/v1/nodes/{quote(args.id, safe='')}")
+    print(
+        f"node {args.id} removed: its certificate is revoked; it must join again with a new token"
+    )
+    return 0
+
+
+def register(group: Group) -> None:
+    group.leaf("list", cmd_nodes_list, "list nodes with their state, kinds and free memory", [OUTPUT])
+    group.leaf(
+        "show", cmd_nodes_show, "show one node's facts, plugins and instances", [OUTPUT]
+    ).add_argument("id", help="node id (n-...)")
+    sub = group.leaf(
+        "drain", cmd_nodes_drain, "place no new instances on a node and migrate off what can move", [OUTPUT]
+    )
+    sub.add_argument("id", help="node id")
+    sub.add_argument(
+        "--timeout",
+        type=parse_duration,
+        default=int(DEFAULT_WAIT),
+        metavar="DURATION",
+        help=f"how long to wait for each migration (default: {DEFAULT_WAIT:g}s)",
+    )
+    group.leaf("undrain", cmd_nodes_undrain, "let a drained node take new instances").add_argument(
+        "id", help="node id"
+    )
+    group.leaf(
+        "remove", cmd_nodes_remove, "remove a node and revoke its certificate at once"
+    ).add_argument("id", help="node id")
