@@ -9,10 +9,11 @@ author reads it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import inspect
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
 from agent.sdk import (
@@ -40,7 +41,7 @@ class Drivers:
 
     def __init__(self, drivers: Mapping[str, Driver]):
         self.by_kind = dict(drivers)
-        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}  # with its holders and waiters
 
     def task_kinds(self) -> dict[str, str]:
         """``<kind>.<operation>`` → owning plugin, for every driver."""
@@ -60,7 +61,7 @@ class Drivers:
             if unknown:
                 raise TaskError(f"payload.{unknown[0]}: unknown key for {task_kind} (allowed: "
                                 f"{', '.join(sorted(allowed))})", code="bad-request")
-        async with self._locks.setdefault((kind, name), asyncio.Lock()):
+        async with self._one_at_a_time((kind, name)):
             if op == "create":
                 await _maybe_await(driver.create(name, payload))
                 return self._shown(driver, name)
@@ -72,10 +73,25 @@ class Drivers:
                 return {**self._shown(driver, name), "forced": bool(forced)}
             if op == "delete":
                 await _maybe_await(driver.delete(name))
-                self._locks.pop((kind, name), None)
                 return {"name": name, "kind": kind, "state": "deleted"}
             output = await _maybe_await(driver.console(name, _console_bytes(payload)))
             return {"name": name, "kind": kind, "log": output.text, "logs": dict(output.logs)}
+
+    @contextlib.asynccontextmanager
+    async def _one_at_a_time(self, key: tuple[str, str]) -> AsyncIterator[None]:
+        # A lock lives as long as an operation holds or awaits it, not until a delete: one
+        # queued behind a delete must still exclude the operations that arrive after it.
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
 
     def _shown(self, driver: InstanceDriver, name: str) -> dict[str, Any]:
         state = next((s for s in driver.list() if s.name == name), None)

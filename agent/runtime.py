@@ -41,6 +41,7 @@ from agent.client import ControllerClient, ControllerRejected
 from agent.facts import node_facts
 from agent.metrics import AgentMetrics, MetricsServer, server_tls_context
 from agent.pluginmanager import Hooks, PluginLoadError
+from agent.reaper import Reaper
 from agent.sdk import (
     Backoff,
     ConfigError,

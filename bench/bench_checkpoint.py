@@ -1,11 +1,11 @@
 """Checkpoint and restore through Kumo vs raw ``criu dump``/``criu restore``, same run, same process.
 
 For each size a Python process touches that much memory; Kumo checkpoints it with the
-checkpoint plugin (pre-flight, dump, sha256 manifest) and restores it (manifest check,
-restore, hand-over to the process plugin); the baseline runs the bare criu command lines an
-operator would type on an identical process. Prints the median of a few rounds and the
-ratios (target: Kumo <= 1.1x raw criu). Also prints, for information, a restore that
-re-hashes the whole image (as for an image copied from another node).
+checkpoint plugin (pre-flight, dump, CRC-32 manifest) and restores it (manifest check,
+restore, taken over by the process kind's checkpointer); the baseline runs the bare criu
+command lines an operator would type on an identical process. Prints the median of a few
+rounds and the ratios (target: Kumo <= 1.1x raw criu). Also prints, for information, a
+restore that re-hashes the whole image (as for an image copied from another node).
 
     .venv/bin/python bench/bench_checkpoint.py [--rounds 5] [--sizes 256,1024]
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -23,14 +24,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.pluginmanager import Hooks, make_plugin_manager  # noqa: E402
-from agent.sdk import ControllerUnavailable, PluginContext  # noqa: E402
-from plugins.checkpoint import CheckpointPlugin  # noqa: E402
-from plugins.process import ProcessPlugin  # noqa: E402
+from tests.harness.criu import CriuNode  # noqa: E402
 
 PY = "/usr/bin/python3"
 TOUCHER = """
@@ -43,41 +40,12 @@ while True:
 TARGET = 1.1
 
 
-async def no_controller(*args: Any, **kwargs: Any) -> Any:
-    raise ControllerUnavailable("benchmark: no controller")
-
-
-class Kumo:
-    def __init__(self, root: Path):
-        self.root = root
-        self.process = ProcessPlugin()
-        self.checkpoint = CheckpointPlugin()
-        self.checkpoint.kumo_configure(section={"keep": 1}, source="bench: plugins.checkpoint")
-        self.hooks = Hooks(make_plugin_manager({"process": self.process, "checkpoint": self.checkpoint}))
-
-    def context(self, name: str) -> PluginContext:
-        state = self.root / name
-        state.mkdir(mode=0o700, exist_ok=True)
-        return PluginContext(name, state, None, self.hooks, lambda: None, no_controller)
-
-    async def start(self) -> None:
-        await self.process.kumo_startup(context=self.context("process"))
-        await self.process.kumo_adopt()
-        await self.checkpoint.kumo_startup(context=self.context("checkpoint"))
-        fp = await self.checkpoint.kumo_fingerprint()
-        if not fp.available:
-            sys.exit(f"bench_checkpoint: {fp.reason}")
-
-    async def task(self, kind: str, payload: dict[str, Any]) -> Any:
-        return await self.hooks.handle_task(self.hooks.task_owners()[kind], kind, payload, f"bench-{kind}")
-
-
 async def wait_ready(log: Path) -> None:
     while not (log.exists() and "ready" in log.read_text()):
         await asyncio.sleep(0.02)
 
 
-async def kumo_round(kumo: Kumo, mib: int, rehash: bool) -> tuple[float, float]:
+async def kumo_round(kumo: CriuNode, mib: int, rehash: bool) -> tuple[float, float]:
     name = f"bench-{mib}"
     await kumo.task("process.create", {"name": name, "kind": "process", "options": {"command": [PY, "-c", TOUCHER, str(mib)]}})
     await wait_ready(kumo.root / "process" / "instances" / name / "console.log")
@@ -91,7 +59,7 @@ async def kumo_round(kumo: Kumo, mib: int, rehash: bool) -> tuple[float, float]:
     t0 = time.perf_counter()
     await kumo.task("checkpoint.restore", {"name": name, "kind": "process"})
     restore = time.perf_counter() - t0
-    await kumo.task("process.delete", {"name": name, "timeout": 5})
+    await kumo.task("process.delete", {"name": name})
     return dump, restore
 
 
@@ -116,7 +84,8 @@ def raw_round(criu: str, work: Path, mib: int) -> tuple[float, float]:
     restore = time.perf_counter() - t0
     pid = int(pidfile.read_text())
     os.killpg(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)  # ours: the benchmark is a subreaper (the process plugin made it one)
+    with contextlib.suppress(ChildProcessError):  # ours (the node's reaper makes us the subreaper), unless it reaped it
+        os.waitpid(pid, 0)
     shutil.rmtree(image)
     return dump, restore
 
@@ -130,9 +99,12 @@ async def main() -> None:
         sys.exit("bench_checkpoint: criu needs root")
     work = Path(tempfile.mkdtemp(prefix="kumo-bench-ckpt-", dir="/var/tmp"))
     try:
-        kumo = Kumo(work / "kumo")
+        kumo = CriuNode(work / "kumo", checkpoint_config={"keep": 1})
         kumo.root.mkdir()
         await kumo.start()
+        fp = await kumo.checkpoint.kumo_fingerprint()
+        if not fp.available:
+            sys.exit(f"bench_checkpoint: {fp.reason}")
         criu = kumo.checkpoint.status.path
         assert criu is not None
         print(f"criu {kumo.checkpoint.status.version} ({criu}), kernel {os.uname().release}, "
@@ -159,8 +131,7 @@ async def main() -> None:
             print(f"{mib:>5} MiB {'restore*':>8} {rehashed:>8.3f} {r:>9.3f} {rehashed / r:>5.2f}x  "
                   "(*image re-hashed in full, as after a copy from another node; informational)")
         print(f"worst ratio {worst:.2f}x: {'meets' if worst <= TARGET else 'MISSES'} the target of {TARGET}x")
-        await kumo.checkpoint.kumo_shutdown()
-        await kumo.process.kumo_shutdown()
+        await kumo.stop()
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

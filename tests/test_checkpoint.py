@@ -13,17 +13,23 @@ from pathlib import Path
 import pytest
 
 from agent.sdk import TaskError
-from plugins.checkpoint import CheckpointPlugin, probe_criu
+from plugins.checkpoint import CheckpointPlugin
+from plugins.checkpoint.criu import probe_criu
 from tests.harness.criu import CriuNode
 
 PY = "/usr/bin/python3"
+# The count is rewritten in place, at a fixed width, in a file held open: its size never
+# changes, so a checkpoint taken while it runs on (leave_running) restores whenever it was taken
+# (CRIU refuses to restore an open file whose size changed since the dump).
 COUNTER = """
 import sys, time
 i = 0
+f = open(sys.argv[1], "w")
 while True:
     i += 1
-    with open(sys.argv[1], "w") as f:
-        f.write(str(i))
+    f.seek(0)
+    f.write(f"{i:012d}")
+    f.flush()
     time.sleep(0.05)
 """
 
@@ -301,14 +307,15 @@ async def test_copied_image_is_verified_by_hashing(criu_required, criu_node, tmp
 
 @pytest.mark.integration
 async def test_restore_where_the_instance_is_unknown_as_on_a_migration_target(criu_required, criu_node, tmp_path):
-    """The manifest carries the create options: the process plugin gets a record back through process.adopt."""
+    """The manifest carries the create options: the process kind's checkpointer makes the instance from them."""
     pid, counter = await start_counter(criu_node, tmp_path)
     dumped = await criu_node.task("checkpoint.dump", {"name": "counter", "kind": "process"})
     # What a migration target has: the image and the console log (the restored process
-    # holds it open), but no record of the instance.
+    # holds it open), but no record of the instance (once the exit's record is written).
+    await criu_node.process.driver.saves_done()
     (criu_node.root / "process/instances/counter/record.json").unlink()
     await criu_node.restart_process_plugin()
-    assert criu_node.process.kumo_instances() == []
+    assert criu_node.instances() == []
     restored = await criu_node.task("checkpoint.restore", {"name": "counter", "kind": "process", "image": dumped["image"]})
     assert restored["pid"] == pid
     state = criu_node.state("counter")
@@ -337,6 +344,17 @@ async def test_fingerprint_of_a_working_criu(criu_required, criu_node):
     assert fp.attributes["check"] == "ok"
     assert set(fp.attributes["features"]) >= {"mem_dirty_track", "uffd-noncoop"}
     assert fp.attributes["pre_dump"] == fp.attributes["features"]["mem_dirty_track"]
+    assert fp.attributes["instance_kinds"] == ["process"], "the kinds whose plugin supplies a checkpointer"
+
+
+async def test_a_kind_without_a_checkpointer_is_refused(criu_node):
+    with pytest.raises(TaskError) as err:
+        await criu_node.task("checkpoint.dump", {"name": "vm1", "kind": "kvm"})
+    assert err.value.code == "unsupported-kind"
+    assert "'kvm' instances cannot be checkpointed on this node (it checkpoints: process)" in str(err.value)
+    with pytest.raises(TaskError) as err:
+        await criu_node.task("checkpoint.dump", {"name": "p", "kind": "process", "leave_running": "yes"})
+    assert err.value.code == "bad-request"
 
 
 # -- no real criu needed below: a missing or broken one ------------------------------
@@ -392,20 +410,20 @@ async def test_probe_of_something_that_is_not_criu(tmp_path):
 
 
 def test_old_checkpoints_are_pruned(tmp_path):
-    from plugins.checkpoint import MANIFEST, _prune, _publish
+    from plugins.checkpoint.image import MANIFEST, prune, publish
 
     for stamp in ("20260101T000000Z-aaaaaa", "20260102T000000Z-bbbbbb", "20260103T000000Z-cccccc"):
         (tmp_path / stamp).mkdir()
         (tmp_path / stamp / MANIFEST).write_text("{}")
-        _publish(tmp_path, tmp_path / stamp)
+        publish(tmp_path, tmp_path / stamp)
     (tmp_path / "20260104T000000Z-dddddd").mkdir()  # a dump still being written: no manifest
-    _prune(tmp_path, 2)
+    prune(tmp_path, 2)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "20260102T000000Z-bbbbbb", "20260103T000000Z-cccccc", "20260104T000000Z-dddddd", "latest"]
     assert os.readlink(tmp_path / "latest") == "20260103T000000Z-cccccc"
     # Whatever the names say, the checkpoint "latest" points to is never removed.
-    _publish(tmp_path, tmp_path / "20260102T000000Z-bbbbbb")
-    _prune(tmp_path, 1)
+    publish(tmp_path, tmp_path / "20260102T000000Z-bbbbbb")
+    prune(tmp_path, 1)
     assert (tmp_path / "20260102T000000Z-bbbbbb").is_dir()
 
 

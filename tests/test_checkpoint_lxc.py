@@ -1,8 +1,8 @@
 """Checkpoint/restore of a real busybox LXC container through lxc-checkpoint and criu.
 
-The lxc plugin is written separately; the checkpoint plugin relies only on what its
-instance states publish (the instance name is the container name, ``details.lxcpath``).
-So this test stands in for it with a plugin that reports exactly that from liblxc.
+The container is made with the lxc tools under the lxc plugin's lxcpath (every container
+there is one of its instances); the checkpoint plugin finds it, dumps and restores it only
+through the lxc plugin's checkpointer, as it does for any kind.
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from agent.pluginmanager import Hooks, make_plugin_manager
-from agent.sdk import InstanceState, hookimpl
 from tests.harness import require
 from tests.harness.criu import CriuNode
 
@@ -36,25 +34,6 @@ lxc.pty.max = 0
 # No getty or console (CRIU cannot take a tty along) and no udhcpc (it would flush the
 # static address): a counter in the background and busybox init.
 RCS = "#!/bin/sh\n/bin/mount -a\n( i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.1; done ) </dev/null >/dev/null 2>&1 &\n"
-
-
-class LxcStandIn:
-    """Reports containers under one lxcpath the way the lxc plugin's states do."""
-
-    def __init__(self, lxcpath: Path, names: list[str]):
-        self.lxcpath, self.names = lxcpath, names
-
-    @hookimpl
-    async def kumo_instances(self):
-        states = []
-        for name in self.names:
-            proc = await asyncio.create_subprocess_exec(
-                "lxc-info", "-P", str(self.lxcpath), "-n", name, "-sH", stdout=asyncio.subprocess.PIPE
-            )
-            out, _ = await proc.communicate()
-            state = "running" if out.strip() == b"RUNNING" else "stopped"
-            states.append(InstanceState(name, "lxc", state, {"lxcpath": str(self.lxcpath)}))
-        return states
 
 
 def run(*argv: str) -> subprocess.CompletedProcess:
@@ -112,13 +91,17 @@ async def wait_for(predicate, what: str, limit: float = 15.0):
 async def test_busybox_container_checkpoint_restore_keeps_counting_and_its_address(
     criu_required, busybox_container, tmp_path
 ):
+    from plugins.lxc import LxcPlugin
+
     name, lxcpath, address = busybox_container
-    node = CriuNode(tmp_path / "state")
+    lxc = LxcPlugin()
+    lxc.kumo_configure(section={"lxcpath": str(lxcpath), "poll_interval": 0.5}, source="test: plugins.lxc")
+    node = CriuNode(tmp_path / "state", others={"lxc": lxc})
     node.root.mkdir()
-    standin = LxcStandIn(lxcpath, [name])
-    node.hooks = Hooks(make_plugin_manager({"process": node.process, "checkpoint": node.checkpoint, "lxc": standin}))
     await node.start()
     try:
+        fingerprint = await node.checkpoint.kumo_fingerprint()
+        assert fingerprint.attributes["instance_kinds"] == ["lxc", "process"]
         await wait_for(lambda: counter(lxcpath, name) >= 5, "the container's counter")
         preflight = await node.task("checkpoint.preflight", {"name": name, "kind": "lxc"})
         assert preflight == {"ok": True, "blockers": []}
@@ -126,11 +109,13 @@ async def test_busybox_container_checkpoint_restore_keeps_counting_and_its_addre
         dumped = await node.task("checkpoint.dump", {"name": name, "kind": "lxc", "leave_running": False})
         assert dumped["manifest"] and Path(dumped["image"], "kumo-manifest.json").exists()
         assert run("lxc-info", "-P", str(lxcpath), "-n", name, "-sH").stdout.strip() == "STOPPED"
+        assert [s.state for s in lxc.list() if s.name == name] == ["stopped"], "the lxc plugin saw the dump stop it"
         frozen = counter(lxcpath, name)
 
         restored = await node.task("checkpoint.restore", {"name": name, "kind": "lxc"})
         assert restored["pid"] > 0
         assert run("lxc-info", "-P", str(lxcpath), "-n", name, "-sH").stdout.strip() == "RUNNING"
+        assert [(s.state, s.details.get("pid")) for s in lxc.list() if s.name == name] == [("running", restored["pid"])]
         resumed = await wait_for(lambda: counter(lxcpath, name) != frozen and counter(lxcpath, name), "counting")
         assert frozen < resumed <= frozen + 10, f"resumed at {resumed} after {frozen}"
         inside = run("lxc-attach", "-P", str(lxcpath), "-n", name, "--", "/bin/ip", "-4", "addr", "show", "eth0")

@@ -243,3 +243,15 @@ async def test_an_aborted_relay_releases_both_ends_at_once():
             await end
     with pytest.raises(RelayAborted):
         await relay.until(relay.chunks.get(), "nothing")
+
+
+def test_the_kinds_a_node_can_move_are_what_its_checkpoint_plugin_publishes():
+    from controller.api.migration import _unsupported, checkpoint_kinds
+
+    node = {"plugins": {"checkpoint": {"available": True, "attributes": {"instance_kinds": ["lxc", "process"]}}}}
+    assert checkpoint_kinds(node) == ["lxc", "process"]
+    assert _unsupported(node, "n-a", "process") is None
+    assert _unsupported(node, "n-a", "kvm") == "node n-a cannot checkpoint kvm instances (it can move: lxc, process)"
+    without = {"plugins": {"kvm": {"available": True}}}
+    assert checkpoint_kinds(without) == [] and checkpoint_kinds(None) == []
+    assert _unsupported(without, "n-b", "process") == "node n-b cannot checkpoint process instances (it can move: none)"

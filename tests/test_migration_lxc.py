@@ -2,7 +2,7 @@
 
 First the stream itself, in process: a directory with every kind of file goes through the
 sender's tar and the receiver's unpacking unchanged (owners, modes, hardlinks, symlinks,
-devices, xattrs). Then the lxc plugin's checks of a migrating config. Then two real agents
+devices, xattrs). Then the lxc plugin's checks of a migrating config, through its checkpointer. Then two real agents
 on this machine, each with its own state dir and lxcpath, real liblxc and real CRIU: a busybox
 container with a counter and an address on a bridge moves and keeps both; a failed restore
 on the destination leaves it running on the source and nothing on the destination.
@@ -97,27 +97,30 @@ class Body:
 
 
 async def test_a_container_directory_streams_with_owners_links_devices_and_xattrs(tmp_path):
-    from plugins.checkpoint import _container_members, _tar_chunks, _unpack
+    from plugins.checkpoint.stream import directory_members, stream_size, tar_chunks, unpack
 
     source, staged, incoming = tmp_path / "source", tmp_path / "staged", tmp_path / "incoming"
     source.mkdir()
     staged.mkdir()
     incoming.mkdir()
     make_tree(source)
-    members = _container_members(source)
+    members = directory_members(source, "config")
     announced = sum(len(header) + -(-size // 512) * 512 for header, _, size in members) + 1024
-    data = b"".join([chunk async for chunk in _tar_chunks(members)])
-    assert len(data) == announced, "the size sent ahead for the progress display is exact"
+    data = b"".join([chunk async for chunk in tar_chunks(members)])
+    assert len(data) == announced == stream_size(members), "the size sent ahead for the progress display is exact"
 
-    configs: list[str] = []
+    configs: list[tuple[str, bytes]] = []
 
-    def stage(config: str) -> Path:
-        configs.append(config)
+    def stage(definition: str, config: bytes) -> Path:
+        configs.append((definition, config))
         return staged
 
-    stats = await asyncio.to_thread(_unpack, Body(data), incoming, tmp_path, stage)
-    assert configs == ["lxc.rootfs.path = dir:/somewhere/c1/rootfs\n"], "the config comes first, before the rootfs"
-    assert stats["bytes"] == len(data) and stats["sha256"] == hashlib.sha256(data).hexdigest()
+    body = Body(data)
+    await asyncio.to_thread(unpack, body, incoming, tmp_path, stage)
+    assert configs == [("config", b"lxc.rootfs.path = dir:/somewhere/c1/rootfs\n")], \
+        "the config comes first, before the rootfs"
+    assert body.count == len(data) and body.digest.hexdigest() == hashlib.sha256(data).hexdigest(), \
+        "the receiver reads the whole stream, so what it counts and hashes is what was sent"
 
     want, got = describe(source), describe(staged)
     assert "rootfs/socket" in want and "rootfs/socket" not in got, "a socket is bound again by its owner"
@@ -130,25 +133,25 @@ async def test_a_container_directory_streams_with_owners_links_devices_and_xattr
 async def test_a_stream_cannot_write_through_a_symlink_it_carries(tmp_path):
     import tarfile
 
-    from plugins.checkpoint import _unpack
+    from plugins.checkpoint.stream import unpack
 
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in (("container/config", b"x\n"),):
+        for name, data in (("instance/config", b"x\n"),):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-        link = tarfile.TarInfo("container/escape")
+        link = tarfile.TarInfo("instance/escape")
         link.type, link.linkname = tarfile.SYMTYPE, str(tmp_path / "outside")
         tar.addfile(link)
-        evil = tarfile.TarInfo("container/escape/owned")
+        evil = tarfile.TarInfo("instance/escape/owned")
         evil.size = 1
         tar.addfile(evil, io.BytesIO(b"!"))
     (tmp_path / "outside").mkdir()
     staged = tmp_path / "staged"
     staged.mkdir()
-    with pytest.raises(TaskError, match="unexpected container entry 'container/escape/owned'"):
-        await asyncio.to_thread(_unpack, Body(out.getvalue()), tmp_path, tmp_path, lambda config: staged)
+    with pytest.raises(TaskError, match="unexpected instance entry 'instance/escape/owned'"):
+        await asyncio.to_thread(unpack, Body(out.getvalue()), tmp_path, tmp_path, lambda name, config: staged)
     assert not (tmp_path / "outside" / "owned").exists()
 
 
@@ -156,7 +159,7 @@ async def test_a_stream_cannot_write_through_a_symlink_it_carries(tmp_path):
 
 
 def test_paths_into_the_source_container_are_rewritten_and_host_paths_kept():
-    from plugins.lxc import rewrite_config
+    from plugins.lxc.lxcconf import rewrite_config
 
     config = (
         "lxc.rootfs.path = dir:/src/lxc/web/rootfs\n"
@@ -175,7 +178,7 @@ def test_paths_into_the_source_container_are_rewritten_and_host_paths_kept():
 
 
 def test_what_the_destination_lacks_is_named_with_what_to_do(tmp_path):
-    from plugins.lxc import import_problems
+    from plugins.lxc.lxcconf import import_problems
 
     target = tmp_path / "web"
     config = (
@@ -200,9 +203,10 @@ def test_what_the_destination_lacks_is_named_with_what_to_do(tmp_path):
 @pytest.mark.integration
 async def test_the_lxc_plugin_refuses_to_stage_a_container_whose_bridge_is_missing(lxc_node):
     node = await lxc_node()
+    checkpointer = node.plugin.kumo_checkpointer()
     with pytest.raises(TaskError) as err:
-        await node.task("lxc.stage", {"name": "web", "lxcpath": "/src/lxc", "config": (
-            "lxc.rootfs.path = dir:/src/lxc/web/rootfs\nlxc.net.0.type = veth\nlxc.net.0.link = brnope8\n")})
+        await checkpointer.stage("web", {"lxcpath": "/src/lxc"}, (
+            b"lxc.rootfs.path = dir:/src/lxc/web/rootfs\nlxc.net.0.type = veth\nlxc.net.0.link = brnope8\n"))
     assert err.value.code == "no-bridge"
     assert "container 'web' cannot run on this node: its interface lxc.net.0 plugs into bridge brnope8" in str(err.value)
     assert not [p for p in node.lxcpath.iterdir()], "nothing is staged when the node cannot run it"

@@ -1,4 +1,5 @@
-"""The process plugin with real processes: lifecycle, console, stop escalation, adoption."""
+"""The process plugin with real processes, driven through the agent's instance-driver routing:
+lifecycle, console, stop escalation, adoption; and the agent core's subreaper it relies on."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ async def test_create_console_stop_start_delete(criu_node):
     assert (await criu_node.task("process.console", {"name": "p1"}))["log"] == log
 
     stopped = await criu_node.task("process.stop", {"name": "p1"})
-    assert stopped["state"] == "stopped"
+    assert stopped["state"] == "stopped" and stopped["forced"] is False
     assert stopped["details"]["exit_code"] == -15
     assert not alive(pid)
 
@@ -55,10 +56,10 @@ async def test_create_console_stop_start_delete(criu_node):
     assert started["state"] == "running" and started["details"]["pid"] != pid
     new_pid = started["details"]["pid"]
 
-    assert (await criu_node.task("process.delete", {"name": "p1"}))["deleted"] is True
+    assert await criu_node.task("process.delete", {"name": "p1"}) == {"name": "p1", "kind": "process", "state": "deleted"}
     assert not alive(new_pid)
     assert not (criu_node.root / "process/instances/p1").exists()
-    assert [s.name for s in criu_node.process.kumo_instances()] == []
+    assert criu_node.instances() == []
 
 
 async def test_stop_escalates_to_sigkill(criu_node):
@@ -66,7 +67,7 @@ async def test_stop_escalates_to_sigkill(criu_node):
     await criu_node.task("process.create", {"name": "stubborn", "kind": "process", "options": {"command": [PY, "-c", script]}})
     await wait_for(lambda: "ready" in (criu_node.root / "process/instances/stubborn/console.log").read_text(), "ready")
     stopped = await criu_node.task("process.stop", {"name": "stubborn", "timeout": 0.3})
-    assert stopped["state"] == "stopped"
+    assert stopped["state"] == "stopped" and stopped["forced"] is True
     assert stopped["details"]["exit_code"] == -9
 
 
@@ -124,7 +125,7 @@ async def test_bad_create_leaves_nothing(criu_node, options, code):
         await criu_node.task("process.create", {"name": "bad", "kind": "process", "options": options})
     assert err.value.code == code
     assert not (criu_node.root / "process/instances/bad").exists()
-    assert criu_node.process.kumo_instances() == []
+    assert criu_node.instances() == []
 
 
 async def test_unknown_instance_and_duplicates(criu_node):
@@ -139,15 +140,15 @@ async def test_unknown_instance_and_duplicates(criu_node):
 
 
 async def test_the_agent_is_a_subreaper_and_reaps_orphans(criu_node):
-    assert criu_node.process.kumo_fingerprint().attributes["subreaper"] is True
+    assert criu_node.reaper.active is True
     # A double fork: the grandchild is orphaned to us (subreaper) and must not stay a zombie.
     proc = await asyncio.create_subprocess_exec("/bin/sh", "-c", "/bin/sleep 0.2 & echo $!", stdout=asyncio.subprocess.PIPE)
     out, _ = await proc.communicate()
     orphan = int(out)
     await wait_for(lambda: not os.path.exists(f"/proc/{orphan}"), "the orphan to be reaped", limit=5)
-    # Once the plugin stops, this process is an ordinary parent again.
-    await criu_node.process.kumo_shutdown()
-    assert criu_node.process.subreaper is False
+    # Once the reaper stops, this process is an ordinary parent again.
+    await criu_node.reaper.stop()
+    assert criu_node.reaper.active is False
     libc = ctypes.CDLL(None, use_errno=True)
     flag = ctypes.c_int(-1)
     assert libc.prctl(37, ctypes.byref(flag), 0, 0, 0) == 0  # PR_GET_CHILD_SUBREAPER

@@ -17,7 +17,7 @@ What is here, by concern:
   :func:`parse_payload` for task payloads, both from a dataclass, both strict;
 - running instances: the driver contract (:class:`InstanceDriver`, :class:`ConsoleOutput`,
   :data:`NAME_RE`), the checkpoint capability (:class:`Checkpointer`,
-  :class:`CheckpointSubject`, :class:`CriuCommand`) and the node's image cache
+  :class:`DirectoryCheckpointer`, :class:`CheckpointSubject`, :class:`CriuCommand`) and the node's image cache
   (:class:`ImageCache`);
 - mechanics every plugin would otherwise write again: :func:`atomic_write` and
   :func:`tail` for files, :func:`run_command` for host tools, :class:`ExitWatcher` for
@@ -26,7 +26,12 @@ What is here, by concern:
 """
 
 from agent.sdk.backoff import Backoff
-from agent.sdk.checkpointing import Checkpointer, CheckpointSubject, CriuCommand
+from agent.sdk.checkpointing import (
+    Checkpointer,
+    CheckpointSubject,
+    CriuCommand,
+    DirectoryCheckpointer,
+)
 from agent.sdk.commands import CommandResult, run_command, run_command_sync
 from agent.sdk.config import ConfigError, load_yaml_file, parse_section
 from agent.sdk.driver import CONSOLE_BYTES, NAME_RE, OPERATIONS, ConsoleOutput, InstanceDriver
@@ -70,6 +75,7 @@ __all__ = [
     "ConsoleOutput",
     "ControllerUnavailable",
     "CriuCommand",
+    "DirectoryCheckpointer",
     "ErrorCode",
     "ExitWatcher",
     "Fingerprint",

@@ -5,9 +5,19 @@ scan of the process tree, the image directory and its manifest, the checksums, t
 migration stream and the rollback. What differs between kinds comes from the kind's own
 plugin through a :class:`Checkpointer`: which process tree to dump and how (plain
 ``criu dump`` for a process, ``lxc-checkpoint`` for a container), what JSON the kind
-needs to re-create the instance elsewhere, which directory travels with the image in a
-migration, and how the instance is taken over after a restore. The checkpoint plugin
-never names a kind.
+needs to re-create the instance elsewhere, and how the instance is taken over after a
+restore. A kind whose instances take a directory along when they migrate (a container's
+rootfs) is a :class:`DirectoryCheckpointer`. The checkpoint plugin never names a kind.
+
+What the checkpoint plugin decides from the tree itself, the same for every kind: a tree
+in the agent's own network namespace cannot take TCP connections or unix sockets to the
+outside along, and one in the agent's mount namespace cannot take file locks along (their
+other holders share the host); a tree with namespaces of its own is dumped with CRIU's
+container options (``--tcp-established``, ``--file-locks``, as ``lxc-checkpoint`` passes
+them), so only mounts CRIU cannot handle block it. Regular files a tree in the agent's
+mount namespace holds open travel with a migration; a tree with its own mount namespace
+finds its files in its own directory. A tree in the agent's pid namespace is restored
+under its old pids, which must then be free.
 """
 
 from __future__ import annotations
@@ -15,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from agent.sdk.types import InstanceStateName
 
@@ -28,8 +38,9 @@ class CheckpointSubject:
     the kind's JSON, kept in the image's manifest and handed back at restore (a process's
     command line, a container's lxcpath). ``directory`` is what travels with the image in a
     migration besides CRIU's files (a container's directory, its rootfs included), None
-    when nothing does; ``definition`` is the file in it, relative, that the destination
-    checks first (a container's lxc config), before any memory page is sent.
+    when nothing does; ``definition`` names the file at the top of it that the destination
+    checks first (a container's lxc config), before any memory page is sent. A subject
+    with a directory comes only from a :class:`DirectoryCheckpointer`.
     """
 
     name: str
@@ -45,7 +56,8 @@ class CriuCommand:
     """A command that runs CRIU (criu itself, or a tool that runs it, such as lxc-checkpoint).
 
     ``log`` is where CRIU's own log of it ends up, for the error message when it fails.
-    ``env`` None means the agent's environment.
+    ``env`` None means the agent's environment. Its output goes to a file, never a pipe:
+    what a restore starts may inherit it and hold it open for the instance's whole life.
     """
 
     argv: Sequence[str]
@@ -63,15 +75,21 @@ class Checkpointer(Protocol):
         """The instance ``name`` of this kind on this node, or None when there is none."""
         ...
 
-    def dump_command(self, subject: CheckpointSubject, criu: str, image: Path, logs: Path,
-                     leave_running: bool) -> CriuCommand:
-        """How to dump ``subject`` into the directory ``image``; ``logs`` is a directory for
-        logs outside the image. Without ``leave_running`` the tree must be gone afterwards."""
+    async def dump_command(self, subject: CheckpointSubject, criu: str, image: Path, logs: Path,
+                           leave_running: bool) -> CriuCommand:
+        """How to dump ``subject`` into the directory ``image`` with the criu at path ``criu``;
+        ``logs`` is a directory for logs outside the image. Without ``leave_running`` the tree
+        must be gone afterwards."""
         ...
 
-    def restore_command(self, name: str, record: Mapping[str, Any], criu: str, image: Path,
-                        logs: Path) -> CriuCommand:
-        """How to restore ``image`` of instance ``name`` (``record`` as dumped) on this node."""
+    async def restore_command(self, name: str, record: Mapping[str, Any], criu: str, image: Path,
+                              logs: Path, inherit_fds: Mapping[int, str]) -> CriuCommand:
+        """How to restore ``image`` of instance ``name`` (``record`` as dumped) on this node.
+
+        ``inherit_fds`` maps descriptors the checkpoint plugin opened and passes to the
+        command to the path, as CRIU names it (no leading ``/``), of the file each replaces
+        (criu's ``--inherit-fd fd[N]:PATH``): files that moved into this agent's state
+        directory. It is empty for a tree that had a mount namespace of its own."""
         ...
 
     async def restored(self, name: str, record: Mapping[str, Any], image: Path) -> int:
@@ -81,11 +99,19 @@ class Checkpointer(Protocol):
         ``TaskError(code="adopt-failed")``, so nothing runs unmanaged."""
         ...
 
+
+@runtime_checkable
+class DirectoryCheckpointer(Checkpointer, Protocol):
+    """A :class:`Checkpointer` whose instances take a directory along when they migrate
+    (:attr:`CheckpointSubject.directory`). A restore whose :meth:`take_over` succeeded and
+    whose CRIU then failed is undone with the kind's ``delete`` operation, so a failed
+    migration leaves no copy behind."""
+
     async def stage(self, name: str, record: Mapping[str, Any], definition: bytes) -> Path:
         """A migration is arriving: check that this node can run the instance described by
-        ``definition`` (the file named by the source's subject) and return an empty
+        ``definition`` (the file the source's subject named) and return a new empty
         directory to unpack the travelling directory into. Refuse with a TaskError that says
-        what this node lacks. Only called for kinds whose subjects carry a directory."""
+        what this node lacks."""
         ...
 
     async def take_over(self, name: str, record: Mapping[str, Any], directory: Path) -> None:

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 
 @dataclasses.dataclass(frozen=True)
 class CommandResult:
+    """How a command ended: its exit status and its captured output, decoded."""
+
     argv: tuple[str, ...]
     returncode: int
     stdout: str

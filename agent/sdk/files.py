@@ -4,29 +4,38 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 from pathlib import Path
 
 
-def atomic_write(path: Path, data: bytes | str, mode: int = 0o600) -> None:
+def atomic_write(path: Path, data: bytes | str, mode: int = 0o600, durable: bool = True) -> None:
     """Replace ``path`` with ``data`` so that a crash leaves the old file or the new, never a mix.
 
-    The data is fsynced before the rename and the directory after it, so the new content
-    survives a power cut once this returns. Blocking: call it through ``asyncio.to_thread``.
+    ``durable``: the data is fsynced before the rename and the directory after it, so the
+    new content survives a power cut once this returns. Without it a crash of the agent
+    still leaves a whole file, but a power cut may leave the old one; pass False where the
+    file describes other data that is not fsynced either (an fsync on ext4 can wait for
+    the writeback of everything written before). Blocking: call it through
+    ``asyncio.to_thread``.
     """
     raw = data.encode() if isinstance(data, str) else data
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # Unique per writer: two threads replacing one path must not share a temporary file.
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(raw)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.chmod(tmp, mode)  # the umask may have narrowed it
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    if not durable:
+        return
     dirfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(dirfd)

@@ -17,7 +17,8 @@ drives, one task at a time, and records as a document (``GET /v1/migrations/{id}
 
 A container's directory (config and rootfs) travels in the same stream as its image, and
 the destination's lxc plugin takes it over as its own when it restores it (see
-plugins/checkpoint.py).
+plugins/checkpoint/). Only the kinds both nodes' checkpoint plugins publish in their
+fingerprint (``attributes.instance_kinds``) can be checkpointed or moved.
 
 Any failure after step 2 restores the instance on the source from the checkpoint it just
 made, so it is never lost; nothing is restored on the source while the destination might
@@ -46,8 +47,6 @@ from controller.api.tasks import shown as shown_task
 
 log = logging.getLogger("kumo.controller.migration")
 
-CHECKPOINT_KINDS = ("process", "lxc")
-MIGRATABLE_KINDS = ("process", "lxc")
 PREFLIGHT_TIMEOUT = 30.0
 CRIU_TIMEOUT = 660.0  # the plugin's own criu timeout (600 s) plus slack
 TRANSFER_TIMEOUT = 6 * 3600.0  # the stall timeout below is what ends a stuck transfer
@@ -163,11 +162,26 @@ async def preflight(ctl: Any, row: dict[str, Any], doing: str) -> None:
         )
 
 
-def _checkpointable(row: dict[str, Any], kinds: tuple[str, ...], doing: str) -> None:
-    if row["kind"] not in kinds:
-        raise ApiError(409, f"cannot {doing} instance {row['name']}: {row['kind']} instances cannot be "
-                       f"{'migrated' if doing == 'migrate' else 'checkpointed'} (only {', '.join(kinds)})",
-                       code="unsupported-kind")
+def checkpoint_kinds(node: dict[str, Any] | None) -> list[str]:
+    """The instance kinds ``node`` can checkpoint and move, as its checkpoint plugin publishes them."""
+    plugin = ((node or {}).get("plugins") or {}).get("checkpoint") or {}
+    kinds = (plugin.get("attributes") or {}).get("instance_kinds")
+    return [k for k in kinds if isinstance(k, str)] if isinstance(kinds, list) else []
+
+
+def _unsupported(node: dict[str, Any] | None, node_id: str, kind: str) -> str | None:
+    """Why ``node`` cannot checkpoint ``kind`` instances, or None when it can."""
+    kinds = checkpoint_kinds(node)
+    if kind in kinds:
+        return None
+    return f"node {node_id} cannot checkpoint {kind} instances (it can move: {', '.join(kinds) or 'none'})"
+
+
+async def _checkpointable(ctl: Any, row: dict[str, Any], doing: str) -> None:
+    stored = await ctl.store.get_node(row["node"])
+    why = _unsupported(ctl.node_view(stored) if stored is not None else None, row["node"], row["kind"])
+    if why is not None:
+        raise ApiError(409, f"cannot {doing} instance {row['name']}: {why}", code="unsupported-kind")
 
 
 async def _instance(ctl: Any, name: str) -> dict[str, Any]:
@@ -194,7 +208,7 @@ async def checkpoint(request: web.Request) -> web.Response:
     data = await json_body(request)
     reject_unknown(data, {"leave_running"})
     leave_running = field(data, "leave_running", bool, required=False, default=False)
-    _checkpointable(row, CHECKPOINT_KINDS, "checkpoint")
+    await _checkpointable(ctl, row, "checkpoint")
     refuse_if_migrating(ctl, row["name"])
     await preflight(ctl, row, "checkpoint")
     payload = {"name": row["name"], "kind": row["kind"], "leave_running": leave_running}
@@ -208,7 +222,7 @@ async def restore(request: web.Request) -> web.Response:
     data = await json_body(request)
     reject_unknown(data, {"image"})
     image = field(data, "image", str, required=False)
-    _checkpointable(row, CHECKPOINT_KINDS, "restore")
+    await _checkpointable(ctl, row, "restore")
     refuse_if_migrating(ctl, row["name"])
     payload: dict[str, Any] = {"name": row["name"], "kind": row["kind"]}
     if image is not None:
@@ -270,9 +284,14 @@ async def _destination(ctl: Any, row: dict[str, Any], to: str | None) -> str:
         if node["id"] == source:
             continue
         plugin = (node.get("plugins") or {}).get("checkpoint")
+        unsupported = _unsupported(node, node["id"], row["kind"])
         if not plugin or not plugin.get("available"):
             why = (plugin or {}).get("reason") or "not installed"
             reasons[node["id"]] = f"plugin checkpoint is unavailable: {why}"
+        elif unsupported is not None:
+            if node["id"] == to:
+                raise ApiError(409, f"cannot migrate instance {row['name']}: {unsupported}", code="unsupported-kind")
+            reasons[node["id"]] = unsupported
         else:
             usable.append(node)
     request = {"kind": row["kind"], "vcpus": row["spec"].get("vcpus", 1),
@@ -293,7 +312,7 @@ async def start_migration(ctl: Any, row: dict[str, Any], to: str | None) -> dict
     Raises ApiError (404/409) when it cannot start: then nothing was changed anywhere.
     """
     name = row["name"]
-    _checkpointable(row, MIGRATABLE_KINDS, "migrate")
+    await _checkpointable(ctl, row, "migrate")
     refuse_if_migrating(ctl, name)
     mgr = migrations(ctl)
     mgr.busy[name] = ""

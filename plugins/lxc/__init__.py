@@ -128,10 +128,11 @@ class LxcPlugin:
 
     @hookimpl
     def kumo_checkpointer(self) -> Checkpointer | None:
-        try:
-            from plugins.lxc.checkpointing import LxcCheckpointer
-        except ImportError:
+        # A node without liblxc must not offer to move containers.
+        if self._unavailable:
             return None
+        from plugins.lxc.checkpointing import LxcCheckpointer  # it imports this module
+
         return LxcCheckpointer(self)
 
     @hookimpl

@@ -1,5 +1,6 @@
 """CRIU for the tests: is a working criu (>= 4.1) here, and a node with the process and
-checkpoint plugins wired together exactly as the agent wires them (through Hooks)."""
+checkpoint plugins wired together exactly as the agent wires them (through Hooks), the
+agent core's subreaper included."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from typing import Any
 import pytest
 
 from agent.pluginmanager import Hooks, make_plugin_manager
-from agent.sdk import ControllerUnavailable, PluginContext
+from agent.reaper import Reaper
+from agent.sdk import ControllerUnavailable, InstanceState, PluginContext
 from tests.harness import require
 
 SBIN_PATH = os.environ.get("PATH", "") + ":/usr/local/sbin:/usr/sbin:/sbin"
@@ -49,9 +51,12 @@ def criu_required() -> None:
 
 
 class CriuNode:
-    """The process and checkpoint plugins of one pretend agent, sharing one Hooks."""
+    """The process and checkpoint plugins of one pretend agent (and any ``others``, such as the
+    lxc plugin), wired together exactly as the agent wires them: one Hooks, the drivers
+    loaded after start-up, and a child subreaper (agent.reaper) while it runs."""
 
-    def __init__(self, root: Path, checkpoint_config: Mapping[str, Any] | None = None):
+    def __init__(self, root: Path, checkpoint_config: Mapping[str, Any] | None = None,
+                 others: Mapping[str, object] | None = None):
         from plugins.checkpoint import CheckpointPlugin
         from plugins.process import ProcessPlugin
 
@@ -59,9 +64,13 @@ class CriuNode:
         self.changes = 0
         self.process = ProcessPlugin()
         self.checkpoint = CheckpointPlugin()
-        self.process.kumo_configure(section={"reap_interval": 0.2}, source="test: plugins.process")
+        self.others = dict(others or {})
         self.checkpoint.kumo_configure(section=dict(checkpoint_config or {}), source="test: plugins.checkpoint")
-        self.hooks = Hooks(make_plugin_manager({"process": self.process, "checkpoint": self.checkpoint}))
+        self.hooks = self._hooks()
+        self.reaper = Reaper(interval=0.2)
+
+    def _hooks(self) -> Hooks:
+        return Hooks(make_plugin_manager({"process": self.process, "checkpoint": self.checkpoint, **self.others}))
 
     def context(self, name: str) -> PluginContext:
         state = self.root / name
@@ -70,15 +79,17 @@ class CriuNode:
         async def no_controller(*args: Any, **kwargs: Any) -> Any:
             raise ControllerUnavailable("no controller in this test")
 
-        return PluginContext(name, state, None, self.hooks, self._changed, no_controller)
+        return PluginContext(name, state, self.root, None, self.hooks, self._changed, no_controller)
 
     def _changed(self) -> None:
         self.changes += 1
 
     async def start(self) -> None:
-        await self.process.kumo_startup(context=self.context("process"))
-        await self.process.kumo_adopt()
-        await self.checkpoint.kumo_startup(context=self.context("checkpoint"))
+        self.reaper.start()
+        for name, plugin in {"process": self.process, **self.others, "checkpoint": self.checkpoint}.items():
+            await plugin.kumo_startup(context=self.context(name))  # type: ignore[attr-defined]
+        self.hooks.load_drivers()
+        await self.hooks.adopt()
 
     async def restart_process_plugin(self) -> None:
         """Replace the process plugin by a fresh one on the same state dir, as an agent restart does."""
@@ -86,23 +97,30 @@ class CriuNode:
 
         await self.process.kumo_shutdown()
         self.process = ProcessPlugin()
-        self.process.kumo_configure(section={"reap_interval": 0.2}, source="test: plugins.process")
-        self.hooks = Hooks(make_plugin_manager({"process": self.process, "checkpoint": self.checkpoint}))
+        self.hooks = self._hooks()
+        assert self.checkpoint.context is not None
         self.checkpoint.context.hooks = self.hooks
         await self.process.kumo_startup(context=self.context("process"))
-        await self.process.kumo_adopt()
+        self.hooks.load_drivers()
+        await self.hooks.adopt()
 
     async def task(self, kind: str, payload: Mapping[str, Any]) -> Any:
-        owner = self.hooks.task_owners()[kind]
-        return await self.hooks.handle_task(owner, kind, payload, task_id=f"test-{kind}")
+        return await self.hooks.handle_task(kind, payload, task_id=f"test-{kind}")
 
-    def state(self, name: str) -> Any:
-        return next(s for s in self.process.kumo_instances() if s.name == name)
+    def instances(self) -> list[InstanceState]:
+        assert self.process.driver is not None
+        return self.process.driver.list()
+
+    def state(self, name: str) -> InstanceState:
+        return next(s for s in self.instances() if s.name == name)
 
     async def stop(self) -> None:
-        pids = [s.details["pid"] for s in self.process.kumo_instances() if s.details.get("pid")]
+        pids = [s.details["pid"] for s in self.instances() if s.details.get("pid")]
         await self.checkpoint.kumo_shutdown()
+        for plugin in self.others.values():
+            await plugin.kumo_shutdown()  # type: ignore[attr-defined]
         await self.process.kumo_shutdown()
+        await self.reaper.stop()
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)

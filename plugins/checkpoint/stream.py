@@ -1,0 +1,345 @@
+"""The migration stream's format: a tar of the checkpoint, written and unpacked member by member.
+
+Members, in order:
+
+- ``image/kumo-manifest.json``, then, when the instance takes a directory along, that
+  directory's definition (``instance/<definition>``, a container's lxc config): the
+  destination checks it before a single memory page is sent, and refuses at once when it
+  cannot run the instance;
+- ``image/<file>`` for every file the manifest covers;
+- each regular file the process tree had open (only a tree in the agent's mount namespace
+  has them listed). Those under the source agent's state directory (a console log) are the
+  instance's own: they travel as ``state/<path in the state directory>``, land in the
+  destination's state directory, and CRIU restores the process with them in place of the
+  originals (``--inherit-fd``), so two agents with different state directories (two on one
+  machine) never write into each other's. Any other travels as ``files/<path>`` and must be
+  at the same path and identical on the destination, or missing there and inside its
+  state directory;
+- the rest of the travelling directory, ``instance/...``, top down.
+
+Every header is built before the first byte is sent, so the size is known for the
+progress display and the stream never sits whole in memory or on disk. Ownership is
+numeric (an unprivileged container's shifted ids); hardlinks, symlinks, device nodes and
+FIFOs are kept, and extended attributes travel as PAX ``SCHILY.xattr.*`` records (file
+capabilities included). The receiver unpacks it itself, never following a symlink or
+writing outside the directory the instance's kind gave it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import re
+import secrets
+import shutil
+import stat
+import tarfile
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
+from typing import Any, BinaryIO, NamedTuple
+
+from agent.sdk import TaskError
+from plugins.checkpoint.image import CHUNK, MANIFEST, Checksum, checksummed, file_checksum
+
+TAR_BLOCK = 512
+MAX_DEFINITION_BYTES = 1 << 20
+XATTR = "SCHILY.xattr."
+IMAGE, FILES, STATE, INSTANCE = "image", "files", "state", "instance"
+# A checkpoint directory's name, and the name of a file in it.
+IMAGE_NAME_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]{0,100}$")
+
+# What the unpacking thread calls when the travelling directory's definition arrives:
+# (its name, its bytes) -> the empty directory to unpack the instance's directory into.
+Stage = Callable[[str, bytes], Path]
+
+
+class Member(NamedTuple):
+    header: bytes
+    path: Path
+    size: int  # bytes of content after the header (0 for directories, links and devices)
+
+
+def padded(size: int) -> int:
+    return -(-size // TAR_BLOCK) * TAR_BLOCK
+
+
+def stream_size(members: list[Member]) -> int:
+    """The exact length of the stream :func:`tar_chunks` makes of ``members``."""
+    return sum(len(m.header) + padded(m.size) for m in members) + 2 * TAR_BLOCK
+
+
+# -- sending -------------------------------------------------------------------------
+
+
+def image_members(image: Path, manifest: Mapping[str, Any]) -> list[Member]:
+    """The checkpoint's files and the files the tree had open; the manifest first. Blocking."""
+    entries = [(f"{IMAGE}/{n}", image / n) for n in [MANIFEST, *sorted(manifest["files"])]]
+    entries += [(carried_name(path, manifest), Path(path)) for path in manifest.get("open_files") or ()]
+    members = []
+    now = int(time.time())
+    for arcname, path in entries:
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            raise TaskError(f"{path} cannot be read for the migration: {exc.strerror}", code="missing-files") from exc
+        info = tarfile.TarInfo(arcname)
+        info.size, info.mode, info.mtime = size, 0o600, now
+        members.append(Member(info.tobuf(format=tarfile.PAX_FORMAT), path, size))
+    return members
+
+
+def directory_members(directory: Path, definition: str) -> list[Member]:
+    """Everything in the travelling ``directory`` as it is, ``instance/<definition>`` first. Blocking."""
+    if not (directory / definition).is_file():
+        raise TaskError(f"{directory} holds no {definition}: the instance to migrate is not there", code="missing-files")
+    paths = [directory / definition, directory]
+    for dirpath, dirnames, filenames in os.walk(directory):
+        dirnames.sort()
+        paths += [Path(dirpath, n) for n in sorted(dirnames + filenames) if Path(dirpath, n) != directory / definition]
+    members = []
+    first_of: dict[tuple[int, int], str] = {}  # (device, inode) -> arcname, for hardlinks
+    for path in paths:
+        arcname = INSTANCE + ("/" + path.relative_to(directory).as_posix() if path != directory else "")
+        try:
+            info = _tarinfo(path, arcname, first_of)
+        except OSError as exc:
+            raise TaskError(f"{path} cannot be read for the migration: {exc.strerror}", code="missing-files") from exc
+        if info is not None:
+            members.append(Member(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"), path, info.size))
+    return members
+
+
+def _tarinfo(path: Path, arcname: str, first_of: dict[tuple[int, int], str]) -> tarfile.TarInfo | None:
+    """The header of one file as it is, or None for a socket (whoever bound it binds it again)."""
+    st = os.lstat(path)
+    info = tarfile.TarInfo(arcname)
+    info.mode, info.uid, info.gid, info.mtime = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime
+    info.uname = info.gname = ""  # ids are numeric: names differ between hosts, and shifted ids have none
+    if stat.S_ISREG(st.st_mode):
+        key = (st.st_dev, st.st_ino)
+        if st.st_nlink > 1 and key in first_of:
+            info.type, info.linkname = tarfile.LNKTYPE, first_of[key]
+        else:
+            first_of[key] = arcname
+            info.size = st.st_size
+    elif stat.S_ISDIR(st.st_mode):
+        info.type = tarfile.DIRTYPE
+    elif stat.S_ISLNK(st.st_mode):
+        info.type, info.linkname = tarfile.SYMTYPE, os.readlink(path)
+    elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+        info.type = tarfile.CHRTYPE if stat.S_ISCHR(st.st_mode) else tarfile.BLKTYPE
+        info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
+    elif stat.S_ISFIFO(st.st_mode):
+        info.type = tarfile.FIFOTYPE
+    else:
+        return None
+    # BINARY: xattr values (security.capability) and file names need not be UTF-8.
+    info.pax_headers = {"hdrcharset": "BINARY"}
+    for attr in os.listxattr(path, follow_symlinks=False):
+        value = os.getxattr(path, attr, follow_symlinks=False)
+        info.pax_headers[XATTR + attr] = value.decode("utf-8", "surrogateescape")
+    return info
+
+
+async def tar_chunks(members: list[Member]) -> AsyncIterator[bytes]:
+    """The tar stream of ``members``, read from disk a chunk at a time."""
+    for header, path, size in members:
+        yield header
+        if not size:
+            continue
+        f = await asyncio.to_thread(open, path, "rb")
+        try:
+            left = size
+            while left:
+                chunk = await asyncio.to_thread(f.read, min(CHUNK, left))
+                if not chunk:
+                    raise TaskError(f"{path} shrank while it was being sent: the checkpoint changed underneath",
+                                    code="image-changed")
+                left -= len(chunk)
+                yield chunk
+        finally:
+            await asyncio.to_thread(f.close)
+        if padded(size) > size:
+            yield b"\0" * (padded(size) - size)
+    yield b"\0" * (2 * TAR_BLOCK)
+
+
+def carried_name(path: str, manifest: Mapping[str, Any]) -> str:
+    """The stream name of an open file: relative to the agent's state directory when inside it."""
+    state = manifest.get("state_dir")
+    if state and Path(path).is_relative_to(state):
+        return f"{STATE}/{Path(path).relative_to(state)}"
+    return f"{FILES}{path}"
+
+
+def local_path(path: str, manifest: Mapping[str, Any], own_state: Path) -> Path:
+    """Where an open file of the checkpointed tree is on this node (see :func:`carried_name`)."""
+    state = manifest.get("state_dir")
+    if state and Path(path).is_relative_to(state):
+        return own_state / Path(path).relative_to(state)
+    return Path(path)
+
+
+# -- receiving -----------------------------------------------------------------------
+
+
+def unpack(body: BinaryIO, incoming: Path, own_root: Path, stage: Stage) -> dict[str, Any]:
+    """Write a migration stream into ``incoming`` (open files where they belong, the travelling
+    directory where ``stage`` says); checksum the image's files as they arrive. Blocking."""
+    checksums: dict[str, str] = {}
+    carried: list[str] = []
+    directory = DirectoryWriter(stage)
+    with tarfile.open(fileobj=body, mode="r|", bufsize=CHUNK) as tar:  # type: ignore[call-overload]
+        for member in tar:
+            top, _, rest = member.name.partition("/")
+            if top == INSTANCE:
+                directory.add(tar, member, rest)
+                continue
+            source = tar.extractfile(member) if member.isfile() else None
+            if source is None:
+                raise TaskError(f"the image stream holds {member.name!r}, which is not a regular file", code="image-corrupt")
+            if top == IMAGE and IMAGE_NAME_RE.match(rest) and (rest == MANIFEST or checksummed(rest)):
+                checksums[rest] = _copy_checked(source, incoming / rest)
+            elif top == FILES and rest and os.path.normpath("/" + rest) == "/" + rest:
+                carried.append(_place_carried(source, Path("/" + rest), incoming, own_root))
+            elif top == STATE and rest and os.path.normpath("/" + rest) == "/" + rest:
+                carried.append(_place_carried(source, own_root / rest, incoming, own_root))
+            else:
+                raise TaskError(f"the image stream holds an unexpected entry {member.name!r}", code="image-corrupt")
+        # tarfile stops at the end-of-archive blocks; what follows them must be nothing.
+        while body.read(CHUNK):
+            pass
+    directory.finish()
+    return {"checksums": checksums, "files": carried}
+
+
+class DirectoryWriter:
+    """Unpacks the ``instance/`` members of a migration stream into the directory ``stage`` gives.
+
+    Every member's parent must be a directory this writer made (the sender walks top
+    down), so no symlink in the stream is ever followed; hardlinks may point only at files
+    it wrote. Directories get their mode and times last, once nothing more is written in them.
+    """
+
+    def __init__(self, stage: Stage):
+        self.stage = stage
+        self.root: Path | None = None
+        self.dirs: dict[str, tarfile.TarInfo | None] = {}
+        self.files: set[str] = set()
+
+    def add(self, tar: tarfile.TarFile, member: tarfile.TarInfo, rel: str) -> None:
+        if self.root is None:
+            self._begin(tar, member, rel)
+            return
+        if rel == "" and member.isdir():
+            self.dirs[""] = member
+            return
+        parent, _, leaf = rel.rpartition("/")
+        if (not leaf or leaf in (".", "..") or parent not in self.dirs or rel in self.dirs or rel in self.files
+                or os.path.normpath(rel) != rel):
+            raise TaskError(f"the image stream holds an unexpected instance entry {member.name!r}", code="image-corrupt")
+        if member.isfile():
+            self._write(member, rel, tar.extractfile(member))
+        elif member.isdir():
+            os.mkdir(self.root / rel, 0o700)
+            self.dirs[rel] = member
+        elif member.islnk():
+            self._link(member, rel)
+        else:
+            self._special(member, rel)
+
+    def _begin(self, tar: tarfile.TarFile, member: tarfile.TarInfo, rel: str) -> None:
+        """The first member is the definition: the kind checks it and gives the directory."""
+        if not rel or "/" in rel or not member.isfile() or member.size > MAX_DEFINITION_BYTES:
+            raise TaskError("the instance's directory in the image stream does not begin with its definition",
+                            code="image-corrupt")
+        source = tar.extractfile(member)
+        assert source is not None
+        data = source.read()
+        self.root = self.stage(rel, data)
+        self.dirs[""] = None
+        self._write(member, rel, io.BytesIO(data))
+
+    def _write(self, member: tarfile.TarInfo, rel: str, source: Any) -> None:
+        assert self.root is not None
+        target = self.root / rel
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            shutil.copyfileobj(source, out, CHUNK)
+        self.files.add(rel)
+        _set_metadata(target, member)
+
+    def _link(self, member: tarfile.TarInfo, rel: str) -> None:
+        assert self.root is not None
+        top, _, link = member.linkname.partition("/")
+        if top != INSTANCE or link not in self.files:
+            raise TaskError(f"the hardlink {member.name!r} in the image stream points at {member.linkname!r}, "
+                            "which it did not carry", code="image-corrupt")
+        os.link(self.root / link, self.root / rel, follow_symlinks=False)
+        self.files.add(rel)  # the inode's metadata came with its first name
+
+    def _special(self, member: tarfile.TarInfo, rel: str) -> None:
+        assert self.root is not None
+        target = self.root / rel
+        if member.issym():
+            os.symlink(member.linkname, target)
+        elif member.ischr() or member.isblk():
+            kind = stat.S_IFCHR if member.ischr() else stat.S_IFBLK
+            os.mknod(target, kind | 0o600, os.makedev(member.devmajor, member.devminor))
+        elif member.isfifo():
+            os.mkfifo(target, 0o600)
+        else:
+            raise TaskError(f"the image stream holds {member.name!r} of a type a directory cannot hold",
+                            code="image-corrupt")
+        _set_metadata(target, member)
+
+    def finish(self) -> None:
+        """Directories' modes and times, deepest first."""
+        for rel in sorted(self.dirs, key=lambda r: -r.count("/") - bool(r)):
+            member = self.dirs[rel]
+            if member is not None and self.root is not None:
+                _set_metadata(self.root / rel if rel else self.root, member)
+
+
+def _set_metadata(path: Path, member: tarfile.TarInfo) -> None:
+    # Order matters: chown clears setuid bits and file capabilities, so it comes first.
+    os.chown(path, member.uid, member.gid, follow_symlinks=False)
+    if not member.issym():
+        os.chmod(path, member.mode)
+    for key, value in member.pax_headers.items():
+        if key.startswith(XATTR):
+            os.setxattr(path, key[len(XATTR):], value.encode("utf-8", "surrogateescape"), follow_symlinks=False)
+    os.utime(path, (member.mtime, member.mtime), follow_symlinks=False)
+
+
+def _copy_checked(source: BinaryIO, target: Path) -> str:
+    """Copy ``source`` to the new file ``target``; its checksum."""
+    checksum = Checksum()
+    with open(target, "xb") as out:
+        while chunk := source.read(CHUNK):
+            checksum.update(chunk)
+            out.write(chunk)
+    return checksum.hexdigest()
+
+
+def _place_carried(source: BinaryIO, path: Path, incoming: Path, own_root: Path) -> str:
+    """Put a file the tree had open at ``path``, where CRIU expects it; the path."""
+    tmp = incoming / f"kumo-carried-{secrets.token_hex(4)}"
+    received = _copy_checked(source, tmp)
+    if path.is_file() and file_checksum(path) == received:
+        tmp.unlink()
+        return str(path)
+    # Inside our own state a differing file can only be a leftover of an earlier attempt
+    # (instance names are unique in the fleet): replace it. Elsewhere it is someone's data.
+    if not path.resolve().is_relative_to(own_root.resolve()):
+        if path.exists():
+            raise TaskError(f"{path}, which the process had open, exists on this node with other content: move it "
+                            "away (or give both nodes the same file) and migrate again", code="file-conflict")
+        raise TaskError(f"{path}, which the process had open, is missing on this node and lies outside the agent's "
+                        f"state ({own_root}): provide it at the same path (shared storage) and migrate again",
+                        code="missing-files")
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    shutil.move(tmp, path)
+    return str(path)
