@@ -12,10 +12,13 @@ DEBPY := $(DEBVENV)/bin/python
 deps:
 	./scripts/install-deps.sh
 
+# wheel: the tests pip-install tests/example_plugin with the venv's own setuptools (no
+# download), and Debian's setuptools 66 builds a wheel only with it; the Debian venv has
+# Debian's python3-wheel.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,libvirt]' ruff
+	$(PY) -m pip install --quiet -e '.[test,libvirt]' ruff wheel
 	touch $@
 
 venv: $(VENV)/.installed

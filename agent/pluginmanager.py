@@ -23,6 +23,7 @@ import pluggy
 from agent import hookspecs
 from agent.instances import Driver, Drivers
 from agent.sdk import (
+    KIND_RE,
     PROJECT,
     Checkpointer,
     Fingerprint,
@@ -91,6 +92,7 @@ class Hooks:
     def __init__(self, pm: pluggy.PluginManager):
         self.pm = pm
         self.drivers = Drivers({})
+        self._owners: dict[str, str] = {}
 
     def plugin_names(self) -> list[str]:
         return sorted(name for name, _ in self.pm.list_name_plugin())
@@ -160,12 +162,14 @@ class Hooks:
             if driver is None:
                 continue
             kind = getattr(driver, "kind", None)
-            if not isinstance(kind, str) or not kind.isidentifier():
-                raise PluginLoadError(f"plugin {plugin!r}: its instance driver has no kind (a name like 'kvm')")
+            if not isinstance(kind, str) or not KIND_RE.match(kind):
+                raise PluginLoadError(f"plugin {plugin!r}: its instance driver's kind must be 1-32 lower-case "
+                                      f"letters, digits, '_' or '-' (like 'kvm'), got {kind!r}")
             if kind in drivers:
                 raise PluginLoadError(f"instance kind {kind!r} is driven by both {drivers[kind].plugin!r} and {plugin!r}")
             drivers[kind] = Driver(plugin, driver)
         self.drivers = Drivers(drivers)
+        self._owners = self.task_owners()
 
     def task_owners(self) -> dict[str, str]:
         """Map each task kind (plugins' own and their drivers' operations) to its plugin."""
@@ -186,7 +190,7 @@ class Hooks:
         """Run a task on its owner; exceptions propagate (the runtime reports them)."""
         if self.drivers.owns(kind):
             return await self.drivers.handle(kind, payload)
-        owner = self.task_owners().get(kind)
+        owner = self._owners.get(kind)
         for impl in self.pm.hook.kumo_handle_task.get_hookimpls():
             if owner is not None and impl.plugin_name == owner:
                 args = {"kind": kind, "payload": payload, "task_id": task_id}

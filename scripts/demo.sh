@@ -220,7 +220,8 @@ teardown() {
     stop_all
 }
 
-# No init system starts libvirtd here (RECIPES.md): start it, so the kvm plugin is available.
+# These machines have no init system to start libvirtd and virtlogd: start them, so the kvm
+# plugin is available.
 start_libvirtd() {
     command -v libvirtd >/dev/null || return 0
     pgrep -x virtlogd >/dev/null || virtlogd -d

@@ -32,8 +32,7 @@ import asyncio
 import dataclasses
 import os
 
-from agent.sdk import parse_section
-from agent.sdk import Fingerprint, TaskError, hookimpl
+from agent.sdk import Fingerprint, TaskError, hookimpl, parse_section
 
 
 @dataclasses.dataclass
@@ -62,7 +61,7 @@ class CounterPlugin:
         while release and not os.path.exists(release):
             await asyncio.sleep(0.1)
         if payload.get("fail"):
-            raise TaskError("asked to fail: " + payload["line"], code="asked-to-fail")
+            raise TaskError("asked to fail: " + payload["line"], code="bad-request")
         await asyncio.to_thread(self._append, payload["line"])
         return {"line": payload["line"]}
 
@@ -101,11 +100,13 @@ def test_join_then_run_makes_a_ready_node(controller, kumo_agent):
     agent = kumo_agent()
     node = agent.wait_ready()
     assert re.fullmatch(r"n-[0-9a-f]{12}", agent.node_id)
-    assert node["plugins"]["host"]["available"] is True
+    # The node's facts come from the agent core, whatever plugins it runs.
+    assert "host" not in node["plugins"]
     assert node["facts"]["vcpu_overcommit"] == 4.0
-    assert node["facts"]["cpus"] >= 1
+    assert node["facts"]["cpus"] >= 1 and node["facts"]["memory_bytes"] > 0
+    assert isinstance(node["facts"]["kvm_device"], bool)
     assert (agent.state_dir / "node.key").stat().st_mode & 0o777 == 0o600
-    assert (agent.state_dir / "plugins" / "host").stat().st_mode & 0o777 == 0o700
+    assert (agent.state_dir / "plugins" / "process").stat().st_mode & 0o777 == 0o700
     assert "connected as node" in agent.log_text()
 
 
@@ -147,7 +148,7 @@ def test_malformed_join_string_is_a_clear_error(tmp_path):
     [
         ("state_dir: /x\nplugins: [\n", r"{p}: line \d+, column \d+: invalid YAML"),
         ("state_dir: /x\nmetrcs: {}\n", r"{p}: metrcs: unknown key \(allowed keys: "),
-        ("plugins:\n  kvmm: {uri: 'qemu:///system'}\n", r"{p}: plugins.kvmm: no plugin named 'kvmm' is installed \(installed plugins: .*host"),
+        ("plugins:\n  kvmm: {uri: 'qemu:///system'}\n", r"{p}: plugins.kvmm: no plugin named 'kvmm' is installed \(installed plugins: .*process"),
         ("plugins:\n  counter: {}\n", r"{p}: plugins.counter.output: required key is missing"),
     ],
 )
@@ -187,7 +188,8 @@ def test_plugins_command_lists_builtin_and_third_party_plugins(tmp_path, counter
     assert result.returncode == 0, result.stderr
     rows = {row["name"]: row for row in json.loads(result.stdout)["plugins"]}
     assert rows["counter"]["available"] is True and rows["counter"]["task_kinds"] == ["counter.append"]
-    assert rows["host"]["available"] is True
+    assert rows["process"]["available"] is True and "process.create" in rows["process"]["task_kinds"]
+    assert "host" not in rows
 
 
 def test_tasks_run_on_their_plugin_and_failures_carry_the_message(controller, kumo_agent, counter):
@@ -197,12 +199,12 @@ def test_tasks_run_on_their_plugin_and_failures_carry_the_message(controller, ku
     ok = wait_task(controller, submit(controller, agent.node_id, "counter.append", {"line": "one"})["id"])
     assert ok["state"] == "succeeded" and ok["result"] == {"line": "one"}
     failed = wait_task(controller, submit(controller, agent.node_id, "counter.append", {"line": "two", "fail": True})["id"])
-    assert (failed["state"], failed["code"]) == ("failed", "asked-to-fail")
+    assert (failed["state"], failed["code"]) == ("failed", "bad-request")
     assert failed["error"] == "asked to fail: two"
     unknown = wait_task(controller, submit(controller, agent.node_id, "nosuch.thing", {})["id"])
     assert unknown["state"] == "failed"
     assert unknown["error"].startswith("no plugin on this node handles task kind nosuch.thing; installed plugins: ")
-    assert "counter" in unknown["error"] and "host" in unknown["error"]
+    assert "counter" in unknown["error"] and "process" in unknown["error"]
     assert output.read_text() == "one\n"
     # Tasks run side by side: two blocked tasks are both running before either finishes.
     release = output.with_name("release")
@@ -332,7 +334,10 @@ def test_metrics_plain_and_behind_client_certificates(controller, kumo_agent, tm
     agent = kumo_agent()
     body = urllib.request.urlopen(f"http://127.0.0.1:{agent.metrics_port}/metrics", timeout=10).read().decode()
     assert "kumo_agent_controller_connected 1.0" in body
-    assert 'kumo_agent_plugin_available{plugin="host"} 1.0' in body
+    assert 'kumo_agent_plugin_available{plugin="process"} 1.0' in body
+    # One by-state family for every kind, zeros included.
+    assert 'kumo_instances{kind="process",state="running"} 0.0' in body
+    assert "kumo_process_instances" not in body and "kumo_kvm_instances" not in body
     assert "kumo_agent_heartbeat_duration_seconds_bucket" in body or "kumo_agent_heartbeat_duration_seconds_count" in body
     agent.stop()
 

@@ -196,7 +196,7 @@ def test_settings_defaults_and_values(tmp_path):
         ("controller: http://ctl:8443\n", "{p}: controller: expected an https://HOST:PORT URL, got 'http://ctl:8443'"),
         ("vcpu_overcommit: 0\n", "{p}: vcpu_overcommit: expected a number above 0, got 0.0"),
         ("log_level: loud\n", "{p}: log_level: expected one of 'debug', 'info', 'warning', 'error', got 'loud'"),
-        ("plugins: {host: [1]}\n", "{p}: plugins.host: expected a mapping of that plugin's settings"),
+        ("plugins: {kvm: [1]}\n", "{p}: plugins.kvm: expected a mapping of that plugin's settings"),
     ],
 )
 def test_settings_errors_name_file_and_key(tmp_path, text, message):

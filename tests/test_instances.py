@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -146,3 +147,48 @@ def test_bad_user_data_fails_the_create_and_leaves_nothing(controller, two_nodes
     assert duplicate.returncode == 0
     again = create_vm(controller, kvm_guest, "vm-dup", tmp_path, check=False)
     assert again.returncode == 1 and "already exists" in again.stderr
+
+
+def test_a_third_party_kind_is_placed_on_the_node_that_offers_it_and_driven_by_kumoctl(
+        controller, kumo_agent, example_plugin):
+    """tests/example_plugin, pip-installed beside the agent, is found by its entry point; the
+    controller and kumoctl know nothing of the kind ``sleep`` and need not."""
+    plain = kumo_agent()
+    sleeper = kumo_agent(pythonpath=[example_plugin], plugins={"sleep": {"stop_timeout": 5}})
+    offered = sleeper.node()["plugins"]["sleep"]
+    assert (offered["available"], offered["kinds"]) == (True, ["sleep"])
+    assert "sleep" not in plain.node()["plugins"]
+
+    created = kumoctl(controller, "instances", "create", "nap", "--kind", "sleep", "--vcpus", "1",
+                      "--memory", "16", "--option", "seconds=600")
+    assert f"is on node {sleeper.node_id}" in created.stdout
+    placed = wait_state(controller, "nap", "running", timeout=30)
+    assert placed["placement"]["filtered"] == {plain.node_id: "no plugin on the node runs sleep instances"}
+    pid = placed["details"]["pid"]
+    assert Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[1] == b"600"
+    assert "sleeping 600 s" in kumoctl(controller, "instances", "console", "nap").stdout
+
+    kumoctl(controller, "instances", "stop", "nap")
+    wait_state(controller, "nap", "stopped", timeout=30)
+    assert gone(pid)
+    kumoctl(controller, "instances", "start", "nap")
+    pid = wait_state(controller, "nap", "running", timeout=30)["details"]["pid"]
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{sleeper.metrics_port}/metrics", timeout=10).read().decode()
+    assert 'kumo_instances{kind="sleep",state="running"} 1.0' in metrics
+
+    # The agent restarts; the process runs on and the new agent adopts it.
+    sleeper.restart()
+    assert wait_state(controller, "nap", "running", timeout=30)["details"]["pid"] == pid
+    assert "adopted 1 instance(s): sleep/nap" in sleeper.log_text()
+
+    kumoctl(controller, "instances", "delete", "nap")
+    assert json.loads(kumoctl(controller, "instances", "list", "-o", "json").stdout) == []
+    assert gone(pid)
+
+
+def gone(pid: int) -> bool:
+    """No such process, or only its zombie (after an agent restart, not the agent's to reap)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True

@@ -20,7 +20,6 @@ def node(node_id: str, **changes: Any) -> dict[str, Any]:
         "state": "ready",
         "drained": False,
         "plugins": {
-            "host": {"available": True, "reason": "", "kinds": [], "attributes": {}},
             "kvm": {"available": True, "reason": "", "kinds": ["kvm"], "attributes": {}},
             "lxc": {"available": True, "reason": "", "kinds": ["lxc"], "attributes": {}},
         },
@@ -64,6 +63,13 @@ def test_node_without_a_plugin_for_the_kind_is_dropped():
     chosen, reasons = place(request(kind="zone"), [node("n-a")])
     assert chosen is None
     assert reasons == {"n-a": "no plugin on the node runs zone instances"}
+
+
+def test_a_kind_is_placed_by_what_nodes_offer_whatever_its_plugin():
+    # A third-party plugin's kind, named neither after its plugin nor known to the controller.
+    sleeper = {"available": True, "reason": "", "kinds": ["sleep"], "attributes": {}}
+    nodes = [node("n-a"), node("n-b", plugins={"kumo-sleep": sleeper})]
+    assert place(request(kind="sleep"), nodes) == ("n-b", {"n-a": "no plugin on the node runs sleep instances"})
 
 
 def test_unavailable_plugin_reports_its_own_reason():

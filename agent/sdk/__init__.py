@@ -16,7 +16,7 @@ What is here, by concern:
 - input: :func:`parse_section` for the plugin's ``plugins.<name>`` settings and
   :func:`parse_payload` for task payloads, both from a dataclass, both strict;
 - running instances: the driver contract (:class:`InstanceDriver`, :class:`ConsoleOutput`,
-  :data:`NAME_RE`), the checkpoint capability (:class:`Checkpointer`,
+  :data:`NAME_RE`, :data:`KIND_RE`), the checkpoint capability (:class:`Checkpointer`,
   :class:`DirectoryCheckpointer`, :class:`CheckpointSubject`, :class:`CriuCommand`) and the node's image cache
   (:class:`ImageCache`);
 - mechanics every plugin would otherwise write again: :func:`atomic_write` and
@@ -34,7 +34,14 @@ from agent.sdk.checkpointing import (
 )
 from agent.sdk.commands import CommandResult, run_command, run_command_sync
 from agent.sdk.config import ConfigError, load_yaml_file, parse_section
-from agent.sdk.driver import CONSOLE_BYTES, NAME_RE, OPERATIONS, ConsoleOutput, InstanceDriver
+from agent.sdk.driver import (
+    CONSOLE_BYTES,
+    KIND_RE,
+    NAME_RE,
+    OPERATIONS,
+    ConsoleOutput,
+    InstanceDriver,
+)
 from agent.sdk.files import atomic_write, tail
 from agent.sdk.hooks import PluginHooks
 from agent.sdk.images import ImageCache
@@ -64,6 +71,7 @@ __all__ = [
     "CONSOLE_BYTES",
     "ERROR_CODES",
     "INSTANCE_STATES",
+    "KIND_RE",
     "NAME_RE",
     "OPERATIONS",
     "PROJECT",

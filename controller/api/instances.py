@@ -15,6 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
+from agent.sdk import KIND_RE
 from controller import scheduler
 from controller.api import ApiError, Route, field, iso, json_body, reply, state
 from controller.api.tasks import new_task, submit
@@ -81,7 +82,7 @@ async def create(request: web.Request) -> web.Response:
     kind = field(data, "kind", str)
     if not NAME_RE.match(name):
         raise ApiError(400, f"name must be 1-63 lowercase letters, digits or '-' (not first or last), got {name!r}")
-    if not re.fullmatch(r"[a-z0-9_-]{1,32}", kind):
+    if not KIND_RE.match(kind):
         raise ApiError(400, f"kind must be an instance kind such as kvm, lxc or process, got {kind!r}")
     vcpus = field(data, "vcpus", int, required=False, default=DEFAULT_VCPUS)
     memory = field(data, "memory_mib", int, required=False, default=DEFAULT_MEMORY_MIB)

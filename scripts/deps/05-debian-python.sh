@@ -5,5 +5,5 @@
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 apt_install python3-aiohttp python3-pluggy python3-libvirt python3-psutil \
-    python3-prometheus-client python3-yaml python3-cryptography \
+    python3-prometheus-client python3-yaml python3-cryptography python3-wheel \
     python3-pytest python3-pytest-aiohttp python3-pytest-asyncio python3-pytest-timeout

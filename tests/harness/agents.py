@@ -15,8 +15,10 @@ as subprocesses with their own state directory and ``agent.yaml`` (metrics on a 
 127.0.0.1 port, log level debug), and waits until the node is ``ready`` in ``GET /v1/nodes``.
 Agents are stopped (SIGTERM, then SIGKILL) when the test ends, whatever happened.
 
-Third-party plugins load exactly as built-ins do, through an entry point: write one with
-:func:`write_plugin_distribution` and pass its directory in ``pythonpath``.
+Third-party plugins load exactly as built-ins do, through an entry point: install a plugin
+project with :func:`install_plugin` (the ``example_plugin`` fixture installs
+``tests/example_plugin``), or write a one-module plugin with
+:func:`write_plugin_distribution`, and pass the directory in ``pythonpath``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,6 +41,7 @@ import yaml
 from tests.harness import REPO, free_port
 
 READY_TIMEOUT = 60.0
+EXAMPLE_PLUGIN = REPO / "tests" / "example_plugin"
 # What the agent logs each time it registers with the controller.
 CONNECTED = "connected as node"
 
@@ -64,6 +68,31 @@ def write_plugin_distribution(directory: Path, name: str, module_source: str, en
     (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: kumo-plugin-{name}\nVersion: 0.1\n")
     (dist / "entry_points.txt").write_text(f"[kumo.plugins]\n{name} = {entry}\n")
     return directory
+
+
+def install_plugin(project: Path, target: Path) -> Path:
+    """``pip install --no-deps`` the plugin project ``project`` into the directory ``target``,
+    never into the test's venv, and return ``target``: the agent finds the plugin through its
+    installed entry point once ``target`` is on its ``pythonpath``.
+
+    The build uses the venv's setuptools (no download) from a copy of the project, so the
+    source tree gets no build/ or egg-info.
+    """
+    source = target.with_name(target.name + "-src")
+    shutil.copytree(project, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    result = subprocess.run(  # noqa: S603 - fixed argument list
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+         "--no-index", "--target", str(target), str(source)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 0, f"pip install {project} failed:\n{result.stdout}{result.stderr}"
+    return target
+
+
+@pytest.fixture(scope="session")
+def example_plugin(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/example_plugin (the kind ``sleep``) installed with pip into a directory of its own."""
+    return install_plugin(EXAMPLE_PLUGIN, tmp_path_factory.mktemp("example-plugin") / "site")
 
 
 @dataclasses.dataclass
