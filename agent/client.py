@@ -32,14 +32,6 @@ class ControllerRejected(PluginError):
         self.error = error
 
 
-def client_tls_context(identity: Identity) -> ssl.SSLContext:
-    """Verify the controller against the Kumo CA and present the node certificate."""
-    ctx = ssl.create_default_context(cafile=str(identity.ca))
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(str(identity.certificate), str(identity.key))
-    return ctx
-
-
 class ControllerClient:
     """Requests to the controller's API listener as this node, plus the connected/unreachable state.
 
@@ -50,7 +42,7 @@ class ControllerClient:
     def __init__(self, base_url: str, identity: Identity, on_state_change: Any = None):
         self.base_url = base_url.rstrip("/")
         self.identity = identity
-        self._ssl = client_tls_context(identity)
+        self._ssl = identity.client_tls_context()
         self._session: aiohttp.ClientSession | None = None
         self.connected: bool | None = None
         self._on_state_change = on_state_change
@@ -61,7 +53,7 @@ class ControllerClient:
 
     def reload_identity(self) -> None:
         """Use the (renewed) key and certificate on disk for every new connection."""
-        self._ssl = client_tls_context(self.identity)
+        self._ssl = self.identity.client_tls_context()
 
     async def close(self) -> None:
         if self._session is not None:

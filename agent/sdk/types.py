@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
@@ -146,6 +147,14 @@ class Identity:
     key: Path
     certificate: Path
     ca: Path
+
+    def client_tls_context(self) -> ssl.SSLContext:
+        """TLS 1.2 or later as this node, trusting only the Kumo CA: for requests to the
+        controller. Reads the files, so call it off the event loop."""
+        context = ssl.create_default_context(cafile=str(self.ca))
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(str(self.certificate), str(self.key))
+        return context
 
 
 @dataclasses.dataclass

@@ -14,12 +14,11 @@ import contextlib
 import hashlib
 import json
 import re
-import ssl
 import tarfile
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from agent.sdk import Identity, PluginContext, TaskError
+from agent.sdk import PluginContext, TaskError
 from plugins.checkpoint.image import CHUNK
 from plugins.checkpoint.stream import Member, stream_size, tar_chunks
 
@@ -60,7 +59,7 @@ async def _request(context: PluginContext, method: str, migration: str, body: An
     if identity is None or not base_url:
         raise TaskError("this agent has no controller session to transfer an image through", code="no-controller")
     url = f"{base_url.rstrip('/')}/v1/nodes/{identity.node_id}/migrations/{migration}/image"
-    tls = await asyncio.to_thread(_tls_context, identity)
+    tls = await asyncio.to_thread(identity.client_tls_context)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=STALL_TIMEOUT)
     what = "sending the image to" if method == "PUT" else "receiving the image from"
     try:
@@ -80,13 +79,6 @@ async def _request(context: PluginContext, method: str, migration: str, body: An
     except (aiohttp.ClientError, OSError, TimeoutError, tarfile.TarError, EOFError) as exc:
         raise TaskError(f"{what} the controller broke off: {exc or type(exc).__name__}; nothing was restored",
                         code="transfer-failed") from exc
-
-
-def _tls_context(identity: Identity) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=str(identity.ca))
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(str(identity.certificate), str(identity.key))
-    return context
 
 
 class BodyReader:
