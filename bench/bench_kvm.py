@@ -1,8 +1,8 @@
 """Benchmark: the kvm plugin's ``kvm.create`` against ``virsh define`` + ``virsh start``.
 
 Both start the same guest on the real libvirtd (TCG here) from the same domain XML: Kumo's
-time covers everything its create does (checks, cidata seed ISO, qcow2 overlay, XML,
-define, start) until the domain runs; the baseline is the two virsh commands on a copy of
+time covers everything its create does as the agent routes it (payload checks, resources,
+cidata seed ISO, image cache, qcow2 overlay, XML, define, start) until the domain runs; the baseline is the two virsh commands on a copy of
 the XML Kumo produced, with its overlay and seed made beforehand. Runs alternate and the
 medians are compared. Target: Kumo ≤ 1.1× the baseline.
 
@@ -63,7 +63,7 @@ async def main(runs: int) -> None:
     root.mkdir(parents=True, mode=0o711)
     state = Path(tempfile.mkdtemp(prefix="kumo-bench-state-"))
     bed = KvmTestBed(URI, root, state)
-    plugin = await bed.plugin()
+    node = await bed.node()
     conn = libvirt.open(URI)
     sha = guest.disk_sha256
 
@@ -80,18 +80,18 @@ async def main(runs: int) -> None:
     try:
         # Warm-up (not measured): image cache, acceleration verdict, QEMU binary in page cache.
         warm = bed.name("warm")
-        await plugin.kumo_handle_task(kind="kvm.create", payload=payload(warm), task_id="warm")
+        await node.task("kvm.create", **payload(warm))
         template = conn.lookupByName(warm).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
         seed = root / "seed-template.iso"
         shutil.copy(root / "instances" / warm / "cidata.iso", seed)
-        await plugin.kumo_handle_task(kind="kvm.delete", payload={"name": warm}, task_id="warm-d")
+        await node.task("kvm.delete", name=warm)
         for i in range(runs):
             name = bed.name(f"k{i}")
             start = time.perf_counter()
-            result = await plugin.kumo_handle_task(kind="kvm.create", payload=payload(name), task_id=name)
+            result = await node.task("kvm.create", **payload(name))
             kumo.append(time.perf_counter() - start)
             assert result["state"] == "running", result
-            await plugin.kumo_handle_task(kind="kvm.delete", payload={"name": name}, task_id=f"{name}-d")
+            await node.task("kvm.delete", name=name)
 
             bname = bed.name(f"b{i}")
             bdir = root / "baseline" / bname
@@ -111,7 +111,7 @@ async def main(runs: int) -> None:
             virsh("destroy", bname)
             virsh("undefine", bname)
     finally:
-        await plugin.kumo_shutdown()
+        await node.plugin.kumo_shutdown()
         conn.close()
         bed.cleanup()
         shutil.rmtree(state, ignore_errors=True)

@@ -1,4 +1,5 @@
-"""The kvm plugin: domain XML (unit) and real guests through the real libvirtd.
+"""The kvm plugin: domain XML, payloads and liveness (unit), and real guests through the real
+libvirtd, every task routed by the agent's core as on a node.
 
 The guest is Debian's kernel with a busybox initramfs (tests/harness/guest.py) whose /init
 prints the cidata seed it finds on the serial console; with ``kumo.hold`` it stays up until
@@ -11,6 +12,8 @@ import asyncio
 import hashlib
 import json
 import re
+import shutil
+import socket
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -19,41 +22,32 @@ from typing import Any
 
 import pytest
 
+from agent.pluginmanager import Hooks, make_plugin_manager
 from agent.sdk import ConfigError, TaskError
-from plugins import kvm
-from plugins.kvm import (
-    METADATA_NS,
-    CreateSpec,
-    KvmPlugin,
-    _Acceleration,
-    _metadata_directory,
-    domain_xml,
-)
+from plugins.kvm import KvmPlugin, liveness
+from plugins.kvm.acceleration import Acceleration
+from plugins.kvm.disks import backing_file
+from plugins.kvm.domain import METADATA_NS, DomainFiles, domain_xml, read_metadata
+from plugins.kvm.spec import BootOptions, CreateSpec
 from tests.harness import REPO, require
 from tests.harness.guest import Guest
-from tests.harness.libvirt import KvmTestBed, wait_for
+from tests.harness.libvirt import KvmNode, KvmTestBed, wait_for
 
 # ---- unit -------------------------------------------------------------------------------
 
 
-def _spec(**kw: Any) -> CreateSpec:
-    base = dict(image="/i.qcow2", image_sha256=None, vcpus=2, memory_mib=256, kernel=None, initrd=None, cmdline=None)
-    base.update(kw)
-    return CreateSpec(**base)
+def _spec(**options: Any) -> CreateSpec:
+    return CreateSpec(name="vm-1", image="/i.qcow2", memory_mib=256, vcpus=2, options=BootOptions(**options))
 
 
 def _xml(spec: CreateSpec, network: str = "none", accel: str = "qemu") -> ET.Element:
-    text = domain_xml(
-        name="vm-1",
-        spec=spec,
-        accel=_Acceleration(accel, "tcg" if accel == "qemu" else "kvm", "test"),  # type: ignore[arg-type]
-        disk=Path("/d/vm-1/disk.qcow2"),
-        seed=Path("/d/vm-1/cidata.iso"),
-        console_log=Path("/d/vm-1/console.log"),
-        directory=Path("/d/vm-1"),
-        network=network,
-    )
-    assert _metadata_directory(text) == Path("/d/vm-1")
+    directory = Path("/d/vm-1")
+    files = DomainFiles(directory, directory / "disk.qcow2", directory / "cidata.iso", directory / "console.log")
+    acceleration = Acceleration(accel, "tcg" if accel == "qemu" else "kvm", "test")  # type: ignore[arg-type]
+    text = domain_xml("vm-1", spec, acceleration, files, network)
+    metadata = read_metadata(text)
+    assert metadata is not None and metadata.directory == directory
+    assert metadata.acceleration == acceleration.name
     return ET.fromstring(text)
 
 
@@ -70,6 +64,7 @@ def test_domain_xml_direct_kernel_boot_keeps_user_strings_as_text() -> None:
     assert cdrom.find("readonly") is not None and cdrom.find("source").get("file") == "/d/vm-1/cidata.iso"
     assert root.find("devices/serial").get("type") == "file"
     assert root.find("devices/serial/source").get("path") == "/d/vm-1/console.log"
+    assert root.find("devices/console/target").get("type") == "serial"
     assert root.find(f"metadata/{{{METADATA_NS}}}instance") is not None
     assert root.find("devices/interface") is None
 
@@ -84,12 +79,24 @@ def test_domain_xml_disk_boot_and_networks() -> None:
 
 
 def test_foreign_domain_has_no_kumo_metadata() -> None:
-    assert _metadata_directory("<domain type='qemu'><name>x</name></domain>") is None
+    assert read_metadata("<domain type='qemu'><name>x</name></domain>") is None
+
+
+def test_backing_file_is_read_from_the_overlay(tmp_path: Path) -> None:
+    require(shutil.which("qemu-img") is not None, "qemu-img (qemu-utils)")
+    base = tmp_path / "base image.raw"
+    base.write_bytes(bytes(1 << 20))
+    overlay = tmp_path / "disk.qcow2"
+    subprocess.run(  # noqa: S603 - an argv list
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(base), str(overlay)], check=True)
+    assert backing_file(overlay) == base
+    assert backing_file(base) is None and backing_file(tmp_path / "none") is None
 
 
 @pytest.mark.parametrize(
     "section",
-    [{"network": "bridge:"}, {"acceleration": "fast"}, {"shutdown_timeout": 0}, {"urii": "x"}],
+    [{"network": "bridge:"}, {"acceleration": "fast"}, {"shutdown_timeout": 0}, {"urii": "x"},
+     {"image_cache_max_mib": 0}],
 )
 def test_bad_config_is_refused(section: dict[str, Any]) -> None:
     with pytest.raises(ConfigError):
@@ -99,19 +106,82 @@ def test_bad_config_is_refused(section: dict[str, Any]) -> None:
 @pytest.mark.parametrize(
     ("payload", "message"),
     [
-        ({"name": "Bad_Name", "image": "/x", "memory_mib": 64}, "name must be"),
-        ({"name": "a", "memory_mib": 64}, "image is required"),
-        ({"name": "a", "image": "/x", "memory_mib": 8}, "memory_mib must be"),
-        ({"name": "a", "image": "/x", "memory_mib": 64, "vcpus": 0}, "vcpus must be"),
+        ({"name": "-bad", "image": "/x", "memory_mib": 64}, "payload.name must be"),
+        ({"name": "a", "memory_mib": 64}, "payload.image: required key is missing"),
+        ({"name": "a", "image": "/x", "memory_mib": 8}, "payload.memory_mib must be at least 32"),
+        ({"name": "a", "image": "/x", "memory_mib": 64, "vcpus": 0}, "payload.vcpus must be at least 1"),
+        ({"name": "a", "image": "/x", "memory_mib": "lots"}, "payload.memory_mib: expected an integer"),
         ({"name": "a", "image": "/x", "memory_mib": 64, "image_sha256": "abc"}, "64 hexadecimal"),
-        ({"name": "a", "image": "/x", "memory_mib": 64, "options": {"bios": 1}}, "options.bios"),
+        ({"name": "a", "image": "/x", "memory_mib": 64, "options": {"bios": 1}}, "payload.options.bios: unknown key"),
         ({"name": "a", "image": "/x", "memory_mib": 64, "options": {"initrd": "/i"}}, "need options.kernel"),
+        ({"name": "a", "image": "/x", "memroy_mib": 64}, "payload.memroy_mib: unknown key"),
     ],
 )
 async def test_bad_payload_is_refused_before_libvirt(payload: dict[str, Any], message: str) -> None:
-    plugin = KvmPlugin()
-    with pytest.raises(TaskError, match=message):
-        await plugin.kumo_handle_task(kind="kvm.create", payload=payload, task_id="t")
+    hooks = Hooks(make_plugin_manager({"kvm": KvmPlugin()}))  # never started: no libvirt
+    hooks.load_drivers()
+    with pytest.raises(TaskError, match=re.escape(message)) as err:
+        await hooks.handle_task("kvm.create", {"kind": "kvm", **payload}, "t")
+    assert err.value.code == "bad-request"
+
+
+def test_liveness_watches_the_socket_a_local_uri_names() -> None:
+    assert liveness.socket_paths("qemu:///system") == liveness.SYSTEM_SOCKETS
+    assert liveness.socket_paths("qemu+unix:///system?socket=/tmp/x.sock") == (Path("/tmp/x.sock"),)
+    # Nothing local to watch: the child answers for these.
+    for uri in ("qemu+ssh://host/system", "qemu+tcp://host/system", "qemu:///session"):
+        assert liveness.socket_paths(uri) == ()
+
+
+def test_liveness_sees_a_listening_socket_and_its_replacement(tmp_path: Path) -> None:
+    path = tmp_path / "sock dir" / "libvirt-sock"
+    path.parent.mkdir()
+    assert liveness.listening((path,)) is None
+    inodes = []
+    for _ in range(2):  # libvirtd, then a restarted libvirtd
+        with socket.socket(socket.AF_UNIX) as server:
+            server.bind(str(path))
+            assert liveness.listening((path,)) is None  # bound, not yet listening
+            server.listen()
+            found = liveness.listening((tmp_path / "other", tmp_path / "sock dir" / ".." / "sock dir" / "libvirt-sock"))
+            assert found is not None and found[0].endswith("libvirt-sock")
+            inodes.append(found[1:])
+            path.unlink()
+            assert liveness.listening((path,)) is None  # still listening, but unreachable
+    assert inodes[0] != inodes[1]
+
+
+async def test_liveness_asks_the_child_again_only_when_the_socket_cannot_be_trusted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    require(_has_binding(), "the libvirt Python binding (pip install -e '.[libvirt]')")
+    answers = [liveness.Answer("", {"libvirt_version": "1.2.3"})]
+    asked: list[str] = []
+
+    async def child(uri: str) -> liveness.Answer:
+        asked.append(uri)
+        return answers[-1]
+
+    monkeypatch.setattr(liveness, "ask_child", child)
+    monkeypatch.setattr(liveness, "RECHECK_INTERVAL", 0.0)  # "every 30 s" is every refresh here
+    path = tmp_path / "libvirt-sock"
+    uri = f"qemu+unix:///system?socket={path}"
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(path))
+        server.listen()
+        probe = liveness.Liveness(uri)
+        for _ in range(3):  # listening, and libvirtd answered: the socket is trusted
+            assert (await probe.refresh()).versions == {"libvirt_version": "1.2.3"}
+        assert len(asked) == 1
+        probe = liveness.Liveness(uri)
+        answers.append(liveness.Answer("cannot connect: permission denied"))
+        for _ in range(3):  # listening, yet libvirt refuses: only the child can tell
+            assert (await probe.refresh()).reason == "cannot connect: permission denied"
+        assert len(asked) == 4
+    remote = liveness.Liveness("qemu+ssh://host/system")  # no socket to watch at all
+    await remote.refresh()
+    await remote.refresh()
+    assert asked[-2:] == ["qemu+ssh://host/system"] * 2
 
 
 # A fresh interpreter (this one has libvirt imported already) starts one kvm plugin, and
@@ -120,6 +190,7 @@ async def test_bad_payload_is_refused_before_libvirt(payload: dict[str, Any], me
 _LAZY_SCRIPT = """
 import asyncio, json, sys
 from pathlib import Path
+from agent.pluginmanager import Hooks, make_plugin_manager
 from agent.sdk import PluginContext, TaskError
 from plugins.kvm import KvmPlugin
 
@@ -129,15 +200,18 @@ def loaded():
 
 async def main(uri, instance_dir, state_dir):
     plugin = KvmPlugin()
+    hooks = Hooks(make_plugin_manager({"kvm": plugin}))
     plugin.kumo_configure(section={"uri": uri, "instance_dir": instance_dir, "acceleration": "tcg"}, source="t")
     async def no_controller(*args, **kwargs):
         raise AssertionError
-    context = PluginContext("kvm", Path(state_dir), None, None, lambda: None, no_controller)
+    context = PluginContext(name="kvm", state_dir=Path(state_dir), agent_state_dir=Path(state_dir), identity=None,
+                            hooks=hooks, report_changed=lambda: None, call_controller=no_controller)
     await plugin.kumo_startup(context=context)
+    hooks.load_drivers()
     report = {"startup": loaded(), "fingerprint": (await plugin.kumo_fingerprint()).to_json()}
     report["idle"] = loaded()
     try:
-        await plugin.kumo_handle_task(kind="kvm.start", payload={"name": "nope"}, task_id="t")
+        await hooks.handle_task("kvm.start", {"name": "nope"}, "t")
     except TaskError as exc:
         report["task"] = exc.code
     report["after_task"] = loaded()
@@ -225,42 +299,37 @@ def _payload(bed: KvmTestBed, guest: Guest, name: str, hold: bool = False, **ext
     return payload
 
 
-async def _task(plugin: KvmPlugin, task_kind: str, /, **payload: Any) -> Any:
-    return await plugin.kumo_handle_task(kind=task_kind, payload=payload, task_id=f"{task_kind}-test")
-
-
-async def _console(plugin: KvmPlugin, name: str) -> str:
-    return (await _task(plugin, "kvm.console", name=name))["log"]
-
-
-def _state(plugin: KvmPlugin, name: str) -> str | None:
-    return next((i.state for i in plugin.kumo_instances() if i.name == name), None)
-
-
 def _leftovers(bed: KvmTestBed, name: str) -> list[str]:
     files = [str(p) for p in (bed.root / "images").glob("*")] + [str(p) for p in (bed.root / "instances").glob(f"{name}*")]
     return bed.domains() + files
 
 
-async def _fingerprint_until(plugin: KvmPlugin, available: bool) -> Any:
+async def _fingerprint_until(node: KvmNode, available: bool) -> Any:
     for _ in range(150):
-        fingerprint = await plugin.kumo_fingerprint()
+        fingerprint = await node.plugin.kumo_fingerprint()
         if fingerprint.available == available:
             return fingerprint
         await asyncio.sleep(0.2)
     pytest.fail(f"the kvm plugin never became {'available' if available else 'unavailable'}")
 
 
+async def _probe(node: KvmNode) -> Any:
+    return await node.plugin.kumo_probes()[0].run()
+
+
 @pytest.mark.integration
 async def test_create_boots_with_the_users_seed(kvm_bed: KvmTestBed, kvm_guest: Guest) -> None:
-    plugin = await kvm_bed.plugin()
+    node = await kvm_bed.node()
     name = kvm_bed.name("seed")
-    result = await plugin.kumo_handle_task(kind="kvm.create", payload=_payload(kvm_bed, kvm_guest, name), task_id="t1")
-    assert result["state"] == "running" and result["name"] == name
+    result = await node.task("kvm.create", **_payload(kvm_bed, kvm_guest, name))
+    assert (result["name"], result["kind"], result["state"]) == (name, "kvm", "running")
+    directory = kvm_bed.root / "instances" / name
+    assert result["details"]["console_log"] == str(directory / "console.log")
+    assert result["details"]["acceleration"] in ("kvm", "tcg")
     assert kvm_bed.domains() == [name]
     # The guest powers itself off after printing the seed: the STOPPED lifecycle event says so.
-    await wait_for(lambda: _state(plugin, name) == "stopped")
-    lines = (await _console(plugin, name)).splitlines()  # the serial line ends in CRLF
+    await wait_for(lambda: node.state(name) == "stopped")
+    lines = (await node.console(name)).splitlines()  # the serial line ends in CRLF
     assert f"CIDATA-META: instance-id: {name}" in lines
     assert f"CIDATA-USERDATA-FIRSTLINE: #cloud-config {name}-marker" in lines
     assert "GUEST-DONE" in lines
@@ -269,52 +338,56 @@ async def test_create_boots_with_the_users_seed(kvm_bed: KvmTestBed, kvm_guest: 
 
 @pytest.mark.integration
 async def test_stop_start_delete(kvm_bed: KvmTestBed, kvm_guest: Guest) -> None:
-    plugin = await kvm_bed.plugin()
+    node = await kvm_bed.node()
     name = kvm_bed.name("life")
-    await _task(plugin, "kvm.create", **_payload(kvm_bed, kvm_guest, name, hold=True))
+    await node.task("kvm.create", **_payload(kvm_bed, kvm_guest, name, hold=True))
+
     async def holding(count: int) -> None:
         for _ in range(300):
-            if (await _console(plugin, name)).count("GUEST-HOLDING") >= count:
+            if (await node.console(name)).count("GUEST-HOLDING") >= count:
                 return
             await asyncio.sleep(0.2)
-        pytest.fail(f"guest did not reach GUEST-HOLDING #{count}: {await _console(plugin, name)}")
+        pytest.fail(f"guest did not reach GUEST-HOLDING #{count}: {await node.console(name)}")
 
     await holding(1)
-    stopped = await _task(plugin, "kvm.stop", name=name)
-    assert stopped == {"name": name, "state": "stopped", "forced": False}  # ACPI power button obeyed
-    assert "GUEST-POWER-BUTTON" in await _console(plugin, name)
+    stopped = await node.task("kvm.stop", name=name)
+    # ACPI power button obeyed
+    assert {k: stopped[k] for k in ("name", "kind", "state", "forced")} == {
+        "name": name, "kind": "kvm", "state": "stopped", "forced": False}
+    assert "GUEST-POWER-BUTTON" in await node.console(name)
 
-    started = await _task(plugin, "kvm.start", name=name)
-    assert started["state"] == "running" and _state(plugin, name) == "running"
+    started = await node.task("kvm.start", name=name)
+    assert started["state"] == "running" and node.state(name) == "running"
     await holding(2)
     # A zero timeout leaves no time for the guest: the plugin destroys it.
-    forced = await _task(plugin, "kvm.stop", name=name, timeout=0)
+    forced = await node.task("kvm.stop", name=name, timeout=0)
     assert forced["forced"] is True and forced["state"] == "stopped"
 
     directory = kvm_bed.root / "instances" / name
     assert (directory / "disk.qcow2").exists()
-    assert await _task(plugin, "kvm.delete", name=name) == {"name": name, "state": "deleted"}
+    assert await node.task("kvm.delete", name=name) == {"name": name, "kind": "kvm", "state": "deleted"}
     assert kvm_bed.domains() == [] and not directory.exists()
-    assert _state(plugin, name) is None
+    assert node.state(name) is None
     with pytest.raises(TaskError) as err:
-        await _task(plugin, "kvm.start", name=name)
+        await node.task("kvm.start", name=name)
     assert err.value.code == "not-found"
 
 
 @pytest.mark.integration
 async def test_acceleration_is_proven_not_assumed(kvm_bed: KvmTestBed) -> None:
-    fingerprint = await (await kvm_bed.plugin()).kumo_fingerprint()
+    fingerprint = await (await kvm_bed.node()).plugin.kumo_fingerprint()
     assert fingerprint.available and fingerprint.kinds == ("kvm",)
     attrs = fingerprint.attributes
     cpu_flags = Path("/proc/cpuinfo").read_text().split()
     if "vmx" not in cpu_flags and "svm" not in cpu_flags:
-        # These machines: /dev/kvm is software (PVM); guests crawl or fault (RECIPES.md 1b).
+        # No hardware virtualisation: /dev/kvm, where it exists, is a paravirtual or nested
+        # implementation under which guests run at emulation speed or fault.
         assert attrs["acceleration"] == "tcg"
         assert "falling back to TCG" in attrs["acceleration_reason"]
         assert "probe guest" in attrs["acceleration_reason"] or "/dev/kvm" in attrs["acceleration_reason"]
     else:
         assert attrs["acceleration"] in ("kvm", "tcg") and attrs["acceleration_reason"]
-    forced = await (await kvm_bed.plugin(acceleration="tcg")).kumo_fingerprint()
+    forced = await (await kvm_bed.node(acceleration="tcg")).plugin.kumo_fingerprint()
     assert forced.attributes["acceleration"] == "tcg"
     assert "set by configuration" in forced.attributes["acceleration_reason"]
 
@@ -323,46 +396,46 @@ async def test_acceleration_is_proven_not_assumed(kvm_bed: KvmTestBed) -> None:
 async def test_adoption_leaves_the_running_domain_alone(kvm_bed: KvmTestBed, kvm_guest: Guest) -> None:
     import libvirt
 
-    first = await kvm_bed.plugin()  # idle: its create loads libvirt; the second loads it at startup
+    first = await kvm_bed.node()  # idle: its create loads libvirt; the second loads it at startup
     name = kvm_bed.name("adopt")
-    await _task(first, "kvm.create", **_payload(kvm_bed, kvm_guest, name, hold=True))
+    await first.task("kvm.create", **_payload(kvm_bed, kvm_guest, name, hold=True))
     conn = libvirt.open("qemu:///system")
     try:
         before = conn.lookupByName(name).ID()
-        await first.kumo_shutdown()  # the agent stops; the VM must not
+        await first.plugin.kumo_shutdown()  # the agent stops; the VM must not
 
-        second = await kvm_bed.plugin()
-        adopted = await second.kumo_adopt()
+        second = await kvm_bed.node()
+        adopted = await second.hooks.adopt()
         assert [(s.name, s.kind, s.state) for s in adopted if s.name.startswith(kvm_bed.prefix)] == [
             (name, "kvm", "running")
         ]
         dom = conn.lookupByName(name)
         assert dom.isActive() and dom.ID() == before  # same qemu process: never restarted
         # The adopted instance is fully managed: events and tasks work.
-        await _task(second, "kvm.stop", name=name, timeout=0)
-        assert _state(second, name) == "stopped"
+        await second.task("kvm.stop", name=name, timeout=0)
+        assert second.state(name) == "stopped"
     finally:
         conn.close()
 
 
 @pytest.mark.integration
 async def test_missing_image_leaves_nothing(kvm_bed: KvmTestBed, kvm_guest: Guest) -> None:
-    plugin = await kvm_bed.plugin()
+    node = await kvm_bed.node()
     name = kvm_bed.name("noimg")
     payload = _payload(kvm_bed, kvm_guest, name, image=str(kvm_bed.root / "nope.qcow2"), image_sha256=None)
     with pytest.raises(TaskError) as err:
-        await _task(plugin, "kvm.create", **payload)
+        await node.task("kvm.create", **payload)
     assert err.value.code == "image-missing" and "does not exist" in str(err.value)
     assert _leftovers(kvm_bed, name) == []
 
 
 @pytest.mark.integration
 async def test_checksum_mismatch_leaves_nothing(kvm_bed: KvmTestBed, kvm_guest: Guest) -> None:
-    plugin = await kvm_bed.plugin()
+    node = await kvm_bed.node()
     name = kvm_bed.name("badsum")
     wrong = hashlib.sha256(b"not the image").hexdigest()
     with pytest.raises(TaskError) as err:
-        await _task(plugin, "kvm.create", **_payload(kvm_bed, kvm_guest, name, image_sha256=wrong))
+        await node.task("kvm.create", **_payload(kvm_bed, kvm_guest, name, image_sha256=wrong))
     assert err.value.code == "image-checksum"
     assert kvm_guest.disk_sha256 in str(err.value) and wrong in str(err.value)
     assert _leftovers(kvm_bed, name) == []
@@ -370,23 +443,23 @@ async def test_checksum_mismatch_leaves_nothing(kvm_bed: KvmTestBed, kvm_guest: 
 
 @pytest.mark.integration
 async def test_duplicate_name_is_refused_and_the_first_survives(kvm_bed: KvmTestBed, kvm_guest: Guest) -> None:
-    plugin = await kvm_bed.plugin()
+    node = await kvm_bed.node()
     name = kvm_bed.name("dup")
-    await _task(plugin, "kvm.create", **_payload(kvm_bed, kvm_guest, name, hold=True))
+    await node.task("kvm.create", **_payload(kvm_bed, kvm_guest, name, hold=True))
     with pytest.raises(TaskError) as err:
-        await _task(plugin, "kvm.create", **_payload(kvm_bed, kvm_guest, name))
+        await node.task("kvm.create", **_payload(kvm_bed, kvm_guest, name))
     assert err.value.code == "exists"
-    assert kvm_bed.domains() == [name] and _state(plugin, name) == "running"
+    assert kvm_bed.domains() == [name] and node.state(name) == "running"
     assert (kvm_bed.root / "instances" / name / "disk.qcow2").exists()
 
 
 @pytest.mark.integration
 async def test_invalid_user_data_leaves_nothing(kvm_bed: KvmTestBed, kvm_guest: Guest) -> None:
-    plugin = await kvm_bed.plugin()
+    node = await kvm_bed.node()
     name = kvm_bed.name("baduser")
     payload = _payload(kvm_bed, kvm_guest, name, user_data="#cloud-config\nhostname: x\npackagez: [vim]\n")
     with pytest.raises(TaskError) as err:
-        await _task(plugin, "kvm.create", **payload)
+        await node.task("kvm.create", **payload)
     assert err.value.code == "invalid-seed"
     assert "user_data line 3" in str(err.value) and "'packagez'" in str(err.value)
     assert _leftovers(kvm_bed, name) == []
@@ -394,46 +467,76 @@ async def test_invalid_user_data_leaves_nothing(kvm_bed: KvmTestBed, kvm_guest: 
 
 @pytest.mark.integration
 async def test_idle_and_loaded_fingerprints_agree(kvm_bed: KvmTestBed) -> None:
-    idle = await (await kvm_bed.plugin()).kumo_fingerprint()  # no instance directory yet
+    idle = await (await kvm_bed.node()).plugin.kumo_fingerprint()  # no instance directory yet
     (kvm_bed.root / "instances" / kvm_bed.name("before")).mkdir(parents=True)
-    managing = await (await kvm_bed.plugin()).kumo_fingerprint()  # loads libvirt at startup
+    managing = await (await kvm_bed.node()).plugin.kumo_fingerprint()  # loads libvirt at startup
     assert idle.available and idle.attributes["libvirt_version"] and idle.attributes["qemu_version"]
     assert idle == managing
 
 
 @pytest.mark.integration
+async def test_an_idle_node_asks_libvirt_only_when_libvirtd_changes(
+    kvm_bed: KvmTestBed, libvirt_proxy: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The child process that speaks to libvirtd is the costly part of an idle node's probe:
+    # it runs at start-up and when libvirtd goes or comes back, not at every fingerprint.
+    children: list[str] = []
+    ask_child = liveness.ask_child
+
+    async def counted(uri: str) -> Any:
+        children.append(uri)
+        return await ask_child(uri)
+
+    monkeypatch.setattr(liveness, "ask_child", counted)
+    node = await kvm_bed.node(uri=libvirt_proxy.uri, acceleration="tcg")
+    assert len(children) == 1
+    for _ in range(5):
+        assert (await node.plugin.kumo_fingerprint()).available
+        assert (await _probe(node)).status == "ok"
+    assert len(children) == 1
+
+    libvirt_proxy.stop()
+    assert not (await node.plugin.kumo_fingerprint()).available
+    assert (await _probe(node)).status == "critical"
+    assert len(children) == 2
+
+    libvirt_proxy.start()  # a new socket, as a restarted libvirtd makes
+    assert (await node.plugin.kumo_fingerprint()).available
+    assert (await node.plugin.kumo_fingerprint()).available
+    assert len(children) == 3 and children == [libvirt_proxy.uri] * 3
+
+
+@pytest.mark.integration
 @pytest.mark.parametrize("managing", [False, True], ids=["idle", "managing"])
 async def test_libvirtd_down_then_back(
-    kvm_bed: KvmTestBed, kvm_guest: Guest, libvirt_proxy: Any, monkeypatch: pytest.MonkeyPatch, managing: bool
+    kvm_bed: KvmTestBed, kvm_guest: Guest, libvirt_proxy: Any, managing: bool
 ) -> None:
-    # Idle, the outage is seen by the probe child at the next fingerprint; managing VMs, by
-    # the connection closing. Either way the create loads libvirt and reconnects by itself.
-    monkeypatch.setattr(kvm, "IDLE_PROBE_INTERVAL", 0.0)
+    # Idle, the outage is seen by the liveness check at the next fingerprint; managing VMs,
+    # by the connection closing. Either way the create loads libvirt and reconnects by itself.
     if managing:
         (kvm_bed.root / "instances" / kvm_bed.name("before")).mkdir(parents=True)
-    plugin = await kvm_bed.plugin(uri=libvirt_proxy.uri)
-    assert (await plugin.kumo_fingerprint()).available
+    node = await kvm_bed.node(uri=libvirt_proxy.uri)
+    assert (await node.plugin.kumo_fingerprint()).available
 
     libvirt_proxy.stop()  # to the plugin, libvirtd just died
-    fingerprint = await _fingerprint_until(plugin, available=False)
+    fingerprint = await _fingerprint_until(node, available=False)
     assert libvirt_proxy.uri in fingerprint.reason
     name = kvm_bed.name("down")
     with pytest.raises(TaskError) as err:
-        await _task(plugin, "kvm.create", **_payload(kvm_bed, kvm_guest, name))
+        await node.task("kvm.create", **_payload(kvm_bed, kvm_guest, name))
     assert err.value.code == "unavailable" and "start libvirtd" in str(err.value)
     assert _leftovers(kvm_bed, name) == []
 
-    assert plugin.kumo_probes()[0].run().status == "critical"
-    metrics = {m.name: m for m in plugin.kumo_metrics()}
-    assert metrics["kumo_kvm_libvirt_up"].samples[0].value == 0.0
+    assert (await _probe(node)).status == "critical"
+    assert node.metric("kumo_kvm_libvirt_up") == 0.0
 
     libvirt_proxy.start()  # libvirtd is back: the plugin reconnects by itself
-    await _fingerprint_until(plugin, available=True)
-    assert plugin.kumo_probes()[0].run().status == "ok"
-    result = await _task(plugin, "kvm.create", **_payload(kvm_bed, kvm_guest, name, hold=True))
+    await _fingerprint_until(node, available=True)
+    assert (await _probe(node)).status == "ok"
+    assert node.metric("kumo_kvm_libvirt_up") == 1.0
+    result = await node.task("kvm.create", **_payload(kvm_bed, kvm_guest, name, hold=True))
     assert result["state"] == "running"
-    running = [s for s in plugin.kumo_metrics()[1].samples if s.labels["state"] == "running"]
-    assert running[0].value == 1.0
+    assert node.metric("kumo_instances", kind="kvm", state="running") == 1.0
 
 
 @pytest.fixture
@@ -488,23 +591,55 @@ async def test_image_from_https_is_verified_and_cached(
     kvm_bed: KvmTestBed, kvm_guest: Guest, https_image_server: tuple[str, Path]
 ) -> None:
     url, ca = https_image_server
-    untrusting = await kvm_bed.plugin()
+    # Its own cache: a broken download keeps its partial file there, to be resumed.
+    untrusting = await kvm_bed.node(image_cache=str(kvm_bed.root / "untrusting-images"))
     with pytest.raises(TaskError) as err:
-        await _task(untrusting, "kvm.create", **_payload(kvm_bed, kvm_guest, kvm_bed.name("url0"), image=url))
+        await untrusting.task("kvm.create", **_payload(kvm_bed, kvm_guest, kvm_bed.name("url0"), image=url))
     assert err.value.code == "image-download" and "certificate verify failed" in str(err.value)
 
-    plugin = await kvm_bed.plugin(image_ca_file=str(ca))
+    node = await kvm_bed.node(image_ca_file=str(ca))
     bad = kvm_bed.name("urlbad")
     wrong = hashlib.sha256(b"something else").hexdigest()
     with pytest.raises(TaskError) as err:
-        await _task(plugin, "kvm.create", **_payload(kvm_bed, kvm_guest, bad, image=url, image_sha256=wrong))
+        await node.task("kvm.create", **_payload(kvm_bed, kvm_guest, bad, image=url, image_sha256=wrong))
     assert err.value.code == "image-checksum", str(err.value)
     assert _leftovers(kvm_bed, bad) == []
 
     good = kvm_bed.name("url")
     payload = _payload(kvm_bed, kvm_guest, good, hold=True, image=url)
-    assert (await _task(plugin, "kvm.create", **payload))["state"] == "running"
-    assert [p.name for p in (kvm_bed.root / "images").iterdir()] == [f"{kvm_guest.disk_sha256}.img"]
+    assert (await node.task("kvm.create", **payload))["state"] == "running"
+    assert [p.name for p in (kvm_bed.root / "images").iterdir()] == [kvm_guest.disk_sha256]
+
+
+@pytest.mark.integration
+async def test_the_image_cache_never_evicts_a_vms_base_image(kvm_bed: KvmTestBed, kvm_guest: Guest) -> None:
+    # Three 1.5 MiB base images in a 2 MiB cache: adding one evicts the least recently used
+    # image that no VM's disk is an overlay of, including after an agent restart.
+    images = []
+    for i in range(3):
+        image = kvm_bed.root / f"base-{i}.raw"
+        image.write_bytes(bytes([i + 1]) * (3 << 19))
+        images.append((image, hashlib.sha256(image.read_bytes()).hexdigest()))
+    cache = kvm_bed.root / "images"
+
+    def cached() -> set[str]:
+        return {p.name for p in cache.iterdir()}
+
+    node = await kvm_bed.node(image_cache_max_mib=2)
+    first, second, third = (kvm_bed.name(f"evict{i}") for i in range(3))
+    await node.task("kvm.create", **_payload(kvm_bed, kvm_guest, first, hold=True,
+                                             image=str(images[0][0]), image_sha256=images[0][1]))
+    await node.plugin.kumo_shutdown()
+    node = await kvm_bed.node(image_cache_max_mib=2)  # a restart: the first VM is adopted
+    await node.task("kvm.create", **_payload(kvm_bed, kvm_guest, second, hold=True,
+                                             image=str(images[1][0]), image_sha256=images[1][1]))
+    assert cached() == {images[0][1], images[1][1]}  # over the limit, but both back a VM
+
+    await node.task("kvm.delete", name=first)
+    await node.task("kvm.create", **_payload(kvm_bed, kvm_guest, third, hold=True,
+                                             image=str(images[2][0]), image_sha256=images[2][1]))
+    assert cached() == {images[1][1], images[2][1]}
+    assert node.state(second) == node.state(third) == "running"
 
 
 @pytest.mark.integration
@@ -512,9 +647,9 @@ async def test_image_from_https_is_verified_and_cached(
     ("extra", "code"), [({"memory_mib": 1 << 30}, "insufficient-memory"), ({"vcpus": 4096}, "insufficient-cpu")]
 )
 async def test_resources_are_checked(kvm_bed: KvmTestBed, kvm_guest: Guest, extra: dict[str, int], code: str) -> None:
-    plugin = await kvm_bed.plugin()
+    node = await kvm_bed.node()
     name = kvm_bed.name("big")
     with pytest.raises(TaskError) as err:
-        await _task(plugin, "kvm.create", **_payload(kvm_bed, kvm_guest, name, **extra))
+        await node.task("kvm.create", **_payload(kvm_bed, kvm_guest, name, **extra))
     assert err.value.code == code and "this node" in str(err.value)
     assert _leftovers(kvm_bed, name) == []

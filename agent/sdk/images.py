@@ -166,13 +166,14 @@ class ImageCache:
     async def _download(self, url: str, sha256: str) -> None:
         """Download ``url`` into the cache as ``sha256``, continuing a partial transfer."""
         partial = self.directory / f"{sha256}{_PARTIAL_SUFFIX}"
-        tls: ssl.SSLContext | bool = True
-        if self.ca_file is not None:
-            try:
-                tls = await asyncio.to_thread(ssl.create_default_context, cafile=str(self.ca_file))
-            except (OSError, ssl.SSLError) as exc:
-                raise TaskError(f"could not download {url}: the CA file {self.ca_file} is unusable: {exc}",
-                                code="image-download") from exc
+        # Always a context of our own: aiohttp 3.8 (Debian 12) reads ssl=True as "do not verify".
+        try:
+            tls = await asyncio.to_thread(
+                ssl.create_default_context, cafile=str(self.ca_file) if self.ca_file is not None else None
+            )
+        except (OSError, ssl.SSLError) as exc:
+            raise TaskError(f"could not download {url}: the CA file {self.ca_file} is unusable: {exc}",
+                            code="image-download") from exc
         try:
             await asyncio.to_thread(self.directory.mkdir, parents=True, exist_ok=True)
             out = await asyncio.to_thread(_open_partial, partial)
@@ -343,7 +344,7 @@ def _install(partial: Path, cached: Path) -> None:
     os.utime(cached)
 
 
-async def _fetch(url: str, tls: ssl.SSLContext | bool, out: IO[bytes], offset: int, digest: Any) -> Any:
+async def _fetch(url: str, tls: ssl.SSLContext, out: IO[bytes], offset: int, digest: Any) -> Any:
     """Write ``url`` into ``out`` from ``offset`` on (whose first ``offset`` bytes hash to
     ``digest``), asking for the rest only when there is a prefix; the final digest."""
     import aiohttp

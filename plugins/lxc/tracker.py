@@ -18,7 +18,9 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from agent.sdk import ExitWatcher, InstanceState, InstanceStateName
@@ -151,12 +153,21 @@ class Containers:
 
     async def _poll(self, interval: float) -> None:
         loop = asyncio.get_running_loop()
+        listed = None
         while True:
             # Counted from the last lxc-ls, whoever ran it: adoption's is as fresh as a poll's.
             wait = self._refreshed + interval - loop.time()
             if wait > 0:
                 await asyncio.sleep(wait)
                 continue
+            # A node with no container forks no lxc-ls until something appears in lxcpath:
+            # its directory's modification time moves when a container directory is added.
+            if not self.by_name:
+                changed = await asyncio.to_thread(_changed_at, self.lxc.lxcpath)
+                if changed == listed:
+                    self._refreshed = loop.time()
+                    continue
+                listed = changed
             try:
                 await self.refresh()
             except Exception:
@@ -206,3 +217,10 @@ class Containers:
         self._exits.close()
         for inst in self.by_name.values():
             inst.watched = None
+
+
+def _changed_at(directory: Path) -> int | None:
+    try:
+        return os.stat(directory).st_mtime_ns
+    except OSError:
+        return None

@@ -8,7 +8,7 @@ button press (what ``virDomainShutdown`` sends), so stop and adoption can be tes
 Built once per recipe under ``CACHE_DIR/guest/<hash>`` from the kernel package that
 ``scripts/deps/10-libvirt.sh`` downloads (nothing is installed into /boot or /lib/modules).
 The kernel is booted as the uncompressed PVH ELF: in-guest XZ decompression under TCG
-costs seconds per boot (RECIPES.md 1a).
+costs seconds per boot.
 """
 
 from __future__ import annotations

@@ -1,15 +1,20 @@
 """The real libvirtd for the kvm plugin's tests, and a plugin factory wired to it.
 
-libvirtd and virtlogd have no init scripts on these machines (RECIPES.md 2a): the
-``libvirtd`` fixture starts them when they are not running and leaves them running, since
-other tests (and engineers) share the one daemon. "libvirtd goes down" is simulated with
+No init system runs libvirtd and virtlogd on these machines: the ``libvirtd`` fixture
+starts them when they are not running and leaves them running, since other tests (and
+engineers) share the one daemon. "libvirtd goes down" is simulated with
 :class:`LibvirtSocketProxy`, a socket forwarder the plugin connects through, so the test
 never stops the shared daemon.
+
+:class:`KvmTestBed` builds a node's view of the plugin: the kvm plugin and the cloudinit
+plugin in one plugin manager, started, with the instance drivers loaded, so every task goes
+through ``hooks.handle_task`` as the agent routes it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import socket
@@ -45,6 +50,21 @@ def _running(name: str) -> bool:
     return found.returncode == 0
 
 
+def ensure_libvirtd() -> str | None:
+    """Start virtlogd and libvirtd unless they run, and wait until libvirtd answers; returns
+    its URI, or None when it does not answer within 30 s."""
+    if not _running("virtlogd"):
+        subprocess.run(["virtlogd", "-d"], check=True)  # noqa: S607
+    if not _running("libvirtd"):
+        subprocess.run(["libvirtd", "-d"], check=True)  # noqa: S607
+    deadline = time.monotonic() + 30
+    while not _libvirt_answers():
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.2)
+    return SYSTEM_URI
+
+
 @pytest.fixture(scope="session")
 def libvirtd() -> str:
     """A running libvirtd (qemu driver) with virtlogd; returns its URI."""
@@ -55,14 +75,8 @@ def libvirtd() -> str:
         import libvirt  # noqa: F401
     except ImportError:
         require(False, "the libvirt Python binding (pip install -e '.[libvirt]')")
-    if not _running("virtlogd"):
-        subprocess.run(["virtlogd", "-d"], check=True)
-    if not _running("libvirtd"):
-        subprocess.run(["libvirtd", "-d"], check=True)
-    deadline = time.monotonic() + 30
-    while not _libvirt_answers():
-        require(time.monotonic() < deadline, f"libvirtd answering on {SYSTEM_URI}")
-        time.sleep(0.2)
+    uri = ensure_libvirtd()
+    require(uri is not None, f"libvirtd answering on {SYSTEM_URI}")
     return SYSTEM_URI
 
 
@@ -137,6 +151,33 @@ def libvirt_proxy(libvirtd: str, tmp_path: Path) -> Any:
     proxy.stop()
 
 
+@dataclasses.dataclass
+class KvmNode:
+    """One started kvm plugin and the hooks the agent would route its tasks through."""
+
+    plugin: Any  # plugins.kvm.KvmPlugin
+    hooks: Any  # agent.pluginmanager.Hooks
+
+    async def task(self, kind: str, /, **payload: Any) -> Any:
+        """Run task ``kind`` (``kvm.create``...) as the agent does; its result."""
+        return await self.hooks.handle_task(kind, payload, f"{kind}-test")
+
+    async def console(self, name: str) -> str:
+        return (await self.task("kvm.console", name=name))["log"]
+
+    def state(self, name: str) -> str | None:
+        """The instance's state as the driver lists it; None when it is not there."""
+        return next((i.state for i in self.plugin.list() if i.name == name), None)
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        """A sample of the node's /metrics (the plugin's and the core's), by name and labels."""
+        for family in self.hooks.metrics():
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    return sample.value
+        return None
+
+
 class KvmTestBed:
     """Builds started kvm plugins (with the cloudinit plugin beside them) and cleans up after."""
 
@@ -145,7 +186,7 @@ class KvmTestBed:
         self.root = root
         self.state_dir = state_dir
         self.prefix = f"kt{uuid.uuid4().hex[:6]}"
-        self.plugins: list[Any] = []
+        self.nodes: list[KvmNode] = []
         self.changes = 0
 
     def name(self, suffix: str) -> str:
@@ -163,8 +204,9 @@ class KvmTestBed:
         settings.update(overrides)
         return settings
 
-    async def plugin(self, **overrides: Any) -> Any:
-        """A configured and started KvmPlugin (state dir shared by every plugin of this test)."""
+    async def node(self, **overrides: Any) -> KvmNode:
+        """A configured and started kvm plugin, its driver loaded (the state dir is shared by
+        every plugin of this test)."""
         from agent.pluginmanager import Hooks, make_plugin_manager
         from agent.sdk import PluginContext
         from plugins.cloudinit import CloudInitPlugin
@@ -183,14 +225,17 @@ class KvmTestBed:
         context = PluginContext(
             name="kvm",
             state_dir=self.state_dir,
+            agent_state_dir=self.state_dir.parent,
             identity=None,
             hooks=hooks,
             report_changed=changed,
             call_controller=no_controller,
         )
         await kvm.kumo_startup(context=context)
-        self.plugins.append(kvm)
-        return kvm
+        hooks.load_drivers()
+        node = KvmNode(kvm, hooks)
+        self.nodes.append(node)
+        return node
 
     def cleanup(self) -> None:
         import libvirt
@@ -236,9 +281,9 @@ async def kvm_bed(libvirtd: str, kvm_state_dir: Path) -> AsyncIterator[KvmTestBe
     try:
         yield bed
     finally:
-        for plugin in bed.plugins:
+        for node in bed.nodes:
             with contextlib.suppress(Exception):
-                await plugin.kumo_shutdown()
+                await node.plugin.kumo_shutdown()
         bed.cleanup()
 
 

@@ -1,0 +1,81 @@
+"""A VM's files on the node: its instance directory and its disk, a qcow2 overlay on a base
+image from the node's image cache.
+
+The overlay is only the guest's changes: the base image stays shared by every VM made from
+it, which is why the image cache must never evict a base image an overlay still names
+(:func:`backing_file` tells which).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+
+from agent.sdk import TaskError, run_command
+
+_QCOW2_MAGIC = b"QFI\xfb"
+# Formats by (path, mtime): a base image is probed once, not at every create.
+_formats: dict[tuple[str, float], str] = {}
+
+
+def has_instance_dirs(instance_dir: Path) -> bool:
+    """Whether instances from before may exist: each Kumo domain has its directory here. Blocking."""
+    try:
+        with os.scandir(instance_dir) as entries:
+            return any(entry.is_dir() for entry in entries)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # cannot tell: load libvirt and let adoption look
+
+
+def fresh_dir(directory: Path) -> None:
+    """A new, empty instance directory; leftovers of a crashed create (no domain) are dropped.
+    Blocking. qemu (another user) must traverse it, hence 0711."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    directory.parent.chmod(0o711)
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(mode=0o711)
+
+
+async def image_format(path: Path) -> str:
+    """qcow2 or raw, as qemu-img sees the image."""
+    stat = await asyncio.to_thread(path.stat)
+    key = (str(path), stat.st_mtime)
+    if key not in _formats:
+        result = await run_command("qemu-img", "info", "--output=json", str(path))
+        if result.returncode != 0:
+            raise TaskError(f"image {path} is not a disk image qemu-img can read: {result.error}",
+                            code="image-invalid")
+        _formats[key] = json.loads(result.stdout)["format"]
+    return _formats[key]
+
+
+async def make_overlay(base: Path, disk: Path) -> None:
+    """Create ``disk``, a qcow2 overlay backed by ``base``."""
+    base_format = await image_format(base)
+    result = await run_command("qemu-img", "create", "-q", "-f", "qcow2", "-F", base_format, "-b", str(base), str(disk))
+    if result.returncode != 0:
+        raise TaskError(f"qemu-img could not create the disk {disk}: {result.error}", code="failed")
+
+
+def backing_file(disk: Path) -> Path | None:
+    """The file a qcow2 overlay is backed by, from its header; None for none or no qcow2.
+    Blocking (reads the first few KiB)."""
+    try:
+        with disk.open("rb") as f:
+            header = f.read(20)
+            if len(header) < 20 or header[:4] != _QCOW2_MAGIC:
+                return None
+            offset, size = struct.unpack(">QI", header[8:20])
+            if not offset or not 0 < size <= 4096:
+                return None
+            f.seek(offset)
+            name = os.fsdecode(f.read(size))
+    except OSError:
+        return None
+    return disk.parent / name  # a relative name is relative to the overlay's directory
