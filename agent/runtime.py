@@ -19,16 +19,13 @@ Shape of a run (``kumo-agent run``):
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import datetime
 import importlib
 import json
 import logging
-import os
 import random
 import signal
 import socket
-import threading
 import time
 from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, version
@@ -39,6 +36,7 @@ from urllib.parse import urlsplit
 from agent.certinfo import certificate_validity
 from agent.client import ControllerClient, ControllerRejected
 from agent.facts import node_facts
+from agent.journal import Outcome, TaskJournal
 from agent.metrics import AgentMetrics, MetricsServer, server_tls_context
 from agent.pluginmanager import Hooks, PluginLoadError
 from agent.reaper import Reaper
@@ -69,8 +67,6 @@ EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 EXIT_REJECTED = 3
 JOURNAL_FILE = "tasks.journal"
-# The journal keeps this many finished keys; the controller forgets delivered tasks long before.
-JOURNAL_KEEP = 10_000
 HEARTBEAT_JITTER = 0.2
 FINGERPRINT_CHECK = 5.0
 POLL_SLACK = 15.0
@@ -147,89 +143,6 @@ async def probe_plugins(hooks: Hooks, settings: AgentSettings) -> tuple[dict[str
     for name, reason in failures.items():
         fingerprints[name] = Fingerprint(False, reason)
     return fingerprints, owners
-
-
-@dataclasses.dataclass(frozen=True)
-class Outcome:
-    """How one task ended, as reported to the controller and kept in the journal."""
-
-    state: str
-    result: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    error: str | None = None
-    code: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {"state": self.state, "result": dict(self.result), "error": self.error, "code": self.code}
-
-
-class TaskJournal:
-    """Idempotency key → outcome, as JSON lines in the state directory, fsynced before reporting.
-
-    A ``started`` line is written before a task runs and a ``done`` line before its result is
-    reported, so after any crash a redelivered key is either answered from the journal or,
-    when it was cut off mid-run, reported as interrupted: a handler sees each key once.
-    """
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.done: dict[str, Outcome] = {}
-        self.started: set[str] = set()
-        self._lock = threading.Lock()
-
-    def load(self) -> None:
-        lines = 0
-        try:
-            with self.path.open() as f:
-                for line in f:
-                    lines += 1
-                    try:
-                        entry = json.loads(line)
-                        key = entry["key"]
-                        if entry["event"] == "started":
-                            self.started.add(key)
-                        else:
-                            self.done[key] = Outcome(
-                                entry["state"], entry.get("result") or {}, entry.get("error"), entry.get("code")
-                            )
-                            self.started.discard(key)
-                    except (ValueError, KeyError, TypeError):
-                        log.warning("%s: skipping a damaged journal line", self.path)
-        except FileNotFoundError:
-            pass
-        if lines > 2 * JOURNAL_KEEP:
-            self._compact()
-
-    def _compact(self) -> None:
-        keep = list(self.done.items())[-JOURNAL_KEEP:]
-        self.done = dict(keep)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with tmp.open("w") as f:
-            for key in self.started:
-                f.write(json.dumps({"key": key, "event": "started"}) + "\n")
-            for key, outcome in keep:
-                f.write(json.dumps({"key": key, "event": "done", **outcome.to_json()}) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(self.path)
-
-    def _append(self, entry: dict[str, Any]) -> None:
-        line = json.dumps(entry, default=str) + "\n"
-        with self._lock:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                os.write(fd, line.encode())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-    def record_started(self, key: str, task_id: str, kind: str) -> None:
-        self._append({"key": key, "event": "started", "task_id": task_id, "kind": kind})
-        self.started.add(key)
-
-    def record_done(self, key: str, task_id: str, outcome: Outcome) -> None:
-        self._append({"key": key, "event": "done", "task_id": task_id, **outcome.to_json()})
-        self.done[key] = outcome
-        self.started.discard(key)
 
 
 class Runtime:

@@ -27,8 +27,9 @@ from agent.enroll import (
     recover_renewal,
     spki_sha256,
 )
+from agent.journal import Outcome, TaskJournal
 from agent.pluginmanager import Hooks, make_plugin_manager
-from agent.runtime import Outcome, TaskJournal, configure_plugins
+from agent.runtime import configure_plugins
 from agent.sdk import Backoff, ConfigError, Fingerprint, hookimpl
 from agent.settings import NODE_CERT, NODE_CERT_NEXT, NODE_KEY, load_settings
 from tests.harness import free_port
