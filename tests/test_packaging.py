@@ -303,8 +303,10 @@ def survivors() -> dict[str, str]:
 
 def test_packaged_controller_and_agent_run_on_debian_python(deployment: Deployment) -> None:
     node = deployment.wait_node_ready()
-    # Every plugin's entry point was found in the private directory's dist-info.
-    assert {"host", "kvm", "lxc", "process", "checkpoint", "cloudinit", "monitoring"} <= set(node["plugins"])
+    # Every plugin's entry point was found in the private directory's dist-info, and the
+    # node's facts (the core's, not a plugin's) place it.
+    assert {"kvm", "lxc", "process", "checkpoint", "cloudinit", "monitoring"} <= set(node["plugins"])
+    assert node["facts"]["cpus"] >= 1 and node["facts"]["memory_bytes"] > 0, node["facts"]
 
     conffiles = run(["dpkg-query", "-W", "-f", "${Conffiles}", "kumo-agent"]).stdout
     assert f" {AGENT_CONFIG} " in conffiles, conffiles
