@@ -43,7 +43,7 @@ import shutil
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.sdk import (
     NAME_RE,
@@ -60,8 +60,13 @@ from agent.sdk import (
     parse_section,
     start_time,
 )
-from plugins.checkpoint import criu, image, pids, preflight, stream, transfer
-from plugins.checkpoint.preflight import Blocker
+from plugins.checkpoint import criu, image
+
+# pids, preflight, stream (with tarfile) and transfer are imported by the tasks that use
+# them: an idle agent, which never checkpoints, does not hold them (~0.4 MB resident).
+if TYPE_CHECKING:
+    from plugins.checkpoint import stream
+    from plugins.checkpoint.preflight import Blocker, Scan
 
 log = logging.getLogger(__name__)
 
@@ -192,8 +197,10 @@ class CheckpointPlugin:
         return {"ok": not blockers, "blockers": blockers}
 
     async def _check(self, cp: Checkpointer, name: str) -> tuple[list[Blocker], CheckpointSubject | None,
-                                                                 preflight.Scan | None]:
+                                                                 Scan | None]:
         """What blocks a dump of ``name`` now; the instance, and its tree when it runs."""
+        from plugins.checkpoint import preflight
+
         blockers: list[Blocker] = []
         if not self.status.usable:
             blockers.append({"code": "criu-unavailable", "message": self.status.reason})
@@ -209,6 +216,8 @@ class CheckpointPlugin:
         return blockers + found.blockers, subject, found
 
     async def _dump(self, cp: Checkpointer, args: Dump, task_id: str) -> Mapping[str, Any]:
+        from plugins.checkpoint import pids
+
         blockers, subject, found = await self._check(cp, args.name)
         if subject is None:
             raise TaskError(f"no {cp.kind} instance named {args.name!r} on this node", code="not-found")
@@ -246,7 +255,7 @@ class CheckpointPlugin:
         log.info("checkpoint: %s %s dumped to %s (%d bytes)", cp.kind, args.name, made, size)
         return {"image": str(made), "manifest": files, "size_bytes": size}
 
-    def _manifest(self, kind: str, subject: CheckpointSubject, found: preflight.Scan,
+    def _manifest(self, kind: str, subject: CheckpointSubject, found: Scan,
                   leave_running: bool) -> dict[str, Any]:
         assert self.context is not None
         return {
@@ -350,6 +359,8 @@ class CheckpointPlugin:
             raise
 
     async def _restore_image(self, cp: Checkpointer, chosen: Path, manifest: Mapping[str, Any]) -> int:
+        from plugins.checkpoint import pids, stream
+
         assert self.context is not None and self.status.path is not None
         name, shared = manifest["name"], set(manifest["shared_namespaces"])
         files = {path: stream.local_path(path, manifest, self.context.agent_state_dir)
@@ -384,6 +395,8 @@ class CheckpointPlugin:
     # -- migration --------------------------------------------------------------------
 
     async def _send(self, cp: Checkpointer, args: Send, task_id: str) -> Mapping[str, Any]:
+        from plugins.checkpoint import stream, transfer
+
         assert self.context is not None
         base = self._images_root() / cp.kind / args.name
         chosen = Path(args.image)
@@ -415,6 +428,8 @@ class CheckpointPlugin:
         return subject.directory
 
     async def _receive(self, cp: Checkpointer, args: Receive, task_id: str) -> Mapping[str, Any]:
+        from plugins.checkpoint import stream, transfer
+
         assert self.context is not None
         if not stream.IMAGE_NAME_RE.match(args.image_name):
             raise TaskError(f"payload.image_name must be a checkpoint directory name, got {args.image_name!r}",

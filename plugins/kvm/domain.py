@@ -18,10 +18,12 @@ from __future__ import annotations
 import dataclasses
 import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from plugins.kvm.acceleration import Acceleration
-from plugins.kvm.spec import CreateSpec
+
+if TYPE_CHECKING:
+    from plugins.kvm.spec import CreateSpec
 
 METADATA_NS = "https://kumo.dev/xmlns/kvm/1"
 

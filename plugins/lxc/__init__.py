@@ -27,7 +27,7 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.sdk import (
     NAME_RE,
@@ -42,15 +42,17 @@ from agent.sdk import (
 )
 from agent.sdk.images import ImageCache
 
-from . import build, liblxc, migration
+from . import liblxc
 from .host import CgroupLayout, cgroup_layout, check_can_give, prepare, template_installed
 from .liblxc import Liblxc
-from .lxcconf import LXC_LOG
 from .record import new_record
-from .rootfs import CONSOLE_LOG, tail_in_root
 from .settings import LxcConfig, parse_settings
-from .spec import CreateSpec, parse_create
 from .tracker import KIND, Container, Containers
+
+# .spec, .build (with .lxcconf and .rootfs) and .migration are imported by the operations
+# that use them: an idle agent, which creates and receives no container, does not hold them.
+if TYPE_CHECKING:
+    from .spec import CreateSpec
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +149,8 @@ class LxcPlugin:
 
     async def create(self, name: str, payload: Mapping[str, Any]) -> None:
         """Build the root filesystem and config, then start; on failure nothing is left."""
+        from .spec import parse_create
+
         self._require_available()
         spec = parse_create(payload, self.config)
         await self._refuse_existing(name, "delete it or choose another name")
@@ -166,6 +170,8 @@ class LxcPlugin:
 
     async def _build(self, name: str, spec: CreateSpec, payload: Mapping[str, Any]) -> dict[str, Any]:
         """The container's files, ready to start; Kumo's record of it."""
+        from . import build
+
         workdir = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix=f".create-{name}-", dir=self.config.lxcpath))
         try:
             seed = await self._require_context().hooks.instance_seed(
@@ -205,6 +211,9 @@ class LxcPlugin:
 
     async def console(self, name: str, size: int) -> ConsoleOutput:
         """The tail of the container's boot output, and of liblxc's log of it as ``logs["lxc"]``."""
+        from .lxcconf import LXC_LOG
+        from .rootfs import CONSOLE_LOG, tail_in_root
+
         self._known(name)
         directory = self.config.lxcpath / name
         text = await asyncio.to_thread(tail_in_root, directory / "rootfs", CONSOLE_LOG, size)
@@ -225,6 +234,8 @@ class LxcPlugin:
     async def stage_migration(self, name: str, config: str, source_lxcpath: str) -> Path:
         """Check a migrating container's lxc ``config`` (from ``source_lxcpath`` on its node)
         against this node; a fresh hidden directory under lxcpath to unpack it into."""
+        from . import migration
+
         self._require_migratable(name)
         if not source_lxcpath.startswith("/"):
             raise TaskError(f"the source's lxcpath must be an absolute path, got {source_lxcpath!r}",
@@ -236,6 +247,8 @@ class LxcPlugin:
     async def import_migrated(self, name: str, directory: Path, source_lxcpath: str) -> None:
         """Take over a container unpacked into a directory :meth:`stage_migration` gave; it is
         stopped here afterwards."""
+        from . import migration
+
         self._require_migratable(name)
         await self._refuse_existing(name, "delete it before migrating one of that name here")
         await asyncio.to_thread(migration.take_over, self.config.lxcpath, name, Path(directory), source_lxcpath)

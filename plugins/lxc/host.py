@@ -14,13 +14,16 @@ import ipaddress
 import os
 import stat
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 
 from agent.sdk import TaskError, run_command_sync
 
 from .settings import BridgeConfig, LxcConfig
-from .spec import CreateSpec
+
+if TYPE_CHECKING:
+    from .spec import CreateSpec
 
 TEMPLATE_DIR = Path("/usr/share/lxc/templates")
 CgroupLayout = dict[str, str | None]

@@ -14,8 +14,6 @@ from pathlib import Path
 
 from agent.sdk import InstanceStateName, TaskError, run_command, tail
 
-from .lxcconf import LXC_LOG
-
 TOOLS = ("lxc-create", "lxc-start", "lxc-stop", "lxc-ls", "lxc-info", "lxc-destroy")
 # liblxc's states as Kumo's instance states.
 STATES: dict[str, InstanceStateName] = {
@@ -52,6 +50,8 @@ class Liblxc:
         """Start the container; returns once liblxc reports it running."""
         result = await run_command("lxc-start", *self._at(name))
         if result.returncode != 0:
+            from .lxcconf import LXC_LOG  # create-time code, not held by an idle agent
+
             why = await asyncio.to_thread(_last_errors, self.lxcpath / name / LXC_LOG)
             raise TaskError(f"lxc-start failed for {name!r}: {why or result.error}")
 

@@ -6,10 +6,12 @@ from __future__ import annotations
 import datetime
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .settings import LxcConfig
-from .spec import CreateSpec
+
+if TYPE_CHECKING:
+    from .spec import CreateSpec
 
 RECORD_FILE = "kumo.json"
 SHOWN = ("address", "unprivileged", "source")  # what the instance's details carry
