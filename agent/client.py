@@ -1,9 +1,9 @@
-"""The agent's mutual-TLS session with the controller, and the backoff it reconnects with.
+"""The agent's mutual-TLS session with the controller.
 
 One :class:`ControllerClient` per agent. Every request presents the node certificate; after
 a renewal :meth:`ControllerClient.reload_identity` builds a new TLS context and new requests
 use it (aiohttp keys pooled connections by TLS context, so old connections are not reused).
-Failures are sorted in two: :class:`~agent.plugin.ControllerUnavailable` (network, TLS,
+Failures are sorted in two: :class:`~agent.sdk.ControllerUnavailable` (network, TLS,
 timeouts, 5xx: try again later) and :class:`ControllerRejected` (a 4xx answer: retrying the
 same request will not help).
 """

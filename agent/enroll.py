@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from agent.sdk import atomic_write
 from agent.settings import (
     CA_CERT,
     JOIN_FILE,
@@ -38,7 +39,6 @@ from agent.settings import (
     NODE_KEY,
     JoinError,
     JoinRecord,
-    write_atomic,
     write_join_record,
 )
 
@@ -264,9 +264,9 @@ def join(controller: str, join_text: str, state_dir: Path, *, force: bool = Fals
     check_issued(cert, key, node_id)
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     (state_dir / NODE_CERT_NEXT).unlink(missing_ok=True)
-    write_atomic(state_dir / NODE_KEY, key_pem(key), 0o600)
-    write_atomic(state_dir / NODE_CERT, cert.public_bytes(serialization.Encoding.PEM), 0o644)
-    write_atomic(state_dir / CA_CERT, ca_pem.encode(), 0o644)
+    atomic_write(state_dir / NODE_KEY, key_pem(key), 0o600)
+    atomic_write(state_dir / NODE_CERT, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    atomic_write(state_dir / CA_CERT, ca_pem.encode(), 0o644)
     record = JoinRecord(controller=controller.rstrip("/"), node_id=node_id)
     write_join_record(state_dir, record)
     return record
@@ -289,8 +289,8 @@ def install_renewed(state_dir: Path, key: ec.EllipticCurvePrivateKey, cert_pem: 
     Order: the new certificate waits in node.crt.next, then the key is replaced atomically,
     then the certificate. :func:`recover_renewal` finishes or discards a half-done renewal.
     """
-    write_atomic(state_dir / NODE_CERT_NEXT, cert_pem, 0o644)
-    write_atomic(state_dir / NODE_KEY, key_pem(key), 0o600)
+    atomic_write(state_dir / NODE_CERT_NEXT, cert_pem, 0o644)
+    atomic_write(state_dir / NODE_KEY, key_pem(key), 0o600)
     (state_dir / NODE_CERT_NEXT).replace(state_dir / NODE_CERT)
 
 

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from agent.sdk import atomic_write
+
 log = logging.getLogger(__name__)
 
 # The journal keeps this many finished keys; the controller forgets delivered tasks long before.
@@ -70,15 +72,9 @@ class TaskJournal:
     def _compact(self) -> None:
         keep = list(self.done.items())[-JOURNAL_KEEP:]
         self.done = dict(keep)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with tmp.open("w") as f:
-            for key in self.started:
-                f.write(json.dumps({"key": key, "event": "started"}) + "\n")
-            for key, outcome in keep:
-                f.write(json.dumps({"key": key, "event": "done", **outcome.to_json()}) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(self.path)
+        lines = [json.dumps({"key": key, "event": "started"}) + "\n" for key in self.started]
+        lines += [json.dumps({"key": key, "event": "done", **outcome.to_json()}) + "\n" for key, outcome in keep]
+        atomic_write(self.path, "".join(lines))
 
     def _append(self, entry: dict[str, Any]) -> None:
         line = json.dumps(entry, default=str) + "\n"

@@ -3,8 +3,9 @@
 Shape of a run (``kumo-agent run``):
 
 1. every plugin is configured from its ``plugins.<name>`` table (:func:`configure_plugins`);
-2. each gets a :class:`~agent.plugin.PluginContext` and ``kumo_startup``, then ``kumo_adopt``
-   takes over the workloads that outlived the previous agent;
+2. the agent becomes the child subreaper (agent/reaper.py); each plugin gets a
+   :class:`~agent.sdk.PluginContext` and ``kumo_startup``; then every instance driver
+   (``kumo_instance_driver``) adopts the instances that outlived the previous agent;
 3. the session loop registers with the controller and then runs the heartbeat and the task
    long-poll side by side; when the controller goes away both stop, the state change is
    logged once and registration is retried with jittered exponential backoff. Plugins and
@@ -68,7 +69,6 @@ EXIT_CONFIG = 2
 EXIT_REJECTED = 3
 JOURNAL_FILE = "tasks.journal"
 HEARTBEAT_JITTER = 0.2
-FINGERPRINT_CHECK = 5.0
 POLL_SLACK = 15.0
 
 

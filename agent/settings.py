@@ -1,6 +1,6 @@
 """The agent's own configuration (``/etc/kumo/agent.yaml``) and the identity ``join`` leaves behind.
 
-The YAML file is parsed strictly with :func:`agent.config.parse_section`: every error names
+The YAML file is parsed strictly with :func:`agent.sdk.parse_section`: every error names
 the file, the dotted key and what was expected. Plugin tables (``plugins.<name>``) are kept
 raw here and handed to each plugin's ``kumo_configure``; a table for a plugin that is not
 installed is an error, since it is almost always a typo or a missing package.
@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from agent.sdk import ConfigError, Identity, load_yaml_file, parse_section
+from agent.sdk import ConfigError, Identity, atomic_write, load_yaml_file, parse_section
 
 DEFAULT_CONFIG = Path("/etc/kumo/agent.yaml")
 DEFAULT_STATE_DIR = Path("/var/lib/kumo")
@@ -195,7 +194,7 @@ def read_join_record(state_dir: Path) -> JoinRecord:
 
 def write_join_record(state_dir: Path, record: JoinRecord) -> None:
     """Write ``join.json`` atomically: it is what marks the identity complete."""
-    write_atomic(state_dir / JOIN_FILE, json.dumps(dataclasses.asdict(record), indent=2).encode() + b"\n", 0o644)
+    atomic_write(state_dir / JOIN_FILE, json.dumps(dataclasses.asdict(record), indent=2).encode() + b"\n", 0o644)
 
 
 def load_identity(state_dir: Path) -> Identity:
@@ -206,24 +205,3 @@ def load_identity(state_dir: Path) -> Identity:
         if not path.exists():
             raise NotJoined(f"{path} is missing; re-join with `kumo-agent join --force ...`")
     return Identity(node_id=record.node_id, key=key, certificate=cert, ca=ca)
-
-
-def write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write ``data`` to ``path`` through a temporary file, created with ``mode`` (never wider)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    try:
-        os.fchmod(fd, mode)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

@@ -212,7 +212,8 @@ class ProcessDriver:
         return self.list()
 
     def list(self) -> list[InstanceState]:
-        return [self._state(inst) for inst in self.instances.values()]
+        # A copy first: a scrape lists from a worker thread while the loop may add or remove.
+        return [self._state(inst) for inst in list(self.instances.values())]
 
     # -- a restored process -------------------------------------------------------------
 
@@ -238,9 +239,15 @@ class ProcessDriver:
             inst.pid = inst.start_time = None
             inst.exited.set()
             raise TaskError(f"pid {pid} exited while it was taken over", code="not-running")
+        try:
+            await asyncio.to_thread(self._dir(name).mkdir, mode=0o700, exist_ok=True)
+            await self._save(inst)
+        except BaseException:
+            # Known only once its record is written: the caller kills what it restored.
+            self.watcher.unwatch(pid)
+            inst.pid = inst.start_time = None
+            raise
         self.instances[name] = inst
-        await asyncio.to_thread(self._dir(name).mkdir, mode=0o700, exist_ok=True)
-        await self._save(inst)
         self.changed()
 
     # -- processes ----------------------------------------------------------------------
@@ -413,8 +420,8 @@ class ProcessCheckpointer:
     async def restored(self, name: str, record: Mapping[str, Any], image: Path) -> int:
         pidfile = image / RESTORE_PIDFILE
         pid = int((await asyncio.to_thread(pidfile.read_text)).strip())
-        await asyncio.to_thread(pidfile.unlink)
         try:
+            await asyncio.to_thread(pidfile.unlink)
             await self.driver.take_over(name, pid, record.get("options"))
         except Exception as exc:
             # All or nothing: a process the driver does not know would run unmanaged.

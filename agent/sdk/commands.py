@@ -34,10 +34,11 @@ async def run_command(*argv: str, timeout: float | None = None, env: Mapping[str
     )
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
+    except (TimeoutError, asyncio.CancelledError):
+        # A cancelled caller (a probe past its timeout, a shutdown) must not leave it running.
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
-        await proc.wait()
+        await asyncio.shield(proc.wait())
         raise
     return CommandResult(tuple(argv), proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace"))
 

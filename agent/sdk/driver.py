@@ -91,5 +91,7 @@ class InstanceDriver(Protocol):
 
     def list(self) -> Iterable[InstanceState]:
         """Every instance of this kind here, from what the driver already knows (kept fresh by
-        events): called at every heartbeat and scrape, so no slow calls."""
+        events): called at every heartbeat and scrape, so no slow calls. A scrape calls it
+        from a worker thread, as it does ``kumo_metrics``: iterate over a copy of what the
+        event loop changes (``list(self.instances.values())``)."""
         ...

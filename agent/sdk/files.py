@@ -21,7 +21,7 @@ def atomic_write(path: Path, data: bytes | str, mode: int = 0o600, durable: bool
     raw = data.encode() if isinstance(data, str) else data
     # Unique per writer: two threads replacing one path must not share a temporary file.
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(raw)

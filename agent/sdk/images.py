@@ -1,7 +1,9 @@
 """The node's image cache: the disk images and rootfs tarballs instances are made from.
 
-One cache per node, shared by every instance plugin, so an image two plugins (or two
-hundred instances) use is fetched and stored once. Images are named by their SHA-256:
+One implementation for every instance plugin; each plugin keeps its own directory (one
+cache directory shared by two plugins would need a node-wide view of what is in use, so
+that one kind never evicts the images another's instances are backed by). An image two
+hundred instances use is fetched and stored once. Images are named by their SHA-256:
 a name is a promise about the content, so a hit needs no rehash and a verified copy can
 never be confused with another image of the same file name. Downloads are the slow,
 fragile part, so a transfer that breaks leaves ``<sha256>.partial`` behind and the next

@@ -20,7 +20,7 @@ import stat
 import tempfile
 from pathlib import Path
 
-from agent.sdk import TaskError
+from agent.sdk import TaskError, atomic_write
 
 from .host import untraversable
 from .lxcconf import config_items, import_problems, rewrite_config
@@ -59,8 +59,5 @@ def take_over(lxcpath: Path, name: str, staged: Path, source_lxcpath: str) -> No
                         code="bad-request")
     config_path = staged / "config"
     config = adapt(lxcpath, name, config_path.read_text(), source_lxcpath, staged)
-    tmp = staged / "config.kumo-import"
-    tmp.write_text(config)
-    os.chmod(tmp, stat.S_IMODE(os.stat(config_path).st_mode))
-    os.replace(tmp, config_path)
+    atomic_write(config_path, config, mode=stat.S_IMODE(os.stat(config_path).st_mode))
     os.rename(staged, lxcpath / name)

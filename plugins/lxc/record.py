@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agent.sdk import atomic_write
+
 from .settings import LxcConfig
 
 if TYPE_CHECKING:
@@ -32,7 +34,7 @@ def new_record(spec: CreateSpec, config: LxcConfig) -> dict[str, Any]:
 
 
 def write_record(directory: Path, record: dict[str, Any]) -> None:
-    (directory / RECORD_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    atomic_write(directory / RECORD_FILE, json.dumps(record, indent=1) + "\n", mode=0o644)
 
 
 def read_record(directory: Path) -> dict[str, Any]:
