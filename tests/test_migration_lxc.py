@@ -21,6 +21,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -216,10 +217,17 @@ async def test_the_lxc_plugin_refuses_to_stage_a_container_whose_bridge_is_missi
 
 
 def counter(lxcpath: Path, name: str) -> int:
-    try:
-        return int((lxcpath / name / "rootfs/tmp/counter").read_text() or 0)
-    except (FileNotFoundError, ValueError):
-        return 0
+    # The shell's `echo $i > file` truncates before it writes: an empty read is that moment,
+    # not a count of 0, so read again.
+    for _ in range(100):
+        try:
+            text = (lxcpath / name / "rootfs/tmp/counter").read_text()
+        except FileNotFoundError:
+            return 0
+        if text.strip():
+            return int(text)
+        time.sleep(0.01)
+    return 0
 
 
 def kumoctl(controller: Any, *args: str) -> subprocess.CompletedProcess[str]:
