@@ -15,6 +15,7 @@ import pytest
 from agent.sdk import TaskError
 from plugins.checkpoint import CheckpointPlugin
 from plugins.checkpoint.criu import probe_criu
+from tests.harness import read_counter
 from tests.harness.criu import CriuNode
 
 PY = "/usr/bin/python3"
@@ -49,13 +50,6 @@ def running(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except FileNotFoundError:
         return False
-
-
-def read_counter(path: Path) -> int:
-    try:
-        return int(path.read_text() or 0)
-    except (FileNotFoundError, ValueError):
-        return 0
 
 
 async def start_counter(node: CriuNode, tmp_path: Path, name: str = "counter") -> tuple[int, Path]:

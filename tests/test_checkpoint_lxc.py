@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import require
+from tests.harness import read_counter, require
 from tests.harness.criu import CriuNode
 
 pytestmark = pytest.mark.integration
@@ -74,10 +74,7 @@ async def busybox_container(tmp_path):
 
 
 def counter(lxcpath: Path, name: str) -> int:
-    try:
-        return int((lxcpath / name / "rootfs/tmp/counter").read_text() or 0)
-    except (FileNotFoundError, ValueError):
-        return 0
+    return read_counter(lxcpath / name / "rootfs/tmp/counter")
 
 
 async def wait_for(predicate, what: str, limit: float = 15.0):

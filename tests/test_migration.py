@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from tests.harness import read_counter
 from tests.harness.agents import reported, running_on, wait_for
 from tests.harness.criu import SBIN_PATH
 
@@ -42,13 +43,6 @@ conn = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
 while True:
     time.sleep(0.1)
 """
-
-
-def read_counter(path: Path) -> int:
-    try:
-        return int(path.read_text() or 0)
-    except (FileNotFoundError, ValueError):
-        return 0
 
 
 @pytest.fixture

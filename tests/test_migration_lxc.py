@@ -21,13 +21,13 @@ import socket
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from agent.sdk import TaskError
+from tests.harness import read_counter
 from tests.harness.agents import reported, running_on, wait_for
 from tests.harness.criu import SBIN_PATH
 from tests.harness.lxc import run
@@ -217,17 +217,7 @@ async def test_the_lxc_plugin_refuses_to_stage_a_container_whose_bridge_is_missi
 
 
 def counter(lxcpath: Path, name: str) -> int:
-    # The shell's `echo $i > file` truncates before it writes: an empty read is that moment,
-    # not a count of 0, so read again.
-    for _ in range(100):
-        try:
-            text = (lxcpath / name / "rootfs/tmp/counter").read_text()
-        except FileNotFoundError:
-            return 0
-        if text.strip():
-            return int(text)
-        time.sleep(0.01)
-    return 0
+    return read_counter(lxcpath / name / "rootfs/tmp/counter")
 
 
 def kumoctl(controller: Any, *args: str) -> subprocess.CompletedProcess[str]:

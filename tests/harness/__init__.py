@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -35,3 +36,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def read_counter(path: Path) -> int:
+    """The number a test workload keeps writing to ``path`` (0 before it wrote one).
+
+    A writer that truncates before it writes (a shell's ``echo $i > file``) leaves the file
+    empty for an instant: an empty read is that instant, not a count, so read again.
+    """
+    for _ in range(100):
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return 0
+        if text.strip():
+            return int(text)
+        time.sleep(0.01)
+    return 0
