@@ -18,7 +18,7 @@ What is here, by concern:
 - running instances: the driver contract (:class:`InstanceDriver`, :class:`ConsoleOutput`,
   :data:`NAME_RE`, :data:`KIND_RE`), the checkpoint capability (:class:`Checkpointer`,
   :class:`DirectoryCheckpointer`, :class:`CheckpointSubject`, :class:`CriuCommand`) and the node's image cache
-  (:class:`ImageCache`);
+  (:class:`ImageCache`, :func:`valid_sha256`);
 - mechanics every plugin would otherwise write again: :func:`atomic_write` and
   :func:`tail` for files, :func:`run_command` for host tools, :class:`ExitWatcher` for
   processes, :func:`stat_fields`, :func:`start_time`, :func:`boot_id` and
@@ -44,7 +44,7 @@ from agent.sdk.driver import (
 )
 from agent.sdk.files import atomic_write, tail
 from agent.sdk.hooks import PluginHooks
-from agent.sdk.images import ImageCache
+from agent.sdk.images import ImageCache, valid_sha256
 from agent.sdk.payload import parse_payload
 from agent.sdk.procfs import boot_id, start_time, stat_fields, zombie_children
 from agent.sdk.types import (
@@ -110,5 +110,6 @@ __all__ = [
     "start_time",
     "stat_fields",
     "tail",
+    "valid_sha256",
     "zombie_children",
 ]

@@ -80,7 +80,7 @@ class ImageCache:
         ``bad-request``, ``image-missing``, ``image-download`` or ``image-checksum``.
         """
         if sha256 is not None:
-            sha256 = _valid_digest(sha256)
+            sha256 = valid_sha256(sha256)
         if source.startswith("https://"):
             if sha256 is None:
                 raise TaskError("an image URL needs image_sha256 to verify the download", code="bad-request")
@@ -253,8 +253,12 @@ class ImageCache:
 # ---- helpers (blocking unless async) -------------------------------------------------
 
 
-def _valid_digest(sha256: str) -> str:
-    # The digest becomes a file name: anything but hex could escape the cache directory.
+def valid_sha256(sha256: str) -> str:
+    """``sha256`` in lower case, or ``TaskError(code="bad-request")`` unless it is 64 hex digits.
+
+    A create spec checks its ``image_sha256`` with it before any work; the cache checks again
+    because the digest becomes a file name, and anything but hex could escape its directory.
+    """
     if not isinstance(sha256, str) or not _DIGEST_RE.fullmatch(sha256.lower()):
         raise TaskError(f"image_sha256 must be 64 hexadecimal digits, got {sha256!r}", code="bad-request")
     return sha256.lower()

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from collections.abc import Mapping
 from typing import Any
 
 import psutil
 
-from agent.sdk import TaskError, parse_payload
+from agent.sdk import TaskError, parse_payload, valid_sha256
 
 MIN_MEMORY_MIB = 32
-SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +52,8 @@ def parse_create(payload: Mapping[str, Any]) -> CreateSpec:
     if spec.memory_mib < MIN_MEMORY_MIB:
         raise TaskError(f"payload.memory_mib must be at least {MIN_MEMORY_MIB}, got {spec.memory_mib}",
                         code="bad-request")
-    if spec.image_sha256 is not None and not SHA256_RE.match(spec.image_sha256):
-        raise TaskError("payload.image_sha256 must be 64 hexadecimal digits", code="bad-request")
+    if spec.image_sha256 is not None:
+        valid_sha256(spec.image_sha256)
     options = spec.options
     for key, value in (("kernel", options.kernel), ("initrd", options.initrd)):
         if value is not None and not value.startswith("/"):

@@ -13,13 +13,12 @@ import re
 from collections.abc import Mapping
 from typing import Any, Literal, NoReturn
 
-from agent.sdk import TaskError, parse_payload
+from agent.sdk import TaskError, parse_payload, valid_sha256
 
 from .settings import IFNAME_RE, LxcConfig
 
 HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
 TEMPLATE_RE = re.compile(r"^[a-z0-9_-]{1,64}$")
-SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 MIN_MEMORY_MIB = 16
 
 NetworkMode = Literal["none", "empty", "veth"]
@@ -100,9 +99,7 @@ def parse_create(payload: Mapping[str, Any], config: LxcConfig) -> CreateSpec:
         if not TEMPLATE_RE.match(template):
             raise TaskError(f"unknown template {template!r}: templates are lxc template names such as 'busybox'",
                             code="unknown-template")
-    sha = raw.image_sha256
-    if sha is not None and not SHA256_RE.match(sha.lower()):
-        _bad("image_sha256 must be 64 hexadecimal digits")
+    sha = valid_sha256(raw.image_sha256) if raw.image_sha256 is not None else None
     if sha is not None and image is None:
         _bad("image_sha256 is for an image; a template has none")
     if raw.vcpus is not None and raw.vcpus < 1:
@@ -114,7 +111,7 @@ def parse_create(payload: Mapping[str, Any], config: LxcConfig) -> CreateSpec:
     return CreateSpec(
         template=template if image is None else None,
         image=image,
-        image_sha256=sha.lower() if sha else None,
+        image_sha256=sha,
         vcpus=raw.vcpus,
         memory_mib=raw.memory_mib,
         network=parse_network(raw.network or options.network or NetworkPayload(), config),
