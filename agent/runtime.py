@@ -47,6 +47,7 @@ from agent.sdk import (
     ControllerUnavailable,
     Fingerprint,
     Identity,
+    ImageCache,
     PluginContext,
     TaskError,
 )
@@ -127,10 +128,11 @@ async def probe_plugins(hooks: Hooks, settings: AgentSettings) -> tuple[dict[str
 
     failures: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="kumo-plugins-") as tmp:
+        images = ImageCache(Path(tmp) / "images")
         for name in hooks.plugin_names():
             plugin_dir = Path(tmp) / name
             plugin_dir.mkdir(mode=0o700)
-            context = PluginContext(name, plugin_dir, Path(tmp), identity, hooks, lambda: None, offline)
+            context = PluginContext(name, plugin_dir, Path(tmp), identity, hooks, lambda: None, offline, images)
             _, startup = await hooks.call_each("kumo_startup", only=name, context=context)
             if startup:
                 failures[name] = f"startup failed: {startup[0].message}"
@@ -154,6 +156,8 @@ class Runtime:
         self.state_dir = settings.state_dir
         self.metrics = AgentMetrics(hooks.metrics)
         self.reaper = Reaper()
+        cache = settings.image_cache
+        self.images = ImageCache(cache.path, cache.max_mib << 20 if cache.max_mib else None, cache.ca_file)
         self.journal = TaskJournal(self.state_dir / JOURNAL_FILE)
         self.identity: Identity | None = None
         self.client: ControllerClient | None = None
@@ -263,6 +267,7 @@ class Runtime:
                 hooks=self.hooks,
                 report_changed=self.report_changed,
                 call_controller=self.client.node_call,
+                images=self.images,
                 controller_url=self.client.base_url,
             )
             _, failures = await self.hooks.call_each("kumo_startup", only=name, context=context)

@@ -56,6 +56,21 @@ class TaskSettings:
 
 
 @dataclasses.dataclass
+class ImageCacheSettings:
+    """The node's one image cache, shared by every instance plugin (``context.images``).
+
+    ``max_mib``: past this size the least recently used images no instance needs are
+    removed (null keeps every image). ``ca_file``: the CA bundle for image URLs served by a
+    private mirror (null trusts the system's CAs). The directory must be readable by what
+    runs instances (qemu as libvirt-qemu), so it is not under the 0700 state directory.
+    """
+
+    path: Path = Path("/var/cache/kumo/images")
+    max_mib: int | None = None
+    ca_file: Path | None = None
+
+
+@dataclasses.dataclass
 class AgentSettings:
     """The whole agent config file, ``/etc/kumo/agent.yaml`` by default."""
 
@@ -64,6 +79,7 @@ class AgentSettings:
     metrics: MetricsSettings = dataclasses.field(default_factory=MetricsSettings)
     heartbeat: HeartbeatSettings = dataclasses.field(default_factory=HeartbeatSettings)
     tasks: TaskSettings = dataclasses.field(default_factory=TaskSettings)
+    image_cache: ImageCacheSettings = dataclasses.field(default_factory=ImageCacheSettings)
     vcpu_overcommit: float = 4.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     plugins: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -111,6 +127,8 @@ def _validate(settings: AgentSettings, path: Path) -> None:
             raise ConfigError(f"{path}: metrics.listen: {exc}") from None
     if settings.metrics.client_ca is not None and settings.metrics.listen is None:
         raise ConfigError(f"{path}: metrics.client_ca: set, but metrics.listen is null (metrics are off)")
+    if settings.image_cache.max_mib is not None and settings.image_cache.max_mib <= 0:
+        raise ConfigError(f"{path}: image_cache.max_mib: expected a positive number of MiB (or null: no limit)")
     if settings.vcpu_overcommit <= 0:
         raise ConfigError(f"{path}: vcpu_overcommit: expected a number above 0, got {settings.vcpu_overcommit}")
     if settings.heartbeat.fingerprint_interval <= 0:

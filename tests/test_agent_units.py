@@ -191,11 +191,12 @@ def test_settings_defaults_and_values(tmp_path):
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("stat_dir: /x\n", "{p}: stat_dir: unknown key (allowed keys: controller, heartbeat, log_level, metrics, plugins, state_dir, tasks, vcpu_overcommit)"),
+        ("stat_dir: /x\n", "{p}: stat_dir: unknown key (allowed keys: controller, heartbeat, image_cache, log_level, metrics, plugins, state_dir, tasks, vcpu_overcommit)"),
         ("metrics: {listen: 9464}\n", "{p}: metrics.listen: expected a string or null, got 9464"),
         ("metrics: {listen: 'nohost'}\n", "{p}: metrics.listen: expected HOST:PORT (e.g. 0.0.0.0:9464), got 'nohost'"),
         ("controller: http://ctl:8443\n", "{p}: controller: expected an https://HOST:PORT URL, got 'http://ctl:8443'"),
         ("vcpu_overcommit: 0\n", "{p}: vcpu_overcommit: expected a number above 0, got 0.0"),
+        ("image_cache: {max_mib: 0}\n", "{p}: image_cache.max_mib: expected a positive number of MiB (or null: no limit)"),
         ("log_level: loud\n", "{p}: log_level: expected one of 'debug', 'info', 'warning', 'error', got 'loud'"),
         ("plugins: {kvm: [1]}\n", "{p}: plugins.kvm: expected a mapping of that plugin's settings"),
     ],

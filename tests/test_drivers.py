@@ -29,6 +29,7 @@ from agent.sdk import (
     INSTANCE_STATES,
     ConsoleOutput,
     ControllerUnavailable,
+    ImageCache,
     InstanceState,
     PluginContext,
     TaskError,
@@ -349,6 +350,7 @@ class Bed:
     stop_timeout: float | None = None
     identity: Callable[[str, InstanceState], Any] = lambda name, state: state.details.get("pid")
     timeout: float = 30.0
+    image_dir: Path | None = None  # the node's image cache; default: under root
     nodes: list[Node] = dataclasses.field(default_factory=list)
 
     async def node(self) -> Node:
@@ -377,7 +379,8 @@ class Node:
         for name in self.hooks.plugin_names():
             state = self.bed.root / "plugins" / name
             state.mkdir(mode=0o700, parents=True, exist_ok=True)
-            context = PluginContext(name, state, self.bed.root, None, self.hooks, lambda: None, no_controller)
+            context = PluginContext(name, state, self.bed.root, None, self.hooks, lambda: None, no_controller,
+                                    ImageCache(self.bed.image_dir or self.bed.root / "images"))
             _, failures = await self.hooks.call_each("kumo_startup", only=name, context=context)
             assert not failures, failures
         self.hooks.load_drivers()
@@ -450,13 +453,13 @@ def kvm_bed(request: pytest.FixtureRequest, root: Path) -> Bed:
         finally:
             conn.close()
 
-    settings = {"uri": uri, "instance_dir": str(disks / "instances"), "image_cache": str(disks / "images"),
+    settings = {"uri": uri, "instance_dir": str(disks / "instances"),
                 "acceleration": "tcg", "shutdown_timeout": 60}
     spec = {"image": str(guest.disk), "image_sha256": guest.disk_sha256, "vcpus": 1, "memory_mib": 192,
             "options": {"kernel": str(guest.kernel), "initrd": str(guest.initrd),
                         "cmdline": f"{guest.cmdline} kumo.hold"}}
     return Bed("kvm", lambda: {"kvm": KvmPlugin()}, root, settings={"kvm": settings}, spec=spec,
-               console="GUEST-HOLDING", stop_timeout=60, identity=domain_id, timeout=240)
+               console="GUEST-HOLDING", stop_timeout=60, identity=domain_id, timeout=240, image_dir=disks / "images")
 
 
 def _remove_tree(path: Path) -> None:

@@ -379,22 +379,27 @@ async def test_a_hit_makes_an_image_recent_and_adding_one_evicts_the_stalest(tmp
     cache = ImageCache(directory, max_bytes=200)
 
     assert await cache.get("https://127.0.0.1:1/never-asked", first.name) == first  # a hit: no request
-    third = await cache.get(str(source), sha(source.read_bytes()), in_use=lambda: set())
+    third = await cache.get(str(source), sha(source.read_bytes()))
 
     assert first.exists() and third.exists()
     assert not second.exists()
 
 
-async def test_adding_an_image_never_evicts_it_or_what_instances_use(tmp_path: Path) -> None:
+async def test_adding_an_image_never_evicts_it_or_what_any_plugins_instances_use(tmp_path: Path) -> None:
     directory = tmp_path / "cache"
     directory.mkdir()
     used = _image(directory, b"a" * 100, age=300)
+    unpacking = _image(directory, b"c" * 100, age=400)
+    spare = _image(directory, b"d" * 100, age=200)
     # A symlinked path to the image still protects it.
     (tmp_path / "link").symlink_to(directory)
     source = tmp_path / "big.img"
     source.write_bytes(b"b" * 500)
+    cache = ImageCache(directory, max_bytes=200)
+    cache.add_in_use(lambda: {tmp_path / "link" / used.name})  # a VM's backing file, say
+    cache.add_in_use(lambda: {unpacking})  # a container's tarball being unpacked
 
-    added = await ImageCache(directory, max_bytes=200).get(
-        str(source), sha(b"b" * 500), in_use=lambda: {tmp_path / "link" / used.name})
+    added = await cache.get(str(source), sha(b"b" * 500))
 
-    assert used.exists() and added.exists()  # over the limit, but both are needed
+    assert used.exists() and unpacking.exists() and added.exists()  # over the limit, but all needed
+    assert not spare.exists()

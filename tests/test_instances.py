@@ -60,11 +60,12 @@ def two_nodes(controller, kumo_agent, libvirtd, tmp_path_factory):
         lxcpath = tmp_path_factory.mktemp("lxc")
         lxcpath.chmod(0o755)
         plugins = {
-            "kvm": {"uri": libvirtd, "instance_dir": str(root / "instances"), "image_cache": str(root / "images"),
+            "kvm": {"uri": libvirtd, "instance_dir": str(root / "instances"),
                     "acceleration": "tcg", "shutdown_timeout": 10},
             "lxc": {"lxcpath": str(lxcpath)},
         }
-        agents.append(kumo_agent(plugins=plugins))
+        # Under the qemu-readable root: the cache holds the VMs' base images.
+        agents.append(kumo_agent(plugins=plugins, settings={"image_cache": {"path": str(root / "images")}}))
     yield agents
     for name in [i["name"] for i in json.loads(kumoctl(controller, "instances", "list", "-o", "json").stdout)]:
         kumoctl(controller, "instances", "delete", name, "--timeout", "60s", check=False)

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from agent.pluginmanager import Hooks, make_plugin_manager
-from agent.sdk import ConfigError, TaskError
+from agent.sdk import ConfigError, ImageCache, TaskError
 from plugins.kvm import KvmPlugin, liveness
 from plugins.kvm.acceleration import Acceleration
 from plugins.kvm.disks import backing_file
@@ -96,7 +96,7 @@ def test_backing_file_is_read_from_the_overlay(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "section",
     [{"network": "bridge:"}, {"acceleration": "fast"}, {"shutdown_timeout": 0}, {"urii": "x"},
-     {"image_cache_max_mib": 0}],
+     {"image_cache": "/var/cache/kumo/images"}],
 )
 def test_bad_config_is_refused(section: dict[str, Any]) -> None:
     with pytest.raises(ConfigError):
@@ -191,7 +191,7 @@ _LAZY_SCRIPT = """
 import asyncio, json, sys
 from pathlib import Path
 from agent.pluginmanager import Hooks, make_plugin_manager
-from agent.sdk import PluginContext, TaskError
+from agent.sdk import ImageCache, PluginContext, TaskError
 from plugins.kvm import KvmPlugin
 
 def loaded():
@@ -205,7 +205,8 @@ async def main(uri, instance_dir, state_dir):
     async def no_controller(*args, **kwargs):
         raise AssertionError
     context = PluginContext(name="kvm", state_dir=Path(state_dir), agent_state_dir=Path(state_dir), identity=None,
-                            hooks=hooks, report_changed=lambda: None, call_controller=no_controller)
+                            hooks=hooks, report_changed=lambda: None, call_controller=no_controller,
+                            images=ImageCache(Path(state_dir) / "images"))
     await plugin.kumo_startup(context=context)
     hooks.load_drivers()
     report = {"startup": loaded(), "fingerprint": (await plugin.kumo_fingerprint()).to_json()}
@@ -592,12 +593,12 @@ async def test_image_from_https_is_verified_and_cached(
 ) -> None:
     url, ca = https_image_server
     # Its own cache: a broken download keeps its partial file there, to be resumed.
-    untrusting = await kvm_bed.node(image_cache=str(kvm_bed.root / "untrusting-images"))
+    untrusting = await kvm_bed.node(images=ImageCache(kvm_bed.root / "untrusting-images"))
     with pytest.raises(TaskError) as err:
         await untrusting.task("kvm.create", **_payload(kvm_bed, kvm_guest, kvm_bed.name("url0"), image=url))
     assert err.value.code == "image-download" and "certificate verify failed" in str(err.value)
 
-    node = await kvm_bed.node(image_ca_file=str(ca))
+    node = await kvm_bed.node(images=ImageCache(kvm_bed.root / "images", ca_file=ca))
     bad = kvm_bed.name("urlbad")
     wrong = hashlib.sha256(b"something else").hexdigest()
     with pytest.raises(TaskError) as err:
@@ -625,12 +626,12 @@ async def test_the_image_cache_never_evicts_a_vms_base_image(kvm_bed: KvmTestBed
     def cached() -> set[str]:
         return {p.name for p in cache.iterdir()}
 
-    node = await kvm_bed.node(image_cache_max_mib=2)
+    node = await kvm_bed.node(images=ImageCache(cache, max_bytes=2 << 20))
     first, second, third = (kvm_bed.name(f"evict{i}") for i in range(3))
     await node.task("kvm.create", **_payload(kvm_bed, kvm_guest, first, hold=True,
                                              image=str(images[0][0]), image_sha256=images[0][1]))
     await node.plugin.kumo_shutdown()
-    node = await kvm_bed.node(image_cache_max_mib=2)  # a restart: the first VM is adopted
+    node = await kvm_bed.node(images=ImageCache(cache, max_bytes=2 << 20))  # a restart: the first VM is adopted
     await node.task("kvm.create", **_payload(kvm_bed, kvm_guest, second, hold=True,
                                              image=str(images[1][0]), image_sha256=images[1][1]))
     assert cached() == {images[0][1], images[1][1]}  # over the limit, but both back a VM

@@ -20,6 +20,7 @@ from aiohttp import web
 from agent.sdk import (
     ConfigError,
     ControllerUnavailable,
+    ImageCache,
     PluginContext,
     Probe,
     ProbeResult,
@@ -43,7 +44,8 @@ class FakeHooks:
 
 def context(state: Path, controller: Any, probes: dict[str, list[Probe]] | None = None) -> PluginContext:
     return PluginContext(name="monitoring", state_dir=state, agent_state_dir=state.parent, identity=None,
-                         hooks=FakeHooks(probes), report_changed=lambda: None, call_controller=controller)
+                         hooks=FakeHooks(probes), report_changed=lambda: None, call_controller=controller,
+                         images=ImageCache(state / "images"))
 
 
 class FakeController:

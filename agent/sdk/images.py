@@ -1,15 +1,16 @@
 """The node's image cache: the disk images and rootfs tarballs instances are made from.
 
-One implementation for every instance plugin; each plugin keeps its own directory (one
-cache directory shared by two plugins would need a node-wide view of what is in use, so
-that one kind never evicts the images another's instances are backed by). An image two
-hundred instances use is fetched and stored once. Images are named by their SHA-256:
-a name is a promise about the content, so a hit needs no rehash and a verified copy can
-never be confused with another image of the same file name. Downloads are the slow,
-fragile part, so a transfer that breaks leaves ``<sha256>.partial`` behind and the next
-attempt continues it with an HTTP Range request instead of starting over. The cache is
-bounded: past ``max_bytes`` the least recently used images no instance still needs (a
-qcow2 overlay's backing file is needed for the overlay's whole life) are removed.
+The agent keeps one per node (``image_cache`` in agent.yaml) and hands it to every plugin
+as ``context.images``, so an image two hundred instances use, of any kind, is fetched and
+stored once. Images are named by their SHA-256: a name is a promise about the content, so
+a hit needs no rehash and a verified copy can never be confused with another image of the
+same file name. Downloads are the slow, fragile part, so a transfer that breaks leaves
+``<sha256>.partial`` behind and the next attempt continues it with an HTTP Range request
+instead of starting over. The cache is bounded: past ``max_bytes`` the least recently used
+images no instance still needs are removed. What is needed is a node-wide question (a
+qcow2 overlay's backing file is needed for the overlay's whole life, a container's
+tarball only while it is unpacked), so each plugin whose instances keep using an image
+answers for its own with :meth:`ImageCache.add_in_use`.
 
 Every file operation runs in a worker thread; aiohttp is imported only when a download
 starts, since most agents never download an image.
@@ -49,10 +50,6 @@ _PARTIAL_SUFFIX = ".partial"
 _CONTENT_RANGE_RE = re.compile(r"bytes\s+(\d+)-")
 
 
-def _nothing_in_use() -> set[Path]:
-    return set()
-
-
 class ImageCache:
     """Images instances are made from, kept once per node by content (sha256)."""
 
@@ -67,17 +64,22 @@ class ImageCache:
         self._busy: collections.Counter[str] = collections.Counter()
         self._busy_lock = threading.Lock()
         self._evict_lock = threading.Lock()
+        self._in_use: list[Callable[[], set[Path]]] = []
+
+    def add_in_use(self, in_use: Callable[[], set[Path]]) -> None:
+        """Have eviction keep what ``in_use()`` returns: the cached images a plugin's
+        instances still need. Called on the event loop, before each eviction."""
+        self._in_use.append(in_use)
 
     # ---- fetching --------------------------------------------------------------------
 
-    async def get(self, source: str, sha256: str | None,
-                  in_use: Callable[[], set[Path]] = _nothing_in_use) -> Path:
+    async def get(self, source: str, sha256: str | None) -> Path:
         """The local path of the image ``source`` (an absolute path on the node or an
         https:// URL), verified against ``sha256`` when one is given (an URL needs one).
 
-        ``in_use`` returns the cached images instances still need; the eviction that
-        follows adding an image never removes those. Raises :class:`TaskError` with code
-        ``bad-request``, ``image-missing``, ``image-download`` or ``image-checksum``.
+        Adding an image evicts others past ``max_bytes``, never one an ``in_use`` function
+        returns. Raises :class:`TaskError` with code ``bad-request``, ``image-missing``,
+        ``image-download`` or ``image-checksum``.
         """
         if sha256 is not None:
             sha256 = valid_sha256(sha256)
@@ -89,7 +91,7 @@ class ImageCache:
                 if await asyncio.to_thread(_touch, cached):
                     return cached
                 await self._download(source, sha256)
-                await self._evict_after_adding(in_use)
+                await self._evict_after_adding()
                 return cached
         if not source.startswith("/"):
             raise TaskError(
@@ -109,7 +111,7 @@ class ImageCache:
             if await asyncio.to_thread(_touch, cached):
                 return cached
             await asyncio.to_thread(self._copy_in, path, sha256)
-            await self._evict_after_adding(in_use)
+            await self._evict_after_adding()
             return cached
 
     @contextlib.asynccontextmanager
@@ -131,11 +133,11 @@ class ImageCache:
             if holders[0] == 0:
                 del self._locks[sha256]
 
-    async def _evict_after_adding(self, in_use: Callable[[], set[Path]]) -> None:
+    async def _evict_after_adding(self) -> None:
         if self.max_bytes is None:
             return
-        # in_use reads the caller's state: call it on the event loop, not in the thread.
-        needed = set(in_use())
+        # in_use functions read their plugin's state: call them on the event loop, not in the thread.
+        needed = set().union(*(in_use() for in_use in self._in_use))
         try:
             removed = await asyncio.to_thread(self.evict, needed)
         except OSError as exc:

@@ -12,6 +12,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from agent.sdk.hooks import PluginHooks
+    from agent.sdk.images import ImageCache
 
 PROJECT = "kumo"
 hookimpl = pluggy.HookimplMarker(PROJECT)
@@ -170,7 +171,8 @@ class PluginContext:
     request over the agent's mutual-TLS session (``path`` is relative to
     ``/v1/nodes/<this node>/``) and returns the decoded JSON answer; it raises
     :class:`ControllerUnavailable` when the controller cannot be reached, so a plugin can
-    keep what it meant to send and try again later. ``controller_url`` (``https://HOST:PORT``)
+    keep what it meant to send and try again later. ``images`` is the node's one
+    :class:`agent.sdk.ImageCache`, shared by every instance kind. ``controller_url`` (``https://HOST:PORT``)
     is for the rare plugin that must stream a body too large for ``call_controller``
     (checkpoint images), with its own TLS from ``identity``.
     """
@@ -182,4 +184,5 @@ class PluginContext:
     hooks: PluginHooks
     report_changed: Callable[[], None]
     call_controller: Callable[..., Awaitable[Any]]
+    images: ImageCache
     controller_url: str | None = None

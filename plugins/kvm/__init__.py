@@ -36,7 +36,6 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from agent.sdk import (
     ConsoleOutput,
     Fingerprint,
-    ImageCache,
     InstanceState,
     PluginContext,
     Probe,
@@ -67,7 +66,6 @@ log = logging.getLogger(__name__)
 KIND = "kvm"
 CONSOLE_LOG = "console.log"
 DISK = "disk.qcow2"
-MIB = 1 << 20
 
 
 @dataclasses.dataclass
@@ -100,7 +98,6 @@ class KvmPlugin:
         self._context: PluginContext | None = None
         self._host: Host | None = None
         self._liveness: Liveness | None = None
-        self._images: ImageCache | None = None
         self._instances: dict[str, _Instance] = {}
         # Base images of creates between fetching the image and recording the instance.
         self._fetched: list[Path] = []
@@ -119,9 +116,7 @@ class KvmPlugin:
         self._context = context
         self._host = Host(self.config.uri, self._connected, self._lost, self._lifecycle)
         self._liveness = Liveness(self.config.uri)
-        max_mib = self.config.image_cache_max_mib
-        self._images = ImageCache(self.config.image_cache, max_mib * MIB if max_mib else None,
-                                  self.config.image_ca_file)
+        context.images.add_in_use(self._bases_in_use)
         self._acceleration_task = asyncio.create_task(decide(self.config.acceleration, context.state_dir))
         # Instance directories from before mean domains to adopt: libvirt is needed now.
         # Otherwise it waits for the first kvm task, and liveness answers for libvirtd.
@@ -311,10 +306,7 @@ class KvmPlugin:
 
     async def _base_image(self, spec: CreateSpec) -> Path:
         """The image to back the new disk, fetched into the cache when it names a digest."""
-        images = self._images
-        if images is None:
-            raise TaskError("the kvm plugin has not started", code="unavailable")
-        base = await images.get(spec.image, spec.image_sha256, in_use=self._bases_in_use)
+        base = await self._require_context().images.get(spec.image, spec.image_sha256)
         # Recorded before anything else can run: another create's eviction must see it.
         self._fetched.append(base)
         return base

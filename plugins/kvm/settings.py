@@ -19,18 +19,12 @@ class KvmConfig:
     """
 
     uri: str = "qemu:///system"
-    image_cache: Path = Path("/var/cache/kumo/images")
-    # Past this size the least recently used base images no VM of this node is backed by
-    # are removed; None keeps every image.
-    image_cache_max_mib: int | None = None
     # Under libvirt's own image directory: qemu (user libvirt-qemu) must be able to reach
     # the overlays, which it could not inside the agent's 0700 state directory.
     instance_dir: Path = Path("/var/lib/libvirt/images/kumo")
     acceleration: Literal["auto", "kvm", "tcg"] = "auto"
     shutdown_timeout: float = 60.0
     network: str = "none"
-    # CA bundle for image URLs served by a private mirror; None trusts the system's CAs.
-    image_ca_file: Path | None = None
 
 
 def parse_config(section: Mapping[str, Any], source: str) -> KvmConfig:
@@ -44,6 +38,4 @@ def parse_config(section: Mapping[str, Any], source: str) -> KvmConfig:
         )
     if config.shutdown_timeout <= 0:
         raise ConfigError(f"{source}.shutdown_timeout: expected a positive number of seconds")
-    if config.image_cache_max_mib is not None and config.image_cache_max_mib <= 0:
-        raise ConfigError(f"{source}.image_cache_max_mib: expected a positive number of MiB (or null: no limit)")
     return config

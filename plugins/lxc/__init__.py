@@ -22,6 +22,7 @@ The pieces, one concern each:
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import shutil
 import tempfile
@@ -40,7 +41,6 @@ from agent.sdk import (
     hookimpl,
     tail,
 )
-from agent.sdk.images import ImageCache
 
 from . import liblxc
 from .host import CgroupLayout, cgroup_layout, check_can_give, prepare, template_installed
@@ -64,6 +64,8 @@ class LxcPlugin:
 
     def __init__(self) -> None:
         self.context: PluginContext | None = None
+        # Cached tarballs a create is unpacking: the shared cache must not evict them meanwhile.
+        self._unpacking: collections.Counter[Path] = collections.Counter()
         self._unavailable = "the lxc plugin has not started yet"
         self._version = ""
         self._cgroups: CgroupLayout = {}
@@ -71,7 +73,6 @@ class LxcPlugin:
 
     def _use(self, config: LxcConfig) -> None:
         self.config = config
-        self.images = ImageCache(config.image_cache, ca_file=config.image_ca_file)
         self._lxc = Liblxc(config.lxcpath)
         self._containers = Containers(self._lxc, self._report_changed)
 
@@ -84,6 +85,7 @@ class LxcPlugin:
     @hookimpl
     async def kumo_startup(self, context: PluginContext) -> None:
         self.context = context
+        context.images.add_in_use(lambda: set(self._unpacking))
         missing = liblxc.missing_tools()
         if missing:
             self._unavailable = (
@@ -180,8 +182,14 @@ class LxcPlugin:
             if spec.image is None:
                 await build.from_template(self._lxc, self.config, name, spec.template or "", workdir)
             else:
-                image = await self.images.get(spec.image, spec.image_sha256)
-                await asyncio.to_thread(build.from_image, self.config, name, image, spec.image)
+                image = await self._require_context().images.get(spec.image, spec.image_sha256)
+                self._unpacking[image] += 1  # no eviction until the rootfs is out of it
+                try:
+                    await asyncio.to_thread(build.from_image, self.config, name, image, spec.image)
+                finally:
+                    self._unpacking[image] -= 1
+                    if not self._unpacking[image]:
+                        del self._unpacking[image]
             record = new_record(spec, self.config)
             await asyncio.to_thread(build.finish, self.config, self._cgroups, name, spec, seed, record)
             return record

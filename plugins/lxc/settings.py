@@ -53,9 +53,6 @@ class LxcConfig:
     idmap_start: int = 1_000_000
     idmap_size: int = 65536
     templates: list[str] = dataclasses.field(default_factory=lambda: ["busybox"])
-    image_cache: Path = Path("/var/cache/kumo/lxc-images")
-    # CA bundle for image URLs served by a private mirror; None trusts the system's CAs.
-    image_ca_file: Path | None = None
     stop_timeout: float = 30.0
     poll_interval: float = 2.0
     lxc_checkpoint: str = "lxc-checkpoint"

@@ -263,6 +263,7 @@ def start_agent(
         "state_dir": str(state_dir),
         "log_level": "debug",
         "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
+        "image_cache": {"path": str(workdir / "images")},
         "plugins": dict(plugins or {}),
     }
     config.update(settings or {})

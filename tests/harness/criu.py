@@ -19,7 +19,7 @@ import pytest
 
 from agent.pluginmanager import Hooks, make_plugin_manager
 from agent.reaper import Reaper
-from agent.sdk import ControllerUnavailable, InstanceState, PluginContext
+from agent.sdk import ControllerUnavailable, ImageCache, InstanceState, PluginContext
 from tests.harness import require
 
 SBIN_PATH = os.environ.get("PATH", "") + ":/usr/local/sbin:/usr/sbin:/sbin"
@@ -79,7 +79,8 @@ class CriuNode:
         async def no_controller(*args: Any, **kwargs: Any) -> Any:
             raise ControllerUnavailable("no controller in this test")
 
-        return PluginContext(name, state, self.root, None, self.hooks, self._changed, no_controller)
+        return PluginContext(name, state, self.root, None, self.hooks, self._changed, no_controller,
+                             ImageCache(self.root / "images"))
 
     def _changed(self) -> None:
         self.changes += 1

@@ -24,11 +24,14 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from tests.harness import require
+
+if TYPE_CHECKING:
+    from agent.sdk import ImageCache
 
 SYSTEM_URI = "qemu:///system"
 SYSTEM_SOCKET = Path("/run/libvirt/libvirt-sock")
@@ -197,18 +200,18 @@ class KvmTestBed:
         settings = {
             "uri": self.uri,
             "instance_dir": str(self.root / "instances"),
-            "image_cache": str(self.root / "images"),
             "acceleration": "auto",
             "shutdown_timeout": 20,
         }
         settings.update(overrides)
         return settings
 
-    async def node(self, **overrides: Any) -> KvmNode:
+    async def node(self, images: ImageCache | None = None, **overrides: Any) -> KvmNode:
         """A configured and started kvm plugin, its driver loaded (the state dir is shared by
-        every plugin of this test)."""
+        every plugin of this test); ``images`` is the node's image cache (default: one under
+        the test's root, without a size limit)."""
         from agent.pluginmanager import Hooks, make_plugin_manager
-        from agent.sdk import PluginContext
+        from agent.sdk import ImageCache, PluginContext
         from plugins.cloudinit import CloudInitPlugin
         from plugins.kvm import KvmPlugin
 
@@ -230,6 +233,7 @@ class KvmTestBed:
             hooks=hooks,
             report_changed=changed,
             call_controller=no_controller,
+            images=images or ImageCache(self.root / "images"),
         )
         await kvm.kumo_startup(context=context)
         hooks.load_drivers()

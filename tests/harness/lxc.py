@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from agent.pluginmanager import Hooks, make_plugin_manager
-from agent.sdk import ControllerUnavailable, InstanceState, PluginContext
+from agent.sdk import ControllerUnavailable, ImageCache, InstanceState, PluginContext
 from tests.harness import require
 
 TOOLS = ("lxc-create", "lxc-start", "lxc-stop", "lxc-ls", "lxc-info", "lxc-destroy", "lxc-attach", "lxc-cgroup")
@@ -110,8 +110,8 @@ class LxcNode:
     def __init__(self, root: Path, lxcpath: Path, config: Mapping[str, Any] | None = None,
                  others: Mapping[str, object] | None = None):
         self.root, self.lxcpath = root, lxcpath
-        self.config = {"lxcpath": str(lxcpath), "poll_interval": 0.5, "image_cache": str(root / "images"),
-                       **dict(config or {})}
+        self.config = {"lxcpath": str(lxcpath), "poll_interval": 0.5, **dict(config or {})}
+        self.images = ImageCache(root / "images")
         self.others = dict(others or {})
         self.changes = 0
         self.plugin: Any = None
@@ -135,7 +135,7 @@ class LxcNode:
             raise ControllerUnavailable("no controller in this test")
 
         assert self.hooks is not None
-        return PluginContext(name, state, self.root, None, self.hooks, self._changed, no_controller)
+        return PluginContext(name, state, self.root, None, self.hooks, self._changed, no_controller, self.images)
 
     def _changed(self) -> None:
         self.changes += 1

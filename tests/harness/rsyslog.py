@@ -123,7 +123,7 @@ class RsyslogBed:
 
     async def plugin(self, daemon: Daemon, identity: Any = None, **settings: Any) -> Any:
         """A configured and started RsyslogPlugin driving ``daemon``."""
-        from agent.sdk import PluginContext
+        from agent.sdk import ImageCache, PluginContext
         from plugins.rsyslog import RsyslogPlugin
 
         async def no_controller(*args: Any, **kwargs: Any) -> Any:
@@ -137,7 +137,7 @@ class RsyslogBed:
         state.mkdir(exist_ok=True)
         await plugin.kumo_startup(context=PluginContext(
             name="rsyslog", state_dir=state, agent_state_dir=daemon.dir, identity=identity, hooks=None,
-            report_changed=lambda: None, call_controller=no_controller,
+            report_changed=lambda: None, call_controller=no_controller, images=ImageCache(daemon.dir / "images"),
         ))
         self.plugins.append(plugin)
         return plugin
