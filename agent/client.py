@@ -1,26 +1,41 @@
 """The agent's mutual-TLS session with the controller.
 
 One :class:`ControllerClient` per agent. Every request presents the node certificate; after
-a renewal :meth:`ControllerClient.reload_identity` builds a new TLS context and new requests
-use it (aiohttp keys pooled connections by TLS context, so old connections are not reused).
-Failures are sorted in two: :class:`~agent.sdk.ControllerUnavailable` (network, TLS,
-timeouts, 5xx: try again later) and :class:`ControllerRejected` (a 4xx answer: retrying the
-same request will not help).
+a renewal :meth:`ControllerClient.reload_identity` builds a new TLS context, and connections
+made with the old one are closed instead of reused. Failures are sorted in two:
+:class:`~agent.sdk.ControllerUnavailable` (network, TLS, timeouts, 5xx: try again later) and
+:class:`ControllerRejected` (a 4xx answer: retrying the same request will not help).
+
+Requests go through the standard library's ``http.client`` in a few worker threads of the
+client's own, as ``kumo-agent join`` does, not through aiohttp: an agent's whole traffic
+with the controller is small JSON requests, and importing aiohttp's client would be a
+quarter of an idle agent's memory (12 MB of PyPI's aiohttp 3.14). The bodies too large for
+this (checkpoint images, image downloads) are streamed by the plugins that need them, with
+aiohttp imported only then. Connections are kept alive and reused; a cancelled request
+(the long poll, at shutdown) shuts its socket down so that its thread returns at once.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import http.client
 import json
 import logging
+import socket
 import ssl
+import threading
 from typing import Any
-
-import aiohttp
+from urllib.parse import urlsplit
 
 from agent.sdk import ControllerUnavailable, Identity, PluginError
 
 log = logging.getLogger(__name__)
 REQUEST_TIMEOUT = 20.0
+# Requests in flight at once: the long poll, a heartbeat, task results, plugins' calls.
+# More wait for a free thread (their timeout starts when they are sent).
+MAX_CONNECTIONS = 8
+HEADERS = {"User-Agent": "kumo-agent", "Accept": "application/json"}
 
 
 class ControllerRejected(PluginError):
@@ -41,11 +56,17 @@ class ControllerClient:
 
     def __init__(self, base_url: str, identity: Identity, on_state_change: Any = None):
         self.base_url = base_url.rstrip("/")
+        parts = urlsplit(self.base_url)
+        self._host, self._port = parts.hostname or "", parts.port or 443
         self.identity = identity
         self._ssl = identity.client_tls_context()
-        self._session: aiohttp.ClientSession | None = None
         self.connected: bool | None = None
         self._on_state_change = on_state_change
+        self._executor = concurrent.futures.ThreadPoolExecutor(MAX_CONNECTIONS, thread_name_prefix="kumo-controller")
+        # Idle keep-alive connections, each with the TLS context it was made with.
+        self._idle: list[tuple[ssl.SSLContext, http.client.HTTPSConnection]] = []
+        self._busy: dict[http.client.HTTPSConnection, ssl.SSLContext] = {}
+        self._lock = threading.Lock()
 
     @property
     def node_path(self) -> str:
@@ -56,17 +77,14 @@ class ControllerClient:
         self._ssl = self.identity.client_tls_context()
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    def _get_session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=32, enable_cleanup_closed=True),
-                headers={"User-Agent": "kumo-agent"},
-            )
-        return self._session
+        with self._lock:
+            idle, self._idle = self._idle, []
+            busy = list(self._busy)
+        for _, conn in idle:
+            conn.close()
+        for conn in busy:
+            _abort(conn)
+        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
 
     async def request(
         self, method: str, path: str, body: Any = None, timeout: float = REQUEST_TIMEOUT
@@ -75,22 +93,14 @@ class ControllerClient:
 
         Raises ControllerUnavailable (retry later) or ControllerRejected (4xx).
         """
-        url = self.base_url + path
+        payload = None if body is None else json.dumps(body).encode()
         try:
-            async with self._get_session().request(
-                method,
-                url,
-                json=body,
-                ssl=self._ssl,
-                timeout=aiohttp.ClientTimeout(total=timeout),
-            ) as response:
-                raw = await response.read()
-                status = response.status
+            status, raw = await self._send(method, path, payload, timeout)
         except TimeoutError:
             raise ControllerUnavailable(f"{method} {path}: no answer within {timeout:.0f} s") from None
-        except aiohttp.ClientConnectorCertificateError as exc:
+        except ssl.SSLCertVerificationError as exc:
             raise ControllerUnavailable(f"{method} {path}: the controller's certificate is not trusted: {exc}") from None
-        except (aiohttp.ClientError, OSError, ssl.SSLError) as exc:
+        except (OSError, http.client.HTTPException) as exc:
             raise ControllerUnavailable(f"{method} {path}: {exc or type(exc).__name__}") from None
         try:
             data = json.loads(raw) if raw else {}
@@ -126,6 +136,84 @@ class ControllerClient:
         self.connected = connected
         if self._on_state_change is not None:
             self._on_state_change(connected)
+
+    # ---- connections -----------------------------------------------------------------
+
+    async def _send(self, method: str, path: str, payload: bytes | None, timeout: float) -> tuple[int, bytes]:
+        conn, reused = self._checkout()
+        try:
+            return await self._exchange_on(conn, method, path, payload, timeout)
+        except (ConnectionError, http.client.BadStatusLine):
+            if not reused:
+                raise
+        # The controller closed this kept-alive connection before it read the request (its
+        # keep-alive timeout ran out): nothing was done, so send it once on a new one.
+        conn, _ = self._checkout(fresh=True)
+        return await self._exchange_on(conn, method, path, payload, timeout)
+
+    def _checkout(self, fresh: bool = False) -> tuple[http.client.HTTPSConnection, bool]:
+        """A connection for one request, and whether it was kept alive from an earlier one."""
+        tls = self._ssl
+        with self._lock:
+            while self._idle and not fresh:
+                made_with, conn = self._idle.pop()
+                if made_with is tls:
+                    self._busy[conn] = tls
+                    return conn, True
+                conn.close()  # made before a renewal: the old certificate
+            conn = http.client.HTTPSConnection(self._host, self._port, context=tls)
+            self._busy[conn] = tls
+            return conn, False
+
+    async def _exchange_on(
+        self, conn: http.client.HTTPSConnection, method: str, path: str, payload: bytes | None, timeout: float
+    ) -> tuple[int, bytes]:
+        loop = asyncio.get_running_loop()
+        kept = False
+        try:
+            status, raw, kept = await loop.run_in_executor(
+                self._executor, _exchange, conn, method, path, payload, timeout
+            )
+            return status, raw
+        except asyncio.CancelledError:
+            _abort(conn)  # the thread is still reading: make its read return now
+            raise
+        except RuntimeError as exc:  # the executor is shut down: the agent is stopping
+            raise ConnectionAbortedError(str(exc)) from None
+        finally:
+            with self._lock:
+                tls = self._busy.pop(conn)
+                if kept and len(self._idle) < MAX_CONNECTIONS:
+                    self._idle.append((tls, conn))
+                else:
+                    conn.close()
+
+
+def _exchange(
+    conn: http.client.HTTPSConnection, method: str, path: str, payload: bytes | None, timeout: float
+) -> tuple[int, bytes, bool]:
+    """One request and its whole answer, in a worker thread: (status, body, keep the connection)."""
+    conn.timeout = timeout
+    if conn.sock is not None:
+        conn.sock.settimeout(timeout)
+    headers = dict(HEADERS)
+    if payload is not None:
+        headers["Content-Type"] = "application/json"
+    conn.request(method, path, body=payload, headers=headers)
+    response = conn.getresponse()
+    raw = response.read()
+    return response.status, raw, not response.will_close
+
+
+def _abort(conn: http.client.HTTPSConnection) -> None:
+    """Shut a connection's socket down under a thread blocked reading it."""
+    sock = conn.sock
+    if sock is not None:
+        try:
+            # The plain socket's shutdown: the TLS layer stays intact for the reading thread.
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 def _error_text(data: Any, raw: bytes) -> str:

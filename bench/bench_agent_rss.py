@@ -11,10 +11,11 @@ prometheus_client and libvirt) and sleeps. libvirt belongs in it: it is one of t
 agent's dependencies, the heaviest (~12 MB with libvirt.so and what it links), and the
 one an idle agent must not hold, which is what "below the floor" proves; the floor
 without it is printed too, so its share is visible. A second floor is what an idle agent
-really imports besides Kumo's own modules (aiohttp's client, pluggy, yaml, psutil,
-prometheus_client, importlib.metadata, argparse, ctypes; not aiohttp's web server, which
-the agent does not use, nor cryptography, which only enrolment and renewal load): the
-agent's RSS above it is Kumo's own share.
+really imports besides Kumo's own modules (pluggy, yaml, psutil, prometheus_client,
+importlib.metadata, argparse, ctypes, and the standard library's http.client and ssl it
+talks to the controller with; not aiohttp, which only image downloads, migrations and
+http probes load, nor cryptography, which only enrolment and renewal load): the agent's
+RSS above it is Kumo's own share.
 
 Two agents are joined to a real controller (``kumo-controller init`` + ``run`` in a
 temporary directory, through tests/harness with a deployment's defaults): one on a node
@@ -56,8 +57,8 @@ SAMPLES = 5
 MB = 1024 * 1024
 FLOOR_IMPORTS = "aiohttp, pluggy, yaml, cryptography, cryptography.x509, psutil, prometheus_client"
 # What an idle agent imports besides Kumo's own modules (cryptography only enrols and renews;
-# /metrics is served without aiohttp.web).
-IDLE_IMPORTS = "aiohttp, pluggy, yaml, psutil, prometheus_client, importlib.metadata, argparse, ctypes"
+# aiohttp only streams images and checkpoints; /metrics is served without aiohttp.web).
+IDLE_IMPORTS = "pluggy, yaml, psutil, prometheus_client, importlib.metadata, argparse, ctypes, http.client, ssl"
 # What `kumo-controller init` writes and an agent.yaml leaves unset: the harness's own faster
 # heartbeats and debug logging would not be an idle deployed agent.
 CONTROLLER_DEFAULTS = {"heartbeat_interval": 10.0, "poll_timeout": 30.0, "log_level": "info"}
