@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from agent.sdk import atomic_write
+from agent.sdk import atomic_write, require_peer_role
 from agent.settings import (
     CA_CERT,
     JOIN_FILE,
@@ -43,8 +43,8 @@ from agent.settings import (
 )
 
 JOIN_PREFIX = "kumo1"
-_TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{16,}$")
-_HASH_RE = re.compile(r"^[0-9a-f]{64}$")
+_TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{16,}\Z")
+_HASH_RE = re.compile(r"^[0-9a-f]{64}\Z")
 _PEM_CERT_RE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
 NETWORK_TIMEOUT = 30.0
 
@@ -201,7 +201,8 @@ def check_issued(cert: x509.Certificate, key: ec.EllipticCurvePrivateKey, node_i
 def _verified_context(ca_pem: str) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cadata=ca_pem)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    return ctx
+    # The join token and CSR go only to the controller, not to a node posing as it.
+    return require_peer_role(ctx, "controller")
 
 
 def _post_json(host: str, port: int, ctx: ssl.SSLContext, path: str, body: dict[str, Any]) -> dict[str, Any]:

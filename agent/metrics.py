@@ -39,7 +39,7 @@ from urllib.parse import unquote, urlsplit
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from agent.sdk import Identity
+from agent.sdk import Identity, require_peer_role
 
 log = logging.getLogger(__name__)
 
@@ -117,12 +117,18 @@ class AgentMetrics:
 
 
 def server_tls_context(identity: Identity, client_ca: Path) -> ssl.SSLContext:
-    """Serve with the node's certificate; require a client certificate signed by ``client_ca``."""
+    """Serve with the node's certificate; require a client certificate signed by ``client_ca``.
+
+    When that CA is Kumo's own, the certificate must also be a scraper's or an admin's: every
+    node holds one from the same CA, and no node may read another's metrics.
+    """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(str(identity.certificate), str(identity.key))
     ctx.load_verify_locations(cafile=str(client_ca))
     ctx.verify_mode = ssl.CERT_REQUIRED
+    if Path(client_ca).read_bytes() == identity.ca.read_bytes():
+        require_peer_role(ctx, "scraper", "admin")
     return ctx
 
 

@@ -11,7 +11,6 @@ import datetime
 import hashlib
 import ipaddress
 import os
-import re
 from pathlib import Path
 
 from cryptography import x509
@@ -25,7 +24,6 @@ ROLES = ("admin", "node", "controller", "scraper")
 CA_LIFETIME = datetime.timedelta(days=3650)
 SERVER_LIFETIME = datetime.timedelta(days=825)
 ADMIN_LIFETIME = datetime.timedelta(days=365)
-HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
 # Clocks of freshly booted nodes drift: certificates are valid from a little before now.
 BACKDATE = datetime.timedelta(minutes=5)
 
@@ -154,14 +152,15 @@ class CertificateAuthority:
 
     def issue_node(
         self, public_key: ec.EllipticCurvePublicKey, node_id: str, lifetime: datetime.timedelta,
-        hostname: str | None, address: str | None,
+        address: str | None,
     ) -> x509.Certificate:
         """A node's certificate: the identity is ``node_id`` whatever its CSR asked for.
 
-        It also names the node's hostname and the address the controller saw it at, so a
-        scraper (Prometheus) verifying the node's metrics endpoint finds the name it dialled.
+        It also names the address the controller saw it at, where Prometheus scrapes it
+        (``/v1/prometheus/targets``). Never the hostname the node reports: a name a node
+        chooses could be another machine's, and the certificate would vouch for it.
         """
-        names = (node_id,) + ((hostname,) if hostname and HOSTNAME_RE.match(hostname) else ())
+        names = (node_id,)
         ips: tuple[str, ...] = ()
         if address:
             try:

@@ -154,7 +154,7 @@ def test_node_certificate_names_the_node_not_what_the_csr_asked(controller, tmp_
     assert cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)[0].value == "node"
     # The names a scraper may dial: the node id, its hostname, the address it enrolled from.
     alt = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert alt.get_values_for_type(x509.DNSName) == [node_id, "h1"]
+    assert alt.get_values_for_type(x509.DNSName) == [node_id]  # never the hostname the node reported
     assert [str(ip) for ip in alt.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
 
 

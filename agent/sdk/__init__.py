@@ -22,7 +22,8 @@ What is here, by concern:
 - mechanics every plugin would otherwise write again: :func:`atomic_write` and
   :func:`tail` for files, :func:`run_command` for host tools, :class:`ExitWatcher` for
   processes, :func:`stat_fields`, :func:`start_time`, :func:`boot_id` and
-  :func:`zombie_children` for /proc, :class:`Backoff` for retries.
+  :func:`zombie_children` for /proc, :class:`Backoff` for retries, and
+  :func:`require_peer_role` for TLS that checks a Kumo peer's role, not only its CA.
 """
 
 from agent.sdk.backoff import Backoff
@@ -47,6 +48,7 @@ from agent.sdk.hooks import PluginHooks
 from agent.sdk.images import ImageCache, valid_sha256
 from agent.sdk.payload import parse_payload
 from agent.sdk.procfs import boot_id, start_time, stat_fields, zombie_children
+from agent.sdk.tls import require_peer_role
 from agent.sdk.types import (
     ERROR_CODES,
     INSTANCE_STATES,
@@ -105,6 +107,7 @@ __all__ = [
     "load_yaml_file",
     "parse_payload",
     "parse_section",
+    "require_peer_role",
     "run_command",
     "run_command_sync",
     "start_time",

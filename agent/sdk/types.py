@@ -150,12 +150,15 @@ class Identity:
     ca: Path
 
     def client_tls_context(self) -> ssl.SSLContext:
-        """TLS 1.2 or later as this node, trusting only the Kumo CA: for requests to the
-        controller. Reads the files, so call it off the event loop."""
+        """TLS 1.2 or later as this node, trusting only the Kumo CA and only the controller's
+        certificate (another node's, signed by the same CA, is refused in the handshake): for
+        requests to the controller. Reads the files, so call it off the event loop."""
+        from agent.sdk.tls import require_peer_role
+
         context = ssl.create_default_context(cafile=str(self.ca))
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.load_cert_chain(str(self.certificate), str(self.key))
-        return context
+        return require_peer_role(context, "controller")
 
 
 @dataclasses.dataclass

@@ -23,6 +23,8 @@ class Client:
         import http.client
         import ssl
 
+        from agent.sdk.tls import require_peer_role
+
         self._http = http.client
         self._ssl = ssl
         self.config = config
@@ -43,7 +45,8 @@ class Client:
                 f"{config.source}: cannot load the client certificate {config.cert} "
                 f"with key {config.key}: {_os_reason(exc)}"
             ) from None
-        self._context = context
+        # Only the controller's own certificate: every node holds one from the same CA.
+        self._context = require_peer_role(context, "controller")
         self._conn: Any = None
         self._used = False
 
