@@ -64,10 +64,11 @@ class Store(Protocol):
 
     async def close(self) -> None: ...
     async def add_token(self, token_hash: str, expires_at: float, uses: int) -> None: ...
+    async def token_status(self, token_hash: str) -> TokenCheck: ...
     async def enroll(
         self, token_hash: str, node_id: str, hostname: str, serial: str, expires_at: float
     ) -> TokenCheck: ...
-    async def add_certificate(self, node_id: str, serial: str, expires_at: float) -> None: ...
+    async def add_certificate(self, node_id: str, serial: str, expires_at: float) -> bool: ...
     async def valid_serials(self) -> dict[str, set[str]]: ...
     async def register_node(self, node_id: str, fields: dict[str, Any]) -> None: ...
     async def save_live(self, rows: dict[str, dict[str, Any]]) -> None: ...
@@ -162,19 +163,19 @@ class SQLiteStore:
             )
         )
 
+    async def token_status(self, token_hash: str) -> TokenCheck:
+        """Whether the token could enroll a node now, without spending it."""
+        return await self._tx(lambda c: _token_status(c, token_hash))
+
     async def enroll(
         self, token_hash: str, node_id: str, hostname: str, serial: str, expires_at: float
     ) -> TokenCheck:
         """Spend one use of the token and create the node, in one transaction."""
 
         def enroll(c: sqlite3.Connection) -> TokenCheck:
-            row = c.execute("SELECT expires_at, uses_left FROM tokens WHERE hash=?", (token_hash,)).fetchone()
-            if row is None:
-                return "unknown"
-            if row["expires_at"] <= time.time():
-                return "expired"
-            if row["uses_left"] <= 0:
-                return "used"
+            status = _token_status(c, token_hash)
+            if status != "ok":
+                return status
             c.execute("UPDATE tokens SET uses_left = uses_left - 1 WHERE hash=?", (token_hash,))
             c.execute("INSERT INTO nodes (id, hostname, created_at) VALUES (?, ?, ?)", (node_id, hostname, time.time()))
             c.execute("INSERT INTO certificates VALUES (?, ?, ?)", (serial, node_id, expires_at))
@@ -182,13 +183,20 @@ class SQLiteStore:
 
         return await self._tx(enroll)
 
-    async def add_certificate(self, node_id: str, serial: str, expires_at: float) -> None:
-        def add(c: sqlite3.Connection) -> None:
-            c.execute("INSERT INTO certificates VALUES (?, ?, ?)", (serial, node_id, expires_at))
+    async def add_certificate(self, node_id: str, serial: str, expires_at: float) -> bool:
+        """Record a renewed certificate; False (nothing recorded) when the node was removed,
+        even by a removal that committed a moment ago: removal is final."""
+
+        def add(c: sqlite3.Connection) -> bool:
+            added = c.execute(
+                "INSERT INTO certificates SELECT ?, id, ? FROM nodes WHERE id=? AND removed=0",
+                (serial, expires_at, node_id),
+            ).rowcount
             # Keep only certificates still valid: renewals would otherwise pile up forever.
             c.execute("DELETE FROM certificates WHERE node_id=? AND expires_at < ?", (node_id, time.time()))
+            return added == 1
 
-        await self._tx(add)
+        return await self._tx(add)
 
     async def valid_serials(self) -> dict[str, set[str]]:
         def load(c: sqlite3.Connection) -> dict[str, set[str]]:
@@ -456,6 +464,17 @@ class SQLiteStore:
     async def get_migration(self, migration_id: str) -> dict[str, Any] | None:
         row = await self._tx(lambda c: _one(c.execute("SELECT doc FROM migrations WHERE id=?", (migration_id,))))
         return row["doc"] if row is not None else None
+
+
+def _token_status(c: sqlite3.Connection, token_hash: str) -> TokenCheck:
+    row = c.execute("SELECT expires_at, uses_left FROM tokens WHERE hash=?", (token_hash,)).fetchone()
+    if row is None:
+        return "unknown"
+    if row["expires_at"] <= time.time():
+        return "expired"
+    if row["uses_left"] <= 0:
+        return "used"
+    return "ok"
 
 
 def _insert_task(c: sqlite3.Connection, task: dict[str, Any]) -> None:

@@ -34,9 +34,9 @@ from agent.sdk.types import InstanceState
 OPERATIONS = ("create", "start", "stop", "delete", "console")
 # One rule for every kind: a name that is a valid hostname label, a file name and a
 # libvirt/liblxc name, so it can be all of these at once.
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
 # An instance kind: the first part of its task kinds (``kvm.create``) and of metric labels.
-KIND_RE = re.compile(r"^[a-z0-9_-]{1,32}$")
+KIND_RE = re.compile(r"^[a-z0-9_-]{1,32}\Z")
 CONSOLE_BYTES = 65536  # what ``console`` returns when the payload has no ``bytes``
 CONSOLE_BYTES_MAX = 16 << 20
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import math
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal
 
@@ -51,12 +52,27 @@ async def json_body(request: web.Request) -> dict[str, Any]:
         return {}
     raw = await request.read()  # over client_max_size: aiohttp raises 413, turned into JSON
     try:
-        data = json.loads(raw or b"{}")
+        data = json.loads(raw or b"{}", parse_constant=_no_constant, parse_float=_finite)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ApiError(400, "request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise ApiError(400, f"request body must be a JSON object, got {type(data).__name__}")
     return data
+
+
+def _no_constant(name: str) -> Any:
+    # Python's json reads NaN and Infinity, which JSON does not have; a NaN that reaches a
+    # comparison (a size, a timeout) makes every check against it false.
+    raise ApiError(400, f"request body is not valid JSON: {name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999
+        raise ApiError(400, f"request body is not valid JSON: {text} is out of range")
+    return value
 
 
 def field(data: Mapping[str, Any], name: str, kind: type | tuple[type, ...], required: bool = True, default: Any = None) -> Any:

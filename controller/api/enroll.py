@@ -11,6 +11,7 @@ import datetime
 import hashlib
 import secrets
 import time
+from typing import Any
 
 from aiohttp import web
 
@@ -54,6 +55,9 @@ async def enroll_node(request: web.Request) -> web.Response:
     hostname = field(data, "hostname", str)
     if not 0 < len(hostname) <= 253:
         raise ApiError(400, "hostname must be 1 to 253 characters")
+    # The token first: without a valid one nobody gets the CA to verify a signature or sign
+    # a certificate (this port is open to anyone who can reach it).
+    _refuse_unless_ok(ctl, await ctl.store.token_status(token_hash(token)))
     try:
         public_key = pki.public_key_from_csr(csr)
     except pki.CSRError as exc:
@@ -62,17 +66,12 @@ async def enroll_node(request: web.Request) -> web.Response:
         raise ApiError(400, str(exc)) from None
     node_id = "n-" + secrets.token_hex(6)
     lifetime = datetime.timedelta(seconds=ctl.settings.node_cert_ttl)
-    cert = ctl.ca.issue_node(public_key, node_id, lifetime, hostname, request.remote)
+    cert = ctl.ca.issue_node(public_key, node_id, lifetime, request.remote)
     serial = format(cert.serial_number, "x")
-    outcome = await ctl.store.enroll(token_hash(token), node_id, hostname, serial, time.time() + ctl.settings.node_cert_ttl)
-    ctl.metrics.enrollments.labels(outcome).inc()
-    if outcome != "ok":
-        why = {
-            "unknown": "is not known to this controller",
-            "expired": "has expired",
-            "used": "was already used as many times as it allows",
-        }[outcome]
-        raise ApiError(401, f"the join token {why}; make a new one with `kumoctl token create`")
+    # Spent here, atomically: another enrollment may have used the token's last use meanwhile.
+    _refuse_unless_ok(ctl, await ctl.store.enroll(token_hash(token), node_id, hostname, serial,
+                                                   time.time() + ctl.settings.node_cert_ttl))
+    ctl.metrics.enrollments.labels("ok").inc()
     ctl.serials[node_id] = {serial}
     return reply(
         {
@@ -83,6 +82,18 @@ async def enroll_node(request: web.Request) -> web.Response:
         },
         201,
     )
+
+
+def _refuse_unless_ok(ctl: Any, outcome: str) -> None:
+    if outcome == "ok":
+        return
+    ctl.metrics.enrollments.labels(outcome).inc()
+    why = {
+        "unknown": "is not known to this controller",
+        "expired": "has expired",
+        "used": "was already used as many times as it allows",
+    }[outcome]
+    raise ApiError(401, f"the join token {why}; make a new one with `kumoctl token create`")
 
 
 ROUTES = [

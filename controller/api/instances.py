@@ -22,7 +22,7 @@ from controller.api.tasks import new_task, submit
 from controller.api.tasks import shown as shown_task
 from controller.store import StoreError
 
-NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 SEED_FIELDS = ("user_data", "network_config", "vendor_data")
 DEFAULT_VCPUS = 1
 DEFAULT_MEMORY_MIB = 256

@@ -7,6 +7,7 @@ that it names the node in the path and has not been revoked.
 from __future__ import annotations
 
 import datetime
+import math
 import time
 from typing import Any
 
@@ -23,20 +24,12 @@ from controller.api import (
     migration,
     reject_unknown,
     reply,
+    reports,
     state,
 )
 
 MAX_POLL_WAIT = 60.0
 CLAIM_LIMIT = 32
-INSTANCE_STATES = {"creating", "running", "stopped", "paused", "failed", "unknown"}
-
-
-def _instances(data: dict[str, Any]) -> list[dict[str, Any]]:
-    instances = field(data, "instances", list, required=False, default=[])
-    for item in instances:
-        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or item.get("state") not in INSTANCE_STATES:
-            raise ApiError(400, f"instances: each item needs a name and a state from {sorted(INSTANCE_STATES)}, got {item!r:.200}")
-    return instances
 
 
 async def register(request: web.Request) -> web.Response:
@@ -45,12 +38,12 @@ async def register(request: web.Request) -> web.Response:
     data = await json_body(request)
     reject_unknown(data, {"hostname", "agent_version", "facts", "plugins", "metrics_url", "instances"})
     fields = {
-        "hostname": field(data, "hostname", str),
-        "agent_version": field(data, "agent_version", str, required=False, default=""),
-        "facts": field(data, "facts", dict, required=False, default={}),
-        "plugins": field(data, "plugins", dict, required=False, default={}),
-        "metrics_url": field(data, "metrics_url", str, required=False),
-        "instances": _instances(data),
+        "hostname": reports.text(reports.MAX_TEXT)("hostname", field(data, "hostname", str)),
+        "agent_version": reports.text(reports.MAX_TEXT)("agent_version", data.get("agent_version") or ""),
+        "facts": reports.facts(data.get("facts")),
+        "plugins": reports.plugins(data.get("plugins")) or {},
+        "metrics_url": reports.metrics_url(data.get("metrics_url"), request.remote),
+        "instances": reports.instances(data.get("instances")),
         "last_seen": time.time(),
     }
     await ctl.store.register_node(node_id, fields)
@@ -67,7 +60,7 @@ async def heartbeat(request: web.Request) -> web.Response:
     ctl = state(request)
     data = await json_body(request)
     reject_unknown(data, {"instances", "plugins"})
-    ctl.touch(request.match_info["id"], _instances(data), field(data, "plugins", dict, required=False))
+    ctl.touch(request.match_info["id"], reports.instances(data.get("instances")), reports.plugins(data.get("plugins")))
     return reply({"ok": True})
 
 
@@ -75,10 +68,12 @@ async def poll_tasks(request: web.Request) -> web.Response:
     ctl = state(request)
     node_id = request.match_info["id"]
     try:
-        wait = min(float(request.query.get("wait", "0")), MAX_POLL_WAIT)
+        wait = float(request.query.get("wait", "0"))
     except ValueError:
-        raise ApiError(400, f"wait must be a number of seconds, got {request.query['wait']!r}") from None
-    deadline = time.monotonic() + max(wait, 0.0)
+        wait = math.nan
+    if not 0 <= wait:  # also NaN: a NaN deadline would park the poll in the event loop for ever
+        raise ApiError(400, f"wait must be a number of seconds, 0 or more, got {request.query['wait']!r}")
+    deadline = time.monotonic() + min(wait, MAX_POLL_WAIT)
     claimed: list[dict[str, Any]] = []
     while True:
         # An agent that went away while waiting must not take tasks with it: they would be
@@ -128,10 +123,11 @@ async def renew(request: web.Request) -> web.Response:
     except pki.CSRError as exc:
         raise ApiError(400, str(exc)) from None
     lifetime = datetime.timedelta(seconds=ctl.settings.node_cert_ttl)
-    row = await ctl.store.get_node(node_id)
-    cert = ctl.ca.issue_node(public_key, node_id, lifetime, row["hostname"] if row else None, request.remote)
+    cert = ctl.ca.issue_node(public_key, node_id, lifetime, request.remote)
     serial = format(cert.serial_number, "x")
-    await ctl.store.add_certificate(node_id, serial, time.time() + ctl.settings.node_cert_ttl)
+    # The store decides, not ctl.serials: a removal may have committed since the guard looked.
+    if not await ctl.store.add_certificate(node_id, serial, time.time() + ctl.settings.node_cert_ttl):
+        raise ApiError(403, f"node {node_id} was removed; join it again with a new token")
     ctl.serials.setdefault(node_id, set()).add(serial)
     return reply({"certificate": pki.pem(cert)})
 

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from controller.api import ApiError, Route, field, iso, json_body, reject_unknown, reply, state
 
-KIND_RE = re.compile(r"^[a-z0-9_-]{1,64}\.[a-z0-9_.-]{1,64}$")
+KIND_RE = re.compile(r"^[a-z0-9_-]{1,64}\.[a-z0-9_.-]{1,64}\Z")
 STATES = ("pending", "delivered", "succeeded", "failed")
 
 

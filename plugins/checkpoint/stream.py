@@ -48,7 +48,7 @@ MAX_DEFINITION_BYTES = 1 << 20
 XATTR = "SCHILY.xattr."
 IMAGE, FILES, STATE, INSTANCE = "image", "files", "state", "instance"
 # A checkpoint directory's name, and the name of a file in it.
-IMAGE_NAME_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]{0,100}$")
+IMAGE_NAME_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]{0,100}\Z")
 
 # What the unpacking thread calls when the travelling directory's definition arrives:
 # (its name, its bytes) -> the empty directory to unpack the instance's directory into.

@@ -23,7 +23,7 @@ from plugins.checkpoint.image import CHUNK
 from plugins.checkpoint.stream import Member, stream_size, tar_chunks
 
 STALL_TIMEOUT = 60.0  # seconds a transfer may go without a byte moving
-MIGRATION_RE = re.compile(r"^m-[0-9a-f]{1,32}$")
+MIGRATION_RE = re.compile(r"^m-[0-9a-f]{1,32}\Z")
 
 
 async def send(context: PluginContext, migration: str, members: list[Member]) -> dict[str, Any]:

@@ -12,8 +12,8 @@ from typing import Any, Literal
 from agent.sdk import ConfigError, parse_section
 
 # The kernel's limit on an interface name (IFNAMSIZ less the terminating NUL).
-IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
-TEMPLATE_NAME_RE = re.compile(r"^[a-z0-9_-]+$")
+IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}\Z")
+TEMPLATE_NAME_RE = re.compile(r"^[a-z0-9_-]+\Z")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,8 +17,8 @@ from agent.sdk import TaskError, parse_payload, valid_sha256
 
 from .settings import IFNAME_RE, LxcConfig
 
-HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
-TEMPLATE_RE = re.compile(r"^[a-z0-9_-]{1,64}$")
+HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z")
+TEMPLATE_RE = re.compile(r"^[a-z0-9_-]{1,64}\Z")
 MIN_MEMORY_MIB = 16
 
 NetworkMode = Literal["none", "empty", "veth"]

@@ -1,0 +1,152 @@
+"""Inputs that used to hang or crash the controller, and the rules that keep them out.
+
+Each test here failed on the code before the fix it proves: a NaN long-poll wait parked in
+the event loop, NaN/Infinity accepted as JSON numbers, deep nesting raising RecursionError
+on the unauthenticated enrollment port, the CA's signature work done for anyone before
+the token was checked, and names matched with ``$`` (which also matches before a final
+newline, so ``"web\\n"`` was a name of its own).
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from agent.sdk import NAME_RE
+from tests.test_controller import csr_for, enroll_node, token
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_no_validating_pattern_ends_in_a_dollar() -> None:
+    """``re.compile(r"^...$")`` also matches "name\\n"; the end of a pattern is ``\\Z``."""
+    wrong = []
+    for path in sorted(p for d in ("agent", "plugins", "controller") for p in (REPO / d).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in ("compile", "match", "fullmatch") and node.args
+                    and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)
+                    and re.search(r"(?<!\\)\$\)?$", node.args[0].value)):
+                wrong.append(f"{path.relative_to(REPO)}:{node.lineno}: {node.args[0].value!r}")
+    assert not wrong, "patterns ending in $ (use \\Z):\n" + "\n".join(wrong)
+    assert NAME_RE.match("web") and not NAME_RE.match("web\n")
+
+
+@pytest.mark.integration
+def test_a_nan_or_negative_long_poll_wait_is_refused(controller, tmp_path) -> None:
+    node_id, cert = enroll_node(controller, tmp_path)
+    for wait in ("nan", "-1", "soon"):
+        status, answer = controller.call("GET", f"/v1/nodes/{node_id}/tasks?wait={wait}", cert=cert)
+        assert status == 400 and "wait must be a number of seconds, 0 or more" in answer["error"], (wait, answer)
+    status, _ = controller.call("GET", f"/v1/nodes/{node_id}/tasks?wait=0", cert=cert)
+    assert status == 200
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_json_numbers_outside_json_are_refused(controller, number) -> None:
+    raw = f'{{"ttl_seconds": {number}}}'.encode()
+    status, answer = controller.call("POST", "/v1/tokens", raw=raw, cert=controller.admin_cert)
+    assert status == 400 and "not valid JSON" in answer["error"], answer
+    status, answer = controller.call("POST", "/v1/enroll", raw=raw, port=controller.enroll_port)
+    assert status == 400 and "not valid JSON" in answer["error"], answer
+
+
+@pytest.mark.integration
+def test_deep_nesting_on_the_enrollment_port_is_a_400_not_a_crash(controller) -> None:
+    status, answer = controller.call("POST", "/v1/enroll", raw=b"[" * 100_000, port=controller.enroll_port)
+    assert status == 400 and "nested too deeply" in answer["error"], answer
+    assert "Traceback" not in controller.log_path.read_text()
+
+
+@pytest.mark.integration
+def test_the_token_is_checked_before_any_work_on_the_csr(controller) -> None:
+    # A CSR that would fail verification: with an unknown token the answer is about the token.
+    status, answer = controller.call(
+        "POST", "/v1/enroll", {"token": "x" * 32, "csr": "not a CSR", "hostname": "h"}, port=controller.enroll_port)
+    assert status == 401 and "join token is not known" in answer["error"], answer
+    # With a good token, a bad CSR is refused and the token is not spent.
+    join = token(controller)
+    status, answer = controller.call(
+        "POST", "/v1/enroll", {"token": join, "csr": "not a CSR", "hostname": "h"}, port=controller.enroll_port)
+    assert status == 400, answer
+    key = ec.generate_private_key(ec.SECP256R1())
+    status, answer = controller.call(
+        "POST", "/v1/enroll", {"token": join, "csr": csr_for(key), "hostname": "h"}, port=controller.enroll_port)
+    assert status == 201, answer
+
+
+@pytest.mark.integration
+def test_a_name_with_a_trailing_newline_is_refused(controller) -> None:
+    status, answer = controller.call(
+        "POST", "/v1/instances", {"name": "web\n", "kind": "process", "command": ["sleep", "1"]},
+        cert=controller.admin_cert)
+    assert status == 400 and "name" in answer["error"], answer
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"facts": {"cpus": 2, "memory_bytes": "lots"}}, "facts.memory_bytes must be an integer"),
+        ({"facts": {"cpus": 1_000_000, "memory_bytes": 2 << 30}}, "facts.cpus must be an integer from 1 to 4096"),
+        ({"facts": {"cpus": True, "memory_bytes": 2 << 30}}, "facts.cpus must be an integer"),
+        ({"facts": {"cpus": 2, "memory_bytes": 1, "memory_available_bytes": 2}}, "more than facts.memory_bytes"),
+        ({"plugins": {"kvm": {"available": "yes"}}}, "plugins.kvm.available must be true or false"),
+        ({"plugins": {"kvm": {"available": True, "kinds": ["kvm", "../x"]}}}, "plugins.kvm.kinds must be a list"),
+        ({"plugins": {"Bad Name": {}}}, "a plugin name is"),
+        ({"instances": [{"name": "web\n", "kind": "lxc", "state": "running"}]}, "each item needs a valid name"),
+        ({"metrics_url": "file:///etc/shadow"}, "metrics_url must be http(s)://HOST:PORT/metrics"),
+        ({"metrics_url": "http://10.0.0.1:9464/admin?x=1"}, "metrics_url must be http(s)://HOST:PORT/metrics"),
+    ],
+)
+def test_what_a_node_reports_is_checked_field_by_field(controller, tmp_path, extra, message) -> None:
+    from tests.test_controller import register
+
+    node_id, cert = enroll_node(controller, tmp_path)
+    status, answer = register(controller, node_id, cert, **extra)
+    assert status == 400 and message in answer["error"], answer
+    status, answer = controller.call("POST", f"/v1/nodes/{node_id}/heartbeat",
+                                     {"instances": extra.get("instances", []), "plugins": extra.get("plugins")},
+                                     cert=cert)
+    if "instances" in extra or "plugins" in extra:
+        assert status == 400 and message in answer["error"], answer
+    # Whatever was refused, the fleet's views still answer.
+    assert controller.call("GET", "/v1/prometheus/targets", cert=controller.admin_cert)[0] == 200
+    assert controller.call("GET", "/v1/nodes", cert=controller.admin_cert)[0] == 200
+
+
+@pytest.mark.integration
+def test_prometheus_scrapes_a_node_where_the_controller_sees_it_not_where_it_says(controller, tmp_path) -> None:
+    from tests.test_controller import register
+
+    node_id, cert = enroll_node(controller, tmp_path)
+    status, _ = register(controller, node_id, cert, metrics_url="https://internal.example:9464/metrics",
+                         facts={"cpus": 2, "memory_bytes": 2 << 30, "future_fact": {"x": 1}})
+    assert status == 200
+    status, groups = controller.call("GET", "/v1/prometheus/targets", cert=controller.admin_cert)
+    [group] = [g for g in groups if g["labels"]["node_id"] == node_id]
+    assert group["targets"] == ["127.0.0.1:9464"] and group["labels"]["__scheme__"] == "https"
+    node = controller.admin("GET", f"/v1/nodes/{node_id}")
+    assert "future_fact" not in node["facts"]  # a newer agent's fact is dropped, not refused
+
+
+async def test_a_renewal_racing_a_removal_cannot_readmit_the_node(tmp_path) -> None:
+    # The API's guard let the renewal in just before `nodes remove` committed: the store,
+    # not the guard's earlier look, decides whether the new certificate counts.
+    from controller.store import SQLiteStore
+
+    store = await SQLiteStore(tmp_path / "kumo.db").open()
+    try:
+        await store.add_token("h", 2e9, 1)
+        assert await store.enroll("h", "n-1", "h1", "serial-1", 2e9) == "ok"
+        assert await store.add_certificate("n-1", "serial-2", 2e9)
+        await store.remove_node("n-1")
+        assert not await store.add_certificate("n-1", "serial-3", 2e9)
+        assert await store.valid_serials() == {}
+    finally:
+        await store.close()
