@@ -27,6 +27,7 @@ from .arguments import COMMON, Group
 from .client import Client
 from .config import load_config
 from .errors import EXIT_ERROR, EXIT_INTERRUPTED, CommandError
+from .output import PrintableStream, printable
 
 GROUPS = (tokens, nodes, tasks, instances, logs, alerts, certificates)
 
@@ -49,11 +50,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``kumoctl`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
     client = None
+    stdout, sys.stdout = sys.stdout, PrintableStream(sys.stdout)  # type: ignore[assignment]
     try:
         client = Client(load_config(getattr(args, "config", None)))
         return args.func(client, args)
     except CommandError as exc:
-        print(f"kumoctl: {exc}", file=sys.stderr)
+        print(f"kumoctl: {printable(str(exc))}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
@@ -63,5 +65,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     finally:
+        sys.stdout = stdout
         if client is not None:
             client.close()

@@ -5,11 +5,34 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, TextIO
 
 GIB = 1024**3
 MIB = 1024**2
+# C0 and C1 control characters but newline and tab: what moves a terminal's cursor, rewrites
+# its title or its colours. Guests and nodes choose much of what kumoctl prints.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters written out as ``\\xNN``."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+class PrintableStream:
+    """A text stream that writes :func:`printable` text: kumoctl's stdout, so that no guest
+    console, node name or error reaches the admin's terminal as escape sequences."""
+
+    def __init__(self, stream: TextIO):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        return self.stream.write(printable(text))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
 
 
 def print_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], empty: str) -> None:
