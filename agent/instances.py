@@ -42,6 +42,7 @@ class Drivers:
     def __init__(self, drivers: Mapping[str, Driver]):
         self.by_kind = dict(drivers)
         self._locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}  # with its holders and waiters
+        self._holders: dict[tuple[str, str], asyncio.Task[Any] | None] = {}
 
     def task_kinds(self) -> dict[str, str]:
         """``<kind>.<operation>`` → owning plugin, for every driver."""
@@ -61,7 +62,7 @@ class Drivers:
             if unknown:
                 raise TaskError(f"payload.{unknown[0]}: unknown key for {task_kind} (allowed: "
                                 f"{', '.join(sorted(allowed))})", code="bad-request")
-        async with self._one_at_a_time((kind, name)):
+        async with self.lock(kind, name):
             if op == "create":
                 await _maybe_await(driver.create(name, payload))
                 return self._shown(driver, name)
@@ -78,14 +79,28 @@ class Drivers:
             return {"name": name, "kind": kind, "log": output.text, "logs": dict(output.logs)}
 
     @contextlib.asynccontextmanager
-    async def _one_at_a_time(self, key: tuple[str, str]) -> AsyncIterator[None]:
+    async def lock(self, kind: str, name: str) -> AsyncIterator[None]:
+        """One operation at a time on instance ``name`` of ``kind``: every ``<kind>.*`` task
+        and whatever another plugin does to the instance (``PluginHooks.instance_lock``).
+
+        Re-entrant within one asyncio task, so that the holder may run an instance operation
+        itself (the checkpoint plugin deletes a container whose restore failed).
+        """
+        key = (kind, name)
+        if self._holders.get(key) is asyncio.current_task():
+            yield
+            return
         # A lock lives as long as an operation holds or awaits it, not until a delete: one
         # queued behind a delete must still exclude the operations that arrive after it.
         lock, users = self._locks.get(key, (asyncio.Lock(), 0))
         self._locks[key] = (lock, users + 1)
         try:
             async with lock:
-                yield
+                self._holders[key] = asyncio.current_task()
+                try:
+                    yield
+                finally:
+                    del self._holders[key]
         finally:
             lock, users = self._locks[key]
             if users == 1:

@@ -10,6 +10,7 @@ reported failure instead of letting it stop the others.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import inspect
 import logging
@@ -185,6 +186,9 @@ class Hooks:
                     )
                 owners[kind] = plugin
         return owners
+
+    def instance_lock(self, kind: str, name: str) -> contextlib.AbstractAsyncContextManager[None]:
+        return self.drivers.lock(kind, name)
 
     async def handle_task(self, kind: str, payload: Mapping[str, Any], task_id: str) -> Mapping[str, Any]:
         """Run a task on its owner; exceptions propagate (the runtime reports them)."""

@@ -265,6 +265,32 @@ async def test_an_operation_queued_behind_a_delete_still_runs_alone():
     assert [c[0] for c in driver.calls] == ["create", "delete", "create", "start"]
 
 
+async def test_another_plugin_holding_an_instance_excludes_its_operations_and_may_run_them_itself():
+    # The checkpoint plugin holds the instance while it restores it: a start sent meanwhile
+    # waits, and its own undo (a delete) runs inside the hold without deadlocking on it.
+    driver = FakeDriver()
+    hooks = driven(driver)
+    await task(hooks, "fake.create", name="a")
+    release = asyncio.Event()
+
+    async def restore_then_undo() -> None:
+        async with hooks.instance_lock("fake", "a"):
+            await release.wait()
+            await task(hooks, "fake.delete", name="a")
+
+    holding = asyncio.create_task(restore_then_undo())
+    starting = asyncio.create_task(task(hooks, "fake.start", name="a"))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert [c[0] for c in driver.calls] == ["create"], "the start ran while another plugin held the instance"
+    release.set()
+    await holding
+    assert (await refused(hooks, "fake.start", name="a")).code == "not-found"
+    with pytest.raises(TaskError):
+        await starting  # it ran after the hold, on the deleted instance
+    assert [c[0] for c in driver.calls] == ["create", "delete", "start", "start"]
+
+
 def _samples(hooks: Hooks) -> dict[tuple[str, str], float]:
     families = [f for f in hooks.metrics() if f.name == "kumo_instances"]
     assert len(families) == 1, "one kumo_instances family, whatever the kinds"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -34,6 +35,14 @@ class PluginHooks(Protocol):
 
     async def probes(self) -> list[tuple[str, Probe]]:
         """Every plugin's contributed probes (``kumo_probes``), with the contributing plugin's name."""
+        ...
+
+    def instance_lock(self, kind: str, name: str) -> AbstractAsyncContextManager[None]:
+        """``async with``: hold instance ``name`` of ``kind`` against every other operation on
+        it (its ``<kind>.*`` tasks included) for as long as the block runs. For a plugin that
+        works on another's instances, as the checkpoint plugin dumps and restores them.
+        Re-entrant within one asyncio task: the block may call :meth:`handle_task` on the
+        same instance."""
         ...
 
     async def handle_task(self, kind: str, payload: Mapping[str, Any], task_id: str) -> Mapping[str, Any]:

@@ -518,6 +518,12 @@ async def _roll_back(ctl: Any, doc: dict[str, Any], base: dict[str, Any], image:
     else:
         doc["outcome"] = (f"restoring it on node {source} failed too ({restored.get('error')}); its checkpoint is kept "
                           f"at {image}: kumoctl instances restore {doc['instance']} --image {image}")
+    # What the destination received (the checkpoint, a container's unpacked directory) will
+    # never be restored there: it goes, after the source runs the instance again.
+    discard = await run_task(ctl, doc["destination"], "checkpoint.discard", base, CLEANUP_TIMEOUT, doc["instance"])
+    if discard["state"] != "succeeded":
+        log.warning("migration %s: node %s kept what it received (%s)", doc["id"], doc["destination"],
+                    discard.get("error") or discard["state"])
 
 
 # -- the image relay (node endpoints) -------------------------------------------------------

@@ -126,7 +126,6 @@ class CheckpointPlugin:
         self.context: PluginContext | None = None
         self.status = criu.CriuStatus(False, "not started")
         self.probed_at = 0.0
-        self.locks: dict[tuple[str, str], asyncio.Lock] = {}
         self.pruning: set[asyncio.Task] = set()
         self.tasks: dict[str, tuple[type[Target], Handler]] = {
             "checkpoint.preflight": (Target, self._preflight),
@@ -187,7 +186,9 @@ class CheckpointPlugin:
         if not NAME_RE.match(args.name):
             raise TaskError(f"payload.name must be an instance name, got {args.name!r}", code="bad-request")
         checkpointer = self._checkpointer(args.kind)
-        async with self.locks.setdefault((args.kind, args.name), asyncio.Lock()):
+        # The instance's own lock, which its <kind>.* tasks take too: no start or delete
+        # runs while its checkpoint is dumped or restored.
+        async with self._require_context().hooks.instance_lock(args.kind, args.name):
             return await handler(checkpointer, args, task_id)
 
     # -- pre-flight and dump ----------------------------------------------------------
@@ -302,7 +303,7 @@ class CheckpointPlugin:
         log.warning("checkpoint: %s %s still reported running %.0f s after its dump", cp.kind, name, STOP_WAIT)
 
     async def _prune(self, kind: str, name: str, base: Path) -> None:
-        async with self.locks.setdefault((kind, name), asyncio.Lock()):
+        async with self._require_context().hooks.instance_lock(kind, name):
             await asyncio.to_thread(image.prune, base, self.config.keep)
 
     # -- restore ----------------------------------------------------------------------
@@ -442,10 +443,11 @@ class CheckpointPlugin:
         await asyncio.to_thread(shutil.rmtree, incoming, True)
         await asyncio.to_thread(incoming.mkdir, parents=True)
         staged: list[Path] = []
+        placed: list[Path] = []  # the instance's open files written into the agent's state
         stage, own = self._stager(cp, args.name, incoming, staged), self.context.agent_state_dir
         try:
             got = await transfer.receive(self.context, args.migration,
-                                         lambda body: stream.unpack(body, incoming, own, stage))
+                                         lambda body: stream.unpack(body, incoming, own, stage, args.name, placed))
             manifest = await asyncio.to_thread(image.check_received, incoming, args.name, cp.kind, got["checksums"])
             if manifest["definition"] and not staged:
                 raise TaskError(f"the image stream carried no instance/{manifest['definition']}: the source sent "
@@ -457,6 +459,8 @@ class CheckpointPlugin:
             await asyncio.to_thread(shutil.rmtree, incoming, True)
             for directory in staged:
                 await asyncio.to_thread(shutil.rmtree, directory, True)
+            for path in placed:
+                await asyncio.to_thread(path.unlink, True)
             raise
         await asyncio.to_thread(image.publish, base, final)
         log.info("checkpoint: received %s %s (%d bytes) into %s", cp.kind, args.name, got["bytes"], final)
@@ -481,10 +485,15 @@ class CheckpointPlugin:
         return stage
 
     async def _discard(self, cp: Checkpointer, args: Target, task_id: str) -> Mapping[str, Any]:
-        """Remove every checkpoint of an instance that has moved away (its images would go stale)."""
+        """Remove every checkpoint of an instance that has moved away (its images would go
+        stale), or that arrived here for a migration rolled back, with the directories that
+        arrived with them and were never taken over."""
         base = self._images_root() / cp.kind / args.name
+        staged = await asyncio.to_thread(image.staged_directories, base)
+        for directory in staged:
+            await asyncio.to_thread(shutil.rmtree, directory, True)
         await asyncio.to_thread(shutil.rmtree, base, True)
-        return {"removed": str(base)}
+        return {"removed": str(base), "staged": [str(d) for d in staged]}
 
     # -- helpers ----------------------------------------------------------------------
 
@@ -506,6 +515,10 @@ class CheckpointPlugin:
     def _require_criu(self) -> None:
         if not self.status.usable:
             raise TaskError(self.status.reason, code="criu-unavailable")
+
+    def _require_context(self) -> PluginContext:
+        assert self.context is not None, "kumo_startup was not called"
+        return self.context
 
     def _images_root(self) -> Path:
         assert self.context is not None, "kumo_startup was not called"

@@ -28,6 +28,7 @@ writes (:class:`TailHasher`), so a dump's checksums cost next to nothing after c
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -241,6 +242,15 @@ def check_received(image: Path, name: str, kind: str, checksums: Mapping[str, st
                         "damaged it; nothing was restored", code="image-checksum")
     write_json(image / STAMP, {fname: _stat(image / fname) for fname in got})
     return manifest
+
+
+def staged_directories(base: Path) -> list[Path]:
+    """The directories staged for the checkpoints under ``base`` and not yet taken over. Blocking."""
+    found = []
+    for checkpoint in sorted(base.glob("*/" + STAGED)):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            found.append(Path(json.loads(checkpoint.read_text())["directory"]))
+    return found
 
 
 def staged_directory(image: Path) -> Path | None:
