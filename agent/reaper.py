@@ -65,8 +65,20 @@ class Reaper:
         me = os.getpid()
         while True:
             await asyncio.sleep(self.interval)
+            if not _a_child_exited():
+                seen = set()
+                continue
             zombies = await asyncio.to_thread(zombie_children, me)
             for pid in zombies & seen:
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, os.WNOHANG)
             seen = zombies - seen
+
+
+def _a_child_exited() -> bool:
+    """Whether some child of this process waits to be reaped: one system call, nothing reaped
+    (WNOWAIT), so that an idle agent does not read every /proc/PID/stat each second."""
+    try:
+        return os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:  # no children at all
+        return False
