@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import stat
@@ -117,7 +118,7 @@ async def test_a_container_directory_streams_with_owners_links_devices_and_xattr
         return staged
 
     body = Body(data)
-    await asyncio.to_thread(unpack, body, incoming, tmp_path, stage)
+    await asyncio.to_thread(unpack, body, incoming, tmp_path, stage, "c1", [])
     assert configs == [("config", b"lxc.rootfs.path = dir:/somewhere/c1/rootfs\n")], \
         "the config comes first, before the rootfs"
     assert body.count == len(data) and body.digest.hexdigest() == hashlib.sha256(data).hexdigest(), \
@@ -152,8 +153,46 @@ async def test_a_stream_cannot_write_through_a_symlink_it_carries(tmp_path):
     staged = tmp_path / "staged"
     staged.mkdir()
     with pytest.raises(TaskError, match="unexpected instance entry 'instance/escape/owned'"):
-        await asyncio.to_thread(unpack, Body(out.getvalue()), tmp_path, tmp_path, lambda name, config: staged)
+        await asyncio.to_thread(unpack, Body(out.getvalue()), tmp_path, tmp_path, lambda name, config: staged, "c1", [])
     assert not (tmp_path / "outside" / "owned").exists()
+
+
+@pytest.mark.parametrize(
+    ("member", "why"),
+    [
+        ("state/ca.crt", "unexpected entry"),  # the agent's CA: whoever replaces it owns the node
+        ("state/join.json", "unexpected entry"),  # the controller URL
+        ("state/plugins/process/instances/other/record.json", "unexpected entry"),  # another instance
+        ("state/plugins/nosuchplugin/instances/web/x", "unexpected entry"),
+        ("state/plugins/process/instances/web/../../../ca.crt", "unexpected entry"),
+        ("files{root}/ca.crt", "inside the agent's state but not in the instance's own directory"),
+    ],
+)
+async def test_a_source_cannot_write_into_the_destinations_state(tmp_path, member, why):
+    # A compromised source sends a stream naming the destination agent's own files.
+    import tarfile
+
+    from plugins.checkpoint.stream import unpack
+
+    root = tmp_path / "state"
+    (root / "plugins" / "process" / "instances").mkdir(parents=True)
+    (root / "ca.crt").write_bytes(b"the real CA")
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in (("state/plugins/process/instances/web/console.log", b"its console"),
+                           (member.format(root=root), b"planted")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    placed: list[Path] = []
+    with pytest.raises(TaskError, match=re.escape(why)):
+        await asyncio.to_thread(unpack, Body(out.getvalue()), incoming, root, lambda *a: tmp_path, "web", placed)
+    assert (root / "ca.crt").read_bytes() == b"the real CA" and not (root / "join.json").exists()
+    assert not any(b"planted" in p.read_bytes() for p in root.rglob("*") if p.is_file())
+    # What it did place (the instance's own console) is listed, for the receive to remove.
+    assert placed == [root / "plugins/process/instances/web/console.log"]
 
 
 # ---- the destination's checks -------------------------------------------------------------
@@ -343,3 +382,4 @@ def test_a_failed_restore_on_the_destination_leaves_the_container_running_on_the
     assert run("busybox", "ping", "-c", "1", "-W", "2", address).returncode == 0
     assert reported(b, "stayer") is None
     assert list(path_b.iterdir()) == [], "the destination keeps no copy, staged or imported"
+    assert not images(b, "stayer").exists(), "the destination keeps the checkpoint it received"

@@ -185,9 +185,17 @@ def local_path(path: str, manifest: Mapping[str, Any], own_state: Path) -> Path:
 # -- receiving -----------------------------------------------------------------------
 
 
-def unpack(body: BinaryIO, incoming: Path, own_root: Path, stage: Stage) -> dict[str, Any]:
+def unpack(body: BinaryIO, incoming: Path, own_root: Path, stage: Stage, name: str,
+           placed: list[Path]) -> dict[str, Any]:
     """Write a migration stream into ``incoming`` (open files where they belong, the travelling
-    directory where ``stage`` says); checksum the image's files as they arrive. Blocking."""
+    directory where ``stage`` says); checksum the image's files as they arrive. Blocking.
+
+    The source may be compromised, so nothing it sends lands outside this instance's own
+    places: ``incoming``, the staged directory, and the files it held open under the agent's
+    state in a plugin's directory for this very instance (``plugins/<plugin>/instances/<name>/``),
+    each added to ``placed`` so that a failed receive can remove them. A file it held open
+    anywhere else must already be here with the same content; nothing is written there.
+    """
     checksums: dict[str, str] = {}
     carried: list[str] = []
     directory = DirectoryWriter(stage)
@@ -203,9 +211,9 @@ def unpack(body: BinaryIO, incoming: Path, own_root: Path, stage: Stage) -> dict
             if top == IMAGE and IMAGE_NAME_RE.match(rest) and (rest == MANIFEST or checksummed(rest)):
                 checksums[rest] = _copy_checked(source, incoming / rest)
             elif top == FILES and rest and os.path.normpath("/" + rest) == "/" + rest:
-                carried.append(_place_carried(source, Path("/" + rest), incoming, own_root))
-            elif top == STATE and rest and os.path.normpath("/" + rest) == "/" + rest:
-                carried.append(_place_carried(source, own_root / rest, incoming, own_root))
+                carried.append(_check_carried(source, Path("/" + rest), incoming, own_root))
+            elif top == STATE and _own_instance_file(rest, name, own_root):
+                carried.append(_place_carried(source, own_root / rest, incoming, placed))
             else:
                 raise TaskError(f"the image stream holds an unexpected entry {member.name!r}", code="image-corrupt")
         # tarfile stops at the end-of-archive blocks; what follows them must be nothing.
@@ -324,22 +332,43 @@ def _copy_checked(source: BinaryIO, target: Path) -> str:
     return checksum.hexdigest()
 
 
-def _place_carried(source: BinaryIO, path: Path, incoming: Path, own_root: Path) -> str:
-    """Put a file the tree had open at ``path``, where CRIU expects it; the path."""
+def _own_instance_file(rest: str, name: str, own_root: Path) -> bool:
+    """Whether ``rest`` (relative to the agent's state) lies in an installed plugin's
+    directory for instance ``name``: ``plugins/<plugin>/instances/<name>/<file>``."""
+    parts = rest.split("/")
+    return (len(parts) >= 5 and parts[0] == "plugins" and parts[2] == "instances" and parts[3] == name
+            and os.path.normpath(rest) == rest and not {"", ".", ".."} & set(parts)
+            and (own_root / "plugins" / parts[1]).is_dir())
+
+
+def _place_carried(source: BinaryIO, path: Path, incoming: Path, placed: list[Path]) -> str:
+    """Put a file the tree had open in this instance's own directory, where CRIU expects it."""
     tmp = incoming / f"kumo-carried-{secrets.token_hex(4)}"
     received = _copy_checked(source, tmp)
-    if path.is_file() and file_checksum(path) == received:
+    if path.is_file() and not path.is_symlink() and file_checksum(path) == received:
         tmp.unlink()
         return str(path)
-    # Inside our own state a differing file can only be a leftover of an earlier attempt
-    # (instance names are unique in the fleet): replace it. Elsewhere it is someone's data.
-    if not path.resolve().is_relative_to(own_root.resolve()):
-        if path.exists():
-            raise TaskError(f"{path}, which the process had open, exists on this node with other content: move it "
-                            "away (or give both nodes the same file) and migrate again", code="file-conflict")
-        raise TaskError(f"{path}, which the process had open, is missing on this node and lies outside the agent's "
-                        f"state ({own_root}): provide it at the same path (shared storage) and migrate again",
-                        code="missing-files")
+    # A differing file here can only be a leftover of an earlier attempt (instance names
+    # are unique in the fleet): replace it. rename() replaces a symlink, never follows it.
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    shutil.move(tmp, path)
+    os.rename(tmp, path)
+    placed.append(path)
     return str(path)
+
+
+def _check_carried(source: BinaryIO, path: Path, incoming: Path, own_root: Path) -> str:
+    """A file the tree had open outside this instance's directory must be here already, the same."""
+    if path.resolve().is_relative_to(own_root.resolve()):
+        raise TaskError(f"the image stream carries {path}, inside the agent's state but not in the instance's own "
+                        "directory: refused", code="image-corrupt")
+    tmp = incoming / f"kumo-carried-{secrets.token_hex(4)}"
+    received = _copy_checked(source, tmp)
+    tmp.unlink()
+    if path.is_file() and file_checksum(path) == received:
+        return str(path)
+    if path.exists():
+        raise TaskError(f"{path}, which the process had open, exists on this node with other content: move it "
+                        "away (or give both nodes the same file) and migrate again", code="file-conflict")
+    raise TaskError(f"{path}, which the process had open, is missing on this node and lies outside the agent's "
+                    f"state ({own_root}): provide it at the same path (shared storage) and migrate again",
+                    code="missing-files")
