@@ -381,7 +381,7 @@ class Runtime:
             "metrics_url": await self._metrics_url(),
             "instances": [i.to_json() for i in await self.hooks.instances()],
         }
-        answer = await self.client.node_call("POST", "register", body)
+        answer = await self._send_report("register", body)
         self.heartbeat_interval = _positive(answer.get("heartbeat_interval"), self.heartbeat_interval)
         self.poll_timeout = min(60.0, _positive(answer.get("poll_timeout"), self.poll_timeout))
         self._fingerprints_sent = (time.monotonic(), plugins)
@@ -400,12 +400,26 @@ class Runtime:
             if plugins is not None:
                 body["plugins"] = plugins
             started = time.monotonic()
-            await self.client.node_call("POST", "heartbeat", body)
+            await self._send_report("heartbeat", body)
             elapsed = time.monotonic() - started
             self.metrics.heartbeat_seconds.observe(elapsed)
             log.debug("heartbeat: %.3f s%s", elapsed, " (with fingerprints)" if plugins is not None else "")
             if plugins is not None:
                 self._fingerprints_sent = (time.monotonic(), plugins)
+
+    async def _send_report(self, path: str, body: dict[str, Any]) -> Any:
+        """POST a register or heartbeat. One the controller finds too large (a node with very
+        many instances) goes again without the instances' details, rather than leave the node
+        unreachable for as long as it has them."""
+        assert self.client is not None
+        try:
+            return await self.client.node_call("POST", path, body)
+        except ControllerRejected as exc:
+            if exc.status != 413:
+                raise
+            log.warning("%s: too large for the controller (%s); sent without instance details", path, exc.error)
+            lean = [{**instance, "details": {}} for instance in body["instances"]]
+            return await self.client.node_call("POST", path, {**body, "instances": lean})
 
     async def _fingerprints_to_send(self) -> dict[str, Any] | None:
         """Fresh fingerprints when they are due and changed, or every fingerprint_interval."""
@@ -556,6 +570,12 @@ class Runtime:
             except ControllerRejected as exc:
                 if exc.status in (401, 403):
                     raise NodeRejected(str(exc)) from None
+                if exc.status == 413 and outcome.code != "result-too-large":
+                    # Dropping it would leave the task "delivered" for ever: report why instead.
+                    log.warning("task %s: its result is too large for the controller: %s", task_id, exc.error)
+                    outcome = Outcome("failed", error=f"the task ran, but its result is too large to report: "
+                                                      f"{exc.error}", code="result-too-large")
+                    continue
                 # 404/409: the task is gone or already has its result (a redelivery we answered twice).
                 log.info("task %s: result not accepted: %s", task_id, exc.error)
                 return

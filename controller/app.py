@@ -13,6 +13,7 @@ that is written to the store every :data:`FLUSH_INTERVAL` seconds, not once per 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
@@ -81,6 +82,7 @@ class Controller:
         self.serials: dict[str, set[str]] = {}
         # node id -> {"last_seen", "instances", "plugins"} newer than the store's copy
         self.live: dict[str, dict[str, Any]] = {}
+        self.polls: collections.Counter[str] = collections.Counter()  # long polls open, by node
         self._dirty: set[str] = set()
         self._wakeups: dict[str, set[asyncio.Event]] = {}
         self._task_waiters: dict[str, list[asyncio.Future[dict[str, Any]]]] = {}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -150,3 +151,42 @@ async def test_a_renewal_racing_a_removal_cannot_readmit_the_node(tmp_path) -> N
         assert await store.valid_serials() == {}
     finally:
         await store.close()
+
+
+@pytest.mark.integration
+def test_a_result_too_large_for_the_controller_fails_the_task_instead_of_hanging(controller_factory, kumo_agent):
+    # The agent used to drop a result the controller refused with 413: the task stayed
+    # "delivered" for ever. A process console is a result much larger than its request.
+    from tests.test_agent_integration import submit, wait_task
+
+    controller = controller_factory(max_body_bytes=65536)
+    agent = kumo_agent(controller=controller)
+    chatty = ["sh", "-c", "head -c 200000 /dev/zero | tr '\\0' x; exec sleep 600"]
+    created = wait_task(controller, submit(controller, agent.node_id, "process.create",
+                                           {"name": "chatty", "kind": "process", "options": {"command": chatty}})["id"])
+    assert created["state"] == "succeeded", created
+    time.sleep(1)
+    console = wait_task(controller, submit(controller, agent.node_id, "process.console",
+                                           {"name": "chatty", "bytes": 200000})["id"])
+    assert (console["state"], console["code"]) == ("failed", "result-too-large"), console
+    assert "65536-byte limit" in console["error"]
+    small = wait_task(controller, submit(controller, agent.node_id, "process.console", {"name": "chatty", "bytes": 100})["id"])
+    assert small["state"] == "succeeded" and small["result"]["log"] == "x" * 100
+    wait_task(controller, submit(controller, agent.node_id, "process.delete", {"name": "chatty"})["id"])
+
+
+@pytest.mark.integration
+def test_a_node_cannot_hold_more_than_a_few_long_polls(controller, tmp_path) -> None:
+    import concurrent.futures
+
+    from controller.api.nodes import MAX_POLLS_PER_NODE
+
+    node_id, cert = enroll_node(controller, tmp_path)
+    with concurrent.futures.ThreadPoolExecutor(MAX_POLLS_PER_NODE + 1) as pool:
+        waiting = [pool.submit(controller.call, "GET", f"/v1/nodes/{node_id}/tasks?wait=3", cert=cert)
+                   for _ in range(MAX_POLLS_PER_NODE)]
+        time.sleep(1)
+        status, answer = controller.call("GET", f"/v1/nodes/{node_id}/tasks?wait=3", cert=cert)
+        assert status == 429 and "task polls waiting" in answer["error"], answer
+        assert [f.result()[0] for f in waiting] == [200] * MAX_POLLS_PER_NODE
+    assert controller.call("GET", f"/v1/nodes/{node_id}/tasks?wait=0", cert=cert)[0] == 200

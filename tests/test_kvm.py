@@ -431,6 +431,27 @@ async def test_missing_image_leaves_nothing(kvm_bed: KvmTestBed, kvm_guest: Gues
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("backing", ["/etc/shadow", "data-file"])
+async def test_an_image_that_reads_a_host_file_is_refused(kvm_bed: KvmTestBed, kvm_guest: Guest, backing: str) -> None:
+    # An image from anywhere (a URL) could name a host path for the guest to read as its disk.
+    node = await kvm_bed.node()
+    name = kvm_bed.name("backed")
+    image = kvm_bed.root / f"{name}.qcow2"
+    if backing == "data-file":
+        options = f"data_file={kvm_bed.root / (name + '.data')}"
+        argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-o", options, str(image), "1M"]
+    else:
+        argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b", backing, str(image), "1M"]
+    subprocess.run(argv, check=True)  # noqa: S603 - an argv list
+    digest = hashlib.sha256(image.read_bytes()).hexdigest()
+    with pytest.raises(TaskError) as err:
+        await node.task("kvm.create", **_payload(kvm_bed, kvm_guest, name, image=str(image), image_sha256=digest))
+    assert err.value.code == "image-invalid" and "reads another file" in str(err.value), str(err.value)
+    assert kvm_bed.domains() == [] or name not in kvm_bed.domains()
+    assert list((kvm_bed.root / "instances").glob(f"{name}*")) == []
+
+
+@pytest.mark.integration
 async def test_checksum_mismatch_leaves_nothing(kvm_bed: KvmTestBed, kvm_guest: Guest) -> None:
     node = await kvm_bed.node()
     name = kvm_bed.name("badsum")

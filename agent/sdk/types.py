@@ -38,6 +38,7 @@ ErrorCode = Literal[
     "timeout",            # a tool ran past its configured time and was killed
     "interrupted",        # the agent stopped while the task ran
     "plugin-error",       # a plugin raised something other than TaskError (a bug)
+    "result-too-large",   # the result was more than the controller accepts in one request
     "failed",             # the instance's backend (libvirt, liblxc, a tool) refused; message says why
     # placing an instance
     "insufficient-cpu", "insufficient-memory", "limits-unsupported", "no-bridge",

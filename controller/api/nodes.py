@@ -29,6 +29,7 @@ from controller.api import (
 )
 
 MAX_POLL_WAIT = 60.0
+MAX_POLLS_PER_NODE = 4
 CLAIM_LIMIT = 32
 
 
@@ -73,7 +74,28 @@ async def poll_tasks(request: web.Request) -> web.Response:
         wait = math.nan
     if not 0 <= wait:  # also NaN: a NaN deadline would park the poll in the event loop for ever
         raise ApiError(400, f"wait must be a number of seconds, 0 or more, got {request.query['wait']!r}")
+    if wait and ctl.polls[node_id] >= MAX_POLLS_PER_NODE:
+        # An agent keeps one poll open; a node opening many would hold the controller's sockets.
+        raise ApiError(429, f"node {node_id} already has {MAX_POLLS_PER_NODE} task polls waiting; poll again "
+                            "when one returns")
     deadline = time.monotonic() + min(wait, MAX_POLL_WAIT)
+    ctl.polls[node_id] += 1
+    try:
+        claimed = await _claim_until(ctl, request, node_id, deadline)
+    finally:
+        ctl.polls[node_id] -= 1
+        if ctl.polls[node_id] <= 0:
+            del ctl.polls[node_id]
+    ctl.touch(node_id)
+    return reply({"tasks": [
+        {"id": t["id"], "kind": t["kind"], "payload": t["payload"], "idempotency_key": t["idempotency_key"],
+         "created_at": iso(t["created_at"])}
+        for t in claimed
+    ]})
+
+
+async def _claim_until(ctl: Any, request: web.Request, node_id: str, deadline: float) -> list[dict[str, Any]]:
+    """The node's pending tasks, claimed as soon as there are some or when ``deadline`` passes."""
     claimed: list[dict[str, Any]] = []
     while True:
         # An agent that went away while waiting must not take tasks with it: they would be
@@ -85,12 +107,7 @@ async def poll_tasks(request: web.Request) -> web.Response:
         if claimed or left <= 0 or ctl.stopping or node_id not in ctl.serials:
             break
         await ctl.wait_for_tasks(node_id, left)
-    ctl.touch(node_id)
-    return reply({"tasks": [
-        {"id": t["id"], "kind": t["kind"], "payload": t["payload"], "idempotency_key": t["idempotency_key"],
-         "created_at": iso(t["created_at"])}
-        for t in claimed
-    ]})
+    return claimed
 
 
 async def task_result(request: web.Request) -> web.Response:

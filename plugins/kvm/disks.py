@@ -43,7 +43,10 @@ def fresh_dir(directory: Path) -> None:
 
 
 async def image_format(path: Path) -> str:
-    """qcow2 or raw, as qemu-img sees the image."""
+    """qcow2 or raw, as qemu-img sees the image; TaskError ``image-invalid`` for any other
+    format, and for an image that names another file (a backing file or an external data
+    file): qemu would open that path on the node for the guest to read, and an image from
+    a URL could name ``/etc/shadow`` or ``/dev/sda``."""
     stat = await asyncio.to_thread(path.stat)
     key = (str(path), stat.st_mtime)
     if key not in _formats:
@@ -51,7 +54,15 @@ async def image_format(path: Path) -> str:
         if result.returncode != 0:
             raise TaskError(f"image {path} is not a disk image qemu-img can read: {result.error}",
                             code="image-invalid")
-        _formats[key] = json.loads(result.stdout)["format"]
+        info = json.loads(result.stdout)
+        if info.get("format") not in ("qcow2", "raw"):
+            raise TaskError(f"image {path} is {info.get('format')!r}, not qcow2 or raw: convert it with "
+                            "qemu-img convert -O qcow2", code="image-invalid")
+        named = info.get("backing-filename") or ((info.get("format-specific") or {}).get("data") or {}).get("data-file")
+        if named:
+            raise TaskError(f"image {path} reads another file, {named!r}: give a self-contained image "
+                            "(qemu-img convert -O qcow2 flattens it)", code="image-invalid")
+        _formats[key] = info["format"]
     return _formats[key]
 
 
