@@ -52,17 +52,23 @@ def _identity(ca: CertificateAuthority, directory: Path, name: str) -> Identity:
                     ca=directory / "ca.crt")
 
 
+def _serving(ca: CertificateAuthority, directory: Path, role: str) -> ssl.SSLContext:
+    """A server context with a certificate of ``role`` for 127.0.0.1, requiring client certificates."""
+    (directory / "ca.crt").write_text(pem(ca.cert))
+    key = new_key()
+    cert = ca.issue(key.public_key(), role, f"a-{role}", DAY, ips=("127.0.0.1",), server=True)
+    (directory / f"{role}.key").write_bytes(key_pem(key))
+    (directory / f"{role}.crt").write_text(pem(cert))
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(directory / "ca.crt"))
+    tls.verify_mode = ssl.CERT_REQUIRED
+    tls.load_cert_chain(str(directory / f"{role}.crt"), str(directory / f"{role}.key"))
+    return tls
+
+
 @pytest.fixture
 async def bed(tmp_path: Path) -> AsyncIterator[tuple[Server, ControllerClient, CertificateAuthority]]:
     ca = CertificateAuthority.create()
-    (tmp_path / "ca.crt").write_text(pem(ca.cert))
-    server_key = new_key()
-    server_cert = ca.issue(server_key.public_key(), "controller", "controller", DAY, ips=("127.0.0.1",), server=True)
-    (tmp_path / "server.key").write_bytes(key_pem(server_key))
-    (tmp_path / "server.crt").write_text(pem(server_cert))
-    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(tmp_path / "ca.crt"))
-    tls.verify_mode = ssl.CERT_REQUIRED
-    tls.load_cert_chain(str(tmp_path / "server.crt"), str(tmp_path / "server.key"))
+    tls = _serving(ca, tmp_path, "controller")
     server = Server()
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", server.handle)
@@ -144,13 +150,7 @@ async def test_a_node_certificate_cannot_pose_as_the_controller(tmp_path: Path) 
     # that answers on the controller's address is refused in the handshake, before the
     # request (a task result, a migration image) leaves.
     ca = CertificateAuthority.create()
-    (tmp_path / "ca.crt").write_text(pem(ca.cert))
-    key = new_key()
-    cert = ca.issue(key.public_key(), "node", "n-impostor", DAY, ips=("127.0.0.1",), server=True)
-    (tmp_path / "impostor.key").write_bytes(key_pem(key))
-    (tmp_path / "impostor.crt").write_text(pem(cert))
-    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(tmp_path / "ca.crt"))
-    tls.load_cert_chain(str(tmp_path / "impostor.crt"), str(tmp_path / "impostor.key"))
+    tls = _serving(ca, tmp_path, "node")
     heard: list[bytes] = []
 
     async def impostor(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
