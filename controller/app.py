@@ -80,6 +80,7 @@ class Controller:
         self.routes: list[Route] = [route for module in API_MODULES for route in module.ROUTES]
         # node id -> serials of its certificates still accepted (removal empties it at once)
         self.serials: dict[str, set[str]] = {}
+        self.revoked: set[str] = set()  # serials of revoked admin and scraper certificates
         # node id -> {"last_seen", "instances", "plugins"} newer than the store's copy
         self.live: dict[str, dict[str, Any]] = {}
         self.polls: collections.Counter[str] = collections.Counter()  # long polls open, by node
@@ -93,8 +94,21 @@ class Controller:
 
     async def start(self) -> None:
         self.serials = await self.store.valid_serials()
+        await self._register_init_admin()
+        self.revoked = await self.store.revoked_serials()
         self._background.append(asyncio.create_task(self._flush_loop(), name="kumo-flush"))
         self._background.append(asyncio.create_task(alerts.forward_loop(self), name="kumo-alert-forwarder"))
+
+    async def _register_init_admin(self) -> None:
+        """List the admin certificate ``kumo-controller init`` made, so it can be revoked like
+        the ones issued through the API (init writes files; the store opens only here)."""
+        path = self.settings.pki_dir / "admin.crt"
+        try:
+            cert = x509.load_pem_x509_certificate(await asyncio.to_thread(path.read_bytes))
+        except (OSError, ValueError):
+            return
+        role, name = pki.identity_of(cert)
+        await self.store.add_client_certificate(format(cert.serial_number, "x"), role, name, pki.expires_at(cert))
 
     def release_waiters(self) -> None:
         """Answer every long-poll now, so shutting down does not wait out their timeouts."""
@@ -247,6 +261,8 @@ def guard(route: Route, handler: Any) -> Any:
                         f"node {node_id} is removed or this certificate was revoked; re-join it with a new token "
                         "(kumo-agent join --force)",
                     )
+            elif serial in ctl.revoked:
+                raise ApiError(403, f"this {role} certificate ({name!r}, serial {serial}) was revoked")
             elif route.role == "admin" and role != "admin":
                 raise ApiError(403, f"this endpoint needs an admin certificate; this one is for {role or 'no role'} {name!r}")
             elif route.role == "scraper" and role not in ("admin", "scraper"):

@@ -60,6 +60,12 @@ def identity_of(cert: x509.Certificate) -> tuple[str, str]:
     return str(role[0].value), str(name[0].value)
 
 
+def expires_at(cert: x509.Certificate) -> float:
+    """The certificate's end of validity, as a Unix time (cryptography 38 and 42+ alike)."""
+    after = getattr(cert, "not_valid_after_utc", None) or cert.not_valid_after.replace(tzinfo=datetime.UTC)
+    return after.timestamp()
+
+
 def spki_sha256(cert: x509.Certificate) -> str:
     """Hex SHA-256 of the certificate's SubjectPublicKeyInfo: what a join string pins."""
     der = cert.public_key().public_bytes(

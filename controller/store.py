@@ -51,6 +51,9 @@ CREATE INDEX IF NOT EXISTS alerts_unforwarded ON alerts (forwarded, received_at)
 CREATE TABLE IF NOT EXISTS migrations (
     id TEXT PRIMARY KEY, instance TEXT NOT NULL, doc TEXT NOT NULL, created_at REAL NOT NULL, updated_at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS migrations_by_instance ON migrations (instance, created_at);
+CREATE TABLE IF NOT EXISTS client_certificates (
+    serial TEXT PRIMARY KEY, role TEXT NOT NULL, name TEXT NOT NULL, expires_at REAL NOT NULL,
+    created_at REAL NOT NULL, revoked_at REAL);
 """
 JSON_COLUMNS = ("facts", "plugins", "instances", "payload", "result", "spec", "reasons", "labels", "annotations", "doc")
 
@@ -88,6 +91,10 @@ class Store(Protocol):
     async def latest_instance_task(self, name: str) -> dict[str, Any] | None: ...
     async def list_instances(self) -> list[dict[str, Any]]: ...
     async def delete_instance(self, name: str) -> None: ...
+    async def add_client_certificate(self, serial: str, role: str, name: str, expires_at: float) -> None: ...
+    async def list_client_certificates(self) -> list[dict[str, Any]]: ...
+    async def revoke_client_certificate(self, serial: str) -> bool: ...
+    async def revoked_serials(self) -> set[str]: ...
     async def get_setting(self, key: str) -> Any: ...
     async def put_setting(self, key: str, value: Any) -> None: ...
     async def add_alerts(self, node_id: str, alerts: list[dict[str, Any]]) -> int: ...
@@ -387,6 +394,27 @@ class SQLiteStore:
         await self._tx(lambda c: c.execute("DELETE FROM instances WHERE name=?", (name,)))
 
     # Fleet settings (log forwarding...): one JSON document per key.
+
+    # Admin and scraper certificates.
+
+    async def add_client_certificate(self, serial: str, role: str, name: str, expires_at: float) -> None:
+        await self._tx(lambda c: c.execute(
+            "INSERT OR IGNORE INTO client_certificates VALUES (?, ?, ?, ?, ?, NULL)",
+            (serial, role, name, expires_at, time.time())))
+
+    async def list_client_certificates(self) -> list[dict[str, Any]]:
+        return await self._tx(lambda c: _all(c.execute("SELECT * FROM client_certificates ORDER BY created_at")))
+
+    async def revoke_client_certificate(self, serial: str) -> bool:
+        """Revoke an admin or scraper certificate; False when no such certificate was issued."""
+        return await self._tx(lambda c: c.execute(
+            "UPDATE client_certificates SET revoked_at = COALESCE(revoked_at, ?) WHERE serial=?",
+            (time.time(), serial)).rowcount == 1)
+
+    async def revoked_serials(self) -> set[str]:
+        rows = await self._tx(lambda c: c.execute(
+            "SELECT serial FROM client_certificates WHERE revoked_at IS NOT NULL").fetchall())
+        return {row[0] for row in rows}
 
     async def get_setting(self, key: str) -> Any:
         row = await self._tx(lambda c: c.execute("SELECT value FROM settings WHERE key=?", (key,)).fetchone())

@@ -190,3 +190,30 @@ def test_a_node_cannot_hold_more_than_a_few_long_polls(controller, tmp_path) -> 
         assert status == 429 and "task polls waiting" in answer["error"], answer
         assert [f.result()[0] for f in waiting] == [200] * MAX_POLLS_PER_NODE
     assert controller.call("GET", f"/v1/nodes/{node_id}/tasks?wait=0", cert=cert)[0] == 200
+
+
+@pytest.mark.integration
+def test_admin_and_scraper_certificates_can_be_revoked_for_good(controller, tmp_path) -> None:
+    from controller.pki import key_pem
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    issued = controller.admin("POST", "/v1/certificates", {"role": "scraper", "name": "prom", "csr": csr_for(key)})
+    (tmp_path / "prom.crt").write_text(issued["certificate"])
+    (tmp_path / "prom.key").write_bytes(key_pem(key))
+    scraper = (tmp_path / "prom.crt", tmp_path / "prom.key")
+    assert controller.call("GET", "/metrics", cert=scraper)[0] == 200
+    listed = {c["serial"]: c for c in controller.admin("GET", "/v1/certificates")["certificates"]}
+    assert listed[issued["serial"]]["role"] == "scraper" and listed[issued["serial"]]["revoked_at"] is None
+    assert {c["role"] for c in listed.values()} == {"admin", "scraper"}  # init's admin is listed too
+
+    controller.admin("DELETE", f"/v1/certificates/{issued['serial']}")
+    status, answer = controller.call("GET", "/metrics", cert=scraper)
+    assert status == 403 and "was revoked" in answer["error"], answer
+    [own] = [s for s, c in listed.items() if c["role"] == "admin"]
+    status, answer = controller.call("DELETE", f"/v1/certificates/{own}", cert=controller.admin_cert)
+    assert status == 409, answer  # not the certificate making the request: no locking oneself out
+    assert controller.call("DELETE", "/v1/certificates/abc123", cert=controller.admin_cert)[0] == 404
+
+    controller.stop()
+    controller.start()
+    assert controller.call("GET", "/metrics", cert=scraper)[0] == 403  # revoked for good, not until a restart

@@ -11,7 +11,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from controller import pki
-from controller.api import ApiError, Route, field, json_body, reject_unknown, reply, state
+from controller.api import ApiError, Route, field, iso, json_body, reject_unknown, reply, state
 
 ISSUABLE_ROLES = ("scraper", "admin")
 CLIENT_CERT_LIFETIME = datetime.timedelta(days=365)
@@ -111,7 +111,29 @@ async def issue_certificate(request: web.Request) -> web.Response:
     except pki.CSRError as exc:
         raise ApiError(400, str(exc)) from None
     cert = ctl.ca.issue(public_key, role, name, CLIENT_CERT_LIFETIME)
-    return reply({"certificate": pki.pem(cert), "ca": pki.pem(ctl.ca.cert)}, 201)
+    serial = format(cert.serial_number, "x")
+    await ctl.store.add_client_certificate(serial, role, name, pki.expires_at(cert))
+    return reply({"certificate": pki.pem(cert), "ca": pki.pem(ctl.ca.cert), "serial": serial}, 201)
+
+
+async def list_certificates(request: web.Request) -> web.Response:
+    """Every admin and scraper certificate issued (node certificates go with their node)."""
+    rows = await state(request).store.list_client_certificates()
+    return reply({"certificates": [
+        {"serial": r["serial"], "role": r["role"], "name": r["name"], "expires_at": iso(r["expires_at"]),
+         "created_at": iso(r["created_at"]), "revoked_at": iso(r["revoked_at"])} for r in rows]})
+
+
+async def revoke_certificate(request: web.Request) -> web.Response:
+    ctl = state(request)
+    serial = request.match_info["serial"].lower()
+    if serial == ctl.peer(request)[2]:
+        raise ApiError(409, "this is the certificate making the request: revoke it with another admin certificate")
+    if not await ctl.store.revoke_client_certificate(serial):
+        raise ApiError(404, f"no admin or scraper certificate with serial {serial} was issued here "
+                            "(see kumoctl certificate list; a node's certificates go with kumoctl nodes remove)")
+    ctl.revoked.add(serial)
+    return reply({"serial": serial, "revoked": True})
 
 
 ROUTES = [
@@ -121,4 +143,8 @@ ROUTES = [
           "Prometheus http_sd_configs: every agent's metrics endpoint, labelled with its node id and kinds."),
     Route("POST", "/v1/certificates", issue_certificate, "admin", "Issue a client certificate for a scraper or an admin.",
           {"role": "scraper or admin", "name": "certificate name", "csr": "PEM CSR, ECDSA P-256"}),
+    Route("GET", "/v1/certificates", list_certificates, "admin",
+          "Every admin and scraper certificate issued, with its serial and whether it is revoked."),
+    Route("DELETE", "/v1/certificates/{serial}", revoke_certificate, "admin",
+          "Revoke an admin or scraper certificate at once (not the one making the request)."),
 ]

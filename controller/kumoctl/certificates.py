@@ -1,5 +1,5 @@
 """``kumoctl certificate``: client certificates from the Kumo CA (a scraper for Prometheus,
-another admin). The key is made here and never leaves this machine."""
+another admin): made (the key is made here and never leaves this machine), listed, revoked."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import argparse
 import os
 from pathlib import Path
 
-from .arguments import Group
+from .arguments import OUTPUT, Group
 from .client import Client
 from .errors import CommandError
+from .output import print_json, print_table
 
 NAME = "certificate"
 HELP = "client certificates from the Kumo CA"
@@ -36,7 +37,25 @@ def cmd_certificate_create(client: Client, args: argparse.Namespace) -> int:
         f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     cert_path.write_text(answer["certificate"])
     ca_path.write_text(answer["ca"])
-    print(f"{args.role} certificate for {args.name}: {cert_path}, key {key_path}, CA {ca_path}")
+    print(f"{args.role} certificate for {args.name} (serial {answer['serial']}): {cert_path}, key {key_path}, "
+          f"CA {ca_path}")
+    return 0
+
+
+def cmd_certificate_list(client: Client, args: argparse.Namespace) -> int:
+    certificates = client.call("GET", "/v1/certificates")["certificates"]
+    if args.output == "json":
+        print_json(certificates)
+        return 0
+    rows = [[c["serial"], c["role"], c["name"], c["created_at"], c["expires_at"], c["revoked_at"] or "-"]
+            for c in certificates]
+    print_table(["SERIAL", "ROLE", "NAME", "ISSUED", "EXPIRES", "REVOKED"], rows, empty="no certificates")
+    return 0
+
+
+def cmd_certificate_revoke(client: Client, args: argparse.Namespace) -> int:
+    client.call("DELETE", f"/v1/certificates/{args.serial}")
+    print(f"certificate {args.serial} is revoked: the controller refuses it from now on")
     return 0
 
 
@@ -46,3 +65,6 @@ def register(group: Group) -> None:
     sub.add_argument("--role", choices=("scraper", "admin"), default="scraper", help="default: scraper")
     sub.add_argument("--name", required=True, help="name in the certificate, e.g. prometheus")
     sub.add_argument("--out", required=True, metavar="DIR", help="where NAME.key, NAME.crt and ca.crt go")
+    group.leaf("list", cmd_certificate_list, "list admin and scraper certificates, revoked ones too", [OUTPUT])
+    sub = group.leaf("revoke", cmd_certificate_revoke, "revoke an admin or scraper certificate at once")
+    sub.add_argument("serial", help="its serial, as kumoctl certificate list shows it")
