@@ -321,9 +321,10 @@ def test_packaged_controller_and_agent_run_on_debian_python(deployment: Deployme
     # ...and inside the unit's sandbox, as far as it can be had without systemd.
     assert "NoNewPrivs:\t1" in status and "CapBnd:\t0000000000000000" in status, status
 
-    # Compiled modules in the running services show where their aiohttp came from (the
-    # controller's cryptography too; the agent may import it only when it renews).
-    for service, needed in ((deployment.controller, ("aiohttp", "cryptography")), (deployment.agent, ("aiohttp",))):
+    # Compiled modules in the running services show where their libraries came from (the
+    # controller's aiohttp and cryptography; the agent's psutil and yaml: it imports aiohttp
+    # only to stream images and cryptography only when it renews).
+    for service, needed in ((deployment.controller, ("aiohttp", "cryptography")), (deployment.agent, ("psutil", "yaml"))):
         argv = service.proc_file("cmdline").split("\0")
         assert argv[:2] == ["/usr/bin/python3", f"/usr/bin/{service.name}"], argv
         libraries = {line.split()[-1] for line in service.proc_file("maps").splitlines() if "-packages/" in line}
