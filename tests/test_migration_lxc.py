@@ -240,6 +240,96 @@ def test_what_the_destination_lacks_is_named_with_what_to_do(tmp_path):
     assert outside and "outside the container's directory" in outside[0]
 
 
+BUSYBOX_CONFIG = """\
+lxc.net.0.type = empty
+lxc.rootfs.path = dir:{target}/rootfs
+lxc.signal.halt = SIGUSR1
+lxc.signal.reboot = SIGTERM
+lxc.uts.name = "web"
+lxc.autodev = 1
+lxc.cap.drop = sys_module mac_admin mac_override sys_time
+lxc.mount.auto = cgroup:mixed proc:mixed sys:ro
+lxc.mount.entry = shm dev/shm tmpfs defaults,create=dir 0 0
+lxc.mount.entry = mqueue dev/mqueue mqueue defaults,optional,create=dir 0 0
+lxc.mount.entry = /lib lib none ro,bind 0 0
+lxc.mount.entry = /usr/lib usr/lib none ro,bind 0 0
+lxc.mount.entry = /sys/kernel/security sys/kernel/security none ro,bind,optional 0 0
+# Kumo
+lxc.uts.name = web
+lxc.console.path = none
+lxc.tty.max = 0
+lxc.pty.max = 0
+lxc.log.file = {target}/lxc.log
+lxc.log.level = NOTICE
+lxc.net.0.type = veth
+lxc.net.0.link = br0
+lxc.net.0.flags = up
+lxc.net.0.name = eth0
+lxc.net.0.ipv4.address = 10.0.0.5/24
+lxc.cgroup.memory.limit_in_bytes = 67108864
+"""
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "lxc.hook.pre-start = /bin/sh -c 'id > /root/owned'",  # a command run as root on this host
+        "lxc.mount.entry = / host none rw,bind 0 0",  # the host's root, writable
+        "lxc.mount.entry = / host none ro,bind 0 0",  # or readable (/etc/shadow)
+        "lxc.mount.entry = {target}/rootfs/x data none ro,bind 0 0",  # a symlink the source chose
+        "lxc.mount.entry = /lib /etc none ro,bind 0 0",  # an absolute mount point
+        "lxc.mount.auto = proc:rw sys:rw",
+        "lxc.apparmor.profile = unconfined",
+        "lxc.cgroup.devices.allow = a",
+        "lxc.cgroup2.devices.allow = a",
+        "lxc.net.1.type = phys",  # a host NIC moved into the container
+        "lxc.log.file = /etc/cron.d/owned",
+        "lxc.include = /tmp/evil.conf",
+        "lxc.rootfs.path = dir:/",
+        "lxc.cap.keep = sys_admin",
+        "lxc.environment = LD_PRELOAD=/x.so",
+    ],
+)
+def test_a_migrated_config_is_accepted_only_as_this_nodes_plugin_would_write_it(tmp_path, line):
+    from plugins.lxc.allowlist import foreign_lines
+    from plugins.lxc.settings import LxcConfig
+
+    target = tmp_path / "web"
+    node = LxcConfig(lxcpath=tmp_path)
+    good = BUSYBOX_CONFIG.format(target=target)
+    assert foreign_lines(good, target, node) == []
+    bad = good + line.format(target=target) + "\n"
+    problems = foreign_lines(bad, target, node)
+    assert len(problems) == 1 and "never writes" in problems[0], problems
+
+
+def test_a_migrated_container_must_use_this_nodes_user_namespace(tmp_path):
+    from plugins.lxc.allowlist import foreign_lines
+    from plugins.lxc.settings import LxcConfig
+
+    target = tmp_path / "web"
+    config = BUSYBOX_CONFIG.format(target=target)
+    unprivileged = LxcConfig(lxcpath=tmp_path, unprivileged=True, idmap_start=100000, idmap_size=65536)
+    [problem] = foreign_lines(config, target, unprivileged)  # privileged, arriving on an unprivileged node
+    assert "none: a privileged container" in problem and "u 0 100000 65536" in problem
+    mapped = config + "lxc.idmap = u 0 100000 65536\nlxc.idmap = g 0 100000 65536\n"
+    assert foreign_lines(mapped, target, unprivileged) == []
+    assert foreign_lines(mapped.replace("u 0 100000", "u 0 0"), target, unprivileged)  # host root inside
+    assert foreign_lines(mapped, target, LxcConfig(lxcpath=tmp_path))  # on a privileged node
+
+
+@pytest.mark.integration
+async def test_the_lxc_plugin_refuses_to_stage_a_container_with_a_hook(lxc_node):
+    node = await lxc_node()
+    checkpointer = node.plugin.kumo_checkpointer()
+    with pytest.raises(TaskError) as err:
+        await checkpointer.stage("web", {"lxcpath": "/src/lxc"}, (
+            b"lxc.rootfs.path = dir:/src/lxc/web/rootfs\nlxc.net.0.type = empty\n"
+            b"lxc.hook.pre-start = /bin/touch /tmp/kumo-owned\n"))
+    assert err.value.code == "import-refused" and "lxc.hook.pre-start" in str(err.value)
+    assert not Path("/tmp/kumo-owned").exists()
+
+
 @pytest.mark.integration
 async def test_the_lxc_plugin_refuses_to_stage_a_container_whose_bridge_is_missing(lxc_node):
     node = await lxc_node()

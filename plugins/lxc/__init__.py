@@ -249,7 +249,7 @@ class LxcPlugin:
             raise TaskError(f"the source's lxcpath must be an absolute path, got {source_lxcpath!r}",
                             code="bad-request")
         await self._refuse_existing(name, "delete it before migrating one of that name here")
-        await asyncio.to_thread(migration.adapt, self.config.lxcpath, name, config, source_lxcpath, None)
+        await asyncio.to_thread(migration.adapt, self.config, name, config, source_lxcpath, None)
         return await asyncio.to_thread(migration.staging_directory, self.config.lxcpath, name)
 
     async def import_migrated(self, name: str, directory: Path, source_lxcpath: str) -> None:
@@ -259,7 +259,7 @@ class LxcPlugin:
 
         self._require_migratable(name)
         await self._refuse_existing(name, "delete it before migrating one of that name here")
-        await asyncio.to_thread(migration.take_over, self.config.lxcpath, name, Path(directory), source_lxcpath)
+        await asyncio.to_thread(migration.take_over, self.config, name, Path(directory), source_lxcpath)
         await self._containers.refresh_one(name)
         log.info("lxc: took over container %s, migrated from %s", name, source_lxcpath)
 

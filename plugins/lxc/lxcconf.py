@@ -173,8 +173,9 @@ def _rootfs_problems(value: str, target: Path, arrived: Path | None) -> list[str
     if not path.is_relative_to(target):
         return [f"its root filesystem is {value} (lxc.rootfs.path), outside the container's "
                 "directory, and was not carried: only a directory rootfs under lxcpath migrates"]
-    if arrived is not None and not (arrived / path.relative_to(target)).is_dir():
-        return [f"its root filesystem {path} did not arrive"]
+    arrived_root = None if arrived is None else arrived / path.relative_to(target)
+    if arrived_root is not None and (arrived_root.is_symlink() or not arrived_root.is_dir()):
+        return [f"its root filesystem {path} did not arrive as a directory"]
     return []
 
 

@@ -8,7 +8,8 @@ searchable lxcpath for a user namespace. It then gives a hidden directory under 
 unpack the rest into (liblxc lists no dot-directory, so a half-arrived container is no
 instance). Before the restore the directory is taken over: paths into the source's
 container directory are rewritten to ours, the same checks run again, and the directory is
-renamed into place. The container keeps its own idmap, since its files are shifted by it.
+renamed into place. The source may be compromised: the config must also be one this node's
+plugin could have written (allowlist.py), its user namespace this node's own.
 
 Every function here blocks: call them through ``asyncio.to_thread``.
 """
@@ -22,20 +23,28 @@ from pathlib import Path
 
 from agent.sdk import TaskError, atomic_write
 
+from .allowlist import foreign_lines
 from .host import untraversable
-from .lxcconf import config_items, import_problems, rewrite_config
+from .lxcconf import LXC_LOG, config_items, import_problems, rewrite_config
+from .settings import LxcConfig
 
 STAGED_PREFIX = ".import-"
 
 
-def adapt(lxcpath: Path, name: str, config: str, source_lxcpath: str, arrived: Path | None) -> str:
+def adapt(node: LxcConfig, name: str, config: str, source_lxcpath: str, arrived: Path | None) -> str:
     """The config with the source's container directory rewritten to ours, or TaskError naming
-    what this node lacks; ``arrived`` is where it was unpacked (None: not yet, at staging)."""
-    target = lxcpath / name
+    what this node lacks or refuses; ``arrived`` is where it was unpacked (None: not yet, at
+    staging)."""
+    target = node.lxcpath / name
     adapted = rewrite_config(config, Path(source_lxcpath) / name, target)
+    refused = foreign_lines(adapted, target, node)
+    if refused:
+        raise TaskError(f"container {name!r} is refused on this node: " + "; ".join(refused)
+                        + " (a migrated container's config must be one this node's lxc plugin could have written)",
+                        code="import-refused")
     problems = import_problems(adapted, target, Path(source_lxcpath), arrived)
     if not problems and any(key == "lxc.idmap" for key, _ in config_items(adapted)):
-        blocked = untraversable(lxcpath)
+        blocked = untraversable(node.lxcpath)
         if blocked is not None:
             problems.append(f"it runs in a user namespace and its mapped root cannot search {blocked}: "
                             "chmod o+x it (or set plugins.lxc.lxcpath elsewhere)")
@@ -51,13 +60,19 @@ def staging_directory(lxcpath: Path, name: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"{STAGED_PREFIX}{name}-", dir=lxcpath))
 
 
-def take_over(lxcpath: Path, name: str, staged: Path, source_lxcpath: str) -> None:
+def take_over(node: LxcConfig, name: str, staged: Path, source_lxcpath: str) -> None:
     """Make the unpacked ``staged`` directory container ``name``: its config adapted, then renamed
     into place."""
+    lxcpath = node.lxcpath
     if staged.parent != lxcpath or not staged.name.startswith(f"{STAGED_PREFIX}{name}-"):
         raise TaskError(f"{staged} is not a directory this node staged for container {name!r}",
                         code="bad-request")
     config_path = staged / "config"
-    config = adapt(lxcpath, name, config_path.read_text(), source_lxcpath, staged)
+    config = adapt(node, name, config_path.read_text(), source_lxcpath, staged)
+    # liblxc appends to its log as root, following a symlink the source may have put there.
+    log = staged / LXC_LOG
+    if log.is_symlink() or (log.exists() and not log.is_file()):
+        raise TaskError(f"container {name!r} is refused on this node: its {LXC_LOG} is not a regular file",
+                        code="import-refused")
     atomic_write(config_path, config, mode=stat.S_IMODE(os.stat(config_path).st_mode))
     os.rename(staged, lxcpath / name)
