@@ -267,9 +267,32 @@ def guard(route: Route, handler: Any) -> Any:
                 raise ApiError(403, f"this endpoint needs an admin certificate; this one is for {role or 'no role'} {name!r}")
             elif route.role == "scraper" and role not in ("admin", "scraper"):
                 raise ApiError(403, f"this endpoint needs a scraper or admin certificate, not {role or 'no role'} {name!r}")
+            if route.role == "admin" and request.method != "GET":
+                return await audited(ctl, request, handler, (role, name, serial))
         return await handler(request)
 
     return checked
+
+
+async def audited(ctl: Controller, request: web.Request, handler: Any, who: tuple[str, str, str]) -> web.StreamResponse:
+    """Run an admin action and record who did what and how it ended (never the request body:
+    user-data and keys have no place in a log)."""
+    status, error = 500, "internal error"
+    try:
+        response = await handler(request)
+        status, error = response.status, None
+        return response
+    except ApiError as exc:
+        status, error = exc.status, exc.message
+        raise
+    finally:
+        role, name, serial = who
+        entry = {"at": time.time(), "role": role, "name": name, "serial": serial, "method": request.method,
+                 "path": request.path, "status": status, "error": error}
+        try:
+            await asyncio.shield(ctl.store.add_audit(entry))
+        except Exception:
+            log.exception("could not record %s %s by %s %s in the audit log", request.method, request.path, role, name)
 
 
 @web.middleware

@@ -51,6 +51,9 @@ CREATE INDEX IF NOT EXISTS alerts_unforwarded ON alerts (forwarded, received_at)
 CREATE TABLE IF NOT EXISTS migrations (
     id TEXT PRIMARY KEY, instance TEXT NOT NULL, doc TEXT NOT NULL, created_at REAL NOT NULL, updated_at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS migrations_by_instance ON migrations (instance, created_at);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, role TEXT NOT NULL, name TEXT NOT NULL,
+    serial TEXT NOT NULL, method TEXT NOT NULL, path TEXT NOT NULL, status INTEGER NOT NULL, error TEXT);
 CREATE TABLE IF NOT EXISTS client_certificates (
     serial TEXT PRIMARY KEY, role TEXT NOT NULL, name TEXT NOT NULL, expires_at REAL NOT NULL,
     created_at REAL NOT NULL, revoked_at REAL);
@@ -95,6 +98,8 @@ class Store(Protocol):
     async def list_client_certificates(self) -> list[dict[str, Any]]: ...
     async def revoke_client_certificate(self, serial: str) -> bool: ...
     async def revoked_serials(self) -> set[str]: ...
+    async def add_audit(self, entry: dict[str, Any]) -> None: ...
+    async def list_audit(self, limit: int) -> list[dict[str, Any]]: ...
     async def get_setting(self, key: str) -> Any: ...
     async def put_setting(self, key: str, value: Any) -> None: ...
     async def add_alerts(self, node_id: str, alerts: list[dict[str, Any]]) -> int: ...
@@ -394,6 +399,18 @@ class SQLiteStore:
         await self._tx(lambda c: c.execute("DELETE FROM instances WHERE name=?", (name,)))
 
     # Fleet settings (log forwarding...): one JSON document per key.
+
+    # The audit log.
+
+    async def add_audit(self, entry: dict[str, Any]) -> None:
+        await self._tx(lambda c: c.execute(
+            "INSERT INTO audit (at, role, name, serial, method, path, status, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (entry["at"], entry["role"], entry["name"], entry["serial"], entry["method"], entry["path"],
+             entry["status"], entry["error"])))
+
+    async def list_audit(self, limit: int) -> list[dict[str, Any]]:
+        """The newest ``limit`` entries, newest first."""
+        return await self._tx(lambda c: _all(c.execute("SELECT * FROM audit ORDER BY id DESC LIMIT ?", (limit,))))
 
     # Admin and scraper certificates.
 

@@ -10,6 +10,7 @@ newline, so ``"web\\n"`` was a name of its own).
 from __future__ import annotations
 
 import ast
+import json
 import re
 import time
 from pathlib import Path
@@ -217,3 +218,21 @@ def test_admin_and_scraper_certificates_can_be_revoked_for_good(controller, tmp_
     controller.stop()
     controller.start()
     assert controller.call("GET", "/metrics", cert=scraper)[0] == 403  # revoked for good, not until a restart
+
+
+@pytest.mark.integration
+def test_every_admin_action_is_in_the_audit_log_with_who_and_how_it_ended(controller) -> None:
+    from tests.test_kumoctl import run_kumoctl
+
+    controller.admin("POST", "/v1/tokens", {"ttl_seconds": 600})
+    status, _ = controller.call("POST", "/v1/tokens", {"ttl_seconds": 1}, cert=controller.admin_cert)
+    assert status == 400
+    controller.admin("GET", "/v1/nodes")  # reading changes nothing: not audited
+    entries = controller.admin("GET", "/v1/audit?limit=10")["entries"]
+    assert [(e["method"], e["path"], e["status"]) for e in entries] == [("POST", "/v1/tokens", 400),
+                                                                        ("POST", "/v1/tokens", 201)]
+    assert entries[0]["role"] == "admin" and entries[0]["serial"] and "ttl_seconds" in entries[0]["error"]
+    assert "join" not in str(entries)  # what the answer carried (the join string) is not logged
+    result = run_kumoctl("audit", "list", "-o", "json", config=controller.kumoctl_config)
+    assert result.returncode == 0, result.stderr
+    assert [e["status"] for e in json.loads(result.stdout)] == [400, 201]

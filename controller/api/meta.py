@@ -136,6 +136,19 @@ async def revoke_certificate(request: web.Request) -> web.Response:
     return reply({"serial": serial, "revoked": True})
 
 
+async def audit_log(request: web.Request) -> web.Response:
+    """Every admin action, newest first: who (role, name, certificate serial), what, how it ended."""
+    try:
+        limit = int(request.query.get("limit", "100"))
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= 10_000:
+        raise ApiError(400, f"limit must be an integer from 1 to 10000, got {request.query.get('limit')!r}")
+    rows = await state(request).store.list_audit(limit)
+    return reply({"entries": [{**{k: r[k] for k in ("id", "role", "name", "serial", "method", "path", "status", "error")},
+                               "at": iso(r["at"])} for r in rows]})
+
+
 ROUTES = [
     Route("GET", "/v1/openapi.json", openapi_document, "any", "This document."),
     Route("GET", "/metrics", metrics, "scraper", "The controller's own metrics (Prometheus text format)."),
@@ -147,4 +160,6 @@ ROUTES = [
           "Every admin and scraper certificate issued, with its serial and whether it is revoked."),
     Route("DELETE", "/v1/certificates/{serial}", revoke_certificate, "admin",
           "Revoke an admin or scraper certificate at once (not the one making the request)."),
+    Route("GET", "/v1/audit", audit_log, "admin",
+          "The audit log: every admin action that changes something, who made it and its outcome (?limit=N)."),
 ]

@@ -22,14 +22,14 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import alerts, certificates, instances, logs, nodes, tasks, tokens
+from . import alerts, audit, certificates, instances, logs, nodes, tasks, tokens
 from .arguments import COMMON, Group
 from .client import Client
 from .config import load_config
 from .errors import EXIT_ERROR, EXIT_INTERRUPTED, CommandError
 from .output import PrintableStream, printable
 
-GROUPS = (tokens, nodes, tasks, instances, logs, alerts, certificates)
+GROUPS = (tokens, nodes, tasks, instances, logs, alerts, certificates, audit)
 
 
 def build_parser() -> argparse.ArgumentParser:
