@@ -142,6 +142,14 @@ class Forwarding:
     peer: str | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class Configure(Forwarding):
+    """The whole ``rsyslog.configure`` payload: the setting, and ``force`` to restart rsyslog
+    even while its forwarding action is suspended (what it holds in flight is then lost)."""
+
+    force: bool = False
+
+
 def quote(value: str | Path) -> str:
     """A RainerScript string literal."""
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
@@ -226,7 +234,8 @@ class RsyslogPlugin:
             raise TaskError(f"the rsyslog plugin does not handle {kind!r}", code="unknown-kind")
         if not self._installed():
             raise TaskError(f"rsyslog is not installed here ({self.config.rsyslogd} is missing)", code="unavailable")
-        wanted = parse_payload(Forwarding, payload)
+        asked = parse_payload(Configure, payload)
+        wanted = Forwarding(asked.target, asked.protocol, asked.tls, asked.peer)
         if wanted.target is not None:
             host, port = split_target(wanted.target)
             try:
@@ -237,7 +246,7 @@ class RsyslogPlugin:
                 raise TaskError(f"peer {wanted.peer!r} is not a certificate name", code="bad-request")
         previous, self.forwarding = self.forwarding, wanted
         try:
-            changed = await self._apply()
+            changed = await self._apply(asked.force)
         except TaskError:
             self.forwarding = previous
             raise
@@ -344,13 +353,15 @@ class RsyslogPlugin:
 
     # -- applying ---------------------------------------------------------------------------
 
-    async def _apply(self) -> bool:
+    async def _apply(self, force: bool = False) -> bool:
         """Check, install and activate the snippet; False when it was already live."""
         async with self._lock:
             text = self.render()
             live = self.config.config_dir / SNIPPET
             if await asyncio.to_thread(lambda: live.exists() and live.read_text() == text):
                 return False
+            if not force:
+                self._refuse_while_suspended()
             await asyncio.to_thread(self.config.spool_dir.mkdir, parents=True, exist_ok=True)
             if self.config.collector is not None:
                 await asyncio.to_thread(self.config.collector.directory.mkdir, parents=True, exist_ok=True)
@@ -360,6 +371,19 @@ class RsyslogPlugin:
             await self._restart()
             log.info("rsyslog: %s installed and rsyslog restarted", live)
             return True
+
+    def _refuse_while_suspended(self) -> None:
+        """A restart while the forwarding action is suspended (the collector away, messages
+        queued) is the one case that loses messages (see above): refuse it, from the latest
+        impstats (at most ``stats_interval`` old)."""
+        queue, action = self.stats.get(f"{ACTION} queue", {}), self.stats.get(ACTION, {})
+        waiting = queue.get("size", 0)
+        if waiting or action.get("suspended", 0) > action.get("resumed", 0):
+            raise TaskError(
+                f"log forwarding is suspended ({waiting} message(s) queued, the collector not taking them):"
+                " restarting rsyslog now would lose what it holds in flight, so the new setting is not applied;"
+                " set it again once the collector is back, or force it (kumoctl logging set --force)",
+                code="rsyslog-restart")
 
     async def _check(self, text: str) -> None:
         """``rsyslogd -N1`` on the main config as it would be with this snippet, live files untouched."""

@@ -254,3 +254,26 @@ async def test_kumoctl_logging_set_reaches_a_collector_node(rsyslog_bed: Rsyslog
     assert task["result"] == {"target": f"127.0.0.1:{port}", "changed": True}
     sender_daemon.send(["hello from a node"], "tour")
     assert await wait_count(rsyslog_bed, "tour", 1) == ["hello from a node"]
+
+
+async def test_rsyslog_is_not_restarted_while_forwarding_is_suspended_unless_forced(rsyslog_bed: RsyslogBed) -> None:
+    # A restart during an outage is the one case that loses messages: a new setting waits
+    # for the collector, or is forced.
+    collector, sender, plugin, port = await pair(rsyslog_bed)
+    collector.stop()
+    sent = messages("suspended", 200)
+    sender.send(sent, "suspended")
+    deadline = time.monotonic() + 15
+    while not plugin.stats.get("kumo-forward queue", {}).get("size"):
+        assert time.monotonic() < deadline, f"impstats never showed the queue: {plugin.stats}"
+        await asyncio.sleep(0.3)
+    other = {"target": f"127.0.0.1:{port}", "peer": "localhost"}  # the collector's certificate names both
+    with pytest.raises(TaskError) as err:
+        await plugin.kumo_handle_task(kind="rsyslog.configure", payload=other, task_id="t-suspended")
+    assert err.value.code == "rsyslog-restart" and "suspended" in str(err.value)
+    assert '"collector.test"' in (sender.confd / "60-kumo.conf").read_text(), "the live setting stays"
+    answer = await plugin.kumo_handle_task(kind="rsyslog.configure", payload={**other, "force": True}, task_id="t-forced")
+    assert answer["changed"] is True and '"localhost"' in (sender.confd / "60-kumo.conf").read_text()
+    collector.start()
+    got = await wait_count(rsyslog_bed, "suspended", 198)
+    assert len(set(sent) - set(got)) <= 2  # the forced restart's known loss, at most

@@ -29,8 +29,9 @@ def effective(setting: dict[str, Any], node_id: str) -> dict[str, Any] | None:
     return setting["nodes"].get(node_id, setting["fleet"])
 
 
-async def push(ctl: Any, node_ids: list[str]) -> list[dict[str, Any]]:
-    """Send each node (that runs the rsyslog plugin) its effective setting; the tasks made."""
+async def push(ctl: Any, node_ids: list[str], force: bool = False) -> list[dict[str, Any]]:
+    """Send each node (that runs the rsyslog plugin) its effective setting; the tasks made.
+    ``force`` has rsyslog restarted even where forwarding is suspended (see plugins/rsyslog.py)."""
     setting = await current(ctl)
     if setting["version"] == 0:
         return []
@@ -40,8 +41,9 @@ async def push(ctl: Any, node_ids: list[str]) -> list[dict[str, Any]]:
         if row is None or row["removed"] or "rsyslog" not in ctl.node_view(row)["plugins"]:
             continue
         target = effective(setting, node_id) or {"target": None, "protocol": "relp", "tls": True, "peer": None}
+        payload = {**target, "force": True} if force else dict(target)
         task, created = await submit(
-            ctl, new_task(node_id, "rsyslog.configure", dict(target), key=f"logging:v{setting['version']}")
+            ctl, new_task(node_id, "rsyslog.configure", payload, key=f"logging:v{setting['version']}")
         )
         if created:
             made.append(task)
@@ -84,8 +86,9 @@ async def show(request: web.Request) -> web.Response:
 async def set_logging(request: web.Request) -> web.Response:
     ctl = state(request)
     data = await json_body(request)
-    reject_unknown(data, {"target", "protocol", "tls", "peer", "node"})
+    reject_unknown(data, {"target", "protocol", "tls", "peer", "node", "force"})
     node = field(data, "node", str, required=False)
+    force = field(data, "force", bool, required=False, default=False)
     value = _parse(data)
     setting = await current(ctl)
     if node is not None:
@@ -98,7 +101,7 @@ async def set_logging(request: web.Request) -> web.Response:
     setting["version"] += 1
     await ctl.store.put_setting(KEY, setting)
     targets = [node] if node else [row["id"] for row in await ctl.store.list_nodes()]
-    tasks = await push(ctl, targets)
+    tasks = await push(ctl, targets, force)
     return reply({"setting": value, "node": node, "tasks": [shown_task(t) for t in tasks]})
 
 
@@ -119,6 +122,7 @@ ROUTES = [
     Route("PUT", "/v1/logging", set_logging, "admin",
           "Set where logs go, for the fleet or (with node) for one node; pushed to nodes at once.",
           {"target": "HOST:PORT or null (no forwarding)", "protocol": "relp (default) or tcp",
-           "tls": "boolean (default true)", "peer": "collector certificate name, optional", "node": "node id, optional"}),
+           "tls": "boolean (default true)", "peer": "collector certificate name, optional", "node": "node id, optional",
+           "force": "boolean (default false): restart rsyslog even where forwarding is suspended, losing what is in flight"}),
     Route("DELETE", "/v1/logging/nodes/{id}", clear_override, "admin", "Drop a node's override: it follows the fleet setting."),
 ]

@@ -24,6 +24,8 @@ def cmd_logging_set(client: Client, args: argparse.Namespace) -> int:
         body["peer"] = args.peer
     if args.node:
         body["node"] = args.node
+    if args.force:
+        body["force"] = True
     answer = client.call("PUT", "/v1/logging", body)
     where = f"node {args.node}" if args.node else "the fleet"
     what = f"{args.protocol}{'+tls' if args.tls else ''} to {args.target}" if args.target else "no forwarding"
@@ -66,5 +68,7 @@ def register(group: Group) -> None:
                      help="TLS with the nodes' Kumo certificates (default: on)")
     sub.add_argument("--peer", metavar="NAME", help="the collector's certificate name (default: the target host)")
     sub.add_argument("--node", help="only this node (an override of the fleet setting)")
+    sub.add_argument("--force", action="store_true",
+                     help="apply it even where forwarding is suspended (rsyslog's restart loses what it has in flight)")
     group.leaf("unset", cmd_logging_unset, "drop a node's override").add_argument("--node", required=True)
     group.leaf("show", cmd_logging_show, "show the fleet setting and each node's", [OUTPUT])
