@@ -24,7 +24,6 @@ import json
 import logging
 import socket
 import ssl
-import threading
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -63,10 +62,10 @@ class ControllerClient:
         self.connected: bool | None = None
         self._on_state_change = on_state_change
         self._executor = concurrent.futures.ThreadPoolExecutor(MAX_CONNECTIONS, thread_name_prefix="kumo-controller")
-        # Idle keep-alive connections, each with the TLS context it was made with.
+        # Idle keep-alive connections, each with the TLS context it was made with. Only the
+        # event loop touches these two; a worker thread gets one connection for one request.
         self._idle: list[tuple[ssl.SSLContext, http.client.HTTPSConnection]] = []
         self._busy: dict[http.client.HTTPSConnection, ssl.SSLContext] = {}
-        self._lock = threading.Lock()
 
     @property
     def node_path(self) -> str:
@@ -77,9 +76,8 @@ class ControllerClient:
         self._ssl = self.identity.client_tls_context()
 
     async def close(self) -> None:
-        with self._lock:
-            idle, self._idle = self._idle, []
-            busy = list(self._busy)
+        idle, self._idle = self._idle, []
+        busy = list(self._busy)
         for _, conn in idle:
             conn.close()
         for conn in busy:
@@ -154,16 +152,15 @@ class ControllerClient:
     def _checkout(self, fresh: bool = False) -> tuple[http.client.HTTPSConnection, bool]:
         """A connection for one request, and whether it was kept alive from an earlier one."""
         tls = self._ssl
-        with self._lock:
-            while self._idle and not fresh:
-                made_with, conn = self._idle.pop()
-                if made_with is tls:
-                    self._busy[conn] = tls
-                    return conn, True
-                conn.close()  # made before a renewal: the old certificate
-            conn = http.client.HTTPSConnection(self._host, self._port, context=tls)
-            self._busy[conn] = tls
-            return conn, False
+        while self._idle and not fresh:
+            made_with, conn = self._idle.pop()
+            if made_with is tls:
+                self._busy[conn] = tls
+                return conn, True
+            conn.close()  # made before a renewal: the old certificate
+        conn = http.client.HTTPSConnection(self._host, self._port, context=tls)
+        self._busy[conn] = tls
+        return conn, False
 
     async def _exchange_on(
         self, conn: http.client.HTTPSConnection, method: str, path: str, payload: bytes | None, timeout: float
@@ -181,12 +178,11 @@ class ControllerClient:
         except RuntimeError as exc:  # the executor is shut down: the agent is stopping
             raise ConnectionAbortedError(str(exc)) from None
         finally:
-            with self._lock:
-                tls = self._busy.pop(conn)
-                if kept and len(self._idle) < MAX_CONNECTIONS:
-                    self._idle.append((tls, conn))
-                else:
-                    conn.close()
+            tls = self._busy.pop(conn)
+            if kept and len(self._idle) < MAX_CONNECTIONS:
+                self._idle.append((tls, conn))
+            else:
+                conn.close()
 
 
 def _exchange(
