@@ -201,7 +201,9 @@ class KvmTestBed:
             "uri": self.uri,
             "instance_dir": str(self.root / "instances"),
             "acceleration": "auto",
-            "shutdown_timeout": 20,
+            # Time for a TCG guest to obey the ACPI power button: 20 s was once too short on a
+            # busy 2-core machine (the stop was forced). Only a guest that ignores it waits it out.
+            "shutdown_timeout": 60,
         }
         settings.update(overrides)
         return settings
