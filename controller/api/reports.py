@@ -17,6 +17,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
+from agent.sdk import INSTANCE_STATES, KIND_RE
+from agent.sdk import NAME_RE as INSTANCE_NAME_RE
 from controller.api import ApiError
 
 MAX_CPUS = 4096
@@ -30,10 +32,6 @@ MAX_ATTRIBUTES_BYTES = 16 << 10
 MAX_INSTANCES = 10_000
 MAX_DETAILS_BYTES = 4 << 10
 PLUGIN_NAME_RE = re.compile(r"[a-z0-9_-]{1,64}\Z")
-KIND_RE = re.compile(r"[a-z0-9_-]{1,32}\Z")
-# The agent's own rule for instance names (agent.sdk.NAME_RE).
-INSTANCE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
-INSTANCE_STATES = {"creating", "running", "stopped", "paused", "failed", "unknown"}
 
 
 def _integer(low: int, high: int) -> Callable[[str, Any], int]:
