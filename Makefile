@@ -18,7 +18,7 @@ deps:
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,libvirt]' ruff wheel
+	$(PY) -m pip install --quiet -e '.[test,libvirt,postgresql]' ruff wheel
 	touch $@
 
 venv: $(VENV)/.installed

@@ -8,6 +8,12 @@ handler can forget to.
 
 Heartbeats are frequent and mostly say "nothing changed": they update an in-memory table
 that is written to the store every :data:`FLUSH_INTERVAL` seconds, not once per request.
+
+Several controllers may serve one fleet on one PostgreSQL database. What a controller keeps
+in memory is a cache of the store or about its own connections (the long-polls it holds,
+the heartbeats it has not yet written); the store's events (:mod:`controller.store`) keep
+the caches current and wake this controller's long-polls and waiters, whichever
+controller made the change.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from controller.api import (
     tasks,
 )
 from controller.settings import ControllerSettings, split_address
-from controller.store import SQLiteStore, Store
+from controller.store import Event, Store, StoreUnavailable, open_store
 
 log = logging.getLogger("kumo.controller")
 
@@ -86,18 +92,80 @@ class Controller:
         self.polls: collections.Counter[str] = collections.Counter()  # long polls open, by node
         self._dirty: set[str] = set()
         self._wakeups: dict[str, set[asyncio.Event]] = {}
-        self._task_waiters: dict[str, list[asyncio.Future[dict[str, Any]]]] = {}
+        self._task_waiters: dict[str, set[asyncio.Event]] = {}
         self._peers: OrderedDict[bytes, tuple[str, str, str]] = OrderedDict()
         self._background: list[asyncio.Task[None]] = []
         self.alerts_waiting = asyncio.Event()
         self.stopping = False
+        # None once the store is open; until then why the API answers 503.
+        self.unavailable: str | None = "the controller is starting"
+        store.subscribe(self._on_event)
 
     async def start(self) -> None:
-        self.serials = await self.store.valid_serials()
+        """Open the store, retrying while the database cannot be reached (the API answers 503
+        meanwhile); a database that never will be usable (wrong password) raises StoreError."""
+        delay = 0.5
+        while True:
+            try:
+                await self.store.open()
+                break
+            except StoreUnavailable as exc:
+                self.unavailable = f"the controller cannot reach its database yet ({exc}); retry shortly"
+                log.warning("%s; retrying in %.0f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 15.0)
+        await self._reload()
         await self._register_init_admin()
-        self.revoked = await self.store.revoked_serials()
+        self.unavailable = None
         self._background.append(asyncio.create_task(self._flush_loop(), name="kumo-flush"))
-        self._background.append(asyncio.create_task(alerts.forward_loop(self), name="kumo-alert-forwarder"))
+        if self.settings.alertmanager_url:
+            self._background.append(asyncio.create_task(
+                self.store.singleton("alert forwarding", lambda: alerts.forward_loop(self)), name="kumo-alert-forwarder"))
+
+    async def _reload(self) -> None:
+        self.serials = await self.store.valid_serials()
+        self.revoked = await self.store.revoked_serials()
+
+    def _on_event(self, event: Event | None) -> None:
+        """A change any controller made (see controller.store); None: events may have been missed."""
+        if event is None:
+            self._background.append(asyncio.create_task(self._catch_up(), name="kumo-catch-up"))
+            return
+        what = event.get("event")
+        if what == "tasks":
+            self.wake(event["node"])
+        elif what == "task":
+            for waiter in self._task_waiters.get(event["id"], ()):
+                waiter.set()
+        elif what == "certificate":
+            self.serials.setdefault(event["node"], set()).add(event["serial"])
+        elif what == "removed":
+            self.forget(event["node"])
+        elif what == "revoked":
+            self.revoked.add(event["serial"])
+        elif what == "alerts":
+            self.alerts_waiting.set()
+
+    async def _catch_up(self) -> None:
+        """After missing events: reload the caches and let every waiter look at the store again."""
+        try:
+            await self._reload()
+        except StoreUnavailable as exc:
+            log.warning("could not reload certificates after reconnecting to the database: %s", exc)
+        for waiters in (*self._wakeups.values(), *self._task_waiters.values()):
+            for waiter in waiters:
+                waiter.set()
+        self.alerts_waiting.set()
+
+    async def node_may_connect(self, node_id: str, serial: str) -> bool:
+        """Whether this certificate still speaks for the node. The cache answers; a miss asks
+        the store, since another controller may have enrolled or renewed it a moment ago."""
+        if serial in self.serials.get(node_id, ()):
+            return True
+        known = (await self.store.valid_serials(node_id)).get(node_id, set())
+        if known:
+            self.serials[node_id] = known
+        return serial in known
 
     async def _register_init_admin(self) -> None:
         """List the admin certificate ``kumo-controller init`` made, so it can be revoked like
@@ -121,10 +189,11 @@ class Controller:
         await migration.shutdown(self)
         for task in self._background:
             task.cancel()
-        for task in self._background:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await self.flush()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        try:
+            await self.flush()
+        except StoreUnavailable as exc:
+            log.warning("could not save the last heartbeats: %s", exc)
         await self.store.close()
 
     # Peers.
@@ -221,26 +290,25 @@ class Controller:
 
     # Orchestrations (migration) wait for the tasks they hand out.
 
-    def task_finished(self, task: dict[str, Any]) -> None:
-        for waiter in self._task_waiters.pop(task["id"], ()):
-            if not waiter.done():
-                waiter.set_result(task)
-
     async def wait_task(self, task_id: str, timeout: float) -> dict[str, Any]:
-        """The task once it has ended; TimeoutError if it has not within ``timeout``."""
-        waiter = asyncio.get_running_loop().create_future()
-        self._task_waiters.setdefault(task_id, []).append(waiter)
+        """The task once it has ended (on whichever controller its node reported it);
+        TimeoutError if it has not within ``timeout``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        ended = asyncio.Event()
+        waiters = self._task_waiters.setdefault(task_id, set())
+        waiters.add(ended)
         try:
-            task = await self.store.get_task(task_id)
-            if task is not None and task["state"] in ("succeeded", "failed"):
-                return task
-            return await asyncio.wait_for(waiter, timeout)
+            while True:
+                ended.clear()  # before looking: an event arriving while the store answers is kept
+                task = await self.store.get_task(task_id)
+                if task is not None and task["state"] in ("succeeded", "failed"):
+                    return task
+                await asyncio.wait_for(ended.wait(), max(0.0, deadline - loop.time()))
         finally:
-            waiters = self._task_waiters.get(task_id, [])
-            if waiter in waiters:
-                waiters.remove(waiter)
-                if not waiters:
-                    del self._task_waiters[task_id]
+            waiters.discard(ended)
+            if not waiters:
+                self._task_waiters.pop(task_id, None)
 
 
 def guard(route: Route, handler: Any) -> Any:
@@ -249,13 +317,15 @@ def guard(route: Route, handler: Any) -> Any:
     @functools.wraps(handler)
     async def checked(request: web.Request) -> web.StreamResponse:
         ctl: Controller = request.app["kumo"]
+        if ctl.unavailable:
+            raise ApiError(503, ctl.unavailable)
         if route.role != "enroll":
             role, name, serial = ctl.peer(request)
             if route.role == "node":
                 node_id = request.match_info["id"]
                 if role != "node" or name != node_id:
                     raise ApiError(403, f"this certificate ({role or 'no role'} {name!r}) cannot act as node {node_id}")
-                if serial not in ctl.serials.get(node_id, ()):
+                if not await ctl.node_may_connect(node_id, serial):
                     raise ApiError(
                         403,
                         f"node {node_id} is removed or this certificate was revoked; re-join it with a new token "
@@ -306,6 +376,8 @@ async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
         response = await handler(request)
     except ApiError as exc:
         response = reply({"error": exc.message, **exc.extra}, exc.status)
+    except StoreUnavailable as exc:
+        response = reply({"error": f"{exc}; the request is safe to retry"}, 503)
     except web.HTTPRequestEntityTooLarge:
         limit = ctl.settings.max_body_bytes
         response = reply({"error": f"request body is larger than the {limit}-byte limit; send less"}, 413)
@@ -353,9 +425,7 @@ def tls_context(settings: ControllerSettings, require_client: bool) -> ssl.SSLCo
 async def serve(settings: ControllerSettings, stop: asyncio.Event) -> None:
     """Run the controller until ``stop`` is set."""
     ca = pki.CertificateAuthority.load(settings.pki_dir / "ca.crt", settings.pki_dir / "ca.key")
-    store = await SQLiteStore(settings.database).open()
-    ctl = Controller(settings, store, ca)
-    await ctl.start()
+    ctl = Controller(settings, open_store(settings.database), ca)
     runners: list[web.AppRunner] = []
     try:
         for enrollment, listen in ((False, settings.listen), (True, settings.enroll_listen)):
@@ -368,6 +438,13 @@ async def serve(settings: ControllerSettings, stop: asyncio.Event) -> None:
             except OSError as exc:
                 raise OSError(f"cannot listen on {listen}: {exc.strerror}") from None
             log.info("%s listening on https://%s", "enrollment" if enrollment else "API", listen)
+        # Listening first: while the database is out of reach, requests get a 503 saying so.
+        starting = asyncio.ensure_future(ctl.start())
+        await asyncio.wait({starting, asyncio.ensure_future(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+            return
+        starting.result()
         await stop.wait()
     finally:
         ctl.release_waiters()

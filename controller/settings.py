@@ -5,14 +5,16 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from agent.sdk import ConfigError, load_yaml_file, parse_section
+from controller.store import is_database_url
 
 
 @dataclasses.dataclass
 class ControllerSettings:
     pki_dir: Path
-    database: Path
+    database: str  # a SQLite file (one controller), or postgresql://USER@HOST/DB (any number of them)
     listen: str = "0.0.0.0:8443"  # the mTLS API
     enroll_listen: str = "0.0.0.0:8444"  # enrollment only: no client certificate yet
     heartbeat_interval: float = 10.0
@@ -30,6 +32,14 @@ def split_address(value: str, key: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def _check_database_url(url: str, where: str) -> None:
+    parts = urlsplit(url)
+    if not parts.hostname and "host=" not in parts.query:
+        raise ConfigError(f"{where}: expected postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE, got no host")
+    if not parts.path.strip("/"):
+        raise ConfigError(f"{where}: name the database at the end of the URL (postgresql://USER@HOST/DATABASE)")
+
+
 def load_settings(path: Path) -> ControllerSettings:
     settings = parse_section(ControllerSettings, load_yaml_file(path), str(path))
     for key in ("listen", "enroll_listen"):
@@ -39,5 +49,8 @@ def load_settings(path: Path) -> ControllerSettings:
             raise ConfigError(f"{path}: {key}: expected a positive number of seconds")
     # Relative paths are relative to the config file, so a controller directory can move.
     settings.pki_dir = path.parent / settings.pki_dir
-    settings.database = path.parent / settings.database
+    if is_database_url(settings.database):
+        _check_database_url(settings.database, f"{path}: database")
+    else:
+        settings.database = str(path.parent / settings.database)
     return settings

@@ -137,23 +137,6 @@ def test_prometheus_scrapes_a_node_where_the_controller_sees_it_not_where_it_say
     assert "future_fact" not in node["facts"]  # a newer agent's fact is dropped, not refused
 
 
-async def test_a_renewal_racing_a_removal_cannot_readmit_the_node(tmp_path) -> None:
-    # The API's guard let the renewal in just before `nodes remove` committed: the store,
-    # not the guard's earlier look, decides whether the new certificate counts.
-    from controller.store import SQLiteStore
-
-    store = await SQLiteStore(tmp_path / "kumo.db").open()
-    try:
-        await store.add_token("h", 2e9, 1)
-        assert await store.enroll("h", "n-1", "h1", "serial-1", 2e9) == "ok"
-        assert await store.add_certificate("n-1", "serial-2", 2e9)
-        await store.remove_node("n-1")
-        assert not await store.add_certificate("n-1", "serial-3", 2e9)
-        assert await store.valid_serials() == {}
-    finally:
-        await store.close()
-
-
 @pytest.mark.integration
 def test_a_result_too_large_for_the_controller_fails_the_task_instead_of_hanging(controller_factory, kumo_agent):
     # The agent used to drop a result the controller refused with 413: the task stayed

@@ -55,8 +55,6 @@ async def report(request: web.Request) -> web.Response:
     reject_unknown(data, {"alerts"})
     alerts = [_alert(item) for item in field(data, "alerts", list)]
     added = await ctl.store.add_alerts(request.match_info["id"], alerts)
-    if added:
-        ctl.alerts_waiting.set()
     return reply({"ok": True, "accepted": added})
 
 
@@ -101,15 +99,13 @@ def alertmanager_body(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 async def forward_loop(ctl: Any) -> None:
     """Deliver stored transitions to the webhook in order, retrying with backoff until it takes them."""
     url = ctl.settings.alertmanager_url
-    if not url:
-        return
     endpoint = url.rstrip("/") + "/api/v2/alerts"
     backoff = Backoff(RETRY_FIRST, RETRY_MAX)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as session:
         while True:
+            ctl.alerts_waiting.clear()  # before looking: an alert stored while the store answers wakes the next wait
             rows = await ctl.store.unforwarded_alerts(FORWARD_BATCH)
             if not rows:
-                ctl.alerts_waiting.clear()
                 await ctl.alerts_waiting.wait()
                 continue
             try:

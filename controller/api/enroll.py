@@ -72,7 +72,6 @@ async def enroll_node(request: web.Request) -> web.Response:
     _refuse_unless_ok(ctl, await ctl.store.enroll(token_hash(token), node_id, hostname, serial,
                                                    time.time() + ctl.settings.node_cert_ttl))
     ctl.metrics.enrollments.labels("ok").inc()
-    ctl.serials[node_id] = {serial}
     return reply(
         {
             "node_id": node_id,

@@ -111,7 +111,6 @@ async def create(request: web.Request) -> web.Response:
         )
     except StoreError as exc:
         raise ApiError(409, f"{exc}; choose another name or delete it first") from None
-    ctl.wake(chosen)
     return reply({"instance": await shown(ctl, await _instance(ctl, name)), "task": shown_task(stored)}, 201)
 
 

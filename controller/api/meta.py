@@ -132,7 +132,6 @@ async def revoke_certificate(request: web.Request) -> web.Response:
     if not await ctl.store.revoke_client_certificate(serial):
         raise ApiError(404, f"no admin or scraper certificate with serial {serial} was issued here "
                             "(see kumoctl certificate list; a node's certificates go with kumoctl nodes remove)")
-    ctl.revoked.add(serial)
     return reply({"serial": serial, "revoked": True})
 
 

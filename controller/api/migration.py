@@ -476,8 +476,8 @@ async def _transfer(ctl: Any, doc: dict[str, Any], base: dict[str, Any], image: 
                 # One end gave up: the other must not wait out the stall timeout.
                 relay.abort(f"node {task['node']} failed: {ended[task['id']].get('error')}")
                 for other in pending:
-                    if await ctl.store.cancel_task(waits[other]["id"], "the migration's transfer was aborted"):
-                        ctl.task_finished(await ctl.store.get_task(waits[other]["id"]))
+                    # Withdrawn if not yet taken; the store's event then ends its wait at once.
+                    await ctl.store.cancel_task(waits[other]["id"], "the migration's transfer was aborted")
     sent, got = ended[send["id"]], ended[recv["id"]]
     for task, where in ((got, destination), (sent, source)):
         if task["state"] != "succeeded":

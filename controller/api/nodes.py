@@ -27,6 +27,7 @@ from controller.api import (
     reports,
     state,
 )
+from controller.api.tasks import leaves_no_instance
 
 MAX_POLL_WAIT = 60.0
 MAX_POLLS_PER_NODE = 4
@@ -50,9 +51,9 @@ async def register(request: web.Request) -> web.Response:
     await ctl.store.register_node(node_id, fields)
     ctl.live.pop(node_id, None)
     ctl.touch(node_id, fields["instances"], fields["plugins"])
-    # A fresh agent process has no memory of tasks delivered to the one before it.
-    if await ctl.store.requeue_delivered(node_id):
-        ctl.wake(node_id)
+    # A fresh agent process has no memory of tasks delivered to the one before it (its
+    # poll, which comes after this, finds them pending again).
+    await ctl.store.requeue_delivered(node_id)
     await logging_settings.push(ctl, [node_id])
     return reply({"heartbeat_interval": ctl.settings.heartbeat_interval, "poll_timeout": ctl.settings.poll_timeout})
 
@@ -123,10 +124,8 @@ async def task_result(request: web.Request) -> web.Response:
     }
     if outcome["state"] not in ("succeeded", "failed"):
         raise ApiError(400, f"state must be succeeded or failed, got {outcome['state']!r}")
-    task = await ctl.store.finish_task(task_id, node_id, outcome)
-    if task is None:
+    if await ctl.store.finish_task(task_id, node_id, outcome, leaves_no_instance) is None:
         raise ApiError(404, f"task {task_id} is not a task of node {node_id}")
-    ctl.task_finished(task)
     return reply({"ok": True})
 
 
@@ -145,7 +144,6 @@ async def renew(request: web.Request) -> web.Response:
     # The store decides, not ctl.serials: a removal may have committed since the guard looked.
     if not await ctl.store.add_certificate(node_id, serial, time.time() + ctl.settings.node_cert_ttl):
         raise ApiError(403, f"node {node_id} was removed; join it again with a new token")
-    ctl.serials.setdefault(node_id, set()).add(serial)
     return reply({"certificate": pki.pem(cert)})
 
 
@@ -202,8 +200,7 @@ async def remove(request: web.Request) -> web.Response:
     ctl = state(request)
     node_id = request.match_info["id"]
     await _node_row(ctl, node_id)
-    await ctl.store.remove_node(node_id)
-    ctl.forget(node_id)
+    await ctl.store.remove_node(node_id, "the node was removed", "node-removed")
     return reply({"ok": True, "id": node_id})
 
 

@@ -36,11 +36,15 @@ def new_task(node: str, kind: str, payload: dict[str, Any], key: str | None = No
 
 
 async def submit(ctl: Any, task: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-    """Store ``task`` and wake its node's long-poll. (task, created)."""
-    stored, created = await ctl.store.add_task(task)
-    if created:
-        ctl.wake(task["node"])
-    return stored, created
+    """Store ``task`` (the store's event wakes its node's long-poll, on any controller). (task, created)."""
+    return await ctl.store.add_task(task)
+
+
+def leaves_no_instance(task: dict[str, Any]) -> bool:
+    """Whether an ended task takes its instance's record with it: a deleted instance, or one
+    whose create failed, leaves nothing behind in the controller either."""
+    operation = task["kind"].rpartition(".")[2]
+    return (operation == "delete" and task["state"] == "succeeded") or (operation == "create" and task["state"] == "failed")
 
 
 async def create_task(request: web.Request) -> web.Response:

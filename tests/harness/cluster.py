@@ -105,10 +105,11 @@ class ControllerProcess:
             if self.proc.poll() is not None:
                 raise AssertionError(f"kumo-controller exited {self.proc.returncode}:\n{self.log_tail()}")
             try:
-                self.call("GET", "/v1/openapi.json", cert=self.admin_cert)
-                return
+                if self.call("GET", "/v1/openapi.json", cert=self.admin_cert)[0] != 503:  # 503: store not open yet
+                    return
             except (OSError, ssl.SSLError):
-                time.sleep(0.1)
+                pass
+            time.sleep(0.1)
         raise AssertionError(f"kumo-controller did not answer within {START_TIMEOUT:.0f} s:\n{self.log_tail()}")
 
     def stop(self) -> int | None:

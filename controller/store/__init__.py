@@ -1,0 +1,532 @@
+"""The controller's state: nodes, certificates, join tokens, tasks, instances, alerts.
+
+:class:`Store` holds every query, written once in the SQL that both databases speak; a
+:class:`Database` runs them: :mod:`controller.store.sqlite` (embedded, the default, one
+controller process) or :mod:`controller.store.postgres` (any number of controller
+processes on one database). :func:`open_store` picks one from the ``database`` setting.
+
+Rows are plain dicts, times epoch seconds, JSON columns decoded. The store records; the
+rules (what a finished task does to its instance, what removing a node does to its tasks)
+are decided by the controller's services and handed to it as arguments.
+
+Several controllers learn of each other's changes through **events**: a method that
+changes something another controller must react to at once (a task queued for a node it
+long-polls, a task ended, a certificate added or revoked, an alert arrived) sends an event
+with its transaction, delivered when it commits, to every controller including its own.
+A subscriber that is told ``None`` may have missed events and must reload what it caches.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from controller.store.schema import SCHEMA_VERSION, statements
+
+TokenCheck = Literal["ok", "unknown", "expired", "used"]
+Event = dict[str, Any]
+JSON_COLUMNS = ("facts", "plugins", "instances", "payload", "result", "spec", "reasons", "labels", "annotations", "doc")
+
+
+class StoreError(Exception):
+    """The store cannot do what was asked (a conflict, a missing row, a database it must not use)."""
+
+
+class StoreUnavailable(Exception):
+    """The database cannot be reached now; the same request may succeed when it is back."""
+
+
+class Tx(Protocol):
+    """One transaction. SQL uses ``?`` placeholders; rows come back as dicts."""
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        """Run one statement; the number of rows it changed."""
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None: ...
+    async def one(self, sql: str, *args: Any) -> dict[str, Any] | None: ...
+    async def all(self, sql: str, *args: Any) -> list[dict[str, Any]]: ...
+
+    def notify(self, event: Event) -> None:
+        """Send ``event`` to every controller's subscriber when (and only if) this commits."""
+
+
+class Database(Protocol):
+    """What :class:`Store` needs from a database."""
+
+    dialect: str  # a key of controller.store.schema.DIALECT
+
+    async def connect(self) -> None:
+        """Connect; :class:`StoreUnavailable` when the database cannot be reached (worth retrying),
+        :class:`StoreError` when it never will be (wrong password, no such database)."""
+
+    def transaction(self, *, schema_lock: bool = False) -> AbstractAsyncContextManager[Tx]:
+        """A transaction; ``schema_lock`` also excludes every other controller's schema upgrade."""
+
+    def subscribe(self, callback: Callable[[Event | None], None]) -> None:
+        """Call ``callback`` with every event any controller sends, from now on."""
+
+    async def singleton(self, name: str, work: Callable[[], Awaitable[None]]) -> None:
+        """Run ``work`` only while this process is the one controller that holds ``name``;
+        wait for it to be free otherwise, and take it over when its holder dies. Never returns."""
+
+    async def close(self) -> None: ...
+
+
+def is_database_url(database: str) -> bool:
+    """Whether the ``database`` setting names a PostgreSQL server rather than a SQLite file."""
+    return database.startswith(("postgresql://", "postgres://"))
+
+
+def open_store(database: str) -> Store:
+    """The store for ``database`` (a ``postgresql://`` URL, or a SQLite file path), not yet open."""
+    if is_database_url(database):
+        # Imported here: only controllers on PostgreSQL need asyncpg installed.
+        from controller.store.postgres import PostgresDatabase
+
+        return Store(PostgresDatabase(database))
+    from controller.store.sqlite import SQLiteDatabase
+
+    return Store(SQLiteDatabase(Path(database)))
+
+
+class Store:
+    """Every query the controller makes. Each method is one transaction."""
+
+    def __init__(self, db: Database):
+        self.db = db
+
+    async def open(self) -> Store:
+        """Connect and bring the schema up to date (see :mod:`controller.store.schema`)."""
+        await self.db.connect()
+        async with self.db.transaction(schema_lock=True) as tx:
+            await tx.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            row = await tx.one("SELECT value FROM meta WHERE key='schema_version'")
+            version = int(row["value"]) if row else 0
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"the database's schema is version {version}, newer than this controller's ({SCHEMA_VERSION}): "
+                    "another controller was upgraded; upgrade this one to the same release"
+                )
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                for sql in statements(self.db.dialect, step):
+                    await tx.execute(sql)
+            if version < SCHEMA_VERSION:
+                await tx.execute(
+                    "INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT (key) DO UPDATE SET value=excluded.value",
+                    str(SCHEMA_VERSION),
+                )
+        return self
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    def subscribe(self, callback: Callable[[Event | None], None]) -> None:
+        self.db.subscribe(callback)
+
+    async def singleton(self, name: str, work: Callable[[], Awaitable[None]]) -> None:
+        await self.db.singleton(name, work)
+
+    def _tx(self) -> AbstractAsyncContextManager[Tx]:
+        return self.db.transaction()
+
+    # Controllers.
+
+    async def controller_seen(self, controller_id: str, url: str, started_at: float) -> None:
+        async with self._tx() as tx:
+            await tx.execute(
+                "INSERT INTO controllers VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET url=excluded.url, last_seen=excluded.last_seen",
+                controller_id, url, started_at, time.time(),
+            )
+
+    async def list_controllers(self, seen_since: float) -> list[dict[str, Any]]:
+        async with self._tx() as tx:
+            return await tx.all("SELECT * FROM controllers WHERE last_seen >= ? ORDER BY started_at, id", seen_since)
+
+    async def controller_gone(self, controller_id: str) -> None:
+        async with self._tx() as tx:
+            await tx.execute("DELETE FROM controllers WHERE id=?", controller_id)
+
+    # Tokens and enrollment.
+
+    async def add_token(self, token_hash: str, expires_at: float, uses: int) -> None:
+        async with self._tx() as tx:
+            await tx.execute("INSERT INTO tokens VALUES (?, ?, ?, ?)", token_hash, expires_at, uses, time.time())
+
+    async def token_status(self, token_hash: str) -> TokenCheck:
+        """Whether the token could enroll a node now, without spending it."""
+        async with self._tx() as tx:
+            return await _token_status(tx, token_hash)
+
+    async def enroll(
+        self, token_hash: str, node_id: str, hostname: str, serial: str, expires_at: float
+    ) -> TokenCheck:
+        """Spend one use of the token and create the node, in one transaction."""
+        async with self._tx() as tx:
+            # Spending first: with two controllers, the row lock makes the second wait and
+            # then see the use gone.
+            spent = await tx.execute(
+                "UPDATE tokens SET uses_left = uses_left - 1 WHERE hash=? AND uses_left > 0 AND expires_at > ?",
+                token_hash, time.time(),
+            )
+            if not spent:
+                return await _token_status(tx, token_hash)
+            await tx.execute("INSERT INTO nodes (id, hostname, created_at) VALUES (?, ?, ?)", node_id, hostname, time.time())
+            await tx.execute("INSERT INTO certificates VALUES (?, ?, ?)", serial, node_id, expires_at)
+            tx.notify({"event": "certificate", "node": node_id, "serial": serial})
+            return "ok"
+
+    async def add_certificate(self, node_id: str, serial: str, expires_at: float) -> bool:
+        """Record a renewed certificate; False (nothing recorded) when the node was removed,
+        even by a removal that committed a moment ago: removal is final."""
+        async with self._tx() as tx:
+            added = await tx.execute(
+                "INSERT INTO certificates SELECT CAST(? AS TEXT), id, CAST(? AS DOUBLE PRECISION) FROM nodes "
+                "WHERE id=? AND removed=0",
+                serial, expires_at, node_id,
+            )
+            # Keep only certificates still valid: renewals would otherwise pile up forever.
+            await tx.execute("DELETE FROM certificates WHERE node_id=? AND expires_at < ?", node_id, time.time())
+            if added:
+                tx.notify({"event": "certificate", "node": node_id, "serial": serial})
+            return added == 1
+
+    async def valid_serials(self, node_id: str | None = None) -> dict[str, set[str]]:
+        """Serials of the certificates each node (or just ``node_id``) may still use."""
+        sql = "SELECT c.node_id, c.serial FROM certificates c JOIN nodes n ON n.id = c.node_id WHERE n.removed = 0"
+        async with self._tx() as tx:
+            rows = await (tx.all(sql + " AND n.id = ?", node_id) if node_id else tx.all(sql))
+        out: dict[str, set[str]] = {}
+        for row in rows:
+            out.setdefault(row["node_id"], set()).add(row["serial"])
+        return out
+
+    # Nodes.
+
+    async def register_node(self, node_id: str, fields: dict[str, Any]) -> None:
+        async with self._tx() as tx:
+            await tx.execute(
+                "UPDATE nodes SET hostname=?, agent_version=?, metrics_url=?, facts=?, plugins=?, instances=?, "
+                "last_seen=? WHERE id=?",
+                fields["hostname"], fields["agent_version"], fields["metrics_url"], json.dumps(fields["facts"]),
+                json.dumps(fields["plugins"]), json.dumps(fields["instances"]), fields["last_seen"], node_id,
+            )
+
+    async def save_live(self, rows: dict[str, dict[str, Any]]) -> None:
+        """Persist heartbeat state (last_seen, instances, plugins) for many nodes at once."""
+        async with self._tx() as tx:
+            await tx.executemany(
+                "UPDATE nodes SET last_seen=?, instances=?, plugins=COALESCE(?, plugins) WHERE id=?",
+                [
+                    (
+                        live["last_seen"], json.dumps(live["instances"]),
+                        json.dumps(live["plugins"]) if live.get("plugins") is not None else None, node_id,
+                    )
+                    for node_id, live in rows.items()
+                ],
+            )
+
+    async def get_node(self, node_id: str) -> dict[str, Any] | None:
+        async with self._tx() as tx:
+            return _decoded(await tx.one("SELECT * FROM nodes WHERE id=?", node_id))
+
+    async def list_nodes(self, include_removed: bool = False) -> list[dict[str, Any]]:
+        where = "" if include_removed else " WHERE removed = 0"
+        async with self._tx() as tx:
+            return _all_decoded(await tx.all(f"SELECT * FROM nodes{where} ORDER BY id"))  # noqa: S608 - fixed text
+
+    async def set_drained(self, node_id: str, drained: bool) -> None:
+        async with self._tx() as tx:
+            await tx.execute("UPDATE nodes SET drained=? WHERE id=?", int(drained), node_id)
+
+    async def remove_node(self, node_id: str, task_error: str, task_code: str) -> None:
+        """Remove the node and revoke its certificates at once; its tasks not yet ended fail
+        with ``task_error`` and ``task_code``."""
+        async with self._tx() as tx:
+            await tx.execute("UPDATE nodes SET removed=1 WHERE id=?", node_id)
+            await tx.execute("DELETE FROM certificates WHERE node_id=?", node_id)
+            ended = await tx.all(
+                "UPDATE tasks SET state='failed', error=?, code=?, updated_at=? "
+                "WHERE node=? AND state IN ('pending', 'delivered') RETURNING id",
+                task_error, task_code, time.time(), node_id,
+            )
+            tx.notify({"event": "removed", "node": node_id})
+            for row in ended:
+                tx.notify({"event": "task", "id": row["id"]})
+
+    # Tasks.
+
+    async def add_task(self, task: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """Insert ``task``; with an idempotency key already used on that node, return that task."""
+        async with self._tx() as tx:
+            created = await _insert_task(tx, task)
+            row = await tx.one(
+                "SELECT * FROM tasks WHERE node=? AND idempotency_key=?", task["node"], task["idempotency_key"]
+            )
+            return _decoded(row), created  # type: ignore[return-value]
+
+    async def claim_tasks(self, node_id: str, limit: int) -> list[dict[str, Any]]:
+        """Mark up to ``limit`` of the node's pending tasks delivered and return them, oldest
+        first; a task is claimed once even when two controllers claim at the same moment."""
+        # PostgreSQL: rows another controller is claiming are skipped, not waited for (and
+        # then found taken). SQLite: transactions take turns anyway.
+        skip_locked = " FOR UPDATE SKIP LOCKED" if self.db.dialect == "postgresql" else ""
+        async with self._tx() as tx:
+            # MATERIALIZED: picked once; a LIMIT inside IN (...) may be evaluated again per row.
+            rows = await tx.all(
+                "WITH picked AS MATERIALIZED (SELECT id FROM tasks WHERE node=? AND state='pending' "
+                f"ORDER BY created_at LIMIT ?{skip_locked}) "
+                "UPDATE tasks SET state='delivered', updated_at=? WHERE state='pending' AND id IN (SELECT id FROM picked) "
+                "RETURNING *",
+                node_id, limit, time.time(),
+            )
+        return sorted(_all_decoded(rows), key=lambda t: t["created_at"])
+
+    async def requeue_delivered(self, node_id: str) -> int:
+        async with self._tx() as tx:
+            return await tx.execute(
+                "UPDATE tasks SET state='pending', updated_at=? WHERE node=? AND state='delivered'", time.time(), node_id
+            )
+
+    async def finish_task(
+        self, task_id: str, node_id: str, outcome: dict[str, Any], forget_instance: Callable[[dict[str, Any]], bool]
+    ) -> dict[str, Any] | None:
+        """Record a task's end; None if it is not this node's. When ``forget_instance(task)``
+        says so, the task's instance record is deleted with it."""
+        async with self._tx() as tx:
+            task = _decoded(await tx.one("SELECT * FROM tasks WHERE id=? AND node=?", task_id, node_id))
+            if task is None:
+                return None
+            if task["state"] in ("succeeded", "failed"):
+                return task  # a repeated report (the agent retried after a lost answer)
+            await tx.execute(
+                "UPDATE tasks SET state=?, result=?, error=?, code=?, updated_at=? WHERE id=?",
+                outcome["state"], json.dumps(outcome.get("result") or {}), outcome.get("error"),
+                outcome.get("code"), time.time(), task_id,
+            )
+            task = _decoded(await tx.one("SELECT * FROM tasks WHERE id=?", task_id))
+            assert task is not None
+            if task["instance"] and forget_instance(task):
+                await tx.execute("DELETE FROM instances WHERE name=? AND node=?", task["instance"], node_id)
+            tx.notify({"event": "task", "id": task_id})
+            return task
+
+    async def get_task(self, task_id: str) -> dict[str, Any] | None:
+        async with self._tx() as tx:
+            return _decoded(await tx.one("SELECT * FROM tasks WHERE id=?", task_id))
+
+    async def list_tasks(self, node: str | None, state: str | None, limit: int) -> list[dict[str, Any]]:
+        clauses, args = [], []
+        if node:
+            clauses.append("node=?")
+            args.append(node)
+        if state:
+            clauses.append("state=?")
+            args.append(state)
+        where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
+        sql = f"SELECT * FROM tasks{where} ORDER BY created_at DESC LIMIT ?"  # noqa: S608 - fixed clauses
+        async with self._tx() as tx:
+            return _all_decoded(await tx.all(sql, *args, limit))
+
+    async def counts(self) -> dict[str, dict[str, int]]:
+        async with self._tx() as tx:
+            rows = await tx.all("SELECT state, COUNT(*) AS n FROM tasks GROUP BY state")
+        return {"tasks": {row["state"]: int(row["n"]) for row in rows}}
+
+    async def cancel_task(self, task_id: str, error: str) -> bool:
+        """Fail ``task_id`` if no node has taken it yet; True when it was withdrawn."""
+        async with self._tx() as tx:
+            cancelled = await tx.execute(
+                "UPDATE tasks SET state='failed', error=?, code='cancelled', updated_at=? WHERE id=? AND state='pending'",
+                error, time.time(), task_id,
+            )
+            if cancelled:
+                tx.notify({"event": "task", "id": task_id})
+            return cancelled == 1
+
+    # Instances.
+
+    async def add_instance(self, instance: dict[str, Any], task: dict[str, Any]) -> dict[str, Any]:
+        """Store the instance and its create task together; StoreError if the name is taken."""
+        async with self._tx() as tx:
+            added = await tx.execute(
+                "INSERT INTO instances VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING",
+                instance["name"], instance["kind"], instance["node"], json.dumps(instance["spec"]),
+                json.dumps(instance["reasons"]), time.time(),
+            )
+            if not added:
+                raise StoreError(f"an instance named {instance['name']!r} already exists")
+            await _insert_task(tx, task)
+            return _decoded(await tx.one("SELECT * FROM tasks WHERE id=?", task["id"]))  # type: ignore[return-value]
+
+    async def get_instance(self, name: str) -> dict[str, Any] | None:
+        async with self._tx() as tx:
+            return _decoded(await tx.one("SELECT * FROM instances WHERE name=?", name))
+
+    async def latest_instance_task(self, name: str) -> dict[str, Any] | None:
+        async with self._tx() as tx:
+            return _decoded(await tx.one("SELECT * FROM tasks WHERE instance=? ORDER BY created_at DESC LIMIT 1", name))
+
+    async def list_instances(self) -> list[dict[str, Any]]:
+        async with self._tx() as tx:
+            return _all_decoded(await tx.all("SELECT * FROM instances ORDER BY name"))
+
+    async def delete_instance(self, name: str) -> None:
+        async with self._tx() as tx:
+            await tx.execute("DELETE FROM instances WHERE name=?", name)
+
+    async def move_instance(self, name: str, source: str, destination: str) -> bool:
+        """Move the instance's record, only from the node the caller believes it is on."""
+        async with self._tx() as tx:
+            return await tx.execute("UPDATE instances SET node=? WHERE name=? AND node=?", destination, name, source) == 1
+
+    # Migrations: one JSON document each.
+
+    async def put_migration(self, migration: dict[str, Any]) -> None:
+        """Insert or replace one migration's record (a JSON document with ``id`` and ``instance``)."""
+        now = time.time()
+        async with self._tx() as tx:
+            await tx.execute(
+                "INSERT INTO migrations VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET doc=excluded.doc, updated_at=excluded.updated_at",
+                migration["id"], migration["instance"], json.dumps(migration), now, now,
+            )
+
+    async def get_migration(self, migration_id: str) -> dict[str, Any] | None:
+        async with self._tx() as tx:
+            row = _decoded(await tx.one("SELECT doc FROM migrations WHERE id=?", migration_id))
+        return row["doc"] if row is not None else None
+
+    # The audit log.
+
+    async def add_audit(self, entry: dict[str, Any]) -> None:
+        async with self._tx() as tx:
+            await tx.execute(
+                "INSERT INTO audit (at, role, name, serial, method, path, status, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                entry["at"], entry["role"], entry["name"], entry["serial"], entry["method"], entry["path"],
+                entry["status"], entry["error"],
+            )
+
+    async def list_audit(self, limit: int) -> list[dict[str, Any]]:
+        """The newest ``limit`` entries, newest first."""
+        async with self._tx() as tx:
+            return await tx.all("SELECT * FROM audit ORDER BY id DESC LIMIT ?", limit)
+
+    # Admin and scraper certificates.
+
+    async def add_client_certificate(self, serial: str, role: str, name: str, expires_at: float) -> None:
+        async with self._tx() as tx:
+            await tx.execute(
+                "INSERT INTO client_certificates VALUES (?, ?, ?, ?, ?, NULL) ON CONFLICT (serial) DO NOTHING",
+                serial, role, name, expires_at, time.time(),
+            )
+
+    async def list_client_certificates(self) -> list[dict[str, Any]]:
+        async with self._tx() as tx:
+            return await tx.all("SELECT * FROM client_certificates ORDER BY created_at")
+
+    async def revoke_client_certificate(self, serial: str) -> bool:
+        """Revoke an admin or scraper certificate; False when no such certificate was issued."""
+        async with self._tx() as tx:
+            found = await tx.execute(
+                "UPDATE client_certificates SET revoked_at = COALESCE(revoked_at, ?) WHERE serial=?", time.time(), serial
+            )
+            if found:
+                tx.notify({"event": "revoked", "serial": serial})
+            return found == 1
+
+    async def revoked_serials(self) -> set[str]:
+        async with self._tx() as tx:
+            rows = await tx.all("SELECT serial FROM client_certificates WHERE revoked_at IS NOT NULL")
+        return {row["serial"] for row in rows}
+
+    # Fleet settings (log forwarding...): one JSON document per key.
+
+    async def get_setting(self, key: str) -> Any:
+        async with self._tx() as tx:
+            row = await tx.one("SELECT value FROM settings WHERE key=?", key)
+        return json.loads(row["value"]) if row is not None else None
+
+    async def put_setting(self, key: str, value: Any) -> None:
+        async with self._tx() as tx:
+            await tx.execute(
+                "INSERT INTO settings VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value=excluded.value",
+                key, json.dumps(value),
+            )
+
+    # Alerts: every transition a node reported, once each (the node may send one twice).
+
+    async def add_alerts(self, node_id: str, alerts: list[dict[str, Any]]) -> int:
+        now, added = time.time(), 0
+        async with self._tx() as tx:
+            for a in alerts:
+                added += await tx.execute(
+                    "INSERT INTO alerts (node, id, rule, state, severity, labels, annotations, value, "
+                    "starts_at, ends_at, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (node, id) DO NOTHING",
+                    node_id, a["id"], a["rule"], a["state"], a["severity"], json.dumps(a["labels"]),
+                    json.dumps(a["annotations"]), a["value"], a["starts_at"], a["ends_at"], now,
+                )
+            if added:
+                tx.notify({"event": "alerts"})
+        return added
+
+    async def list_alerts(self) -> list[dict[str, Any]]:
+        async with self._tx() as tx:
+            return _all_decoded(await tx.all("SELECT * FROM alerts ORDER BY received_at, node, id"))
+
+    async def unforwarded_alerts(self, limit: int) -> list[dict[str, Any]]:
+        async with self._tx() as tx:
+            return _all_decoded(
+                await tx.all("SELECT * FROM alerts WHERE forwarded=0 ORDER BY received_at, node, id LIMIT ?", limit)
+            )
+
+    async def mark_forwarded(self, keys: list[tuple[str, str]]) -> None:
+        async with self._tx() as tx:
+            await tx.executemany("UPDATE alerts SET forwarded=1 WHERE node=? AND id=?", keys)
+
+
+async def _token_status(tx: Tx, token_hash: str) -> TokenCheck:
+    row = await tx.one("SELECT expires_at, uses_left FROM tokens WHERE hash=?", token_hash)
+    if row is None:
+        return "unknown"
+    if row["expires_at"] <= time.time():
+        return "expired"
+    if row["uses_left"] <= 0:
+        return "used"
+    return "ok"
+
+
+async def _insert_task(tx: Tx, task: dict[str, Any]) -> bool:
+    """Insert a pending task; False when its node already has one with that idempotency key."""
+    now = time.time()
+    created = await tx.execute(
+        "INSERT INTO tasks (id, node, kind, payload, idempotency_key, state, instance, created_at, updated_at) "
+        "VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?) ON CONFLICT (node, idempotency_key) DO NOTHING",
+        task["id"], task["node"], task["kind"], json.dumps(task["payload"]), task["idempotency_key"],
+        task.get("instance"), now, now,
+    )
+    if created:
+        tx.notify({"event": "tasks", "node": task["node"]})
+    return created == 1
+
+
+def _decoded(row: dict[str, Any] | None) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    for column in JSON_COLUMNS:
+        if isinstance(row.get(column), str):
+            row[column] = json.loads(row[column])
+    return row
+
+
+def _all_decoded(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [_decoded(row) for row in rows]  # type: ignore[misc]
+
+
+__all__ = ["Database", "Event", "Store", "StoreError", "StoreUnavailable", "TokenCheck", "Tx", "is_database_url",
+           "open_store"]

@@ -1,0 +1,71 @@
+"""The controller's tables, as numbered migrations that both databases apply in order.
+
+The statements are written once, in the SQL that SQLite and PostgreSQL both accept, except
+where a name in braces stands for what differs (``{id_column}``: an auto-numbered key).
+Times are epoch seconds (DOUBLE PRECISION), JSON documents are TEXT, flags are 0/1
+INTEGERs, so rows read the same from either database.
+
+A database is at the version of the last migration applied (``meta.schema_version``). A
+controller applies the missing ones at start, under a lock so that two controllers
+starting together do not both apply them, and refuses a database newer than itself.
+Add a migration at the end; never edit one that has shipped.
+"""
+
+from __future__ import annotations
+
+DIALECT = {
+    "sqlite": {"id_column": "INTEGER PRIMARY KEY AUTOINCREMENT"},
+    "postgresql": {"id_column": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"},
+}
+
+MIGRATIONS: list[tuple[str, list[str]]] = [
+    ("nodes, certificates, tokens, tasks, instances, settings, alerts, migrations, audit", [
+        "CREATE TABLE IF NOT EXISTS tokens (hash TEXT PRIMARY KEY, expires_at DOUBLE PRECISION NOT NULL, "
+        "uses_left INTEGER NOT NULL, created_at DOUBLE PRECISION NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS nodes (id TEXT PRIMARY KEY, hostname TEXT NOT NULL, "
+        "created_at DOUBLE PRECISION NOT NULL, removed INTEGER NOT NULL DEFAULT 0, drained INTEGER NOT NULL DEFAULT 0, "
+        "last_seen DOUBLE PRECISION, agent_version TEXT, metrics_url TEXT, facts TEXT NOT NULL DEFAULT '{}', "
+        "plugins TEXT NOT NULL DEFAULT '{}', instances TEXT NOT NULL DEFAULT '[]')",
+        "CREATE TABLE IF NOT EXISTS certificates (serial TEXT PRIMARY KEY, node_id TEXT NOT NULL REFERENCES nodes(id), "
+        "expires_at DOUBLE PRECISION NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS tasks (id TEXT PRIMARY KEY, node TEXT NOT NULL REFERENCES nodes(id), "
+        "kind TEXT NOT NULL, payload TEXT NOT NULL, idempotency_key TEXT NOT NULL, state TEXT NOT NULL, "
+        "result TEXT, error TEXT, code TEXT, instance TEXT, created_at DOUBLE PRECISION NOT NULL, "
+        "updated_at DOUBLE PRECISION NOT NULL, UNIQUE (node, idempotency_key))",
+        "CREATE INDEX IF NOT EXISTS tasks_by_node_state ON tasks (node, state, created_at)",
+        "CREATE INDEX IF NOT EXISTS tasks_by_instance ON tasks (instance, created_at)",
+        "CREATE TABLE IF NOT EXISTS instances (name TEXT PRIMARY KEY, kind TEXT NOT NULL, "
+        "node TEXT NOT NULL REFERENCES nodes(id), spec TEXT NOT NULL, reasons TEXT NOT NULL DEFAULT '{}', "
+        "created_at DOUBLE PRECISION NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS alerts (node TEXT NOT NULL REFERENCES nodes(id), id TEXT NOT NULL, "
+        "rule TEXT NOT NULL, state TEXT NOT NULL, severity TEXT NOT NULL, labels TEXT NOT NULL, "
+        "annotations TEXT NOT NULL, value DOUBLE PRECISION, starts_at TEXT NOT NULL, ends_at TEXT, "
+        "received_at DOUBLE PRECISION NOT NULL, forwarded INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (node, id))",
+        "CREATE INDEX IF NOT EXISTS alerts_unforwarded ON alerts (forwarded, received_at)",
+        "CREATE TABLE IF NOT EXISTS migrations (id TEXT PRIMARY KEY, instance TEXT NOT NULL, doc TEXT NOT NULL, "
+        "created_at DOUBLE PRECISION NOT NULL, updated_at DOUBLE PRECISION NOT NULL)",
+        "CREATE INDEX IF NOT EXISTS migrations_by_instance ON migrations (instance, created_at)",
+        "CREATE TABLE IF NOT EXISTS audit (id {id_column}, at DOUBLE PRECISION NOT NULL, role TEXT NOT NULL, "
+        "name TEXT NOT NULL, serial TEXT NOT NULL, method TEXT NOT NULL, path TEXT NOT NULL, "
+        "status INTEGER NOT NULL, error TEXT)",
+        "CREATE TABLE IF NOT EXISTS client_certificates (serial TEXT PRIMARY KEY, role TEXT NOT NULL, "
+        "name TEXT NOT NULL, expires_at DOUBLE PRECISION NOT NULL, created_at DOUBLE PRECISION NOT NULL, "
+        "revoked_at DOUBLE PRECISION)",
+    ]),
+    ("controllers: every running controller and the URL nodes reach it at", [
+        "CREATE TABLE controllers (id TEXT PRIMARY KEY, url TEXT NOT NULL, started_at DOUBLE PRECISION NOT NULL, "
+        "last_seen DOUBLE PRECISION NOT NULL)",
+    ]),
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def statements(dialect: str, version: int) -> list[str]:
+    """The statements of migration ``version`` (1-based) for ``dialect``."""
+    out = []
+    for sql in MIGRATIONS[version - 1][1]:
+        for name, value in DIALECT[dialect].items():
+            sql = sql.replace("{" + name + "}", value)  # not str.format: the SQL holds '{}' literals
+        out.append(sql)
+    return out

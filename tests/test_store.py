@@ -1,0 +1,295 @@
+"""The store contract: SQLite (embedded) and PostgreSQL (shared by several controllers)
+pass the same tests. PostgreSQL-only tests cover what only a shared database has: two
+controllers racing, events crossing processes, singleton work moving, the server going away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from controller.store import Store, StoreError, StoreUnavailable, open_store
+from controller.store.schema import SCHEMA_VERSION
+
+FAR = time.time() + 3600
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
+async def database(request: pytest.FixtureRequest, tmp_path) -> str:
+    if request.param == "sqlite":
+        return str(tmp_path / "kumo.db")
+    return request.getfixturevalue("postgres").database()
+
+
+@pytest.fixture
+async def stores(database: str) -> AsyncIterator[Callable[[], Any]]:
+    """``await stores()`` opens one more store on the same database (another controller)."""
+    opened: list[Store] = []
+
+    async def open_one() -> Store:
+        store = await open_store(database).open()
+        opened.append(store)
+        return store
+
+    yield open_one
+    for store in opened:
+        await store.close()
+
+
+@pytest.fixture
+async def store(stores: Callable[[], Any]) -> Store:
+    return await stores()
+
+
+async def node(store: Store, node_id: str = "n-1", token: str = "h") -> None:
+    await store.add_token(token + node_id, FAR, 1)
+    assert await store.enroll(token + node_id, node_id, "host", f"serial-{node_id}", FAR) == "ok"
+
+
+def task(node_id: str, key: str, **extra: Any) -> dict[str, Any]:
+    return {"id": f"t-{node_id}-{key}", "node": node_id, "kind": "process.create", "payload": {"name": "x", "n": 1},
+            "idempotency_key": key, **extra}
+
+
+def events_of(store: Store) -> list[Any]:
+    seen: list[Any] = []
+    store.subscribe(seen.append)
+    return seen
+
+
+async def eventually(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met"
+        await asyncio.sleep(0.02)
+
+
+async def test_opening_applies_the_schema_once_and_records_its_version(stores) -> None:
+    first = await stores()
+    second = await stores()  # a second controller starting on the same database changes nothing
+    async with second.db.transaction() as tx:
+        assert (await tx.one("SELECT value FROM meta WHERE key='schema_version'"))["value"] == str(SCHEMA_VERSION)
+    await node(first)
+    assert [n["id"] for n in await second.list_nodes()] == ["n-1"]
+
+
+async def test_a_database_newer_than_the_controller_is_refused(stores, database) -> None:
+    store = await stores()
+    async with store.db.transaction() as tx:
+        await tx.execute("UPDATE meta SET value='999' WHERE key='schema_version'")
+    with pytest.raises(StoreError, match=r"schema is version 999, newer than this controller's.*upgrade this one"):
+        await open_store(database).open()
+
+
+async def test_tokens_are_spent_once_and_report_why_they_fail(store) -> None:
+    await store.add_token("once", FAR, 1)
+    await store.add_token("old", time.time() - 1, 5)
+    assert await store.token_status("once") == "ok"
+    assert await store.enroll("once", "n-1", "h", "s1", FAR) == "ok"
+    assert await store.enroll("once", "n-2", "h", "s2", FAR) == "used"
+    assert await store.enroll("old", "n-3", "h", "s3", FAR) == "expired"
+    assert await store.enroll("nope", "n-4", "h", "s4", FAR) == "unknown"
+    assert [n["id"] for n in await store.list_nodes()] == ["n-1"]
+
+
+async def test_a_renewal_racing_a_removal_cannot_readmit_the_node(store) -> None:
+    # The API's guard let the renewal in just before `nodes remove` committed: the store,
+    # not the guard's earlier look, decides whether the new certificate counts.
+    await node(store)
+    assert await store.add_certificate("n-1", "serial-2", FAR)
+    assert (await store.valid_serials("n-1")) == {"n-1": {"serial-n-1", "serial-2"}}
+    await store.remove_node("n-1", "the node was removed", "node-removed")
+    assert not await store.add_certificate("n-1", "serial-3", FAR)
+    assert await store.valid_serials() == {}
+
+
+async def test_a_task_is_queued_once_per_idempotency_key(store) -> None:
+    await node(store)
+    seen = events_of(store)
+    first, created = await store.add_task(task("n-1", "k"))
+    again, created_again = await store.add_task(task("n-1", "k") | {"id": "t-other"})
+    assert created and not created_again and again["id"] == first["id"] == "t-n-1-k"
+    assert first["payload"] == {"name": "x", "n": 1} and first["state"] == "pending"
+    await eventually(lambda: {"event": "tasks", "node": "n-1"} in seen)
+    assert seen.count({"event": "tasks", "node": "n-1"}) == 1
+
+
+async def test_claimed_tasks_come_oldest_first_and_only_once(store) -> None:
+    await node(store)
+    for key in "abc":
+        await store.add_task(task("n-1", key))
+    claimed = await store.claim_tasks("n-1", 2)
+    assert [t["idempotency_key"] for t in claimed] == ["a", "b"] and {t["state"] for t in claimed} == {"delivered"}
+    assert [t["idempotency_key"] for t in await store.claim_tasks("n-1", 10)] == ["c"]
+    assert await store.claim_tasks("n-1", 10) == []
+    assert await store.requeue_delivered("n-1") == 3
+
+
+async def test_finishing_a_task_can_forget_its_instance(store) -> None:
+    await node(store)
+    instance = {"name": "web", "kind": "process", "node": "n-1", "spec": {"a": 1}, "reasons": {}}
+    created = await store.add_instance(instance, task("n-1", "create", instance="web"))
+    with pytest.raises(StoreError, match="'web' already exists"):
+        await store.add_instance(instance, task("n-1", "create2", instance="web"))
+    seen = events_of(store)
+    outcome = {"state": "failed", "error": "boom", "code": "failed"}
+    ended = await store.finish_task(created["id"], "n-1", outcome, lambda t: t["kind"].endswith(".create"))
+    assert ended["state"] == "failed" and ended["error"] == "boom" and ended["result"] == {}
+    assert await store.get_instance("web") is None
+    assert await store.finish_task(created["id"], "n-2", outcome, lambda t: True) is None  # not that node's
+    await eventually(lambda: {"event": "task", "id": created["id"]} in seen)
+
+
+async def test_removing_a_node_fails_its_open_tasks(store) -> None:
+    await node(store)
+    queued, _ = await store.add_task(task("n-1", "a"))
+    seen = events_of(store)
+    await store.remove_node("n-1", "the node was removed", "node-removed")
+    ended = await store.get_task(queued["id"])
+    assert (ended["state"], ended["code"]) == ("failed", "node-removed")
+    await eventually(lambda: {"event": "removed", "node": "n-1"} in seen and {"event": "task", "id": queued["id"]} in seen)
+
+
+async def test_events_are_sent_only_when_the_transaction_commits(store) -> None:
+    seen = events_of(store)
+    with pytest.raises(RuntimeError):
+        async with store.db.transaction() as tx:
+            tx.notify({"event": "never"})
+            raise RuntimeError("rolled back")
+    async with store.db.transaction() as tx:
+        tx.notify({"event": "sent"})
+    await eventually(lambda: seen == [{"event": "sent"}])
+
+
+async def test_alerts_are_kept_once_each_and_forwarded_in_order(store) -> None:
+    await node(store)
+    alert = {"id": "a1", "rule": "r", "state": "firing", "severity": "warning", "labels": {"x": "1"},
+             "annotations": {}, "value": 2.5, "starts_at": "2026-01-01T00:00:00Z", "ends_at": None}
+    assert await store.add_alerts("n-1", [alert, alert | {"id": "a2"}]) == 2
+    assert await store.add_alerts("n-1", [alert]) == 0
+    assert [a["id"] for a in await store.unforwarded_alerts(10)] == ["a1", "a2"]
+    await store.mark_forwarded([("n-1", "a1")])
+    assert [(a["id"], a["labels"]) for a in await store.unforwarded_alerts(10)] == [("a2", {"x": "1"})]
+
+
+async def test_settings_audit_and_client_certificates(store) -> None:
+    await store.put_setting("logging", {"a": [1]})
+    await store.put_setting("logging", {"a": [2]})
+    assert await store.get_setting("logging") == {"a": [2]} and await store.get_setting("none") is None
+    for n in range(3):
+        await store.add_audit({"at": n, "role": "admin", "name": "a", "serial": "s", "method": "POST", "path": f"/{n}",
+                               "status": 200, "error": None})
+    assert [e["path"] for e in await store.list_audit(2)] == ["/2", "/1"]
+    await store.add_client_certificate("c1", "admin", "a", FAR)
+    await store.add_client_certificate("c1", "admin", "a", FAR)
+    assert await store.revoke_client_certificate("c1") and not await store.revoke_client_certificate("nope")
+    assert await store.revoked_serials() == {"c1"}
+
+
+async def test_controllers_register_and_age_out(store) -> None:
+    await store.controller_seen("c-a", "https://a:8443", 1.0)
+    await store.controller_seen("c-b", "https://b:8443", 2.0)
+    assert [c["url"] for c in await store.list_controllers(time.time() - 60)] == ["https://a:8443", "https://b:8443"]
+    await store.controller_gone("c-a")
+    assert [c["id"] for c in await store.list_controllers(time.time() - 60)] == ["c-b"]
+    assert await store.list_controllers(time.time() + 60) == []
+
+
+# What only a shared database has.
+
+@pytest.fixture
+async def shared(postgres) -> AsyncIterator[Callable[[], Any]]:
+    database, opened = postgres.database(), []
+
+    async def open_one() -> Store:
+        store = await open_store(database).open()
+        opened.append(store)
+        return store
+
+    yield open_one
+    for store in opened:
+        await store.close()
+
+
+@pytest.mark.integration
+async def test_an_event_from_one_controller_reaches_the_others(shared) -> None:
+    a, b = await shared(), await shared()
+    seen_by_b = events_of(b)
+    await node(a)
+    await a.add_task(task("n-1", "k"))
+    await eventually(lambda: {"event": "tasks", "node": "n-1"} in seen_by_b)
+    assert {"event": "certificate", "node": "n-1", "serial": "serial-n-1"} in seen_by_b
+
+
+@pytest.mark.integration
+async def test_two_controllers_racing_deliver_each_task_once(shared) -> None:
+    a, b = await shared(), await shared()
+    await node(a)
+    same = await asyncio.gather(*(s.add_task(task("n-1", "same") | {"id": f"t-{i}"}) for i, s in enumerate((a, b) * 5)))
+    assert len({t["id"] for t, _ in same}) == 1 and sum(created for _, created in same) == 1
+    for key in range(40):
+        await a.add_task(task("n-1", f"k{key}"))
+    ids: list[str] = []
+    while claims := await asyncio.gather(*(s.claim_tasks("n-1", 3) for s in (a, b) * 4)):
+        if not any(claims):
+            break
+        ids += [t["id"] for claimed in claims for t in claimed]
+    assert len(ids) == len(set(ids)) == 41
+
+
+@pytest.mark.integration
+async def test_a_token_enrolls_one_node_even_when_two_controllers_race(shared) -> None:
+    a, b = await shared(), await shared()
+    await a.add_token("once", FAR, 1)
+    results = await asyncio.gather(*(s.enroll("once", f"n-{i}", "h", f"s{i}", FAR) for i, s in enumerate((a, b) * 4)))
+    assert sorted(results) == ["ok"] + ["used"] * 7
+
+
+@pytest.mark.integration
+async def test_singleton_work_runs_on_one_controller_and_moves_when_it_dies(shared) -> None:
+    a, b = await shared(), await shared()
+    running: list[str] = []
+
+    def work(name: str) -> Callable[[], Any]:
+        async def forever() -> None:
+            running.append(name)
+            await asyncio.Event().wait()
+        return forever
+
+    first = asyncio.create_task(a.singleton("test-work", work("a")))
+    await eventually(lambda: running == ["a"])
+    second = asyncio.create_task(b.singleton("test-work", work("b")))
+    await asyncio.sleep(1.0)
+    assert running == ["a"]  # b waits while a holds it
+    first.cancel()  # a dies: its lock connection goes with it
+    await eventually(lambda: running == ["a", "b"], timeout=20)
+    second.cancel()
+    await asyncio.gather(first, second, return_exceptions=True)
+
+
+@pytest.mark.integration
+async def test_the_database_going_away_is_unavailable_not_an_error_and_comes_back(postgres, shared) -> None:
+    store = await shared()
+    seen = events_of(store)
+    await node(store)
+    postgres.stop()
+    try:
+        with pytest.raises(StoreUnavailable, match="database"):
+            await store.list_nodes()
+    finally:
+        postgres.start()
+    await eventually(lambda: None in seen, timeout=30)  # the listener reconnected and says it may have missed events
+    assert [n["id"] for n in await store.list_nodes()] == ["n-1"]
+
+
+@pytest.mark.integration
+async def test_a_wrong_password_or_database_names_the_setting(postgres) -> None:
+    with pytest.raises(StoreError, match=r"password authentication failed.*fix the database setting") as wrong:
+        await open_store(postgres.url(password="wrong")).open()
+    assert "wrong" not in str(wrong.value)  # the password is not repeated in logs
+    with pytest.raises(StoreError, match=r"does not exist.*fix the database setting"):
+        await open_store(postgres.url("no_such_db")).open()
