@@ -24,7 +24,7 @@ from agent.sdk import ConfigError
 from controller import pki
 from controller.app import serve
 from controller.settings import load_settings, split_address
-from controller.store import StoreError
+from controller.store import StoreError, is_database_url
 
 log = logging.getLogger("kumo.controller")
 
@@ -52,6 +52,13 @@ def _parser() -> argparse.ArgumentParser:
                       help="another DNS name or IP address nodes use to reach the controller (repeatable); "
                            "the first one also goes into kumoctl.yaml")
     init.add_argument("--config", type=Path, help="where to write controller.yaml (default DIR/controller.yaml)")
+    init.add_argument("--database", metavar="URL",
+                      help="postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE shared by several controllers "
+                           "(default: a SQLite file in DIR, for a controller that runs alone)")
+    init.add_argument("--ca-from", type=Path, metavar="PKI_DIR",
+                      help="another controller's pki directory (ca.crt and ca.key, copied here securely): this "
+                           "controller joins its fleet and issues certificates the others accept, instead of "
+                           "creating a new CA")
     init.add_argument("--owner", metavar="USER",
                       help="system user the controller runs as (e.g. kumo-controller): it gets DIR and the keys, "
                            "its group may read the config; run init as root for this")
@@ -65,6 +72,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def _init(args: argparse.Namespace) -> int:
     directory: Path = args.dir.resolve()
+    if args.database and not is_database_url(args.database):
+        raise ValueError(f"--database: expected a postgresql:// URL, got {args.database!r} "
+                         "(leave it out for the embedded SQLite store)")
+    if args.ca_from and not (args.ca_from / "ca.key").is_file():
+        raise ValueError(f"--ca-from: {args.ca_from / 'ca.key'} is not a file: give the pki directory of a "
+                         "controller of this fleet (it holds ca.crt and ca.key)")
     config_path: Path = (args.config or directory / "controller.yaml").resolve()
     pki_dir = directory / "pki"
     host, port = split_address(args.listen, "--listen")
@@ -85,7 +98,10 @@ def _init(args: argparse.Namespace) -> int:
             ips.append(str(ipaddress.ip_address(san)))
         except ValueError:
             names.append(san)
-    ca = pki.CertificateAuthority.create()
+    if args.ca_from:
+        ca = pki.CertificateAuthority.load(args.ca_from / "ca.crt", args.ca_from / "ca.key")
+    else:
+        ca = pki.CertificateAuthority.create()
     _write_pair(pki_dir, "ca", ca.cert, ca.key)
     server_key = pki.new_key()
     server = ca.issue(server_key.public_key(), "controller", "kumo-controller", pki.SERVER_LIFETIME,
@@ -99,7 +115,7 @@ def _init(args: argparse.Namespace) -> int:
 
     config = {
         "pki_dir": str(pki_dir),
-        "database": str(directory / "controller.db"),
+        "database": args.database or str(directory / "controller.db"),
         "listen": args.listen,
         "enroll_listen": enroll_listen,
         "heartbeat_interval": 10.0,

@@ -6,8 +6,10 @@ subprocess on 127.0.0.1, so tests go through TLS, the store and the CLI exactly 
         status, body = controller.call("GET", "/v1/nodes", cert=None)   # any identity, any status
         controller.kill(); controller.start()                # crash and restart, same state
 
-``controller_factory(**settings)`` makes more (e.g. ``node_cert_ttl=20``). Heartbeats are
-every second so readiness shows quickly.
+``controller_factory(**settings)`` makes more (e.g. ``node_cert_ttl=20``);
+``controller_factory(init_args=["--database", url, "--ca-from", str(other.pki)])`` makes one
+that shares another's PostgreSQL database and CA. Heartbeats are every second so readiness
+shows quickly.
 """
 
 from __future__ import annotations
@@ -40,12 +42,12 @@ def controller_command() -> list[str]:
 class ControllerProcess:
     """One initialised controller directory and, while started, its process."""
 
-    def __init__(self, directory: Path, settings: dict[str, Any]):
+    def __init__(self, directory: Path, settings: dict[str, Any], init_args: list[str] = ()):
         self.dir = directory
         self.port, self.enroll_port = free_port(), free_port()
         result = subprocess.run(  # noqa: S603 - fixed argument list
             [*controller_command(), "init", "--dir", str(directory), "--listen", f"127.0.0.1:{self.port}",
-             "--enroll-listen", f"127.0.0.1:{self.enroll_port}"],
+             "--enroll-listen", f"127.0.0.1:{self.enroll_port}", *init_args],
             capture_output=True, text=True, timeout=60, check=False,
         )
         assert result.returncode == 0, result.stderr
@@ -94,7 +96,8 @@ class ControllerProcess:
             raise AssertionError(f"{method} {path} -> {status}: {answer}")
         return answer
 
-    def start(self) -> None:
+    def start(self, ready: bool = True) -> None:
+        """Run it and wait until it answers (``ready``: with its store open, not 503)."""
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(  # noqa: S603 - fixed argument list
                 [*controller_command(), "run", "--config", str(self.config_path)],
@@ -105,7 +108,7 @@ class ControllerProcess:
             if self.proc.poll() is not None:
                 raise AssertionError(f"kumo-controller exited {self.proc.returncode}:\n{self.log_tail()}")
             try:
-                if self.call("GET", "/v1/openapi.json", cert=self.admin_cert)[0] != 503:  # 503: store not open yet
+                if self.call("GET", "/v1/openapi.json", cert=self.admin_cert)[0] != 503 or not ready:
                     return
             except (OSError, ssl.SSLError):
                 pass
@@ -136,11 +139,11 @@ class ControllerProcess:
 
 @pytest.fixture
 def controller_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., ControllerProcess]]:
-    """Factory: ``controller_factory(**settings)`` → a started :class:`ControllerProcess`."""
+    """Factory: ``controller_factory(init_args=(), **settings)`` → a started :class:`ControllerProcess`."""
     made: list[ControllerProcess] = []
 
-    def make(**settings: Any) -> ControllerProcess:
-        ctl = ControllerProcess(tmp_path_factory.mktemp("controller"), settings)
+    def make(init_args: list[str] = (), **settings: Any) -> ControllerProcess:
+        ctl = ControllerProcess(tmp_path_factory.mktemp("controller"), settings, list(init_args))
         made.append(ctl)
         ctl.start()
         return ctl

@@ -92,9 +92,13 @@ class Postgres:
     def database(self) -> str:
         """A new, empty database's URL."""
         name = f"kumo_test_{os.getpid()}_{next(self._names)}"
-        self._as_postgres([str(BIN / "psql"), "-h", str(self.root), "-p", str(self.port), "-U", "kumo", "-d", "postgres",
-                           "-q", "-c", f"CREATE DATABASE {name}"])
+        self.sql(self.url(), f"CREATE DATABASE {name}")
         return self.url(name)
+
+    def sql(self, url: str, statement: str) -> None:
+        """Run one statement in the database of ``url`` (as a DBA would, with psql)."""
+        self._as_postgres([str(BIN / "psql"), "-h", str(self.root), "-p", str(self.port), "-U", "kumo",
+                           "-d", url.rpartition("/")[2], "-q", "-v", "ON_ERROR_STOP=1", "-c", statement])
 
 
 @pytest.fixture(scope="session")

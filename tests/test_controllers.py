@@ -1,0 +1,90 @@
+"""Several active controllers on one PostgreSQL database, as real processes with real agents.
+
+Every controller serves every endpoint: what one learns (a task queued, a node removed, a
+heartbeat) the others act on, through the database and its events, not through memory.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.harness.agents import wait_for
+from tests.test_agent_integration import submit, wait_task
+
+pytestmark = pytest.mark.integration
+
+SLOW_POLL = {"poll_timeout": 60.0}  # a task that arrives sooner was woken, not found by a poll's timeout
+
+
+@pytest.fixture
+def pair(postgres, controller_factory):
+    """Two controllers, A and B, on one database, B joined to A's CA."""
+    database = postgres.database()
+    a = controller_factory(init_args=["--database", database], **SLOW_POLL)
+    b = controller_factory(init_args=["--database", database, "--ca-from", str(a.pki)], **SLOW_POLL)
+    return a, b
+
+
+def test_a_task_submitted_on_one_controller_runs_on_an_agent_polling_another(pair, kumo_agent) -> None:
+    a, b = pair
+    agent = kumo_agent(controller=b)
+    wait_for(lambda: a.admin("GET", f"/v1/nodes/{agent.node_id}")["state"] == "ready", "A sees the node ready")
+    submitted = time.monotonic()
+    task = submit(a, agent.node_id, "process.create",
+                  {"name": "web", "kind": "process", "options": {"command": ["sleep", "600"]}})
+    ended = wait_task(b, task["id"], timeout=SLOW_POLL["poll_timeout"] / 2)
+    assert ended["state"] == "succeeded", ended
+    # Woken by A's NOTIFY: the long-poll B held would otherwise have returned only after 60 s.
+    assert time.monotonic() - submitted < SLOW_POLL["poll_timeout"] / 2
+    assert a.admin("GET", f"/v1/tasks/{task['id']}")["state"] == "succeeded"
+
+
+def test_a_node_removed_on_one_controller_is_refused_by_the_other_at_once(pair, kumo_agent) -> None:
+    a, b = pair
+    agent = kumo_agent(controller=b)
+    a.admin("DELETE", f"/v1/nodes/{agent.node_id}")
+    cert = (agent.state_dir / "node.crt", agent.state_dir / "node.key")
+    status, answer = b.call("POST", f"/v1/nodes/{agent.node_id}/heartbeat", {}, cert=cert)
+    assert status == 403 and "removed" in answer["error"], answer
+
+
+def test_both_controllers_issue_certificates_the_other_accepts(pair, kumo_agent) -> None:
+    a, b = pair
+    on_b = kumo_agent(controller=b)  # enrolled by B's enrollment listener, with B's token
+    cert = (on_b.state_dir / "node.crt", on_b.state_dir / "node.key")
+    status, _ = a.call("POST", f"/v1/nodes/{on_b.node_id}/heartbeat", {}, cert=cert)
+    assert status == 200
+    status, _ = a.call("GET", "/v1/nodes", cert=b.admin_cert)  # B's admin certificate, on A
+    assert status == 200
+
+
+def test_a_controller_older_than_the_database_refuses_to_start(postgres, controller_factory) -> None:
+    database = postgres.database()
+    first = controller_factory(init_args=["--database", database])
+    first.stop()
+    postgres.sql(database, "UPDATE meta SET value='999' WHERE key='schema_version'")
+    with pytest.raises(AssertionError, match="schema is version 999, newer than this controller's"):
+        first.start()
+
+
+def test_a_wrong_password_stops_the_controller_naming_the_setting(postgres, controller_factory) -> None:
+    wrong = postgres.url(postgres.database().rpartition("/")[2], password="not-the-password")
+    with pytest.raises(AssertionError, match=r"(?s)exited 2.*password authentication failed.*fix the database setting"):
+        controller_factory(init_args=["--database", wrong])
+
+
+def test_an_unreachable_database_is_retried_and_the_api_says_why(tmp_path) -> None:
+    from tests.harness import free_port
+    from tests.harness.cluster import ControllerProcess
+
+    nowhere = f"postgresql://kumo:x@127.0.0.1:{free_port()}/kumo"
+    ctl = ControllerProcess(tmp_path / "ctl", {}, ["--database", nowhere])
+    ctl.start(ready=False)
+    try:
+        status, answer = ctl.call("GET", "/v1/nodes", cert=ctl.admin_cert)
+        assert status == 503 and "cannot reach its database" in answer["error"], answer
+        assert ctl.proc.poll() is None  # still running, still retrying
+    finally:
+        ctl.stop()
