@@ -43,8 +43,9 @@ test: deps
 test-pypi: venv
 	$(PY) -m pytest -ra $(PYTEST_ARGS)
 
+# The controllers of this leg keep their state in PostgreSQL: the whole suite runs on both stores.
 test-debian: venv-debian
-	$(DEBPY) -m pytest -ra $(PYTEST_ARGS)
+	KUMO_TEST_DATABASE=postgresql $(DEBPY) -m pytest -ra $(PYTEST_ARGS)
 
 # Fast feedback while editing: no real components.
 test-unit: venv

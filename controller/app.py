@@ -25,13 +25,16 @@ import functools
 import logging
 import ssl
 import time
+import uuid
 from collections import OrderedDict
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 from cryptography import x509
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from agent.sdk import require_peer_role
 from controller import pki
 from controller.api import (
     ApiError,
@@ -52,6 +55,9 @@ from controller.store import Event, Store, StoreUnavailable, open_store
 log = logging.getLogger("kumo.controller")
 
 FLUSH_INTERVAL = 2.0
+# Every controller says it is alive this often; one not heard of for three times as long is gone.
+REGISTRY_INTERVAL = 5.0
+PRUNE_INTERVAL = 3600.0
 API_MODULES = (enroll, nodes, tasks, instances, migration, logging_settings, alerts, meta)
 
 
@@ -82,6 +88,9 @@ class Controller:
         self.settings = settings
         self.store = store
         self.ca = ca
+        self.id = "c-" + uuid.uuid4().hex[:12]  # this process; a restart is another controller
+        self.started_at = time.time()
+        self._peers_session: aiohttp.ClientSession | None = None
         self.metrics = Metrics()
         self.routes: list[Route] = [route for module in API_MODULES for route in module.ROUTES]
         # node id -> serials of its certificates still accepted (removal empties it at once)
@@ -116,11 +125,74 @@ class Controller:
                 delay = min(delay * 2, 15.0)
         await self._reload()
         await self._register_init_admin()
+        await self.store.controller_seen(self.id, self.settings.url, self.started_at)
+        await migration.end_orphans(self)
         self.unavailable = None
         self._background.append(asyncio.create_task(self._flush_loop(), name="kumo-flush"))
+        self._background.append(asyncio.create_task(self._registry_loop(), name="kumo-registry"))
+        self._background.append(asyncio.create_task(
+            self.store.singleton("ending orphaned migrations", self._orphans_loop), name="kumo-orphans"))
+        self._background.append(asyncio.create_task(
+            self.store.singleton("pruning old records", self._prune_loop), name="kumo-prune"))
         if self.settings.alertmanager_url:
             self._background.append(asyncio.create_task(
                 self.store.singleton("alert forwarding", lambda: alerts.forward_loop(self)), name="kumo-alert-forwarder"))
+
+    # The other controllers.
+
+    async def _registry_loop(self) -> None:
+        while True:
+            await asyncio.sleep(REGISTRY_INTERVAL)
+            try:
+                await self.store.controller_seen(self.id, self.settings.url, self.started_at)
+            except StoreUnavailable as exc:
+                log.warning("could not tell the other controllers this one is alive: %s", exc)
+
+    async def _orphans_loop(self) -> None:
+        while True:
+            await asyncio.sleep(REGISTRY_INTERVAL)
+            try:
+                await migration.end_orphans(self)
+            except StoreUnavailable as exc:
+                log.warning("could not look for migrations a dead controller left: %s", exc)
+
+    async def _prune_loop(self) -> None:
+        while True:
+            try:
+                pruned = await self.store.prune(time.time() - self.settings.retention_days * 86400,
+                                                forwarding=bool(self.settings.alertmanager_url))
+                if any(pruned.values()):
+                    log.info("pruned what ended over %g days ago: %s", self.settings.retention_days,
+                             ", ".join(f"{n} {what}" for what, n in pruned.items() if n))
+            except StoreUnavailable as exc:
+                log.warning("could not prune old records: %s", exc)
+            await asyncio.sleep(PRUNE_INTERVAL)
+
+    async def _controllers(self) -> list[dict[str, Any]]:
+        """The controllers alive now. One at this controller's URL but not this process is
+        this controller's previous run: it is gone, whenever it was last heard of."""
+        rows = await self.store.list_controllers(time.time() - 3 * REGISTRY_INTERVAL)
+        return [row for row in rows if row["id"] == self.id or row["url"] != self.settings.url]
+
+    async def live_controllers(self) -> list[str]:
+        return [self.id, *(row["id"] for row in await self._controllers() if row["id"] != self.id)]
+
+    async def controller_url(self, controller_id: str) -> str | None:
+        """The URL of a live controller, None when it is not running."""
+        return next((row["url"] for row in await self._controllers() if row["id"] == controller_id), None)
+
+    def peers(self) -> aiohttp.ClientSession:
+        """HTTPS to the other controllers, as this controller (its certificate, role ``controller``)."""
+        if self._peers_session is None:
+            pki_dir = self.settings.pki_dir
+            context = ssl.create_default_context(cafile=str(pki_dir / "ca.crt"))
+            context.load_cert_chain(pki_dir / "server.crt", pki_dir / "server.key")
+            require_peer_role(context, "controller")
+            self._peers_session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=context),
+                timeout=aiohttp.ClientTimeout(total=None, connect=30, sock_read=migration.STALL_TIMEOUT + 30),
+            )
+        return self._peers_session
 
     async def _reload(self) -> None:
         self.serials = await self.store.valid_serials()
@@ -190,8 +262,12 @@ class Controller:
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        if self._peers_session is not None:
+            await self._peers_session.close()
         try:
             await self.flush()
+            if self.unavailable is None:
+                await self.store.controller_gone(self.id)
         except StoreUnavailable as exc:
             log.warning("could not save the last heartbeats: %s", exc)
         await self.store.close()
@@ -337,6 +413,8 @@ def guard(route: Route, handler: Any) -> Any:
                 raise ApiError(403, f"this endpoint needs an admin certificate; this one is for {role or 'no role'} {name!r}")
             elif route.role == "scraper" and role not in ("admin", "scraper"):
                 raise ApiError(403, f"this endpoint needs a scraper or admin certificate, not {role or 'no role'} {name!r}")
+            elif route.role == "controller" and role != "controller":
+                raise ApiError(403, f"only another controller may call this endpoint, not {role or 'no role'} {name!r}")
             if route.role == "admin" and request.method != "GET":
                 return await audited(ctl, request, handler, (role, name, serial))
         return await handler(request)

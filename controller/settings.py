@@ -22,6 +22,7 @@ class ControllerSettings:
     node_cert_ttl: float = 86400.0  # seconds; agents renew at two thirds of it
     max_body_bytes: int = 1024 * 1024
     alertmanager_url: str | None = None  # e.g. http://alertmanager:9093: alerts are forwarded there
+    retention_days: float = 14.0  # finished tasks, migrations and resolved alerts are kept this long
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
@@ -47,6 +48,8 @@ def load_settings(path: Path) -> ControllerSettings:
     for key in ("heartbeat_interval", "poll_timeout", "node_cert_ttl"):
         if getattr(settings, key) <= 0:
             raise ConfigError(f"{path}: {key}: expected a positive number of seconds")
+    if settings.retention_days <= 0:
+        raise ConfigError(f"{path}: retention_days: expected a positive number of days")
     # Relative paths are relative to the config file, so a controller directory can move.
     settings.pki_dir = path.parent / settings.pki_dir
     if is_database_url(settings.database):

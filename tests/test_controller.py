@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
-import sqlite3
 import ssl
 import subprocess
 import time
@@ -28,6 +27,7 @@ from controller.api import (
     tasks,
 )
 from controller.pki import CertificateAuthority, key_pem, pem
+from controller.store import is_database_url
 from tests.harness.cluster import controller_command
 
 pytestmark = pytest.mark.integration
@@ -109,9 +109,10 @@ def test_join_string_pins_the_ca_and_the_token_is_stored_hashed(controller):
     ca = x509.load_pem_x509_certificate((controller.pki / "ca.crt").read_bytes())
     spki = ca.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     assert ca_hash == hashlib.sha256(spki).hexdigest()
-    stored = sqlite3.connect(controller.dir / "controller.db").execute("SELECT hash FROM tokens").fetchall()
-    assert (hashlib.sha256(secret.encode()).hexdigest(),) in stored
-    assert secret.encode() not in (controller.dir / "controller.db").read_bytes()
+    stored = [row["hash"] for row in controller.sql("SELECT hash FROM tokens")]
+    assert hashlib.sha256(secret.encode()).hexdigest() in stored
+    if not is_database_url(controller.database):
+        assert secret.encode() not in Path(controller.database).read_bytes()
 
 
 def test_tokens_unknown_used_and_expired_are_refused_with_what_to_do(controller):
@@ -127,9 +128,7 @@ def test_tokens_unknown_used_and_expired_are_refused_with_what_to_do(controller)
     status, answer = attempt(once)
     assert status == 401 and "already used" in answer["error"]
     stale = token(controller)
-    db = sqlite3.connect(controller.dir / "controller.db")
-    db.execute("UPDATE tokens SET expires_at = 0 WHERE hash = ?", (hashlib.sha256(stale.encode()).hexdigest(),))
-    db.commit()
+    controller.sql("UPDATE tokens SET expires_at = 0 WHERE hash = ?", hashlib.sha256(stale.encode()).hexdigest())
     status, answer = attempt(stale)
     assert status == 401 and "expired" in answer["error"]
 

@@ -88,3 +88,28 @@ def test_an_unreachable_database_is_retried_and_the_api_says_why(tmp_path) -> No
         assert ctl.proc.poll() is None  # still running, still retrying
     finally:
         ctl.stop()
+
+
+def test_a_migration_relays_between_nodes_attached_to_different_controllers(criu_required, pair, kumo_agent, tmp_path):
+    from tests.harness import read_counter
+    from tests.harness.agents import running_on
+    from tests.test_migration import COUNTER, PY
+
+    a, b = pair
+    source, destination = kumo_agent(controller=a), kumo_agent(controller=b)
+    count = tmp_path / "web.count"
+    a.admin("POST", "/v1/instances", {"name": "web", "kind": "process", "node": source.node_id, "vcpus": 1,
+                                      "memory_mib": 64, "options": {"command": [PY, "-c", COUNTER, str(count)]}})
+    try:
+        wait_for(lambda: running_on(source, "web") and read_counter(count) >= 5, "web to count on the source")
+        # Driven by A: the source uploads to A, the destination downloads through B.
+        moved = a.admin("POST", "/v1/instances/web/migrate", {"to": destination.node_id})["migration"]
+        done = wait_for(lambda: (m := b.admin("GET", f"/v1/migrations/{moved['id']}"))["state"] != "running" and m,
+                        "the migration to end", limit=120)
+        assert done["state"] == "succeeded", done
+        assert done["progress"]["bytes_received"] == done["progress"]["bytes_sent"] > 0
+        before = read_counter(count)
+        wait_for(lambda: read_counter(count) > before + 5, "web to keep counting on the destination")
+        assert a.admin("GET", "/v1/instances/web")["node"] == destination.node_id
+    finally:
+        a.call("DELETE", "/v1/instances/web", cert=a.admin_cert)

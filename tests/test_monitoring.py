@@ -673,11 +673,10 @@ def test_a_check_script_alert_reaches_kumoctl_and_survives_a_controller_outage(c
     deadline = time.monotonic() + 60
     while True:
         rows = controller.admin("GET", "/v1/alerts")["alerts"]
-        transitions = __import__("sqlite3").connect(controller.dir / "controller.db").execute(
-            "SELECT state FROM alerts ORDER BY received_at, rowid").fetchall()
+        transitions = [row["state"] for row in controller.sql("SELECT state FROM alerts ORDER BY received_at")]
         if len(transitions) >= 3:
             break
         assert time.monotonic() < deadline, (transitions, agent.log_tail())
         time.sleep(0.5)
-    assert [t[0] for t in transitions] == ["firing", "resolved", "firing"]
+    assert transitions == ["firing", "resolved", "firing"]
     assert [r["state"] for r in rows] == ["firing"]

@@ -293,3 +293,21 @@ async def test_a_wrong_password_or_database_names_the_setting(postgres) -> None:
     assert "wrong" not in str(wrong.value)  # the password is not repeated in logs
     with pytest.raises(StoreError, match=r"does not exist.*fix the database setting"):
         await open_store(postgres.url("no_such_db")).open()
+
+
+async def test_pruning_forgets_what_ended_before_the_retention(store) -> None:
+    await node(store)
+    old, _ = await store.add_task(task("n-1", "old"))
+    await store.finish_task(old["id"], "n-1", {"state": "succeeded"}, lambda t: False)
+    waiting, _ = await store.add_task(task("n-1", "waiting"))
+    transition = {"rule": "r", "severity": "warning", "labels": {"x": "1"}, "annotations": {}, "value": 1.0,
+                  "starts_at": "2026-01-01T00:00:00Z", "ends_at": None}
+    await store.add_alerts("n-1", [transition | {"id": "f1", "state": "firing"},
+                                   transition | {"id": "r1", "state": "resolved"},
+                                   transition | {"id": "f2", "state": "firing", "labels": {"x": "2"}}])
+    pruned = await store.prune(time.time() + 1, forwarding=False)
+    assert pruned["tasks"] == 1 and pruned["alerts"] == 2 and pruned["tokens"] == 1
+    assert await store.get_task(old["id"]) is None and await store.get_task(waiting["id"]) is not None
+    assert [a["id"] for a in await store.list_alerts()] == ["f2"]  # still firing: kept
+    assert await store.prune(time.time() - 60, forwarding=False) == {"tasks": 0, "migrations": 0, "tokens": 0,
+                                                                     "alerts": 0}

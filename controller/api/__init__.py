@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from aiohttp import web
 
-Role = Literal["admin", "node", "scraper", "enroll", "any"]
+Role = Literal["admin", "node", "scraper", "controller", "enroll", "any"]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 

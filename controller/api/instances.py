@@ -128,7 +128,7 @@ async def operate(ctl: Any, row: dict[str, Any], operation: str, extra: dict[str
     """Queue ``<kind>.<operation>`` for the instance on its node; the stored task."""
     from controller.api import migration  # here, not at the top: migration builds on this module
 
-    migration.refuse_if_migrating(ctl, row["name"])
+    await migration.refuse_if_migrating(ctl, row["name"])
     node = await ctl.store.get_node(row["node"])
     if node is None or node["removed"]:
         raise ApiError(409, f"instance {row['name']} was on node {row['node']}, which was removed")

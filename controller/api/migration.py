@@ -9,7 +9,10 @@ drives, one task at a time, and records as a document (``GET /v1/migrations/{id}
 3. transfer: ``checkpoint.send`` on the source and ``checkpoint.receive`` on the destination
    meet here: the controller relays one stream between the two mutual-TLS requests through
    a small queue (never to disk, never whole in memory), counting the bytes as they pass;
-   both ends report the stream's sha256 and they must agree;
+   both ends report the stream's sha256 and they must agree. With several controllers the
+   relay lives in the one driving the migration; an end attached to another controller
+   reaches it through that controller, which forwards the stream (``/v1/relay/...``) with
+   its own certificate, so nodes never need to reach a particular controller;
 4. restore on the destination (``checkpoint.restore``), then wait until the destination's
    own heartbeat reports the instance running;
 5. only then the instance's record moves to the destination and the source deletes its copy
@@ -37,6 +40,7 @@ import weakref
 from collections.abc import Awaitable
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from controller import scheduler
@@ -101,13 +105,13 @@ class Relay:
 
 
 class Migrations:
-    """The migrations this controller process is driving."""
+    """The migrations this controller process is driving (which instance each holds is in the
+    store, shared by every controller: see Store.begin_migration)."""
 
     def __init__(self) -> None:
         self.relays: dict[str, Relay] = {}
         self.running: dict[str, asyncio.Task[None]] = {}
         self.docs: dict[str, dict[str, Any]] = {}
-        self.busy: dict[str, str] = {}  # instance name -> migration id ("" while pre-flight runs)
 
 
 _MIGRATIONS: weakref.WeakKeyDictionary[Any, Migrations] = weakref.WeakKeyDictionary()
@@ -191,12 +195,15 @@ async def _instance(ctl: Any, name: str) -> dict[str, Any]:
     return row
 
 
-def refuse_if_migrating(ctl: Any, name: str) -> None:
+async def refuse_if_migrating(ctl: Any, name: str) -> None:
     """409 while a migration holds the instance: nothing else may start, stop or delete it."""
-    current = migrations(ctl).busy.get(name)
+    current = await ctl.store.active_migration(name)
     if current is not None:
-        follow = f" (GET /v1/migrations/{current})" if current else ""
-        raise ApiError(409, f"instance {name} is being migrated{follow}; wait until it ends")
+        _busy(name, current)
+
+
+def _busy(name: str, migration_id: str) -> None:
+    raise ApiError(409, f"instance {name} is being migrated (GET /v1/migrations/{migration_id}); wait until it ends")
 
 
 # -- checkpoint and restore ---------------------------------------------------------------
@@ -209,7 +216,7 @@ async def checkpoint(request: web.Request) -> web.Response:
     reject_unknown(data, {"leave_running"})
     leave_running = field(data, "leave_running", bool, required=False, default=False)
     await _checkpointable(ctl, row, "checkpoint")
-    refuse_if_migrating(ctl, row["name"])
+    await refuse_if_migrating(ctl, row["name"])
     await preflight(ctl, row, "checkpoint")
     payload = {"name": row["name"], "kind": row["kind"], "leave_running": leave_running}
     task, _ = await submit(ctl, new_task(row["node"], "checkpoint.dump", payload, instance=row["name"]))
@@ -223,7 +230,7 @@ async def restore(request: web.Request) -> web.Response:
     reject_unknown(data, {"image"})
     image = field(data, "image", str, required=False)
     await _checkpointable(ctl, row, "restore")
-    refuse_if_migrating(ctl, row["name"])
+    await refuse_if_migrating(ctl, row["name"])
     payload: dict[str, Any] = {"name": row["name"], "kind": row["kind"]}
     if image is not None:
         payload["image"] = image
@@ -254,16 +261,25 @@ async def show_migration(request: web.Request) -> web.Response:
 def public(ctl: Any, doc: dict[str, Any]) -> dict[str, Any]:
     """The migration as the API shows it, with the relay's live byte counts."""
     out = {**doc, "progress": dict(doc["progress"])}
+    out.pop("controller", None)
     relay = migrations(ctl).relays.get(doc["id"])
     if relay is not None:
         out["progress"].update(bytes_sent=relay.sent, bytes_received=relay.received)
         if relay.total is not None:
             out["progress"]["bytes_total"] = relay.total
-    if doc["state"] == "running" and doc["id"] not in migrations(ctl).running:
-        out.update(state="failed", code="interrupted",
-                   error="the controller restarted while this migration ran; check where the instance runs "
-                   f"(kumoctl instances show {doc['instance']}) and restore its checkpoint if it runs nowhere")
     return out
+
+
+async def end_orphans(ctl: Any) -> None:
+    """Record as failed the migrations whose controller died while driving them (SQLite:
+    this controller's previous run), letting go of their instances. Nobody can finish them:
+    the steps were that controller's memory; what the instance is now, only its nodes know."""
+    for doc in await ctl.store.orphaned_migrations(await ctl.live_controllers()):
+        doc.update(state="failed", code="interrupted", finished_at=iso(time.time()),
+                   error="the controller driving this migration stopped while it ran; check where the instance runs "
+                   f"(kumoctl instances show {doc['instance']}) and restore its checkpoint if it runs nowhere")
+        await ctl.store.put_migration(doc)
+        log.warning("migration %s of %s was cut off by its controller's end", doc["id"], doc["instance"])
 
 
 async def _destination(ctl: Any, row: dict[str, Any], to: str | None) -> str:
@@ -313,31 +329,28 @@ async def start_migration(ctl: Any, row: dict[str, Any], to: str | None) -> dict
     """
     name = row["name"]
     await _checkpointable(ctl, row, "migrate")
-    refuse_if_migrating(ctl, name)
-    mgr = migrations(ctl)
-    mgr.busy[name] = ""
-    try:
-        destination = await _destination(ctl, row, to)
-        await preflight(ctl, row, "migrate")
-    except BaseException:
-        mgr.busy.pop(name, None)
-        raise
     now = time.time()
     doc: dict[str, Any] = {
         "id": "m-" + uuid.uuid4().hex[:16], "instance": name, "kind": row["kind"], "source": row["node"],
-        "destination": destination, "node": row["node"], "state": "running", "phase": "checkpoint",
+        "destination": None, "node": row["node"], "state": "running", "phase": "preflight",
         "progress": {"bytes_total": None, "bytes_sent": 0, "bytes_received": 0},
         "image": None, "sha256": None, "error": None, "code": None, "outcome": None,
         "created_at": iso(now), "finished_at": None, "seconds": None,
     }
-    mgr.busy[name] = doc["id"]
-    mgr.docs[doc["id"]] = doc
+    # Held from here, in the store: no other controller starts a second migration of it meanwhile.
+    holder = await ctl.store.begin_migration(doc, ctl.id)
+    if holder is not None:
+        _busy(name, holder)
     try:
+        doc["destination"] = destination = await _destination(ctl, row, to)
+        await preflight(ctl, row, "migrate")
+        doc["phase"] = "checkpoint"
         await ctl.store.put_migration(doc)
     except BaseException:
-        mgr.busy.pop(name, None)
-        mgr.docs.pop(doc["id"], None)
+        await asyncio.shield(ctl.store.drop_migration(doc["id"]))
         raise
+    mgr = migrations(ctl)
+    mgr.docs[doc["id"]] = doc
     mgr.running[doc["id"]] = asyncio.create_task(_drive(ctl, doc, now), name=f"kumo-migration-{doc['id']}")
     log.info("migration %s: %s %s from %s to %s", doc["id"], row["kind"], name, row["node"], destination)
     return doc
@@ -356,9 +369,8 @@ async def _drive(ctl: Any, doc: dict[str, Any], started: float) -> None:
             doc["progress"].update(bytes_sent=relay.sent, bytes_received=relay.received)
             if relay.total is not None:
                 doc["progress"]["bytes_total"] = relay.total
-        # The instance is free before anyone can read the end state: a client that sees
+        # One write frees the instance and shows the end state: a client that sees
         # "succeeded" may at once stop, delete or migrate it again.
-        mgr.busy.pop(doc["instance"], None)
         doc.update(state="succeeded" if doc["phase"] == "done" and doc["error"] is None else "failed",
                    finished_at=iso(time.time()), seconds=round(time.time() - started, 3))
         with contextlib.suppress(Exception):
@@ -529,19 +541,72 @@ async def _roll_back(ctl: Any, doc: dict[str, Any], base: dict[str, Any], image:
 # -- the image relay (node endpoints) -------------------------------------------------------
 
 
-def _relay(request: web.Request, role: str) -> Relay:
+async def _relay(request: web.Request, role: str) -> Relay | str:
+    """This controller's relay for the migration, or the URL to forward the stream to when
+    another controller drives it."""
     ctl = state(request)
     migration_id, node_id = request.match_info["mid"], request.match_info["id"]
     relay = migrations(ctl).relays.get(migration_id)
-    if relay is None:
+    if relay is not None:
+        if node_id != (relay.source if role == "source" else relay.destination):
+            raise ApiError(403, f"node {node_id} is not the {role} of migration {migration_id}")
+        return relay
+    doc = await ctl.store.get_migration(migration_id)
+    forwarded = request.path.startswith("/v1/relay/")  # never forwarded twice
+    if doc is None or doc["state"] != "running" or doc["controller"] == ctl.id or forwarded:
         raise ApiError(404, f"migration {migration_id} has no transfer in progress")
-    if node_id != (relay.source if role == "source" else relay.destination):
+    if node_id != doc[role]:
         raise ApiError(403, f"node {node_id} is not the {role} of migration {migration_id}")
-    return relay
+    url = await ctl.controller_url(doc["controller"])
+    if url is None:
+        raise ApiError(503, f"the controller driving migration {migration_id} is not running; the migration will "
+                            "be recorded as interrupted")
+    return f"{url}/v1/relay/{migration_id}/{node_id}"
+
+
+async def _stream(request: web.Request) -> Any:
+    async for chunk in request.content.iter_any():
+        yield chunk
+
+
+async def _forward_upload(request: web.Request, target: str) -> web.Response:
+    size = request.headers.get("X-Kumo-Size")
+    try:
+        async with state(request).peers().put(target, data=_stream(request),
+                                              headers={"X-Kumo-Size": size} if size else {}) as answer:
+            return reply(await answer.json(content_type=None), answer.status)
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        raise ApiError(502, f"forwarding the image to the controller driving the migration failed: "
+                            f"{exc or type(exc).__name__}") from None
+
+
+async def _forward_download(request: web.Request, target: str) -> web.StreamResponse:
+    try:
+        upstream = await state(request).peers().get(target)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise ApiError(502, f"the controller driving the migration cannot be reached: {exc or type(exc).__name__}") from None
+    async with upstream:
+        if upstream.status != 200:
+            return reply(await upstream.json(content_type=None), upstream.status)
+        response = web.StreamResponse(headers={"Content-Type": "application/x-tar"})
+        if upstream.content_length is not None:
+            response.content_length = upstream.content_length
+        await response.prepare(request)
+        try:
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+            await response.write_eof()
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            # The answer has begun: cutting the connection is how the destination learns of it.
+            if request.transport is not None:
+                request.transport.close()
+        return response
 
 
 async def upload_image(request: web.Request) -> web.Response:
-    relay = _relay(request, "source")
+    relay = await _relay(request, "source")
+    if isinstance(relay, str):
+        return await _forward_upload(request, relay)
     if relay.attached.is_set():
         raise ApiError(409, "the image of this migration is already being sent")
     size = request.headers.get("X-Kumo-Size", "")
@@ -566,7 +631,9 @@ async def upload_image(request: web.Request) -> web.Response:
 
 
 async def download_image(request: web.Request) -> web.StreamResponse:
-    relay = _relay(request, "destination")
+    relay = await _relay(request, "destination")
+    if isinstance(relay, str):
+        return await _forward_download(request, relay)
     try:
         await relay.until(relay.attached.wait(), f"node {relay.source} did not start sending")
     except RelayAborted as exc:
@@ -621,6 +688,7 @@ async def evacuate(ctl: Any, node_id: str) -> dict[str, Any]:
 
 INSTANCE = "/v1/instances/{name}"
 IMAGE = "/v1/nodes/{id}/migrations/{mid}/image"
+RELAY = "/v1/relay/{mid}/{id}"
 ROUTES = [
     Route("POST", INSTANCE + "/checkpoint", checkpoint, "admin",
           "Checkpoint a process or lxc instance with CRIU (pre-flight first: 409 with the blockers).",
@@ -633,4 +701,8 @@ ROUTES = [
     Route("GET", "/v1/migrations/{id}", show_migration, "admin", "A migration: its phase, progress and outcome."),
     Route("PUT", IMAGE, upload_image, "node", "The source node streams a migration's checkpoint (a tar)."),
     Route("GET", IMAGE, download_image, "node", "The destination node reads a migration's checkpoint as it arrives."),
+    Route("PUT", RELAY, upload_image, "controller",
+          "Another controller forwards the image its node sends (this controller drives the migration)."),
+    Route("GET", RELAY, download_image, "controller",
+          "Another controller forwards the image to its node (this controller drives the migration)."),
 ]

@@ -384,22 +384,53 @@ class Store:
         async with self._tx() as tx:
             return await tx.execute("UPDATE instances SET node=? WHERE name=? AND node=?", destination, name, source) == 1
 
-    # Migrations: one JSON document each.
+    # Migrations: one JSON document each; while one runs (``state`` "running") it holds its
+    # instance and names the controller driving it.
 
-    async def put_migration(self, migration: dict[str, Any]) -> None:
-        """Insert or replace one migration's record (a JSON document with ``id`` and ``instance``)."""
+    async def begin_migration(self, migration: dict[str, Any], controller_id: str) -> str | None:
+        """Record a new running migration; the id of the one already holding the instance instead."""
         now = time.time()
         async with self._tx() as tx:
+            added = await tx.execute(
+                "INSERT INTO migrations (id, instance, doc, created_at, updated_at, controller, active) "
+                "VALUES (?, ?, ?, ?, ?, ?, 1) ON CONFLICT (instance) WHERE active = 1 DO NOTHING",
+                migration["id"], migration["instance"], json.dumps(migration), now, now, controller_id,
+            )
+            if added:
+                return None
+            row = await tx.one("SELECT id FROM migrations WHERE instance=? AND active=1", migration["instance"])
+            return row["id"] if row else ""
+
+    async def put_migration(self, migration: dict[str, Any]) -> None:
+        """Save a migration's document; one no longer running lets go of its instance."""
+        async with self._tx() as tx:
             await tx.execute(
-                "INSERT INTO migrations VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT (id) DO UPDATE SET doc=excluded.doc, updated_at=excluded.updated_at",
-                migration["id"], migration["instance"], json.dumps(migration), now, now,
+                "UPDATE migrations SET doc=?, updated_at=?, active=? WHERE id=?",
+                json.dumps(migration), time.time(), int(migration["state"] == "running"), migration["id"],
             )
 
-    async def get_migration(self, migration_id: str) -> dict[str, Any] | None:
+    async def drop_migration(self, migration_id: str) -> None:
+        """Forget a migration that never started (its pre-flight refused it)."""
         async with self._tx() as tx:
-            row = _decoded(await tx.one("SELECT doc FROM migrations WHERE id=?", migration_id))
-        return row["doc"] if row is not None else None
+            await tx.execute("DELETE FROM migrations WHERE id=?", migration_id)
+
+    async def get_migration(self, migration_id: str) -> dict[str, Any] | None:
+        """The document, with ``controller`` (who drives it) beside it."""
+        async with self._tx() as tx:
+            row = _decoded(await tx.one("SELECT doc, controller FROM migrations WHERE id=?", migration_id))
+        return {**row["doc"], "controller": row["controller"]} if row is not None else None
+
+    async def active_migration(self, instance: str) -> str | None:
+        """The id of the migration holding ``instance``, if one does."""
+        async with self._tx() as tx:
+            row = await tx.one("SELECT id FROM migrations WHERE instance=? AND active=1", instance)
+        return row["id"] if row else None
+
+    async def orphaned_migrations(self, live_controllers: list[str]) -> list[dict[str, Any]]:
+        """Running migrations whose controller is not among ``live_controllers``: it died."""
+        async with self._tx() as tx:
+            rows = _all_decoded(await tx.all("SELECT doc, controller FROM migrations WHERE active=1"))
+        return [row["doc"] for row in rows if row["controller"] not in live_controllers]
 
     # The audit log.
 
@@ -463,13 +494,15 @@ class Store:
     async def add_alerts(self, node_id: str, alerts: list[dict[str, Any]]) -> int:
         now, added = time.time(), 0
         async with self._tx() as tx:
-            for a in alerts:
+            for index, a in enumerate(alerts):
+                # received_at orders transitions (a resolve after its firing): a microsecond
+                # apart keeps a batch's order in both databases, which have no common rowid.
                 added += await tx.execute(
                     "INSERT INTO alerts (node, id, rule, state, severity, labels, annotations, value, "
                     "starts_at, ends_at, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                     "ON CONFLICT (node, id) DO NOTHING",
                     node_id, a["id"], a["rule"], a["state"], a["severity"], json.dumps(a["labels"]),
-                    json.dumps(a["annotations"]), a["value"], a["starts_at"], a["ends_at"], now,
+                    json.dumps(a["annotations"]), a["value"], a["starts_at"], a["ends_at"], now + index * 1e-6,
                 )
             if added:
                 tx.notify({"event": "alerts"})
@@ -488,6 +521,27 @@ class Store:
     async def mark_forwarded(self, keys: list[tuple[str, str]]) -> None:
         async with self._tx() as tx:
             await tx.executemany("UPDATE alerts SET forwarded=1 WHERE node=? AND id=?", keys)
+
+
+    # Old data does not grow forever.
+
+    async def prune(self, before: float, forwarding: bool) -> dict[str, int]:
+        """Delete what ended before ``before``: finished tasks, migrations no longer running,
+        used or expired join tokens, and the transitions of alerts resolved by then (once
+        forwarded, when ``forwarding``). Alerts still firing keep their latest transition."""
+        async with self._tx() as tx:
+            return {
+                "tasks": await tx.execute(
+                    "DELETE FROM tasks WHERE state IN ('succeeded', 'failed') AND updated_at < ?", before),
+                "migrations": await tx.execute("DELETE FROM migrations WHERE active = 0 AND updated_at < ?", before),
+                "tokens": await tx.execute(
+                    "DELETE FROM tokens WHERE (uses_left <= 0 OR expires_at < ?) AND created_at < ?", before, before),
+                "alerts": await tx.execute(
+                    "DELETE FROM alerts AS a WHERE a.received_at < ? AND (a.forwarded = 1 OR ? = 0) AND EXISTS "
+                    "(SELECT 1 FROM alerts AS r WHERE r.node = a.node AND r.rule = a.rule AND r.labels = a.labels "
+                    "AND r.state = 'resolved' AND r.received_at >= a.received_at AND r.received_at < ?)",
+                    before, int(forwarding), before),
+            }
 
 
 async def _token_status(tx: Tx, token_hash: str) -> TokenCheck:

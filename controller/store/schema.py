@@ -53,9 +53,13 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
         "name TEXT NOT NULL, expires_at DOUBLE PRECISION NOT NULL, created_at DOUBLE PRECISION NOT NULL, "
         "revoked_at DOUBLE PRECISION)",
     ]),
-    ("controllers: every running controller and the URL nodes reach it at", [
+    ("several controllers: the controllers table; a migration is held by the controller driving it", [
         "CREATE TABLE controllers (id TEXT PRIMARY KEY, url TEXT NOT NULL, started_at DOUBLE PRECISION NOT NULL, "
         "last_seen DOUBLE PRECISION NOT NULL)",
+        "ALTER TABLE migrations ADD COLUMN controller TEXT",
+        "ALTER TABLE migrations ADD COLUMN active INTEGER NOT NULL DEFAULT 0",
+        # At most one migration holds an instance, whichever controller drives it.
+        "CREATE UNIQUE INDEX migrations_active ON migrations (instance) WHERE active = 1",
     ]),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)

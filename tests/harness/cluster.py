@@ -14,7 +14,9 @@ shows quickly.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import signal
 import ssl
 import subprocess
@@ -29,9 +31,11 @@ from typing import Any
 import pytest
 import yaml
 
+from controller.store import open_store
 from tests.harness import free_port
 
 START_TIMEOUT = 30.0
+STORE = os.environ.get("KUMO_TEST_DATABASE", "sqlite")
 
 
 def controller_command() -> list[str]:
@@ -55,6 +59,7 @@ class ControllerProcess:
         config = yaml.safe_load(self.config_path.read_text())
         config.update({"heartbeat_interval": 1.0, "poll_timeout": 5.0, "log_level": "debug", **settings})
         self.config_path.write_text(yaml.safe_dump(config))
+        self.database: str = config["database"]
         self.pki = directory / "pki"
         self.url = f"https://127.0.0.1:{self.port}"
         self.kumoctl_config = directory / "kumoctl.yaml"
@@ -132,18 +137,41 @@ class ControllerProcess:
             self.proc.kill()
             self.proc.wait()
 
+    def sql(self, statement: str, *args: Any) -> list[dict[str, Any]]:
+        """Run one statement (``?`` placeholders) on the controller's database, whichever it is."""
+
+        async def run() -> list[dict[str, Any]]:
+            store = await open_store(self.database).open()
+            try:
+                async with store.db.transaction() as tx:
+                    return await tx.all(statement, *args)
+            finally:
+                await store.close()
+
+        return asyncio.run(run())
+
     def log_tail(self, lines: int = 60) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
         return "\n".join(text.splitlines()[-lines:])
 
 
 @pytest.fixture
-def controller_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., ControllerProcess]]:
-    """Factory: ``controller_factory(init_args=(), **settings)`` → a started :class:`ControllerProcess`."""
+def controller_factory(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., ControllerProcess]]:
+    """Factory: ``controller_factory(init_args=(), **settings)`` → a started :class:`ControllerProcess`.
+
+    With ``KUMO_TEST_DATABASE=postgresql`` in the environment, every controller that does not
+    name its database gets a new one on the session's PostgreSQL (the Debian leg of
+    ``make test`` runs the whole suite that way; the PyPI leg keeps the SQLite default).
+    """
     made: list[ControllerProcess] = []
 
     def make(init_args: list[str] = (), **settings: Any) -> ControllerProcess:
-        ctl = ControllerProcess(tmp_path_factory.mktemp("controller"), settings, list(init_args))
+        init_args = list(init_args)
+        if STORE == "postgresql" and "--database" not in init_args:
+            init_args += ["--database", request.getfixturevalue("postgres").database()]
+        ctl = ControllerProcess(tmp_path_factory.mktemp("controller"), settings, init_args)
         made.append(ctl)
         ctl.start()
         return ctl
