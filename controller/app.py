@@ -110,6 +110,11 @@ class Controller:
         role, name = pki.identity_of(cert)
         await self.store.add_client_certificate(format(cert.serial_number, "x"), role, name, pki.expires_at(cert))
 
+    async def controller_urls(self) -> list[str]:
+        """Every controller's API URL, the one agents use first at the head: what join strings
+        carry. One controller knows only itself; a shared store will list them all."""
+        return [self.settings.url]
+
     def release_waiters(self) -> None:
         """Answer every long-poll now, so shutting down does not wait out their timeouts."""
         self.stopping = True
