@@ -6,13 +6,17 @@ subprocess on 127.0.0.1, so tests go through TLS, the store and the CLI exactly 
         status, body = controller.call("GET", "/v1/nodes", cert=None)   # any identity, any status
         controller.kill(); controller.start()                # crash and restart, same state
 
-``controller_factory(**settings)`` makes more (e.g. ``node_cert_ttl=20``). Heartbeats are
-every second so readiness shows quickly.
+``controller_factory(**settings)`` makes more (e.g. ``node_cert_ttl=20``);
+``controller_factory(share_with=ctl)`` makes a second controller process of the same fleet: a
+copy of ``ctl``'s CA and certificates, the same SQLite database, its own ports. Start it after
+the nodes it should serve have joined (a controller reads the node certificates it accepts
+when it starts). Heartbeats are every second so readiness shows quickly.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import ssl
 import subprocess
@@ -40,22 +44,34 @@ def controller_command() -> list[str]:
 class ControllerProcess:
     """One initialised controller directory and, while started, its process."""
 
-    def __init__(self, directory: Path, settings: dict[str, Any]):
+    def __init__(self, directory: Path, settings: dict[str, Any], share_with: ControllerProcess | None = None):
         self.dir = directory
         self.port, self.enroll_port = free_port(), free_port()
-        result = subprocess.run(  # noqa: S603 - fixed argument list
-            [*controller_command(), "init", "--dir", str(directory), "--listen", f"127.0.0.1:{self.port}",
-             "--enroll-listen", f"127.0.0.1:{self.enroll_port}"],
-            capture_output=True, text=True, timeout=60, check=False,
-        )
-        assert result.returncode == 0, result.stderr
-        self.config_path = directory / "controller.yaml"
-        config = yaml.safe_load(self.config_path.read_text())
-        config.update({"heartbeat_interval": 1.0, "poll_timeout": 5.0, "log_level": "debug", **settings})
-        self.config_path.write_text(yaml.safe_dump(config))
         self.pki = directory / "pki"
         self.url = f"https://127.0.0.1:{self.port}"
+        self.config_path = directory / "controller.yaml"
         self.kumoctl_config = directory / "kumoctl.yaml"
+        if share_with is None:
+            result = subprocess.run(  # noqa: S603 - fixed argument list
+                [*controller_command(), "init", "--dir", str(directory), "--listen", f"127.0.0.1:{self.port}",
+                 "--enroll-listen", f"127.0.0.1:{self.enroll_port}"],
+                capture_output=True, text=True, timeout=60, check=False,
+            )
+            assert result.returncode == 0, result.stderr
+            config = yaml.safe_load(self.config_path.read_text())
+        else:
+            # The server certificate names 127.0.0.1, so the copy serves on any port of it.
+            shutil.copytree(share_with.pki, self.pki)
+            config = yaml.safe_load(share_with.config_path.read_text())
+            config.update({"pki_dir": str(self.pki), "listen": f"127.0.0.1:{self.port}",
+                           "enroll_listen": f"127.0.0.1:{self.enroll_port}", "url": self.url})
+            kumoctl = yaml.safe_load(share_with.kumoctl_config.read_text())
+            self.kumoctl_config.write_text(yaml.safe_dump({**kumoctl, "controller": self.url,
+                                                           "ca": str(self.pki / "ca.crt"),
+                                                           "cert": str(self.pki / "admin.crt"),
+                                                           "key": str(self.pki / "admin.key")}))
+        config.update({"heartbeat_interval": 1.0, "poll_timeout": 5.0, "log_level": "debug", **settings})
+        self.config_path.write_text(yaml.safe_dump(config))
         self.log_path = directory / "controller.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -135,11 +151,11 @@ class ControllerProcess:
 
 @pytest.fixture
 def controller_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., ControllerProcess]]:
-    """Factory: ``controller_factory(**settings)`` → a started :class:`ControllerProcess`."""
+    """Factory: ``controller_factory(share_with=None, **settings)`` → a started :class:`ControllerProcess`."""
     made: list[ControllerProcess] = []
 
-    def make(**settings: Any) -> ControllerProcess:
-        ctl = ControllerProcess(tmp_path_factory.mktemp("controller"), settings)
+    def make(share_with: ControllerProcess | None = None, **settings: Any) -> ControllerProcess:
+        ctl = ControllerProcess(tmp_path_factory.mktemp("controller"), settings, share_with)
         made.append(ctl)
         ctl.start()
         return ctl
