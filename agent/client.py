@@ -60,8 +60,6 @@ class ControllerChoice:
     """
 
     def __init__(self, urls: Sequence[str]):
-        if not urls:
-            raise ValueError("no controller URL")
         self.urls = list(urls)
         self.current = self.urls[0]
         self._pending = self.urls[1:]
