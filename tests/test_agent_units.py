@@ -33,7 +33,16 @@ from agent.journal import Outcome, TaskJournal
 from agent.pluginmanager import Hooks, make_plugin_manager
 from agent.runtime import configure_plugins
 from agent.sdk import Backoff, ConfigError, Fingerprint, hookimpl
-from agent.settings import NODE_CERT, NODE_CERT_NEXT, NODE_KEY, load_settings
+from agent.settings import (
+    JOIN_FILE,
+    NODE_CERT,
+    NODE_CERT_NEXT,
+    NODE_KEY,
+    JoinRecord,
+    load_settings,
+    read_join_record,
+    write_join_record,
+)
 from controller.api.enroll import join_string
 from tests.harness import free_port
 
@@ -206,6 +215,13 @@ def test_controller_is_one_url_or_a_list(tmp_path):
     listed = load_settings(_write(tmp_path, "controller: [https://a:8443, 'https://[::1]:9443']\n"))
     assert listed.controller == ["https://a:8443", "https://[::1]:9443"]
     assert load_settings(_write(tmp_path, "state_dir: /x\n")).controller is None
+
+
+def test_join_record_keeps_the_list_and_reads_an_older_agents_single_url(tmp_path):
+    write_join_record(tmp_path, JoinRecord(("https://a:8443", "https://b:8443"), "n-1"))
+    assert read_join_record(tmp_path) == JoinRecord(("https://a:8443", "https://b:8443"), "n-1")
+    (tmp_path / JOIN_FILE).write_text('{"controller": "https://a:8443", "node_id": "n-1"}')
+    assert read_join_record(tmp_path) == JoinRecord(("https://a:8443",), "n-1")
 
 
 def test_failover_keeps_a_working_controller_and_tries_the_others_in_order():
