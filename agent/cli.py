@@ -21,6 +21,7 @@ from agent.settings import (
     DEFAULT_STATE_DIR,
     AgentSettings,
     JoinError,
+    controller_url,
     load_settings,
 )
 
@@ -45,7 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     config_help = f"agent config file (default {DEFAULT_CONFIG}, read when present)"
 
     join = sub.add_parser("join", help="enroll this node with a controller (once)")
-    join.add_argument("--controller", required=True, metavar="URL", help="https://HOST:PORT of the controller's API")
+    join.add_argument("--controller", action="append", default=[], metavar="URL",
+                      help="https://HOST:PORT of a controller's API, tried before (and kept with) the ones the "
+                           "join string lists; repeatable")
     join.add_argument("--token", required=True, metavar="JOIN", help="the join string from `kumoctl token create`")
     join.add_argument("--state-dir", type=Path, help=f"where the identity goes (default: config's state_dir or {DEFAULT_STATE_DIR})")
     join.add_argument("--config", type=Path, help=config_help)
@@ -70,9 +73,15 @@ def _settings(args: argparse.Namespace) -> AgentSettings:
 def _join(args: argparse.Namespace) -> int:
     from agent.enroll import join
 
+    controllers = []
+    for url in args.controller:
+        try:
+            controllers.append(controller_url(url))
+        except ValueError as exc:
+            raise JoinError(f"--controller: {exc}") from None
     state_dir = args.state_dir or _settings(args).state_dir
-    record = join(args.controller, args.token, state_dir, force=args.force)
-    print(f"joined {record.controller} as node {record.node_id}; identity in {state_dir}")
+    record = join(controllers, args.token, state_dir, force=args.force)
+    print(f"joined as node {record.node_id}; controllers {', '.join(record.controllers)}; identity in {state_dir}")
     print(f"start the agent: kumo-agent run{f' --config {args.config}' if args.config else ''}")
     return 0
 

@@ -6,6 +6,10 @@ made with the old one are closed instead of reused. Failures are sorted in two:
 :class:`~agent.sdk.ControllerUnavailable` (network, TLS, timeouts, 5xx: try again later) and
 :class:`ControllerRejected` (a 4xx answer: retrying the same request will not help).
 
+An agent may know several controllers (all active, on one shared store). The session uses
+one at a time; when it fails, :class:`ControllerChoice` names the next to try, and the agent
+stays on whichever works rather than going back to the first as soon as it returns.
+
 Requests go through the standard library's ``http.client`` in a few worker threads of the
 client's own, as ``kumo-agent join`` does, not through aiohttp: an agent's whole traffic
 with the controller is small JSON requests, and importing aiohttp's client would be a
@@ -24,6 +28,7 @@ import json
 import logging
 import socket
 import ssl
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -46,17 +51,43 @@ class ControllerRejected(PluginError):
         self.error = error
 
 
-class ControllerClient:
-    """Requests to the controller's API listener as this node, plus the connected/unreachable state.
+class ControllerChoice:
+    """Which controller to use, from the list in agent.yaml or join.json, and which next.
 
-    The state changes are logged once each way (connected → unreachable → connected), never
-    once per failed attempt: an outage of an hour must not write thousands of lines.
+    A controller that works is kept for as long as it works, whatever its place in the list
+    (no flapping back to the first). After a failure the others are tried in the list's
+    order, the one that just failed last; once all failed, the same again from the top.
     """
 
-    def __init__(self, base_url: str, identity: Identity, on_state_change: Any = None):
-        self.base_url = base_url.rstrip("/")
-        parts = urlsplit(self.base_url)
-        self._host, self._port = parts.hostname or "", parts.port or 443
+    def __init__(self, urls: Sequence[str]):
+        self.urls = list(urls)
+        self.current = self.urls[0]
+        self._pending = self.urls[1:]
+
+    def failed(self) -> str:
+        """The current controller failed: the one to try next (the same one when it is alone)."""
+        if not self._pending:
+            self._pending = [url for url in self.urls if url != self.current] + [self.current]
+        self.current = self._pending.pop(0)
+        return self.current
+
+    def working(self) -> None:
+        """The current controller answered: the next failure starts a new round from the top."""
+        self._pending = []
+
+
+class ControllerClient:
+    """Requests to the current controller's API listener as this node, plus the
+    connected/unreachable state.
+
+    The state changes are logged once each way (connected → unreachable → connected), never
+    once per failed attempt or per controller tried: an outage of an hour must not write
+    thousands of lines.
+    """
+
+    def __init__(self, urls: Sequence[str], identity: Identity, on_state_change: Any = None):
+        self.controllers = ControllerChoice([url.rstrip("/") for url in urls])
+        self._use(self.controllers.current)
         self.identity = identity
         self._ssl = identity.client_tls_context()
         self.connected: bool | None = None
@@ -117,18 +148,24 @@ class ControllerClient:
         return await self.request(method.upper(), f"{self.node_path}/{path.lstrip('/')}", json, timeout)
 
     def mark_connected(self) -> None:
+        self.controllers.working()
         if self.connected is not True:
             log.info("controller %s: connected as node %s", self.base_url, self.identity.node_id)
             self._set_state(True)
 
     def mark_unreachable(self, reason: str) -> None:
+        """The session with the current controller failed: move to the next one to try."""
+        failed = self.base_url
+        self._use(self.controllers.failed())
         if self.connected is not False:
-            log.warning(
-                "controller %s: unreachable (%s); retrying with backoff, instances keep running",
-                self.base_url,
-                reason,
-            )
+            then = f"using {self.base_url}" if self.base_url != failed else "retrying with backoff"
+            log.warning("controller %s unreachable (%s); %s, instances keep running", failed, reason, then)
             self._set_state(False)
+
+    def _use(self, url: str) -> None:
+        self.base_url = url
+        parts = urlsplit(url)
+        self._host, self._port = parts.hostname or "", parts.port or 443
 
     def _set_state(self, connected: bool) -> None:
         self.connected = connected
@@ -154,10 +191,10 @@ class ControllerClient:
         tls = self._ssl
         while self._idle and not fresh:
             made_with, conn = self._idle.pop()
-            if made_with is tls:
+            if made_with is tls and (conn.host, conn.port) == (self._host, self._port):
                 self._busy[conn] = tls
                 return conn, True
-            conn.close()  # made before a renewal: the old certificate
+            conn.close()  # made before a renewal (the old certificate) or to another controller
         conn = http.client.HTTPSConnection(self._host, self._port, context=tls)
         self._busy[conn] = tls
         return conn, False

@@ -39,32 +39,48 @@ from agent.settings import (
     NODE_KEY,
     JoinError,
     JoinRecord,
+    controller_url,
     write_join_record,
 )
 
-JOIN_PREFIX = "kumo1"
+JOIN_PREFIX = "kumo2"
+# What controllers printed before join strings carried their URLs: still joins, with --controller.
+OLD_JOIN_PREFIX = "kumo1"
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{16,}\Z")
 _HASH_RE = re.compile(r"^[0-9a-f]{64}\Z")
 _PEM_CERT_RE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
 NETWORK_TIMEOUT = 30.0
 
 
+class Unreachable(JoinError):
+    """No TLS answer from one controller's enrollment listener: the next one may answer."""
+
+
 @dataclasses.dataclass(frozen=True)
 class JoinString:
-    """A parsed ``kumo1:<enroll_port>:<token>:<ca_hash>``."""
+    """A parsed ``kumo2:<enroll_port>:<token>:<ca_hash>:<url>[,<url>...]``."""
 
     enroll_port: int
     token: str
     ca_hash: str
+    controllers: tuple[str, ...]
 
 
 def parse_join_string(text: str) -> JoinString:
-    """Parse the string ``kumoctl token create`` prints; JoinError names the bad part."""
-    expected = "expected kumo1:<enroll_port>:<token>:<ca_hash> as printed by `kumoctl token create`"
-    parts = text.strip().split(":")
-    if len(parts) != 4 or parts[0] != JOIN_PREFIX:
-        raise JoinError(f"malformed join string: {expected}")
-    _, port, token, ca_hash = parts
+    """Parse the string ``kumoctl token create`` prints; JoinError names the bad part.
+
+    The controllers' URLs come last and hold colons of their own, so only the first four
+    colons separate fields; the URLs are separated by commas.
+    """
+    expected = (f"expected {JOIN_PREFIX}:<enroll_port>:<token>:<ca_hash>:<url>[,<url>...] "
+                "as printed by `kumoctl token create`")
+    parts = text.strip().split(":", 4)
+    fields = {JOIN_PREFIX: 5, OLD_JOIN_PREFIX: 4}.get(parts[0])
+    if fields is None:
+        raise JoinError(f"malformed join string: it starts with {parts[0][:16]!r}, not {JOIN_PREFIX}; {expected}")
+    if len(parts) < fields or (fields == 4 and len(parts) > 4):
+        raise JoinError(f"malformed join string: {fields} fields separated by ':' needed, {len(parts)} found; {expected}")
+    port, token, ca_hash = parts[1:4]
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise JoinError(f"malformed join string: enrollment port {port!r} is not a TCP port; {expected}")
     if not _TOKEN_RE.match(token):
@@ -74,19 +90,13 @@ def parse_join_string(text: str) -> JoinString:
         raise JoinError(
             f"malformed join string: the CA hash must be 64 hex digits (SHA-256), got {len(ca_hash)} characters; {expected}"
         )
-    return JoinString(int(port), token, ca_hash)
-
-
-def parse_controller_url(url: str) -> tuple[str, int]:
-    """``https://HOST:PORT`` → (host, port); JoinError otherwise."""
-    parts = urlsplit(url)
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    if parts.scheme != "https" or not parts.hostname or port is None:
-        raise JoinError(f"--controller: expected https://HOST:PORT (the controller's API address), got {url!r}")
-    return parts.hostname, port
+    controllers: list[str] = []
+    for i, url in enumerate(parts[4].split(",") if fields == 5 else (), start=1):
+        try:
+            controllers.append(controller_url(url))
+        except ValueError as exc:
+            raise JoinError(f"malformed join string: controller URL {i}: {exc}; {expected}") from None
+    return JoinString(int(port), token, ca_hash, tuple(dict.fromkeys(controllers)))
 
 
 def spki_sha256(cert: x509.Certificate) -> str:
@@ -118,7 +128,7 @@ def _chain_from_ssl(host: str, port: int, timeout: float) -> list[x509.Certifica
             with ctx.wrap_socket(raw, server_hostname=None if _is_ip(host) else host) as tls:
                 chain = tls.get_unverified_chain() or []
     except (OSError, ssl.SSLError) as exc:
-        raise JoinError(f"cannot reach the enrollment listener at {host}:{port}: {exc}") from None
+        raise Unreachable(f"cannot reach the enrollment listener at {host}:{port}: {exc}") from None
     ders = [c if isinstance(c, bytes) else c.public_bytes(ssl.ENCODING_DER) for c in chain]
     return [x509.load_der_x509_certificate(der) for der in ders]
 
@@ -135,12 +145,12 @@ def _chain_from_openssl(host: str, port: int, timeout: float) -> list[x509.Certi
     except FileNotFoundError:
         raise JoinError("the openssl command is missing: install the openssl package") from None
     except subprocess.TimeoutExpired:
-        raise JoinError(f"no TLS answer from the enrollment listener at {host}:{port} within {timeout:.0f} s") from None
+        raise Unreachable(f"no TLS answer from the enrollment listener at {host}:{port} within {timeout:.0f} s") from None
     certs = [x509.load_pem_x509_certificate(pem) for pem in _PEM_CERT_RE.findall(proc.stdout)]
     if not certs:
         detail = proc.stderr.decode(errors="replace").strip().splitlines()
         reason = detail[0] if detail else f"openssl exited {proc.returncode}"
-        raise JoinError(f"cannot reach the enrollment listener at {host}:{port}: {reason}")
+        raise Unreachable(f"cannot reach the enrollment listener at {host}:{port}: {reason}")
     return certs
 
 
@@ -161,7 +171,7 @@ def find_pinned_ca(chain: list[x509.Certificate], ca_hash: str, where: str) -> x
     raise JoinError(
         f"refusing to join: the server at {where} presented no CA certificate matching the join "
         f"string's hash {ca_hash[:16]}... (it presented {seen}). The token was NOT sent. Check the "
-        "--controller address and that the join string comes from that controller."
+        "controller's address and that the join string comes from that controller."
     )
 
 
@@ -236,17 +246,23 @@ def identity_exists(state_dir: Path) -> bool:
     return any((state_dir / name).exists() for name in (JOIN_FILE, NODE_CERT, NODE_KEY))
 
 
-def join(controller: str, join_text: str, state_dir: Path, *, force: bool = False) -> JoinRecord:
-    """Enroll this node; write node.key (0600), node.crt, ca.crt and join.json into ``state_dir``."""
-    host, _api_port = parse_controller_url(controller)
+def join(controllers: list[str], join_text: str, state_dir: Path, *, force: bool = False) -> JoinRecord:
+    """Enroll this node; write node.key (0600), node.crt, ca.crt and join.json into ``state_dir``.
+
+    ``controllers`` (``--controller``) come before the join string's URLs, in the list tried
+    and in the one recorded: a node may reach a controller by another address than the one
+    it announces. Enrollment goes to the first whose enrollment listener answers.
+    """
     pin = parse_join_string(join_text)
+    urls = list(dict.fromkeys([*controllers, *pin.controllers]))
+    if not urls:
+        raise JoinError(f"this {OLD_JOIN_PREFIX} join string names no controller: pass --controller URL as well")
     if identity_exists(state_dir) and not force:
         raise JoinError(
             f"{state_dir} already holds a node identity; pass --force to replace it "
             "(the old node stays registered until an admin removes it)"
         )
-    where = f"{host}:{pin.enroll_port}"
-    ca = find_pinned_ca(fetch_unverified_chain(host, pin.enroll_port), pin.ca_hash, where)
+    ca, host = _pinned_ca(urls, pin)
     ca_pem = ca.public_bytes(serialization.Encoding.PEM).decode()
     key = new_node_key()
     hostname = socket.gethostname()
@@ -268,9 +284,26 @@ def join(controller: str, join_text: str, state_dir: Path, *, force: bool = Fals
     atomic_write(state_dir / NODE_KEY, key_pem(key), 0o600)
     atomic_write(state_dir / NODE_CERT, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     atomic_write(state_dir / CA_CERT, ca_pem.encode(), 0o644)
-    record = JoinRecord(controller=controller.rstrip("/"), node_id=node_id)
+    record = JoinRecord(controllers=tuple(urls), node_id=node_id)
     write_join_record(state_dir, record)
     return record
+
+
+def _pinned_ca(urls: list[str], pin: JoinString) -> tuple[x509.Certificate, str]:
+    """The pinned CA from the first enrollment listener that answers, and that listener's host.
+
+    Only an unreachable listener moves on to the next: one presenting another CA stops the
+    join, since something answers on a controller's address that is not the controller.
+    """
+    failures = []
+    for url in urls:
+        host = urlsplit(url).hostname or ""
+        where = f"{host}:{pin.enroll_port}"
+        try:
+            return find_pinned_ca(fetch_unverified_chain(host, pin.enroll_port), pin.ca_hash, where), host
+        except Unreachable as exc:
+            failures.append(str(exc))
+    raise JoinError(f"no controller's enrollment listener answered: {'; '.join(failures)}")
 
 
 def load_certificate(path: Path) -> x509.Certificate:

@@ -92,6 +92,12 @@ class AgentMetrics:
             "1 while the agent is registered with the controller and its requests succeed, else 0.",
             registry=self.registry,
         )
+        self.controller = Gauge(
+            "kumo_agent_controller",
+            "1 for the controller the agent is connected to (by URL), 0 for the others it knows.",
+            ["url"],
+            registry=self.registry,
+        )
         self.tasks = Counter(
             "kumo_agent_tasks",
             "Tasks finished by this agent, by task kind and outcome (succeeded, failed, replayed).",

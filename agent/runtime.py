@@ -8,8 +8,9 @@ Shape of a run (``kumo-agent run``):
    (``kumo_instance_driver``) adopts the instances that outlived the previous agent;
 3. the session loop registers with the controller and then runs the heartbeat and the task
    long-poll side by side; when the controller goes away both stop, the state change is
-   logged once and registration is retried with jittered exponential backoff. Plugins and
-   their workloads keep running the whole time;
+   logged once and registration is retried with jittered exponential backoff, on the next
+   controller when the agent knows several (agent/client.py). Plugins and their workloads
+   keep running the whole time, and results of tasks go to whichever controller answers;
 4. every delivered task runs on its owning plugin (a bounded number at once) through the
    idempotency journal, so a task redelivered after a crash is answered, not run again;
 5. the certificate is renewed at two thirds of its lifetime;
@@ -161,6 +162,7 @@ class Runtime:
         self.journal = TaskJournal(self.state_dir / JOURNAL_FILE)
         self.identity: Identity | None = None
         self.client: ControllerClient | None = None
+        self._contexts: list[PluginContext] = []
         self.metrics_server: MetricsServer | None = None
         self.owners: dict[str, str] = {}
         self.fingerprints: dict[str, Fingerprint] = {}
@@ -233,9 +235,9 @@ class Runtime:
     async def _prepare(self) -> None:
         await asyncio.to_thread(_recover_renewal, self.state_dir)
         self.identity = load_identity(self.state_dir)
-        controller = self.settings.controller or read_join_record(self.state_dir).controller
-        self.client = ControllerClient(controller, self.identity, self._on_connection_change)
-        self.metrics.connected.set(0)
+        controllers = self.settings.controller or read_join_record(self.state_dir).controllers
+        self.client = ControllerClient(controllers, self.identity, self._on_connection_change)
+        self._on_connection_change(False)
         await asyncio.to_thread(self.journal.load)
         await self._start_plugins()
         self.hooks.load_drivers()
@@ -270,6 +272,7 @@ class Runtime:
                 images=self.images,
                 controller_url=self.client.base_url,
             )
+            self._contexts.append(context)
             _, failures = await self.hooks.call_each("kumo_startup", only=name, context=context)
             for failure in failures:
                 self.startup_failures[name] = f"startup failed: {failure.message}"
@@ -322,8 +325,15 @@ class Runtime:
         self._wake.set()
 
     def _on_connection_change(self, connected: bool) -> None:
+        assert self.client is not None
         self.metrics.connected.set(1 if connected else 0)
+        current = self.client.base_url
+        for url in self.client.controllers.urls:
+            self.metrics.controller.labels(url=url).set(1 if connected and url == current else 0)
         if connected:
+            # Plugins that stream to the controller themselves follow the session.
+            for context in self._contexts:
+                context.controller_url = current
             self._connected.set()
         else:
             self._connected.clear()
@@ -345,11 +355,11 @@ class Runtime:
                 if exc.status in (401, 403, 404):
                     raise NodeRejected(
                         f"the controller refused node {self.client.identity.node_id}: {exc.error} "
-                        "(removed or revoked?). Re-join with `kumo-agent join --force --controller URL --token JOIN`."
+                        "(removed or revoked?). Re-join with `kumo-agent join --force --token JOIN`."
                     ) from None
                 self.client.mark_unreachable(str(exc))
             delay = backoff.next()
-            log.debug("controller: next attempt in %.1f s", delay)
+            log.debug("controller: next attempt in %.1f s, to %s", delay, self.client.base_url)
             await asyncio.sleep(delay)
 
     async def _connected_loops(self) -> None:
@@ -597,7 +607,7 @@ class Runtime:
                 self._expired_logged = True
                 log.error(
                     "the node certificate expired at %s: the controller will refuse this node; re-join with "
-                    "`kumo-agent join --force --controller URL --token JOIN` (plugins keep running meanwhile)",
+                    "`kumo-agent join --force --token JOIN` (plugins keep running meanwhile)",
                     not_after.isoformat(),
                 )
             try:

@@ -9,7 +9,9 @@ installed is an error, since it is almost always a typo or a missing package.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -75,7 +77,9 @@ class AgentSettings:
     """The whole agent config file, ``/etc/kumo/agent.yaml`` by default."""
 
     state_dir: Path = DEFAULT_STATE_DIR
-    controller: str | None = None
+    # One URL or a list, in the order to try them; null: the list recorded at join. Loading
+    # makes it a list of normalised URLs (or None).
+    controller: str | list[str] | None = None
     metrics: MetricsSettings = dataclasses.field(default_factory=MetricsSettings)
     heartbeat: HeartbeatSettings = dataclasses.field(default_factory=HeartbeatSettings)
     tasks: TaskSettings = dataclasses.field(default_factory=TaskSettings)
@@ -119,7 +123,7 @@ def load_settings(path: Path | None, *, required: bool = False) -> AgentSettings
 
 def _validate(settings: AgentSettings, path: Path) -> None:
     if settings.controller is not None:
-        _check_controller_url(settings.controller, f"{path}: controller")
+        settings.controller = controller_list(settings.controller, f"{path}: controller")
     if settings.metrics.listen is not None:
         try:
             split_listen(settings.metrics.listen)
@@ -161,21 +165,58 @@ def split_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _check_controller_url(url: str, where: str) -> None:
+_HOST_RE = re.compile(r"^[A-Za-z0-9._-]+\Z")
+
+
+def controller_url(url: str) -> str:
+    """``https://HOST:PORT`` without a trailing slash; ValueError says what was expected.
+
+    Nothing but the scheme, host and port: the session uses only those, and join strings
+    separate URLs with commas.
+    """
     parts = urlsplit(url)
-    if parts.scheme != "https" or not parts.hostname:
-        raise ConfigError(f"{where}: expected an https://HOST:PORT URL, got {url!r}")
     try:
-        parts.port  # noqa: B018 - raises ValueError on a malformed port
+        port = parts.port
     except ValueError:
-        raise ConfigError(f"{where}: bad port in {url!r}") from None
+        port = None
+    host = parts.hostname or ""
+    if (parts.scheme != "https" or port is None or parts.path not in ("", "/") or parts.query or parts.fragment
+            or parts.username is not None or not (_HOST_RE.match(host) or _is_ip(host))):
+        raise ValueError(f"expected https://HOST:PORT (a controller's API address), got {url!r}")
+    return url.rstrip("/")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def controller_list(value: str | list[str], where: str) -> list[str]:
+    """agent.yaml's ``controller``: one URL or a non-empty list of distinct ones, normalised."""
+    urls = [value] if isinstance(value, str) else value
+    if not urls:
+        raise ConfigError(f"{where}: expected a URL or a list of URLs; leave it out to use the ones recorded at join")
+    checked: list[str] = []
+    for i, url in enumerate(urls):
+        key = where if isinstance(value, str) else f"{where}[{i}]"
+        try:
+            url = controller_url(url)
+        except ValueError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+        if url in checked:
+            raise ConfigError(f"{key}: {url} is listed twice")
+        checked.append(url)
+    return checked
 
 
 @dataclasses.dataclass(frozen=True)
 class JoinRecord:
-    """What ``join`` recorded: the controller URL and this node's id."""
+    """What ``join`` recorded: every controller's URL, in the order to try them, and this node's id."""
 
-    controller: str
+    controllers: tuple[str, ...]
     node_id: str
 
 
@@ -201,18 +242,21 @@ def read_join_record(state_dir: Path) -> JoinRecord:
     path = state_dir / JOIN_FILE
     try:
         data = json.loads(path.read_text())
-        return JoinRecord(controller=str(data["controller"]), node_id=str(data["node_id"]))
+        # Agents before the list of controllers recorded the one URL as "controller".
+        urls = data["controllers"] if "controllers" in data else [data["controller"]]
+        if not isinstance(urls, list) or not urls:
+            raise ValueError("controllers: expected a list of URLs")
+        return JoinRecord(controllers=tuple(map(str, urls)), node_id=str(data["node_id"]))
     except FileNotFoundError:
-        raise NotJoined(
-            f"{state_dir} holds no node identity: run `kumo-agent join --controller URL --token JOIN` first"
-        ) from None
+        raise NotJoined(f"{state_dir} holds no node identity: run `kumo-agent join --token JOIN` first") from None
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise NotJoined(f"{path}: unreadable ({exc}); re-join with `kumo-agent join --force ...`") from None
 
 
 def write_join_record(state_dir: Path, record: JoinRecord) -> None:
     """Write ``join.json`` atomically: it is what marks the identity complete."""
-    atomic_write(state_dir / JOIN_FILE, json.dumps(dataclasses.asdict(record), indent=2).encode() + b"\n", 0o644)
+    data = {"controllers": list(record.controllers), "node_id": record.node_id}
+    atomic_write(state_dir / JOIN_FILE, json.dumps(data, indent=2).encode() + b"\n", 0o644)
 
 
 def load_identity(state_dir: Path) -> Identity:

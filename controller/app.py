@@ -250,6 +250,12 @@ class Controller:
         role, name = pki.identity_of(cert)
         await self.store.add_client_certificate(format(cert.serial_number, "x"), role, name, pki.expires_at(cert))
 
+    async def controller_urls(self) -> list[str]:
+        """Every live controller's API URL, this one first: what join strings carry, in the
+        order a joining agent tries them."""
+        others = [row["url"] for row in await self._controllers() if row["id"] != self.id]
+        return list(dict.fromkeys([self.settings.url, *others]))
+
     def release_waiters(self) -> None:
         """Answer every long-poll now, so shutting down does not wait out their timeouts."""
         self.stopping = True

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from agent.sdk import ConfigError
 from controller import pki
 from controller.app import serve
-from controller.settings import load_settings, split_address
+from controller.settings import check_url, default_url, load_settings, split_address
 from controller.store import StoreError, is_database_url
 
 log = logging.getLogger("kumo.controller")
@@ -113,11 +113,14 @@ def _init(args: argparse.Namespace) -> int:
     admin = ca.issue(admin_key.public_key(), "admin", "admin", pki.ADMIN_LIFETIME)
     _write_pair(pki_dir, "admin", admin, admin_key)
 
+    # Nodes reach the controller by the first name it was given, else by this host's name.
+    url = check_url(f"https://{_bracketed(args.san[0])}:{port}", "--san") if args.san else default_url(args.listen)
     config = {
         "pki_dir": str(pki_dir),
         "database": args.database or str(directory / "controller.db"),
         "listen": args.listen,
         "enroll_listen": enroll_listen,
+        "url": url,
         "heartbeat_interval": 10.0,
         "poll_timeout": 30.0,
         "node_cert_ttl": 86400.0,
@@ -125,10 +128,8 @@ def _init(args: argparse.Namespace) -> int:
     }
     config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text("# kumo-controller run --config " + str(config_path) + "\n" + yaml.safe_dump(config, sort_keys=False))
-    reach = args.san[0] if args.san else "127.0.0.1"
-    reach = f"[{reach}]" if ":" in reach else reach
     kumoctl = {
-        "controller": f"https://{reach}:{port}",
+        "controller": url if args.san else f"https://127.0.0.1:{port}",
         "ca": str(pki_dir / "ca.crt"),
         "cert": str(pki_dir / "admin.crt"),
         "key": str(pki_dir / "admin.key"),
@@ -140,6 +141,10 @@ def _init(args: argparse.Namespace) -> int:
     print(f"  start it:   kumo-controller run --config {config_path}")
     print(f"  admin tool: export KUMOCTL_CONFIG={directory / 'kumoctl.yaml'}; kumoctl token create")
     return 0
+
+
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def _owner(user: str) -> tuple[int, int]:

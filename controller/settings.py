@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import re
+import socket
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -17,6 +20,9 @@ class ControllerSettings:
     database: str  # a SQLite file (one controller), or postgresql://USER@HOST/DB (any number of them)
     listen: str = "0.0.0.0:8443"  # the mTLS API
     enroll_listen: str = "0.0.0.0:8444"  # enrollment only: no client certificate yet
+    # How agents and kumoctl reach this controller's API; join strings carry it. Default:
+    # https://<listen's host, or this host's FQDN when listening on every address>:<listen's port>.
+    url: str = ""
     heartbeat_interval: float = 10.0
     poll_timeout: float = 30.0
     node_cert_ttl: float = 86400.0  # seconds; agents renew at two thirds of it
@@ -41,10 +47,48 @@ def _check_database_url(url: str, where: str) -> None:
         raise ConfigError(f"{where}: name the database at the end of the URL (postgresql://USER@HOST/DATABASE)")
 
 
+_HOST_RE = re.compile(r"^[A-Za-z0-9._-]+\Z")
+
+
+def check_url(url: str, key: str) -> str:
+    """``https://HOST:PORT`` and nothing more, without a trailing slash; ConfigError otherwise.
+
+    Nothing more, because clients use only the host and the port, and the join string lists
+    URLs separated by commas.
+    """
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    host = parts.hostname or ""
+    if (parts.scheme != "https" or port is None or parts.path not in ("", "/") or parts.query or parts.fragment
+            or parts.username is not None or not (_HOST_RE.match(host) or _is_ip(host))):
+        raise ConfigError(f"{key}: expected https://HOST:PORT (the address agents and kumoctl use), got {url!r}")
+    return url.rstrip("/")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def default_url(listen: str) -> str:
+    """The API's URL when controller.yaml names none: listen's host unless it is a wildcard."""
+    host, port = split_address(listen, "listen")
+    if host in ("0.0.0.0", "::"):
+        host = socket.getfqdn()
+    return f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
+
+
 def load_settings(path: Path) -> ControllerSettings:
     settings = parse_section(ControllerSettings, load_yaml_file(path), str(path))
     for key in ("listen", "enroll_listen"):
         split_address(getattr(settings, key), f"{path}: {key}")
+    settings.url = check_url(settings.url, f"{path}: url") if settings.url else default_url(settings.listen)
     for key in ("heartbeat_interval", "poll_timeout", "node_cert_ttl"):
         if getattr(settings, key) <= 0:
             raise ConfigError(f"{path}: {key}: expected a positive number of seconds")

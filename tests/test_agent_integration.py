@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -112,11 +113,11 @@ def test_join_then_run_makes_a_ready_node(controller, kumo_agent):
 
 def test_join_refuses_a_ca_hash_mismatch_before_sending_the_token(controller, tmp_path):
     join = controller.admin("POST", "/v1/tokens", {"ttl_seconds": 600, "uses": 1})["join"]
-    prefix, port, token, ca_hash = join.split(":")
+    prefix, port, token, ca_hash, urls = join.split(":", 4)
     wrong = ("0" if ca_hash[0] != "0" else "1") + ca_hash[1:]
     state = tmp_path / "state"
     refused = subprocess.run(  # noqa: S603
-        [*agent_command(), "join", "--controller", controller.url, "--token", f"{prefix}:{port}:{token}:{wrong}", "--state-dir", str(state)],
+        [*agent_command(), "join", "--token", f"{prefix}:{port}:{token}:{wrong}:{urls}", "--state-dir", str(state)],
         capture_output=True, text=True, timeout=60, check=False,
     )
     assert refused.returncode != 0
@@ -125,7 +126,7 @@ def test_join_refuses_a_ca_hash_mismatch_before_sending_the_token(controller, tm
     assert not (state / "node.key").exists() and not (state / "join.json").exists()
     # The single-use token is still unused: the controller never saw it.
     accepted = subprocess.run(  # noqa: S603
-        [*agent_command(), "join", "--controller", controller.url, "--token", join, "--state-dir", str(state)],
+        [*agent_command(), "join", "--token", join, "--state-dir", str(state)],
         capture_output=True, text=True, timeout=60, check=False,
     )
     assert accepted.returncode == 0, accepted.stderr
@@ -134,9 +135,53 @@ def test_join_refuses_a_ca_hash_mismatch_before_sending_the_token(controller, tm
     assert again.returncode != 0 and "--force" in again.stderr
 
 
+def test_join_tries_controller_first_then_the_listed_ones_and_records_them_all(controller, tmp_path):
+    join = controller.admin("POST", "/v1/tokens", {"ttl_seconds": 600, "uses": 1})["join"]
+    nobody = f"https://127.0.0.1:{free_port()}"
+    state = tmp_path / "state"
+    joined = subprocess.run(  # noqa: S603
+        [*agent_command(), "join", "--controller", nobody, "--token", join, "--state-dir", str(state)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert joined.returncode == 0, joined.stderr
+    assert json.loads((state / "join.json").read_text())["controllers"] == [nobody, controller.url]
+
+
+def test_agent_moves_to_another_controller_with_its_identity_and_tasks(controller_factory, postgres, kumo_agent, counter,
+                                                                       tmp_path):
+    site, plugins, output = counter
+    first = controller_factory(init_args=["--database", postgres.database()])
+    second = controller_factory(share_with=first)
+    agent = kumo_agent(controller=first, plugins=plugins, pythonpath=site, start=False)
+    # The join string named both controllers: the one that made the token first.
+    assert json.loads((agent.state_dir / "join.json").read_text())["controllers"] == [first.url, second.url]
+    config = yaml.safe_load(agent.config_path.read_text())
+    agent.config_path.write_text(yaml.safe_dump({**config, "controller": [first.url, second.url]}))
+    agent.start()
+    release = tmp_path / "release"
+    running = submit(first, agent.node_id, "counter.append", {"line": "across", "wait_for": str(release)}, key="k-across")
+    agent.wait_log("running on plugin counter")
+    first.kill()
+    agent.wait_log(f"controller {second.url}: connected as node")
+    agent.controller = second
+    agent.wait_ready(since=time.time())  # heartbeats reach the second controller
+    # The task delivered by the dead controller kept running; its result reaches the other.
+    release.touch()
+    done = wait_task(second, running["id"])
+    assert (done["state"], done["result"]) == ("succeeded", {"line": "across"}), done
+    assert wait_task(second, submit(second, agent.node_id, "counter.append", {"line": "on-b"})["id"])["state"] == "succeeded"
+    assert output.read_text().splitlines() == ["across", "on-b"]
+    log = agent.log_text()
+    assert log.count("unreachable (") == 1, log
+    assert f"controller {first.url} unreachable (" in log and f"); using {second.url}" in log, log
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{agent.metrics_port}/metrics", timeout=10).read().decode()
+    assert f'kumo_agent_controller{{url="{second.url}"}} 1.0' in metrics
+    assert f'kumo_agent_controller{{url="{first.url}"}} 0.0' in metrics
+
+
 def test_malformed_join_string_is_a_clear_error(tmp_path):
     result = subprocess.run(  # noqa: S603
-        [*agent_command(), "join", "--controller", "https://127.0.0.1:1", "--token", "kumo1:x", "--state-dir", str(tmp_path)],
+        [*agent_command(), "join", "--token", "kumo2:x", "--state-dir", str(tmp_path)],
         capture_output=True, text=True, timeout=30, check=False,
     )
     assert result.returncode != 0

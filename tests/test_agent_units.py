@@ -16,8 +16,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from agent.client import ControllerChoice
 from agent.enroll import (
     JoinError,
+    JoinString,
     fetch_unverified_chain,
     find_pinned_ca,
     install_renewed,
@@ -31,27 +33,56 @@ from agent.journal import Outcome, TaskJournal
 from agent.pluginmanager import Hooks, make_plugin_manager
 from agent.runtime import configure_plugins
 from agent.sdk import Backoff, ConfigError, Fingerprint, hookimpl
-from agent.settings import NODE_CERT, NODE_CERT_NEXT, NODE_KEY, load_settings
+from agent.settings import (
+    JOIN_FILE,
+    NODE_CERT,
+    NODE_CERT_NEXT,
+    NODE_KEY,
+    JoinRecord,
+    load_settings,
+    read_join_record,
+    write_join_record,
+)
+from controller.api.enroll import join_string
 from tests.harness import free_port
 
 GOOD_HASH = "ab" * 32
 
 
 def test_join_string_parses():
-    js = parse_join_string(f"kumo1:8444:{'t' * 32}:{GOOD_HASH.upper()}")
+    js = parse_join_string(f"kumo2:8444:{'t' * 32}:{GOOD_HASH.upper()}:https://ctl1:8443,https://[fd00::2]:8443/")
     assert (js.enroll_port, js.token, js.ca_hash) == (8444, "t" * 32, GOOD_HASH)
+    assert js.controllers == ("https://ctl1:8443", "https://[fd00::2]:8443")
+
+
+def test_join_string_is_what_the_controller_makes():
+    made = join_string(8444, "t" * 32, GOOD_HASH, ["https://ctl1.example:8443", "https://10.0.0.2:9443"])
+    assert parse_join_string(made) == JoinString(8444, "t" * 32, GOOD_HASH,
+                                                 ("https://ctl1.example:8443", "https://10.0.0.2:9443"))
+
+
+def test_an_older_controllers_join_string_names_no_controller():
+    assert parse_join_string(f"kumo1:8444:{'t' * 32}:{GOOD_HASH}").controllers == ()
+
+
+URLS = "https://a:8443"
 
 
 @pytest.mark.parametrize(
     "text, part",
     [
-        ("", "expected kumo1:<enroll_port>"),
-        (f"kumo2:8444:{'t' * 32}:{GOOD_HASH}", "expected kumo1:"),
-        (f"kumo1:http:{'t' * 32}:{GOOD_HASH}", "enrollment port 'http'"),
-        (f"kumo1:70000:{'t' * 32}:{GOOD_HASH}", "enrollment port '70000'"),
-        (f"kumo1:8444:sh@rt:{GOOD_HASH}", "token part"),
-        (f"kumo1:8444:{'t' * 32}:abc", "64 hex digits"),
-        (f"kumo1:8444:{'t' * 32}:{GOOD_HASH}:extra", "expected kumo1:"),
+        ("", "it starts with '', not kumo2"),
+        (f"kumo3:8444:{'t' * 32}:{GOOD_HASH}:{URLS}", "it starts with 'kumo3', not kumo2"),
+        (f"kumo2:8444:{'t' * 32}:{GOOD_HASH}", "5 fields separated by ':' needed, 4 found"),
+        (f"kumo1:8444:{'t' * 32}:{GOOD_HASH}:extra", "4 fields separated by ':' needed, 5 found"),
+        (f"kumo2:http:{'t' * 32}:{GOOD_HASH}:{URLS}", "enrollment port 'http'"),
+        (f"kumo2:70000:{'t' * 32}:{GOOD_HASH}:{URLS}", "enrollment port '70000'"),
+        (f"kumo2:8444:sh@rt:{GOOD_HASH}:{URLS}", "token part"),
+        (f"kumo2:8444:{'t' * 32}:abc:{URLS}", "64 hex digits"),
+        (f"kumo2:8444:{'t' * 32}:{GOOD_HASH}:", "controller URL 1: expected https://HOST:PORT"),
+        (f"kumo2:8444:{'t' * 32}:{GOOD_HASH}:{URLS},http://b:8443", "controller URL 2: expected https://HOST:PORT (a controller's API address), got 'http://b:8443'"),
+        (f"kumo2:8444:{'t' * 32}:{GOOD_HASH}:{URLS},https://b", "controller URL 2: expected https://HOST:PORT"),
+        (f"kumo2:8444:{'t' * 32}:{GOOD_HASH}:{URLS}:extra", "controller URL 1: expected https://HOST:PORT"),
     ],
 )
 def test_malformed_join_strings_are_refused_clearly(text, part):
@@ -179,6 +210,38 @@ def _write(tmp_path: Path, text: str) -> Path:
     return path
 
 
+def test_controller_is_one_url_or_a_list(tmp_path):
+    assert load_settings(_write(tmp_path, "controller: https://a:8443/\n")).controller == ["https://a:8443"]
+    listed = load_settings(_write(tmp_path, "controller: [https://a:8443, 'https://[::1]:9443']\n"))
+    assert listed.controller == ["https://a:8443", "https://[::1]:9443"]
+    assert load_settings(_write(tmp_path, "state_dir: /x\n")).controller is None
+
+
+def test_join_record_keeps_the_list_and_reads_an_older_agents_single_url(tmp_path):
+    write_join_record(tmp_path, JoinRecord(("https://a:8443", "https://b:8443"), "n-1"))
+    assert read_join_record(tmp_path) == JoinRecord(("https://a:8443", "https://b:8443"), "n-1")
+    (tmp_path / JOIN_FILE).write_text('{"controller": "https://a:8443", "node_id": "n-1"}')
+    assert read_join_record(tmp_path) == JoinRecord(("https://a:8443",), "n-1")
+
+
+def test_failover_keeps_a_working_controller_and_tries_the_others_in_order():
+    choice = ControllerChoice(["a", "b", "c"])
+    assert choice.current == "a"
+    # Nothing answers: every one in turn, then again from the top.
+    assert [choice.failed() for _ in range(4)] == ["b", "c", "a", "b"]
+    choice.working()  # b answers: it stays in use
+    assert choice.current == "b"
+    # b fails: the list's order again, the one that just failed last.
+    assert [choice.failed() for _ in range(3)] == ["a", "c", "b"]
+    choice.working()
+    assert [choice.failed(), choice.failed()] == ["a", "c"]
+
+
+def test_failover_with_one_controller_retries_it():
+    choice = ControllerChoice(["a"])
+    assert [choice.failed(), choice.failed()] == ["a", "a"]
+
+
 def test_settings_defaults_and_values(tmp_path):
     path = _write(tmp_path, "state_dir: /srv/kumo\nmetrics: {listen: '127.0.0.1:9999'}\nvcpu_overcommit: 2\n")
     settings = load_settings(path)
@@ -194,7 +257,11 @@ def test_settings_defaults_and_values(tmp_path):
         ("stat_dir: /x\n", "{p}: stat_dir: unknown key (allowed keys: controller, heartbeat, image_cache, log_level, metrics, plugins, state_dir, tasks, vcpu_overcommit)"),
         ("metrics: {listen: 9464}\n", "{p}: metrics.listen: expected a string or null, got 9464"),
         ("metrics: {listen: 'nohost'}\n", "{p}: metrics.listen: expected HOST:PORT (e.g. 0.0.0.0:9464), got 'nohost'"),
-        ("controller: http://ctl:8443\n", "{p}: controller: expected an https://HOST:PORT URL, got 'http://ctl:8443'"),
+        ("controller: http://ctl:8443\n", "{p}: controller: expected https://HOST:PORT (a controller's API address), got 'http://ctl:8443'"),
+        ("controller: [https://a:8443, https://b]\n", "{p}: controller[1]: expected https://HOST:PORT (a controller's API address), got 'https://b'"),
+        ("controller: [https://a:8443, 'https://a:8443/']\n", "{p}: controller[1]: https://a:8443 is listed twice"),
+        ("controller: []\n", "{p}: controller: expected a URL or a list of URLs; leave it out to use the ones recorded at join"),
+        ("controller: 3\n", "{p}: controller: expected a string or a list of a string or null, got 3"),
         ("vcpu_overcommit: 0\n", "{p}: vcpu_overcommit: expected a number above 0, got 0.0"),
         ("image_cache: {max_mib: 0}\n", "{p}: image_cache.max_mib: expected a positive number of MiB (or null: no limit)"),
         ("log_level: loud\n", "{p}: log_level: expected one of 'debug', 'info', 'warning', 'error', got 'loud'"),

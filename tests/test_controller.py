@@ -104,8 +104,8 @@ def test_init_writes_private_keys_0600_and_a_usable_kumoctl_config(controller):
 
 def test_join_string_pins_the_ca_and_the_token_is_stored_hashed(controller):
     join = controller.admin("POST", "/v1/tokens", {"ttl_seconds": 600, "uses": 2})["join"]
-    prefix, port, secret, ca_hash = join.split(":")
-    assert (prefix, int(port)) == ("kumo1", controller.enroll_port)
+    prefix, port, secret, ca_hash, urls = join.split(":", 4)
+    assert (prefix, int(port), urls) == ("kumo2", controller.enroll_port, controller.url)
     ca = x509.load_pem_x509_certificate((controller.pki / "ca.crt").read_bytes())
     spki = ca.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     assert ca_hash == hashlib.sha256(spki).hexdigest()

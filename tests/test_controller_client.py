@@ -77,7 +77,7 @@ async def bed(tmp_path: Path) -> AsyncIterator[tuple[Server, ControllerClient, C
     site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls)
     await site.start()
     port = runner.addresses[0][1]
-    client = ControllerClient(f"https://127.0.0.1:{port}", _identity(ca, tmp_path, "node"))
+    client = ControllerClient([f"https://127.0.0.1:{port}"], _identity(ca, tmp_path, "node"))
     yield server, client, ca
     server.release.set()
     await client.close()
@@ -159,7 +159,7 @@ async def test_a_node_certificate_cannot_pose_as_the_controller(tmp_path: Path) 
 
     server = await asyncio.start_server(impostor, "127.0.0.1", 0, ssl=tls)
     port = server.sockets[0].getsockname()[1]
-    client = ControllerClient(f"https://127.0.0.1:{port}", _identity(ca, tmp_path, "node"))
+    client = ControllerClient([f"https://127.0.0.1:{port}"], _identity(ca, tmp_path, "node"))
     try:
         with pytest.raises(ControllerUnavailable, match="not a controller certificate"):
             await client.node_call("POST", "tasks/t1/result", {"secret": "s3cret"})

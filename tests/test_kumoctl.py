@@ -157,7 +157,8 @@ def test_no_config_anywhere(tmp_path):
         ("controller: [unclosed", "invalid YAML"),
         ("- a list\n", "expected a mapping"),
         ("controller: https://h:1\nca: a\ncert: b\n", "key: expected a non-empty string"),
-        ("controller: http://h:1\nca: a\ncert: b\nkey: c\n", "expected an https://HOST:PORT URL"),
+        ("controller: http://h:1\nca: a\ncert: b\nkey: c\n", "controller: expected an https://HOST:PORT URL or a list of them"),
+        ("controller: [https://h:1, h:2]\nca: a\ncert: b\nkey: c\n", "controller[1]: expected an https://HOST:PORT URL, got 'h:2'"),
         ("controller: https://h:1\nca: a\ncert: b\nkey: c\ncolour: red\n", "unknown key 'colour'"),
         ("controller: https://h:1\nca: a\ncert: b\nkey: c\n", "ca: cannot load"),
     ],
@@ -485,6 +486,21 @@ def test_instances_list_table_and_json(stand_in, tmp_path):
     assert row.split() == ["web", "process", "n-000000000001", "running", "1", "64", "-"]
     listed = run_kumoctl("instances", "list", "--output", "json", config=config)
     assert json.loads(listed.stdout)[0]["name"] == "web"
+
+
+def test_gets_move_past_a_controller_that_is_down_and_changes_do_not(stand_in, tmp_path):
+    down, up = f"https://127.0.0.1:{free_port()}", f"https://127.0.0.1:{stand_in.port}"
+    config = stand_in.config(tmp_path)
+    config.write_text(config.read_text().replace(f"controller: {up}", f"controller: [{down}, {up}]"))
+    listed = run_kumoctl("instances", "list", config=config)
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.splitlines()[1].split()[0] == "web"
+    assert f"cannot connect to the controller at {down}: connection refused" in listed.stderr
+    assert f"trying {up}" in listed.stderr
+    # A change is not sent twice: the admin decides whether to repeat it.
+    assert_clean_failure(run_kumoctl("instances", "start", "web", config=config),
+                         f"cannot connect to the controller at {down}")
+    assert [method for method, _, _ in stand_in.requests] == ["GET"]
 
 
 def test_a_client_certificate_from_another_ca_is_refused(stand_in, tmp_path, tmp_path_factory):

@@ -178,7 +178,8 @@ class PluginContext:
     keep what it meant to send and try again later. ``images`` is the node's one
     :class:`agent.sdk.ImageCache`, shared by every instance kind. ``controller_url`` (``https://HOST:PORT``)
     is for the rare plugin that must stream a body too large for ``call_controller``
-    (checkpoint images), with its own TLS from ``identity``.
+    (checkpoint images), with its own TLS from ``identity``: the controller the agent is
+    connected to, which changes when the agent moves to another one, so read it at each use.
     """
 
     name: str

@@ -2,7 +2,7 @@
 
 Only the token's SHA-256 is stored, so a copy of the database cannot enroll anything. The
 join string also carries the hash of the CA's public key, which the node checks before it
-sends the token (see ``agent/enroll.py``).
+sends the token (see ``agent/enroll.py``), and every controller's URL, which the node keeps.
 """
 
 from __future__ import annotations
@@ -19,9 +19,18 @@ from controller import pki
 from controller.api import ApiError, Route, field, iso, json_body, reject_unknown, reply, state
 from controller.settings import split_address
 
-JOIN_PREFIX = "kumo1"
+JOIN_PREFIX = "kumo2"
 MAX_TOKEN_TTL = 30 * 86400
 MAX_TOKEN_USES = 1000
+
+
+def join_string(enroll_port: int, token: str, ca_hash: str, urls: list[str]) -> str:
+    """``kumo2:<enroll_port>:<token>:<ca_hash>:<url>[,<url>...]`` (parsed by agent/enroll.py).
+
+    The URLs come last because they hold colons themselves: the agent splits the first four
+    fields off and the rest at commas, which an https://HOST:PORT URL never contains.
+    """
+    return f"{JOIN_PREFIX}:{enroll_port}:{token}:{ca_hash}:{','.join(urls)}"
 
 
 def token_hash(token: str) -> str:
@@ -42,7 +51,7 @@ async def create_token(request: web.Request) -> web.Response:
     expires_at = time.time() + ttl
     await ctl.store.add_token(token_hash(token), expires_at, uses)
     _, enroll_port = split_address(ctl.settings.enroll_listen, "enroll_listen")
-    join = f"{JOIN_PREFIX}:{enroll_port}:{token}:{pki.spki_sha256(ctl.ca.cert)}"
+    join = join_string(enroll_port, token, pki.spki_sha256(ctl.ca.cert), await ctl.controller_urls())
     return reply({"join": join, "expires_at": iso(expires_at), "uses": uses}, 201)
 
 

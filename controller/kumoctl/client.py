@@ -7,6 +7,7 @@ never load the TLS modules.
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -28,9 +29,7 @@ class Client:
         self._http = http.client
         self._ssl = ssl
         self.config = config
-        url = urlsplit(config.controller)
-        self.host = url.hostname or ""
-        self.port = url.port or 443
+        self._use(config.controllers[0])
         try:
             context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(config.ca))
         except (OSError, ssl.SSLError) as exc:
@@ -51,11 +50,16 @@ class Client:
         self._used = False
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
-        """Send one request; return the decoded JSON answer or raise CommandError/ApiError."""
+        """Send one request; return the decoded JSON answer or raise CommandError/ApiError.
+
+        A GET that cannot reach the controller goes to the next one in the config (a GET
+        changes nothing, so sending it twice is harmless); other methods are not resent.
+        """
         payload = None if body is None else json.dumps(body).encode()
         headers = {"Accept": "application/json"}
         if payload is not None:
             headers["Content-Type"] = "application/json"
+        untried = [url for url in self.config.controllers if url != self.url] if method == "GET" else []
         while True:
             conn, reused = self._connection()
             try:
@@ -71,7 +75,11 @@ class Client:
                     raise CommandError(self._network_message(exc)) from None
             except (OSError, self._http.HTTPException) as exc:
                 self.close()
-                raise CommandError(self._network_message(exc)) from None
+                # A TLS failure is this config's credentials, the same on every controller.
+                if not untried or isinstance(exc, self._ssl.SSLError):
+                    raise CommandError(self._network_message(exc)) from None
+                print(f"kumoctl: {self._network_message(exc)}; trying {untried[0]}", file=sys.stderr)
+                self._use(untried.pop(0))
         self._used = True
         try:
             data = json.loads(raw) if raw else None
@@ -93,6 +101,12 @@ class Client:
             self._conn.close()
             self._conn = None
 
+    def _use(self, url: str) -> None:
+        self.url = url
+        parts = urlsplit(url)
+        self.host = parts.hostname or ""
+        self.port = parts.port or 443
+
     def _connection(self) -> tuple[Any, bool]:
         """The connection, and whether it already carried a request (it may have gone stale)."""
         if self._conn is None:
@@ -104,7 +118,7 @@ class Client:
 
     def _network_message(self, exc: BaseException) -> str:
         ssl = self._ssl
-        where = f"the controller at {self.config.controller}"
+        where = f"the controller at {self.url}"
         if isinstance(exc, ssl.SSLCertVerificationError):
             return (
                 f"{where} presented a certificate that does not verify against {self.config.ca}: "

@@ -1,7 +1,8 @@
 """kumoctl.yaml: where the controller is and the admin's credentials.
 
 The file has four keys (``controller``, ``ca``, ``cert``, ``key``; ``kumo-controller init``
-writes one as ``DIR/kumoctl.yaml``); paths in it are relative to the file.
+writes one as ``DIR/kumoctl.yaml``); paths in it are relative to the file. ``controller`` is
+one URL or a list of them: GET requests move to the next when one cannot be reached.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ CONFIG_KEYS = ("controller", "ca", "cert", "key")
 class Config:
     """Where the controller is and the admin's credentials; paths resolved next to the file."""
 
-    def __init__(self, source: Path, controller: str, ca: Path, cert: Path, key: Path):
+    def __init__(self, source: Path, controllers: list[str], ca: Path, cert: Path, key: Path):
         self.source = source
-        self.controller = controller
+        self.controllers = controllers
         self.ca = ca
         self.cert = cert
         self.key = key
@@ -65,18 +66,22 @@ def load_config(explicit: str | None) -> Config:
     unknown = sorted(set(map(str, data)) - set(CONFIG_KEYS))
     if unknown:
         raise CommandError(f"{path}: unknown key {unknown[0]!r}; allowed: {', '.join(CONFIG_KEYS)}")
-    for key in CONFIG_KEYS:
+    for key in CONFIG_KEYS[1:]:
         if not isinstance(data.get(key), str) or not data[key]:
             raise CommandError(f"{path}: {key}: expected a non-empty string, got {data.get(key)!r}")
-    url = urlsplit(data["controller"])
-    if url.scheme != "https" or not url.hostname:
-        raise CommandError(
-            f"{path}: controller: expected an https://HOST:PORT URL, got {data['controller']!r}"
-        )
+    controllers = data.get("controller")
+    listed = isinstance(controllers, list) and bool(controllers)
+    urls = controllers if listed else [controllers]
+    for i, url in enumerate(urls):
+        key, wanted = (f"controller[{i}]", "an https://HOST:PORT URL") if listed else (
+            "controller", "an https://HOST:PORT URL or a list of them")
+        parts = urlsplit(url) if isinstance(url, str) else None
+        if parts is None or parts.scheme != "https" or not parts.hostname:
+            raise CommandError(f"{path}: {key}: expected {wanted}, got {url!r}")
     base = path.parent
     return Config(
         source=path,
-        controller=data["controller"].rstrip("/"),
+        controllers=[url.rstrip("/") for url in urls],
         ca=base / data["ca"],
         cert=base / data["cert"],
         key=base / data["key"],

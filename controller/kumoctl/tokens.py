@@ -20,7 +20,7 @@ def cmd_token_create(client: Client, args: argparse.Namespace) -> int:
     print(
         f"# valid until {answer.get('expires_at', '?')} for {uses} join{'s' if uses != 1 else ''}; "
         f"on the new node run:\n"
-        f"kumo-agent join --controller {client.config.controller} --token {join}",
+        f"kumo-agent join --token {join}",
         file=sys.stderr,
     )
     return 0

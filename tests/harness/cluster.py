@@ -7,9 +7,10 @@ subprocess on 127.0.0.1, so tests go through TLS, the store and the CLI exactly 
         controller.kill(); controller.start()                # crash and restart, same state
 
 ``controller_factory(**settings)`` makes more (e.g. ``node_cert_ttl=20``);
-``controller_factory(init_args=["--database", url, "--ca-from", str(other.pki)])`` makes one
-that shares another's PostgreSQL database and CA. Heartbeats are every second so readiness
-shows quickly.
+``controller_factory(init_args=["--database", url])`` makes one on PostgreSQL, and
+``controller_factory(share_with=ctl)`` a second controller of ``ctl``'s fleet: the same
+PostgreSQL database and CA (``init --database --ca-from``), its own ports and URL.
+Heartbeats are every second so readiness shows quickly.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Any
 import pytest
 import yaml
 
-from controller.store import open_store
+from controller.store import is_database_url, open_store
 from tests.harness import free_port
 
 START_TIMEOUT = 30.0
@@ -159,7 +160,8 @@ class ControllerProcess:
 def controller_factory(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Callable[..., ControllerProcess]]:
-    """Factory: ``controller_factory(init_args=(), **settings)`` → a started :class:`ControllerProcess`.
+    """Factory: ``controller_factory(init_args=(), share_with=None, **settings)`` → a started
+    :class:`ControllerProcess`.
 
     With ``KUMO_TEST_DATABASE=postgresql`` in the environment, every controller that does not
     name its database gets a new one on the session's PostgreSQL (the Debian leg of
@@ -167,8 +169,11 @@ def controller_factory(
     """
     made: list[ControllerProcess] = []
 
-    def make(init_args: list[str] = (), **settings: Any) -> ControllerProcess:
+    def make(init_args: list[str] = (), share_with: ControllerProcess | None = None, **settings: Any) -> ControllerProcess:
         init_args = list(init_args)
+        if share_with is not None:
+            assert is_database_url(share_with.database), "controllers share a fleet only on PostgreSQL"
+            init_args += ["--database", share_with.database, "--ca-from", str(share_with.pki)]
         if STORE == "postgresql" and "--database" not in init_args:
             init_args += ["--database", request.getfixturevalue("postgres").database()]
         ctl = ControllerProcess(tmp_path_factory.mktemp("controller"), settings, init_args)
