@@ -113,3 +113,22 @@ def test_a_migration_relays_between_nodes_attached_to_different_controllers(criu
         assert a.admin("GET", "/v1/instances/web")["node"] == destination.node_id
     finally:
         a.call("DELETE", "/v1/instances/web", cert=a.admin_cert)
+
+
+def test_postgresql_restarting_under_load_loses_nothing(postgres, pair, kumo_agent) -> None:
+    a, b = pair
+    agent = kumo_agent(controller=b)
+    before = submit(a, agent.node_id, "process.create",
+                    {"name": "before", "kind": "process", "options": {"command": ["sleep", "600"]}})
+    postgres.restart()  # every controller's connections (pool, LISTEN, locks) are cut
+    after = wait_for(lambda: _submit_when_back(a, agent.node_id), "A to take a task again", limit=60)
+    for task in (before, after):
+        assert wait_task(b, task["id"], timeout=60)["state"] == "succeeded"
+    wait_for(lambda: a.admin("GET", f"/v1/nodes/{agent.node_id}")["state"] == "ready", "the node ready again on A")
+
+
+def _submit_when_back(controller, node_id: str) -> dict | None:
+    status, task = controller.call("POST", "/v1/tasks", {"node": node_id, "kind": "process.create", "payload": {
+        "name": "after", "kind": "process", "options": {"command": ["sleep", "600"]}}}, cert=controller.admin_cert)
+    assert status in (201, 503), task  # while the database is away: 503 and a reason, never a 500
+    return task if status == 201 else None
