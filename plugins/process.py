@@ -34,6 +34,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -160,8 +161,10 @@ class ProcessDriver:
         self.changed = changed
         self.instances: dict[str, _Instance] = {}
         self.watcher = ExitWatcher()
-        # The counters last reported, by name, with the pid they were of (see usage).
+        # The counters last reported, by name, with the pid they were of (see usage), and
+        # the lock that keeps a scrape and a heartbeat measuring at once from undoing that.
         self._counted: dict[str, tuple[int, InstanceUsage]] = {}
+        self._counting = threading.Lock()
 
     # -- the driver contract ------------------------------------------------------------
 
@@ -225,19 +228,20 @@ class ProcessDriver:
 
     def usage(self) -> dict[str, InstanceUsage]:
         running = {inst.name: inst.pid for inst in list(self.instances.values()) if inst.running}
-        trees = process_tree_usage(pid for pid in running.values() if pid is not None)
-        found = {}
-        counted = {}
-        for name, pid in running.items():
-            if pid not in trees:
-                continue
-            usage = trees[pid]
-            last = self._counted.get(name)
-            if last is not None and last[0] == pid:
-                usage = _never_less(usage, last[1])
-            found[name] = usage
-            counted[name] = (pid, usage)
-        self._counted = counted
+        with self._counting:
+            trees = process_tree_usage(pid for pid in running.values() if pid is not None)
+            found = {}
+            counted = {}
+            for name, pid in running.items():
+                if pid not in trees:
+                    continue
+                usage = trees[pid]
+                last = self._counted.get(name)
+                if last is not None and last[0] == pid:
+                    usage = _never_less(usage, last[1])
+                found[name] = usage
+                counted[name] = (pid, usage)
+            self._counted = counted
         return found
 
     # -- a restored process -------------------------------------------------------------

@@ -353,3 +353,22 @@ async def test_a_process_burning_cpu_shows_in_metrics_and_prometheus_scrapes_it(
         await hooks.handle_task("process.delete", {"name": name}, "delete")
         await plugin.kumo_shutdown()
         shutil.rmtree(state, ignore_errors=True)
+
+
+def test_a_process_trees_counters_never_go_down_while_its_pid_lives(tmp_path, monkeypatch):
+    import plugins.process as process
+
+    driver = process.ProcessDriver(tmp_path, process.ProcessConfig(), "boot", lambda: None)
+    driver.instances["p"] = process._Instance(name="p", argv=["x"], pid=100)
+    measured = {100: InstanceUsage(cpu_seconds=5.0, memory_bytes=10, block_read_bytes=7, block_write_bytes=1)}
+    monkeypatch.setattr(process, "process_tree_usage", lambda pids: {p: measured[p] for p in pids if p in measured})
+    assert driver.usage()["p"].cpu_seconds == 5.0
+    # A member reaped outside the tree took its CPU time and I/O along: held, memory is not.
+    measured[100] = InstanceUsage(cpu_seconds=4.0, memory_bytes=8, block_read_bytes=3, block_write_bytes=2)
+    assert driver.usage()["p"] == InstanceUsage(cpu_seconds=5.0, memory_bytes=8, block_read_bytes=7, block_write_bytes=2)
+    # A new pid (a restart) starts from its own figures.
+    driver.instances["p"].pid = 200
+    measured[200] = InstanceUsage(cpu_seconds=0.5, memory_bytes=8)
+    assert driver.usage()["p"] == InstanceUsage(cpu_seconds=0.5, memory_bytes=8)
+    del measured[200]  # exited before the watcher said so: no figures
+    assert driver.usage() == {}

@@ -275,10 +275,10 @@ def process_tree_usage(roots: Iterable[int], proc: Path = Path("/proc")) -> dict
         try:
             with open(os.path.join(entry.path, "stat"), "rb") as f:
                 data = f.read()
-        except OSError:
+            # comm may hold spaces and parentheses: the fields start after its last ')'.
+            fields = data[data.rindex(b")") + 2:].decode().split()
+        except (OSError, ValueError):
             continue  # exited while we looked
-        # comm may hold spaces and parentheses: the fields start after its last ')'.
-        fields = data[data.rindex(b")") + 2:].decode().split()
         pid = int(entry.name)
         parents[pid], sessions[pid], stats[pid] = int(fields[1]), int(fields[3]), fields
     children: dict[int, list[int]] = {}
