@@ -2,7 +2,7 @@
 
 Drivers (:class:`agent.sdk.InstanceDriver`) fill the kind's mechanics; here every kind gets
 the same task kinds, payload checks, one-operation-at-a-time per instance, result shapes,
-by-state metric and adoption. See :mod:`agent.sdk.driver` for the contract as a plugin
+by-state metric, usage series and adoption. See :mod:`agent.sdk.driver` for the contract as a plugin
 author reads it.
 """
 
@@ -23,9 +23,12 @@ from agent.sdk import (
     OPERATIONS,
     InstanceDriver,
     InstanceState,
+    InstanceUsage,
     TaskError,
+    UsageMeter,
 )
 from agent.sdk.driver import CONSOLE_BYTES_MAX
+from agent.usage import usage_families
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +137,20 @@ class Drivers:
                 log.exception("plugin %s: adopting %s instances failed; they are left as they are", d.plugin, kind)
         return found
 
+    def usage(self) -> dict[str, Mapping[str, InstanceUsage]]:
+        """``{kind: {name: usage}}`` from every driver that measures its instances
+        (:class:`agent.sdk.UsageMeter`); blocking, so from a worker thread. A driver that
+        fails is logged and left out: the others are still measured."""
+        found: dict[str, Mapping[str, InstanceUsage]] = {}
+        for kind, d in self.by_kind.items():
+            if not isinstance(d.driver, UsageMeter):
+                continue
+            try:
+                found[kind] = dict(d.driver.usage())
+            except Exception:
+                log.exception("plugin %s: measuring %s instances failed", d.plugin, kind)
+        return found
+
     def metrics(self) -> Iterable[Any]:
         from prometheus_client.core import GaugeMetricFamily
 
@@ -144,7 +161,7 @@ class Drivers:
             counts[(inst.kind, inst.state)] = counts.get((inst.kind, inst.state), 0) + 1
         for (kind, state), count in sorted(counts.items()):
             family.add_metric([kind, state], float(count))
-        return [family]
+        return [family, *usage_families(self.usage())]
 
 
 _OP_FIELDS = {"stop": {"timeout"}, "console": {"bytes"}}

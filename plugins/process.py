@@ -10,6 +10,10 @@ match the record, so a recycled pid is never mistaken for the instance.
 State comes from the pid itself: an :class:`agent.sdk.ExitWatcher` learns the moment a
 process exits (no polling); the instance turns ``stopped`` and the agent is told at once.
 
+Usage (:meth:`ProcessDriver.usage`) is the process tree's, read from /proc in one pass for
+all instances: CPU time, resident memory and block I/O. A process has no limit and shares
+the host's network, so those stay unmeasured.
+
 The agent core routes ``process.create|start|stop|delete|console`` to
 :class:`ProcessDriver`. The checkpoint plugin checkpoints, restores and migrates process
 instances through :class:`ProcessCheckpointer`: a plain ``criu dump`` of the instance's
@@ -30,6 +34,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -41,6 +46,7 @@ from agent.sdk import (
     ExitWatcher,
     Fingerprint,
     InstanceState,
+    InstanceUsage,
     PluginContext,
     TaskError,
     atomic_write,
@@ -48,6 +54,7 @@ from agent.sdk import (
     hookimpl,
     parse_payload,
     parse_section,
+    process_tree_usage,
     start_time,
     tail,
 )
@@ -154,6 +161,10 @@ class ProcessDriver:
         self.changed = changed
         self.instances: dict[str, _Instance] = {}
         self.watcher = ExitWatcher()
+        # The counters last reported, by name, with the pid they were of (see usage), and
+        # the lock that keeps a scrape and a heartbeat measuring at once from undoing that.
+        self._counted: dict[str, tuple[int, InstanceUsage]] = {}
+        self._counting = threading.Lock()
 
     # -- the driver contract ------------------------------------------------------------
 
@@ -214,6 +225,24 @@ class ProcessDriver:
     def list(self) -> list[InstanceState]:
         # A copy first: a scrape lists from a worker thread while the loop may add or remove.
         return [self._state(inst) for inst in list(self.instances.values())]
+
+    def usage(self) -> dict[str, InstanceUsage]:
+        running = {inst.name: inst.pid for inst in list(self.instances.values()) if inst.running}
+        with self._counting:
+            trees = process_tree_usage(pid for pid in running.values() if pid is not None)
+            found = {}
+            counted = {}
+            for name, pid in running.items():
+                if pid not in trees:
+                    continue
+                usage = trees[pid]
+                last = self._counted.get(name)
+                if last is not None and last[0] == pid:
+                    usage = _never_less(usage, last[1])
+                found[name] = usage
+                counted[name] = (pid, usage)
+            self._counted = counted
+        return found
 
     # -- a restored process -------------------------------------------------------------
 
@@ -471,6 +500,21 @@ class ProcessPlugin:
     @hookimpl
     def kumo_checkpointer(self) -> ProcessCheckpointer | None:
         return self.checkpointer
+
+
+def _never_less(usage: InstanceUsage, last: InstanceUsage) -> InstanceUsage:
+    """``usage`` with its counters no lower than ``last``'s. A tree member that exits and is
+    reaped outside the tree (an orphan, by the agent as subreaper) takes its CPU time and I/O
+    with it; a counter that went down would read as a restart and count everything again."""
+    def kept(now: float | int | None, before: float | int | None) -> float | int | None:
+        return now if now is None or before is None else max(now, before)
+
+    return dataclasses.replace(
+        usage,
+        cpu_seconds=kept(usage.cpu_seconds, last.cpu_seconds),
+        block_read_bytes=kept(usage.block_read_bytes, last.block_read_bytes),
+        block_write_bytes=kept(usage.block_write_bytes, last.block_write_bytes),
+    )
 
 
 def _log_failure(task: asyncio.Task) -> None:

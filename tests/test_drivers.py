@@ -7,7 +7,8 @@ refusal of unknown keys, one operation at a time per instance, the result shapes
 
 Then one suite that every instance driver passes, whatever it runs: the example plugin's
 ``sleep`` (tests/example_plugin, installed with pip and loaded by its entry point) and the
-built-in ``process``, ``lxc`` and ``kvm`` on their real components.
+built-in ``process``, ``lxc`` and ``kvm`` on their real components; those that measure
+usage (the optional ``usage()``) measure their running instance and not a stopped one.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from agent.sdk import (
     InstanceState,
     PluginContext,
     TaskError,
+    UsageMeter,
     hookimpl,
 )
 from agent.sdk.driver import CONSOLE_BYTES_MAX
@@ -544,10 +546,17 @@ async def test_every_instance_driver_keeps_the_contract(bed: Bed) -> None:
         return bed.console in shown["log"]
 
     await eventually(console, f"{bed.console!r} on the console", bed.timeout)
+    # A driver that measures usage (optional) measures its running instance, off the loop.
+    driver = node.hooks.drivers.by_kind[bed.kind].driver
+    if isinstance(driver, UsageMeter):
+        usage = (await asyncio.to_thread(driver.usage))[name]
+        assert usage.cpu_seconds is not None and usage.cpu_seconds >= 0 and usage.memory_bytes > 0
 
     stopped = await node.task("stop", name, **({} if bed.stop_timeout is None else {"timeout": bed.stop_timeout}))
     assert (stopped["state"], type(stopped["forced"])) == ("stopped", bool)
     assert (await node.listed(name)).state == "stopped"
+    if isinstance(driver, UsageMeter):
+        assert name not in await asyncio.to_thread(driver.usage), "a stopped instance uses nothing"
     assert (await node.task("start", name))["state"] == "running"
     before = bed.identity(name, await node.listed(name))
     assert before is not None

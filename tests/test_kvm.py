@@ -23,12 +23,13 @@ from typing import Any
 import pytest
 
 from agent.pluginmanager import Hooks, make_plugin_manager
-from agent.sdk import ConfigError, ImageCache, TaskError
+from agent.sdk import ConfigError, ImageCache, InstanceUsage, TaskError
 from plugins.kvm import KvmPlugin, liveness
 from plugins.kvm.acceleration import Acceleration
 from plugins.kvm.disks import backing_file
 from plugins.kvm.domain import METADATA_NS, DomainFiles, domain_xml, read_metadata
 from plugins.kvm.spec import BootOptions, CreateSpec
+from plugins.kvm.usage import usage_from_stats
 from tests.harness import REPO, require
 from tests.harness.guest import Guest
 from tests.harness.libvirt import KvmNode, KvmTestBed, wait_for
@@ -80,6 +81,26 @@ def test_domain_xml_disk_boot_and_networks() -> None:
 
 def test_foreign_domain_has_no_kumo_metadata() -> None:
     assert read_metadata("<domain type='qemu'><name>x</name></domain>") is None
+
+
+def test_usage_sums_a_domains_devices_from_its_stats_record() -> None:
+    record = {
+        "state.state": 1, "cpu.time": 2_500_000_000, "cpu.user": 1, "balloon.current": 196608,
+        "balloon.maximum": 196608, "balloon.rss": 102400,
+        "net.count": 2, "net.0.name": "vnet0", "net.0.rx.bytes": 1000, "net.0.rx.pkts": 10,
+        "net.0.tx.bytes": 600, "net.0.tx.pkts": 6, "net.1.name": "vnet1", "net.1.rx.bytes": 24,
+        "net.1.rx.pkts": 1, "net.1.tx.bytes": 0, "net.1.tx.pkts": 0,
+        "block.count": 2, "block.0.name": "vda", "block.0.rd.reqs": 3, "block.0.rd.bytes": 12288,
+        "block.0.wr.reqs": 1, "block.0.wr.bytes": 512, "block.1.name": "hdc", "block.1.rd.reqs": 2,
+        "block.1.rd.bytes": 4096,  # a cdrom: no write figures
+    }
+    assert usage_from_stats(record) == InstanceUsage(
+        cpu_seconds=2.5, memory_bytes=100 << 20, memory_limit_bytes=192 << 20,
+        network_receive_bytes=1024, network_transmit_bytes=600, network_receive_packets=11,
+        network_transmit_packets=6, block_read_bytes=16384, block_write_bytes=512,
+        block_read_operations=5, block_write_operations=1)
+    # User-mode networking has no host interface to count: no figures rather than zeros.
+    assert usage_from_stats({"cpu.time": 1, "net.count": 1, "net.0.name": "user"}).network_receive_bytes is None
 
 
 def test_backing_file_is_read_from_the_overlay(tmp_path: Path) -> None:
@@ -351,6 +372,12 @@ async def test_stop_start_delete(kvm_bed: KvmTestBed, kvm_guest: Guest) -> None:
         pytest.fail(f"guest did not reach GUEST-HOLDING #{count}: {await node.console(name)}")
 
     await holding(1)
+    # Usage from libvirt's bulk stats: the guest has run, and read its initrd's seed cdrom.
+    usage = node.plugin.usage()[name]
+    assert usage.cpu_seconds > 0 and usage.memory_bytes > 0 and usage.memory_limit_bytes == 192 << 20
+    assert usage.block_read_bytes > 0 and usage.block_read_operations > 0
+    assert node.metric("kumo_instance_cpu_seconds_total", instance=name, kind="kvm") >= usage.cpu_seconds
+    assert node.metric("kumo_instance_block_read_bytes_total", instance=name, kind="kvm") >= usage.block_read_bytes
     stopped = await node.task("kvm.stop", name=name)
     # ACPI power button obeyed
     assert {k: stopped[k] for k in ("name", "kind", "state", "forced")} == {

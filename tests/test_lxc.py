@@ -18,6 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from agent.metrics import AgentMetrics
 from agent.pluginmanager import Hooks, make_plugin_manager
 from agent.sdk import ConfigError, TaskError
 from plugins.lxc import LxcPlugin
@@ -142,6 +143,18 @@ async def test_busybox_container_with_limits_and_a_static_address_on_a_bridge(lx
     cgroup = ["lxc-cgroup", "-P", str(node.lxcpath), "-n", "web-1"]
     memory = run(*cgroup, limit_key("memory")).stdout.strip()
     assert memory == str(96 * 1024 * 1024)
+
+    # Usage from the container's cgroup and network namespace: the limit liblxc set, and
+    # the ping above among the packets its eth0 received and sent.
+    usage = node.plugin.usage()["web-1"]
+    assert usage.memory_limit_bytes == 96 * 1024 * 1024 and usage.memory_bytes > 0 and usage.cpu_seconds > 0
+    assert usage.network_receive_packets >= 1 and usage.network_transmit_packets >= 1
+    assert usage.network_receive_bytes >= 84 and usage.network_transmit_bytes >= 84  # an ICMP echo's IP packet
+    assert usage.block_read_bytes is not None and usage.block_write_operations is not None
+    text = AgentMetrics(node.hooks.metrics).render().decode()
+    limit = 'kumo_instance_memory_limit_bytes{instance="web-1",kind="lxc"} '
+    assert [float(line[len(limit):]) for line in text.splitlines() if line.startswith(limit)] == [96 * 1024 * 1024]
+    assert 'kumo_instance_network_transmit_packets_total{instance="web-1",kind="lxc"}' in text
     assert run(*cgroup, limit_key("cpu")).stdout.strip().split()[0] == "100000"
 
     console = await node.task("lxc.console", {"name": "web-1"})

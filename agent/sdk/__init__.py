@@ -16,13 +16,15 @@ What is here, by concern:
 - input: :func:`parse_section` for the plugin's ``plugins.<name>`` settings and
   :func:`parse_payload` for task payloads, both from a dataclass, both strict;
 - running instances: the driver contract (:class:`InstanceDriver`, :class:`ConsoleOutput`,
-  :data:`NAME_RE`, :data:`KIND_RE`), the checkpoint capability (:class:`Checkpointer`,
+  :data:`NAME_RE`, :data:`KIND_RE`, and the optional :class:`UsageMeter` answering
+  :class:`InstanceUsage`), the checkpoint capability (:class:`Checkpointer`,
   :class:`DirectoryCheckpointer`, :class:`CheckpointSubject`, :class:`CriuCommand`) and the node's image cache
   (:class:`ImageCache`, :func:`valid_sha256`);
 - mechanics every plugin would otherwise write again: :func:`atomic_write` and
   :func:`tail` for files, :func:`run_command` for host tools, :class:`ExitWatcher` for
   processes, :func:`stat_fields`, :func:`start_time`, :func:`boot_id` and
-  :func:`zombie_children` for /proc, :class:`Backoff` for retries, and
+  :func:`zombie_children` for /proc, :class:`Cgroups`, :func:`netns_usage` and
+  :func:`process_tree_usage` to measure instances without forking, :class:`Backoff` for retries, and
   :func:`require_peer_role` for TLS that checks a Kumo peer's role, not only its CA.
 """
 
@@ -42,6 +44,7 @@ from agent.sdk.driver import (
     OPERATIONS,
     ConsoleOutput,
     InstanceDriver,
+    UsageMeter,
 )
 from agent.sdk.files import atomic_write, tail
 from agent.sdk.hooks import PluginHooks
@@ -67,6 +70,7 @@ from agent.sdk.types import (
     TaskError,
     hookimpl,
 )
+from agent.sdk.usage import Cgroups, InstanceUsage, netns_usage, process_tree_usage
 from agent.sdk.watch import ExitWatcher
 
 __all__ = [
@@ -78,6 +82,7 @@ __all__ = [
     "OPERATIONS",
     "PROJECT",
     "Backoff",
+    "Cgroups",
     "CheckpointSubject",
     "Checkpointer",
     "CommandResult",
@@ -94,6 +99,7 @@ __all__ = [
     "InstanceDriver",
     "InstanceState",
     "InstanceStateName",
+    "InstanceUsage",
     "PluginContext",
     "PluginError",
     "PluginHooks",
@@ -101,12 +107,15 @@ __all__ = [
     "ProbeResult",
     "ProbeStatus",
     "TaskError",
+    "UsageMeter",
     "atomic_write",
     "boot_id",
     "hookimpl",
     "load_yaml_file",
+    "netns_usage",
     "parse_payload",
     "parse_section",
+    "process_tree_usage",
     "require_peer_role",
     "run_command",
     "run_command_sync",

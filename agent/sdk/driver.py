@@ -16,7 +16,10 @@ the agent owns everything around them, the same for every kind:
 - ``kumo_instances{kind,state}`` on the agent's /metrics, and the instance list in every
   heartbeat, both from :meth:`InstanceDriver.list`;
 - adoption after an agent restart: :meth:`InstanceDriver.adopt` is called once after
-  start-up, before any task.
+  start-up, before any task;
+- per-instance usage on the agent's /metrics (``kumo_instance_*{instance,kind}``) and in the
+  usage summary heartbeats carry, for a driver that can measure it: the optional
+  :meth:`UsageMeter.usage`.
 
 A driver raises :class:`agent.sdk.TaskError` with a code from :data:`agent.sdk.ErrorCode`
 and leaves nothing half-made behind: a failed create removes what it made.
@@ -27,9 +30,10 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from agent.sdk.types import InstanceState
+from agent.sdk.usage import InstanceUsage
 
 OPERATIONS = ("create", "start", "stop", "delete", "console")
 # One rule for every kind: a name that is a valid hostname label, a file name and a
@@ -94,4 +98,25 @@ class InstanceDriver(Protocol):
         events): called at every heartbeat and scrape, so no slow calls. A scrape calls it
         from a worker thread, as it does ``kumo_metrics``: iterate over a copy of what the
         event loop changes (``list(self.instances.values())``)."""
+        ...
+
+
+@runtime_checkable
+class UsageMeter(Protocol):
+    """The optional part of the driver contract: a driver that can measure what its instances
+    use also has this method, and the agent exports it (``kumo_instance_cpu_seconds_total``
+    and the rest, labelled ``instance`` and ``kind``) and summarises it for heartbeats. A
+    driver without it is still a driver; its instances just have no usage series.
+    """
+
+    def usage(self) -> Mapping[str, InstanceUsage]:
+        """What each running instance uses now, by name; an instance missing from the answer
+        (stopped, or gone meanwhile) has no usage, and a field the kind cannot measure is None.
+
+        Called at every scrape and heartbeat from a worker thread, never on the event loop:
+        it may read files and make one call to its backend for all instances together
+        (libvirt's bulk domain stats), never one call per instance and never fork, so that a
+        scrape costs the same per instance however many there are. Iterate over a copy of
+        what the event loop changes, as :meth:`InstanceDriver.list` does.
+        """
         ...

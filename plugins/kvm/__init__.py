@@ -6,8 +6,9 @@ libvirt's events keep fresh. The pieces are this package's modules, one concern 
 :mod:`~plugins.kvm.settings`, :mod:`~plugins.kvm.spec` (the create payload),
 :mod:`~plugins.kvm.acceleration` (KVM or TCG), :mod:`~plugins.kvm.domain` (domain XML,
 metadata, states), :mod:`~plugins.kvm.disks` (instance directory, qcow2 overlay),
-:mod:`~plugins.kvm.host` (libvirt, its connection and events) and
-:mod:`~plugins.kvm.liveness` (libvirtd as seen by a node with no VMs, libvirt not loaded).
+:mod:`~plugins.kvm.host` (libvirt, its connection and events),
+:mod:`~plugins.kvm.liveness` (libvirtd as seen by a node with no VMs, libvirt not loaded)
+and :mod:`~plugins.kvm.usage` (what each VM uses, from one bulk stats call).
 
 - A VM is a persistent domain. Its disk is a qcow2 overlay on a base image from the
   node's image cache, or the guest boots a kernel and initrd directly. Its first-boot seed
@@ -37,6 +38,7 @@ from agent.sdk import (
     ConsoleOutput,
     Fingerprint,
     InstanceState,
+    InstanceUsage,
     PluginContext,
     Probe,
     ProbeResult,
@@ -301,6 +303,21 @@ class KvmPlugin:
 
     def list(self) -> Iterable[InstanceState]:
         return [inst.shown() for inst in sorted(self._instances.values(), key=lambda i: i.name)]
+
+    def usage(self) -> dict[str, InstanceUsage]:
+        """This agent's running VMs, from one ``getAllDomainStats`` call; nothing while
+        libvirt is not loaded or not connected (``kumo_kvm_libvirt_up`` says so)."""
+        host = self._host
+        conn = host.conn if host is not None else None
+        if conn is None or not self._instances:
+            return {}
+        from plugins.kvm.usage import domain_usage
+
+        try:
+            return domain_usage(host.libvirt, conn, set(self._instances))
+        except host.libvirt.libvirtError as exc:
+            log.warning("kvm: reading domain stats failed: %s", exc.get_error_message())
+            return {}
 
     # ---- what the operations are made of -----------------------------------------------
 

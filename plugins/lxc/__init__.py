@@ -16,6 +16,8 @@ The pieces, one concern each:
 - :mod:`.build`, :mod:`.lxcconf`, :mod:`.rootfs`, :mod:`.record`: a new container's
   root filesystem, config, boot files, seed and Kumo's record of it;
 - :mod:`.tracker`: each container's state, kept fresh from liblxc;
+- usage (:meth:`LxcPlugin.usage`): read from the container's cgroup (liblxc's
+  ``lxc.payload.<name>``) and its network namespace, through its init's /proc entry;
 - :mod:`.migration`: a container arriving from another node.
 """
 
@@ -32,13 +34,16 @@ from typing import TYPE_CHECKING, Any
 
 from agent.sdk import (
     NAME_RE,
+    Cgroups,
     Checkpointer,
     ConsoleOutput,
     Fingerprint,
     InstanceState,
+    InstanceUsage,
     PluginContext,
     TaskError,
     hookimpl,
+    netns_usage,
     tail,
 )
 
@@ -69,6 +74,7 @@ class LxcPlugin:
         self._unavailable = "the lxc plugin has not started yet"
         self._version = ""
         self._cgroups: CgroupLayout = {}
+        self._cgroup_mounts: Cgroups | None = None
         self._use(LxcConfig())
 
     def _use(self, config: LxcConfig) -> None:
@@ -95,6 +101,7 @@ class LxcPlugin:
             return
         self._version = await liblxc.version()
         self._cgroups = await asyncio.to_thread(cgroup_layout)
+        self._cgroup_mounts = await asyncio.to_thread(Cgroups.read)
         problem = await asyncio.to_thread(prepare, self.config)
         if problem:
             self._unavailable = problem
@@ -236,6 +243,22 @@ class LxcPlugin:
 
     def list(self) -> list[InstanceState]:
         return self._containers.states()
+
+    def usage(self) -> dict[str, InstanceUsage]:
+        mounts = self._cgroup_mounts
+        if mounts is None:
+            return {}
+        found = {}
+        # A copy: a scrape measures from a worker thread while the loop may add or remove.
+        for inst in list(self._containers.by_name.values()):
+            pid = inst.pid
+            if inst.state != "running" or pid is None:
+                continue
+            usage = mounts.usage(pid, enclosing=f"lxc.payload.{inst.name}")
+            if usage.cpu_seconds is None and usage.memory_bytes is None:
+                continue  # init is gone, or the pid is no longer the container's
+            found[inst.name] = usage.join(netns_usage(pid))
+        return found
 
     # ---- for the checkpointer (plugins/lxc/checkpointing.py) ----------------------------
 
