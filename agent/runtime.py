@@ -62,6 +62,7 @@ from agent.settings import (
     read_join_record,
     split_listen,
 )
+from agent.usage import NodeUsage
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +174,7 @@ class Runtime:
         self._stop = asyncio.Event()
         self._connected = asyncio.Event()
         self._wake = asyncio.Event()
+        self.usage = NodeUsage()  # kept: each heartbeat's CPU busy figure is since the previous one
         self._fingerprints_due = True
         self._fingerprints_sent: tuple[float, Any] = (0.0, None)
         self._fingerprints_at = 0.0
@@ -405,7 +407,8 @@ class Runtime:
             except TimeoutError:
                 pass
             self._wake.clear()
-            body: dict[str, Any] = {"instances": [i.to_json() for i in await self.hooks.instances()]}
+            body: dict[str, Any] = {"instances": [i.to_json() for i in await self.hooks.instances()],
+                                    "usage": await self.usage.summary(self.hooks.drivers)}
             plugins = await self._fingerprints_to_send()
             if plugins is not None:
                 body["plugins"] = plugins

@@ -297,9 +297,14 @@ class Controller:
 
     # Nodes' live state.
 
-    def touch(self, node_id: str, instances: list[Any] | None = None, plugins: dict[str, Any] | None = None) -> None:
-        live = self.live.setdefault(node_id, {"instances": [], "plugins": None})
-        live["last_seen"] = time.time()
+    def touch(self, node_id: str, instances: list[Any] | None = None, plugins: dict[str, Any] | None = None,
+              usage: dict[str, Any] | None = None) -> None:
+        live = self.live.setdefault(node_id, {"instances": [], "plugins": None, "usage": None})
+        now = time.time()
+        if usage is not None:
+            _add_cpu_rates(usage, live.get("usage"), now - live.get("last_seen", now))
+            live["usage"] = usage
+        live["last_seen"] = now
         if instances is not None:
             live["instances"] = instances
         if plugins is not None:
@@ -328,6 +333,7 @@ class Controller:
             "plugins": plugins,
             "facts": row.get("facts") or {},
             "instances": live.get("instances", row.get("instances") or []),
+            "usage": live.get("usage") or row.get("usage") or None,
         }
 
     async def flush(self) -> None:
@@ -391,6 +397,17 @@ class Controller:
             waiters.discard(ended)
             if not waiters:
                 self._task_waiters.pop(task_id, None)
+
+
+def _add_cpu_rates(usage: dict[str, Any], before: dict[str, Any] | None, seconds: float) -> None:
+    """Each instance's ``cpu_cores`` (CPU seconds per second since the previous report), from
+    the counter the node sends; a counter that went back (the instance restarted) gives none."""
+    previous = (before or {}).get("instances", {})
+    for name, figures in usage["instances"].items():
+        earlier = previous.get(name, {}).get("cpu_seconds")
+        now = figures.get("cpu_seconds")
+        if seconds > 0 and earlier is not None and now is not None and now >= earlier:
+            figures["cpu_cores"] = round((now - earlier) / seconds, 4)
 
 
 def guard(route: Route, handler: Any) -> Any:

@@ -21,7 +21,7 @@ from cryptography.x509.oid import NameOID
 
 from agent.enroll import cert_validity
 from tests.harness import free_port
-from tests.harness.agents import agent_command, join_agent, write_plugin_distribution
+from tests.harness.agents import agent_command, join_agent, wait_for, write_plugin_distribution
 
 pytestmark = pytest.mark.integration
 
@@ -109,6 +109,13 @@ def test_join_then_run_makes_a_ready_node(controller, kumo_agent):
     assert (agent.state_dir / "node.key").stat().st_mode & 0o777 == 0o600
     assert (agent.state_dir / "plugins" / "process").stat().st_mode & 0o777 == 0o700
     assert "connected as node" in agent.log_text()
+    # Heartbeats carry what the node measures; kumoctl shows it beside the reservations.
+    usage = wait_for(lambda: agent.node().get("usage"), "a heartbeat with usage")
+    assert 0 <= usage["node"]["cpu_busy"] <= 1 and usage["node"]["memory_total_bytes"] > 0
+    from tests.test_instances import kumoctl
+
+    shown = kumoctl(controller, "nodes", "show", agent.node_id).stdout
+    assert re.search(r"usage:\s+CPU \d+% busy, [\d.]+ of [\d.]+ GiB used, load", shown), shown
 
 
 def test_join_refuses_a_ca_hash_mismatch_before_sending_the_token(controller, tmp_path):

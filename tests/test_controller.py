@@ -320,3 +320,27 @@ def test_alerts_reach_an_alertmanager_webhook_with_retries(controller_factory, t
     assert received[0]["labels"] == {"probe": "load", "alertname": "load", "node": node_id, "severity": "warning"}
     assert "endsAt" not in received[0] and received[1]["endsAt"] == "2026-01-01T00:01:00Z"
     assert len(received) == 2
+
+
+def test_a_heartbeat_carries_usage_checked_and_shown_with_cpu_rates(controller, tmp_path):
+    node_id, cert = enroll_node(controller, tmp_path)
+    assert register(controller, node_id, cert)[0] == 200
+
+    def heartbeat(body):
+        return controller.call("POST", f"/v1/nodes/{node_id}/heartbeat", body, cert=cert)
+
+    usage = {"node": {"cpu_busy": 0.25, "cpus": 2, "memory_used_bytes": 1 << 30, "memory_total_bytes": 4 << 30,
+                      "load1": 0.5, "load5": 0.4, "load15": 0.3, "newer_figure": 1},
+             "instances": {"web": {"kind": "process", "cpu_seconds": 10.0, "memory_bytes": 1 << 20}}}
+    assert heartbeat({"usage": usage})[0] == 200
+    time.sleep(1)
+    usage["instances"]["web"]["cpu_seconds"] = 10.5
+    assert heartbeat({"usage": usage})[0] == 200
+    shown = controller.admin("GET", f"/v1/nodes/{node_id}")["usage"]
+    assert "newer_figure" not in shown["node"] and shown["node"]["cpu_busy"] == 0.25
+    assert 0 < shown["instances"]["web"]["cpu_cores"] <= 0.5
+    for bad, field in (({"node": {"cpu_busy": 7}}, "usage.node.cpu_busy"),
+                       ({"instances": {"web": {"kind": "process", "memory_bytes": -1}}}, "usage.instances.web.memory_bytes"),
+                       ({"instances": {"../x": {"kind": "process"}}}, "usage.instances")):
+        status, answer = heartbeat({"usage": bad})
+        assert status == 400 and field in answer["error"], answer

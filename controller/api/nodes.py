@@ -61,8 +61,9 @@ async def register(request: web.Request) -> web.Response:
 async def heartbeat(request: web.Request) -> web.Response:
     ctl = state(request)
     data = await json_body(request)
-    reject_unknown(data, {"instances", "plugins"})
-    ctl.touch(request.match_info["id"], reports.instances(data.get("instances")), reports.plugins(data.get("plugins")))
+    reject_unknown(data, {"instances", "plugins", "usage"})
+    ctl.touch(request.match_info["id"], reports.instances(data.get("instances")), reports.plugins(data.get("plugins")),
+              reports.usage(data.get("usage")))
     return reply({"ok": True})
 
 

@@ -136,6 +136,53 @@ def instances(value: Any) -> list[dict[str, Any]]:
     return out
 
 
+def _number(low: float, high: float) -> Callable[[str, Any], float]:
+    def check(where: str, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+            raise ApiError(400, f"{where} must be a number from {low:g} to {high:g}, got {value!r:.60}")
+        return value
+    return check
+
+
+MAX_LOAD = 1e6
+MAX_CPU_SECONDS = 1e15  # a counter: centuries of thousands of CPUs
+NODE_USAGE: Mapping[str, Callable[[str, Any], Any]] = {
+    "cpu_busy": _number(0, 1),
+    "cpus": _integer(1, MAX_CPUS),
+    "memory_used_bytes": _integer(0, MAX_MEMORY_BYTES),
+    "memory_total_bytes": _integer(1, MAX_MEMORY_BYTES),
+    "load1": _number(0, MAX_LOAD),
+    "load5": _number(0, MAX_LOAD),
+    "load15": _number(0, MAX_LOAD),
+}
+INSTANCE_USAGE: Mapping[str, Callable[[str, Any], Any]] = {
+    "cpu_seconds": _number(0, MAX_CPU_SECONDS),
+    "memory_bytes": _integer(0, MAX_MEMORY_BYTES),
+    "memory_limit_bytes": _integer(0, MAX_MEMORY_BYTES),
+}
+
+
+def usage(value: Any) -> dict[str, Any] | None:
+    """What the node measures: ``{"node": {cpu_busy, memory_used_bytes...}, "instances":
+    {name: {kind, cpu_seconds, memory_bytes, memory_limit_bytes}}}``; unknown keys dropped."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("node", {}), dict) or not isinstance(
+            value.get("instances", {}), dict) or len(value.get("instances", {})) > MAX_INSTANCES:
+        raise ApiError(400, f"usage must be an object with a node object and an instances object of at most "
+                            f"{MAX_INSTANCES} entries")
+    node = {key: NODE_USAGE[key](f"usage.node.{key}", item)
+            for key, item in value.get("node", {}).items() if key in NODE_USAGE}
+    out: dict[str, Any] = {}
+    for name, item in value.get("instances", {}).items():
+        if not isinstance(name, str) or not INSTANCE_NAME_RE.match(name) or not isinstance(item, dict) or not (
+                isinstance(item.get("kind"), str) and KIND_RE.match(item["kind"])):
+            raise ApiError(400, f"usage.instances: each entry needs a valid instance name and kind, got {name!r:.80}")
+        out[name] = {"kind": item["kind"], **{key: INSTANCE_USAGE[key](f"usage.instances.{name}.{key}", figure)
+                                               for key, figure in item.items() if key in INSTANCE_USAGE}}
+    return {"node": node, "instances": out}
+
+
 def metrics_url(value: Any, remote: str | None) -> str | None:
     """Where Prometheus scrapes the node: the scheme and port it reported, at the address the
     controller sees it connect from (never a host of its choosing, which would turn every

@@ -68,6 +68,7 @@ def cmd_nodes_show(client: Client, args: argparse.Namespace) -> int:
             ("drained", bool(node.get("drained"))),
             ("last seen", f"{node.get('last_seen') or '-'} ({ago(node.get('last_seen'))})"),
             ("kinds", _node_kinds(node)),
+            ("usage", _usage_line((node.get("usage") or {}).get("node") or {})),
         ]
     )
     facts = node.get("facts") or {}
@@ -86,15 +87,35 @@ def cmd_nodes_show(client: Client, args: argparse.Namespace) -> int:
         empty="  none reported",
     )
     print("\ninstances:")
+    measured = (node.get("usage") or {}).get("instances") or {}
     print_table(
-        ["  NAME", "KIND", "STATE"],
+        ["  NAME", "KIND", "STATE", "CPU", "MEMORY MiB"],
         [
-            [f"  {i.get('name')}", i.get("kind"), i.get("state")]
+            [f"  {i.get('name')}", i.get("kind"), i.get("state"), *_instance_usage(measured.get(i.get("name")) or {})]
             for i in node.get("instances") or ()
         ],
         empty="  none",
     )
     return 0
+
+
+def _usage_line(usage: Mapping[str, Any]) -> str:
+    """What the node last measured, beside what was reserved on it (the scheduler's view)."""
+    if not usage:
+        return "not reported"
+    memory = f"{usage['memory_used_bytes'] / 2**30:.1f} of {usage['memory_total_bytes'] / 2**30:.1f} GiB used" \
+        if "memory_used_bytes" in usage and "memory_total_bytes" in usage else "memory not measured"
+    cpu = f"CPU {usage['cpu_busy']:.0%} busy" if "cpu_busy" in usage else "CPU not measured"
+    load = f"load {usage['load1']:.2f}" if "load1" in usage else ""
+    return ", ".join(part for part in (cpu, memory, load) if part)
+
+
+def _instance_usage(figures: Mapping[str, Any]) -> list[str]:
+    cpu = f"{figures['cpu_cores']:.2f} cores" if "cpu_cores" in figures else "-"
+    memory = f"{figures['memory_bytes'] / 2**20:.0f}" if "memory_bytes" in figures else "-"
+    if "memory_limit_bytes" in figures:
+        memory += f" / {figures['memory_limit_bytes'] / 2**20:.0f}"
+    return [cpu, memory]
 
 
 def cmd_nodes_drain(client: Client, args: argparse.Namespace) -> int:

@@ -29,7 +29,7 @@ from controller.store.schema import SCHEMA_VERSION, statements
 
 TokenCheck = Literal["ok", "unknown", "expired", "used"]
 Event = dict[str, Any]
-JSON_COLUMNS = ("facts", "plugins", "instances", "payload", "result", "spec", "reasons", "labels", "annotations", "doc")
+JSON_COLUMNS = ("facts", "plugins", "instances", "usage", "payload", "result", "spec", "reasons", "labels", "annotations", "doc")
 
 
 class StoreError(Exception):
@@ -102,6 +102,14 @@ class Store:
     async def open(self) -> Store:
         """Connect and bring the schema up to date (see :mod:`controller.store.schema`)."""
         await self.db.connect()
+        try:
+            await self._migrate()
+        except BaseException:
+            await self.db.close()
+            raise
+        return self
+
+    async def _migrate(self) -> None:
         async with self.db.transaction(schema_lock=True) as tx:
             await tx.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
             row = await tx.one("SELECT value FROM meta WHERE key='schema_version'")
@@ -119,7 +127,6 @@ class Store:
                     "INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT (key) DO UPDATE SET value=excluded.value",
                     str(SCHEMA_VERSION),
                 )
-        return self
 
     async def close(self) -> None:
         await self.db.close()
@@ -217,14 +224,16 @@ class Store:
             )
 
     async def save_live(self, rows: dict[str, dict[str, Any]]) -> None:
-        """Persist heartbeat state (last_seen, instances, plugins) for many nodes at once."""
+        """Persist heartbeat state (last_seen, instances, plugins, usage) for many nodes at once."""
         async with self._tx() as tx:
             await tx.executemany(
-                "UPDATE nodes SET last_seen=?, instances=?, plugins=COALESCE(?, plugins) WHERE id=?",
+                "UPDATE nodes SET last_seen=?, instances=?, plugins=COALESCE(?, plugins), usage=COALESCE(?, usage) "
+                "WHERE id=?",
                 [
                     (
                         live["last_seen"], json.dumps(live["instances"]),
-                        json.dumps(live["plugins"]) if live.get("plugins") is not None else None, node_id,
+                        json.dumps(live["plugins"]) if live.get("plugins") is not None else None,
+                        json.dumps(live["usage"]) if live.get("usage") is not None else None, node_id,
                     )
                     for node_id, live in rows.items()
                 ],

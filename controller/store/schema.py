@@ -60,6 +60,8 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
         "ALTER TABLE migrations ADD COLUMN active INTEGER NOT NULL DEFAULT 0",
         # At most one migration holds an instance, whichever controller drives it.
         "CREATE UNIQUE INDEX migrations_active ON migrations (instance) WHERE active = 1",
+        # What the node last measured (agent.usage): CPU, memory, load, and per instance.
+        "ALTER TABLE nodes ADD COLUMN usage TEXT",
     ]),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
