@@ -187,7 +187,7 @@ def test_bad_json_unknown_fields_and_oversized_bodies_are_named(controller, tmp_
     big = json.dumps({"node": "x", "kind": "a.b", "payload": {"blob": "x" * (1024 * 1024 + 1)}}).encode()
     status, answer = controller.call("POST", "/v1/tasks", raw=big, cert=controller.admin_cert)
     assert status == 413 and "limit" in answer["error"]
-    assert controller.admin("GET", "/v1/nodes") == {"nodes": []}
+    assert controller.admin("GET", "/v1/nodes") == {"nodes": [], "next": None}
 
 
 def test_tasks_survive_a_controller_crash_and_keep_their_idempotency(controller, tmp_path):
@@ -344,3 +344,23 @@ def test_a_heartbeat_carries_usage_checked_and_shown_with_cpu_rates(controller, 
                        ({"instances": {"../x": {"kind": "process"}}}, "usage.instances")):
         status, answer = heartbeat({"usage": bad})
         assert status == 400 and field in answer["error"], answer
+
+
+def test_list_endpoints_page_with_limit_and_after(controller, tmp_path):
+    nodes = sorted(enroll_node(controller, tmp_path)[0] for _ in range(3))
+    first = controller.admin("GET", "/v1/nodes?limit=2")
+    assert [n["id"] for n in first["nodes"]] == nodes[:2] and first["next"] == nodes[1]
+    rest = controller.admin("GET", f"/v1/nodes?limit=2&after={first['next']}")
+    assert [n["id"] for n in rest["nodes"]] == nodes[2:] and rest["next"] is None
+    for n in range(5):
+        controller.admin("POST", "/v1/tasks", {"node": nodes[0], "kind": "x.y", "payload": {"n": n}})
+    seen, after = [], None
+    while True:
+        page = controller.admin("GET", "/v1/tasks?limit=2" + (f"&after={after}" if after else ""))
+        seen += [t["payload"]["n"] for t in page["tasks"]]
+        if not (after := page["next"]):
+            break
+    assert seen == [4, 3, 2, 1, 0]  # newest first, each once
+    for bad in ("limit=0", "limit=1001", "limit=x", "after=nonsense"):
+        status, answer = controller.call("GET", f"/v1/tasks?{bad}", cert=controller.admin_cert)
+        assert status == 400 and ("limit" in answer["error"] or "cursor" in answer["error"]), (bad, answer)

@@ -303,20 +303,11 @@ class StandIn:
                 {"instance": instance, "task": self.task(f"{body['name']}:create")}, status=202
             )
         if request.path == "/v1/instances":
-            return web.json_response(
-                {
-                    "instances": [
-                        {
-                            "name": "web",
-                            "kind": "process",
-                            "node": "n-000000000001",
-                            "state": "running",
-                            "vcpus": 1,
-                            "memory_mib": 64,
-                        }
-                    ]
-                }
-            )
+            # Two pages of one: kumoctl follows "next".
+            name = "web" if "after" not in request.query else "worker"
+            instance = {"name": name, "kind": "process", "node": "n-000000000001", "state": "running", "vcpus": 1,
+                        "memory_mib": 64}
+            return web.json_response({"instances": [instance], "next": "web" if name == "web" else None})
         if parts[:2] == ["v1", "tasks"]:
             return web.json_response(self.task(parts[2]))
         if parts[:2] == ["v1", "instances"] and len(parts) == 4:
@@ -481,11 +472,13 @@ def test_instances_list_table_and_json(stand_in, tmp_path):
     config = stand_in.config(tmp_path)
     table = run_kumoctl("instances", "list", config=config)
     assert table.returncode == 0, table.stderr
-    header, row = table.stdout.splitlines()
+    header, row, second = table.stdout.splitlines()
     assert header.split() == ["NAME", "KIND", "NODE", "STATE", "VCPUS", "MEMORY/MIB", "IMAGE"]
     assert row.split() == ["web", "process", "n-000000000001", "running", "1", "64", "-"]
+    assert second.split()[0] == "worker"  # from the second page
+    assert [p for m, p, _ in stand_in.requests] == ["/v1/instances", "/v1/instances"]
     listed = run_kumoctl("instances", "list", "--output", "json", config=config)
-    assert json.loads(listed.stdout)[0]["name"] == "web"
+    assert [i["name"] for i in json.loads(listed.stdout)] == ["web", "worker"]
 
 
 def test_gets_move_past_a_controller_that_is_down_and_changes_do_not(stand_in, tmp_path):
@@ -500,7 +493,7 @@ def test_gets_move_past_a_controller_that_is_down_and_changes_do_not(stand_in, t
     # A change is not sent twice: the admin decides whether to repeat it.
     assert_clean_failure(run_kumoctl("instances", "start", "web", config=config),
                          f"cannot connect to the controller at {down}")
-    assert [method for method, _, _ in stand_in.requests] == ["GET"]
+    assert [method for method, _, _ in stand_in.requests] == ["GET", "GET"]  # the list's two pages
 
 
 def test_a_client_certificate_from_another_ca_is_refused(stand_in, tmp_path, tmp_path_factory):

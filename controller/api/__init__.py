@@ -42,6 +42,34 @@ def state(request: web.Request) -> Any:
     return request.app["kumo"]
 
 
+PAGE_DEFAULT = 500
+PAGE_MAX = 1000
+
+
+def page_query(request: web.Request) -> tuple[int, str | None]:
+    """A list endpoint's ``?limit=&after=``: how many items (1 to PAGE_MAX, default
+    PAGE_DEFAULT) and the cursor the previous page's ``next`` gave."""
+    raw = request.query.get("limit")
+    try:
+        limit = int(raw) if raw is not None else PAGE_DEFAULT
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= PAGE_MAX:
+        raise ApiError(400, f"limit must be an integer from 1 to {PAGE_MAX}, got {raw!r:.40}")
+    after = request.query.get("after")
+    if after is not None and not 0 < len(after) <= 256:
+        raise ApiError(400, "after must be the next cursor of the previous page")
+    return limit, after
+
+
+def paged(rows: list[Any], limit: int, cursor: Callable[[Any], str]) -> tuple[list[Any], str | None]:
+    """``rows`` (fetched with ``limit + 1``) cut to one page, and the cursor of the next page
+    (None on the last)."""
+    if len(rows) > limit:
+        return rows[:limit], cursor(rows[limit - 1])
+    return rows, None
+
+
 def reply(data: Any, status: int = 200) -> web.Response:
     return web.json_response(data, status=status, dumps=lambda d: json.dumps(d, separators=(",", ":")))
 

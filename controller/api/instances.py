@@ -17,7 +17,7 @@ from aiohttp import web
 
 from agent.sdk import KIND_RE
 from controller import scheduler
-from controller.api import ApiError, Route, field, iso, json_body, reply, state
+from controller.api import ApiError, Route, field, iso, json_body, page_query, paged, reply, state
 from controller.api.tasks import new_task, submit
 from controller.api.tasks import shown as shown_task
 from controller.store import StoreError
@@ -116,7 +116,9 @@ async def create(request: web.Request) -> web.Response:
 
 async def list_instances(request: web.Request) -> web.Response:
     ctl = state(request)
-    return reply({"instances": [await shown(ctl, row) for row in await ctl.store.list_instances()]})
+    limit, after = page_query(request)
+    rows, following = paged(await ctl.store.list_instances(limit + 1, after), limit, lambda row: row["name"])
+    return reply({"instances": [await shown(ctl, row) for row in rows], "next": following})
 
 
 async def show(request: web.Request) -> web.Response:
@@ -178,7 +180,8 @@ ROUTES = [
            "image": "path or https URL (kvm, lxc)", "image_sha256": "hex, required for URLs",
            "user_data": "cloud-config text", "network_config": "network config v2 text", "vendor_data": "text",
            "options": "object, kind-specific", "*": "other kind-specific fields, validated by the node's plugin"}),
-    Route("GET", "/v1/instances", list_instances, "admin", "Every instance with its node and reported state."),
+    Route("GET", "/v1/instances", list_instances, "admin",
+          "Instances by name, with their node and reported state, a page at a time (?limit=&after=NEXT)."),
     Route("GET", INSTANCE, show, "admin", "One instance, where it landed and why other nodes were filtered out."),
     Route("POST", INSTANCE + "/start", _operation("start", {}), "admin", "Start a stopped instance."),
     Route("POST", INSTANCE + "/stop", _operation("stop", {"timeout": (int, float)}), "admin",

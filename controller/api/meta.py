@@ -11,7 +11,18 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from controller import pki
-from controller.api import ApiError, Route, field, iso, json_body, reject_unknown, reply, state
+from controller.api import (
+    ApiError,
+    Route,
+    field,
+    iso,
+    json_body,
+    page_query,
+    paged,
+    reject_unknown,
+    reply,
+    state,
+)
 
 ISSUABLE_ROLES = ("scraper", "admin")
 CLIENT_CERT_LIFETIME = datetime.timedelta(days=365)
@@ -137,15 +148,13 @@ async def revoke_certificate(request: web.Request) -> web.Response:
 
 async def audit_log(request: web.Request) -> web.Response:
     """Every admin action, newest first: who (role, name, certificate serial), what, how it ended."""
-    try:
-        limit = int(request.query.get("limit", "100"))
-    except ValueError:
-        limit = 0
-    if not 1 <= limit <= 10_000:
-        raise ApiError(400, f"limit must be an integer from 1 to 10000, got {request.query.get('limit')!r}")
-    rows = await state(request).store.list_audit(limit)
+    limit, after = page_query(request)
+    if after is not None and not after.isdigit():
+        raise ApiError(400, "after must be the next cursor of the previous page")
+    rows, following = paged(await state(request).store.list_audit(limit + 1, int(after) if after else None), limit,
+                            lambda r: str(r["id"]))
     return reply({"entries": [{**{k: r[k] for k in ("id", "role", "name", "serial", "method", "path", "status", "error")},
-                               "at": iso(r["at"])} for r in rows]})
+                               "at": iso(r["at"])} for r in rows], "next": following})
 
 
 ROUTES = [
@@ -160,5 +169,5 @@ ROUTES = [
     Route("DELETE", "/v1/certificates/{serial}", revoke_certificate, "admin",
           "Revoke an admin or scraper certificate at once (not the one making the request)."),
     Route("GET", "/v1/audit", audit_log, "admin",
-          "The audit log: every admin action that changes something, who made it and its outcome (?limit=N)."),
+          "The audit log, newest first: every admin action that changes something, who made it and its outcome, a page at a time (?limit=&after=NEXT)."),
 ]

@@ -22,6 +22,8 @@ from controller.api import (
     json_body,
     logging_settings,
     migration,
+    page_query,
+    paged,
     reject_unknown,
     reply,
     reports,
@@ -166,7 +168,9 @@ async def _node_row(ctl: Any, node_id: str) -> dict[str, Any]:
 
 async def list_nodes(request: web.Request) -> web.Response:
     ctl = state(request)
-    return reply({"nodes": [shown(ctl, row) for row in await ctl.store.list_nodes()]})
+    limit, after = page_query(request)
+    rows, following = paged(await ctl.store.list_nodes(limit=limit + 1, after=after), limit, lambda row: row["id"])
+    return reply({"nodes": [shown(ctl, row) for row in rows], "next": following})
 
 
 async def show_node(request: web.Request) -> web.Response:
@@ -217,7 +221,7 @@ ROUTES = [
           {"state": "succeeded or failed", "result": "object", "error": "string or null", "code": "string or null"}),
     Route("POST", NODE + "/renew", renew, "node", "Trade a CSR for a fresh certificate of the same node.",
           {"csr": "PEM CSR, ECDSA P-256"}),
-    Route("GET", "/v1/nodes", list_nodes, "admin", "Every enrolled node, its state, plugins and instances."),
+    Route("GET", "/v1/nodes", list_nodes, "admin", "Enrolled nodes by id, with state, plugins and instances, a page at a time (?limit=&after=NEXT)."),
     Route("GET", NODE, show_node, "admin", "One node."),
     Route("POST", NODE + "/drain", drain, "admin", "Place nothing new on the node and migrate what can move."),
     Route("POST", NODE + "/undrain", undrain, "admin", "Let the scheduler place instances on the node again."),

@@ -14,7 +14,18 @@ from typing import Any
 
 from aiohttp import web
 
-from controller.api import ApiError, Route, field, iso, json_body, reject_unknown, reply, state
+from controller.api import (
+    ApiError,
+    Route,
+    field,
+    iso,
+    json_body,
+    page_query,
+    paged,
+    reject_unknown,
+    reply,
+    state,
+)
 
 KIND_RE = re.compile(r"^[a-z0-9_-]{1,64}\.[a-z0-9_.-]{1,64}\Z")
 STATES = ("pending", "delivered", "succeeded", "failed")
@@ -73,12 +84,21 @@ async def list_tasks(request: web.Request) -> web.Response:
     task_state = request.query.get("state")
     if task_state is not None and task_state not in STATES:
         raise ApiError(400, f"state must be one of {', '.join(STATES)}, got {task_state!r}")
+    limit, after = page_query(request)
+    rows, following = paged(await ctl.store.list_tasks(request.query.get("node"), task_state, limit + 1,
+                                                       _task_cursor(after)), limit,
+                            lambda t: f"{t['created_at']!r}/{t['id']}")
+    return reply({"tasks": [shown(t) for t in rows], "next": following})
+
+
+def _task_cursor(after: str | None) -> tuple[float, str] | None:
+    if after is None:
+        return None
+    created, _, task_id = after.partition("/")
     try:
-        limit = int(request.query.get("limit", "200"))
+        return float(created), task_id
     except ValueError:
-        raise ApiError(400, "limit must be an integer") from None
-    rows = await ctl.store.list_tasks(request.query.get("node"), task_state, max(1, min(limit, 1000)))
-    return reply({"tasks": [shown(t) for t in rows]})
+        raise ApiError(400, "after must be the next cursor of the previous page") from None
 
 
 async def show_task(request: web.Request) -> web.Response:
@@ -92,6 +112,6 @@ async def show_task(request: web.Request) -> web.Response:
 ROUTES = [
     Route("POST", "/v1/tasks", create_task, "admin", "Queue a task on a node (an existing idempotency key returns its task).",
           {"node": "node id", "kind": "<plugin>.<operation>", "payload": "object", "idempotency_key": "string, optional"}),
-    Route("GET", "/v1/tasks", list_tasks, "admin", "Tasks, newest first (?node=&state=&limit=)."),
+    Route("GET", "/v1/tasks", list_tasks, "admin", "Tasks, newest first, a page at a time (?node=&state=&limit=&after=NEXT)."),
     Route("GET", "/v1/tasks/{id}", show_task, "admin", "One task and how it ended."),
 ]

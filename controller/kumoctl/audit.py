@@ -13,7 +13,7 @@ HELP = "the audit log: every admin action that changed something, who made it, h
 
 
 def cmd_audit_list(client: Client, args: argparse.Namespace) -> int:
-    entries = client.call("GET", f"/v1/audit?limit={args.limit}")["entries"]
+    entries = client.pages("/v1/audit", "entries", most=args.limit)
     if args.output == "json":
         print_json(entries)
         return 0

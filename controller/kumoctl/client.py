@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 from .config import Config
 from .errors import ApiError, CommandError
@@ -95,6 +95,22 @@ class Client:
                 response.status, message or f"{method} {path} failed with {response.reason}"
             )
         return data
+
+    def pages(self, path: str, key: str, most: int | None = None) -> list[Any]:
+        """Every item (or the first ``most``) of a paged list endpoint, following ``next``."""
+        items: list[Any] = []
+        after = None
+        while most is None or len(items) < most:
+            query = {"after": after} if after else {}
+            if most is not None:
+                query["limit"] = str(min(most - len(items), 1000))
+            separator = "&" if "?" in path else "?"
+            answer = self.call("GET", path + (separator + urlencode(query) if query else ""))
+            items += answer[key]
+            after = answer.get("next")
+            if not after:
+                break
+        return items
 
     def close(self) -> None:
         if self._conn is not None:

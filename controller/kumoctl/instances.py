@@ -69,7 +69,7 @@ def cmd_instances_create(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_instances_list(client: Client, args: argparse.Namespace) -> int:
-    instances = client.call("GET", "/v1/instances")["instances"]
+    instances = client.pages("/v1/instances", "instances")
     if args.output == "json":
         print_json(instances)
         return 0

@@ -26,7 +26,7 @@ def _node_kinds(node: Mapping[str, Any]) -> list[str]:
 
 
 def cmd_nodes_list(client: Client, args: argparse.Namespace) -> int:
-    nodes = client.call("GET", "/v1/nodes")["nodes"]
+    nodes = client.pages("/v1/nodes", "nodes")
     if args.output == "json":
         print_json(nodes)
         return 0

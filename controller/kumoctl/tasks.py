@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from .arguments import OUTPUT, Group
+from .arguments import OUTPUT, Group, positive_int
 from .client import Client
 from .output import ago, print_block, print_fields, print_json, print_table, short
 
@@ -18,7 +18,7 @@ HELP = "tasks the controller handed to nodes"
 def cmd_tasks_list(client: Client, args: argparse.Namespace) -> int:
     query = {k: v for k, v in (("node", args.node), ("state", args.state)) if v}
     path = "/v1/tasks" + (f"?{urlencode(query)}" if query else "")
-    tasks = client.call("GET", path)["tasks"]
+    tasks = client.pages(path, "tasks", most=args.limit)
     if args.output == "json":
         print_json(tasks)
         return 0
@@ -60,8 +60,9 @@ def _print_task(task: Mapping[str, Any]) -> None:
 
 
 def register(group: Group) -> None:
-    sub = group.leaf("list", cmd_tasks_list, "list tasks, oldest first", [OUTPUT])
+    sub = group.leaf("list", cmd_tasks_list, "list the newest tasks, oldest of them first", [OUTPUT])
     sub.add_argument("--node", help="only this node's tasks")
+    sub.add_argument("--limit", type=positive_int, default=200, help="how many of the newest (default: 200)")
     sub.add_argument(
         "--state",
         choices=("pending", "delivered", "succeeded", "failed"),

@@ -243,10 +243,15 @@ class Store:
         async with self._tx() as tx:
             return _decoded(await tx.one("SELECT * FROM nodes WHERE id=?", node_id))
 
-    async def list_nodes(self, include_removed: bool = False) -> list[dict[str, Any]]:
-        where = "" if include_removed else " WHERE removed = 0"
+    async def list_nodes(self, include_removed: bool = False, limit: int | None = None,
+                         after: str | None = None) -> list[dict[str, Any]]:
+        """Nodes by id; ``limit`` of them after the id ``after`` (a page), or all."""
+        clauses, args = ([] if include_removed else ["removed = 0"]), []
+        if after is not None:
+            clauses.append("id > ?")
+            args.append(after)
         async with self._tx() as tx:
-            return _all_decoded(await tx.all(f"SELECT * FROM nodes{where} ORDER BY id"))  # noqa: S608 - fixed text
+            return _all_decoded(await tx.all(_select("nodes", clauses, "id", limit), *args, *_limit(limit)))
 
     async def set_drained(self, node_id: str, drained: bool) -> None:
         async with self._tx() as tx:
@@ -328,7 +333,9 @@ class Store:
         async with self._tx() as tx:
             return _decoded(await tx.one("SELECT * FROM tasks WHERE id=?", task_id))
 
-    async def list_tasks(self, node: str | None, state: str | None, limit: int) -> list[dict[str, Any]]:
+    async def list_tasks(self, node: str | None, state: str | None, limit: int,
+                         before: tuple[float, str] | None = None) -> list[dict[str, Any]]:
+        """Tasks newest first; ``before`` (created_at, id) starts after that task (a page)."""
         clauses, args = [], []
         if node:
             clauses.append("node=?")
@@ -336,10 +343,11 @@ class Store:
         if state:
             clauses.append("state=?")
             args.append(state)
-        where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
-        sql = f"SELECT * FROM tasks{where} ORDER BY created_at DESC LIMIT ?"  # noqa: S608 - fixed clauses
+        if before is not None:
+            clauses.append("(created_at < ? OR (created_at = ? AND id < ?))")
+            args += [before[0], before[0], before[1]]
         async with self._tx() as tx:
-            return _all_decoded(await tx.all(sql, *args, limit))
+            return _all_decoded(await tx.all(_select("tasks", clauses, "created_at DESC, id DESC", limit), *args, limit))
 
     async def counts(self) -> dict[str, dict[str, int]]:
         async with self._tx() as tx:
@@ -380,9 +388,11 @@ class Store:
         async with self._tx() as tx:
             return _decoded(await tx.one("SELECT * FROM tasks WHERE instance=? ORDER BY created_at DESC LIMIT 1", name))
 
-    async def list_instances(self) -> list[dict[str, Any]]:
+    async def list_instances(self, limit: int | None = None, after: str | None = None) -> list[dict[str, Any]]:
+        """Instances by name; ``limit`` of them after the name ``after`` (a page), or all."""
+        clauses, args = (["name > ?"], [after]) if after is not None else ([], [])
         async with self._tx() as tx:
-            return _all_decoded(await tx.all("SELECT * FROM instances ORDER BY name"))
+            return _all_decoded(await tx.all(_select("instances", clauses, "name", limit), *args, *_limit(limit)))
 
     async def delete_instance(self, name: str) -> None:
         async with self._tx() as tx:
@@ -451,10 +461,11 @@ class Store:
                 entry["status"], entry["error"],
             )
 
-    async def list_audit(self, limit: int) -> list[dict[str, Any]]:
-        """The newest ``limit`` entries, newest first."""
+    async def list_audit(self, limit: int, before: int | None = None) -> list[dict[str, Any]]:
+        """The newest ``limit`` entries (older than the entry ``before``), newest first."""
+        clauses, args = (["id < ?"], [before]) if before is not None else ([], [])
         async with self._tx() as tx:
-            return await tx.all("SELECT * FROM audit ORDER BY id DESC LIMIT ?", limit)
+            return await tx.all(_select("audit", clauses, "id DESC", limit), *args, limit)
 
     # Admin and scraper certificates.
 
@@ -551,6 +562,16 @@ class Store:
                     "AND r.state = 'resolved' AND r.received_at >= a.received_at AND r.received_at < ?)",
                     before, int(forwarding), before),
             }
+
+
+def _select(table: str, clauses: list[str], order: str, limit: int | None) -> str:
+    """SELECT * with fixed clauses (never user input: values go as parameters)."""
+    where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
+    return f"SELECT * FROM {table}{where} ORDER BY {order}" + (" LIMIT ?" if limit is not None else "")  # noqa: S608
+
+
+def _limit(limit: int | None) -> list[int]:
+    return [] if limit is None else [limit]
 
 
 async def _token_status(tx: Tx, token_hash: str) -> TokenCheck:
