@@ -132,3 +132,34 @@ def _submit_when_back(controller, node_id: str) -> dict | None:
         "name": "after", "kind": "process", "options": {"command": ["sleep", "600"]}}}, cert=controller.admin_cert)
     assert status in (201, 503), task  # while the database is away: 503 and a reason, never a 500
     return task if status == 201 else None
+
+
+def test_a_migration_whose_controller_dies_ends_with_the_instance_running_once(criu_required, pair, kumo_agent,
+                                                                                tmp_path):
+    from tests.harness import read_counter
+    from tests.harness.agents import running_on
+    from tests.test_migration import COUNTER, PY
+
+    a, b = pair
+    source, destination = kumo_agent(controller=a), kumo_agent(controller=a)  # both fail over to B
+    count = tmp_path / "web.count"
+    # 200 MiB to carry: the transfer lasts long enough to cut it.
+    command = [PY, "-c", COUNTER, str(count), "200"]
+    a.admin("POST", "/v1/instances", {"name": "web", "kind": "process", "node": source.node_id, "vcpus": 1,
+                                      "memory_mib": 512, "options": {"command": command}})
+    try:
+        wait_for(lambda: running_on(source, "web") and read_counter(count) >= 5, "web to count on the source", limit=60)
+        moving = a.admin("POST", "/v1/instances/web/migrate", {"to": destination.node_id})["migration"]
+        wait_for(lambda: b.admin("GET", f"/v1/migrations/{moving['id']}")["phase"] != "checkpoint",
+                 "the checkpoint to be taken", limit=60, interval=0.02)
+        a.kill()  # mid-transfer: the relay and the steps A had in mind are gone
+        source.controller = destination.controller = b
+        done = wait_for(lambda: (m := b.admin("GET", f"/v1/migrations/{moving['id']}"))["state"] != "running" and m,
+                        "B to take the migration over and end it", limit=180)
+        runs_on = [agent.node_id for agent in (source, destination) if running_on(agent, "web")]
+        assert len(runs_on) == 1, (done, runs_on)
+        assert b.admin("GET", "/v1/instances/web")["node"] == runs_on[0], done
+        before = read_counter(count)
+        wait_for(lambda: read_counter(count) > before + 5, "web to keep counting where it runs")
+    finally:
+        b.call("DELETE", "/v1/instances/web", cert=b.admin_cert)

@@ -33,11 +33,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 import time
 import uuid
 import weakref
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -271,15 +272,80 @@ def public(ctl: Any, doc: dict[str, Any]) -> dict[str, Any]:
 
 
 async def end_orphans(ctl: Any) -> None:
-    """Record as failed the migrations whose controller died while driving them (SQLite:
-    this controller's previous run), letting go of their instances. Nobody can finish them:
-    the steps were that controller's memory; what the instance is now, only its nodes know."""
+    """Take over the migrations whose controller died while driving them (SQLite: this
+    controller's previous run) and bring each to an end (:func:`_recover`)."""
     for doc in await ctl.store.orphaned_migrations(await ctl.live_controllers()):
-        doc.update(state="failed", code="interrupted", finished_at=iso(time.time()),
-                   error="the controller driving this migration stopped while it ran; check where the instance runs "
-                   f"(kumoctl instances show {doc['instance']}) and restore its checkpoint if it runs nowhere")
-        await ctl.store.put_migration(doc)
-        log.warning("migration %s of %s was cut off by its controller's end", doc["id"], doc["instance"])
+        dead = doc.pop("controller")
+        if not await ctl.store.adopt_migration(doc["id"], dead, ctl.id):
+            continue  # another controller took it first
+        log.warning("migration %s of %s: its controller %s stopped; this one takes it over", doc["id"],
+                    doc["instance"], dead)
+        mgr = migrations(ctl)
+        mgr.docs[doc["id"]] = doc
+        mgr.running[doc["id"]] = asyncio.create_task(
+            _drive(ctl, doc, time.time(), _recover), name=f"kumo-migration-{doc['id']}")
+
+
+async def _recover(ctl: Any, doc: dict[str, Any]) -> None:
+    """End a migration another controller was driving when it died, from what the nodes say.
+
+    The steps it had queued and no node took are withdrawn; those a node took are waited
+    for (a transfer fails by itself: its relay died). Then: the destination runs the
+    instance, so the move is finished; or the source still runs it, so nothing moved; or it
+    runs nowhere, so it is restored on the source from the checkpoint the migration made.
+    Never both: the source is restored only when the destination does not run it.
+    """
+    name, kind, source, destination = doc["instance"], doc["kind"], doc["source"], doc["destination"]
+    base = {"name": name, "kind": kind}
+    cut_at = doc["phase"]
+    since = datetime.datetime.fromisoformat(doc["created_at"].replace("Z", "+00:00")).timestamp()
+    for task in await ctl.store.instance_tasks(name, since):
+        if task["state"] == "pending" and await ctl.store.cancel_task(task["id"], "the migration's controller stopped"):
+            continue
+        if task["state"] in ("pending", "delivered"):
+            with contextlib.suppress(TimeoutError):
+                await ctl.wait_task(task["id"], CRIU_TIMEOUT)
+    dumps = [t for t in await ctl.store.instance_tasks(name, since)
+             if t["kind"] == "checkpoint.dump" and t["state"] == "succeeded" and t["node"] == source]
+    image = doc.get("image") or (dumps[-1]["result"].get("image") if dumps else None)
+    where = await _running_on(ctl, [n for n in (destination, source) if n], name, kind)
+    stopped = f"the controller driving this migration stopped during its {cut_at} phase"
+    if destination and where == destination:
+        await ctl.store.move_instance(name, source, destination)
+        doc.update(node=destination, phase="done")
+        cleanup = await run_task(ctl, source, f"{kind}.delete", base, CLEANUP_TIMEOUT, name)
+        if cleanup["state"] == "succeeded":
+            await run_task(ctl, source, "checkpoint.discard", base, CLEANUP_TIMEOUT, name)
+        doc["outcome"] = (f"{stopped}; another controller found it running on node {destination} and finished the "
+                          f"move" + ("" if cleanup["state"] == "succeeded" else
+                                     f" (removing the stopped copy from node {source} failed: {cleanup.get('error')})"))
+        return
+    doc.update(error=stopped, code="interrupted")
+    if where == source:
+        doc["outcome"] = f"the instance was not moved and runs on node {source}"
+        if destination:
+            await run_task(ctl, destination, "checkpoint.discard", base, CLEANUP_TIMEOUT, name)
+    elif image:
+        await _roll_back(ctl, doc, base, image)
+    else:
+        doc["outcome"] = (f"the instance runs nowhere and no checkpoint of it was finished; see "
+                          f"kumoctl instances show {name}")
+
+
+async def _running_on(ctl: Any, nodes: list[str], name: str, kind: str) -> str | None:
+    """The first of ``nodes`` whose own report lists the instance running, waiting a few
+    heartbeats for the reports to settle; None when none does."""
+    deadline = time.monotonic() + max(10.0, 5 * ctl.settings.heartbeat_interval)
+    while time.monotonic() < deadline:
+        for node_id in nodes:
+            row = await ctl.store.get_node(node_id)
+            if row is not None and any(
+                i.get("name") == name and i.get("kind") == kind and i.get("state") == "running"
+                for i in ctl.node_view(row)["instances"]
+            ):
+                return node_id
+        await asyncio.sleep(0.2)
+    return None
 
 
 async def _destination(ctl: Any, row: dict[str, Any], to: str | None) -> str:
@@ -351,15 +417,16 @@ async def start_migration(ctl: Any, row: dict[str, Any], to: str | None) -> dict
         raise
     mgr = migrations(ctl)
     mgr.docs[doc["id"]] = doc
-    mgr.running[doc["id"]] = asyncio.create_task(_drive(ctl, doc, now), name=f"kumo-migration-{doc['id']}")
+    mgr.running[doc["id"]] = asyncio.create_task(_drive(ctl, doc, now, _migrate), name=f"kumo-migration-{doc['id']}")
     log.info("migration %s: %s %s from %s to %s", doc["id"], row["kind"], name, row["node"], destination)
     return doc
 
 
-async def _drive(ctl: Any, doc: dict[str, Any], started: float) -> None:
+async def _drive(ctl: Any, doc: dict[str, Any], started: float,
+                 steps: Callable[[Any, dict[str, Any]], Awaitable[None]]) -> None:
     mgr = migrations(ctl)
     try:
-        await _migrate(ctl, doc)
+        await steps(ctl, doc)
     except Exception as exc:
         log.exception("migration %s failed unexpectedly", doc["id"])
         doc.update(error=f"the controller failed while migrating: {exc}", code="internal")
@@ -425,7 +492,7 @@ async def _migrate(ctl: Any, doc: dict[str, Any]) -> None:
         _fail(doc, restored, f"restore on node {destination} failed")
         await _roll_back(ctl, doc, base, image)
         return
-    if not await _reported_running(ctl, destination, name, kind):
+    if await _running_on(ctl, [destination], name, kind) != destination:
         undone = await run_task(ctl, destination, f"{kind}.delete", base, CLEANUP_TIMEOUT, name)
         doc.update(code="not-running",
                    error=f"node {destination} restored the instance but never reported it running")
@@ -503,20 +570,6 @@ async def _transfer(ctl: Any, doc: dict[str, Any], base: dict[str, Any], image: 
         return None
     doc["sha256"] = got["result"]["sha256"]
     return got["result"]["image"]
-
-
-async def _reported_running(ctl: Any, node_id: str, name: str, kind: str) -> bool:
-    """Wait until the node's own report (its heartbeat) lists the instance running."""
-    deadline = time.monotonic() + max(10.0, 5 * ctl.settings.heartbeat_interval)
-    while time.monotonic() < deadline:
-        row = await ctl.store.get_node(node_id)
-        if row is not None and any(
-            i.get("name") == name and i.get("kind") == kind and i.get("state") == "running"
-            for i in ctl.node_view(row)["instances"]
-        ):
-            return True
-        await asyncio.sleep(0.2)
-    return False
 
 
 async def _roll_back(ctl: Any, doc: dict[str, Any], base: dict[str, Any], image: str) -> None:

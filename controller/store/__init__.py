@@ -449,7 +449,23 @@ class Store:
         """Running migrations whose controller is not among ``live_controllers``: it died."""
         async with self._tx() as tx:
             rows = _all_decoded(await tx.all("SELECT doc, controller FROM migrations WHERE active=1"))
-        return [row["doc"] for row in rows if row["controller"] not in live_controllers]
+        return [{**row["doc"], "controller": row["controller"]} for row in rows
+                if row["controller"] not in live_controllers]
+
+    async def adopt_migration(self, migration_id: str, dead: str, controller_id: str) -> bool:
+        """Make ``controller_id`` the driver of a running migration ``dead`` drove; False when
+        another controller adopted it first."""
+        async with self._tx() as tx:
+            return await tx.execute(
+                "UPDATE migrations SET controller=? WHERE id=? AND controller=? AND active=1",
+                controller_id, migration_id, dead,
+            ) == 1
+
+    async def instance_tasks(self, name: str, since: float) -> list[dict[str, Any]]:
+        """The tasks about instance ``name`` created since ``since``, oldest first."""
+        async with self._tx() as tx:
+            return _all_decoded(await tx.all(
+                "SELECT * FROM tasks WHERE instance=? AND created_at >= ? ORDER BY created_at", name, since))
 
     # The audit log.
 
