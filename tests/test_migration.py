@@ -186,6 +186,28 @@ def test_a_destination_that_dies_mid_transfer_leaves_it_running_on_the_source(cl
     assert not [p for p in images.rglob(".incoming-*")], "the half-received image was left on B"
 
 
+def test_a_controller_killed_mid_transfer_ends_the_migration_when_it_restarts(cluster, tmp_path):
+    # The migration's steps were in the dead process's memory; its record is in the store,
+    # and the controller's next run takes it over from what the nodes report.
+    controller, kumo_agent, create, _ = cluster
+    a, b = kumo_agent(), kumo_agent()
+    path = tmp_path / "big.count"
+    create(a, "big", [PY, "-c", COUNTER, str(path), "200"])
+    wait_for(lambda: read_counter(path) >= 5, "big to count")
+    answer = controller.admin("POST", "/v1/instances/big/migrate", {"to": b.node_id})
+    migration = f"/v1/migrations/{answer['migration']['id']}"
+    wait_for(lambda: controller.admin("GET", migration)["phase"] != "checkpoint", "the checkpoint to be taken",
+             limit=60, interval=0.02)
+    controller.kill()
+    controller.start()
+    done = finished(controller, answer["migration"]["id"])
+    runs_on = [agent.node_id for agent in (a, b) if running_on(agent, "big")]
+    assert len(runs_on) == 1, (done, runs_on)
+    assert controller.admin("GET", "/v1/instances/big")["node"] == runs_on[0], done
+    before = read_counter(path)
+    wait_for(lambda: read_counter(path) > before + 3, "the counter to go on counting where it runs")
+
+
 def kumoctl(controller: Any, *args: str, tty: bool = False) -> tuple[int, str, str]:
     """(exit status, stdout, stderr) of the real kumoctl; ``tty`` puts stderr on a terminal."""
     argv = [sys.executable, "-m", "controller.kumoctl", "--config", str(controller.kumoctl_config), *args]
