@@ -149,7 +149,7 @@ async def revoke_certificate(request: web.Request) -> web.Response:
 async def audit_log(request: web.Request) -> web.Response:
     """Every admin action, newest first: who (role, name, certificate serial), what, how it ended."""
     limit, after = page_query(request)
-    if after is not None and not after.isdigit():
+    if after is not None and not (after.isdigit() and len(after) <= 18):  # an id: within a 64-bit integer
         raise ApiError(400, "after must be the next cursor of the previous page")
     rows, following = paged(await state(request).store.list_audit(limit + 1, int(after) if after else None), limit,
                             lambda r: str(r["id"]))

@@ -8,6 +8,7 @@ is installed, so third-party plugins need nothing registered here.
 
 from __future__ import annotations
 
+import math
 import re
 import uuid
 from typing import Any
@@ -96,9 +97,12 @@ def _task_cursor(after: str | None) -> tuple[float, str] | None:
         return None
     created, _, task_id = after.partition("/")
     try:
-        return float(created), task_id
+        when = float(created)
     except ValueError:
-        raise ApiError(400, "after must be the next cursor of the previous page") from None
+        when = math.nan
+    if not math.isfinite(when):
+        raise ApiError(400, "after must be the next cursor of the previous page")
+    return when, task_id
 
 
 async def show_task(request: web.Request) -> web.Response:
