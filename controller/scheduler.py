@@ -18,6 +18,13 @@ two.
 
 CPU. A node takes at most ``cpus × vcpu_overcommit`` vCPUs (node fact ``vcpu_overcommit``,
 default :data:`DEFAULT_VCPU_OVERCOMMIT`: guests rarely keep every vCPU busy).
+
+Measured usage. Reservations say what was promised, not what is used: with overcommit the
+norm, a node whose reservations look free may be busy. A node reports what it measures in
+its heartbeats (``usage``): one whose CPU is busier than ``cpu_busy_max`` takes nothing new,
+and among those that fit, the spread goes by the larger of the reserved and the measured
+share of each node's CPU. Measured free memory (total less used, from the last heartbeat)
+is fresher than the fingerprint's and is used when the node reports it.
 """
 
 from __future__ import annotations
@@ -26,36 +33,38 @@ from collections.abc import Mapping
 from typing import Any
 
 DEFAULT_VCPU_OVERCOMMIT = 4.0
+DEFAULT_CPU_BUSY_MAX = 0.9
 MIB = 1024 * 1024
 
 
 def place(
-    request: Mapping[str, Any], nodes: list[Mapping[str, Any]]
+    request: Mapping[str, Any], nodes: list[Mapping[str, Any]], cpu_busy_max: float = DEFAULT_CPU_BUSY_MAX
 ) -> tuple[str | None, dict[str, str]]:
     """Choose the node for ``request`` (``kind``, ``vcpus``, ``memory_mib``, optional ``node``).
 
     Returns the chosen node id (None when no node fits) and, for every node that was
-    dropped, the reason in one sentence. Among the nodes that fit, the one with the fewest
-    committed vCPUs relative to its vCPU capacity wins; ties go to the most free memory,
-    then to the smallest id so the answer is stable.
+    dropped, the reason in one sentence. Among the nodes that fit, the one whose CPU is
+    least taken (the larger of its committed vCPUs over its vCPU capacity and its measured
+    busy fraction) wins; ties go to the most free memory, then to the smallest id so the
+    answer is stable.
     """
     reasons: dict[str, str] = {}
     candidates: list[tuple[float, float, str]] = []
     for node in nodes:
         node_id = str(node["id"])
-        reason = _why_not(request, node)
+        reason = _why_not(request, node, cpu_busy_max)
         if reason:
             reasons[node_id] = reason
             continue
         capacity = _vcpu_capacity(node)
-        load = _committed(node, "vcpus") / capacity
+        load = max(_committed(node, "vcpus") / capacity, _cpu_busy(node) or 0.0)
         candidates.append((load, -_free_memory_mib(node), node_id))
     if not candidates:
         return None, reasons
     return min(candidates)[2], reasons
 
 
-def _why_not(request: Mapping[str, Any], node: Mapping[str, Any]) -> str | None:
+def _why_not(request: Mapping[str, Any], node: Mapping[str, Any], cpu_busy_max: float) -> str | None:
     """The first filter that drops ``node``, as a sentence, or None when it fits."""
     node_id = node["id"]
     pinned = request.get("node")
@@ -86,7 +95,20 @@ def _why_not(request: Mapping[str, Any], node: Mapping[str, Any]) -> str | None:
             f"not enough vCPUs: {wanted_vcpus} wanted, {committed:g} of {capacity:g} committed "
             f"({facts['cpus']} CPUs × overcommit {ratio:g})"
         )
+    busy = _cpu_busy(node)
+    if busy is not None and busy > cpu_busy_max:
+        return (f"node's CPU is {busy:.0%} busy as measured, above the {cpu_busy_max:.0%} placement limit "
+                f"(although {committed:g} of {capacity:g} vCPUs are committed)")
     return None
+
+
+def _usage(node: Mapping[str, Any]) -> Mapping[str, Any]:
+    return (node.get("usage") or {}).get("node") or {}
+
+
+def _cpu_busy(node: Mapping[str, Any]) -> float | None:
+    busy = _usage(node).get("cpu_busy")
+    return float(busy) if isinstance(busy, int | float) else None
 
 
 def _kind_unsupported(kind: str, plugins: Mapping[str, Any]) -> str | None:
@@ -123,7 +145,10 @@ def _committed(node: Mapping[str, Any], key: str) -> float:
 
 
 def _free_memory_mib(node: Mapping[str, Any]) -> float:
-    facts = node.get("facts") or {}
+    facts, usage = node.get("facts") or {}, _usage(node)
     total = facts["memory_bytes"] / MIB
-    available = facts.get("memory_available_bytes", facts["memory_bytes"]) / MIB
+    if "memory_used_bytes" in usage and "memory_total_bytes" in usage:
+        available = (usage["memory_total_bytes"] - usage["memory_used_bytes"]) / MIB
+    else:
+        available = facts.get("memory_available_bytes", facts["memory_bytes"]) / MIB
     return max(0.0, min(available, total - _committed(node, "memory_mib")))

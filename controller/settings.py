@@ -29,6 +29,7 @@ class ControllerSettings:
     max_body_bytes: int = 1024 * 1024
     alertmanager_url: str | None = None  # e.g. http://alertmanager:9093: alerts are forwarded there
     retention_days: float = 14.0  # finished tasks, migrations and resolved alerts are kept this long
+    placement_cpu_busy_max: float = 0.9  # a node whose measured CPU is busier takes no new instance
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
@@ -94,6 +95,8 @@ def load_settings(path: Path) -> ControllerSettings:
             raise ConfigError(f"{path}: {key}: expected a positive number of seconds")
     if settings.retention_days <= 0:
         raise ConfigError(f"{path}: retention_days: expected a positive number of days")
+    if not 0 < settings.placement_cpu_busy_max <= 1:
+        raise ConfigError(f"{path}: placement_cpu_busy_max: expected a fraction above 0 and at most 1 (0.9 is 90%)")
     # Relative paths are relative to the config file, so a controller directory can move.
     settings.pki_dir = path.parent / settings.pki_dir
     if is_database_url(settings.database):

@@ -116,6 +116,8 @@ def test_join_then_run_makes_a_ready_node(controller, kumo_agent):
 
     shown = kumoctl(controller, "nodes", "show", agent.node_id).stdout
     assert re.search(r"usage:\s+CPU \d+% busy, [\d.]+ of [\d.]+ GiB used, load", shown), shown
+    table = kumoctl(controller, "nodes", "top", "--sort", "memory").stdout.splitlines()
+    assert re.match(rf"{agent.node_id}\s+ready\s+\d+%\s+[\d.]+\s+\d+ / \d+\s+0 / ", table[1]), table
 
 
 def test_join_refuses_a_ca_hash_mismatch_before_sending_the_token(controller, tmp_path):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
+import io
 import ipaddress
 import json
 import os
@@ -98,9 +100,10 @@ def test_ago():
 def test_every_command_and_subcommand_has_help(capsys):
     commands = {
         "token": ["create"],
-        "nodes": ["list", "show", "drain", "undrain", "remove"],
+        "nodes": ["list", "top", "show", "drain", "undrain", "remove"],
         "tasks": ["list", "show"],
-        "instances": ["create", "list", "show", "start", "stop", "delete", "checkpoint", "restore", "migrate", "console"],
+        "instances": ["create", "list", "top", "show", "start", "stop", "delete", "checkpoint", "restore", "migrate",
+                      "console"],
         "logging": ["set", "unset", "show"],
         "alerts": ["list"],
         "certificate": ["create"],
@@ -518,3 +521,35 @@ def test_a_client_certificate_from_another_ca_is_refused(stand_in, tmp_path, tmp
         f"cert: {tmp_path / 'foreign.crt'}\nkey: {foreign}\n"
     )
     assert_clean_failure(run_kumoctl("instances", "list", config=config), "refused the TLS session")
+
+
+def test_top_shows_what_is_used_beside_what_is_reserved_sorted():
+    from controller.kumoctl import top
+
+    nodes = [
+        {"id": "n-a", "state": "ready", "facts": {"cpus": 2, "vcpu_overcommit": 4.0, "memory_bytes": 4 << 30},
+         "instances": [{"name": "web"}], "usage": {
+             "node": {"cpu_busy": 0.2, "load1": 0.5, "memory_used_bytes": 1 << 30, "memory_total_bytes": 4 << 30},
+             "instances": {"web": {"kind": "process", "cpu_cores": 0.25, "memory_bytes": 64 << 20}}}},
+        {"id": "n-b", "state": "ready", "facts": {"cpus": 2, "vcpu_overcommit": 4.0, "memory_bytes": 4 << 30},
+         "instances": [], "usage": {"node": {"cpu_busy": 0.9, "load1": 1.9, "memory_used_bytes": 3 << 30,
+                                             "memory_total_bytes": 4 << 30}, "instances": {}}},
+        {"id": "n-c", "state": "unreachable", "facts": {}, "instances": []},
+    ]
+    instances = [{"name": "web", "kind": "process", "node": "n-a", "state": "running", "vcpus": 2, "memory_mib": 128},
+                 {"name": "db", "kind": "lxc", "node": "n-b", "state": "creating", "vcpus": 1, "memory_mib": 256}]
+    rows = top.node_rows(nodes, instances)
+    assert [(r["node"], r["vcpus_reserved"], r["vcpus_capacity"]) for r in rows] == [
+        ("n-a", 2, 8.0), ("n-b", 1, 8.0), ("n-c", 0, None)]
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        top.print_nodes(rows, "cpu")
+    lines = buffer.getvalue().splitlines()
+    assert lines[0].split()[:3] == ["NODE", "STATE", "CPU"]
+    assert [line.split()[0] for line in lines[1:]] == ["n-b", "n-a", "n-c"]  # busiest first, unmeasured last
+    assert lines[2].split()[2:] == ["20%", "0.50", "1024", "/", "4096", "2", "/", "8", "1"]
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        top.print_instances(top.instance_rows(nodes, instances), "cpu")
+    assert [line.split()[:1] + line.split()[4:] for line in buffer.getvalue().splitlines()[1:]] == [
+        ["web", "0.25", "/", "2", "64", "/", "128"], ["db", "-", "/", "1", "-", "/", "256"]]

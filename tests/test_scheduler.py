@@ -208,3 +208,28 @@ def test_every_dropped_node_has_a_reason_and_the_chosen_one_none():
     chosen, reasons = place(request(), nodes)
     assert chosen == "n-ready"
     assert set(reasons) == {"n-drained", "n-down", "n-small"}
+
+
+def busy(fraction: float, used_gib: float = 1.0) -> dict[str, Any]:
+    return {"node": {"cpu_busy": fraction, "memory_used_bytes": int(used_gib * 2**30), "memory_total_bytes": 8 << 30}}
+
+
+def test_a_node_measured_busy_takes_nothing_new_even_with_vcpus_free():
+    chosen, reasons = place(request(), [node("n-hot", usage=busy(0.97)), node("n-cool", usage=busy(0.2))])
+    assert chosen == "n-cool"
+    assert reasons["n-hot"] == ("node's CPU is 97% busy as measured, above the 90% placement limit "
+                                "(although 0 of 16 vCPUs are committed)")
+    assert place(request(), [node("n-hot", usage=busy(0.97))], cpu_busy_max=0.99)[0] == "n-hot"
+
+
+def test_spreading_goes_by_the_measured_cpu_when_it_exceeds_the_reserved_share():
+    # n-a has fewer vCPUs reserved but burns more CPU than n-b has reserved.
+    nodes = [node("n-a", committed={"vcpus": 2, "memory_mib": 0}, usage=busy(0.6)),
+             node("n-b", committed={"vcpus": 4, "memory_mib": 0}, usage=busy(0.1))]
+    assert place(request(), nodes)[0] == "n-b"
+
+
+def test_measured_free_memory_is_used_when_the_node_reports_it():
+    full = node("n-full", usage=busy(0.1, used_gib=7.9))
+    chosen, reasons = place(request(memory_mib=512), [full])
+    assert chosen is None and "not enough free memory: 512 MiB wanted" in reasons["n-full"]

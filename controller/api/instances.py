@@ -97,7 +97,7 @@ async def create(request: web.Request) -> web.Response:
     nodes = await fleet(ctl)
     if pinned and not any(n["id"] == pinned for n in nodes):
         raise ApiError(404, f"no node {pinned!r} to pin the instance to: see `kumoctl nodes list`")
-    chosen, reasons = scheduler.place(request_, nodes)
+    chosen, reasons = scheduler.place(request_, nodes, ctl.settings.placement_cpu_busy_max)
     if chosen is None:
         if not nodes:
             raise ApiError(409, "no node is enrolled: join one with `kumo-agent join` first")

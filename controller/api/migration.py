@@ -378,7 +378,7 @@ async def _destination(ctl: Any, row: dict[str, Any], to: str | None) -> str:
             usable.append(node)
     request = {"kind": row["kind"], "vcpus": row["spec"].get("vcpus", 1),
                "memory_mib": row["spec"].get("memory_mib", 0), "node": to}
-    chosen, more = scheduler.place(request, usable)
+    chosen, more = scheduler.place(request, usable, ctl.settings.placement_cpu_busy_max)
     reasons.update(more)
     if chosen is None:
         if to is not None:

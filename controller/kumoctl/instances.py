@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from . import migration
+from . import migration, top
 from .arguments import OUTPUT, WAITING, Command, Group, option_pair, parse_duration, positive_int
 from .client import Client
 from .errors import CommandError
@@ -148,9 +148,15 @@ def _write_log(text: str) -> None:
     sys.stdout.write(text if text.endswith("\n") or not text else text + "\n")
 
 
+def cmd_instances_top(client: Client, args: argparse.Namespace) -> int:
+    return top.run(client, args, top.instance_rows, top.print_instances)
+
+
 def register(group: Group) -> None:
     _register_create(group)
     group.leaf("list", cmd_instances_list, "list instances and where they run", [OUTPUT])
+    top.add_arguments(group.leaf("top", cmd_instances_top, "what each instance uses (measured) beside its reservation",
+                                 [OUTPUT]), top.SORT_INSTANCES)
     group.leaf("show", cmd_instances_show, "show one instance", [OUTPUT]).add_argument("name")
     for verb, done, help in (
         ("start", "started", "start a stopped instance"),

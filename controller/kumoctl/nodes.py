@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
+from . import top
 from .arguments import DEFAULT_WAIT, OUTPUT, Group, parse_duration
 from .client import Client
 from .errors import EXIT_ERROR
@@ -152,8 +153,14 @@ def cmd_nodes_remove(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_nodes_top(client: Client, args: argparse.Namespace) -> int:
+    return top.run(client, args, top.node_rows, top.print_nodes)
+
+
 def register(group: Group) -> None:
     group.leaf("list", cmd_nodes_list, "list nodes with their state, kinds and free memory", [OUTPUT])
+    top.add_arguments(group.leaf("top", cmd_nodes_top, "what each node uses (measured) beside what is reserved on it",
+                                 [OUTPUT]), top.SORT_NODES)
     group.leaf(
         "show", cmd_nodes_show, "show one node's facts, plugins and instances", [OUTPUT]
     ).add_argument("id", help="node id (n-...)")
