@@ -22,9 +22,10 @@ default :data:`DEFAULT_VCPU_OVERCOMMIT`: guests rarely keep every vCPU busy).
 Measured usage. Reservations say what was promised, not what is used: with overcommit the
 norm, a node whose reservations look free may be busy. A node reports what it measures in
 its heartbeats (``usage``): one whose CPU is busier than ``cpu_busy_max`` takes nothing new,
-and among those that fit, the spread goes by the larger of the reserved and the measured
-share of each node's CPU. Measured free memory (total less used, from the last heartbeat)
-is fresher than the fingerprint's and is used when the node reports it.
+and between nodes with the same share of their vCPUs reserved the less busy one wins (one
+heartbeat's figure is too noisy to outweigh reservations). Measured free memory (total less
+used, from the last heartbeat) is fresher than the fingerprint's and is used when the node
+reports it.
 """
 
 from __future__ import annotations
@@ -43,25 +44,23 @@ def place(
     """Choose the node for ``request`` (``kind``, ``vcpus``, ``memory_mib``, optional ``node``).
 
     Returns the chosen node id (None when no node fits) and, for every node that was
-    dropped, the reason in one sentence. Among the nodes that fit, the one whose CPU is
-    least taken (the larger of its committed vCPUs over its vCPU capacity and its measured
-    busy fraction) wins; ties go to the most free memory, then to the smallest id so the
-    answer is stable.
+    dropped, the reason in one sentence. Among the nodes that fit, the one with the fewest
+    committed vCPUs relative to its vCPU capacity wins; ties go to the least busy CPU as
+    measured, then to the most free memory, then to the smallest id so the answer is stable.
     """
     reasons: dict[str, str] = {}
-    candidates: list[tuple[float, float, str]] = []
+    candidates: list[tuple[float, float, float, str]] = []
     for node in nodes:
         node_id = str(node["id"])
         reason = _why_not(request, node, cpu_busy_max)
         if reason:
             reasons[node_id] = reason
             continue
-        capacity = _vcpu_capacity(node)
-        load = max(_committed(node, "vcpus") / capacity, _cpu_busy(node) or 0.0)
-        candidates.append((load, -_free_memory_mib(node), node_id))
+        load = _committed(node, "vcpus") / _vcpu_capacity(node)
+        candidates.append((load, _cpu_busy(node) or 0.0, -_free_memory_mib(node), node_id))
     if not candidates:
         return None, reasons
-    return min(candidates)[2], reasons
+    return min(candidates)[3], reasons
 
 
 def _why_not(request: Mapping[str, Any], node: Mapping[str, Any], cpu_busy_max: float) -> str | None:

@@ -70,6 +70,9 @@ start_controller() {
     say "controller on https://$LISTEN"
     if [ ! -f "$CTL_DIR/controller.yaml" ]; then
         "$BIN/kumo-controller" init --dir "$CTL_DIR" --listen "$LISTEN" --san 127.0.0.1 --san localhost
+        # Both demo nodes are this one machine: one busy measurement would be both nodes'
+        # and refuse every placement, so measured CPU only ranks them here.
+        echo "placement_cpu_busy_max: 1.0" >>"$CTL_DIR/controller.yaml"
     fi
     start_daemon controller run --config "$CTL_DIR/controller.yaml"
     local i

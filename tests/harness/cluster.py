@@ -58,7 +58,10 @@ class ControllerProcess:
         assert result.returncode == 0, result.stderr
         self.config_path = directory / "controller.yaml"
         config = yaml.safe_load(self.config_path.read_text())
-        config.update({"heartbeat_interval": 1.0, "poll_timeout": 5.0, "log_level": "debug", **settings})
+        # Every test node is this one machine: one busy measurement is every node's, so
+        # measured CPU only ranks nodes here (test_scheduler covers the limit itself).
+        config.update({"heartbeat_interval": 1.0, "poll_timeout": 5.0, "log_level": "debug",
+                       "placement_cpu_busy_max": 1.0, **settings})
         self.config_path.write_text(yaml.safe_dump(config))
         self.database: str = config["database"]
         self.pki = directory / "pki"
