@@ -322,6 +322,7 @@ class Controller:
         else:
             state = "unreachable"
         plugins = live.get("plugins") or row.get("plugins") or {}
+        facts, claim = _capped(row.get("facts") or {}, row.get("capacity") or {})
         return {
             "id": row["id"],
             "hostname": row["hostname"],
@@ -331,7 +332,8 @@ class Controller:
             "agent_version": row.get("agent_version"),
             "metrics_url": row.get("metrics_url"),
             "plugins": plugins,
-            "facts": row.get("facts") or {},
+            "facts": facts,
+            "capacity": {**(row.get("capacity") or {}), "claimed": claim},
             "instances": live.get("instances", row.get("instances") or []),
             "usage": live.get("usage") or row.get("usage") or None,
         }
@@ -397,6 +399,19 @@ class Controller:
             waiters.discard(ended)
             if not waiters:
                 self._task_waiters.pop(task_id, None)
+
+
+def _capped(facts: dict[str, Any], capacity: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """A node's facts held to the capacity the controller recorded for it, and what it claims
+    beyond that (None when nothing): a node cannot talk its way into more placements."""
+    over = {key: facts[key] for key in ("cpus", "memory_bytes") if key in facts and key in capacity
+            and facts[key] > capacity[key]}
+    if not over:
+        return facts, None
+    capped = {**facts, **{key: capacity[key] for key in over}}
+    if "memory_available_bytes" in capped:
+        capped["memory_available_bytes"] = min(capped["memory_available_bytes"], capped.get("memory_bytes", 0))
+    return capped, over
 
 
 def _add_cpu_rates(usage: dict[str, Any], before: dict[str, Any] | None, seconds: float) -> None:

@@ -19,7 +19,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.sdk import NAME_RE
-from tests.test_controller import csr_for, enroll_node, token
+from tests.test_controller import csr_for, enroll_node, register, token
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -107,7 +107,7 @@ def test_a_name_with_a_trailing_newline_is_refused(controller) -> None:
     ],
 )
 def test_what_a_node_reports_is_checked_field_by_field(controller, tmp_path, extra, message) -> None:
-    from tests.test_controller import register
+
 
     node_id, cert = enroll_node(controller, tmp_path)
     status, answer = register(controller, node_id, cert, **extra)
@@ -124,7 +124,7 @@ def test_what_a_node_reports_is_checked_field_by_field(controller, tmp_path, ext
 
 @pytest.mark.integration
 def test_prometheus_scrapes_a_node_where_the_controller_sees_it_not_where_it_says(controller, tmp_path) -> None:
-    from tests.test_controller import register
+
 
     node_id, cert = enroll_node(controller, tmp_path)
     status, _ = register(controller, node_id, cert, metrics_url="https://internal.example:9464/metrics",
@@ -219,3 +219,24 @@ def test_every_admin_action_is_in_the_audit_log_with_who_and_how_it_ended(contro
     result = run_kumoctl("audit", "list", "-o", "json", config=controller.kumoctl_config)
     assert result.returncode == 0, result.stderr
     assert [e["status"] for e in json.loads(result.stdout)] == [400, 201]
+
+
+def test_a_node_claiming_more_than_it_first_had_is_held_to_it_until_an_admin_accepts(controller, tmp_path):
+    # A compromised node that reports 4096 CPUs would win every placement and drain: the
+    # controller keeps counting what its first registration said and flags the claim.
+    node_id, cert = enroll_node(controller, tmp_path)
+    small = {"cpus": 2, "memory_bytes": 2 << 30, "memory_available_bytes": 1 << 30}
+    assert register(controller, node_id, cert, facts=small)[0] == 200
+    assert register(controller, node_id, cert, facts={"cpus": 4096, "memory_bytes": 1 << 45,
+                                                      "memory_available_bytes": 1 << 45})[0] == 200
+    node = controller.admin("GET", f"/v1/nodes/{node_id}")
+    assert (node["facts"]["cpus"], node["facts"]["memory_bytes"]) == (2, 2 << 30)
+    assert node["facts"]["memory_available_bytes"] == 2 << 30
+    assert node["capacity"] == {"cpus": 2, "memory_bytes": 2 << 30, "claimed": {"cpus": 4096, "memory_bytes": 1 << 45}}
+    from tests.test_instances import kumoctl
+
+    shown = kumoctl(controller, "nodes", "show", node_id).stdout
+    assert f"the node now claims 4096 CPUs, 32768.0 GiB: kumoctl nodes accept {node_id}" in shown, shown
+    assert "from now on" in kumoctl(controller, "nodes", "accept", node_id).stdout
+    node = controller.admin("GET", f"/v1/nodes/{node_id}")
+    assert node["facts"]["cpus"] == 4096 and node["capacity"]["claimed"] is None

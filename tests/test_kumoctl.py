@@ -100,7 +100,7 @@ def test_ago():
 def test_every_command_and_subcommand_has_help(capsys):
     commands = {
         "token": ["create"],
-        "nodes": ["list", "top", "show", "drain", "undrain", "remove"],
+        "nodes": ["list", "top", "show", "drain", "undrain", "accept", "remove"],
         "tasks": ["list", "show"],
         "instances": ["create", "list", "top", "show", "start", "stop", "delete", "checkpoint", "restore", "migrate",
                       "console"],

@@ -50,7 +50,7 @@ async def register(request: web.Request) -> web.Response:
         "instances": reports.instances(data.get("instances")),
         "last_seen": time.time(),
     }
-    await ctl.store.register_node(node_id, fields)
+    await ctl.store.register_node(node_id, fields, capacity_of(fields["facts"]))
     ctl.live.pop(node_id, None)
     ctl.touch(node_id, fields["instances"], fields["plugins"])
     # A fresh agent process has no memory of tasks delivered to the one before it (its
@@ -58,6 +58,10 @@ async def register(request: web.Request) -> web.Response:
     await ctl.store.requeue_delivered(node_id)
     await logging_settings.push(ctl, [node_id])
     return reply({"heartbeat_interval": ctl.settings.heartbeat_interval, "poll_timeout": ctl.settings.poll_timeout})
+
+
+def capacity_of(facts: dict[str, Any]) -> dict[str, Any]:
+    return {key: facts[key] for key in ("cpus", "memory_bytes") if key in facts}
 
 
 async def heartbeat(request: web.Request) -> web.Response:
@@ -201,6 +205,15 @@ async def undrain(request: web.Request) -> web.Response:
     return await _set_drained(request, False)
 
 
+async def accept(request: web.Request) -> web.Response:
+    """Take the CPUs and memory the node now reports as its capacity (after an upgrade)."""
+    ctl = state(request)
+    row = await _node_row(ctl, request.match_info["id"])
+    capacity = capacity_of(row.get("facts") or {})
+    await ctl.store.set_capacity(row["id"], capacity)
+    return reply({"id": row["id"], "capacity": capacity})
+
+
 async def remove(request: web.Request) -> web.Response:
     ctl = state(request)
     node_id = request.match_info["id"]
@@ -225,5 +238,7 @@ ROUTES = [
     Route("GET", NODE, show_node, "admin", "One node."),
     Route("POST", NODE + "/drain", drain, "admin", "Place nothing new on the node and migrate what can move."),
     Route("POST", NODE + "/undrain", undrain, "admin", "Let the scheduler place instances on the node again."),
+    Route("POST", NODE + "/accept", accept, "admin",
+          "Accept the CPUs and memory the node reports as its capacity (it claimed more than it first had)."),
     Route("DELETE", NODE, remove, "admin", "Remove the node and revoke its certificates at once."),
 ]

@@ -69,6 +69,7 @@ def cmd_nodes_show(client: Client, args: argparse.Namespace) -> int:
             ("drained", bool(node.get("drained"))),
             ("last seen", f"{node.get('last_seen') or '-'} ({ago(node.get('last_seen'))})"),
             ("kinds", _node_kinds(node)),
+            ("capacity", _capacity_line(node)),
             ("usage", _usage_line((node.get("usage") or {}).get("node") or {})),
         ]
     )
@@ -98,6 +99,18 @@ def cmd_nodes_show(client: Client, args: argparse.Namespace) -> int:
         empty="  none",
     )
     return 0
+
+
+def _capacity_line(node: Mapping[str, Any]) -> str:
+    """What the scheduler counts on, and a claim beyond it waiting for an admin."""
+    capacity = node.get("capacity") or {}
+    line = (f"{capacity['cpus']} CPUs, {capacity['memory_bytes'] / 2**30:.1f} GiB"
+            if "cpus" in capacity and "memory_bytes" in capacity else "not reported yet")
+    claimed = capacity.get("claimed")
+    if claimed:
+        more = ", ".join(f"{v / 2**30:.1f} GiB" if k == "memory_bytes" else f"{v} CPUs" for k, v in sorted(claimed.items()))
+        line += f" (the node now claims {more}: kumoctl nodes accept {node['id']} if it was upgraded)"
+    return line
 
 
 def _usage_line(usage: Mapping[str, Any]) -> str:
@@ -145,6 +158,14 @@ def cmd_nodes_undrain(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_nodes_accept(client: Client, args: argparse.Namespace) -> int:
+    answer = client.call("POST", f"/v1/nodes/{quote(args.id, safe='')}/accept")
+    capacity = answer["capacity"]
+    print(f"node {args.id} is counted with {capacity.get('cpus')} CPUs and "
+          f"{(capacity.get('memory_bytes') or 0) / 2**30:.1f} GiB from now on")
+    return 0
+
+
 def cmd_nodes_remove(client: Client, args: argparse.Namespace) -> int:
     client.call("DELETE", f"/v1/nodes/{quote(args.id, safe='')}")
     print(
@@ -178,6 +199,9 @@ def register(group: Group) -> None:
     group.leaf("undrain", cmd_nodes_undrain, "let a drained node take new instances").add_argument(
         "id", help="node id"
     )
+    group.leaf("accept", cmd_nodes_accept,
+               "count a node with the CPUs and memory it now reports (it claimed more than at its first "
+               "registration)").add_argument("id", help="node id")
     group.leaf(
         "remove", cmd_nodes_remove, "remove a node and revoke its certificate at once"
     ).add_argument("id", help="node id")

@@ -29,7 +29,7 @@ from controller.store.schema import SCHEMA_VERSION, statements
 
 TokenCheck = Literal["ok", "unknown", "expired", "used"]
 Event = dict[str, Any]
-JSON_COLUMNS = ("facts", "plugins", "instances", "usage", "payload", "result", "spec", "reasons", "labels", "annotations", "doc")
+JSON_COLUMNS = ("facts", "plugins", "instances", "usage", "capacity", "payload", "result", "spec", "reasons", "labels", "annotations", "doc")
 
 
 class StoreError(Exception):
@@ -214,14 +214,21 @@ class Store:
 
     # Nodes.
 
-    async def register_node(self, node_id: str, fields: dict[str, Any]) -> None:
+    async def register_node(self, node_id: str, fields: dict[str, Any], capacity: dict[str, Any]) -> None:
+        """Record what a (re)starting agent reports; ``capacity`` becomes the node's capacity
+        only if it has none yet (its first registration)."""
         async with self._tx() as tx:
             await tx.execute(
                 "UPDATE nodes SET hostname=?, agent_version=?, metrics_url=?, facts=?, plugins=?, instances=?, "
-                "last_seen=? WHERE id=?",
+                "last_seen=?, capacity=COALESCE(capacity, ?) WHERE id=?",
                 fields["hostname"], fields["agent_version"], fields["metrics_url"], json.dumps(fields["facts"]),
-                json.dumps(fields["plugins"]), json.dumps(fields["instances"]), fields["last_seen"], node_id,
+                json.dumps(fields["plugins"]), json.dumps(fields["instances"]), fields["last_seen"],
+                json.dumps(capacity), node_id,
             )
+
+    async def set_capacity(self, node_id: str, capacity: dict[str, Any]) -> None:
+        async with self._tx() as tx:
+            await tx.execute("UPDATE nodes SET capacity=? WHERE id=?", json.dumps(capacity), node_id)
 
     async def save_live(self, rows: dict[str, dict[str, Any]]) -> None:
         """Persist heartbeat state (last_seen, instances, plugins, usage) for many nodes at once."""

@@ -62,6 +62,9 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
         "CREATE UNIQUE INDEX migrations_active ON migrations (instance) WHERE active = 1",
         # What the node last measured (agent.usage): CPU, memory, load, and per instance.
         "ALTER TABLE nodes ADD COLUMN usage TEXT",
+        # The CPUs and memory the controller believes the node has: what its first
+        # registration said, raised only by an admin (a node claiming more is flagged).
+        "ALTER TABLE nodes ADD COLUMN capacity TEXT",
     ]),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
