@@ -17,7 +17,9 @@ What is here, by concern:
   :func:`parse_payload` for task payloads, both from a dataclass, both strict;
 - running instances: the driver contract (:class:`InstanceDriver`, :class:`ConsoleOutput`,
   :data:`NAME_RE`, :data:`KIND_RE`), the checkpoint capability (:class:`Checkpointer`,
-  :class:`DirectoryCheckpointer`, :class:`CheckpointSubject`, :class:`CriuCommand`) and the node's image cache
+  :class:`DirectoryCheckpointer`, :class:`CheckpointSubject`, :class:`CriuCommand`, and for a
+  kind that saves itself without CRIU :class:`NativeCheckpointer` with
+  :class:`CheckpointBlocker`) and the node's image cache
   (:class:`ImageCache`, :func:`valid_sha256`);
 - mechanics every plugin would otherwise write again: :func:`atomic_write` and
   :func:`tail` for files, :func:`run_command` for host tools, :class:`ExitWatcher` for
@@ -28,10 +30,12 @@ What is here, by concern:
 
 from agent.sdk.backoff import Backoff
 from agent.sdk.checkpointing import (
+    CheckpointBlocker,
     Checkpointer,
     CheckpointSubject,
     CriuCommand,
     DirectoryCheckpointer,
+    NativeCheckpointer,
 )
 from agent.sdk.commands import CommandResult, run_command, run_command_sync
 from agent.sdk.config import ConfigError, load_yaml_file, parse_section
@@ -78,6 +82,7 @@ __all__ = [
     "OPERATIONS",
     "PROJECT",
     "Backoff",
+    "CheckpointBlocker",
     "CheckpointSubject",
     "Checkpointer",
     "CommandResult",
@@ -94,6 +99,7 @@ __all__ = [
     "InstanceDriver",
     "InstanceState",
     "InstanceStateName",
+    "NativeCheckpointer",
     "PluginContext",
     "PluginError",
     "PluginHooks",

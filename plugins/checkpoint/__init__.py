@@ -1,17 +1,20 @@
-"""The ``checkpoint`` plugin: CRIU checkpoint, restore and migration of other plugins' instances.
+"""The ``checkpoint`` plugin: checkpoint, restore and migration of other plugins' instances.
 
 It runs no instances of its own and knows no kind: a kind whose instances are process
 trees CRIU can dump supplies an :class:`agent.sdk.Checkpointer` (``kumo_checkpointer``),
-found here through ``context.hooks.checkpointers()``; the fingerprint lists those kinds
-(``attributes.instance_kinds``), and the controller checkpoints and migrates only them.
-The checkpointer says which tree to dump and with what command, and takes the instance
-over after a restore; this plugin keeps the rest, the same for every kind:
+found here through ``context.hooks.checkpointers()``; a kind that saves its instances
+itself (a VM) supplies an :class:`agent.sdk.NativeCheckpointer` instead. The fingerprint
+lists the kinds it can checkpoint now (``attributes.instance_kinds``: CRIU's kinds only
+while criu works), and the controller checkpoints and migrates only them. A CRIU kind's
+checkpointer says which tree to dump and with what command, and takes the instance over
+after a restore; a native one saves into, and restores from, the image directory it is
+given. This plugin keeps the rest, the same for every kind:
 
 - the pre-flight scan of the tree (:mod:`.preflight`), which refuses with the reason
   before anything changes;
 - CRIU itself (:mod:`.criu`): probing it, running it, naming the error in its log;
 - the image (:mod:`.image`): its directory, manifest and CRC-32 checksums (computed while
-  criu writes), checked again before every restore;
+  criu writes, or after a native save), checked again before every restore, and pruning;
 - the migration stream (:mod:`.stream` for its format, :mod:`.transfer` for the way
   through the controller), with the directory a kind's instances take along;
 - the rollback of a restore into a directory that travelled: the kind's ``delete``
@@ -21,7 +24,8 @@ Tasks (each ``{"name", "kind", ...}``), one at a time per instance:
 
 - ``checkpoint.preflight``: ``{"ok", "blockers": [{"code", "message"}]}``;
 - ``checkpoint.dump`` (``leave_running``, default false): ``{"image", "manifest", "size_bytes"}``;
-- ``checkpoint.restore`` (``image``, default the latest): ``{"pid", "image"}``;
+- ``checkpoint.restore`` (``image``, default the latest): ``{"pid", "image"}`` (``pid`` None
+  for a native kind: there is no process tree);
 - ``checkpoint.send`` (``migration``, ``image``) and ``checkpoint.receive`` (``migration``,
   ``image_name``): the two ends of a migration's transfer, ``{"bytes", "sha256", ...}``;
 - ``checkpoint.discard``: removes every checkpoint of an instance that moved away.
@@ -53,6 +57,7 @@ from agent.sdk import (
     CriuCommand,
     DirectoryCheckpointer,
     Fingerprint,
+    NativeCheckpointer,
     PluginContext,
     TaskError,
     hookimpl,
@@ -114,8 +119,10 @@ class Receive(Target):
     image_name: str
 
 
+# What a kind supplies: for CRIU, or its own save and restore.
+AnyCheckpointer = Checkpointer | NativeCheckpointer
 # A task: (the instance's checkpointer, the parsed payload, the task id) -> its result.
-Handler = Callable[[Checkpointer, Any, str], Awaitable[Mapping[str, Any]]]
+Handler = Callable[[AnyCheckpointer, Any, str], Awaitable[Mapping[str, Any]]]
 
 
 class CheckpointPlugin:
@@ -162,7 +169,10 @@ class CheckpointPlugin:
         if time.monotonic() - self.probed_at > PROBE_TTL:
             await self._probe()
         st = self.status
-        kinds = sorted(self.context.hooks.checkpointers()) if self.context is not None else []
+        checkpointers = self.context.hooks.checkpointers() if self.context is not None else {}
+        native = [kind for kind, cp in checkpointers.items() if isinstance(cp, NativeCheckpointer)]
+        # A kind that saves itself needs no criu: only CRIU's kinds wait for a working one.
+        kinds = sorted(checkpointers) if st.usable else sorted(native)
         attributes: dict[str, Any] = {"criu": st.path, "criu_version": st.version, "instance_kinds": kinds}
         if st.usable:
             attributes.update(
@@ -171,7 +181,10 @@ class CheckpointPlugin:
                 pre_dump=st.features.get("mem_dirty_track", False),
                 lazy_pages=st.features.get("uffd-noncoop", False),
             )
-        return Fingerprint(available=st.usable, reason=st.reason, attributes=attributes)
+        elif native:
+            attributes["criu_reason"] = st.reason
+        available = st.usable or bool(native)
+        return Fingerprint(available=available, reason="" if available else st.reason, attributes=attributes)
 
     @hookimpl
     def kumo_task_kinds(self) -> Iterable[str]:
@@ -193,15 +206,20 @@ class CheckpointPlugin:
 
     # -- pre-flight and dump ----------------------------------------------------------
 
-    async def _preflight(self, cp: Checkpointer, args: Target, task_id: str) -> Mapping[str, Any]:
+    async def _preflight(self, cp: AnyCheckpointer, args: Target, task_id: str) -> Mapping[str, Any]:
         blockers, _, _ = await self._check(cp, args.name)
         return {"ok": not blockers, "blockers": blockers}
 
-    async def _check(self, cp: Checkpointer, name: str) -> tuple[list[Blocker], CheckpointSubject | None,
-                                                                 Scan | None]:
+    async def _check(self, cp: AnyCheckpointer, name: str) -> tuple[list[Blocker], CheckpointSubject | None,
+                                                                    Scan | None]:
         """What blocks a dump of ``name`` now; the instance, and its tree when it runs."""
         from plugins.checkpoint import preflight
 
+        if isinstance(cp, NativeCheckpointer):
+            native = await cp.subject(name)
+            if native is None:
+                return [{"code": "not-found", "message": "no such instance on this node"}], None, None
+            return [{"code": b.code, "message": b.message} for b in await cp.blockers(name)], native, None
         blockers: list[Blocker] = []
         if not self.status.usable:
             blockers.append({"code": "criu-unavailable", "message": self.status.reason})
@@ -216,7 +234,7 @@ class CheckpointPlugin:
         found = await asyncio.to_thread(preflight.scan, subject.pid)
         return blockers + found.blockers, subject, found
 
-    async def _dump(self, cp: Checkpointer, args: Dump, task_id: str) -> Mapping[str, Any]:
+    async def _dump(self, cp: AnyCheckpointer, args: Dump, task_id: str) -> Mapping[str, Any]:
         from plugins.checkpoint import pids
 
         blockers, subject, found = await self._check(cp, args.name)
@@ -226,6 +244,8 @@ class CheckpointPlugin:
             raise TaskError(f"{cp.kind} instance {args.name!r} cannot be checkpointed: "
                             + "; ".join(b["message"] for b in blockers),
                             code=blockers[0]["code"], details={"blockers": blockers})
+        if isinstance(cp, NativeCheckpointer):
+            return await self._save(cp, subject, args.leave_running)
         assert found is not None and subject.pid is not None and self.status.path is not None
         base = self._images_root() / cp.kind / args.name
         logs = await self._logs(cp.kind, args.name)
@@ -247,17 +267,36 @@ class CheckpointPlugin:
         if not args.leave_running:
             await self._until_stopped(cp, args.name)
             await pids.reap(found.pids[1:])
-        await asyncio.to_thread(image.publish, base, made)
-        # Old checkpoints go in the background (deleting gigabytes is no part of this dump),
-        # under the instance's lock so that no restore reads a checkpoint being deleted.
-        prune = asyncio.create_task(self._prune(cp.kind, args.name, base))
-        self.pruning.add(prune)
-        prune.add_done_callback(self.pruning.discard)
+        self._publish(cp.kind, args.name, base, made)
         log.info("checkpoint: %s %s dumped to %s (%d bytes)", cp.kind, args.name, made, size)
         return {"image": str(made), "manifest": files, "size_bytes": size}
 
-    def _manifest(self, kind: str, subject: CheckpointSubject, found: Scan,
+    async def _save(self, cp: NativeCheckpointer, subject: CheckpointSubject, leave_running: bool) -> Mapping[str, Any]:
+        """A dump by the kind's own mechanism: it writes the image's files, this plugin the rest."""
+        base = self._images_root() / cp.kind / subject.name
+        made = await asyncio.to_thread(image.new_image, base)
+        try:
+            record = await cp.save(subject.name, made, leave_running)
+        except BaseException:
+            await asyncio.to_thread(shutil.rmtree, made, True)
+            raise
+        manifest = self._manifest(cp.kind, dataclasses.replace(subject, record=record), None, leave_running)
+        files, size = await asyncio.to_thread(image.finish_manifest, made, None, manifest)
+        self._publish(cp.kind, subject.name, base, made)
+        log.info("checkpoint: %s %s saved to %s (%d bytes)", cp.kind, subject.name, made, size)
+        return {"image": str(made), "manifest": files, "size_bytes": size}
+
+    def _publish(self, kind: str, name: str, base: Path, made: Path) -> None:
+        image.publish(base, made)  # one symlink and a rename: not worth a thread
+        # Old checkpoints go in the background (deleting gigabytes is no part of this dump),
+        # under the instance's lock so that no restore reads a checkpoint being deleted.
+        prune = asyncio.create_task(self._prune(kind, name, base))
+        self.pruning.add(prune)
+        prune.add_done_callback(self.pruning.discard)
+
+    def _manifest(self, kind: str, subject: CheckpointSubject, found: Scan | None,
                   leave_running: bool) -> dict[str, Any]:
+        """The manifest of a dump; ``found`` None for a native save (no tree, no criu)."""
         assert self.context is not None
         return {
             "format": image.MANIFEST_FORMAT,
@@ -265,15 +304,15 @@ class CheckpointPlugin:
             "kind": kind,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "kernel": platform.release(),
-            "criu_version": self.status.version,
+            "criu_version": self.status.version if found is not None else None,
             "leave_running": leave_running,
             "pid": subject.pid,
-            "pids": found.pids,
-            "shared_namespaces": sorted(found.shared),
+            "pids": found.pids if found is not None else [],
+            "shared_namespaces": sorted(found.shared) if found is not None else [],
             "instance": dict(subject.record),
             "definition": subject.definition,
             "state_dir": str(self.context.agent_state_dir),
-            "open_files": found.open_files,
+            "open_files": found.open_files if found is not None else [],
         }
 
     async def _dump_failed(self, kind: str, name: str, pid: int, command: CriuCommand, made: Path,
@@ -308,14 +347,19 @@ class CheckpointPlugin:
 
     # -- restore ----------------------------------------------------------------------
 
-    async def _restore(self, cp: Checkpointer, args: Restore, task_id: str) -> Mapping[str, Any]:
-        self._require_criu()
+    async def _restore(self, cp: AnyCheckpointer, args: Restore, task_id: str) -> Mapping[str, Any]:
+        if not isinstance(cp, NativeCheckpointer):
+            self._require_criu()
         chosen = await self._image_to_restore(cp.kind, args)
         manifest = await asyncio.to_thread(image.verify_image, chosen, args.name, cp.kind)
         current = await cp.subject(args.name)
         if current is not None and current.state == "running":
             raise TaskError(f"{cp.kind} instance {args.name!r} is running: stop it before restoring a checkpoint",
                             code="already-running")
+        if isinstance(cp, NativeCheckpointer):
+            await cp.restore(args.name, manifest["instance"], chosen)
+            log.info("checkpoint: %s %s restored from %s", cp.kind, args.name, chosen)
+            return {"pid": None, "image": str(chosen)}
         staged = await asyncio.to_thread(image.staged_directory, chosen) if current is None else None
         if staged is None:
             pid = await self._restore_image(cp, chosen, manifest)
@@ -395,7 +439,7 @@ class CheckpointPlugin:
 
     # -- migration --------------------------------------------------------------------
 
-    async def _send(self, cp: Checkpointer, args: Send, task_id: str) -> Mapping[str, Any]:
+    async def _send(self, cp: AnyCheckpointer, args: Send, task_id: str) -> Mapping[str, Any]:
         from plugins.checkpoint import stream, transfer
 
         assert self.context is not None
@@ -417,7 +461,7 @@ class CheckpointPlugin:
                  args.migration)
         return result
 
-    async def _travelling_directory(self, cp: Checkpointer, name: str) -> Path:
+    async def _travelling_directory(self, cp: AnyCheckpointer, name: str) -> Path:
         subject = await cp.subject(name)
         if subject is None or subject.directory is None:
             raise TaskError(f"{cp.kind} instance {name!r} is no longer on this node: its directory cannot travel",
@@ -428,7 +472,7 @@ class CheckpointPlugin:
                             code="already-running")
         return subject.directory
 
-    async def _receive(self, cp: Checkpointer, args: Receive, task_id: str) -> Mapping[str, Any]:
+    async def _receive(self, cp: AnyCheckpointer, args: Receive, task_id: str) -> Mapping[str, Any]:
         from plugins.checkpoint import stream, transfer
 
         assert self.context is not None
@@ -466,7 +510,7 @@ class CheckpointPlugin:
         log.info("checkpoint: received %s %s (%d bytes) into %s", cp.kind, args.name, got["bytes"], final)
         return {"image": str(final), "bytes": got["bytes"], "sha256": got["sha256"], "files": got["files"]}
 
-    def _stager(self, cp: Checkpointer, name: str, incoming: Path, staged: list[Path]) -> stream.Stage:
+    def _stager(self, cp: AnyCheckpointer, name: str, incoming: Path, staged: list[Path]) -> stream.Stage:
         """What the unpacking thread calls when a travelling directory's definition arrives:
         the kind checks it (on the event loop) and gives the directory to unpack into."""
         loop = asyncio.get_running_loop()
@@ -484,7 +528,7 @@ class CheckpointPlugin:
 
         return stage
 
-    async def _discard(self, cp: Checkpointer, args: Target, task_id: str) -> Mapping[str, Any]:
+    async def _discard(self, cp: AnyCheckpointer, args: Target, task_id: str) -> Mapping[str, Any]:
         """Remove every checkpoint of an instance that has moved away (its images would go
         stale), or that arrived here for a migration rolled back, with the directories that
         arrived with them and were never taken over."""
@@ -497,7 +541,7 @@ class CheckpointPlugin:
 
     # -- helpers ----------------------------------------------------------------------
 
-    def _checkpointer(self, kind: str) -> Checkpointer:
+    def _checkpointer(self, kind: str) -> AnyCheckpointer:
         assert self.context is not None, "kumo_startup was not called"
         checkpointers = self.context.hooks.checkpointers()
         if kind not in checkpointers:
