@@ -160,6 +160,7 @@ class KvmNode:
 
     plugin: Any  # plugins.kvm.KvmPlugin
     hooks: Any  # agent.pluginmanager.Hooks
+    checkpoint: Any = None  # plugins.checkpoint.CheckpointPlugin, when asked for
 
     async def task(self, kind: str, /, **payload: Any) -> Any:
         """Run task ``kind`` (``kvm.create``...) as the agent does; its result."""
@@ -208,17 +209,25 @@ class KvmTestBed:
         settings.update(overrides)
         return settings
 
-    async def node(self, images: ImageCache | None = None, **overrides: Any) -> KvmNode:
+    async def node(self, images: ImageCache | None = None, checkpoint: dict[str, Any] | None = None,
+                   **overrides: Any) -> KvmNode:
         """A configured and started kvm plugin, its driver loaded (the state dir is shared by
         every plugin of this test); ``images`` is the node's image cache (default: one under
-        the test's root, without a size limit)."""
+        the test's root, without a size limit). With ``checkpoint`` (its settings) the
+        checkpoint plugin runs beside it, its images under the test's root."""
         from agent.pluginmanager import Hooks, make_plugin_manager
         from agent.sdk import ImageCache, PluginContext
+        from plugins.checkpoint import CheckpointPlugin
         from plugins.cloudinit import CloudInitPlugin
         from plugins.kvm import KvmPlugin
 
         kvm = KvmPlugin()
-        hooks = Hooks(make_plugin_manager({"kvm": kvm, "cloudinit": CloudInitPlugin()}))
+        plugins: dict[str, Any] = {"kvm": kvm, "cloudinit": CloudInitPlugin()}
+        if checkpoint is not None:
+            plugins["checkpoint"] = CheckpointPlugin()
+            plugins["checkpoint"].kumo_configure(
+                section={"images_dir": str(self.root / "checkpoints"), **checkpoint}, source="test: plugins.checkpoint")
+        hooks = Hooks(make_plugin_manager(plugins))
         kvm.kumo_configure(section=self.settings(**overrides), source="test: plugins.kvm")
 
         def changed() -> None:
@@ -238,8 +247,10 @@ class KvmTestBed:
             images=images or ImageCache(self.root / "images"),
         )
         await kvm.kumo_startup(context=context)
+        if "checkpoint" in plugins:
+            await plugins["checkpoint"].kumo_startup(context=dataclasses.replace(context, name="checkpoint"))
         hooks.load_drivers()
-        node = KvmNode(kvm, hooks)
+        node = KvmNode(kvm, hooks, plugins.get("checkpoint"))
         self.nodes.append(node)
         return node
 
@@ -290,6 +301,9 @@ async def kvm_bed(libvirtd: str, kvm_state_dir: Path) -> AsyncIterator[KvmTestBe
         for node in bed.nodes:
             with contextlib.suppress(Exception):
                 await node.plugin.kumo_shutdown()
+            if node.checkpoint is not None:
+                with contextlib.suppress(Exception):
+                    await node.checkpoint.kumo_shutdown()
         bed.cleanup()
 
 
