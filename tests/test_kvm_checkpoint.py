@@ -238,3 +238,38 @@ async def test_leave_running_then_restore_goes_back_to_that_point(
     kept = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.is_symlink())
     assert kept == [Path(dumped["image"]).name] and not set(before) & set(kept), "keep: 1 pruned the older"
 
+
+# ---- the controller: which ways a VM can move ----------------------------------------------
+
+
+@pytest.mark.integration
+def test_show_says_which_ways_a_vm_can_move_and_why_not(controller, tmp_path: Path) -> None:
+    from tests.test_controller import enroll_node, register
+
+    plugins = {"kvm": {"available": True, "reason": "", "kinds": ["kvm"], "attributes": {}},
+               "checkpoint": {"available": True, "reason": "", "kinds": [], "attributes": {"instance_kinds": ["kvm"]}}}
+    source, source_cert = enroll_node(controller, tmp_path)
+    other, other_cert = enroll_node(controller, tmp_path)
+    register(controller, other, other_cert, plugins=plugins)
+
+    def report(state: str, **details: Any) -> dict[str, Any]:
+        register(controller, source, source_cert, plugins=plugins,
+                 instances=[{"name": "vm1", "kind": "kvm", "state": state, "details": details}])
+        return controller.admin("GET", "/v1/instances/vm1")["migration"]
+
+    register(controller, source, source_cert, plugins=plugins)
+    controller.admin("POST", "/v1/instances", {"name": "vm1", "kind": "kvm", "node": source, "vcpus": 1,
+                                               "memory_mib": 128, "image": "/i.qcow2"})
+    modes = report("running")
+    assert modes["stop-and-copy"]["possible"] is True and other in modes["stop-and-copy"]["reason"]
+    assert modes["live"] == {"possible": False, "reason": modes["live"]["reason"]}
+    assert modes["live"]["reason"].startswith("not yet supported")
+
+    hostdev = {"code": "host-device", "message": "a host device is passed through (bus=0x06): detach it first"}
+    modes = report("running", checkpoint_blockers=[hostdev])
+    assert modes["stop-and-copy"] == {"possible": False, "reason": f"{hostdev['message']} [host-device]"}
+    assert report("stopped")["stop-and-copy"]["reason"].startswith("it is stopped: only a running instance")
+
+    register(controller, other, other_cert, plugins={"kvm": plugins["kvm"]})  # no checkpoint plugin there
+    reason = report("running")["stop-and-copy"]["reason"]
+    assert reason.startswith("no other node can take instance vm1") and "plugin checkpoint is unavailable" in reason

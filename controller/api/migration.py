@@ -1,7 +1,8 @@
 """Checkpoint, restore and migration of instances, and the moves a drain makes.
 
 Checkpoint and restore are one task each on the instance's node (the checkpoint plugin's
-``checkpoint.dump`` / ``checkpoint.restore``). A migration is a sequence the controller
+``checkpoint.dump`` / ``checkpoint.restore``: CRIU for process trees, the kind's own save
+for a VM). A migration is a sequence the controller
 drives, one task at a time, and records as a document (``GET /v1/migrations/{id}``):
 
 1. pre-flight on the source (``checkpoint.preflight``): blockers refuse it at once (409);
@@ -197,6 +198,35 @@ def refuse_if_migrating(ctl: Any, name: str) -> None:
     if current is not None:
         follow = f" (GET /v1/migrations/{current})" if current else ""
         raise ApiError(409, f"instance {name} is being migrated{follow}; wait until it ends")
+
+
+# -- the ways an instance can move (``kumoctl instances show``) ----------------------------
+
+LIVE_UNSUPPORTED = ("not yet supported: Kumo moves an instance by stop-and-copy (checkpoint, transfer, restore), "
+                    "so it is stopped while it moves")
+
+
+async def modes(ctl: Any, row: dict[str, Any], instance: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Whether the instance (``row``, shown as ``instance``) could be moved now, per mode,
+    and why not. The same checks a migration makes before it starts, except the source's
+    pre-flight scan: the blockers its kind already knows come with its details."""
+    why: str | None = None
+    if instance["state"] != "running":
+        why = f"it is {instance['state']}: only a running instance is checkpointed and moved"
+    blockers = (instance.get("details") or {}).get("checkpoint_blockers") or []
+    if why is None and blockers:
+        why = "; ".join(f"{b.get('message')} [{b.get('code')}]" for b in blockers if isinstance(b, dict))
+    destination = None
+    if why is None:
+        try:
+            await _checkpointable(ctl, row, "migrate")
+            destination = await _destination(ctl, row, None)
+        except ApiError as exc:
+            why = exc.message
+    stop = {"possible": why is None,
+            "reason": why or f"checkpoint on node {row['node']}, relay through the controller and restore on another "
+                             f"node (the scheduler would choose {destination} now)"}
+    return {"stop-and-copy": stop, "live": {"possible": False, "reason": LIVE_UNSUPPORTED}}
 
 
 # -- checkpoint and restore ---------------------------------------------------------------
@@ -623,7 +653,8 @@ INSTANCE = "/v1/instances/{name}"
 IMAGE = "/v1/nodes/{id}/migrations/{mid}/image"
 ROUTES = [
     Route("POST", INSTANCE + "/checkpoint", checkpoint, "admin",
-          "Checkpoint a process or lxc instance with CRIU (pre-flight first: 409 with the blockers).",
+          "Checkpoint an instance: CRIU for processes and containers, the kind's own save for VMs "
+          "(pre-flight first: 409 with the blockers).",
           {"leave_running": "true to keep it running after the dump (default false: it stops)"}),
     Route("POST", INSTANCE + "/restore", restore, "admin", "Restore an instance from its latest or a given checkpoint.",
           {"image": "checkpoint directory on the instance's node, optional"}),
