@@ -2,7 +2,9 @@
 
 No init system runs libvirtd and virtlogd on these machines: the ``libvirtd`` fixture
 starts them when they are not running and leaves them running, since other tests (and
-engineers) share the one daemon. "libvirtd goes down" is simulated with
+engineers) share the one daemon. ``second_libvirtd`` runs another one, in a mount
+namespace with its own state and sockets, for a test that needs two hosts (a VM's
+migration: domain names are unique per libvirtd). "libvirtd goes down" is simulated with
 :class:`LibvirtSocketProxy`, a socket forwarder the plugin connects through, so the test
 never stops the shared daemon.
 
@@ -19,10 +21,11 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -81,6 +84,65 @@ def libvirtd() -> str:
     uri = ensure_libvirtd()
     require(uri is not None, f"libvirtd answering on {SYSTEM_URI}")
     return SYSTEM_URI
+
+
+# Runs in a mount namespace of its own (argv: the daemon's directory): libvirt's state,
+# config, cache, logs and sockets become that directory's, so a second libvirtd manages
+# domains of the same names as the first, as another host would, and then becomes libvirtd.
+_SECOND_LIBVIRTD = """
+import os, subprocess, sys
+home = sys.argv[1]
+for where, own in (("/run/libvirt", "run"), ("/etc/libvirt", "etc"), ("/var/lib/libvirt/qemu", "lib"),
+                   ("/var/cache/libvirt", "cache"), ("/var/log/libvirt", "log")):
+    subprocess.run(["mount", "--bind", os.path.join(home, own), where], check=True)
+os.execvp("libvirtd", ["libvirtd", "--pid-file", os.path.join(home, "run", "libvirtd.pid")])
+"""
+
+
+@pytest.fixture(scope="module")
+def second_libvirtd(libvirtd: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A second libvirtd on this machine that behaves as another host's (its own domains,
+    sockets and state; the same instance image directory); its URI. Its domains are
+    destroyed and it is stopped at the end of the module."""
+    import libvirt
+
+    home = tmp_path_factory.mktemp("libvirtd2")
+    for sub in ("run", "etc/qemu", "lib", "cache", "log/qemu"):
+        (home / sub).mkdir(parents=True)
+    for conf in Path("/etc/libvirt").glob("*.conf"):
+        shutil.copy(conf, home / "etc" / conf.name)
+    # qemu's output goes to a file libvirtd writes: no virtlogd needed in the namespace.
+    with (home / "etc" / "qemu.conf").open("a") as conf:
+        conf.write('\nstdio_handler = "file"\n')
+    shutil.chown(home / "lib", "libvirt-qemu", "libvirt-qemu")
+    (home / "lib").chmod(0o750)
+    daemon = subprocess.Popen(  # noqa: S603 - an argv list, never a shell
+        ["unshare", "--mount", "--propagation", "private", "--", sys.executable, "-c", _SECOND_LIBVIRTD, str(home)],
+        stdout=(home / "libvirtd.out").open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    uri = f"qemu+unix:///system?socket={home / 'run' / 'libvirt-sock'}"
+    deadline = time.monotonic() + 30
+    while subprocess.run(["virsh", "-c", uri, "version"], capture_output=True, check=False).returncode != 0:  # noqa: S603, S607
+        if daemon.poll() is not None or time.monotonic() > deadline:
+            daemon.kill()
+            require(False, f"a second libvirtd answering on {uri}: {(home / 'libvirtd.out').read_text()[-500:]}")
+        time.sleep(0.2)
+    try:
+        yield uri
+    finally:
+        with contextlib.suppress(libvirt.libvirtError):
+            conn = libvirt.open(uri)
+            for dom in conn.listAllDomains():
+                with contextlib.suppress(libvirt.libvirtError):
+                    dom.destroy()
+                with contextlib.suppress(libvirt.libvirtError):
+                    dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
+            conn.close()
+        daemon.terminate()
+        try:
+            daemon.wait(30)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
 
 
 class LibvirtSocketProxy:
