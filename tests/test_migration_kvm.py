@@ -4,16 +4,19 @@ destination in its own directories with its own copy of the base image.
 
 Each agent has a libvirtd of its own (the second in a mount namespace, as another host),
 its own instance directory and image cache. The guest prints a counter on its serial
-console: on the destination it goes on from where it was saved. A destination that cannot
-restore it leaves it running on the source.
+console: on the destination it goes on from where it was saved. A transfer damaged on its
+way, or a destination that cannot restore it, leaves it running on the source.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import socket
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,10 +42,11 @@ def counts(path: Path) -> list[int]:
 
 @pytest.fixture
 def vm_cluster(controller, kumo_agent, libvirtd, second_libvirtd, kvm_guest: Guest) -> Iterator[Any]:
-    """(controller, make_agent(uri, **kvm settings) -> (agent, instance dir), create_vm(agent, name))."""
+    """(controller, make_agent(uri, agent settings, **kvm settings) -> (agent, instance dir),
+    create_vm(agent, name))."""
     roots: list[Path] = []
 
-    def make_agent(uri: str, **kvm: Any) -> tuple[Any, Path]:
+    def make_agent(uri: str, settings: dict[str, Any] | None = None, **kvm: Any) -> tuple[Any, Path]:
         root = TEST_INSTANCE_ROOT / f"kumo-vmckpt-{uuid.uuid4().hex[:8]}"
         root.mkdir(mode=0o711)
         root.chmod(0o711)
@@ -50,7 +54,7 @@ def vm_cluster(controller, kumo_agent, libvirtd, second_libvirtd, kvm_guest: Gue
         plugins = {"kvm": {"uri": uri, "instance_dir": str(root / "instances"), "acceleration": "tcg",
                            "shutdown_timeout": 10, **kvm}}
         # The image cache under the qemu-readable root: it holds the VMs' base images.
-        agent = kumo_agent(plugins=plugins, settings={"image_cache": {"path": str(root / "images")}})
+        agent = kumo_agent(plugins=plugins, settings={"image_cache": {"path": str(root / "images")}, **(settings or {})})
         return agent, root / "instances"
 
     def create_vm(agent: Any, name: str) -> None:
@@ -111,25 +115,82 @@ def test_drain_moves_a_vm_and_it_counts_on_from_where_it_was(vm_cluster, libvirt
     assert info["backing-filename"] == str(b_dir.parent / "images" / kvm_guest.disk_sha256)
 
 
-def test_a_destination_that_cannot_restore_it_leaves_it_running_on_the_source(vm_cluster, libvirtd, second_libvirtd):
+class CorruptingProxy:
+    """A TCP forwarder to the controller that changes one byte of the first connection to
+    carry more than ``after`` bytes towards the agent (the image's download): a transfer
+    tampered with on its way."""
+
+    def __init__(self, port: int, after: int = 4 << 20):
+        self.port = port
+        self.after = after
+        self.flipped = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.listener.getsockname()[1]}"
+
+    def start(self) -> None:
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.port))
+            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, towards_agent: bool) -> None:
+        passed = 0
+        try:
+            while data := src.recv(65536):
+                if towards_agent and not self.flipped.is_set() and passed + len(data) > self.after:
+                    at = max(0, self.after - passed)
+                    data = data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:]
+                    self.flipped.set()
+                passed += len(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        for end in (src, dst):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+
+
+def test_a_tampered_or_refused_transfer_leaves_it_running_on_the_source(vm_cluster, libvirtd, second_libvirtd):
     controller, make_agent, create_vm = vm_cluster
-    # B gives its VMs a network interface, which the saved guest did not have: its state
-    # cannot be restored there, which B finds only once everything has arrived.
-    (a, a_dir), (b, b_dir) = make_agent(libvirtd), make_agent(second_libvirtd, network="user")
+    proxy = CorruptingProxy(int(controller.url.rpartition(":")[2]))
+    proxy.start()
+    a, a_dir = make_agent(libvirtd)
+    # B reaches the controller through the proxy, which damages the image on its way to B.
+    b, b_dir = make_agent(second_libvirtd, settings={"controller": proxy.url})
+    # C gives its VMs a network interface, which the saved guest did not have: its state
+    # cannot be restored there, which C finds only once everything has arrived.
+    c, c_dir = make_agent(second_libvirtd, network="user")
     name = f"kumo-vmckpt-st-{uuid.uuid4().hex[:6]}"
     create_vm(a, name)
     log_a = a_dir / name / "console.log"
     wait_for(lambda: len(counts(log_a)) >= 3, "the guest to count on A", limit=120)
 
-    answer = controller.admin("POST", f"/v1/instances/{name}/migrate", {"to": b.node_id})
-    done = finished(controller, answer["migration"]["id"])
-    assert done["state"] == "failed" and done["code"] == "import-refused", done
+    for destination, code in ((b, "transfer-failed"), (c, "import-refused")):
+        answer = controller.admin("POST", f"/v1/instances/{name}/migrate", {"to": destination.node_id})
+        done = finished(controller, answer["migration"]["id"])
+        assert done["state"] == "failed" and done["code"] == code, done
+        assert f"restored on node {a.node_id}" in done["outcome"], done
+        assert controller.admin("GET", f"/v1/instances/{name}")["node"] == a.node_id
+        wait_for(lambda: running_on(a, name), "the VM to run on A again")
+        before = counts(log_a)[-1]
+        wait_for(lambda before=before: counts(log_a)[-1] > before + 3, "the guest to count on on A")
+    proxy.close()
+    assert proxy.flipped.is_set(), "the proxy damaged the transfer to B"
     assert "had no network interface" in done["error"]
-    assert f"restored on node {a.node_id}" in done["outcome"], done
-    assert controller.admin("GET", f"/v1/instances/{name}")["node"] == a.node_id
-    wait_for(lambda: running_on(a, name), "the VM to run on A again")
-    before = counts(log_a)[-1]
-    wait_for(lambda: counts(log_a)[-1] > before + 3, "the guest to count on on A")
     assert log_a.read_text(errors="replace").count("GUEST-BOOTED") == 1, "restored, not booted again"
-    assert reported(b, name) is None and not (b_dir / name).exists(), "B holds nothing of it"
-    assert not list((b.state_dir / "plugins" / "checkpoint").rglob("memory.save")), "B discarded what it received"
+    for node, directory in ((b, b_dir), (c, c_dir)):
+        assert reported(node, name) is None and not (directory / name).exists(), "it holds nothing of it"
+        assert not list((node.state_dir / "plugins" / "checkpoint").rglob("memory.save")), "it discarded what came"
