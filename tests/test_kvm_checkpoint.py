@@ -11,7 +11,11 @@ guest must count on from where it was saved, never from 1 (a reboot).
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import io
+import json
 import re
+import tarfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -273,3 +277,39 @@ def test_show_says_which_ways_a_vm_can_move_and_why_not(controller, tmp_path: Pa
     register(controller, other, other_cert, plugins={"kvm": plugins["kvm"]})  # no checkpoint plugin there
     reason = report("running")["stop-and-copy"]["reason"]
     assert reason.startswith("no other node can take instance vm1") and "plugin checkpoint is unavailable" in reason
+
+
+# ---- the migration stream: a cached image travels, checked ---------------------------------
+
+
+def _stream(manifest: dict[str, Any], members: dict[str, bytes]) -> io.BytesIO:
+    body = io.BytesIO()
+    with tarfile.open(fileobj=body, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for arcname, data in {"image/kumo-manifest.json": json.dumps(manifest).encode(), **members}.items():
+            info = tarfile.TarInfo(arcname)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    body.seek(0)
+    return body
+
+
+@pytest.mark.parametrize("case", ["named", "damaged", "not named"])
+def test_a_cached_image_in_the_stream_is_taken_only_as_named_and_intact(tmp_path: Path, case: str) -> None:
+    from plugins.checkpoint import stream
+    from plugins.checkpoint.image import MANIFEST_FORMAT
+
+    base = b"a base image"
+    digest = hashlib.sha256(base).hexdigest()
+    manifest = {"format": MANIFEST_FORMAT, "files": {}, "images": [] if case == "not named" else [digest]}
+    body = _stream(manifest, {f"cache/{digest}": b"another image" if case == "damaged" else base})
+
+    def unpack() -> dict[str, Any]:
+        return stream.unpack(body, tmp_path, tmp_path / "state", lambda *_: tmp_path, "vm1", [])
+
+    if case == "named":
+        assert unpack()["images"] == [digest]
+        assert (tmp_path / f"{stream.CACHED}{digest}").read_bytes() == base
+        return
+    with pytest.raises(TaskError) as err:
+        unpack()
+    assert err.value.code == ("image-checksum" if case == "damaged" else "image-corrupt"), str(err.value)

@@ -96,9 +96,11 @@ def test_drain_moves_a_vm_and_it_counts_on_from_where_it_was(vm_cluster, libvirt
     assert modes["stop-and-copy"]["possible"] is True, modes
     seen = counts(log_a)[-1]
 
-    drained = kumoctl(controller, "nodes", "drain", a.node_id)
+    drained = kumoctl(controller, "nodes", "drain", a.node_id, "-o", "json")
     assert drained.returncode == 0, drained.stderr
-    assert f"moved {name} to {b.node_id}" in drained.stdout, drained.stdout
+    [moved] = json.loads(drained.stdout)["moved"]
+    assert moved["state"] == "succeeded" and moved["destination"] == b.node_id, moved
+    assert moved["images_sent"] == [kvm_guest.disk_sha256], "B's image cache lacked the base image: it travelled"
     assert controller.admin("GET", f"/v1/instances/{name}")["node"] == b.node_id
     assert running_on(b, name)
     wait_for(lambda: reported(a, name) is None, "node A to forget the VM")
@@ -113,6 +115,15 @@ def test_drain_moves_a_vm_and_it_counts_on_from_where_it_was(vm_cluster, libvirt
     info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", str(b_dir / name / "disk.qcow2")],  # noqa: S603, S607
                                      capture_output=True, text=True, check=True).stdout)
     assert info["backing-filename"] == str(b_dir.parent / "images" / kvm_guest.disk_sha256)
+
+    # Back to A, whose image cache still holds the base image: only the checkpoint travels.
+    kumoctl(controller, "nodes", "undrain", a.node_id)
+    seen = counts(log_b)[-1]
+    answer = controller.admin("POST", f"/v1/instances/{name}/migrate", {"to": a.node_id})
+    done = finished(controller, answer["migration"]["id"])
+    assert done["state"] == "succeeded" and done["images_sent"] == [], done
+    wait_for(lambda: counts(log_a) and counts(log_a)[-1] > seen + 3, "the guest to count on on A again", limit=60)
+    assert counts(log_a)[0] > seen and "GUEST-BOOTED" not in log_a.read_text(errors="replace")
 
 
 class CorruptingProxy:

@@ -19,7 +19,7 @@ What is here, by concern:
   :data:`NAME_RE`, :data:`KIND_RE`), the checkpoint capability (:class:`Checkpointer`,
   :class:`DirectoryCheckpointer`, :class:`CheckpointSubject`, :class:`CriuCommand`, and for a
   kind that saves itself without CRIU :class:`NativeCheckpointer` with
-  :class:`CheckpointBlocker`) and the node's image cache
+  :class:`CheckpointBlocker` and :class:`SavedState`) and the node's image cache
   (:class:`ImageCache`, :func:`valid_sha256`);
 - mechanics every plugin would otherwise write again: :func:`atomic_write` and
   :func:`tail` for files, :func:`run_command` for host tools, :class:`ExitWatcher` for
@@ -36,6 +36,7 @@ from agent.sdk.checkpointing import (
     CriuCommand,
     DirectoryCheckpointer,
     NativeCheckpointer,
+    SavedState,
 )
 from agent.sdk.commands import CommandResult, run_command, run_command_sync
 from agent.sdk.config import ConfigError, load_yaml_file, parse_section
@@ -106,6 +107,7 @@ __all__ = [
     "Probe",
     "ProbeResult",
     "ProbeStatus",
+    "SavedState",
     "TaskError",
     "atomic_write",
     "boot_id",

@@ -133,6 +133,19 @@ class CheckpointBlocker:
     message: str
 
 
+@dataclasses.dataclass(frozen=True)
+class SavedState:
+    """What a :meth:`NativeCheckpointer.save` returns besides the files it wrote.
+
+    ``record`` is the JSON its restore needs (kept in the manifest). ``images`` are the
+    SHA-256 digests of images in the node's image cache that the restore needs too and
+    that are too big to copy into every checkpoint (a VM's base image): a migration carries
+    those the destination's cache lacks, and they are in its cache before the restore."""
+
+    record: Mapping[str, Any]
+    images: Sequence[str] = ()
+
+
 @runtime_checkable
 class NativeCheckpointer(Protocol):
     """What a kind supplies when it checkpoints its instances with a mechanism of its own,
@@ -142,7 +155,8 @@ class NativeCheckpointer(Protocol):
     file the kind wrote there, writes the manifest (``record`` in it), publishes and prunes
     the checkpoint, carries it whole in a migration (sha256 end to end) and verifies it
     before every :meth:`restore`. So everything a restore needs, on this node or another,
-    must be in the image or named by ``record``; the name of a file the kind writes must
+    must be in the image, in the image cache (:attr:`SavedState.images`) or named by the
+    record; the name of a file the kind writes must
     not start with ``kumo-``, ``stats-`` or ``.`` nor end in ``.log`` (those are not
     checksummed, so they would not travel). Every method may raise ``TaskError``."""
 
@@ -159,9 +173,9 @@ class NativeCheckpointer(Protocol):
         nothing; a save refuses what this returns before it begins."""
         ...
 
-    async def save(self, name: str, image: Path, leave_running: bool) -> Mapping[str, Any]:
-        """Save instance ``name`` into the new, empty directory ``image``; the JSON a restore
-        needs besides the files (kept in the manifest, handed to :meth:`restore`).
+    async def save(self, name: str, image: Path, leave_running: bool) -> SavedState:
+        """Save instance ``name`` into the new, empty directory ``image``; what a restore
+        needs besides those files (the record is handed to :meth:`restore`).
 
         Without ``leave_running`` the instance is stopped afterwards. A save that fails
         leaves the instance as it was (running); the checkpoint plugin removes ``image``."""
@@ -170,8 +184,9 @@ class NativeCheckpointer(Protocol):
     async def restore(self, name: str, record: Mapping[str, Any], image: Path) -> None:
         """Bring instance ``name`` back to the point ``image`` was saved at, running.
 
-        ``image`` has been checked against its checksums. It may come from another node
-        (a migration): then ``name`` does not exist here yet, and ``record`` and the files
+        ``image`` has been checked against its checksums, and the images the save named are
+        in this node's image cache. It may come from another node (a migration): then
+        ``name`` does not exist here yet, and ``record`` and the files
         come from a node this one does not control, so the kind builds the instance from
         what it would itself accept in a create (never a path, device or program the
         source names) and refuses anything else with ``import-refused``. A restore that

@@ -7,7 +7,9 @@ drives, one task at a time, and records as a document (``GET /v1/migrations/{id}
 
 1. pre-flight on the source (``checkpoint.preflight``): blockers refuse it at once (409);
 2. checkpoint on the source (``checkpoint.dump``, stopping the instance);
-3. transfer: ``checkpoint.send`` on the source and ``checkpoint.receive`` on the destination
+3. transfer: what the destination's image cache already holds of the images the
+   checkpoint needs (a VM's base image) is asked first (``checkpoint.holds``) and left
+   out; ``checkpoint.send`` on the source and ``checkpoint.receive`` on the destination
    meet here: the controller relays one stream between the two mutual-TLS requests through
    a small queue (never to disk, never whole in memory), counting the bytes as they pass;
    both ends report the stream's sha256 and they must agree;
@@ -426,7 +428,15 @@ async def _migrate(ctl: Any, doc: dict[str, Any]) -> None:
     doc["progress"]["bytes_total"] = dump["result"].get("size_bytes")
 
     await _phase(ctl, doc, "transfer")
-    received = await _transfer(ctl, doc, base, image)
+    needed = dump["result"].get("images") or []
+    held: list[str] = []
+    if needed:
+        holds = await run_task(ctl, destination, "checkpoint.holds", {**base, "images": needed}, PREFLIGHT_TIMEOUT,
+                               name)
+        if holds["state"] == "succeeded":  # else (an older destination) everything travels
+            held = holds["result"].get("held") or []
+    doc["images_sent"] = [digest for digest in needed if digest not in held]
+    received = await _transfer(ctl, doc, base, image, held)
     if received is None:
         await _roll_back(ctl, doc, base, image)
         return
@@ -470,13 +480,15 @@ async def _migrate(ctl: Any, doc: dict[str, Any]) -> None:
                           f"failed ({cleanup.get('error')}): delete it there by hand")
 
 
-async def _transfer(ctl: Any, doc: dict[str, Any], base: dict[str, Any], image: str) -> str | None:
-    """Relay the image; the destination's path of it, or None (``doc`` says why)."""
+async def _transfer(ctl: Any, doc: dict[str, Any], base: dict[str, Any], image: str, held: list[str]) -> str | None:
+    """Relay the image, without the cached images the destination ``held``; the destination's
+    path of it, or None (``doc`` says why)."""
     mgr = migrations(ctl)
     source, destination = doc["source"], doc["destination"]
     relay = mgr.relays[doc["id"]] = Relay(source, destination)
     transfer = {**base, "migration": doc["id"]}
-    send, _ = await submit(ctl, new_task(source, "checkpoint.send", {**transfer, "image": image}, instance=doc["instance"]))
+    sending = {**transfer, "image": image, **({"skip_images": held} if held else {})}
+    send, _ = await submit(ctl, new_task(source, "checkpoint.send", sending, instance=doc["instance"]))
     image_name = image.rstrip("/").rpartition("/")[2]
     recv, _ = await submit(ctl, new_task(destination, "checkpoint.receive", {**transfer, "image_name": image_name},
                                          instance=doc["instance"]))

@@ -23,11 +23,15 @@ given. This plugin keeps the rest, the same for every kind:
 Tasks (each ``{"name", "kind", ...}``), one at a time per instance:
 
 - ``checkpoint.preflight``: ``{"ok", "blockers": [{"code", "message"}]}``;
-- ``checkpoint.dump`` (``leave_running``, default false): ``{"image", "manifest", "size_bytes"}``;
+- ``checkpoint.dump`` (``leave_running``, default false): ``{"image", "manifest", "size_bytes",
+  "images"}`` (``images``: the digests of cached images a native kind's restore needs);
 - ``checkpoint.restore`` (``image``, default the latest): ``{"pid", "image"}`` (``pid`` None
   for a native kind: there is no process tree);
-- ``checkpoint.send`` (``migration``, ``image``) and ``checkpoint.receive`` (``migration``,
-  ``image_name``): the two ends of a migration's transfer, ``{"bytes", "sha256", ...}``;
+- ``checkpoint.holds`` (``images``): which of those images this node's cache holds, ``{"held"}``;
+- ``checkpoint.send`` (``migration``, ``image``, ``skip_images``: the images the destination
+  holds) and ``checkpoint.receive`` (``migration``, ``image_name``): the two ends of a
+  migration's transfer, ``{"bytes", "sha256", ...}``; the images the destination lacks
+  travel with the checkpoint and land in its image cache;
 - ``checkpoint.discard``: removes every checkpoint of an instance that moved away.
 
 CRIU's logs of the last dump and restore of each instance go to
@@ -64,6 +68,7 @@ from agent.sdk import (
     parse_payload,
     parse_section,
     start_time,
+    valid_sha256,
 )
 from plugins.checkpoint import criu, image
 
@@ -108,9 +113,15 @@ class Restore(Target):
 
 
 @dataclasses.dataclass
+class Holds(Target):
+    images: list[str]
+
+
+@dataclasses.dataclass
 class Send(Target):
     migration: str
     image: str
+    skip_images: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -138,6 +149,7 @@ class CheckpointPlugin:
             "checkpoint.preflight": (Target, self._preflight),
             "checkpoint.dump": (Dump, self._dump),
             "checkpoint.restore": (Restore, self._restore),
+            "checkpoint.holds": (Holds, self._holds),
             "checkpoint.send": (Send, self._send),
             "checkpoint.receive": (Receive, self._receive),
             "checkpoint.discard": (Target, self._discard),
@@ -276,15 +288,17 @@ class CheckpointPlugin:
         base = self._images_root() / cp.kind / subject.name
         made = await asyncio.to_thread(image.new_image, base)
         try:
-            record = await cp.save(subject.name, made, leave_running)
+            saved = await cp.save(subject.name, made, leave_running)
+            images = sorted({valid_sha256(digest) for digest in saved.images})
         except BaseException:
             await asyncio.to_thread(shutil.rmtree, made, True)
             raise
-        manifest = self._manifest(cp.kind, dataclasses.replace(subject, record=record), None, leave_running)
+        manifest = self._manifest(cp.kind, dataclasses.replace(subject, record=saved.record), None, leave_running)
+        manifest["images"] = images
         files, size = await asyncio.to_thread(image.finish_manifest, made, None, manifest)
         self._publish(cp.kind, subject.name, base, made)
         log.info("checkpoint: %s %s saved to %s (%d bytes)", cp.kind, subject.name, made, size)
-        return {"image": str(made), "manifest": files, "size_bytes": size}
+        return {"image": str(made), "manifest": files, "size_bytes": size, "images": images}
 
     def _publish(self, kind: str, name: str, base: Path, made: Path) -> None:
         image.publish(base, made)  # one symlink and a rename: not worth a thread
@@ -456,6 +470,8 @@ class CheckpointPlugin:
             # The definition right after the manifest: a destination that cannot run the
             # instance refuses before a single memory page is sent.
             members = members[:1] + carried[:1] + members[1:] + carried[1:]
+        travelling = [digest for digest in manifest.get("images") or () if digest not in args.skip_images]
+        members += await asyncio.to_thread(stream.cache_members, self.context.images.directory, travelling)
         result = await transfer.send(self.context, args.migration, members)
         log.info("checkpoint: sent %s %s (%d bytes) for migration %s", cp.kind, args.name, result["bytes"],
                  args.migration)
@@ -498,6 +514,10 @@ class CheckpointPlugin:
                                 "no directory", code="image-corrupt")
             if staged:
                 await asyncio.to_thread(image.write_json, incoming / image.STAGED, {"directory": str(staged[0])})
+            for digest in got["images"]:  # checked as they arrived: now the cache's
+                arrived = incoming / f"{stream.CACHED}{digest}"
+                await self.context.images.get(str(arrived), digest)
+                await asyncio.to_thread(arrived.unlink)
             await asyncio.to_thread(os.rename, incoming, final)
         except BaseException:
             await asyncio.to_thread(shutil.rmtree, incoming, True)
@@ -508,7 +528,8 @@ class CheckpointPlugin:
             raise
         await asyncio.to_thread(image.publish, base, final)
         log.info("checkpoint: received %s %s (%d bytes) into %s", cp.kind, args.name, got["bytes"], final)
-        return {"image": str(final), "bytes": got["bytes"], "sha256": got["sha256"], "files": got["files"]}
+        return {"image": str(final), "bytes": got["bytes"], "sha256": got["sha256"], "files": got["files"],
+                "images": got["images"]}
 
     def _stager(self, cp: AnyCheckpointer, name: str, incoming: Path, staged: list[Path]) -> stream.Stage:
         """What the unpacking thread calls when a travelling directory's definition arrives:
@@ -527,6 +548,12 @@ class CheckpointPlugin:
             return staged[-1]
 
         return stage
+
+    async def _holds(self, cp: AnyCheckpointer, args: Holds, task_id: str) -> Mapping[str, Any]:
+        """Which of ``args.images`` this node's image cache holds: a migration sends only the others."""
+        wanted = {valid_sha256(digest) for digest in args.images}
+        held = await asyncio.to_thread(self._require_context().images.held)
+        return {"held": sorted(wanted & {entry["sha256"] for entry in held})}
 
     async def _discard(self, cp: AnyCheckpointer, args: Target, task_id: str) -> Mapping[str, Any]:
         """Remove every checkpoint of an instance that has moved away (its images would go

@@ -10,7 +10,8 @@ restored there)::
         kumo-manifest.json      written last: {"format", "name", "kind", "created_at", "kernel",
                                 "criu_version", "leave_running", "pid", "pids", "shared_namespaces",
                                 "instance", "definition", "state_dir", "open_files",
-                                "files": {file: CRC-32}, "size_bytes"}
+                                "files": {file: CRC-32}, "size_bytes"}, and after a native
+                                save "images": [sha256 of cached images its restore needs]
         kumo-verified.json      this node only: the stat of each file when it was hashed here
         kumo-staged.json        a received image only: where its travelling directory was unpacked
     <images_dir>/<kind>/<name>/latest -> the newest complete checkpoint

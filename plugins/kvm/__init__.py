@@ -380,7 +380,7 @@ class KvmPlugin:
         seed = directory / saved.seed if saved.seed is not None else None
         files = DomainFiles(directory, directory / DISK, seed, directory / CONSOLE_LOG)
         xml = domain_xml(name, spec, accel, files, self.config.network, uuid=saved.uuid, machine=saved.machine)
-        base = await self._base_image(spec)
+        base = await self._base_image(spec, cached_first=True)
         defined = False
         try:
             if inst is None:
@@ -418,9 +418,13 @@ class KvmPlugin:
 
     # ---- what the operations are made of -----------------------------------------------
 
-    async def _base_image(self, spec: CreateSpec) -> Path:
-        """The image to back the new disk, fetched into the cache when it names a digest."""
-        base = await self._require_context().images.get(spec.image, spec.image_sha256)
+    async def _base_image(self, spec: CreateSpec, cached_first: bool = False) -> Path:
+        """The image to back the new disk, fetched into the cache when it names a digest;
+        ``cached_first``: an image the cache holds by that digest even if its path or URL
+        is not reachable here (a VM restored from another node's checkpoint)."""
+        images = self._require_context().images
+        held = await images.cached(spec.image_sha256) if cached_first and spec.image_sha256 else None
+        base = held or await images.get(spec.image, spec.image_sha256)
         # Recorded before anything else can run: another create's eviction must see it.
         self._fetched.append(base)
         return base

@@ -11,7 +11,8 @@ plugin gives:
 - ``seed.iso``: the first-boot seed, when the VM has one (it travels in a migration).
 
 The base image the overlay is backed by is not copied: it is named in the record by its
-path and, when it came through the image cache, its SHA-256, and the restore takes it from
+path and, when it came through the image cache, its SHA-256 (:attr:`SavedState.images`), so a
+migration carries it only to a node whose cache lacks it, and the restore takes it from
 this node's cache.
 
 A restore never trusts the domain XML inside the save file: the definition is rebuilt from
@@ -36,7 +37,14 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from agent.sdk import CheckpointBlocker, CheckpointSubject, TaskError, parse_payload, run_command
+from agent.sdk import (
+    CheckpointBlocker,
+    CheckpointSubject,
+    SavedState,
+    TaskError,
+    parse_payload,
+    run_command,
+)
 from plugins.kvm.disks import CONSOLE_LOG, DISK, backing_file, image_format
 
 if TYPE_CHECKING:
@@ -193,7 +201,7 @@ class KvmCheckpointer:
         facts = await self.plugin.save_facts(name)
         return save_blockers(facts.xml, facts.state, facts.io_error, facts.directory)
 
-    async def save(self, name: str, image: Path, leave_running: bool) -> Mapping[str, Any]:
+    async def save(self, name: str, image: Path, leave_running: bool) -> SavedState:
         plugin = self.plugin
         facts = await plugin.save_facts(name)
         refused = save_blockers(facts.xml, facts.state, facts.io_error, facts.directory)
@@ -216,7 +224,9 @@ class KvmCheckpointer:
             raise
         if leave_running:
             await plugin.restore_saved(name, spec, saved, memory, None)
-        return record
+        # The base image is not copied into the checkpoint: a migration carries it only to a
+        # node whose cache lacks it.
+        return SavedState(record, [spec.image_sha256] if spec.image_sha256 else [])
 
     async def restore(self, name: str, record: Mapping[str, Any], image: Path) -> None:
         saved, spec = parse_saved(record)
