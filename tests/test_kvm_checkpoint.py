@@ -313,3 +313,13 @@ def test_a_cached_image_in_the_stream_is_taken_only_as_named_and_intact(tmp_path
     with pytest.raises(TaskError) as err:
         unpack()
     assert err.value.code == ("image-checksum" if case == "damaged" else "image-corrupt"), str(err.value)
+
+
+def test_the_controllers_payload_wins_over_the_record_a_source_wrote() -> None:
+    trusted = dict(_record()["spec"])
+    # A compromised source names a host file for the destination's qemu to load into the guest.
+    saved, spec = parse_saved(_record(options={"kernel": "/boot/k", "initrd": "/etc/shadow"}), trusted)
+    assert spec.options.initrd is None and spec.options.kernel == "/boot/k"
+    with pytest.raises(TaskError) as err:
+        parse_saved(_record(memory_mib=4096), trusted)
+    assert err.value.code == "import-refused" and "memory_mib differ" in str(err.value)

@@ -136,6 +136,7 @@ class CorruptingProxy:
         self.after = after
         self.flipped = threading.Event()
         self.listener = socket.create_server(("127.0.0.1", 0))
+        self.sockets: list[socket.socket] = []
 
     @property
     def url(self) -> str:
@@ -145,7 +146,12 @@ class CorruptingProxy:
         threading.Thread(target=self._accept, daemon=True).start()
 
     def close(self) -> None:
+        """Stop accepting and cut every connection: none outlives the test, half-open."""
         self.listener.close()
+        for sock in self.sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
 
     def _accept(self) -> None:
         while True:
@@ -154,6 +160,7 @@ class CorruptingProxy:
             except OSError:
                 return
             upstream = socket.create_connection(("127.0.0.1", self.port))
+            self.sockets += [client, upstream]
             threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
 
@@ -178,27 +185,29 @@ def test_a_tampered_or_refused_transfer_leaves_it_running_on_the_source(vm_clust
     controller, make_agent, create_vm = vm_cluster
     proxy = CorruptingProxy(int(controller.url.rpartition(":")[2]))
     proxy.start()
-    a, a_dir = make_agent(libvirtd)
-    # B reaches the controller through the proxy, which damages the image on its way to B.
-    b, b_dir = make_agent(second_libvirtd, settings={"controller": proxy.url})
-    # C gives its VMs a network interface, which the saved guest did not have: its state
-    # cannot be restored there, which C finds only once everything has arrived.
-    c, c_dir = make_agent(second_libvirtd, network="user")
-    name = f"kumo-vmckpt-st-{uuid.uuid4().hex[:6]}"
-    create_vm(a, name)
-    log_a = a_dir / name / "console.log"
-    wait_for(lambda: len(counts(log_a)) >= 3, "the guest to count on A", limit=120)
+    try:
+        a, a_dir = make_agent(libvirtd)
+        # B reaches the controller through the proxy, which damages the image on its way to B.
+        b, b_dir = make_agent(second_libvirtd, settings={"controller": proxy.url})
+        # C gives its VMs a network interface, which the saved guest did not have: its state
+        # cannot be restored there, which C finds only once everything has arrived.
+        c, c_dir = make_agent(second_libvirtd, network="user")
+        name = f"kumo-vmckpt-st-{uuid.uuid4().hex[:6]}"
+        create_vm(a, name)
+        log_a = a_dir / name / "console.log"
+        wait_for(lambda: len(counts(log_a)) >= 3, "the guest to count on A", limit=120)
 
-    for destination, code in ((b, "transfer-failed"), (c, "import-refused")):
-        answer = controller.admin("POST", f"/v1/instances/{name}/migrate", {"to": destination.node_id})
-        done = finished(controller, answer["migration"]["id"])
-        assert done["state"] == "failed" and done["code"] == code, done
-        assert f"restored on node {a.node_id}" in done["outcome"], done
-        assert controller.admin("GET", f"/v1/instances/{name}")["node"] == a.node_id
-        wait_for(lambda: running_on(a, name), "the VM to run on A again")
-        before = counts(log_a)[-1]
-        wait_for(lambda before=before: counts(log_a)[-1] > before + 3, "the guest to count on on A")
-    proxy.close()
+        for destination, code in ((b, "transfer-failed"), (c, "import-refused")):
+            answer = controller.admin("POST", f"/v1/instances/{name}/migrate", {"to": destination.node_id})
+            done = finished(controller, answer["migration"]["id"])
+            assert done["state"] == "failed" and done["code"] == code, done
+            assert f"restored on node {a.node_id}" in done["outcome"], done
+            assert controller.admin("GET", f"/v1/instances/{name}")["node"] == a.node_id
+            wait_for(lambda: running_on(a, name), "the VM to run on A again")
+            before = counts(log_a)[-1]
+            wait_for(lambda before=before: counts(log_a)[-1] > before + 3, "the guest to count on on A")
+    finally:
+        proxy.close()
     assert proxy.flipped.is_set(), "the proxy damaged the transfer to B"
     assert "had no network interface" in done["error"]
     assert log_a.read_text(errors="replace").count("GUEST-BOOTED") == 1, "restored, not booted again"

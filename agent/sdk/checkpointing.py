@@ -181,14 +181,17 @@ class NativeCheckpointer(Protocol):
         leaves the instance as it was (running); the checkpoint plugin removes ``image``."""
         ...
 
-    async def restore(self, name: str, record: Mapping[str, Any], image: Path) -> None:
+    async def restore(self, name: str, record: Mapping[str, Any], image: Path,
+                      instance: Mapping[str, Any] | None) -> None:
         """Bring instance ``name`` back to the point ``image`` was saved at, running.
 
         ``image`` has been checked against its checksums, and the images the save named are
-        in this node's image cache. It may come from another node (a migration): then
-        ``name`` does not exist here yet, and ``record`` and the files
-        come from a node this one does not control, so the kind builds the instance from
-        what it would itself accept in a create (never a path, device or program the
-        source names) and refuses anything else with ``import-refused``. A restore that
-        fails leaves no new instance behind."""
+        in this node's image cache. ``instance`` is the instance's create payload as the
+        controller keeps it (None when the restore did not come through the controller).
+        The image may come from another node (a migration): then ``name`` does not exist
+        here yet, and ``record`` and the files come from a node this one does not control,
+        so the kind builds the instance from ``instance`` and from what it would itself
+        accept in a create (never a path, device or program the source names) and refuses
+        anything else with ``import-refused``. A restore that fails leaves no new instance
+        behind."""
         ...

@@ -180,6 +180,22 @@ def _unsupported(node: dict[str, Any] | None, node_id: str, kind: str) -> str | 
     return f"node {node_id} cannot checkpoint {kind} instances (it can move: {', '.join(kinds) or 'none'})"
 
 
+async def restore_payload(ctl: Any, node_id: str, name: str, kind: str, image: str | None) -> dict[str, Any]:
+    """``checkpoint.restore``'s payload for ``node_id``. A kind the node restores by its own
+    means (``native_kinds``: a VM) gets the instance's create payload as this controller
+    keeps it, so a destination builds the instance from it rather than from what the
+    source node wrote; older agents, which take no such key, are never sent it."""
+    payload: dict[str, Any] = {"name": name, "kind": kind}
+    if image is not None:
+        payload["image"] = image
+    stored = await ctl.store.get_node(node_id)
+    plugin = ((ctl.node_view(stored) if stored is not None else {}).get("plugins") or {}).get("checkpoint") or {}
+    row = await ctl.store.get_instance(name)
+    if row is not None and kind in ((plugin.get("attributes") or {}).get("native_kinds") or []):
+        payload["instance"] = {"name": name, "kind": kind, **row["spec"]}
+    return payload
+
+
 async def _checkpointable(ctl: Any, row: dict[str, Any], doing: str) -> None:
     stored = await ctl.store.get_node(row["node"])
     why = _unsupported(ctl.node_view(stored) if stored is not None else None, row["node"], row["kind"])
@@ -256,9 +272,7 @@ async def restore(request: web.Request) -> web.Response:
     image = field(data, "image", str, required=False)
     await _checkpointable(ctl, row, "restore")
     refuse_if_migrating(ctl, row["name"])
-    payload: dict[str, Any] = {"name": row["name"], "kind": row["kind"]}
-    if image is not None:
-        payload["image"] = image
+    payload = await restore_payload(ctl, row["node"], row["name"], row["kind"], image)
     task, _ = await submit(ctl, new_task(row["node"], "checkpoint.restore", payload, instance=row["name"]))
     return reply({"instance": await shown(ctl, row), "task": shown_task(task)}, 202)
 
@@ -442,7 +456,8 @@ async def _migrate(ctl: Any, doc: dict[str, Any]) -> None:
         return
 
     await _phase(ctl, doc, "restore")
-    restored = await run_task(ctl, destination, "checkpoint.restore", {**base, "image": received}, CRIU_TIMEOUT, name)
+    restored = await run_task(ctl, destination, "checkpoint.restore",
+                              await restore_payload(ctl, destination, name, kind, received), CRIU_TIMEOUT, name)
     if restored["state"] == "lost":
         _fail(doc, restored, f"restore on node {destination} has no outcome")
         doc["outcome"] = (f"the instance may be running on node {destination}; it was not restored on node {source} "
@@ -554,7 +569,8 @@ async def _roll_back(ctl: Any, doc: dict[str, Any], base: dict[str, Any], image:
     source = doc["source"]
     doc["phase"] = "rollback"
     await ctl.store.put_migration(doc)
-    restored = await run_task(ctl, source, "checkpoint.restore", {**base, "image": image}, CRIU_TIMEOUT, doc["instance"])
+    payload = await restore_payload(ctl, source, doc["instance"], doc["kind"], image)
+    restored = await run_task(ctl, source, "checkpoint.restore", payload, CRIU_TIMEOUT, doc["instance"])
     if restored["state"] == "succeeded":
         doc["outcome"] = f"the instance was restored on node {source} from its checkpoint and runs there"
     else:

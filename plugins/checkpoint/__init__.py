@@ -25,8 +25,9 @@ Tasks (each ``{"name", "kind", ...}``), one at a time per instance:
 - ``checkpoint.preflight``: ``{"ok", "blockers": [{"code", "message"}]}``;
 - ``checkpoint.dump`` (``leave_running``, default false): ``{"image", "manifest", "size_bytes",
   "images"}`` (``images``: the digests of cached images a native kind's restore needs);
-- ``checkpoint.restore`` (``image``, default the latest): ``{"pid", "image"}`` (``pid`` None
-  for a native kind: there is no process tree);
+- ``checkpoint.restore`` (``image``, default the latest; ``instance``, the controller's
+  create payload of it, for a native kind): ``{"pid", "image"}`` (``pid`` None for a
+  native kind: there is no process tree);
 - ``checkpoint.holds`` (``images``): which of those images this node's cache holds, ``{"held"}``;
 - ``checkpoint.send`` (``migration``, ``image``, ``skip_images``: the images the destination
   holds) and ``checkpoint.receive`` (``migration``, ``image_name``): the two ends of a
@@ -110,6 +111,8 @@ class Dump(Target):
 @dataclasses.dataclass
 class Restore(Target):
     image: str | None = None  # a checkpoint directory on this node; default: the latest
+    # The instance's create payload as the controller keeps it, for a native kind's restore.
+    instance: dict[str, Any] | None = None
 
 
 @dataclasses.dataclass
@@ -182,10 +185,12 @@ class CheckpointPlugin:
             await self._probe()
         st = self.status
         checkpointers = self.context.hooks.checkpointers() if self.context is not None else {}
-        native = [kind for kind, cp in checkpointers.items() if isinstance(cp, NativeCheckpointer)]
+        native = sorted(kind for kind, cp in checkpointers.items() if isinstance(cp, NativeCheckpointer))
         # A kind that saves itself needs no criu: only CRIU's kinds wait for a working one.
-        kinds = sorted(checkpointers) if st.usable else sorted(native)
-        attributes: dict[str, Any] = {"criu": st.path, "criu_version": st.version, "instance_kinds": kinds}
+        kinds = sorted(checkpointers) if st.usable else native
+        # native_kinds: their restore takes the controller's payload of the instance.
+        attributes: dict[str, Any] = {"criu": st.path, "criu_version": st.version, "instance_kinds": kinds,
+                                      "native_kinds": native}
         if st.usable:
             attributes.update(
                 check="ok",
@@ -371,7 +376,7 @@ class CheckpointPlugin:
             raise TaskError(f"{cp.kind} instance {args.name!r} is running: stop it before restoring a checkpoint",
                             code="already-running")
         if isinstance(cp, NativeCheckpointer):
-            await cp.restore(args.name, manifest["instance"], chosen)
+            await cp.restore(args.name, manifest["instance"], chosen, args.instance)
             log.info("checkpoint: %s %s restored from %s", cp.kind, args.name, chosen)
             return {"pid": None, "image": str(chosen)}
         staged = await asyncio.to_thread(image.staged_directory, chosen) if current is None else None

@@ -144,16 +144,23 @@ def saved_vm(xml: str, base: Path | None, cache: Path) -> SavedVm:
                    nic=root.find("devices/interface") is not None, seed=seed)
 
 
-def parse_saved(record: Mapping[str, Any]) -> tuple[SavedVm, CreateSpec]:
+def parse_saved(record: Mapping[str, Any], instance: Mapping[str, Any] | None = None) -> tuple[SavedVm, CreateSpec]:
     """A checkpoint's record, checked as strictly as a create (it may come from another
-    node); ``import-refused`` naming what is wrong."""
+    node), and the spec to build the VM from: the controller's create payload ``instance``
+    when given (the source wrote the record's), which must describe the VM that was saved;
+    ``import-refused`` naming what is wrong."""
     from plugins.kvm.spec import parse_create
 
     try:
         saved = parse_payload(SavedVm, record, "checkpoint record")
         spec = parse_create(saved.spec)
+        trusted = parse_create(instance) if instance is not None else spec
     except TaskError as exc:
         raise TaskError(f"the VM checkpoint cannot be restored here: {exc}", code="import-refused") from exc
+    differ = [key for key in ("name", "memory_mib", "vcpus") if getattr(spec, key) != getattr(trusted, key)]
+    if differ:
+        raise TaskError(f"the VM checkpoint is not of the instance the controller knows: its {', '.join(differ)} "
+                        "differ", code="import-refused")
     for ok, what in ((_UUID_RE.match(saved.uuid), f"uuid {saved.uuid!r}"),
                      (_MACHINE_RE.match(saved.machine), f"machine type {saved.machine!r}"),
                      (saved.seed is None or (_SEED_RE.match(saved.seed) and saved.seed not in (DISK, CONSOLE_LOG)),
@@ -161,7 +168,7 @@ def parse_saved(record: Mapping[str, Any]) -> tuple[SavedVm, CreateSpec]:
         if not ok:
             raise TaskError(f"the VM checkpoint cannot be restored here: its {what} is not one this node's kvm plugin "
                             "writes", code="import-refused")
-    return saved, spec
+    return saved, trusted
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,8 +235,9 @@ class KvmCheckpointer:
         # node whose cache lacks it.
         return SavedState(record, [spec.image_sha256] if spec.image_sha256 else [])
 
-    async def restore(self, name: str, record: Mapping[str, Any], image: Path) -> None:
-        saved, spec = parse_saved(record)
+    async def restore(self, name: str, record: Mapping[str, Any], image: Path,
+                      instance: Mapping[str, Any] | None) -> None:
+        saved, spec = parse_saved(record, instance)
         if spec.name != name:
             raise TaskError(f"the VM checkpoint is of {spec.name!r}, not {name!r}", code="image-mismatch")
         swapped: list[tuple[Path, Path]] = []  # (the disk, what it replaced)
