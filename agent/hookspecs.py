@@ -21,7 +21,15 @@ from typing import Any
 
 import pluggy
 
-from agent.sdk import PROJECT, Checkpointer, Fingerprint, InstanceDriver, PluginContext, Probe
+from agent.sdk import (
+    PROJECT,
+    Checkpointer,
+    Fingerprint,
+    InstanceDriver,
+    NativeCheckpointer,
+    PluginContext,
+    Probe,
+)
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 
@@ -81,14 +89,15 @@ def kumo_instance_driver() -> InstanceDriver | None:
 
 
 @hookspec
-def kumo_checkpointer() -> Checkpointer | None:
-    """Return what CRIU needs to know about this plugin's instance kind, or None.
+def kumo_checkpointer() -> Checkpointer | NativeCheckpointer | None:
+    """Return how this plugin's instance kind is checkpointed, or None when it is not.
 
-    Implement it when the kind's instances are process trees CRIU can dump (processes,
-    containers): the checkpoint plugin then checkpoints, restores and migrates them
-    through :class:`agent.sdk.Checkpointer` without knowing the kind. Nodes publish the
-    kinds they can checkpoint in the checkpoint plugin's fingerprint, and the controller
-    migrates only those.
+    A :class:`agent.sdk.Checkpointer` when the kind's instances are process trees CRIU can
+    dump (processes, containers); a :class:`agent.sdk.NativeCheckpointer` when the kind
+    saves and restores them itself (virtual machines, through the hypervisor). Either way
+    the checkpoint plugin checkpoints, restores and migrates them without knowing the kind.
+    Nodes publish the kinds they can checkpoint in the checkpoint plugin's fingerprint,
+    and the controller migrates only those.
     """
 
 

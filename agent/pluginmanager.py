@@ -29,6 +29,7 @@ from agent.sdk import (
     Checkpointer,
     Fingerprint,
     InstanceState,
+    NativeCheckpointer,
     PluginError,
     Probe,
     TaskError,
@@ -208,7 +209,7 @@ class Hooks:
     async def adopt(self) -> list[InstanceState]:
         return await self.drivers.adopt()
 
-    def checkpointers(self) -> dict[str, Checkpointer]:
+    def checkpointers(self) -> dict[str, Checkpointer | NativeCheckpointer]:
         results, _ = self.call_each_sync("kumo_checkpointer")
         return {cp.kind: cp for cp in results.values() if cp is not None}
 

@@ -18,7 +18,9 @@ What is here, by concern:
 - running instances: the driver contract (:class:`InstanceDriver`, :class:`ConsoleOutput`,
   :data:`NAME_RE`, :data:`KIND_RE`, and the optional :class:`UsageMeter` answering
   :class:`InstanceUsage`), the checkpoint capability (:class:`Checkpointer`,
-  :class:`DirectoryCheckpointer`, :class:`CheckpointSubject`, :class:`CriuCommand`) and the node's image cache
+  :class:`DirectoryCheckpointer`, :class:`CheckpointSubject`, :class:`CriuCommand`, and for a
+  kind that saves itself without CRIU :class:`NativeCheckpointer` with
+  :class:`CheckpointBlocker` and :class:`SavedState`) and the node's image cache
   (:class:`ImageCache`, :func:`valid_sha256`);
 - mechanics every plugin would otherwise write again: :func:`atomic_write` and
   :func:`tail` for files, :func:`run_command` for host tools, :class:`ExitWatcher` for
@@ -30,10 +32,13 @@ What is here, by concern:
 
 from agent.sdk.backoff import Backoff
 from agent.sdk.checkpointing import (
+    CheckpointBlocker,
     Checkpointer,
     CheckpointSubject,
     CriuCommand,
     DirectoryCheckpointer,
+    NativeCheckpointer,
+    SavedState,
 )
 from agent.sdk.commands import CommandResult, run_command, run_command_sync
 from agent.sdk.config import ConfigError, load_yaml_file, parse_section
@@ -83,6 +88,7 @@ __all__ = [
     "PROJECT",
     "Backoff",
     "Cgroups",
+    "CheckpointBlocker",
     "CheckpointSubject",
     "Checkpointer",
     "CommandResult",
@@ -100,12 +106,14 @@ __all__ = [
     "InstanceState",
     "InstanceStateName",
     "InstanceUsage",
+    "NativeCheckpointer",
     "PluginContext",
     "PluginError",
     "PluginHooks",
     "Probe",
     "ProbeResult",
     "ProbeStatus",
+    "SavedState",
     "TaskError",
     "UsageMeter",
     "atomic_write",

@@ -7,7 +7,11 @@ plugin through a :class:`Checkpointer`: which process tree to dump and how (plai
 ``criu dump`` for a process, ``lxc-checkpoint`` for a container), what JSON the kind
 needs to re-create the instance elsewhere, and how the instance is taken over after a
 restore. A kind whose instances take a directory along when they migrate (a container's
-rootfs) is a :class:`DirectoryCheckpointer`. The checkpoint plugin never names a kind.
+rootfs) is a :class:`DirectoryCheckpointer`. A kind whose instances are not process trees
+(a virtual machine: its hypervisor writes and reads its state) saves and restores them
+itself as a :class:`NativeCheckpointer`: the checkpoint plugin then keeps only the image
+directory, its manifest, the checksums, pruning, the migration stream and the rollback,
+and calls the kind instead of CRIU. The checkpoint plugin never names a kind.
 
 What the checkpoint plugin decides from the tree itself, the same for every kind: a tree
 in the agent's own network namespace cannot take TCP connections or unix sockets to the
@@ -27,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from agent.sdk.types import InstanceStateName
+from agent.sdk.types import ErrorCode, InstanceStateName
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,4 +121,77 @@ class DirectoryCheckpointer(Checkpointer, Protocol):
     async def take_over(self, name: str, record: Mapping[str, Any], directory: Path) -> None:
         """Make the unpacked ``directory`` (from :meth:`stage`) instance ``name`` of this node,
         stopped, just before its image is restored into it."""
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointBlocker:
+    """Why an instance cannot be checkpointed now: a code from ``ErrorCode`` and a sentence
+    for the user that names the cause and what to do about it."""
+
+    code: ErrorCode
+    message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedState:
+    """What a :meth:`NativeCheckpointer.save` returns besides the files it wrote.
+
+    ``record`` is the JSON its restore needs (kept in the manifest). ``images`` are the
+    SHA-256 digests of images in the node's image cache that the restore needs too and
+    that are too big to copy into every checkpoint (a VM's base image): a migration carries
+    those the destination's cache lacks, and they are in its cache before the restore."""
+
+    record: Mapping[str, Any]
+    images: Sequence[str] = ()
+
+
+@runtime_checkable
+class NativeCheckpointer(Protocol):
+    """What a kind supplies when it checkpoints its instances with a mechanism of its own,
+    not CRIU (a VM: the hypervisor saves its memory state, the kind copies its disk).
+
+    The checkpoint plugin makes the image directory, and after :meth:`save` checksums every
+    file the kind wrote there, writes the manifest (``record`` in it), publishes and prunes
+    the checkpoint, carries it whole in a migration (sha256 end to end) and verifies it
+    before every :meth:`restore`. So everything a restore needs, on this node or another,
+    must be in the image, in the image cache (:attr:`SavedState.images`) or named by the
+    record; the name of a file the kind writes must
+    not start with ``kumo-``, ``stats-`` or ``.`` nor end in ``.log`` (those are not
+    checksummed, so they would not travel). Every method may raise ``TaskError``."""
+
+    kind: str
+
+    async def subject(self, name: str) -> CheckpointSubject | None:
+        """The instance ``name`` of this kind on this node, or None when there is none
+        (``pid`` None: there is no process tree to dump)."""
+        ...
+
+    async def blockers(self, name: str) -> Sequence[CheckpointBlocker]:
+        """Pre-flight: what prevents saving instance ``name`` now (it is not running, it
+        uses something its state cannot be saved with), empty when nothing does. Changes
+        nothing; a save refuses what this returns before it begins."""
+        ...
+
+    async def save(self, name: str, image: Path, leave_running: bool) -> SavedState:
+        """Save instance ``name`` into the new, empty directory ``image``; what a restore
+        needs besides those files (the record is handed to :meth:`restore`).
+
+        Without ``leave_running`` the instance is stopped afterwards. A save that fails
+        leaves the instance as it was (running); the checkpoint plugin removes ``image``."""
+        ...
+
+    async def restore(self, name: str, record: Mapping[str, Any], image: Path,
+                      instance: Mapping[str, Any] | None) -> None:
+        """Bring instance ``name`` back to the point ``image`` was saved at, running.
+
+        ``image`` has been checked against its checksums, and the images the save named are
+        in this node's image cache. ``instance`` is the instance's create payload as the
+        controller keeps it (None when the restore did not come through the controller).
+        The image may come from another node (a migration): then ``name`` does not exist
+        here yet, and ``record`` and the files come from a node this one does not control,
+        so the kind builds the instance from ``instance`` and from what it would itself
+        accept in a create (never a path, device or program the source names) and refuses
+        anything else with ``import-refused``. A restore that fails leaves no new instance
+        behind."""
         ...

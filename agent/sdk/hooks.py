@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from agent.sdk.checkpointing import Checkpointer
+    from agent.sdk.checkpointing import Checkpointer, NativeCheckpointer
     from agent.sdk.types import InstanceState, Probe
 
 
@@ -28,7 +28,7 @@ class PluginHooks(Protocol):
         plugin builds one. Errors propagate: a create must fail rather than boot unseeded."""
         ...
 
-    def checkpointers(self) -> dict[str, Checkpointer]:
+    def checkpointers(self) -> dict[str, Checkpointer | NativeCheckpointer]:
         """What each instance kind that can be checkpointed supplies (``kumo_checkpointer``),
         by kind. A kind missing here cannot be checkpointed on this node."""
         ...

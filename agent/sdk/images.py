@@ -114,6 +114,13 @@ class ImageCache:
             await self._evict_after_adding()
             return cached
 
+    async def cached(self, sha256: str) -> Path | None:
+        """The image whose SHA-256 is ``sha256`` when the cache holds it (now its most
+        recently used), else None. For an instance that arrives from another node naming its
+        image by digest: the path or URL it was made from may not be reachable here."""
+        path = self.directory / valid_sha256(sha256)
+        return path if await asyncio.to_thread(_touch, path) else None
+
     @contextlib.asynccontextmanager
     async def _hold(self, sha256: str) -> AsyncIterator[None]:
         """Serialise work on one digest in this process, and shield it from eviction meanwhile."""

@@ -53,6 +53,8 @@ ErrorCode = Literal[
     # what keeps a process tree from being checkpointed (pre-flight blockers)
     "tcp-established", "tcp-connection", "unix-external", "tty", "char-device", "traced",
     "file-lock", "unsupported-fd", "unsupported-mount",
+    # what keeps a virtual machine's state from being saved (pre-flight blockers)
+    "host-device", "shared-disk", "foreign-disk", "io-error",
     # node services
     "rsyslog-config", "rsyslog-restart", "no-certificate", "unresolvable",
 ]

@@ -122,8 +122,12 @@ async def list_instances(request: web.Request) -> web.Response:
 
 
 async def show(request: web.Request) -> web.Response:
+    from controller.api import migration  # here, not at the top: migration builds on this module
+
     ctl = state(request)
-    return reply(await shown(ctl, await _instance(ctl, request.match_info["name"])))
+    row = await _instance(ctl, request.match_info["name"])
+    instance = await shown(ctl, row)
+    return reply({**instance, "migration": await migration.modes(ctl, row, instance)})
 
 
 async def operate(ctl: Any, row: dict[str, Any], operation: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -1,12 +1,15 @@
 """Checkpoint, restore and migration of instances, and the moves a drain makes.
 
 Checkpoint and restore are one task each on the instance's node (the checkpoint plugin's
-``checkpoint.dump`` / ``checkpoint.restore``). A migration is a sequence the controller
+``checkpoint.dump`` / ``checkpoint.restore``: CRIU for process trees, the kind's own save
+for a VM). A migration is a sequence the controller
 drives, one task at a time, and records as a document (``GET /v1/migrations/{id}``):
 
 1. pre-flight on the source (``checkpoint.preflight``): blockers refuse it at once (409);
 2. checkpoint on the source (``checkpoint.dump``, stopping the instance);
-3. transfer: ``checkpoint.send`` on the source and ``checkpoint.receive`` on the destination
+3. transfer: what the destination's image cache already holds of the images the
+   checkpoint needs (a VM's base image) is asked first (``checkpoint.holds``) and left
+   out; ``checkpoint.send`` on the source and ``checkpoint.receive`` on the destination
    meet here: the controller relays one stream between the two mutual-TLS requests through
    a small queue (never to disk, never whole in memory), counting the bytes as they pass;
    both ends report the stream's sha256 and they must agree. With several controllers the
@@ -182,6 +185,22 @@ def _unsupported(node: dict[str, Any] | None, node_id: str, kind: str) -> str | 
     return f"node {node_id} cannot checkpoint {kind} instances (it can move: {', '.join(kinds) or 'none'})"
 
 
+async def restore_payload(ctl: Any, node_id: str, name: str, kind: str, image: str | None) -> dict[str, Any]:
+    """``checkpoint.restore``'s payload for ``node_id``. A kind the node restores by its own
+    means (``native_kinds``: a VM) gets the instance's create payload as this controller
+    keeps it, so a destination builds the instance from it rather than from what the
+    source node wrote; older agents, which take no such key, are never sent it."""
+    payload: dict[str, Any] = {"name": name, "kind": kind}
+    if image is not None:
+        payload["image"] = image
+    stored = await ctl.store.get_node(node_id)
+    plugin = ((ctl.node_view(stored) if stored is not None else {}).get("plugins") or {}).get("checkpoint") or {}
+    row = await ctl.store.get_instance(name)
+    if row is not None and kind in ((plugin.get("attributes") or {}).get("native_kinds") or []):
+        payload["instance"] = {"name": name, "kind": kind, **row["spec"]}
+    return payload
+
+
 async def _checkpointable(ctl: Any, row: dict[str, Any], doing: str) -> None:
     stored = await ctl.store.get_node(row["node"])
     why = _unsupported(ctl.node_view(stored) if stored is not None else None, row["node"], row["kind"])
@@ -205,6 +224,35 @@ async def refuse_if_migrating(ctl: Any, name: str) -> None:
 
 def _busy(name: str, migration_id: str) -> None:
     raise ApiError(409, f"instance {name} is being migrated (GET /v1/migrations/{migration_id}); wait until it ends")
+
+
+# -- the ways an instance can move (``kumoctl instances show``) ----------------------------
+
+LIVE_UNSUPPORTED = ("not yet supported: Kumo moves an instance by stop-and-copy (checkpoint, transfer, restore), "
+                    "so it is stopped while it moves")
+
+
+async def modes(ctl: Any, row: dict[str, Any], instance: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Whether the instance (``row``, shown as ``instance``) could be moved now, per mode,
+    and why not. The same checks a migration makes before it starts, except the source's
+    pre-flight scan: the blockers its kind already knows come with its details."""
+    why: str | None = None
+    if instance["state"] != "running":
+        why = f"it is {instance['state']}: only a running instance is checkpointed and moved"
+    blockers = (instance.get("details") or {}).get("checkpoint_blockers") or []
+    if why is None and blockers:
+        why = "; ".join(f"{b.get('message')} [{b.get('code')}]" for b in blockers if isinstance(b, dict))
+    destination = None
+    if why is None:
+        try:
+            await _checkpointable(ctl, row, "migrate")
+            destination = await _destination(ctl, row, None)
+        except ApiError as exc:
+            why = exc.message
+    stop = {"possible": why is None,
+            "reason": why or f"checkpoint on node {row['node']}, relay through the controller and restore on another "
+                             f"node (the scheduler would choose {destination} now)"}
+    return {"stop-and-copy": stop, "live": {"possible": False, "reason": LIVE_UNSUPPORTED}}
 
 
 # -- checkpoint and restore ---------------------------------------------------------------
@@ -232,9 +280,7 @@ async def restore(request: web.Request) -> web.Response:
     image = field(data, "image", str, required=False)
     await _checkpointable(ctl, row, "restore")
     await refuse_if_migrating(ctl, row["name"])
-    payload: dict[str, Any] = {"name": row["name"], "kind": row["kind"]}
-    if image is not None:
-        payload["image"] = image
+    payload = await restore_payload(ctl, row["node"], row["name"], row["kind"], image)
     task, _ = await submit(ctl, new_task(row["node"], "checkpoint.restore", payload, instance=row["name"]))
     return reply({"instance": await shown(ctl, row), "task": shown_task(task)}, 202)
 
@@ -475,13 +521,22 @@ async def _migrate(ctl: Any, doc: dict[str, Any]) -> None:
     doc["progress"]["bytes_total"] = dump["result"].get("size_bytes")
 
     await _phase(ctl, doc, "transfer")
-    received = await _transfer(ctl, doc, base, image)
+    needed = dump["result"].get("images") or []
+    held: list[str] = []
+    if needed:
+        holds = await run_task(ctl, destination, "checkpoint.holds", {**base, "images": needed}, PREFLIGHT_TIMEOUT,
+                               name)
+        if holds["state"] == "succeeded":  # else (an older destination) everything travels
+            held = holds["result"].get("held") or []
+    doc["images_sent"] = [digest for digest in needed if digest not in held]
+    received = await _transfer(ctl, doc, base, image, held)
     if received is None:
         await _roll_back(ctl, doc, base, image)
         return
 
     await _phase(ctl, doc, "restore")
-    restored = await run_task(ctl, destination, "checkpoint.restore", {**base, "image": received}, CRIU_TIMEOUT, name)
+    restored = await run_task(ctl, destination, "checkpoint.restore",
+                              await restore_payload(ctl, destination, name, kind, received), CRIU_TIMEOUT, name)
     if restored["state"] == "lost":
         _fail(doc, restored, f"restore on node {destination} has no outcome")
         doc["outcome"] = (f"the instance may be running on node {destination}; it was not restored on node {source} "
@@ -519,13 +574,15 @@ async def _migrate(ctl: Any, doc: dict[str, Any]) -> None:
                           f"failed ({cleanup.get('error')}): delete it there by hand")
 
 
-async def _transfer(ctl: Any, doc: dict[str, Any], base: dict[str, Any], image: str) -> str | None:
-    """Relay the image; the destination's path of it, or None (``doc`` says why)."""
+async def _transfer(ctl: Any, doc: dict[str, Any], base: dict[str, Any], image: str, held: list[str]) -> str | None:
+    """Relay the image, without the cached images the destination ``held``; the destination's
+    path of it, or None (``doc`` says why)."""
     mgr = migrations(ctl)
     source, destination = doc["source"], doc["destination"]
     relay = mgr.relays[doc["id"]] = Relay(source, destination)
     transfer = {**base, "migration": doc["id"]}
-    send, _ = await submit(ctl, new_task(source, "checkpoint.send", {**transfer, "image": image}, instance=doc["instance"]))
+    sending = {**transfer, "image": image, **({"skip_images": held} if held else {})}
+    send, _ = await submit(ctl, new_task(source, "checkpoint.send", sending, instance=doc["instance"]))
     image_name = image.rstrip("/").rpartition("/")[2]
     recv, _ = await submit(ctl, new_task(destination, "checkpoint.receive", {**transfer, "image_name": image_name},
                                          instance=doc["instance"]))
@@ -577,7 +634,8 @@ async def _roll_back(ctl: Any, doc: dict[str, Any], base: dict[str, Any], image:
     source = doc["source"]
     doc["phase"] = "rollback"
     await ctl.store.put_migration(doc)
-    restored = await run_task(ctl, source, "checkpoint.restore", {**base, "image": image}, CRIU_TIMEOUT, doc["instance"])
+    payload = await restore_payload(ctl, source, doc["instance"], doc["kind"], image)
+    restored = await run_task(ctl, source, "checkpoint.restore", payload, CRIU_TIMEOUT, doc["instance"])
     if restored["state"] == "succeeded":
         doc["outcome"] = f"the instance was restored on node {source} from its checkpoint and runs there"
     else:
@@ -744,7 +802,8 @@ IMAGE = "/v1/nodes/{id}/migrations/{mid}/image"
 RELAY = "/v1/relay/{mid}/{id}"
 ROUTES = [
     Route("POST", INSTANCE + "/checkpoint", checkpoint, "admin",
-          "Checkpoint a process or lxc instance with CRIU (pre-flight first: 409 with the blockers).",
+          "Checkpoint an instance: CRIU for processes and containers, the kind's own save for VMs "
+          "(pre-flight first: 409 with the blockers).",
           {"leave_running": "true to keep it running after the dump (default false: it stops)"}),
     Route("POST", INSTANCE + "/restore", restore, "admin", "Restore an instance from its latest or a given checkpoint.",
           {"image": "checkpoint directory on the instance's node, optional"}),

@@ -1,5 +1,5 @@
-"""``kumoctl instances checkpoint|restore|migrate``: CRIU checkpoints of processes and
-containers, on one node or moved to another."""
+"""``kumoctl instances checkpoint|restore|migrate``: checkpoints of processes and containers
+(CRIU) and of VMs (libvirt's save), on one node or moved to another."""
 
 from __future__ import annotations
 
@@ -91,11 +91,13 @@ def register(group: Group) -> None:
     sub = group.leaf(
         "checkpoint",
         cmd_instances_checkpoint,
-        "checkpoint a process or container with CRIU (stops it unless --leave-running)",
+        "checkpoint an instance: CRIU for a process or container, libvirt's save for a VM "
+        "(stops it unless --leave-running)",
         [WAITING, OUTPUT],
     )
     sub.add_argument("name")
-    sub.add_argument("--leave-running", action="store_true", help="keep it running after the dump")
+    sub.add_argument("--leave-running", action="store_true",
+                     help="keep it running after the dump (a VM pauses while it is saved and restored)")
     sub = group.leaf(
         "restore",
         cmd_instances_restore,

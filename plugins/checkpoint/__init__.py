@@ -1,17 +1,20 @@
-"""The ``checkpoint`` plugin: CRIU checkpoint, restore and migration of other plugins' instances.
+"""The ``checkpoint`` plugin: checkpoint, restore and migration of other plugins' instances.
 
 It runs no instances of its own and knows no kind: a kind whose instances are process
 trees CRIU can dump supplies an :class:`agent.sdk.Checkpointer` (``kumo_checkpointer``),
-found here through ``context.hooks.checkpointers()``; the fingerprint lists those kinds
-(``attributes.instance_kinds``), and the controller checkpoints and migrates only them.
-The checkpointer says which tree to dump and with what command, and takes the instance
-over after a restore; this plugin keeps the rest, the same for every kind:
+found here through ``context.hooks.checkpointers()``; a kind that saves its instances
+itself (a VM) supplies an :class:`agent.sdk.NativeCheckpointer` instead. The fingerprint
+lists the kinds it can checkpoint now (``attributes.instance_kinds``: CRIU's kinds only
+while criu works), and the controller checkpoints and migrates only them. A CRIU kind's
+checkpointer says which tree to dump and with what command, and takes the instance over
+after a restore; a native one saves into, and restores from, the image directory it is
+given. This plugin keeps the rest, the same for every kind:
 
 - the pre-flight scan of the tree (:mod:`.preflight`), which refuses with the reason
   before anything changes;
 - CRIU itself (:mod:`.criu`): probing it, running it, naming the error in its log;
 - the image (:mod:`.image`): its directory, manifest and CRC-32 checksums (computed while
-  criu writes), checked again before every restore;
+  criu writes, or after a native save), checked again before every restore, and pruning;
 - the migration stream (:mod:`.stream` for its format, :mod:`.transfer` for the way
   through the controller), with the directory a kind's instances take along;
 - the rollback of a restore into a directory that travelled: the kind's ``delete``
@@ -20,10 +23,16 @@ over after a restore; this plugin keeps the rest, the same for every kind:
 Tasks (each ``{"name", "kind", ...}``), one at a time per instance:
 
 - ``checkpoint.preflight``: ``{"ok", "blockers": [{"code", "message"}]}``;
-- ``checkpoint.dump`` (``leave_running``, default false): ``{"image", "manifest", "size_bytes"}``;
-- ``checkpoint.restore`` (``image``, default the latest): ``{"pid", "image"}``;
-- ``checkpoint.send`` (``migration``, ``image``) and ``checkpoint.receive`` (``migration``,
-  ``image_name``): the two ends of a migration's transfer, ``{"bytes", "sha256", ...}``;
+- ``checkpoint.dump`` (``leave_running``, default false): ``{"image", "manifest", "size_bytes",
+  "images"}`` (``images``: the digests of cached images a native kind's restore needs);
+- ``checkpoint.restore`` (``image``, default the latest; ``instance``, the controller's
+  create payload of it, for a native kind): ``{"pid", "image"}`` (``pid`` None for a
+  native kind: there is no process tree);
+- ``checkpoint.holds`` (``images``): which of those images this node's cache holds, ``{"held"}``;
+- ``checkpoint.send`` (``migration``, ``image``, ``skip_images``: the images the destination
+  holds) and ``checkpoint.receive`` (``migration``, ``image_name``): the two ends of a
+  migration's transfer, ``{"bytes", "sha256", ...}``; the images the destination lacks
+  travel with the checkpoint and land in its image cache;
 - ``checkpoint.discard``: removes every checkpoint of an instance that moved away.
 
 CRIU's logs of the last dump and restore of each instance go to
@@ -53,12 +62,14 @@ from agent.sdk import (
     CriuCommand,
     DirectoryCheckpointer,
     Fingerprint,
+    NativeCheckpointer,
     PluginContext,
     TaskError,
     hookimpl,
     parse_payload,
     parse_section,
     start_time,
+    valid_sha256,
 )
 from plugins.checkpoint import criu, image
 
@@ -100,12 +111,20 @@ class Dump(Target):
 @dataclasses.dataclass
 class Restore(Target):
     image: str | None = None  # a checkpoint directory on this node; default: the latest
+    # The instance's create payload as the controller keeps it, for a native kind's restore.
+    instance: dict[str, Any] | None = None
+
+
+@dataclasses.dataclass
+class Holds(Target):
+    images: list[str]
 
 
 @dataclasses.dataclass
 class Send(Target):
     migration: str
     image: str
+    skip_images: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -114,8 +133,10 @@ class Receive(Target):
     image_name: str
 
 
+# What a kind supplies: for CRIU, or its own save and restore.
+AnyCheckpointer = Checkpointer | NativeCheckpointer
 # A task: (the instance's checkpointer, the parsed payload, the task id) -> its result.
-Handler = Callable[[Checkpointer, Any, str], Awaitable[Mapping[str, Any]]]
+Handler = Callable[[AnyCheckpointer, Any, str], Awaitable[Mapping[str, Any]]]
 
 
 class CheckpointPlugin:
@@ -131,6 +152,7 @@ class CheckpointPlugin:
             "checkpoint.preflight": (Target, self._preflight),
             "checkpoint.dump": (Dump, self._dump),
             "checkpoint.restore": (Restore, self._restore),
+            "checkpoint.holds": (Holds, self._holds),
             "checkpoint.send": (Send, self._send),
             "checkpoint.receive": (Receive, self._receive),
             "checkpoint.discard": (Target, self._discard),
@@ -162,8 +184,13 @@ class CheckpointPlugin:
         if time.monotonic() - self.probed_at > PROBE_TTL:
             await self._probe()
         st = self.status
-        kinds = sorted(self.context.hooks.checkpointers()) if self.context is not None else []
-        attributes: dict[str, Any] = {"criu": st.path, "criu_version": st.version, "instance_kinds": kinds}
+        checkpointers = self.context.hooks.checkpointers() if self.context is not None else {}
+        native = sorted(kind for kind, cp in checkpointers.items() if isinstance(cp, NativeCheckpointer))
+        # A kind that saves itself needs no criu: only CRIU's kinds wait for a working one.
+        kinds = sorted(checkpointers) if st.usable else native
+        # native_kinds: their restore takes the controller's payload of the instance.
+        attributes: dict[str, Any] = {"criu": st.path, "criu_version": st.version, "instance_kinds": kinds,
+                                      "native_kinds": native}
         if st.usable:
             attributes.update(
                 check="ok",
@@ -171,7 +198,10 @@ class CheckpointPlugin:
                 pre_dump=st.features.get("mem_dirty_track", False),
                 lazy_pages=st.features.get("uffd-noncoop", False),
             )
-        return Fingerprint(available=st.usable, reason=st.reason, attributes=attributes)
+        elif native:
+            attributes["criu_reason"] = st.reason
+        available = st.usable or bool(native)
+        return Fingerprint(available=available, reason="" if available else st.reason, attributes=attributes)
 
     @hookimpl
     def kumo_task_kinds(self) -> Iterable[str]:
@@ -193,15 +223,20 @@ class CheckpointPlugin:
 
     # -- pre-flight and dump ----------------------------------------------------------
 
-    async def _preflight(self, cp: Checkpointer, args: Target, task_id: str) -> Mapping[str, Any]:
+    async def _preflight(self, cp: AnyCheckpointer, args: Target, task_id: str) -> Mapping[str, Any]:
         blockers, _, _ = await self._check(cp, args.name)
         return {"ok": not blockers, "blockers": blockers}
 
-    async def _check(self, cp: Checkpointer, name: str) -> tuple[list[Blocker], CheckpointSubject | None,
-                                                                 Scan | None]:
+    async def _check(self, cp: AnyCheckpointer, name: str) -> tuple[list[Blocker], CheckpointSubject | None,
+                                                                    Scan | None]:
         """What blocks a dump of ``name`` now; the instance, and its tree when it runs."""
         from plugins.checkpoint import preflight
 
+        if isinstance(cp, NativeCheckpointer):
+            native = await cp.subject(name)
+            if native is None:
+                return [{"code": "not-found", "message": "no such instance on this node"}], None, None
+            return [{"code": b.code, "message": b.message} for b in await cp.blockers(name)], native, None
         blockers: list[Blocker] = []
         if not self.status.usable:
             blockers.append({"code": "criu-unavailable", "message": self.status.reason})
@@ -216,7 +251,7 @@ class CheckpointPlugin:
         found = await asyncio.to_thread(preflight.scan, subject.pid)
         return blockers + found.blockers, subject, found
 
-    async def _dump(self, cp: Checkpointer, args: Dump, task_id: str) -> Mapping[str, Any]:
+    async def _dump(self, cp: AnyCheckpointer, args: Dump, task_id: str) -> Mapping[str, Any]:
         from plugins.checkpoint import pids
 
         blockers, subject, found = await self._check(cp, args.name)
@@ -226,6 +261,8 @@ class CheckpointPlugin:
             raise TaskError(f"{cp.kind} instance {args.name!r} cannot be checkpointed: "
                             + "; ".join(b["message"] for b in blockers),
                             code=blockers[0]["code"], details={"blockers": blockers})
+        if isinstance(cp, NativeCheckpointer):
+            return await self._save(cp, subject, args.leave_running)
         assert found is not None and subject.pid is not None and self.status.path is not None
         base = self._images_root() / cp.kind / args.name
         logs = await self._logs(cp.kind, args.name)
@@ -247,17 +284,38 @@ class CheckpointPlugin:
         if not args.leave_running:
             await self._until_stopped(cp, args.name)
             await pids.reap(found.pids[1:])
-        await asyncio.to_thread(image.publish, base, made)
-        # Old checkpoints go in the background (deleting gigabytes is no part of this dump),
-        # under the instance's lock so that no restore reads a checkpoint being deleted.
-        prune = asyncio.create_task(self._prune(cp.kind, args.name, base))
-        self.pruning.add(prune)
-        prune.add_done_callback(self.pruning.discard)
+        self._publish(cp.kind, args.name, base, made)
         log.info("checkpoint: %s %s dumped to %s (%d bytes)", cp.kind, args.name, made, size)
         return {"image": str(made), "manifest": files, "size_bytes": size}
 
-    def _manifest(self, kind: str, subject: CheckpointSubject, found: Scan,
+    async def _save(self, cp: NativeCheckpointer, subject: CheckpointSubject, leave_running: bool) -> Mapping[str, Any]:
+        """A dump by the kind's own mechanism: it writes the image's files, this plugin the rest."""
+        base = self._images_root() / cp.kind / subject.name
+        made = await asyncio.to_thread(image.new_image, base)
+        try:
+            saved = await cp.save(subject.name, made, leave_running)
+            images = sorted({valid_sha256(digest) for digest in saved.images})
+        except BaseException:
+            await asyncio.to_thread(shutil.rmtree, made, True)
+            raise
+        manifest = self._manifest(cp.kind, dataclasses.replace(subject, record=saved.record), None, leave_running)
+        manifest["images"] = images
+        files, size = await asyncio.to_thread(image.finish_manifest, made, None, manifest)
+        self._publish(cp.kind, subject.name, base, made)
+        log.info("checkpoint: %s %s saved to %s (%d bytes)", cp.kind, subject.name, made, size)
+        return {"image": str(made), "manifest": files, "size_bytes": size, "images": images}
+
+    def _publish(self, kind: str, name: str, base: Path, made: Path) -> None:
+        image.publish(base, made)  # one symlink and a rename: not worth a thread
+        # Old checkpoints go in the background (deleting gigabytes is no part of this dump),
+        # under the instance's lock so that no restore reads a checkpoint being deleted.
+        prune = asyncio.create_task(self._prune(kind, name, base))
+        self.pruning.add(prune)
+        prune.add_done_callback(self.pruning.discard)
+
+    def _manifest(self, kind: str, subject: CheckpointSubject, found: Scan | None,
                   leave_running: bool) -> dict[str, Any]:
+        """The manifest of a dump; ``found`` None for a native save (no tree, no criu)."""
         assert self.context is not None
         return {
             "format": image.MANIFEST_FORMAT,
@@ -265,15 +323,15 @@ class CheckpointPlugin:
             "kind": kind,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "kernel": platform.release(),
-            "criu_version": self.status.version,
+            "criu_version": self.status.version if found is not None else None,
             "leave_running": leave_running,
             "pid": subject.pid,
-            "pids": found.pids,
-            "shared_namespaces": sorted(found.shared),
+            "pids": found.pids if found is not None else [],
+            "shared_namespaces": sorted(found.shared) if found is not None else [],
             "instance": dict(subject.record),
             "definition": subject.definition,
             "state_dir": str(self.context.agent_state_dir),
-            "open_files": found.open_files,
+            "open_files": found.open_files if found is not None else [],
         }
 
     async def _dump_failed(self, kind: str, name: str, pid: int, command: CriuCommand, made: Path,
@@ -308,14 +366,19 @@ class CheckpointPlugin:
 
     # -- restore ----------------------------------------------------------------------
 
-    async def _restore(self, cp: Checkpointer, args: Restore, task_id: str) -> Mapping[str, Any]:
-        self._require_criu()
+    async def _restore(self, cp: AnyCheckpointer, args: Restore, task_id: str) -> Mapping[str, Any]:
+        if not isinstance(cp, NativeCheckpointer):
+            self._require_criu()
         chosen = await self._image_to_restore(cp.kind, args)
         manifest = await asyncio.to_thread(image.verify_image, chosen, args.name, cp.kind)
         current = await cp.subject(args.name)
         if current is not None and current.state == "running":
             raise TaskError(f"{cp.kind} instance {args.name!r} is running: stop it before restoring a checkpoint",
                             code="already-running")
+        if isinstance(cp, NativeCheckpointer):
+            await cp.restore(args.name, manifest["instance"], chosen, args.instance)
+            log.info("checkpoint: %s %s restored from %s", cp.kind, args.name, chosen)
+            return {"pid": None, "image": str(chosen)}
         staged = await asyncio.to_thread(image.staged_directory, chosen) if current is None else None
         if staged is None:
             pid = await self._restore_image(cp, chosen, manifest)
@@ -395,7 +458,7 @@ class CheckpointPlugin:
 
     # -- migration --------------------------------------------------------------------
 
-    async def _send(self, cp: Checkpointer, args: Send, task_id: str) -> Mapping[str, Any]:
+    async def _send(self, cp: AnyCheckpointer, args: Send, task_id: str) -> Mapping[str, Any]:
         from plugins.checkpoint import stream, transfer
 
         assert self.context is not None
@@ -412,12 +475,14 @@ class CheckpointPlugin:
             # The definition right after the manifest: a destination that cannot run the
             # instance refuses before a single memory page is sent.
             members = members[:1] + carried[:1] + members[1:] + carried[1:]
+        travelling = [digest for digest in manifest.get("images") or () if digest not in args.skip_images]
+        members += await asyncio.to_thread(stream.cache_members, self.context.images.directory, travelling)
         result = await transfer.send(self.context, args.migration, members)
         log.info("checkpoint: sent %s %s (%d bytes) for migration %s", cp.kind, args.name, result["bytes"],
                  args.migration)
         return result
 
-    async def _travelling_directory(self, cp: Checkpointer, name: str) -> Path:
+    async def _travelling_directory(self, cp: AnyCheckpointer, name: str) -> Path:
         subject = await cp.subject(name)
         if subject is None or subject.directory is None:
             raise TaskError(f"{cp.kind} instance {name!r} is no longer on this node: its directory cannot travel",
@@ -428,7 +493,7 @@ class CheckpointPlugin:
                             code="already-running")
         return subject.directory
 
-    async def _receive(self, cp: Checkpointer, args: Receive, task_id: str) -> Mapping[str, Any]:
+    async def _receive(self, cp: AnyCheckpointer, args: Receive, task_id: str) -> Mapping[str, Any]:
         from plugins.checkpoint import stream, transfer
 
         assert self.context is not None
@@ -454,6 +519,10 @@ class CheckpointPlugin:
                                 "no directory", code="image-corrupt")
             if staged:
                 await asyncio.to_thread(image.write_json, incoming / image.STAGED, {"directory": str(staged[0])})
+            for digest in got["images"]:  # checked as they arrived: now the cache's
+                arrived = incoming / f"{stream.CACHED}{digest}"
+                await self.context.images.get(str(arrived), digest)
+                await asyncio.to_thread(arrived.unlink)
             await asyncio.to_thread(os.rename, incoming, final)
         except BaseException:
             await asyncio.to_thread(shutil.rmtree, incoming, True)
@@ -464,9 +533,10 @@ class CheckpointPlugin:
             raise
         await asyncio.to_thread(image.publish, base, final)
         log.info("checkpoint: received %s %s (%d bytes) into %s", cp.kind, args.name, got["bytes"], final)
-        return {"image": str(final), "bytes": got["bytes"], "sha256": got["sha256"], "files": got["files"]}
+        return {"image": str(final), "bytes": got["bytes"], "sha256": got["sha256"], "files": got["files"],
+                "images": got["images"]}
 
-    def _stager(self, cp: Checkpointer, name: str, incoming: Path, staged: list[Path]) -> stream.Stage:
+    def _stager(self, cp: AnyCheckpointer, name: str, incoming: Path, staged: list[Path]) -> stream.Stage:
         """What the unpacking thread calls when a travelling directory's definition arrives:
         the kind checks it (on the event loop) and gives the directory to unpack into."""
         loop = asyncio.get_running_loop()
@@ -484,7 +554,13 @@ class CheckpointPlugin:
 
         return stage
 
-    async def _discard(self, cp: Checkpointer, args: Target, task_id: str) -> Mapping[str, Any]:
+    async def _holds(self, cp: AnyCheckpointer, args: Holds, task_id: str) -> Mapping[str, Any]:
+        """Which of ``args.images`` this node's image cache holds: a migration sends only the others."""
+        wanted = {valid_sha256(digest) for digest in args.images}
+        held = await asyncio.to_thread(self._require_context().images.held)
+        return {"held": sorted(wanted & {entry["sha256"] for entry in held})}
+
+    async def _discard(self, cp: AnyCheckpointer, args: Target, task_id: str) -> Mapping[str, Any]:
         """Remove every checkpoint of an instance that has moved away (its images would go
         stale), or that arrived here for a migration rolled back, with the directories that
         arrived with them and were never taken over."""
@@ -497,7 +573,7 @@ class CheckpointPlugin:
 
     # -- helpers ----------------------------------------------------------------------
 
-    def _checkpointer(self, kind: str) -> Checkpointer:
+    def _checkpointer(self, kind: str) -> AnyCheckpointer:
         assert self.context is not None, "kumo_startup was not called"
         checkpointers = self.context.hooks.checkpointers()
         if kind not in checkpointers:

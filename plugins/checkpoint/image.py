@@ -4,13 +4,14 @@ Layout (designed for migration, where the directory is copied to another node an
 restored there)::
 
     <images_dir>/<kind>/<name>/<UTC time>-<random>/   one checkpoint
-        *.img                   CRIU's images
+        *.img                   CRIU's images (or the files a kind's own save wrote)
         *.log, stats-*          logs and statistics (not checksummed)
         kumo-*                  this plugin's own files (not checksummed):
         kumo-manifest.json      written last: {"format", "name", "kind", "created_at", "kernel",
                                 "criu_version", "leave_running", "pid", "pids", "shared_namespaces",
                                 "instance", "definition", "state_dir", "open_files",
-                                "files": {file: CRC-32}, "size_bytes"}
+                                "files": {file: CRC-32}, "size_bytes"}, and after a native
+                                save "images": [sha256 of cached images its restore needs]
         kumo-verified.json      this node only: the stat of each file when it was hashed here
         kumo-staged.json        a received image only: where its travelling directory was unpacked
     <images_dir>/<kind>/<name>/latest -> the newest complete checkpoint
@@ -161,16 +162,18 @@ class TailHasher:
         return file_checksum(path, checksum, read)
 
 
-def finish_manifest(image: Path, hasher: TailHasher, manifest: dict[str, Any]) -> tuple[dict[str, str], int]:
-    """Checksum what criu wrote and write the stamp, then the manifest (last: it marks the
-    image complete); the files' checksums and their total size. Blocking."""
-    hasher.stop()
+def finish_manifest(image: Path, hasher: TailHasher | None, manifest: dict[str, Any]) -> tuple[dict[str, str], int]:
+    """Checksum what criu (or, with no ``hasher``, a kind's own save) wrote and write the
+    stamp, then the manifest (last: it marks the image complete); the files' checksums and
+    their total size. Blocking."""
+    if hasher is not None:
+        hasher.stop()
     files: dict[str, str] = {}
     stamp: dict[str, list[int]] = {}
     size = 0
     for path in sorted(image.iterdir()):
         if path.is_file() and checksummed(path.name):
-            files[path.name] = hasher.checksum(path)
+            files[path.name] = hasher.checksum(path) if hasher is not None else file_checksum(path)
             stamp[path.name] = _stat(path)
             size += stamp[path.name][2]
     manifest.update(files=files, size_bytes=size)

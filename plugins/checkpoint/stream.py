@@ -15,7 +15,10 @@ Members, in order:
   machine) never write into each other's. Any other travels as ``files/<path>`` and must be
   at the same path and identical on the destination, or missing there and inside its
   state directory;
-- the rest of the travelling directory, ``instance/...``, top down.
+- the rest of the travelling directory, ``instance/...``, top down;
+- ``cache/<sha256>`` for each image of the node's image cache that a native save said its
+  restore needs (a VM's base image) and the destination does not hold: the destination
+  checks its SHA-256 as it arrives and adds it to its own cache.
 
 Every header is built before the first byte is sent, so the size is known for the
 progress display and the stream never sits whole in memory or on disk. Ownership is
@@ -28,6 +31,7 @@ writing outside the directory the instance's kind gave it.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import os
 import re
@@ -41,12 +45,21 @@ from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
 
 from agent.sdk import TaskError
-from plugins.checkpoint.image import CHUNK, MANIFEST, Checksum, checksummed, file_checksum
+from plugins.checkpoint.image import (
+    CHUNK,
+    MANIFEST,
+    Checksum,
+    checksummed,
+    file_checksum,
+    read_manifest,
+)
 
 TAR_BLOCK = 512
 MAX_DEFINITION_BYTES = 1 << 20
 XATTR = "SCHILY.xattr."
-IMAGE, FILES, STATE, INSTANCE = "image", "files", "state", "instance"
+IMAGE, FILES, STATE, INSTANCE, CACHE = "image", "files", "state", "instance", "cache"
+CACHED = "kumo-cache-"  # an image for the cache, as it lies in the received checkpoint
+DIGEST_RE = re.compile(r"^[0-9a-f]{64}\Z")
 # A checkpoint directory's name, and the name of a file in it.
 IMAGE_NAME_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]{0,100}\Z")
 
@@ -85,6 +98,23 @@ def image_members(image: Path, manifest: Mapping[str, Any]) -> list[Member]:
         except OSError as exc:
             raise TaskError(f"{path} cannot be read for the migration: {exc.strerror}", code="missing-files") from exc
         info = tarfile.TarInfo(arcname)
+        info.size, info.mode, info.mtime = size, 0o600, now
+        members.append(Member(info.tobuf(format=tarfile.PAX_FORMAT), path, size))
+    return members
+
+
+def cache_members(cache: Path, digests: list[str]) -> list[Member]:
+    """The images of the node's image cache ``cache`` named by ``digests``. Blocking."""
+    members = []
+    now = int(time.time())
+    for digest in digests:
+        path = cache / digest
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            raise TaskError(f"image {digest}, which the instance's restore needs, is not in this node's image cache "
+                            f"({exc.strerror}): it cannot travel", code="missing-files") from exc
+        info = tarfile.TarInfo(f"{CACHE}/{digest}")
         info.size, info.mode, info.mtime = size, 0o600, now
         members.append(Member(info.tobuf(format=tarfile.PAX_FORMAT), path, size))
     return members
@@ -198,6 +228,7 @@ def unpack(body: BinaryIO, incoming: Path, own_root: Path, stage: Stage, name: s
     """
     checksums: dict[str, str] = {}
     carried: list[str] = []
+    cached: list[str] = []
     directory = DirectoryWriter(stage)
     with tarfile.open(fileobj=body, mode="r|", bufsize=CHUNK) as tar:  # type: ignore[call-overload]
         for member in tar:
@@ -214,13 +245,16 @@ def unpack(body: BinaryIO, incoming: Path, own_root: Path, stage: Stage, name: s
                 carried.append(_check_carried(source, Path("/" + rest), incoming, own_root))
             elif top == STATE and _own_instance_file(rest, name, own_root):
                 carried.append(_place_carried(source, own_root / rest, incoming, placed))
+            elif top == CACHE and DIGEST_RE.match(rest) and rest in read_manifest(incoming).get("images", ()):
+                _copy_digest_checked(source, incoming / f"{CACHED}{rest}", rest)
+                cached.append(rest)
             else:
                 raise TaskError(f"the image stream holds an unexpected entry {member.name!r}", code="image-corrupt")
         # tarfile stops at the end-of-archive blocks; what follows them must be nothing.
         while body.read(CHUNK):
             pass
     directory.finish()
-    return {"checksums": checksums, "files": carried}
+    return {"checksums": checksums, "files": carried, "images": cached}
 
 
 class DirectoryWriter:
@@ -330,6 +364,19 @@ def _copy_checked(source: BinaryIO, target: Path) -> str:
             checksum.update(chunk)
             out.write(chunk)
     return checksum.hexdigest()
+
+
+def _copy_digest_checked(source: BinaryIO, target: Path, digest: str) -> None:
+    """Copy an image for the cache to the new file ``target``, refusing it unless its
+    SHA-256 is ``digest``."""
+    sha = hashlib.sha256()
+    with open(target, "xb") as out:
+        while chunk := source.read(CHUNK):
+            sha.update(chunk)
+            out.write(chunk)
+    if sha.hexdigest() != digest:
+        raise TaskError(f"image {digest} arrived with SHA-256 {sha.hexdigest()}: the transfer damaged it; "
+                        "nothing was restored", code="image-checksum")
 
 
 def _own_instance_file(rest: str, name: str, own_root: Path) -> bool:

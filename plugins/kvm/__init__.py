@@ -47,7 +47,15 @@ from agent.sdk import (
     tail,
 )
 from plugins.kvm.acceleration import Acceleration, decide
-from plugins.kvm.disks import backing_file, fresh_dir, has_instance_dirs, make_overlay
+from plugins.kvm.checkpointing import KvmCheckpointer, VmFacts, device_blockers
+from plugins.kvm.disks import (
+    CONSOLE_LOG,
+    DISK,
+    backing_file,
+    fresh_dir,
+    has_instance_dirs,
+    make_overlay,
+)
 from plugins.kvm.domain import (
     DomainFiles,
     domain_state,
@@ -61,13 +69,12 @@ from plugins.kvm.liveness import Liveness
 from plugins.kvm.settings import KvmConfig, parse_config
 
 if TYPE_CHECKING:
+    from plugins.kvm.checkpointing import Place, SavedVm
     from plugins.kvm.spec import CreateSpec
 
 log = logging.getLogger(__name__)
 
 KIND = "kvm"
-CONSOLE_LOG = "console.log"
-DISK = "disk.qcow2"
 
 
 @dataclasses.dataclass
@@ -80,6 +87,9 @@ class _Instance:
     reason: str = ""
     acceleration: str | None = None
     base: Path | None = None  # the image its disk is an overlay of, which must stay cached
+    # What its definition has that no checkpoint can hold (a host device...), as it was
+    # when the plugin last read it: for `kumoctl instances show`; a dump checks afresh.
+    blockers: list[dict[str, str]] = dataclasses.field(default_factory=list)
 
     def shown(self) -> InstanceState:
         details: dict[str, Any] = {"console_log": str(self.directory / CONSOLE_LOG)}
@@ -87,6 +97,8 @@ class _Instance:
             details["acceleration"] = self.acceleration
         if self.reason:
             details["reason"] = self.reason
+        if self.blockers:
+            details["checkpoint_blockers"] = self.blockers
         return InstanceState(self.name, KIND, self.state, details)  # type: ignore[arg-type]
 
 
@@ -167,6 +179,14 @@ class KvmPlugin:
     @hookimpl
     def kumo_instance_driver(self) -> KvmPlugin:
         return self
+
+    @hookimpl
+    def kumo_checkpointer(self) -> KvmCheckpointer | None:
+        # Without the binding no VM can run here; a libvirtd that is down only for now is
+        # the pre-flight's "unavailable", with its reason.
+        if self._host is None or self._unavailable() == NO_BINDING:
+            return None
+        return KvmCheckpointer(self)
 
     @hookimpl
     def kumo_metrics(self) -> Iterable[Any]:
@@ -319,11 +339,109 @@ class KvmPlugin:
             log.warning("kvm: reading domain stats failed: %s", exc.get_error_message())
             return {}
 
+    # ---- for the checkpointer (plugins/kvm/checkpointing.py) ------------------------------
+
+    async def save_facts(self, name: str) -> VmFacts:
+        """What a save of ``name`` is decided from, read from libvirt now."""
+        conn = await self._connection()
+        dom = await self._domain(conn, name)
+        host = self._require_host()
+        libvirt = host.libvirt
+        inst = self._instances.get(name)
+        if inst is None:
+            self._refuse_unknown(name)
+        xml, (state, reason) = await host.call(name, "read", lambda: (dom.XMLDesc(0), dom.state()))
+        io_error = state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_IOERROR
+        return VmFacts(xml, await asyncio.to_thread(domain_state, libvirt, dom), io_error, inst.directory,
+                       inst.directory / DISK, self._require_context().images.directory)
+
+    async def save_domain(self, name: str, path: Path) -> None:
+        """libvirt's save of the running ``name`` to the file ``path``: the guest stops."""
+        conn = await self._connection()
+        dom = await self._domain(conn, name)
+        libvirt = self._require_host().libvirt
+        try:
+            await asyncio.to_thread(dom.saveFlags, str(path), None, 0)
+        except libvirt.libvirtError as exc:
+            running = await asyncio.to_thread(dom.isActive)
+            raise TaskError(f"libvirt could not save VM {name!r}: {exc.get_error_message()}; the VM is "
+                            + ("still running" if running else "stopped: start it again"), code="dump-failed") from exc
+        finally:
+            await self._refresh(conn, name)
+            self._report_changed()
+
+    async def restore_saved(self, name: str, spec: CreateSpec, saved: SavedVm, memory: Path,
+                            place: Place | None) -> None:
+        """Start ``name`` from the save file ``memory`` with a definition rebuilt from ``spec``
+        and ``saved``; ``place`` first puts the checkpoint's files in its directory (None: they
+        are there). An instance this node does not have is created for it, and removed again
+        if the restore fails."""
+        conn = await self._connection()
+        host = self._require_host()
+        libvirt = host.libvirt
+        await self._check_restorable(name, saved)
+        inst = self._instances.get(name)
+        if inst is None:
+            if await asyncio.to_thread(lookup, libvirt, conn, name) is not None:
+                raise TaskError(f"a libvirt domain named {name!r} that Kumo does not manage exists on this node: "
+                                "remove it or restore elsewhere", code="exists")
+            from plugins.kvm.spec import check_resources
+
+            await asyncio.to_thread(check_resources, spec)
+            directory = self.config.instance_dir / name
+        else:
+            directory = inst.directory
+            if await asyncio.to_thread((await self._domain(conn, name)).isActive):
+                raise TaskError(f"VM {name!r} is running: stop it before restoring a checkpoint", code="already-running")
+        accel = Acceleration(saved.domain_type, "kvm" if saved.domain_type == "kvm" else "tcg", "as saved")
+        seed = directory / saved.seed if saved.seed is not None else None
+        files = DomainFiles(directory, directory / DISK, seed, directory / CONSOLE_LOG)
+        xml = domain_xml(name, spec, accel, files, self.config.network, uuid=saved.uuid, machine=saved.machine)
+        base = await self._base_image(spec, cached_first=True)
+        defined = False
+        try:
+            if inst is None:
+                await asyncio.to_thread(fresh_dir, directory)
+            if place is not None:
+                await place(files.disk, base)
+            if inst is None:
+                self._instances[name] = _Instance(name, directory, "creating", acceleration=accel.name, base=base)
+                await asyncio.to_thread(conn.defineXML, xml)
+                defined = True
+            await asyncio.to_thread(conn.restoreFlags, str(memory), xml, 0)
+        except BaseException as exc:
+            if inst is None:
+                self._instances.pop(name, None)
+                await asyncio.to_thread(self._undo_create, conn, name, directory, defined)
+            if isinstance(exc, libvirt.libvirtError):
+                left = "nothing of it is left on this node" if inst is None else "the VM is left stopped"
+                raise TaskError(f"libvirt could not restore VM {name!r}: {exc.get_error_message()}; {left}",
+                                code="restore-failed") from exc
+            raise
+        finally:
+            self._fetched.remove(base)
+        await self._refresh(conn, name)
+        self._report_changed()
+
+    async def _check_restorable(self, name: str, saved: SavedVm) -> None:
+        """Refuse a saved VM whose guest-visible hardware this node would not give it."""
+        if saved.domain_type == "kvm" and (await self._acceleration()).domain_type != "kvm":
+            raise TaskError(f"VM {name!r} was saved running with KVM, and this node has no working KVM: its "
+                            "state cannot be restored under TCG", code="import-refused")
+        if saved.nic != (self.config.network != "none"):
+            had = "had a network interface" if saved.nic else "had no network interface"
+            raise TaskError(f"VM {name!r} {had}, and this node's plugins.kvm.network is {self.config.network!r}: "
+                            "its saved state needs the same devices", code="import-refused")
+
     # ---- what the operations are made of -----------------------------------------------
 
-    async def _base_image(self, spec: CreateSpec) -> Path:
-        """The image to back the new disk, fetched into the cache when it names a digest."""
-        base = await self._require_context().images.get(spec.image, spec.image_sha256)
+    async def _base_image(self, spec: CreateSpec, cached_first: bool = False) -> Path:
+        """The image to back the new disk, fetched into the cache when it names a digest;
+        ``cached_first``: an image the cache holds by that digest even if its path or URL
+        is not reachable here (a VM restored from another node's checkpoint)."""
+        images = self._require_context().images
+        held = await images.cached(spec.image_sha256) if cached_first and spec.image_sha256 else None
+        base = held or await images.get(spec.image, spec.image_sha256)
         # Recorded before anything else can run: another create's eviction must see it.
         self._fetched.append(base)
         return base
@@ -392,8 +510,8 @@ class KvmPlugin:
         # a second agent on one host) keeps its instances under its own instance_dir.
         return {
             name: _Instance(name, meta.directory, state, acceleration=meta.acceleration,
-                            base=backing_file(meta.directory / DISK))
-            for name, (meta, state) in found.items()
+                            base=backing_file(meta.directory / DISK), blockers=device_blockers(xml, meta.directory))
+            for name, (meta, state, xml) in found.items()
             if meta.directory.is_relative_to(self.config.instance_dir)
         }
 
@@ -424,6 +542,8 @@ class KvmPlugin:
         if dom is None or inst is None:
             return
         inst.state = await asyncio.to_thread(domain_state, libvirt, dom)
+        with contextlib.suppress(libvirt.libvirtError):  # undefined meanwhile: its event says so
+            inst.blockers = device_blockers(await asyncio.to_thread(dom.XMLDesc, 0), inst.directory)
         self._notify()
 
     def _notify(self) -> None:

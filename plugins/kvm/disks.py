@@ -17,6 +17,9 @@ from pathlib import Path
 
 from agent.sdk import TaskError, run_command
 
+# An instance directory's files: the overlay and the serial console's log.
+DISK = "disk.qcow2"
+CONSOLE_LOG = "console.log"
 _QCOW2_MAGIC = b"QFI\xfb"
 # Formats by (path, mtime): a base image is probed once, not at every create.
 _formats: dict[tuple[str, float], str] = {}

@@ -38,13 +38,18 @@ class DomainFiles:
     console_log: Path
 
 
-def domain_xml(name: str, spec: CreateSpec, accel: Acceleration, files: DomainFiles, network: str) -> str:
-    """The libvirt domain definition of a new instance."""
+def domain_xml(name: str, spec: CreateSpec, accel: Acceleration, files: DomainFiles, network: str,
+               uuid: str | None = None, machine: str = "pc") -> str:
+    """The libvirt domain definition of a new instance; or, with the ``uuid`` and the
+    resolved ``machine`` type of a saved one, of the instance its saved state restores into
+    (libvirt refuses a definition whose guest-visible hardware differs from the saved)."""
     import xml.etree.ElementTree as ET
 
     ET.register_namespace("kumo", METADATA_NS)
     domain = ET.Element("domain", type=accel.domain_type)
     ET.SubElement(domain, "name").text = name
+    if uuid is not None:
+        ET.SubElement(domain, "uuid").text = uuid
     metadata = ET.SubElement(ET.SubElement(domain, "metadata"), f"{{{METADATA_NS}}}instance")
     ET.SubElement(metadata, f"{{{METADATA_NS}}}directory").text = str(files.directory)
     ET.SubElement(metadata, f"{{{METADATA_NS}}}image").text = spec.image
@@ -54,7 +59,7 @@ def domain_xml(name: str, spec: CreateSpec, accel: Acceleration, files: DomainFi
     )
     ET.SubElement(domain, "memory", unit="MiB").text = str(spec.memory_mib)
     ET.SubElement(domain, "vcpu").text = str(spec.vcpus)
-    _boot(ET.SubElement(domain, "os"), spec)
+    _boot(ET.SubElement(domain, "os"), spec, machine)
     features = ET.SubElement(domain, "features")
     ET.SubElement(features, "acpi")
     ET.SubElement(features, "apic")
@@ -65,10 +70,10 @@ def domain_xml(name: str, spec: CreateSpec, accel: Acceleration, files: DomainFi
     return ET.tostring(domain, encoding="unicode")
 
 
-def _boot(os_el: Any, spec: CreateSpec) -> None:
+def _boot(os_el: Any, spec: CreateSpec, machine: str) -> None:
     import xml.etree.ElementTree as ET
 
-    ET.SubElement(os_el, "type", arch="x86_64", machine="pc").text = "hvm"
+    ET.SubElement(os_el, "type", arch="x86_64", machine=machine).text = "hvm"
     options = spec.options
     if options.kernel:
         ET.SubElement(os_el, "kernel").text = options.kernel
@@ -146,14 +151,15 @@ def lookup(libvirt: Any, conn: Any, name: str) -> Any:
         raise
 
 
-def kumo_domains(libvirt: Any, conn: Any) -> dict[str, tuple[Metadata, str]]:
-    """Every Kumo domain of the connection: name -> (metadata, state)."""
+def kumo_domains(libvirt: Any, conn: Any) -> dict[str, tuple[Metadata, str, str]]:
+    """Every Kumo domain of the connection: name -> (metadata, state, XML)."""
     found = {}
     for dom in conn.listAllDomains():
         try:
-            metadata = read_metadata(dom.XMLDesc(0))
+            xml = dom.XMLDesc(0)
+            metadata = read_metadata(xml)
             if metadata is not None:
-                found[dom.name()] = (metadata, domain_state(libvirt, dom))
+                found[dom.name()] = (metadata, domain_state(libvirt, dom), xml)
         except libvirt.libvirtError:
             continue  # undefined while we listed
     return found

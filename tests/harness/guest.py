@@ -3,7 +3,9 @@
 The initramfs's /init finds the NoCloud seed by its label (``findfs LABEL=cidata``), prints
 the instance-id and the first line of user-data on the serial console, then powers off.
 With ``kumo.hold`` on the kernel command line it stays up instead, until an ACPI power
-button press (what ``virDomainShutdown`` sends), so stop and adoption can be tested.
+button press (what ``virDomainShutdown`` sends), so stop and adoption can be tested; with
+``kumo.count`` as well it prints ``GUEST-COUNT n`` (n = 1, 2, ...) five times a second, so a
+checkpoint and restore can be seen to continue the count.
 
 Built once per recipe under ``CACHE_DIR/guest/<hash>`` from the kernel package that
 ``scripts/deps/10-libvirt.sh`` downloads (nothing is installed into /boot or /lib/modules).
@@ -55,6 +57,11 @@ if grep -q kumo.hold /proc/cmdline; then
     ( dd if=$e bs=24 count=1 >/dev/null 2>&1; echo GUEST-POWER-BUTTON; poweroff -f ) &
   done
   echo GUEST-HOLDING
+  # With kumo.count it counts on the console: a checkpoint restored must go on from where it
+  # was, not from 1.
+  if grep -q kumo.count /proc/cmdline; then
+    i=0; while true; do i=$((i+1)); echo "GUEST-COUNT $i"; sleep 0.2; done
+  fi
   while true; do sleep 60; done
 fi
 echo GUEST-DONE

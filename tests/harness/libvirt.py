@@ -2,7 +2,9 @@
 
 No init system runs libvirtd and virtlogd on these machines: the ``libvirtd`` fixture
 starts them when they are not running and leaves them running, since other tests (and
-engineers) share the one daemon. "libvirtd goes down" is simulated with
+engineers) share the one daemon. ``second_libvirtd`` runs another one, in a mount
+namespace with its own state and sockets, for a test that needs two hosts (a VM's
+migration: domain names are unique per libvirtd). "libvirtd goes down" is simulated with
 :class:`LibvirtSocketProxy`, a socket forwarder the plugin connects through, so the test
 never stops the shared daemon.
 
@@ -19,10 +21,11 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -81,6 +84,65 @@ def libvirtd() -> str:
     uri = ensure_libvirtd()
     require(uri is not None, f"libvirtd answering on {SYSTEM_URI}")
     return SYSTEM_URI
+
+
+# Runs in a mount namespace of its own (argv: the daemon's directory): libvirt's state,
+# config, cache, logs and sockets become that directory's, so a second libvirtd manages
+# domains of the same names as the first, as another host would, and then becomes libvirtd.
+_SECOND_LIBVIRTD = """
+import os, subprocess, sys
+home = sys.argv[1]
+for where, own in (("/run/libvirt", "run"), ("/etc/libvirt", "etc"), ("/var/lib/libvirt/qemu", "lib"),
+                   ("/var/cache/libvirt", "cache"), ("/var/log/libvirt", "log")):
+    subprocess.run(["mount", "--bind", os.path.join(home, own), where], check=True)
+os.execvp("libvirtd", ["libvirtd", "--pid-file", os.path.join(home, "run", "libvirtd.pid")])
+"""
+
+
+@pytest.fixture(scope="module")
+def second_libvirtd(libvirtd: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A second libvirtd on this machine that behaves as another host's (its own domains,
+    sockets and state; the same instance image directory); its URI. Its domains are
+    destroyed and it is stopped at the end of the module."""
+    import libvirt
+
+    home = tmp_path_factory.mktemp("libvirtd2")
+    for sub in ("run", "etc/qemu", "lib", "cache", "log/qemu"):
+        (home / sub).mkdir(parents=True)
+    for conf in Path("/etc/libvirt").glob("*.conf"):
+        shutil.copy(conf, home / "etc" / conf.name)
+    # qemu's output goes to a file libvirtd writes: no virtlogd needed in the namespace.
+    with (home / "etc" / "qemu.conf").open("a") as conf:
+        conf.write('\nstdio_handler = "file"\n')
+    shutil.chown(home / "lib", "libvirt-qemu", "libvirt-qemu")
+    (home / "lib").chmod(0o750)
+    daemon = subprocess.Popen(  # noqa: S603 - an argv list, never a shell
+        ["unshare", "--mount", "--propagation", "private", "--", sys.executable, "-c", _SECOND_LIBVIRTD, str(home)],
+        stdout=(home / "libvirtd.out").open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    uri = f"qemu+unix:///system?socket={home / 'run' / 'libvirt-sock'}"
+    deadline = time.monotonic() + 30
+    while subprocess.run(["virsh", "-c", uri, "version"], capture_output=True, check=False).returncode != 0:  # noqa: S603, S607
+        if daemon.poll() is not None or time.monotonic() > deadline:
+            daemon.kill()
+            require(False, f"a second libvirtd answering on {uri}: {(home / 'libvirtd.out').read_text()[-500:]}")
+        time.sleep(0.2)
+    try:
+        yield uri
+    finally:
+        with contextlib.suppress(libvirt.libvirtError):
+            conn = libvirt.open(uri)
+            for dom in conn.listAllDomains():
+                with contextlib.suppress(libvirt.libvirtError):
+                    dom.destroy()
+                with contextlib.suppress(libvirt.libvirtError):
+                    dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
+            conn.close()
+        daemon.terminate()
+        try:
+            daemon.wait(30)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
 
 
 class LibvirtSocketProxy:
@@ -160,6 +222,7 @@ class KvmNode:
 
     plugin: Any  # plugins.kvm.KvmPlugin
     hooks: Any  # agent.pluginmanager.Hooks
+    checkpoint: Any = None  # plugins.checkpoint.CheckpointPlugin, when asked for
 
     async def task(self, kind: str, /, **payload: Any) -> Any:
         """Run task ``kind`` (``kvm.create``...) as the agent does; its result."""
@@ -208,17 +271,25 @@ class KvmTestBed:
         settings.update(overrides)
         return settings
 
-    async def node(self, images: ImageCache | None = None, **overrides: Any) -> KvmNode:
+    async def node(self, images: ImageCache | None = None, checkpoint: dict[str, Any] | None = None,
+                   **overrides: Any) -> KvmNode:
         """A configured and started kvm plugin, its driver loaded (the state dir is shared by
         every plugin of this test); ``images`` is the node's image cache (default: one under
-        the test's root, without a size limit)."""
+        the test's root, without a size limit). With ``checkpoint`` (its settings) the
+        checkpoint plugin runs beside it, its images under the test's root."""
         from agent.pluginmanager import Hooks, make_plugin_manager
         from agent.sdk import ImageCache, PluginContext
+        from plugins.checkpoint import CheckpointPlugin
         from plugins.cloudinit import CloudInitPlugin
         from plugins.kvm import KvmPlugin
 
         kvm = KvmPlugin()
-        hooks = Hooks(make_plugin_manager({"kvm": kvm, "cloudinit": CloudInitPlugin()}))
+        plugins: dict[str, Any] = {"kvm": kvm, "cloudinit": CloudInitPlugin()}
+        if checkpoint is not None:
+            plugins["checkpoint"] = CheckpointPlugin()
+            plugins["checkpoint"].kumo_configure(
+                section={"images_dir": str(self.root / "checkpoints"), **checkpoint}, source="test: plugins.checkpoint")
+        hooks = Hooks(make_plugin_manager(plugins))
         kvm.kumo_configure(section=self.settings(**overrides), source="test: plugins.kvm")
 
         def changed() -> None:
@@ -238,8 +309,10 @@ class KvmTestBed:
             images=images or ImageCache(self.root / "images"),
         )
         await kvm.kumo_startup(context=context)
+        if "checkpoint" in plugins:
+            await plugins["checkpoint"].kumo_startup(context=dataclasses.replace(context, name="checkpoint"))
         hooks.load_drivers()
-        node = KvmNode(kvm, hooks)
+        node = KvmNode(kvm, hooks, plugins.get("checkpoint"))
         self.nodes.append(node)
         return node
 
@@ -290,6 +363,9 @@ async def kvm_bed(libvirtd: str, kvm_state_dir: Path) -> AsyncIterator[KvmTestBe
         for node in bed.nodes:
             with contextlib.suppress(Exception):
                 await node.plugin.kumo_shutdown()
+            if node.checkpoint is not None:
+                with contextlib.suppress(Exception):
+                    await node.checkpoint.kumo_shutdown()
         bed.cleanup()
 
 

@@ -1,0 +1,216 @@
+"""A VM moves between two real agents through the controller (stop-and-copy): libvirt's save
+on the source, the memory state, overlay and seed relayed sha256-checked, the restore on the
+destination in its own directories with its own copy of the base image.
+
+Each agent has a libvirtd of its own (the second in a mount namespace, as another host),
+its own instance directory and image cache. The guest prints a counter on its serial
+console: on the destination it goes on from where it was saved. A transfer damaged on its
+way, or a destination that cannot restore it, leaves it running on the source.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import socket
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness.agents import reported, running_on, wait_for
+from tests.harness.guest import Guest
+from tests.harness.libvirt import TEST_INSTANCE_ROOT
+
+pytestmark = pytest.mark.integration
+
+COUNT_RE = re.compile(r"GUEST-COUNT (\d+)")
+
+
+def counts(path: Path) -> list[int]:
+    try:
+        return [int(n) for n in COUNT_RE.findall(path.read_text(errors="replace"))]
+    except FileNotFoundError:
+        return []
+
+
+@pytest.fixture
+def vm_cluster(controller, kumo_agent, libvirtd, second_libvirtd, kvm_guest: Guest) -> Iterator[Any]:
+    """(controller, make_agent(uri, agent settings, **kvm settings) -> (agent, instance dir),
+    create_vm(agent, name))."""
+    roots: list[Path] = []
+
+    def make_agent(uri: str, settings: dict[str, Any] | None = None, **kvm: Any) -> tuple[Any, Path]:
+        root = TEST_INSTANCE_ROOT / f"kumo-vmckpt-{uuid.uuid4().hex[:8]}"
+        root.mkdir(mode=0o711)
+        root.chmod(0o711)
+        roots.append(root)
+        plugins = {"kvm": {"uri": uri, "instance_dir": str(root / "instances"), "acceleration": "tcg",
+                           "shutdown_timeout": 10, **kvm}}
+        # The image cache under the qemu-readable root: it holds the VMs' base images.
+        agent = kumo_agent(plugins=plugins, settings={"image_cache": {"path": str(root / "images")}, **(settings or {})})
+        return agent, root / "instances"
+
+    def create_vm(agent: Any, name: str) -> None:
+        controller.admin("POST", "/v1/instances", {
+            "name": name, "kind": "kvm", "node": agent.node_id, "vcpus": 1, "memory_mib": 128,
+            "image": str(kvm_guest.disk), "image_sha256": kvm_guest.disk_sha256, "user_data": "#cloud-config\n",
+            "options": {"kernel": str(kvm_guest.kernel), "initrd": str(kvm_guest.initrd),
+                        "cmdline": f"{kvm_guest.cmdline} kumo.hold kumo.count"},
+        })
+        wait_for(lambda: running_on(agent, name), f"{name} to run on {agent.node_id}", limit=120)
+
+    yield controller, make_agent, create_vm
+    for instance in controller.admin("GET", "/v1/instances")["instances"]:
+        kumoctl(controller, "instances", "delete", instance["name"], "--timeout", "60s")
+    for root in roots:
+        subprocess.run(["rm", "-rf", str(root)], check=False)  # noqa: S603, S607
+
+
+def finished(controller: Any, migration_id: str) -> dict[str, Any]:
+    return wait_for(
+        lambda: (m := controller.admin("GET", f"/v1/migrations/{migration_id}"))["state"] != "running" and m,
+        f"migration {migration_id} to end", limit=240,
+    )
+
+
+def kumoctl(controller: Any, *args: str) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "controller.kumoctl", "--config", str(controller.kumoctl_config), *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)  # noqa: S603
+
+
+def test_drain_moves_a_vm_and_it_counts_on_from_where_it_was(vm_cluster, libvirtd, second_libvirtd, kvm_guest):
+    controller, make_agent, create_vm = vm_cluster
+    (a, a_dir), (b, b_dir) = make_agent(libvirtd), make_agent(second_libvirtd)
+    name = f"kumo-vmckpt-mv-{uuid.uuid4().hex[:6]}"
+    create_vm(a, name)
+    log_a = a_dir / name / "console.log"
+    wait_for(lambda: len(counts(log_a)) >= 3, "the guest to count on A", limit=120)
+    modes = controller.admin("GET", f"/v1/instances/{name}")["migration"]
+    assert modes["stop-and-copy"]["possible"] is True, modes
+    seen = counts(log_a)[-1]
+
+    drained = kumoctl(controller, "nodes", "drain", a.node_id, "-o", "json")
+    assert drained.returncode == 0, drained.stderr
+    [moved] = json.loads(drained.stdout)["moved"]
+    assert moved["state"] == "succeeded" and moved["destination"] == b.node_id, moved
+    assert moved["images_sent"] == [kvm_guest.disk_sha256], "B's image cache lacked the base image: it travelled"
+    assert controller.admin("GET", f"/v1/instances/{name}")["node"] == b.node_id
+    assert running_on(b, name)
+    wait_for(lambda: reported(a, name) is None, "node A to forget the VM")
+    assert not (a_dir / name).exists(), "the source removed its copy"
+
+    log_b = b_dir / name / "console.log"
+    wait_for(lambda: len(counts(log_b)) >= 3, "the guest to count on B", limit=60)
+    first = counts(log_b)[0]
+    assert first > seen, f"counted {first} on B after {seen} on A: it must go on, not start over"
+    assert "GUEST-BOOTED" not in log_b.read_text(errors="replace"), "restored, not booted again"
+    # Paths are B's own: the disk in B's instance directory, backed by B's image cache.
+    info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", str(b_dir / name / "disk.qcow2")],  # noqa: S603, S607
+                                     capture_output=True, text=True, check=True).stdout)
+    assert info["backing-filename"] == str(b_dir.parent / "images" / kvm_guest.disk_sha256)
+
+    # Back to A, whose image cache still holds the base image: only the checkpoint travels.
+    kumoctl(controller, "nodes", "undrain", a.node_id)
+    seen = counts(log_b)[-1]
+    answer = controller.admin("POST", f"/v1/instances/{name}/migrate", {"to": a.node_id})
+    done = finished(controller, answer["migration"]["id"])
+    assert done["state"] == "succeeded" and done["images_sent"] == [], done
+    wait_for(lambda: counts(log_a) and counts(log_a)[-1] > seen + 3, "the guest to count on on A again", limit=60)
+    assert counts(log_a)[0] > seen and "GUEST-BOOTED" not in log_a.read_text(errors="replace")
+
+
+class CorruptingProxy:
+    """A TCP forwarder to the controller that changes one byte of the first connection to
+    carry more than ``after`` bytes towards the agent (the image's download): a transfer
+    tampered with on its way."""
+
+    def __init__(self, port: int, after: int = 4 << 20):
+        self.port = port
+        self.after = after
+        self.flipped = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.sockets: list[socket.socket] = []
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.listener.getsockname()[1]}"
+
+    def start(self) -> None:
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        """Stop accepting and cut every connection: none outlives the test, half-open."""
+        self.listener.close()
+        for sock in self.sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.port))
+            self.sockets += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, towards_agent: bool) -> None:
+        passed = 0
+        try:
+            while data := src.recv(65536):
+                if towards_agent and not self.flipped.is_set() and passed + len(data) > self.after:
+                    at = max(0, self.after - passed)
+                    data = data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:]
+                    self.flipped.set()
+                passed += len(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        for end in (src, dst):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+
+
+def test_a_tampered_or_refused_transfer_leaves_it_running_on_the_source(vm_cluster, libvirtd, second_libvirtd):
+    controller, make_agent, create_vm = vm_cluster
+    proxy = CorruptingProxy(int(controller.url.rpartition(":")[2]))
+    proxy.start()
+    try:
+        a, a_dir = make_agent(libvirtd)
+        # B reaches the controller through the proxy, which damages the image on its way to B.
+        b, b_dir = make_agent(second_libvirtd, settings={"controller": proxy.url})
+        # C gives its VMs a network interface, which the saved guest did not have: its state
+        # cannot be restored there, which C finds only once everything has arrived.
+        c, c_dir = make_agent(second_libvirtd, network="user")
+        name = f"kumo-vmckpt-st-{uuid.uuid4().hex[:6]}"
+        create_vm(a, name)
+        log_a = a_dir / name / "console.log"
+        wait_for(lambda: len(counts(log_a)) >= 3, "the guest to count on A", limit=120)
+
+        for destination, code in ((b, "transfer-failed"), (c, "import-refused")):
+            answer = controller.admin("POST", f"/v1/instances/{name}/migrate", {"to": destination.node_id})
+            done = finished(controller, answer["migration"]["id"])
+            assert done["state"] == "failed" and done["code"] == code, done
+            assert f"restored on node {a.node_id}" in done["outcome"], done
+            assert controller.admin("GET", f"/v1/instances/{name}")["node"] == a.node_id
+            wait_for(lambda: running_on(a, name), "the VM to run on A again")
+            before = counts(log_a)[-1]
+            wait_for(lambda before=before: counts(log_a)[-1] > before + 3, "the guest to count on on A")
+    finally:
+        proxy.close()
+    assert proxy.flipped.is_set(), "the proxy damaged the transfer to B"
+    assert "had no network interface" in done["error"]
+    assert log_a.read_text(errors="replace").count("GUEST-BOOTED") == 1, "restored, not booted again"
+    for node, directory in ((b, b_dir), (c, c_dir)):
+        assert reported(node, name) is None and not (directory / name).exists(), "it holds nothing of it"
+        assert not list((node.state_dir / "plugins" / "checkpoint").rglob("memory.save")), "it discarded what came"
