@@ -49,6 +49,7 @@ from controller.api import (
     reply,
     tasks,
 )
+from controller.services import Refused, migrations
 from controller.settings import ControllerSettings, split_address
 from controller.store import Event, Store, StoreUnavailable, open_store
 
@@ -126,7 +127,7 @@ class Controller:
         await self._reload()
         await self._register_init_admin()
         await self.store.controller_seen(self.id, self.settings.url, self.started_at)
-        await migration.end_orphans(self)
+        await migrations.end_orphans(self)
         self.unavailable = None
         self._background.append(asyncio.create_task(self._flush_loop(), name="kumo-flush"))
         self._background.append(asyncio.create_task(self._registry_loop(), name="kumo-registry"))
@@ -152,7 +153,7 @@ class Controller:
         while True:
             await asyncio.sleep(REGISTRY_INTERVAL)
             try:
-                await migration.end_orphans(self)
+                await migrations.end_orphans(self)
             except StoreUnavailable as exc:
                 log.warning("could not look for migrations a dead controller left: %s", exc)
 
@@ -190,7 +191,7 @@ class Controller:
             require_peer_role(context, "controller")
             self._peers_session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(ssl=context),
-                timeout=aiohttp.ClientTimeout(total=None, connect=30, sock_read=migration.STALL_TIMEOUT + 30),
+                timeout=aiohttp.ClientTimeout(total=None, connect=30, sock_read=migrations.STALL_TIMEOUT + 30),
             )
         return self._peers_session
 
@@ -264,7 +265,7 @@ class Controller:
                 event.set()
 
     async def stop(self) -> None:
-        await migration.shutdown(self)
+        await migrations.shutdown(self)
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -468,7 +469,7 @@ async def audited(ctl: Controller, request: web.Request, handler: Any, who: tupl
         response = await handler(request)
         status, error = response.status, None
         return response
-    except ApiError as exc:
+    except Refused as exc:
         status, error = exc.status, exc.message
         raise
     finally:
@@ -490,7 +491,7 @@ async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
     route = resource.canonical if resource is not None else "unmatched"
     try:
         response = await handler(request)
-    except ApiError as exc:
+    except Refused as exc:
         response = reply({"error": exc.message, **exc.extra}, exc.status)
     except StoreUnavailable as exc:
         response = reply({"error": f"{exc}; the request is safe to retry"}, 503)

@@ -7,7 +7,8 @@
   by name, so any plugin may be removed or replaced;
 - the SDK imports nothing of the agent outside itself, so it is the whole of what plugin
   authors depend on;
-- the controller imports no plugin and, of the agent, only the SDK;
+- the controller imports no plugin and, of the agent, only the SDK; its services and store
+  import nothing of the HTTP handlers (``controller.api``) or aiohttp.web;
 - every TaskError code written in the source is one of ``agent.sdk.ErrorCode``;
 - every public name of the SDK and every hook is documented.
 """
@@ -169,6 +170,19 @@ def test_the_controller_imports_no_plugin_and_only_the_sdk_of_the_agent():
         if top(i.module) == "plugins" or (top(i.module) == "agent" and not within(i.module, "agent.sdk"))
     ]
     assert not wrong, "the controller runs without the agent's core and its plugins:\n" + "\n".join(wrong)
+
+
+def test_controller_services_and_store_know_nothing_of_http_handlers():
+    # Handlers parse, authorise and render; services decide; one path to every action for
+    # the API and whatever else calls them.
+    wrong = [
+        str(i)
+        for part in ("services", "store")
+        for p in sources("controller", part)
+        for i in imports(p)
+        if within(i.module, "controller.api") or within(i.module, "aiohttp.web")
+    ]
+    assert not wrong, "services and the store must not depend on the HTTP layer:\n" + "\n".join(wrong)
 
 
 def _written_codes(path: Path) -> Iterator[tuple[int, object]]:

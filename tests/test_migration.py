@@ -245,7 +245,7 @@ def test_kumoctl_migrate_shows_progress_and_drain_moves_the_rest(cluster):
 
 
 async def test_an_aborted_relay_releases_both_ends_at_once():
-    from controller.api.migration import RELAY_DEPTH, Relay, RelayAborted
+    from controller.services.migrations import RELAY_DEPTH, Relay, RelayAborted
 
     relay = Relay("n-source", "n-destination")
     for _ in range(RELAY_DEPTH):
@@ -262,12 +262,12 @@ async def test_an_aborted_relay_releases_both_ends_at_once():
 
 
 def test_the_kinds_a_node_can_move_are_what_its_checkpoint_plugin_publishes():
-    from controller.api.migration import _unsupported, checkpoint_kinds
+    from controller.services.migrations import checkpoint_kinds, unsupported
 
     node = {"plugins": {"checkpoint": {"available": True, "attributes": {"instance_kinds": ["lxc", "process"]}}}}
     assert checkpoint_kinds(node) == ["lxc", "process"]
-    assert _unsupported(node, "n-a", "process") is None
-    assert _unsupported(node, "n-a", "kvm") == "node n-a cannot checkpoint kvm instances (it can move: lxc, process)"
+    assert unsupported(node, "n-a", "process") is None
+    assert unsupported(node, "n-a", "kvm") == "node n-a cannot checkpoint kvm instances (it can move: lxc, process)"
     without = {"plugins": {"kvm": {"available": True}}}
     assert checkpoint_kinds(without) == [] and checkpoint_kinds(None) == []
-    assert _unsupported(without, "n-b", "process") == "node n-b cannot checkpoint process instances (it can move: none)"
+    assert unsupported(without, "n-b", "process") == "node n-b cannot checkpoint process instances (it can move: none)"

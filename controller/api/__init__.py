@@ -4,13 +4,14 @@ the app and the OpenAPI document are both built from those lists, so they cannot
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
 import math
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal
 
 from aiohttp import web
+
+from controller.services import Refused
 
 Role = Literal["admin", "node", "scraper", "controller", "enroll", "any"]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -28,14 +29,9 @@ class Route:
     body: Mapping[str, str] | None = None  # request fields -> description, for the OpenAPI document
 
 
-class ApiError(Exception):
-    """An answer other than success: status, a sentence naming the problem and what to do."""
-
-    def __init__(self, status: int, message: str, **extra: Any):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.extra = extra
+class ApiError(Refused):
+    """A request the HTTP layer refuses before any service sees it (malformed, unknown field);
+    answered like a service's :class:`controller.services.Refused`."""
 
 
 def state(request: web.Request) -> Any:
@@ -121,12 +117,6 @@ def reject_unknown(data: Mapping[str, Any], allowed: set[str]) -> None:
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise ApiError(400, f"unknown field {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})")
-
-
-def iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _names(kind: type | tuple[type, ...]) -> str:

@@ -16,7 +16,8 @@ from typing import Any
 from aiohttp import web
 
 from controller import pki
-from controller.api import ApiError, Route, field, iso, json_body, reject_unknown, reply, state
+from controller.api import ApiError, Route, field, json_body, reject_unknown, reply, state
+from controller.services import iso
 from controller.settings import split_address
 
 JOIN_PREFIX = "kumo2"

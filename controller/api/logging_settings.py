@@ -13,8 +13,8 @@ from aiohttp import web
 
 from agent.sdk import ConfigError
 from controller.api import ApiError, Route, field, json_body, reject_unknown, reply, state
-from controller.api.tasks import new_task, submit
 from controller.api.tasks import shown as shown_task
+from controller.services.tasks import new_task, submit
 from controller.settings import split_address
 
 KEY = "logging"

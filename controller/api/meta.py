@@ -15,7 +15,6 @@ from controller.api import (
     ApiError,
     Route,
     field,
-    iso,
     json_body,
     page_query,
     paged,
@@ -23,6 +22,7 @@ from controller.api import (
     reply,
     state,
 )
+from controller.services import iso
 
 ISSUABLE_ROLES = ("scraper", "admin")
 CLIENT_CERT_LIFETIME = datetime.timedelta(days=365)

@@ -1,305 +1,57 @@
-"""Checkpoint, restore and migration of instances, and the moves a drain makes.
+"""Checkpoint, restore and migration over HTTP, and the image relay's endpoints.
 
-Checkpoint and restore are one task each on the instance's node (the checkpoint plugin's
-``checkpoint.dump`` / ``checkpoint.restore``: CRIU for process trees, the kind's own save
-for a VM). A migration is a sequence the controller
-drives, one task at a time, and records as a document (``GET /v1/migrations/{id}``):
-
-1. pre-flight on the source (``checkpoint.preflight``): blockers refuse it at once (409);
-2. checkpoint on the source (``checkpoint.dump``, stopping the instance);
-3. transfer: what the destination's image cache already holds of the images the
-   checkpoint needs (a VM's base image) is asked first (``checkpoint.holds``) and left
-   out; ``checkpoint.send`` on the source and ``checkpoint.receive`` on the destination
-   meet here: the controller relays one stream between the two mutual-TLS requests through
-   a small queue (never to disk, never whole in memory), counting the bytes as they pass;
-   both ends report the stream's sha256 and they must agree. With several controllers the
-   relay lives in the one driving the migration; an end attached to another controller
-   reaches it through that controller, which forwards the stream (``/v1/relay/...``) with
-   its own certificate, so nodes never need to reach a particular controller;
-4. restore on the destination (``checkpoint.restore``), then wait until the destination's
-   own heartbeat reports the instance running;
-5. only then the instance's record moves to the destination and the source deletes its copy
-   (``<kind>.delete``) and its checkpoints (``checkpoint.discard``).
-
-A container's directory (config and rootfs) travels in the same stream as its image, and
-the destination's lxc plugin takes it over as its own when it restores it (see
-plugins/checkpoint/). Only the kinds both nodes' checkpoint plugins publish in their
-fingerprint (``attributes.instance_kinds``) can be checkpointed or moved.
-
-Any failure after step 2 restores the instance on the source from the checkpoint it just
-made, so it is never lost; nothing is restored on the source while the destination might
-still run it, so it never runs twice. When the controller cannot know (a node took a task
-and never answered), it says so and leaves the checkpoint in place rather than guess.
+The decisions (pre-flight, the migration's steps, rollback, takeover) are
+:mod:`controller.services.migrations`'s; here requests are parsed and answers rendered, and
+the two ends of a migration's image stream meet: the source's ``PUT`` and the
+destination's ``GET`` of ``/v1/nodes/{id}/migrations/{mid}/image``, relayed through the
+driving controller's :class:`~controller.services.migrations.Relay` (or forwarded to the
+controller that drives it, ``/v1/relay/...``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import datetime
-import logging
-import time
-import uuid
-import weakref
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
-from controller import scheduler
-from controller.api import ApiError, Route, field, iso, json_body, reject_unknown, reply, state
-from controller.api.instances import fleet, shown
-from controller.api.tasks import new_task, submit
+from controller.api import ApiError, Route, field, json_body, reject_unknown, reply, state
+from controller.api.instances import shown
 from controller.api.tasks import shown as shown_task
-
-log = logging.getLogger("kumo.controller.migration")
-
-PREFLIGHT_TIMEOUT = 30.0
-CRIU_TIMEOUT = 660.0  # the plugin's own criu timeout (600 s) plus slack
-TRANSFER_TIMEOUT = 6 * 3600.0  # the stall timeout below is what ends a stuck transfer
-STALL_TIMEOUT = 60.0
-ABORT_GRACE = 30.0  # how long an aborted transfer waits for the other end's task to answer
-CLEANUP_TIMEOUT = 60.0
-RELAY_DEPTH = 64  # chunks held between the source's upload and the destination's download
-
-
-class RelayAborted(Exception):
-    """The transfer was given up; the message says why."""
-
-
-class Relay:
-    """One image stream from the source's PUT to the destination's GET."""
-
-    def __init__(self, source: str, destination: str):
-        self.source = source
-        self.destination = destination
-        self.chunks: asyncio.Queue[bytes | None] = asyncio.Queue(RELAY_DEPTH)
-        self.total: int | None = None
-        self.sent = 0  # bytes received from the source
-        self.received = 0  # bytes handed to the destination
-        self.attached = asyncio.Event()
-        self.delivered = asyncio.Event()
-        self.aborted = asyncio.Event()
-        self.error: str | None = None
-
-    def abort(self, reason: str) -> None:
-        if self.error is None:
-            self.error = reason
-        self.aborted.set()
-
-    async def until(self, awaitable: Awaitable[Any], stalled: str) -> Any:
-        """Await ``awaitable`` unless the transfer is aborted or nothing happens for STALL_TIMEOUT."""
-        if self.aborted.is_set():
-            if asyncio.iscoroutine(awaitable):
-                awaitable.close()
-            raise RelayAborted(self.error)
-        waiter = asyncio.ensure_future(awaitable)
-        abort = asyncio.ensure_future(self.aborted.wait())
-        try:
-            done, _ = await asyncio.wait({waiter, abort}, timeout=STALL_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            abort.cancel()
-        if waiter in done:
-            return waiter.result()
-        waiter.cancel()
-        if not done:
-            self.abort(f"the transfer stalled: {stalled} for {STALL_TIMEOUT:.0f} s")
-        raise RelayAborted(self.error)
-
-
-class Migrations:
-    """The migrations this controller process is driving (which instance each holds is in the
-    store, shared by every controller: see Store.begin_migration)."""
-
-    def __init__(self) -> None:
-        self.relays: dict[str, Relay] = {}
-        self.running: dict[str, asyncio.Task[None]] = {}
-        self.docs: dict[str, dict[str, Any]] = {}
-
-
-_MIGRATIONS: weakref.WeakKeyDictionary[Any, Migrations] = weakref.WeakKeyDictionary()
-
-
-def migrations(ctl: Any) -> Migrations:
-    if ctl not in _MIGRATIONS:
-        _MIGRATIONS[ctl] = Migrations()
-    return _MIGRATIONS[ctl]
-
-
-async def shutdown(ctl: Any) -> None:
-    """Stop driving migrations (the controller is stopping); their records say they were cut off."""
-    tasks = list(migrations(ctl).running.values())
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-
-
-# -- tasks the controller waits for ------------------------------------------------------
-
-
-async def run_task(ctl: Any, node: str, kind: str, payload: dict[str, Any], timeout: float,
-                   instance: str | None = None) -> dict[str, Any]:
-    """Queue a task and wait for its end. A task no node took in time is withdrawn (failed,
-    code ``node-timeout``); one taken but never answered comes back with state ``lost``."""
-    task, _ = await submit(ctl, new_task(node, kind, payload, instance=instance))
-    try:
-        return await ctl.wait_task(task["id"], timeout)
-    except TimeoutError:
-        sentence = f"node {node} did not take {kind} within {timeout:.0f} s (is its agent running?)"
-        if await ctl.store.cancel_task(task["id"], sentence):
-            return {**task, "state": "failed", "error": sentence, "code": "node-timeout"}
-        return {**task, "state": "lost", "error": f"node {node} took {kind} but did not answer within {timeout:.0f} s",
-                "code": "no-answer"}
-
-
-async def preflight(ctl: Any, row: dict[str, Any], doing: str) -> None:
-    """Ask the instance's node what would block a checkpoint; 409 naming the blockers."""
-    task = await run_task(ctl, row["node"], "checkpoint.preflight", {"name": row["name"], "kind": row["kind"]},
-                          PREFLIGHT_TIMEOUT)
-    if task["state"] != "succeeded":
-        raise ApiError(409, f"cannot {doing} instance {row['name']}: the pre-flight check on node {row['node']} "
-                       f"failed: {task['error']}", code=task.get("code"))
-    blockers = (task["result"] or {}).get("blockers") or []
-    if blockers:
-        raise ApiError(
-            409,
-            f"cannot {doing} instance {row['name']} on node {row['node']}: "
-            + "; ".join(f"{b['message']} [{b['code']}]" for b in blockers),
-            blockers=blockers,
-        )
-
-
-def checkpoint_kinds(node: dict[str, Any] | None) -> list[str]:
-    """The instance kinds ``node`` can checkpoint and move, as its checkpoint plugin publishes them."""
-    plugin = ((node or {}).get("plugins") or {}).get("checkpoint") or {}
-    kinds = (plugin.get("attributes") or {}).get("instance_kinds")
-    return [k for k in kinds if isinstance(k, str)] if isinstance(kinds, list) else []
-
-
-def _unsupported(node: dict[str, Any] | None, node_id: str, kind: str) -> str | None:
-    """Why ``node`` cannot checkpoint ``kind`` instances, or None when it can."""
-    kinds = checkpoint_kinds(node)
-    if kind in kinds:
-        return None
-    return f"node {node_id} cannot checkpoint {kind} instances (it can move: {', '.join(kinds) or 'none'})"
-
-
-async def restore_payload(ctl: Any, node_id: str, name: str, kind: str, image: str | None) -> dict[str, Any]:
-    """``checkpoint.restore``'s payload for ``node_id``. A kind the node restores by its own
-    means (``native_kinds``: a VM) gets the instance's create payload as this controller
-    keeps it, so a destination builds the instance from it rather than from what the
-    source node wrote; older agents, which take no such key, are never sent it."""
-    payload: dict[str, Any] = {"name": name, "kind": kind}
-    if image is not None:
-        payload["image"] = image
-    stored = await ctl.store.get_node(node_id)
-    plugin = ((ctl.node_view(stored) if stored is not None else {}).get("plugins") or {}).get("checkpoint") or {}
-    row = await ctl.store.get_instance(name)
-    if row is not None and kind in ((plugin.get("attributes") or {}).get("native_kinds") or []):
-        payload["instance"] = {"name": name, "kind": kind, **row["spec"]}
-    return payload
-
-
-async def _checkpointable(ctl: Any, row: dict[str, Any], doing: str) -> None:
-    stored = await ctl.store.get_node(row["node"])
-    why = _unsupported(ctl.node_view(stored) if stored is not None else None, row["node"], row["kind"])
-    if why is not None:
-        raise ApiError(409, f"cannot {doing} instance {row['name']}: {why}", code="unsupported-kind")
-
-
-async def _instance(ctl: Any, name: str) -> dict[str, Any]:
-    row = await ctl.store.get_instance(name)
-    if row is None:
-        raise ApiError(404, f"no instance {name!r}: see `kumoctl instances list`")
-    return row
-
-
-async def refuse_if_migrating(ctl: Any, name: str) -> None:
-    """409 while a migration holds the instance: nothing else may start, stop or delete it."""
-    current = await ctl.store.active_migration(name)
-    if current is not None:
-        _busy(name, current)
-
-
-def _busy(name: str, migration_id: str) -> None:
-    raise ApiError(409, f"instance {name} is being migrated (GET /v1/migrations/{migration_id}); wait until it ends")
-
-
-# -- the ways an instance can move (``kumoctl instances show``) ----------------------------
-
-LIVE_UNSUPPORTED = ("not yet supported: Kumo moves an instance by stop-and-copy (checkpoint, transfer, restore), "
-                    "so it is stopped while it moves")
-
-
-async def modes(ctl: Any, row: dict[str, Any], instance: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Whether the instance (``row``, shown as ``instance``) could be moved now, per mode,
-    and why not. The same checks a migration makes before it starts, except the source's
-    pre-flight scan: the blockers its kind already knows come with its details."""
-    why: str | None = None
-    if instance["state"] != "running":
-        why = f"it is {instance['state']}: only a running instance is checkpointed and moved"
-    blockers = (instance.get("details") or {}).get("checkpoint_blockers") or []
-    if why is None and blockers:
-        why = "; ".join(f"{b.get('message')} [{b.get('code')}]" for b in blockers if isinstance(b, dict))
-    destination = None
-    if why is None:
-        try:
-            await _checkpointable(ctl, row, "migrate")
-            destination = await _destination(ctl, row, None)
-        except ApiError as exc:
-            why = exc.message
-    stop = {"possible": why is None,
-            "reason": why or f"checkpoint on node {row['node']}, relay through the controller and restore on another "
-                             f"node (the scheduler would choose {destination} now)"}
-    return {"stop-and-copy": stop, "live": {"possible": False, "reason": LIVE_UNSUPPORTED}}
-
-
-# -- checkpoint and restore ---------------------------------------------------------------
+from controller.services import instances, migrations
 
 
 async def checkpoint(request: web.Request) -> web.Response:
     ctl = state(request)
-    row = await _instance(ctl, request.match_info["name"])
+    row = await instances.get(ctl, request.match_info["name"])
     data = await json_body(request)
     reject_unknown(data, {"leave_running"})
-    leave_running = field(data, "leave_running", bool, required=False, default=False)
-    await _checkpointable(ctl, row, "checkpoint")
-    await refuse_if_migrating(ctl, row["name"])
-    await preflight(ctl, row, "checkpoint")
-    payload = {"name": row["name"], "kind": row["kind"], "leave_running": leave_running}
-    task, _ = await submit(ctl, new_task(row["node"], "checkpoint.dump", payload, instance=row["name"]))
+    task = await migrations.checkpoint(ctl, row, field(data, "leave_running", bool, required=False, default=False))
     return reply({"instance": await shown(ctl, row), "task": shown_task(task)}, 202)
 
 
 async def restore(request: web.Request) -> web.Response:
     ctl = state(request)
-    row = await _instance(ctl, request.match_info["name"])
+    row = await instances.get(ctl, request.match_info["name"])
     data = await json_body(request)
     reject_unknown(data, {"image"})
-    image = field(data, "image", str, required=False)
-    await _checkpointable(ctl, row, "restore")
-    await refuse_if_migrating(ctl, row["name"])
-    payload = await restore_payload(ctl, row["node"], row["name"], row["kind"], image)
-    task, _ = await submit(ctl, new_task(row["node"], "checkpoint.restore", payload, instance=row["name"]))
+    task = await migrations.restore(ctl, row, field(data, "image", str, required=False))
     return reply({"instance": await shown(ctl, row), "task": shown_task(task)}, 202)
-
-
-# -- migration ---------------------------------------------------------------------------
 
 
 async def migrate(request: web.Request) -> web.Response:
     ctl = state(request)
-    row = await _instance(ctl, request.match_info["name"])
+    row = await instances.get(ctl, request.match_info["name"])
     data = await json_body(request)
     reject_unknown(data, {"to"})
-    doc = await start_migration(ctl, row, field(data, "to", str, required=False))
+    doc = await migrations.start_migration(ctl, row, field(data, "to", str, required=False))
     return reply({"migration": public(ctl, doc)}, 202)
 
 
 async def show_migration(request: web.Request) -> web.Response:
     ctl = state(request)
-    doc = migrations(ctl).docs.get(request.match_info["id"]) or await ctl.store.get_migration(request.match_info["id"])
+    doc = migrations.migrations(ctl).docs.get(request.match_info["id"]) or await ctl.store.get_migration(request.match_info["id"])
     if doc is None:
         raise ApiError(404, f"no migration {request.match_info['id']!r}")
     return reply(public(ctl, doc))
@@ -309,7 +61,7 @@ def public(ctl: Any, doc: dict[str, Any]) -> dict[str, Any]:
     """The migration as the API shows it, with the relay's live byte counts."""
     out = {**doc, "progress": dict(doc["progress"])}
     out.pop("controller", None)
-    relay = migrations(ctl).relays.get(doc["id"])
+    relay = migrations.migrations(ctl).relays.get(doc["id"])
     if relay is not None:
         out["progress"].update(bytes_sent=relay.sent, bytes_received=relay.received)
         if relay.total is not None:
@@ -317,347 +69,12 @@ def public(ctl: Any, doc: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-async def end_orphans(ctl: Any) -> None:
-    """Take over the migrations whose controller died while driving them (SQLite: this
-    controller's previous run) and bring each to an end (:func:`_recover`)."""
-    for doc in await ctl.store.orphaned_migrations(await ctl.live_controllers()):
-        dead = doc.pop("controller")
-        if not await ctl.store.adopt_migration(doc["id"], dead, ctl.id):
-            continue  # another controller took it first
-        log.warning("migration %s of %s: its controller %s stopped; this one takes it over", doc["id"],
-                    doc["instance"], dead)
-        mgr = migrations(ctl)
-        mgr.docs[doc["id"]] = doc
-        mgr.running[doc["id"]] = asyncio.create_task(
-            _drive(ctl, doc, time.time(), _recover), name=f"kumo-migration-{doc['id']}")
-
-
-async def _recover(ctl: Any, doc: dict[str, Any]) -> None:
-    """End a migration another controller was driving when it died, from what the nodes say.
-
-    The steps it had queued and no node took are withdrawn; those a node took are waited
-    for (a transfer fails by itself: its relay died). Then: the destination runs the
-    instance, so the move is finished; or the source still runs it, so nothing moved; or it
-    runs nowhere, so it is restored on the source from the checkpoint the migration made.
-    Never both: the source is restored only when the destination does not run it.
-    """
-    name, kind, source, destination = doc["instance"], doc["kind"], doc["source"], doc["destination"]
-    base = {"name": name, "kind": kind}
-    cut_at = doc["phase"]
-    since = datetime.datetime.fromisoformat(doc["created_at"].replace("Z", "+00:00")).timestamp()
-    for task in await ctl.store.instance_tasks(name, since):
-        if task["state"] == "pending" and await ctl.store.cancel_task(task["id"], "the migration's controller stopped"):
-            continue
-        if task["state"] in ("pending", "delivered"):
-            with contextlib.suppress(TimeoutError):
-                await ctl.wait_task(task["id"], CRIU_TIMEOUT)
-    dumps = [t for t in await ctl.store.instance_tasks(name, since)
-             if t["kind"] == "checkpoint.dump" and t["state"] == "succeeded" and t["node"] == source]
-    image = doc.get("image") or (dumps[-1]["result"].get("image") if dumps else None)
-    where = await _running_on(ctl, [n for n in (destination, source) if n], name, kind)
-    stopped = f"the controller driving this migration stopped during its {cut_at} phase"
-    if destination and where == destination:
-        await ctl.store.move_instance(name, source, destination)
-        doc.update(node=destination, phase="done")
-        cleanup = await run_task(ctl, source, f"{kind}.delete", base, CLEANUP_TIMEOUT, name)
-        if cleanup["state"] == "succeeded":
-            await run_task(ctl, source, "checkpoint.discard", base, CLEANUP_TIMEOUT, name)
-        doc["outcome"] = (f"{stopped}; another controller found it running on node {destination} and finished the "
-                          f"move" + ("" if cleanup["state"] == "succeeded" else
-                                     f" (removing the stopped copy from node {source} failed: {cleanup.get('error')})"))
-        return
-    doc.update(error=stopped, code="interrupted")
-    if where == source:
-        doc["outcome"] = f"the instance was not moved and runs on node {source}"
-        if destination:
-            await run_task(ctl, destination, "checkpoint.discard", base, CLEANUP_TIMEOUT, name)
-    elif image:
-        await _roll_back(ctl, doc, base, image)
-    else:
-        doc["outcome"] = (f"the instance runs nowhere and no checkpoint of it was finished; see "
-                          f"kumoctl instances show {name}")
-
-
-async def _running_on(ctl: Any, nodes: list[str], name: str, kind: str) -> str | None:
-    """The first of ``nodes`` whose own report lists the instance running, waiting a few
-    heartbeats for the reports to settle; None when none does."""
-    deadline = time.monotonic() + max(10.0, 5 * ctl.settings.heartbeat_interval)
-    while time.monotonic() < deadline:
-        for node_id in nodes:
-            row = await ctl.store.get_node(node_id)
-            if row is not None and any(
-                i.get("name") == name and i.get("kind") == kind and i.get("state") == "running"
-                for i in ctl.node_view(row)["instances"]
-            ):
-                return node_id
-        await asyncio.sleep(0.2)
-    return None
-
-
-async def _destination(ctl: Any, row: dict[str, Any], to: str | None) -> str:
-    source = row["node"]
-    if to == source:
-        raise ApiError(409, f"instance {row['name']} is already on node {source}: choose another node", code="same-node")
-    nodes = await fleet(ctl)
-    by_id = {n["id"]: n for n in nodes}
-    if to is not None and to not in by_id:
-        raise ApiError(404, f"no node {to!r} to migrate to: see `kumoctl nodes list`")
-    if source not in by_id or by_id[source]["state"] != "ready":
-        state_ = by_id[source]["state"] if source in by_id else "removed"
-        raise ApiError(409, f"instance {row['name']} is on node {source}, which is {state_}: it cannot be checkpointed "
-                       "there now", code="source-unreachable")
-    reasons: dict[str, str] = {}
-    usable = []
-    for node in nodes:
-        if node["id"] == source:
-            continue
-        plugin = (node.get("plugins") or {}).get("checkpoint")
-        unsupported = _unsupported(node, node["id"], row["kind"])
-        if not plugin or not plugin.get("available"):
-            why = (plugin or {}).get("reason") or "not installed"
-            reasons[node["id"]] = f"plugin checkpoint is unavailable: {why}"
-        elif unsupported is not None:
-            if node["id"] == to:
-                raise ApiError(409, f"cannot migrate instance {row['name']}: {unsupported}", code="unsupported-kind")
-            reasons[node["id"]] = unsupported
-        else:
-            usable.append(node)
-    request = {"kind": row["kind"], "vcpus": row["spec"].get("vcpus", 1),
-               "memory_mib": row["spec"].get("memory_mib", 0), "node": to}
-    chosen, more = scheduler.place(request, usable, ctl.settings.placement_cpu_busy_max)
-    reasons.update(more)
-    if chosen is None:
-        if to is not None:
-            raise ApiError(409, f"node {to} cannot take instance {row['name']}: {reasons.get(to)}", reasons=reasons)
-        why = "; ".join(f"{node}: {reason}" for node, reason in sorted(reasons.items())) or "it is the only node"
-        raise ApiError(409, f"no other node can take instance {row['name']}: {why}", reasons=reasons)
-    return chosen
-
-
-async def start_migration(ctl: Any, row: dict[str, Any], to: str | None) -> dict[str, Any]:
-    """Check, pre-flight and start moving ``row``'s instance; its migration document.
-
-    Raises ApiError (404/409) when it cannot start: then nothing was changed anywhere.
-    """
-    name = row["name"]
-    await _checkpointable(ctl, row, "migrate")
-    now = time.time()
-    doc: dict[str, Any] = {
-        "id": "m-" + uuid.uuid4().hex[:16], "instance": name, "kind": row["kind"], "source": row["node"],
-        "destination": None, "node": row["node"], "state": "running", "phase": "preflight",
-        "progress": {"bytes_total": None, "bytes_sent": 0, "bytes_received": 0},
-        "image": None, "sha256": None, "error": None, "code": None, "outcome": None,
-        "created_at": iso(now), "finished_at": None, "seconds": None,
-    }
-    # Held from here, in the store: no other controller starts a second migration of it meanwhile.
-    holder = await ctl.store.begin_migration(doc, ctl.id)
-    if holder is not None:
-        _busy(name, holder)
-    try:
-        doc["destination"] = destination = await _destination(ctl, row, to)
-        await preflight(ctl, row, "migrate")
-        doc["phase"] = "checkpoint"
-        await ctl.store.put_migration(doc)
-    except BaseException:
-        await asyncio.shield(ctl.store.drop_migration(doc["id"]))
-        raise
-    mgr = migrations(ctl)
-    mgr.docs[doc["id"]] = doc
-    mgr.running[doc["id"]] = asyncio.create_task(_drive(ctl, doc, now, _migrate), name=f"kumo-migration-{doc['id']}")
-    log.info("migration %s: %s %s from %s to %s", doc["id"], row["kind"], name, row["node"], destination)
-    return doc
-
-
-async def _drive(ctl: Any, doc: dict[str, Any], started: float,
-                 steps: Callable[[Any, dict[str, Any]], Awaitable[None]]) -> None:
-    mgr = migrations(ctl)
-    try:
-        await steps(ctl, doc)
-    except Exception as exc:
-        log.exception("migration %s failed unexpectedly", doc["id"])
-        doc.update(error=f"the controller failed while migrating: {exc}", code="internal")
-    finally:
-        relay = mgr.relays.pop(doc["id"], None)
-        if relay is not None:
-            doc["progress"].update(bytes_sent=relay.sent, bytes_received=relay.received)
-            if relay.total is not None:
-                doc["progress"]["bytes_total"] = relay.total
-        # One write frees the instance and shows the end state: a client that sees
-        # "succeeded" may at once stop, delete or migrate it again.
-        doc.update(state="succeeded" if doc["phase"] == "done" and doc["error"] is None else "failed",
-                   finished_at=iso(time.time()), seconds=round(time.time() - started, 3))
-        with contextlib.suppress(Exception):
-            await ctl.store.put_migration(doc)
-        mgr.running.pop(doc["id"], None)
-        mgr.docs.pop(doc["id"], None)
-        log.info("migration %s %s: %s", doc["id"], doc["state"], doc.get("outcome") or doc.get("error"))
-
-
-async def _phase(ctl: Any, doc: dict[str, Any], phase: str) -> None:
-    doc["phase"] = phase
-    await ctl.store.put_migration(doc)
-
-
-def _fail(doc: dict[str, Any], task: dict[str, Any], what: str) -> None:
-    """Record why the migration failed; its state turns ``failed`` only when it ends (``_drive``),
-    so that no client reads an outcome before the rollback has made one."""
-    code = task.get("code") or "failed"
-    doc.update(error=f"{what}: {task.get('error') or 'no error given'}", code=code)
-
-
-async def _migrate(ctl: Any, doc: dict[str, Any]) -> None:
-    name, kind, source, destination = doc["instance"], doc["kind"], doc["source"], doc["destination"]
-    base = {"name": name, "kind": kind}
-
-    dump = await run_task(ctl, source, "checkpoint.dump", {**base, "leave_running": False}, CRIU_TIMEOUT, name)
-    if dump["state"] != "succeeded":
-        _fail(doc, dump, f"checkpoint on node {source} failed")
-        doc["outcome"] = (f"the instance was not moved; if the dump stopped it, restore it with "
-                          f"kumoctl instances restore {name}" if dump["state"] == "lost"
-                          else f"the instance was not moved and stays on node {source} as the dump left it")
-        return
-    image = dump["result"]["image"]
-    doc.update(image=image)
-    doc["progress"]["bytes_total"] = dump["result"].get("size_bytes")
-
-    await _phase(ctl, doc, "transfer")
-    needed = dump["result"].get("images") or []
-    held: list[str] = []
-    if needed:
-        holds = await run_task(ctl, destination, "checkpoint.holds", {**base, "images": needed}, PREFLIGHT_TIMEOUT,
-                               name)
-        if holds["state"] == "succeeded":  # else (an older destination) everything travels
-            held = holds["result"].get("held") or []
-    doc["images_sent"] = [digest for digest in needed if digest not in held]
-    received = await _transfer(ctl, doc, base, image, held)
-    if received is None:
-        await _roll_back(ctl, doc, base, image)
-        return
-
-    await _phase(ctl, doc, "restore")
-    restored = await run_task(ctl, destination, "checkpoint.restore",
-                              await restore_payload(ctl, destination, name, kind, received), CRIU_TIMEOUT, name)
-    if restored["state"] == "lost":
-        _fail(doc, restored, f"restore on node {destination} has no outcome")
-        doc["outcome"] = (f"the instance may be running on node {destination}; it was not restored on node {source} "
-                          f"so that it cannot run twice: check node {destination}, then restore it where it belongs "
-                          f"(its checkpoint is kept at {image} on node {source})")
-        return
-    if restored["state"] != "succeeded":
-        _fail(doc, restored, f"restore on node {destination} failed")
-        await _roll_back(ctl, doc, base, image)
-        return
-    if await _running_on(ctl, [destination], name, kind) != destination:
-        undone = await run_task(ctl, destination, f"{kind}.delete", base, CLEANUP_TIMEOUT, name)
-        doc.update(code="not-running",
-                   error=f"node {destination} restored the instance but never reported it running")
-        if undone["state"] == "succeeded":
-            await _roll_back(ctl, doc, base, image)
-        else:
-            doc["outcome"] = (f"removing it from node {destination} failed too ({undone.get('error')}); it was not "
-                              f"restored on node {source} so that it cannot run twice: check node {destination}")
-        return
-
-    await _phase(ctl, doc, "cleanup")
-    await ctl.store.move_instance(name, source, destination)
-    doc.update(node=destination)
-    cleanup = await run_task(ctl, source, f"{kind}.delete", base, CLEANUP_TIMEOUT, name)
-    doc.update(phase="done")
-    if cleanup["state"] == "succeeded":
-        discard = await run_task(ctl, source, "checkpoint.discard", base, CLEANUP_TIMEOUT, name)
-        doc["outcome"] = f"instance {name} runs on node {destination}; node {source} no longer has it"
-        if discard["state"] != "succeeded":
-            doc["outcome"] += (f" (removing its checkpoints there failed: {discard.get('error')}; delete "
-                               f"{image} and the checkpoints beside it by hand)")
-    else:
-        doc["outcome"] = (f"instance {name} runs on node {destination}; removing the stopped copy from node {source} "
-                          f"failed ({cleanup.get('error')}): delete it there by hand")
-
-
-async def _transfer(ctl: Any, doc: dict[str, Any], base: dict[str, Any], image: str, held: list[str]) -> str | None:
-    """Relay the image, without the cached images the destination ``held``; the destination's
-    path of it, or None (``doc`` says why)."""
-    mgr = migrations(ctl)
-    source, destination = doc["source"], doc["destination"]
-    relay = mgr.relays[doc["id"]] = Relay(source, destination)
-    transfer = {**base, "migration": doc["id"]}
-    sending = {**transfer, "image": image, **({"skip_images": held} if held else {})}
-    send, _ = await submit(ctl, new_task(source, "checkpoint.send", sending, instance=doc["instance"]))
-    image_name = image.rstrip("/").rpartition("/")[2]
-    recv, _ = await submit(ctl, new_task(destination, "checkpoint.receive", {**transfer, "image_name": image_name},
-                                         instance=doc["instance"]))
-    waits = {asyncio.ensure_future(ctl.wait_task(t["id"], TRANSFER_TIMEOUT)): t for t in (send, recv)}
-    ended: dict[str, dict[str, Any]] = {}
-    pending = set(waits)
-    while pending:
-        # After an abort a live end learns of it at once; one that died never answers, and
-        # rolling back without its answer is safe: receiving an image never restores it.
-        grace = ABORT_GRACE if relay.aborted.is_set() else None
-        done, pending = await asyncio.wait(pending, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
-        if not done:
-            for future in pending:
-                future.cancel()
-                task = waits[future]
-                ended[task["id"]] = {**task, "state": "failed", "code": "transfer-failed",
-                                     "error": f"{relay.error}; node {task['node']} did not answer within "
-                                     f"{ABORT_GRACE:.0f} s after the transfer was aborted"}
-            break
-        for future in done:
-            task = waits[future]
-            try:
-                ended[task["id"]] = future.result()
-            except TimeoutError:
-                ended[task["id"]] = {**task, "state": "failed", "error": "no answer", "code": "no-answer"}
-            if ended[task["id"]]["state"] != "succeeded":
-                # One end gave up: the other must not wait out the stall timeout.
-                relay.abort(f"node {task['node']} failed: {ended[task['id']].get('error')}")
-                for other in pending:
-                    # Withdrawn if not yet taken; the store's event then ends its wait at once.
-                    await ctl.store.cancel_task(waits[other]["id"], "the migration's transfer was aborted")
-    sent, got = ended[send["id"]], ended[recv["id"]]
-    for task, where in ((got, destination), (sent, source)):
-        if task["state"] != "succeeded":
-            _fail(doc, task, f"transfer ({'receiving on' if where == destination else 'sending from'} node {where}) failed")
-            return None
-    if sent["result"].get("sha256") != got["result"].get("sha256") or sent["result"].get("bytes") != got["result"].get("bytes"):
-        doc.update(code="transfer-checksum",
-                   error=f"the image arrived damaged: node {source} sent {sent['result'].get('bytes')} bytes with sha256 "
-                   f"{sent['result'].get('sha256')}, node {destination} received {got['result'].get('bytes')} with "
-                   f"{got['result'].get('sha256')}")
-        return None
-    doc["sha256"] = got["result"]["sha256"]
-    return got["result"]["image"]
-
-
-async def _roll_back(ctl: Any, doc: dict[str, Any], base: dict[str, Any], image: str) -> None:
-    """Restore the instance on the source from the checkpoint this migration made."""
-    source = doc["source"]
-    doc["phase"] = "rollback"
-    await ctl.store.put_migration(doc)
-    payload = await restore_payload(ctl, source, doc["instance"], doc["kind"], image)
-    restored = await run_task(ctl, source, "checkpoint.restore", payload, CRIU_TIMEOUT, doc["instance"])
-    if restored["state"] == "succeeded":
-        doc["outcome"] = f"the instance was restored on node {source} from its checkpoint and runs there"
-    else:
-        doc["outcome"] = (f"restoring it on node {source} failed too ({restored.get('error')}); its checkpoint is kept "
-                          f"at {image}: kumoctl instances restore {doc['instance']} --image {image}")
-    # What the destination received (the checkpoint, a container's unpacked directory) will
-    # never be restored there: it goes, after the source runs the instance again.
-    discard = await run_task(ctl, doc["destination"], "checkpoint.discard", base, CLEANUP_TIMEOUT, doc["instance"])
-    if discard["state"] != "succeeded":
-        log.warning("migration %s: node %s kept what it received (%s)", doc["id"], doc["destination"],
-                    discard.get("error") or discard["state"])
-
-
-# -- the image relay (node endpoints) -------------------------------------------------------
-
-
-async def _relay(request: web.Request, role: str) -> Relay | str:
+async def _relay(request: web.Request, role: str) -> migrations.Relay | str:
     """This controller's relay for the migration, or the URL to forward the stream to when
     another controller drives it."""
     ctl = state(request)
     migration_id, node_id = request.match_info["mid"], request.match_info["id"]
-    relay = migrations(ctl).relays.get(migration_id)
+    relay = migrations.migrations(ctl).relays.get(migration_id)
     if relay is not None:
         if node_id != (relay.source if role == "source" else relay.destination):
             raise ApiError(403, f"node {node_id} is not the {role} of migration {migration_id}")
@@ -733,7 +150,7 @@ async def upload_image(request: web.Request) -> web.Response:
             relay.sent += len(chunk)
         await relay.until(relay.chunks.put(None), "the destination took nothing")
         await relay.until(relay.delivered.wait(), "the destination did not take the rest")
-    except RelayAborted as exc:
+    except migrations.RelayAborted as exc:
         raise ApiError(409, f"the transfer was aborted: {exc}") from None
     except BaseException as exc:
         relay.abort(f"the stream from node {relay.source} broke: {exc or type(exc).__name__}")
@@ -747,7 +164,7 @@ async def download_image(request: web.Request) -> web.StreamResponse:
         return await _forward_download(request, relay)
     try:
         await relay.until(relay.attached.wait(), f"node {relay.source} did not start sending")
-    except RelayAborted as exc:
+    except migrations.RelayAborted as exc:
         raise ApiError(409, f"the transfer was aborted: {exc}") from None
     response = web.StreamResponse(headers={"Content-Type": "application/x-tar"})
     if relay.total is not None:
@@ -767,7 +184,7 @@ async def download_image(request: web.Request) -> web.StreamResponse:
     except asyncio.CancelledError:
         relay.abort(f"node {relay.destination} went away during the transfer")
         raise
-    except (RelayAborted, OSError) as exc:
+    except (migrations.RelayAborted, OSError) as exc:
         relay.abort(f"node {relay.destination} went away during the transfer: {exc}")
         # The answer has begun: cutting the connection is how the destination learns of it.
         if request.transport is not None:
@@ -775,26 +192,6 @@ async def download_image(request: web.Request) -> web.StreamResponse:
         return response
     relay.delivered.set()
     return response
-
-
-# -- drain ---------------------------------------------------------------------------------
-
-
-async def evacuate(ctl: Any, node_id: str) -> dict[str, Any]:
-    """Start migrating every instance of ``node_id`` that passes its pre-flight check.
-
-    Returns ``{"moving": [migration], "staying": [{"name", "kind", "reason", "blockers"}]}``.
-    """
-    moving, staying = [], []
-    for row in await ctl.store.list_instances():
-        if row["node"] != node_id:
-            continue
-        try:
-            moving.append(public(ctl, await start_migration(ctl, row, None)))
-        except ApiError as exc:
-            staying.append({"name": row["name"], "kind": row["kind"], "reason": exc.message,
-                            "blockers": exc.extra.get("blockers") or []})
-    return {"moving": moving, "staying": staying}
 
 
 INSTANCE = "/v1/instances/{name}"

@@ -18,7 +18,6 @@ from controller.api import (
     ApiError,
     Route,
     field,
-    iso,
     json_body,
     logging_settings,
     migration,
@@ -29,7 +28,8 @@ from controller.api import (
     reports,
     state,
 )
-from controller.api.tasks import leaves_no_instance
+from controller.services import iso, migrations
+from controller.services.tasks import leaves_no_instance
 
 MAX_POLL_WAIT = 60.0
 MAX_POLLS_PER_NODE = 4
@@ -193,7 +193,8 @@ async def _set_drained(request: web.Request, drained: bool) -> web.Response:
     view = shown(ctl, row)
     if drained:
         # What passes its pre-flight check moves off the node; the rest is reported.
-        view["evacuation"] = await migration.evacuate(ctl, node_id)
+        evacuation = await migrations.evacuate(ctl, node_id)
+        view["evacuation"] = {**evacuation, "moving": [migration.public(ctl, doc) for doc in evacuation["moving"]]}
     return reply(view)
 
 

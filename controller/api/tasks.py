@@ -1,16 +1,16 @@
 """Tasks: the unit of work a node runs. Persisted before they are acknowledged.
 
 ``POST /v1/tasks`` is the low-level door (any kind, any node); instances and log settings
-make their tasks through :func:`submit` too. Kinds are ``<plugin>.<operation>``; a kind no
-plugin on the node handles is still accepted and fails on the node with the list of what
-is installed, so third-party plugins need nothing registered here.
+make their tasks through :func:`controller.services.tasks.submit` too. Kinds are
+``<plugin>.<operation>``; a kind no plugin on the node handles is still accepted and fails
+on the node with the list of what is installed, so third-party plugins need nothing
+registered here.
 """
 
 from __future__ import annotations
 
 import math
 import re
-import uuid
 from typing import Any
 
 from aiohttp import web
@@ -19,7 +19,6 @@ from controller.api import (
     ApiError,
     Route,
     field,
-    iso,
     json_body,
     page_query,
     paged,
@@ -27,6 +26,8 @@ from controller.api import (
     reply,
     state,
 )
+from controller.services import iso
+from controller.services.tasks import new_task, submit
 
 KIND_RE = re.compile(r"^[a-z0-9_-]{1,64}\.[a-z0-9_.-]{1,64}\Z")
 STATES = ("pending", "delivered", "succeeded", "failed")
@@ -39,24 +40,6 @@ def shown(task: dict[str, Any]) -> dict[str, Any]:
         "error": task["error"], "code": task["code"], "created_at": iso(task["created_at"]),
         "updated_at": iso(task["updated_at"]),
     }
-
-
-def new_task(node: str, kind: str, payload: dict[str, Any], key: str | None = None, instance: str | None = None) -> dict[str, Any]:
-    task_id = "t-" + uuid.uuid4().hex[:16]
-    return {"id": task_id, "node": node, "kind": kind, "payload": payload,
-            "idempotency_key": key or task_id, "instance": instance}
-
-
-async def submit(ctl: Any, task: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-    """Store ``task`` (the store's event wakes its node's long-poll, on any controller). (task, created)."""
-    return await ctl.store.add_task(task)
-
-
-def leaves_no_instance(task: dict[str, Any]) -> bool:
-    """Whether an ended task takes its instance's record with it: a deleted instance, or one
-    whose create failed, leaves nothing behind in the controller either."""
-    operation = task["kind"].rpartition(".")[2]
-    return (operation == "delete" and task["state"] == "succeeded") or (operation == "create" and task["state"] == "failed")
 
 
 async def create_task(request: web.Request) -> web.Response:

@@ -1,0 +1,111 @@
+"""Instances: VMs, containers and processes, placed by the scheduler and run by a node's plugin.
+
+The controller keeps what was asked for (the spec) and where it went; the node's plugin
+reports what is true (the state, in heartbeats). Every operation is a task
+``<kind>.<operation>`` on the instance's node, so a node that is down gets it when it is
+back. The spec is passed to the plugin as the create payload: each plugin validates its
+own fields, so a new instance kind needs no change here.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Any
+
+from agent.sdk import KIND_RE
+from controller import scheduler
+from controller.services import Refused
+from controller.services.tasks import new_task, submit
+from controller.store import StoreError
+
+NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
+DEFAULT_VCPUS = 1
+DEFAULT_MEMORY_MIB = 256
+
+
+async def fleet(ctl: Any) -> list[dict[str, Any]]:
+    """Every node as the scheduler sees it: live state plus what is already placed on it."""
+    committed: dict[str, dict[str, float]] = {}
+    for row in await ctl.store.list_instances():
+        use = committed.setdefault(row["node"], {"vcpus": 0, "memory_mib": 0})
+        use["vcpus"] += row["spec"].get("vcpus", 0)
+        use["memory_mib"] += row["spec"].get("memory_mib", 0)
+    nodes = []
+    for row in await ctl.store.list_nodes():
+        view = ctl.node_view(row)
+        view["committed"] = committed.get(row["id"], {"vcpus": 0, "memory_mib": 0})
+        nodes.append(view)
+    return nodes
+
+
+async def get(ctl: Any, name: str) -> dict[str, Any]:
+    """The instance's record; 404 when there is none."""
+    row = await ctl.store.get_instance(name)
+    if row is None:
+        raise Refused(404, f"no instance {name!r}: see `kumoctl instances list`")
+    return row
+
+
+async def refuse_if_migrating(ctl: Any, name: str) -> None:
+    """409 while a migration holds the instance: nothing else may start, stop or delete it."""
+    current = await ctl.store.active_migration(name)
+    if current is not None:
+        busy(name, current)
+
+
+def busy(name: str, migration_id: str) -> None:
+    raise Refused(409, f"instance {name} is being migrated (GET /v1/migrations/{migration_id}); wait until it ends")
+
+
+async def create(ctl: Any, name: str, kind: str, spec: dict[str, Any], pinned: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Place a new instance and queue its create task: (its record, the task). ``spec`` is
+    everything the kind's plugin gets besides the name and kind (vcpus and memory_mib set)."""
+    if not NAME_RE.match(name):
+        raise Refused(400, f"name must be 1-63 lowercase letters, digits or '-' (not first or last), got {name!r}")
+    if not KIND_RE.match(kind):
+        raise Refused(400, f"kind must be an instance kind such as kvm, lxc or process, got {kind!r}")
+    if spec["vcpus"] < 1 or spec["memory_mib"] < 1:
+        raise Refused(400, "vcpus and memory_mib must be positive")
+    if await ctl.store.get_instance(name) is not None:
+        raise Refused(409, f"an instance named {name!r} already exists; choose another name or delete it first")
+    request = {"kind": kind, "vcpus": spec["vcpus"], "memory_mib": spec["memory_mib"], "node": pinned}
+    nodes = await fleet(ctl)
+    if pinned and not any(n["id"] == pinned for n in nodes):
+        raise Refused(404, f"no node {pinned!r} to pin the instance to: see `kumoctl nodes list`")
+    chosen, reasons = scheduler.place(request, nodes, ctl.settings.placement_cpu_busy_max)
+    if chosen is None:
+        if not nodes:
+            raise Refused(409, "no node is enrolled: join one with `kumo-agent join` first")
+        why = "; ".join(f"{node}: {reason}" for node, reason in sorted(reasons.items()))
+        raise Refused(409, f"no node can run this {kind} instance: {why}", reasons=reasons)
+    payload = {"name": name, "kind": kind, **spec}
+    task = new_task(chosen, f"{kind}.create", payload, key=f"create:{name}:{uuid.uuid4().hex}", instance=name)
+    try:
+        stored = await ctl.store.add_instance(
+            {"name": name, "kind": kind, "node": chosen, "spec": spec, "reasons": reasons}, task
+        )
+    except StoreError as exc:
+        raise Refused(409, f"{exc}; choose another name or delete it first") from None
+    return await get(ctl, name), stored
+
+
+async def operate(ctl: Any, row: dict[str, Any], operation: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Queue ``<kind>.<operation>`` for the instance on its node; the stored task."""
+    await refuse_if_migrating(ctl, row["name"])
+    node = await ctl.store.get_node(row["node"])
+    if node is None or node["removed"]:
+        raise Refused(409, f"instance {row['name']} was on node {row['node']}, which was removed")
+    payload = {"name": row["name"], "kind": row["kind"], **(extra or {})}
+    task, _ = await submit(ctl, new_task(row["node"], f"{row['kind']}.{operation}", payload, instance=row["name"]))
+    return task
+
+
+async def delete(ctl: Any, row: dict[str, Any]) -> dict[str, Any] | None:
+    """Queue the instance's delete; None when its node was removed and only the record was left
+    (it is gone at once)."""
+    node = await ctl.store.get_node(row["node"])
+    if node is None or node["removed"]:
+        await ctl.store.delete_instance(row["name"])
+        return None
+    return await operate(ctl, row, "delete")
