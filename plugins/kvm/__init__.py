@@ -7,8 +7,10 @@ libvirt's events keep fresh. The pieces are this package's modules, one concern 
 :mod:`~plugins.kvm.acceleration` (KVM or TCG), :mod:`~plugins.kvm.domain` (domain XML,
 metadata, states), :mod:`~plugins.kvm.disks` (instance directory, qcow2 overlay),
 :mod:`~plugins.kvm.host` (libvirt, its connection and events),
-:mod:`~plugins.kvm.liveness` (libvirtd as seen by a node with no VMs, libvirt not loaded)
-and :mod:`~plugins.kvm.usage` (what each VM uses, from one bulk stats call).
+:mod:`~plugins.kvm.liveness` (libvirtd as seen by a node with no VMs, libvirt not loaded),
+:mod:`~plugins.kvm.usage` (what each VM uses, from one bulk stats call) and
+:mod:`~plugins.kvm.checkpointing` (save, restore and migration: the kind's
+``NativeCheckpointer``).
 
 - A VM is a persistent domain. Its disk is a qcow2 overlay on a base image from the
   node's image cache, or the guest boots a kernel and initrd directly. Its first-boot seed
