@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import math
 import multiprocessing
 import os
@@ -165,6 +166,14 @@ def tree_cpu_seconds(root: int) -> float:
         total += cpu_seconds(pid)
         todo.extend(children.get(pid, ()))
     return total
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) jiffies of the whole machine, from /proc/stat's first line: how much of
+    the cores the window used, the servers and load generators together."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return float(sum(fields) - idle), float(sum(fields))
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -511,21 +520,41 @@ class AgentSim:
             pass
 
 
+async def loop_lag(samples: list[tuple[float, float]]) -> None:
+    """How late this loop wakes a 50 ms timer: a load generator too busy to read answers
+    would add its own delay to every latency it measures, and this shows whether it did."""
+    while True:
+        due = time.monotonic() + 0.05
+        await asyncio.sleep(0.05)
+        samples.append((due, time.monotonic() - due))
+
+
 def load_generator(fleet: list[tuple[dict[str, str], list[str]]], ca: str, events: Any, halt: Any) -> None:
     """A load-generator process: run ``fleet`` until ``halt`` is set; report on ``events``."""
     small_tls_buffers()
 
     async def main() -> dict[str, Any]:
-        stats: dict[str, Any] = {"heartbeats": [], "registers": [], "errors": [], "receipts": {}, "backs": []}
+        stats: dict[str, Any] = {"heartbeats": [], "registers": [], "errors": [], "receipts": {}, "backs": [],
+                                 "lags": []}
         connect = asyncio.Semaphore(64)
         agents = [AgentSim(node, urls, ca, stats, connect) for node, urls in fleet]
         running = [asyncio.create_task(agent.run()) for agent in agents]
         ready = asyncio.gather(*(agent.first_heartbeat for agent in agents))
+        lag = asyncio.create_task(loop_lag(stats["lags"]))
         reported_ready = False
-        reported_backs = 0
+        reported_backs = reported_connected = 0
         while not halt.is_set():
             await asyncio.sleep(0.2)
+            connected = sum(1 for agent in agents if agent.first_heartbeat.done())
+            if connected != reported_connected:
+                reported_connected = connected
+                events.put(("connected", os.getpid(), connected))
             if not reported_ready and ready.done():
+                # The fleet's objects live as long as the run: out of the collector's sight,
+                # a full collection does not stall this loop (and so every latency measured
+                # in it) for the time it takes to walk thousands of sessions.
+                gc.collect()
+                gc.freeze()
                 events.put(("ready", os.getpid()))
                 reported_ready = True
             if len(stats["backs"]) != reported_backs:
@@ -536,6 +565,7 @@ def load_generator(fleet: list[tuple[dict[str, str], list[str]]], ca: str, event
         await asyncio.gather(*running, return_exceptions=True)
         await asyncio.gather(*(agent.session.close() for agent in agents), return_exceptions=True)
         ready.cancel()
+        lag.cancel()
         return stats
 
     stats = asyncio.run(main())
@@ -553,6 +583,24 @@ class Setup:
         self.name, self.pids, self.fleet = name, pids, fleet
         self.submit_url = submit_url  # agent index -> the API that gets the task
         self.admin, self.extra_cpu = admin, extra_cpu
+
+
+def wait_connected(events: Any, procs: int, agents: int, timeout: float) -> int:
+    """Wait until every agent has heartbeated once, or ``timeout``: how many have. A fleet
+    the machine cannot connect in time is measured as far as it got, and says so."""
+    counts: dict[int, int] = {}
+    ready: set[int] = set()
+    deadline = time.monotonic() + timeout
+    while len(ready) < procs and time.monotonic() < deadline:
+        try:
+            event = events.get(timeout=1)
+        except queue.Empty:
+            continue
+        if event[0] == "connected":
+            counts[event[1]] = event[2]
+        elif event[0] == "ready":
+            ready.add(event[1])
+    return agents if len(ready) == procs else sum(counts.values())
 
 
 def wait_events(events: Any, want: str, count: int, timeout: float, label: str) -> list[Any]:
@@ -603,8 +651,11 @@ def run_setup(setup: Setup, args: argparse.Namespace, kill: Any = None) -> dict[
     print(f"[{setup.name}] {len(setup.fleet)} agents connecting...", file=sys.stderr)
     result: dict[str, Any] = {"name": setup.name, "agents": len(setup.fleet)}
     try:
-        wait_events(events, "ready", args.procs, args.connect_timeout, "connecting the fleet")
+        result["connected"] = wait_connected(events, args.procs, len(setup.fleet), args.connect_timeout)
         result["connect_s"] = time.monotonic() - started
+        if result["connected"] < len(setup.fleet):
+            print(f"[{setup.name}] only {result['connected']} agents connected in {args.connect_timeout:g} s; "
+                  "measuring what is connected", file=sys.stderr)
         time.sleep(3)  # let the last handshakes' garbage settle before the memory is read
         rss_after = sum(rss_bytes(pid) for pid in setup.pids)
         connections = len(setup.fleet) * CONNECTIONS_PER_AGENT
@@ -615,10 +666,13 @@ def run_setup(setup: Setup, args: argparse.Namespace, kill: Any = None) -> dict[
         window_start = time.monotonic()
         cpu_start = sum(cpu_seconds(pid) for pid in setup.pids)
         extra_start = setup.extra_cpu() if setup.extra_cpu else 0.0
+        busy_start = machine_busy()
         submitted = asyncio.run(dispatch(setup, args.dispatches, args.duration))
         time.sleep(max(0.0, window_start + args.duration - time.monotonic()))
         window_end = time.monotonic()
         result["cpu"] = sum(cpu_seconds(pid) for pid in setup.pids) - cpu_start
+        busy_end = machine_busy()
+        result["machine_busy"] = (busy_end[0] - busy_start[0]) / max(1.0, busy_end[1] - busy_start[1])
         result["extra_cpu"] = (setup.extra_cpu() - extra_start) if setup.extra_cpu else None
         result["window"] = (window_start, window_end)
         result["submitted"] = submitted
@@ -626,9 +680,9 @@ def run_setup(setup: Setup, args: argparse.Namespace, kill: Any = None) -> dict[
             result["failover"] = kill(events)
     finally:
         halt.set()
-    stats: dict[str, Any] = {"heartbeats": [], "registers": [], "errors": [], "receipts": {}, "backs": []}
+    stats: dict[str, Any] = {"heartbeats": [], "registers": [], "errors": [], "receipts": {}, "backs": [], "lags": []}
     for _, _, part in wait_events(events, "stats", args.procs, 120, "collecting results"):
-        for key in ("heartbeats", "registers", "errors", "backs"):
+        for key in ("heartbeats", "registers", "errors", "backs", "lags"):
             stats[key].extend(part[key])
         stats["receipts"].update(part["receipts"])
     for proc in procs:
@@ -645,7 +699,11 @@ def steady(result: dict[str, Any]) -> dict[str, Any]:
     errors = [1 for at, _ in stats["errors"] if start <= at < end]
     dispatch = [stats["receipts"][task] - began for task, began in result["submitted"].items()
                 if task in stats["receipts"]]
+    lags = [lag for due, lag in stats["lags"] if start <= due < end]
     return {
+        "lag_p99": percentile(lags, 0.99) * 1000,
+        "lag_max": (max(lags) if lags else math.nan) * 1000,
+        "dispatch_max": (max(dispatch) if dispatch else math.nan) * 1000,
         "heartbeats": len(beats),
         "errors": len(errors),
         "p50": percentile(beats, 0.50) * 1000,
@@ -828,11 +886,20 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], notes: list[
               f"{fig['p99']:7.1f} {fig['max']:7.1f} {fig['errors']:4d} {result['rss_per_connection'] / 1024:9.1f} "
               f"{fig['cpu_per_1000']:11.3f} {fig['dispatch_p50']:9.1f} {fig['dispatch_p99']:9.1f}  "
               f"{before:.0f}→{after:.0f} MB (dispatched {fig['dispatched']})")
+    print("  (machine CPU busy in each window, servers and load generators together: "
+          + ", ".join(f"{r['machine_busy']:.0%}" for r in results) + ")")
+    print("  (load generators' own loop lag in each window, p99/max, part of every latency above: "
+          + ", ".join(f"{f['lag_p99']:.0f}/{f['lag_max']:.0f} ms" for f in figures) + ")")
+    print("  (dispatch max in each window: " + ", ".join(f"{f['dispatch_max']:.0f} ms" for f in figures) + ")")
     for result in results:
         if result.get("extra_cpu") is not None:
             fig = steady(result)
             print(f"  ({result['name']}: the PostgreSQL server used {result['extra_cpu']:.1f} CPU s more in the window, "
                   f"{result['extra_cpu'] / max(1, fig['heartbeats']) * 1000:.3f} s per 1k heartbeats)")
+    for result in results:
+        if result["connected"] < result["agents"]:
+            print(f"  ({result['name']}: only {result['connected']} of {result['agents']} agents had heartbeated "
+                  f"once after {args.connect_timeout:g} s: the machine could not connect the whole fleet)")
     for result in results[:-1]:
         if "enroll_s" in result:
             print(f"  ({result['name']}: enrolling took {result['enroll_s']:.0f} s, connecting and "
@@ -893,7 +960,7 @@ def main() -> int:
     parser.add_argument("--procs", type=int, default=2, help="load-generator processes (default %(default)s)")
     parser.add_argument("--dispatches", type=int, default=100,
                         help="tasks submitted in each steady window (default %(default)s)")
-    parser.add_argument("--connect-timeout", type=float, default=600.0,
+    parser.add_argument("--connect-timeout", type=float, default=300.0,
                         help="seconds the whole fleet may take to connect (default %(default)s)")
     parser.add_argument("--failover-timeout", type=float, default=120.0,
                         help="seconds to wait for the killed controller's agents (default %(default)s)")
