@@ -141,6 +141,18 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
+def sockets(pid: int) -> int:
+    """Sockets a process holds open: the connections a server is paying memory for, counted
+    rather than assumed (agents still connecting or retrying hold fewer than two)."""
+    count = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            count += os.readlink(fd).startswith("socket:")
+        except OSError:
+            continue  # closed meanwhile
+    return count
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of one process (/proc/PID/stat fields 14 and 15)."""
     try:
@@ -643,6 +655,7 @@ def run_setup(setup: Setup, args: argparse.Namespace, kill: Any = None) -> dict[
     events, halt = context.Queue(), context.Event()
     ca = (args.ca_file).read_text()
     rss_before = sum(rss_bytes(pid) for pid in setup.pids)
+    sockets_before = sum(sockets(pid) for pid in setup.pids)
     started = time.monotonic()
     procs = [context.Process(target=load_generator, args=(setup.fleet[i::args.procs], ca, events, halt), daemon=True)
              for i in range(args.procs)]
@@ -658,10 +671,11 @@ def run_setup(setup: Setup, args: argparse.Namespace, kill: Any = None) -> dict[
                   "measuring what is connected", file=sys.stderr)
         time.sleep(3)  # let the last handshakes' garbage settle before the memory is read
         rss_after = sum(rss_bytes(pid) for pid in setup.pids)
-        connections = len(setup.fleet) * CONNECTIONS_PER_AGENT
-        result["rss_per_connection"] = (rss_after - rss_before) / connections
+        connections = sum(sockets(pid) for pid in setup.pids) - sockets_before
+        result["connections"] = connections
+        result["rss_per_connection"] = (rss_after - rss_before) / max(1, connections)
         result["rss_mb"] = (rss_before / 2**20, rss_after / 2**20)
-        print(f"[{setup.name}] all connected after {result['connect_s']:.0f} s; steady window "
+        print(f"[{setup.name}] connecting ended after {result['connect_s']:.0f} s; steady window "
               f"{args.duration:g} s", file=sys.stderr)
         window_start = time.monotonic()
         cpu_start = sum(cpu_seconds(pid) for pid in setup.pids)
@@ -885,7 +899,7 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], notes: list[
         print(f"  {result['name']:<32} {fig['heartbeats'] / args.duration:6.0f} {fig['p50']:7.1f} "
               f"{fig['p99']:7.1f} {fig['max']:7.1f} {fig['errors']:4d} {result['rss_per_connection'] / 1024:9.1f} "
               f"{fig['cpu_per_1000']:11.3f} {fig['dispatch_p50']:9.1f} {fig['dispatch_p99']:9.1f}  "
-              f"{before:.0f}→{after:.0f} MB (dispatched {fig['dispatched']})")
+              f"{before:.0f}→{after:.0f} MB for {result['connections']} connections (dispatched {fig['dispatched']})")
     print("  (machine CPU busy in each window, servers and load generators together: "
           + ", ".join(f"{r['machine_busy']:.0%}" for r in results) + ")")
     print("  (load generators' own loop lag in each window, p99/max, part of every latency above: "
