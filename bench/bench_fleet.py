@@ -627,25 +627,35 @@ def wait_events(events: Any, want: str, count: int, timeout: float, label: str) 
     return got
 
 
-async def dispatch(setup: Setup, count: int, seconds: float) -> dict[str, float]:
-    """Submit ``count`` tasks spread over ``seconds``; task id -> when the submit began."""
+async def dispatch(setup: Setup, count: int, seconds: float) -> tuple[dict[str, float], list[str]]:
+    """Submit ``count`` tasks spread over ``seconds``, each at its own moment (a slow answer
+    does not hold the next back): task id -> when its submit began, and the failed submits."""
     import aiohttp
 
     submitted: dict[str, float] = {}
+    failed: list[str] = []
+    loop = asyncio.get_running_loop()
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-        for _ in range(count):
-            await asyncio.sleep(seconds / max(1, count))
+
+        async def one(at: float) -> None:
+            await asyncio.sleep(at - loop.time())
             i = random.randrange(len(setup.fleet))
-            node = setup.fleet[i][0]["id"]
             began = time.monotonic()
-            async with session.post(f"{setup.submit_url(i)}/v1/tasks", ssl=setup.admin,
-                                    json={"node": node, "kind": "bench.noop", "payload": {}}) as r:
-                answer = await r.json()
-                if r.status >= 300:
-                    print(f"  (a submit failed: {answer})", file=sys.stderr)
-                    continue
+            try:
+                async with session.post(f"{setup.submit_url(i)}/v1/tasks", ssl=setup.admin,
+                                        json={"node": setup.fleet[i][0]["id"], "kind": "bench.noop"}) as r:
+                    answer = await r.json()
+                    if r.status >= 300:
+                        failed.append(f"HTTP {r.status}: {answer}")
+                        return
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                failed.append(f"{type(exc).__name__} after {time.monotonic() - began:.0f} s")
+                return
             submitted[answer["id"]] = began
-    return submitted
+
+        start = loop.time()
+        await asyncio.gather(*(one(start + (k + 0.5) * seconds / max(1, count)) for k in range(count)))
+    return submitted, failed
 
 
 def run_setup(setup: Setup, args: argparse.Namespace, kill: Any = None) -> dict[str, Any]:
@@ -681,7 +691,7 @@ def run_setup(setup: Setup, args: argparse.Namespace, kill: Any = None) -> dict[
         cpu_start = sum(cpu_seconds(pid) for pid in setup.pids)
         extra_start = setup.extra_cpu() if setup.extra_cpu else 0.0
         busy_start = machine_busy()
-        submitted = asyncio.run(dispatch(setup, args.dispatches, args.duration))
+        submitted, result["submit_failures"] = asyncio.run(dispatch(setup, args.dispatches, args.duration))
         time.sleep(max(0.0, window_start + args.duration - time.monotonic()))
         window_end = time.monotonic()
         result["cpu"] = sum(cpu_seconds(pid) for pid in setup.pids) - cpu_start
@@ -905,6 +915,10 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], notes: list[
     print("  (load generators' own loop lag in each window, p99/max, part of every latency above: "
           + ", ".join(f"{f['lag_p99']:.0f}/{f['lag_max']:.0f} ms" for f in figures) + ")")
     print("  (dispatch max in each window: " + ", ".join(f"{f['dispatch_max']:.0f} ms" for f in figures) + ")")
+    for result in results:
+        if result["submit_failures"]:
+            print(f"  ({result['name']}: {len(result['submit_failures'])} task submissions failed, first: "
+                  f"{result['submit_failures'][0]})")
     for result in results:
         if result.get("extra_cpu") is not None:
             fig = steady(result)
