@@ -1,0 +1,20 @@
+"""bench/bench_fleet.py takes minutes and root; this only keeps it loadable and its options
+documented, since nothing else imports it and a broken benchmark would go unnoticed until
+someone needs its figures."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_fleet.py"
+
+
+def test_bench_fleet_help_lists_its_options() -> None:
+    result = subprocess.run(  # noqa: S603 - a fixed argv list
+        [sys.executable, str(BENCH), "--help"], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    for option in ("--agents", "--duration", "--procs", "--dispatches"):
+        assert option in result.stdout
