@@ -9,15 +9,19 @@ installed is an error, since it is almost always a typo or a missing package.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import json
-import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
-from agent.sdk import ConfigError, Identity, atomic_write, load_yaml_file, parse_section
+from agent.sdk import (
+    ConfigError,
+    Identity,
+    atomic_write,
+    controller_url,
+    load_yaml_file,
+    parse_section,
+)
 
 DEFAULT_CONFIG = Path("/etc/kumo/agent.yaml")
 DEFAULT_STATE_DIR = Path("/var/lib/kumo")
@@ -163,35 +167,6 @@ def split_listen(listen: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"expected HOST:PORT (e.g. 0.0.0.0:9464), got {listen!r}")
     return host.strip("[]"), int(port)
-
-
-_HOST_RE = re.compile(r"^[A-Za-z0-9._-]+\Z")
-
-
-def controller_url(url: str) -> str:
-    """``https://HOST:PORT`` without a trailing slash; ValueError says what was expected.
-
-    Nothing but the scheme, host and port: the session uses only those, and join strings
-    separate URLs with commas.
-    """
-    parts = urlsplit(url)
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    host = parts.hostname or ""
-    if (parts.scheme != "https" or port is None or parts.path not in ("", "/") or parts.query or parts.fragment
-            or parts.username is not None or not (_HOST_RE.match(host) or _is_ip(host))):
-        raise ValueError(f"expected https://HOST:PORT (a controller's API address), got {url!r}")
-    return url.rstrip("/")
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def controller_list(value: str | list[str], where: str) -> list[str]:

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
-import re
 import socket
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from agent.sdk import ConfigError, load_yaml_file, parse_section
+from agent.sdk import ConfigError, controller_url, load_yaml_file, parse_section
 from controller.store import is_database_url
 
 
@@ -48,33 +46,12 @@ def _check_database_url(url: str, where: str) -> None:
         raise ConfigError(f"{where}: name the database at the end of the URL (postgresql://USER@HOST/DATABASE)")
 
 
-_HOST_RE = re.compile(r"^[A-Za-z0-9._-]+\Z")
-
-
 def check_url(url: str, key: str) -> str:
-    """``https://HOST:PORT`` and nothing more, without a trailing slash; ConfigError otherwise.
-
-    Nothing more, because clients use only the host and the port, and the join string lists
-    URLs separated by commas.
-    """
-    parts = urlsplit(url)
+    """This controller's API URL as agents and kumoctl reach it (``https://HOST:PORT``)."""
     try:
-        port = parts.port
-    except ValueError:
-        port = None
-    host = parts.hostname or ""
-    if (parts.scheme != "https" or port is None or parts.path not in ("", "/") or parts.query or parts.fragment
-            or parts.username is not None or not (_HOST_RE.match(host) or _is_ip(host))):
-        raise ConfigError(f"{key}: expected https://HOST:PORT (the address agents and kumoctl use), got {url!r}")
-    return url.rstrip("/")
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
+        return controller_url(url)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
 
 
 def default_url(listen: str) -> str:

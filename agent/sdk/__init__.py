@@ -41,7 +41,7 @@ from agent.sdk.checkpointing import (
     SavedState,
 )
 from agent.sdk.commands import CommandResult, run_command, run_command_sync
-from agent.sdk.config import ConfigError, load_yaml_file, parse_section
+from agent.sdk.config import ConfigError, controller_url, load_yaml_file, parse_section
 from agent.sdk.driver import (
     CONSOLE_BYTES,
     KIND_RE,
@@ -118,6 +118,7 @@ __all__ = [
     "UsageMeter",
     "atomic_write",
     "boot_id",
+    "controller_url",
     "hookimpl",
     "load_yaml_file",
     "netns_usage",

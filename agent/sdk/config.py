@@ -8,11 +8,14 @@ was found. Unknown keys are errors (a typo must not be silently ignored).
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import re
 import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -41,6 +44,33 @@ def load_yaml_file(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of settings at the top, got {_kind(data)}")
     return data
+
+
+_HOST_RE = re.compile(r"^[A-Za-z0-9._-]+\Z")
+
+
+def controller_url(url: str) -> str:
+    """A controller's API address, ``https://HOST:PORT`` and nothing more, without a trailing
+    slash; ValueError says what was expected. Nothing more, because clients use only the host
+    and the port, and join strings list several URLs separated by commas."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    host = parts.hostname or ""
+    if (parts.scheme != "https" or port is None or parts.path not in ("", "/") or parts.query or parts.fragment
+            or parts.username is not None or not (_HOST_RE.match(host) or _is_ip(host))):
+        raise ValueError(f"expected https://HOST:PORT (a controller's API address), got {url!r}")
+    return url.rstrip("/")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def parse_section(cls: type[T], data: Any, where: str) -> T:
