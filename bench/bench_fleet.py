@@ -49,7 +49,6 @@ import resource
 import secrets
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -57,6 +56,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from bench_heartbeat import free_port, tool, wait_for_port
 
 TARGET_HEARTBEAT_P99_MS = 100.0
 TARGET_DISPATCH_P99_MS = 200.0
@@ -94,34 +95,6 @@ HEARTBEAT = {  # the same body as bench_heartbeat.py's
 
 
 # --- small helpers ----------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def tool(name: str) -> str:
-    """A console script of this venv (the bench runs as .venv/bin/python bench/...)."""
-    beside = Path(sys.executable).parent / name
-    found = str(beside) if beside.exists() else shutil.which(name)
-    if not found:
-        sys.exit(f"bench: {name} not found beside {sys.executable} or on PATH: run `make venv`")
-    return found
-
-
-def wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"bench: server exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    sys.exit(f"bench: nothing listens on 127.0.0.1:{port} after {timeout:g} s:\n{log.read_text()[-2000:]}")
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -248,7 +221,7 @@ class Controller:
                 [tool("kumo-controller"), "run", "--config", str(self.dir / "controller.yaml")],
                 stdout=out, stderr=subprocess.STDOUT,
             )
-        wait_for_port(self.port, self.proc, self.log)
+        wait_for_port(self.port, self.proc, self.log, timeout=60.0)
 
 
 class Postgres:
@@ -857,7 +830,7 @@ def measure(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
         bare = subprocess.Popen(  # noqa: S603 - an argv list, never a shell
             [sys.executable, __file__, "--bare", str(port), str(a.pki)], stdout=out, stderr=subprocess.STDOUT)
     try:
-        wait_for_port(port, bare, log)
+        wait_for_port(port, bare, log, timeout=60.0)
         bare_url = f"https://127.0.0.1:{port}"
         setup = Setup("bare aiohttp TLS endpoint", [bare.pid], [(node, [bare_url]) for node in fleet_a],
                       lambda i: bare_url, admin)

@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import http.client
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_monitoring import wait_port  # noqa: E402 - a sibling script: bench/ is sys.path[0]
 
 from agent.metrics import AgentMetrics, MetricsServer  # noqa: E402
 from agent.pluginmanager import Hooks, make_plugin_manager  # noqa: E402
@@ -121,17 +122,6 @@ class Target:
 
     def median_ms(self) -> float:
         return statistics.median(self.times) * 1000
-
-
-def wait_port(port: int, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    sys.exit(f"{what} did not listen on 127.0.0.1:{port}")
 
 
 def measure(targets: list[Target], scrapes: int) -> None:
