@@ -33,7 +33,10 @@ log = logging.getLogger("kumo.controller.store")
 
 CHANNEL = "kumo"
 POOL_SIZE = 16
-CHECK_INTERVAL = 5.0  # how often a listening or lock-holding connection proves it is alive
+CHECK_INTERVAL = 5.0
+ACQUIRE_TIMEOUT = 10.0  # every connection busy this long: answer 503 rather than queue for ever
+COMMAND_TIMEOUT = 30.0  # no query of the store's takes near this; one that does is a dead connection
+CLOSE_TIMEOUT = 5.0  # how often a listening or lock-holding connection proves it is alive
 RETRY_MAX = 10.0
 SCHEMA_LOCK = "schema"
 
@@ -91,7 +94,8 @@ class PostgresDatabase:
 
     async def connect(self) -> None:
         try:
-            self._pool = await asyncpg.create_pool(self.url, min_size=1, max_size=POOL_SIZE)
+            self._pool = await asyncpg.create_pool(self.url, min_size=1, max_size=POOL_SIZE,
+                                                   command_timeout=COMMAND_TIMEOUT)
         except CONFIG_ERRORS as exc:
             raise StoreError(f"{self._where()}: {exc}; fix the database setting in controller.yaml") from None
         except CONNECTION_ERRORS as exc:
@@ -112,7 +116,11 @@ class PostgresDatabase:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._listener
         if self._pool is not None:
-            await self._pool.close()
+            try:
+                await asyncio.wait_for(self._pool.close(), CLOSE_TIMEOUT)
+            except TimeoutError:
+                log.warning("database connections still busy after %.0f s: closing them now", CLOSE_TIMEOUT)
+                self._pool.terminate()
 
     def sql(self, text: str) -> str:
         numbered = self._sql.get(text)
@@ -124,15 +132,29 @@ class PostgresDatabase:
     async def transaction(self, *, schema_lock: bool = False) -> AsyncIterator[_Tx]:
         assert self._pool is not None, "the store is not open"
         try:
-            async with self._pool.acquire() as conn, conn.transaction():
+            conn = await self._pool.acquire(timeout=ACQUIRE_TIMEOUT)
+        except CONNECTION_ERRORS as exc:
+            raise StoreUnavailable(f"no connection to the {self._where()}: {exc or 'all are busy'}") from None
+        try:
+            async with conn.transaction():
                 if schema_lock:
                     await conn.execute("SELECT pg_advisory_xact_lock($1)", lock_key(SCHEMA_LOCK))
                 tx = _Tx(self, conn)
                 yield tx
                 for event in tx.events:
                     await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, json.dumps(event))
-        except CONNECTION_ERRORS as exc:
+        except (*CONNECTION_ERRORS, asyncpg.exceptions.InternalClientError) as exc:
+            _discard(conn)
             raise StoreUnavailable(f"lost the connection to the {self._where()}: {exc}") from None
+        except asyncio.CancelledError:
+            # Cut mid-query (the client went away): the protocol's state is unknown, and a
+            # connection handed back like that fails the next user or never comes back.
+            _discard(conn)
+            raise
+        finally:
+            # asyncpg may have let go of a connection it saw die: then there is nothing to hand back.
+            with contextlib.suppress(asyncpg.exceptions.InterfaceError):
+                await self._pool.release(conn)
 
     # Events.
 
@@ -217,6 +239,12 @@ class PostgresDatabase:
                 log.warning("lost the database connection holding %s: %s", name, exc)
             finally:
                 conn.terminate()
+
+
+def _discard(conn: asyncpg.Connection) -> None:
+    """Close ``conn`` at once so the pool replaces it (it may already be gone)."""
+    with contextlib.suppress(asyncpg.exceptions.InterfaceError):
+        conn.terminate()
 
 
 async def _while_alive(conn: asyncpg.Connection) -> None:
