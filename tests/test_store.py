@@ -25,9 +25,9 @@ async def database(request: pytest.FixtureRequest, tmp_path) -> str:
     return request.getfixturevalue("postgres").database()
 
 
-@pytest.fixture
-async def stores(database: str) -> AsyncIterator[Callable[[], Any]]:
-    """``await stores()`` opens one more store on the same database (another controller)."""
+async def opener(database: str) -> AsyncIterator[Callable[[], Any]]:
+    """``await open_one()`` opens one more store on ``database`` (another controller); all are
+    closed at the end."""
     opened: list[Store] = []
 
     async def open_one() -> Store:
@@ -38,6 +38,12 @@ async def stores(database: str) -> AsyncIterator[Callable[[], Any]]:
     yield open_one
     for store in opened:
         await store.close()
+
+
+@pytest.fixture
+async def stores(database: str) -> AsyncIterator[Callable[[], Any]]:
+    async for open_one in opener(database):
+        yield open_one
 
 
 @pytest.fixture
@@ -203,16 +209,8 @@ async def test_controllers_register_and_age_out(store) -> None:
 
 @pytest.fixture
 async def shared(postgres) -> AsyncIterator[Callable[[], Any]]:
-    database, opened = postgres.database(), []
-
-    async def open_one() -> Store:
-        store = await open_store(database).open()
-        opened.append(store)
-        return store
-
-    yield open_one
-    for store in opened:
-        await store.close()
+    async for open_one in opener(postgres.database()):
+        yield open_one
 
 
 @pytest.mark.integration
