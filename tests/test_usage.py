@@ -30,12 +30,12 @@ from agent.sdk import (
     InstanceUsage,
     PluginContext,
     UsageMeter,
-    hookimpl,
     netns_usage,
     process_tree_usage,
 )
 from agent.usage import NodeUsage, busy_fraction
 from tests.harness import require
+from tests.test_drivers import driven
 
 CLK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -212,19 +212,6 @@ class Unmeasured:
         return [InstanceState("p", self.kind, "running")]
 
 
-class DriverPlugin:
-    def __init__(self, driver: Any):
-        self.driver = driver
-
-    @hookimpl
-    def kumo_instance_driver(self) -> Any:
-        return self.driver
-
-
-def driven(*drivers: Any) -> Hooks:
-    hooks = Hooks(make_plugin_manager({f"plugin{i}": DriverPlugin(d) for i, d in enumerate(drivers)}))
-    hooks.load_drivers()
-    return hooks
 
 
 VM = InstanceUsage(cpu_seconds=12.5, memory_bytes=200 << 20, memory_limit_bytes=256 << 20,
