@@ -298,16 +298,18 @@ class Controller:
 
     # Nodes' live state.
 
-    def touch(self, node_id: str, instances: list[Any] | None = None, plugins: dict[str, Any] | None = None,
+    def touch(self, node_id: str, instances: list[Any], plugins: dict[str, Any] | None = None,
               usage: dict[str, Any] | None = None) -> None:
-        live = self.live.setdefault(node_id, {"instances": [], "plugins": None, "usage": None})
+        """Record a node's report (register or heartbeat). ``last_seen`` is when the node last
+        said what it runs, never only that it polled: a decision made from ``instances`` (the
+        recovery of a migration) needs to know how old they are."""
+        live = self.live.setdefault(node_id, {"plugins": None, "usage": None})
         now = time.time()
         if usage is not None:
             _add_cpu_rates(usage, live.get("usage"), now - live.get("last_seen", now))
             live["usage"] = usage
         live["last_seen"] = now
-        if instances is not None:
-            live["instances"] = instances
+        live["instances"] = instances
         if plugins is not None:
             live["plugins"] = plugins
         self._dirty.add(node_id)

@@ -99,7 +99,7 @@ def test_a_counter_migrates_and_keeps_counting(cluster):
 
     answer = controller.admin("POST", "/v1/instances/mover/migrate", {"to": b.node_id})
     done = finished(controller, answer["migration"]["id"])
-    assert done["state"] == "succeeded", done
+    assert done["state"] == "succeeded", str(done)
     assert done["node"] == b.node_id and done["progress"]["bytes_received"] == done["progress"]["bytes_total"] > 0
     assert len(done["sha256"]) == 64
 

@@ -94,7 +94,6 @@ async def poll_tasks(request: web.Request) -> web.Response:
         ctl.polls[node_id] -= 1
         if ctl.polls[node_id] <= 0:
             del ctl.polls[node_id]
-    ctl.touch(node_id)
     return reply({"tasks": [
         {"id": t["id"], "kind": t["kind"], "payload": t["payload"], "idempotency_key": t["idempotency_key"],
          "created_at": iso(t["created_at"])}

@@ -268,7 +268,7 @@ async def _recover(ctl: Any, doc: dict[str, Any]) -> None:
     dumps = [t for t in await ctl.store.instance_tasks(name, since)
              if t["kind"] == "checkpoint.dump" and t["state"] == "succeeded" and t["node"] == source]
     image = doc.get("image") or (dumps[-1]["result"].get("image") if dumps else None)
-    where = await _running_on(ctl, [n for n in (destination, source) if n], name, kind)
+    where = await _running_on(ctl, [n for n in (destination, source) if n], name, kind, time.time())
     stopped = f"the controller driving this migration stopped during its {cut_at} phase"
     if destination and where == destination:
         await ctl.store.move_instance(name, source, destination)
@@ -292,16 +292,19 @@ async def _recover(ctl: Any, doc: dict[str, Any]) -> None:
                           f"kumoctl instances show {name}")
 
 
-async def _running_on(ctl: Any, nodes: list[str], name: str, kind: str) -> str | None:
-    """The first of ``nodes`` whose own report lists the instance running, waiting a few
-    heartbeats for the reports to settle; None when none does."""
+async def _running_on(ctl: Any, nodes: list[str], name: str, kind: str, since: float) -> str | None:
+    """The first of ``nodes`` whose report made after ``since`` lists the instance running,
+    waiting a few heartbeats for one; None when none does. Older reports do not count: what
+    the store kept from before (a dead controller's last flush) may show the source running
+    an instance that its checkpoint has since stopped."""
     deadline = time.monotonic() + max(10.0, 5 * ctl.settings.heartbeat_interval)
     while time.monotonic() < deadline:
         for node_id in nodes:
             row = await ctl.store.get_node(node_id)
-            if row is not None and any(
+            view = ctl.node_view(row) if row is not None else None
+            if view is not None and (view["last_seen"] or 0) >= since and any(
                 i.get("name") == name and i.get("kind") == kind and i.get("state") == "running"
-                for i in ctl.node_view(row)["instances"]
+                for i in view["instances"]
             ):
                 return node_id
         await asyncio.sleep(0.2)
@@ -461,7 +464,7 @@ async def _migrate(ctl: Any, doc: dict[str, Any]) -> None:
         _fail(doc, restored, f"restore on node {destination} failed")
         await _roll_back(ctl, doc, base, image)
         return
-    if await _running_on(ctl, [destination], name, kind) != destination:
+    if await _running_on(ctl, [destination], name, kind, time.time()) != destination:
         undone = await run_task(ctl, destination, f"{kind}.delete", base, CLEANUP_TIMEOUT, name)
         doc.update(code="not-running",
                    error=f"node {destination} restored the instance but never reported it running")
