@@ -22,12 +22,13 @@ import socket
 import stat
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from agent.sdk import TaskError
+from agent.sdk import StagedDirectory, TaskError
 from tests.harness import read_counter
 from tests.harness.agents import reported, running_on, wait_for
 from tests.harness.criu import SBIN_PATH
@@ -113,9 +114,9 @@ async def test_a_container_directory_streams_with_owners_links_devices_and_xattr
 
     configs: list[tuple[str, bytes]] = []
 
-    def stage(definition: str, config: bytes) -> Path:
+    def stage(definition: str, config: bytes) -> StagedDirectory:
         configs.append((definition, config))
-        return staged
+        return StagedDirectory(staged, None)  # a privileged container's: its files keep any owner
 
     body = Body(data)
     await asyncio.to_thread(unpack, body, incoming, tmp_path, stage, "c1", [])
@@ -153,8 +154,89 @@ async def test_a_stream_cannot_write_through_a_symlink_it_carries(tmp_path):
     staged = tmp_path / "staged"
     staged.mkdir()
     with pytest.raises(TaskError, match="unexpected instance entry 'instance/escape/owned'"):
-        await asyncio.to_thread(unpack, Body(out.getvalue()), tmp_path, tmp_path, lambda name, config: staged, "c1", [])
+        await asyncio.to_thread(unpack, Body(out.getvalue()), tmp_path, tmp_path,
+                                lambda name, config: StagedDirectory(staged, None), "c1", [])
     assert not (tmp_path / "outside" / "owned").exists()
+
+
+def hostile_stream(members: list[tuple[tarfile.TarInfo, bytes]]) -> bytes:
+    """A migration stream carrying a container directory made of ``members`` after its config."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        config = tarfile.TarInfo("instance/config")
+        config.size = 2
+        tar.addfile(config, io.BytesIO(b"x\n"))
+        for info, data in members:
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def member(name: str, kind: bytes = tarfile.REGTYPE, uid: int = SHIFT, mode: int = 0o644, **fields: Any) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(f"instance/{name}")
+    info.type, info.uid, info.gid, info.mode = kind, uid, uid, mode
+    for key, value in fields.items():
+        setattr(info, key, value)
+    return info
+
+
+def capability(revision: int, rootid: int = 0) -> str:
+    """A security.capability value (cap_net_raw permitted) as the stream carries it."""
+    magic = (revision << 24).to_bytes(4, "little")
+    caps = (1 << 13).to_bytes(4, "little") + bytes(12)
+    return (magic + caps + (rootid.to_bytes(4, "little") if revision == 3 else b"")).decode("utf-8", "surrogateescape")
+
+
+async def test_an_unprivileged_containers_files_are_held_to_its_user_namespace(tmp_path):
+    # A compromised source hands an unprivileged container host-root setuid files, file
+    # capabilities that hold on the host, a block device and trusted xattrs.
+    from plugins.checkpoint.stream import unpack
+
+    data = hostile_stream([
+        (member("su-host", uid=0, mode=0o6755), b"host root's setuid"),
+        (member("su-container", uid=SHIFT, mode=0o4755), b"the container root's own setuid"),
+        (member("caps-v2", pax_headers={"SCHILY.xattr.security.capability": capability(2)}), b"v2"),
+        (member("caps-v3", pax_headers={"SCHILY.xattr.security.capability": capability(3, SHIFT)}), b"v3"),
+        (member("attrs", pax_headers={"SCHILY.xattr.user.kept": "yes", "SCHILY.xattr.trusted.gone": "no"}), b"x"),
+        (member("disk", tarfile.BLKTYPE, devmajor=8, devminor=0), b""),
+        (member("mem", tarfile.CHRTYPE, devmajor=1, devminor=1), b""),
+        (member("null", tarfile.CHRTYPE, devmajor=1, devminor=3), b""),
+    ])
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    await asyncio.to_thread(unpack, Body(data), tmp_path, tmp_path,
+                            lambda *_: StagedDirectory(staged, range(SHIFT, SHIFT + 65536)), "c1", [])
+    host = os.lstat(staged / "su-host")
+    assert (host.st_uid, host.st_gid) == (SHIFT + 65534, SHIFT + 65534), "an id outside the map is its nobody"
+    assert not host.st_mode & (stat.S_ISUID | stat.S_ISGID)
+    assert os.lstat(staged / "su-container").st_mode & stat.S_ISUID, "setuid within the namespace is its own"
+    assert os.listxattr(staged / "caps-v2") == [], "a revision 2 capability holds for anyone on the host"
+    assert os.listxattr(staged / "caps-v3") == ["security.capability"]
+    assert os.listxattr(staged / "attrs") == ["user.kept"]
+    assert sorted(p.name for p in staged.iterdir()) == ["attrs", "caps-v2", "caps-v3", "config", "null",
+                                                        "su-container", "su-host"]
+
+
+async def test_a_stream_with_a_giant_header_is_refused_before_it_is_read(tmp_path):
+    from plugins.checkpoint.image import CHUNK
+    from plugins.checkpoint.stream import MAX_HEADER_BYTES, unpack
+
+    data = hostile_stream([(member("big", pax_headers={"SCHILY.xattr.user.big": "x" * 4 * MAX_HEADER_BYTES}), b"")])
+    body = Body(data)
+    with pytest.raises(TaskError, match=r"a tar header of \d+ bytes \(at most 1048576\)"):
+        await asyncio.to_thread(unpack, body, tmp_path, tmp_path, lambda *_: StagedDirectory(tmp_path, None), "c1", [])
+    assert body.count <= CHUNK < len(data) / 2, "the header was refused after one read, not read whole into memory"
+
+
+async def test_a_stream_without_a_size_or_larger_than_the_disk_is_refused_before_a_byte_lands(tmp_path):
+    from plugins.checkpoint.transfer import _check_room
+
+    with pytest.raises(TaskError, match="without declaring its size"):
+        await _check_room(None, tmp_path)
+    with pytest.raises(TaskError, match=f"{tmp_path} has \\d+ bytes free: make room") as refused:
+        await _check_room(shutil.disk_usage(tmp_path).free + 1, tmp_path)
+    assert refused.value.code == "no-space"
+    await _check_room(1, tmp_path)
 
 
 @pytest.mark.parametrize(

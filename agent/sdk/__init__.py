@@ -20,7 +20,8 @@ What is here, by concern:
   :class:`InstanceUsage`), the checkpoint capability (:class:`Checkpointer`,
   :class:`DirectoryCheckpointer`, :class:`CheckpointSubject`, :class:`CriuCommand`, and for a
   kind that saves itself without CRIU :class:`NativeCheckpointer` with
-  :class:`CheckpointBlocker` and :class:`SavedState`) and the node's image cache
+  :class:`CheckpointBlocker` and :class:`SavedState`; a kind whose instances take a
+  directory along stages it as a :class:`StagedDirectory`) and the node's image cache
   (:class:`ImageCache`, :func:`valid_sha256`);
 - mechanics every plugin would otherwise write again: :func:`atomic_write` and
   :func:`tail` for files, :func:`run_command` for host tools, :class:`ExitWatcher` for
@@ -39,6 +40,7 @@ from agent.sdk.checkpointing import (
     DirectoryCheckpointer,
     NativeCheckpointer,
     SavedState,
+    StagedDirectory,
 )
 from agent.sdk.commands import CommandResult, run_command, run_command_sync
 from agent.sdk.config import ConfigError, controller_url, load_yaml_file, parse_section
@@ -114,6 +116,7 @@ __all__ = [
     "ProbeResult",
     "ProbeStatus",
     "SavedState",
+    "StagedDirectory",
     "TaskError",
     "UsageMeter",
     "atomic_write",

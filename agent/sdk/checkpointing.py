@@ -104,6 +104,21 @@ class Checkpointer(Protocol):
         ...
 
 
+@dataclasses.dataclass(frozen=True)
+class StagedDirectory:
+    """Where a migrating instance's directory is unpacked (:meth:`DirectoryCheckpointer.stage`)
+    and which host ids its files may carry: ``ids`` is the instance's user namespace on this
+    node (a container's mapped host uids and gids), None for an instance without one (a
+    privileged container). The source may be compromised: in a namespaced instance an owner
+    outside ``ids`` becomes the namespace's nobody and loses its setuid/setgid bits and file
+    capabilities, and only ``user.*`` and ``security.capability`` extended attributes are
+    kept; in every instance, device nodes other than the harmless character devices
+    (null, zero, full, random, urandom, tty, console, ptmx) are left out."""
+
+    path: Path
+    ids: range | None
+
+
 @runtime_checkable
 class DirectoryCheckpointer(Checkpointer, Protocol):
     """A :class:`Checkpointer` whose instances take a directory along when they migrate
@@ -111,11 +126,11 @@ class DirectoryCheckpointer(Checkpointer, Protocol):
     whose CRIU then failed is undone with the kind's ``delete`` operation, so a failed
     migration leaves no copy behind."""
 
-    async def stage(self, name: str, record: Mapping[str, Any], definition: bytes) -> Path:
+    async def stage(self, name: str, record: Mapping[str, Any], definition: bytes) -> StagedDirectory:
         """A migration is arriving: check that this node can run the instance described by
         ``definition`` (the file the source's subject named) and return a new empty
-        directory to unpack the travelling directory into. Refuse with a TaskError that says
-        what this node lacks."""
+        directory to unpack the travelling directory into, with the ids its files may have
+        here. Refuse with a TaskError that says what this node lacks."""
         ...
 
     async def take_over(self, name: str, record: Mapping[str, Any], directory: Path) -> None:

@@ -512,7 +512,8 @@ class CheckpointPlugin:
         stage, own = self._stager(cp, args.name, incoming, staged), self.context.agent_state_dir
         try:
             got = await transfer.receive(self.context, args.migration,
-                                         lambda body: stream.unpack(body, incoming, own, stage, args.name, placed))
+                                         lambda body: stream.unpack(body, incoming, own, stage, args.name, placed),
+                                         incoming)
             manifest = await asyncio.to_thread(image.check_received, incoming, args.name, cp.kind, got["checksums"])
             if manifest["definition"] and not staged:
                 raise TaskError(f"the image stream carried no instance/{manifest['definition']}: the source sent "
@@ -548,9 +549,9 @@ class CheckpointPlugin:
                                 code="image-corrupt")
             if not isinstance(cp, DirectoryCheckpointer):
                 raise TaskError(f"{cp.kind} instances take no directory along on this node", code="unsupported-kind")
-            future = asyncio.run_coroutine_threadsafe(cp.stage(name, manifest["instance"], data), loop)
-            staged.append(future.result())
-            return staged[-1]
+            given = asyncio.run_coroutine_threadsafe(cp.stage(name, manifest["instance"], data), loop).result()
+            staged.append(given.path)
+            return given
 
         return stage
 

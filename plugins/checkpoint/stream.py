@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import logging
 import os
 import re
 import secrets
@@ -44,7 +45,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
 
-from agent.sdk import TaskError
+from agent.sdk import StagedDirectory, TaskError
 from plugins.checkpoint.image import (
     CHUNK,
     MANIFEST,
@@ -54,9 +55,17 @@ from plugins.checkpoint.image import (
     read_manifest,
 )
 
+log = logging.getLogger(__name__)
+
 TAR_BLOCK = 512
 MAX_DEFINITION_BYTES = 1 << 20
+MAX_HEADER_BYTES = 1 << 20  # one member's extended header: its xattrs and long names
 XATTR = "SCHILY.xattr."
+# Character devices (major, minor) any container may have: null, zero, full, random,
+# urandom, tty, console, ptmx. A migrated directory keeps no other device node.
+SAFE_DEVICES = frozenset({(1, 3), (1, 5), (1, 7), (1, 8), (1, 9), (5, 0), (5, 1), (5, 2)})
+NOBODY = 65534  # what an id a user namespace does not map shows as inside it
+CAPABILITY = "security.capability"
 IMAGE, FILES, STATE, INSTANCE, CACHE = "image", "files", "state", "instance", "cache"
 CACHED = "kumo-cache-"  # an image for the cache, as it lies in the received checkpoint
 DIGEST_RE = re.compile(r"^[0-9a-f]{64}\Z")
@@ -65,7 +74,7 @@ IMAGE_NAME_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]{0,100}\Z")
 
 # What the unpacking thread calls when the travelling directory's definition arrives:
 # (its name, its bytes) -> the empty directory to unpack the instance's directory into.
-Stage = Callable[[str, bytes], Path]
+Stage = Callable[[str, bytes], StagedDirectory]
 
 
 class Member(NamedTuple):
@@ -230,7 +239,8 @@ def unpack(body: BinaryIO, incoming: Path, own_root: Path, stage: Stage, name: s
     carried: list[str] = []
     cached: list[str] = []
     directory = DirectoryWriter(stage)
-    with tarfile.open(fileobj=body, mode="r|", bufsize=CHUNK) as tar:  # type: ignore[call-overload]
+    with tarfile.open(fileobj=body, mode="r|", bufsize=CHUNK,  # type: ignore[call-overload]
+                      tarinfo=_BoundedTarInfo) as tar:
         for member in tar:
             top, _, rest = member.name.partition("/")
             if top == INSTANCE:
@@ -257,17 +267,37 @@ def unpack(body: BinaryIO, incoming: Path, own_root: Path, stage: Stage, name: s
     return {"checksums": checksums, "files": carried, "images": cached}
 
 
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A tar header whose extended records (PAX, GNU long names) tarfile would read whole
+    into memory: refused past MAX_HEADER_BYTES, before they are read."""
+
+    @classmethod
+    def frombuf(cls, buf: bytes, encoding: str, errors: str) -> tarfile.TarInfo:
+        info = super().frombuf(buf, encoding, errors)
+        if info.type in _EXTENDED_HEADERS and info.size > MAX_HEADER_BYTES:
+            raise TaskError(f"the image stream holds a tar header of {info.size} bytes (at most {MAX_HEADER_BYTES}): "
+                            "the source sent a damaged or hostile stream; nothing was restored", code="image-corrupt")
+        return info
+
+
+_EXTENDED_HEADERS = {tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
+                     tarfile.GNUTYPE_LONGLINK}
+
+
 class DirectoryWriter:
     """Unpacks the ``instance/`` members of a migration stream into the directory ``stage`` gives.
 
     Every member's parent must be a directory this writer made (the sender walks top
     down), so no symlink in the stream is ever followed; hardlinks may point only at files
     it wrote. Directories get their mode and times last, once nothing more is written in them.
+    Owners, modes, extended attributes and device nodes are held to what the staged
+    directory allows (:class:`agent.sdk.StagedDirectory`): the source may be compromised.
     """
 
     def __init__(self, stage: Stage):
         self.stage = stage
         self.root: Path | None = None
+        self.ids: range | None = None
         self.dirs: dict[str, tarfile.TarInfo | None] = {}
         self.files: set[str] = set()
 
@@ -300,7 +330,8 @@ class DirectoryWriter:
         source = tar.extractfile(member)
         assert source is not None
         data = source.read()
-        self.root = self.stage(rel, data)
+        staged = self.stage(rel, data)
+        self.root, self.ids = staged.path, staged.ids
         self.dirs[""] = None
         self._write(member, rel, io.BytesIO(data))
 
@@ -311,7 +342,7 @@ class DirectoryWriter:
         with os.fdopen(fd, "wb") as out:
             shutil.copyfileobj(source, out, CHUNK)
         self.files.add(rel)
-        _set_metadata(target, member)
+        self._set_metadata(target, member)
 
     def _link(self, member: tarfile.TarInfo, rel: str) -> None:
         assert self.root is not None
@@ -327,33 +358,55 @@ class DirectoryWriter:
         target = self.root / rel
         if member.issym():
             os.symlink(member.linkname, target)
+        elif member.ischr() and (member.devmajor, member.devminor) in SAFE_DEVICES:
+            os.mknod(target, stat.S_IFCHR | 0o600, os.makedev(member.devmajor, member.devminor))
         elif member.ischr() or member.isblk():
-            kind = stat.S_IFCHR if member.ischr() else stat.S_IFBLK
-            os.mknod(target, kind | 0o600, os.makedev(member.devmajor, member.devminor))
+            log.warning("migration: left out the device node %s (%s %d:%d), which no container here may have",
+                        rel, "char" if member.ischr() else "block", member.devmajor, member.devminor)
+            return
         elif member.isfifo():
             os.mkfifo(target, 0o600)
         else:
             raise TaskError(f"the image stream holds {member.name!r} of a type a directory cannot hold",
                             code="image-corrupt")
-        _set_metadata(target, member)
+        self._set_metadata(target, member)
 
     def finish(self) -> None:
         """Directories' modes and times, deepest first."""
         for rel in sorted(self.dirs, key=lambda r: -r.count("/") - bool(r)):
             member = self.dirs[rel]
             if member is not None and self.root is not None:
-                _set_metadata(self.root / rel if rel else self.root, member)
+                self._set_metadata(self.root / rel if rel else self.root, member)
+
+    def _set_metadata(self, path: Path, member: tarfile.TarInfo) -> None:
+        uid, gid, mode = member.uid, member.gid, member.mode
+        xattrs = {key[len(XATTR):]: value.encode("utf-8", "surrogateescape")
+                  for key, value in member.pax_headers.items() if key.startswith(XATTR)}
+        if self.ids is not None:
+            # A host id outside the namespace (host root's, say) would make a setuid file or a
+            # capability here a way up for anyone on the host who reaches the rootfs.
+            nobody = self.ids.start + NOBODY if self.ids.start + NOBODY in self.ids else self.ids.start
+            if uid not in self.ids:
+                uid, mode = nobody, mode & ~stat.S_ISUID
+            if gid not in self.ids:
+                gid, mode = nobody, mode & ~stat.S_ISGID
+            xattrs = {key: value for key, value in xattrs.items() if key.startswith("user.")
+                      or (key == CAPABILITY and uid != nobody and _namespaced_capability(value) == self.ids.start)}
+        # Order matters: chown clears setuid bits and file capabilities, so it comes first.
+        os.chown(path, uid, gid, follow_symlinks=False)
+        if not member.issym():
+            os.chmod(path, mode)
+        for key, value in xattrs.items():
+            os.setxattr(path, key, value, follow_symlinks=False)
+        os.utime(path, (member.mtime, member.mtime), follow_symlinks=False)
 
 
-def _set_metadata(path: Path, member: tarfile.TarInfo) -> None:
-    # Order matters: chown clears setuid bits and file capabilities, so it comes first.
-    os.chown(path, member.uid, member.gid, follow_symlinks=False)
-    if not member.issym():
-        os.chmod(path, member.mode)
-    for key, value in member.pax_headers.items():
-        if key.startswith(XATTR):
-            os.setxattr(path, key[len(XATTR):], value.encode("utf-8", "surrogateescape"), follow_symlinks=False)
-    os.utime(path, (member.mtime, member.mtime), follow_symlinks=False)
+def _namespaced_capability(value: bytes) -> int | None:
+    """The namespace root id of a file capability (``vfs_ns_cap_data``, revision 3), None for
+    any other form: a revision 2 capability holds in the host's namespace, for any user."""
+    if len(value) != 24 or int.from_bytes(value[:4], "little") >> 24 != 3:
+        return None
+    return int.from_bytes(value[20:], "little")
 
 
 def _copy_checked(source: BinaryIO, target: Path) -> str:

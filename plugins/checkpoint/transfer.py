@@ -14,8 +14,10 @@ import contextlib
 import hashlib
 import json
 import re
+import shutil
 import tarfile
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from agent.sdk import PluginContext, TaskError
@@ -43,14 +45,19 @@ async def send(context: PluginContext, migration: str, members: list[Member]) ->
     return {"bytes": sent, "sha256": digest.hexdigest(), "relayed": answer.get("bytes")}
 
 
-async def receive(context: PluginContext, migration: str, unpack: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+async def receive(context: PluginContext, migration: str, unpack: Callable[[Any], dict[str, Any]],
+                  into: Path) -> dict[str, Any]:
     """Read the stream from the controller into ``unpack(body)``, which runs in a worker
-    thread and reads ``body`` as a file; what it returned, with ``bytes`` and ``sha256``."""
-    return await _request(context, "GET", migration, None, {}, unpack)
+    thread and reads ``body`` as a file; what it returned, with ``bytes`` and ``sha256``.
+
+    The source declares the stream's size before sending it; a stream without one, or
+    larger than the free space where it lands (``into``), is refused before a byte is
+    written, and no more than the declared size is read."""
+    return await _request(context, "GET", migration, None, {}, unpack, into)
 
 
 async def _request(context: PluginContext, method: str, migration: str, body: Any, headers: Mapping[str, str],
-                   unpack: Callable[[Any], dict[str, Any]] | None = None) -> dict[str, Any]:
+                   unpack: Callable[[Any], dict[str, Any]] | None = None, into: Path | None = None) -> dict[str, Any]:
     import aiohttp  # here: an agent that never migrates never loads it for this
 
     if not MIGRATION_RE.match(migration):
@@ -73,12 +80,24 @@ async def _request(context: PluginContext, method: str, migration: str, body: An
                 raise TaskError(f"{what} the controller failed ({response.status}): {text}", code="transfer-failed")
             if unpack is None:
                 return await response.json(content_type=None) or {}
+            assert into is not None
+            await _check_room(response.content_length, into)
             reader = BodyReader(response.content, asyncio.get_running_loop())
             result = await asyncio.to_thread(unpack, reader)
             return {**result, "bytes": reader.count, "sha256": reader.digest.hexdigest()}
     except (aiohttp.ClientError, OSError, TimeoutError, tarfile.TarError, EOFError) as exc:
         raise TaskError(f"{what} the controller broke off: {exc or type(exc).__name__}; nothing was restored",
                         code="transfer-failed") from exc
+
+
+async def _check_room(size: int | None, into: Path) -> None:
+    if size is None:
+        raise TaskError("the source sent its image stream without declaring its size: refused, nothing was written",
+                        code="transfer-failed")
+    free = (await asyncio.to_thread(shutil.disk_usage, into)).free
+    if size > free:
+        raise TaskError(f"the image stream is {size} bytes and {into} has {free} bytes free: make room on this node "
+                        "(or choose another destination) and migrate again", code="no-space")
 
 
 class BodyReader:

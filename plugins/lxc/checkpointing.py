@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from agent.sdk import CheckpointSubject, CriuCommand, TaskError, atomic_write
+from agent.sdk import CheckpointSubject, CriuCommand, StagedDirectory, TaskError, atomic_write
 
 KIND = "lxc"
 DEFINITION = "config"  # the file of a container's directory the destination checks first
@@ -72,9 +72,12 @@ class LxcCheckpointer:
             raise TaskError(f"container {name!r} was restored but liblxc shows no init pid", code="restore-failed")
         return pid
 
-    async def stage(self, name: str, record: Mapping[str, Any], definition: bytes) -> Path:
+    async def stage(self, name: str, record: Mapping[str, Any], definition: bytes) -> StagedDirectory:
         path: Path = await self.plugin.stage_migration(name, definition.decode("utf-8", "replace"), _source(record))
-        return path
+        # The config was just checked to use this node's own user namespace (or none).
+        config = self.plugin.config
+        ids = range(config.idmap_start, config.idmap_start + config.idmap_size) if config.unprivileged else None
+        return StagedDirectory(path, ids)
 
     async def take_over(self, name: str, record: Mapping[str, Any], directory: Path) -> None:
         await self.plugin.import_migrated(name, directory, _source(record))
