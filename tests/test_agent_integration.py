@@ -156,6 +156,7 @@ def test_join_tries_controller_first_then_the_listed_ones_and_records_them_all(c
     assert json.loads((state / "join.json").read_text())["controllers"] == [nobody, controller.url]
 
 
+@pytest.mark.reliability("agent on two controllers", "its controller stopped")
 def test_agent_moves_to_another_controller_with_its_identity_and_tasks(controller_factory, postgres, kumo_agent, counter,
                                                                        tmp_path):
     site, plugins, output = counter
@@ -277,6 +278,7 @@ def test_restarted_agent_keeps_its_node_id_and_stays_ready(controller, kumo_agen
     assert agent.log_text().count("connected as node") == 2
 
 
+@pytest.mark.reliability("task delivery", "controller kill -9 with tasks queued")
 def test_controller_crash_backoff_and_delivery_of_queued_tasks_once_each(controller, kumo_agent, counter):
     site, plugins, output = counter
     agent = kumo_agent(plugins=plugins, pythonpath=site)
@@ -297,6 +299,7 @@ def test_controller_crash_backoff_and_delivery_of_queued_tasks_once_each(control
     assert max(delays[3:]) > max(delays[:1]), delays
 
 
+@pytest.mark.reliability("task execution", "agent stopped mid-task")
 def test_task_cut_off_by_a_stop_is_reported_interrupted_not_rerun(controller, kumo_agent, counter, tmp_path):
     site, plugins, output = counter
     agent = kumo_agent(plugins=plugins, pythonpath=site, settings={"tasks": {"shutdown_grace": 0.5}})
@@ -310,6 +313,7 @@ def test_task_cut_off_by_a_stop_is_reported_interrupted_not_rerun(controller, ku
     assert not output.exists()
 
 
+@pytest.mark.reliability("task execution", "result lost on the way back, task redelivered")
 def test_redelivered_task_is_answered_from_the_journal(controller, kumo_agent, counter, tmp_path):
     site, plugins, output = counter
     agent = kumo_agent(plugins=plugins, pythonpath=site)

@@ -195,6 +195,7 @@ async def test_file_lock_blocks(criu_required, criu_node, tmp_path):
     assert [b["code"] for b in result["blockers"]] == ["file-lock"]
 
 
+@pytest.mark.reliability("process checkpoint", "criu dump fails")
 @pytest.mark.integration
 async def test_failed_dump_leaves_the_instance_running(criu_required, tmp_path):
     """criu itself fails (the image disk is full): the error is clear and the process runs on."""

@@ -190,6 +190,7 @@ def test_bad_json_unknown_fields_and_oversized_bodies_are_named(controller, tmp_
     assert controller.admin("GET", "/v1/nodes") == {"nodes": [], "next": None}
 
 
+@pytest.mark.reliability("task store", "controller kill -9")
 def test_tasks_survive_a_controller_crash_and_keep_their_idempotency(controller, tmp_path):
     node_id, cert = enroll_node(controller, tmp_path)
     register(controller, node_id, cert)

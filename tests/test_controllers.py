@@ -75,6 +75,7 @@ def test_a_wrong_password_stops_the_controller_naming_the_setting(postgres, cont
         controller_factory(init_args=["--database", wrong])
 
 
+@pytest.mark.reliability("controller start", "database unreachable")
 def test_an_unreachable_database_is_retried_and_the_api_says_why(tmp_path) -> None:
     from tests.harness import free_port
     from tests.harness.cluster import ControllerProcess
@@ -115,6 +116,7 @@ def test_a_migration_relays_between_nodes_attached_to_different_controllers(criu
         a.call("DELETE", "/v1/instances/web", cert=a.admin_cert)
 
 
+@pytest.mark.reliability("tasks on two controllers", "PostgreSQL restarted under load")
 def test_postgresql_restarting_under_load_loses_nothing(postgres, pair, kumo_agent) -> None:
     a, b = pair
     agent = kumo_agent(controller=b)
@@ -134,6 +136,7 @@ def _submit_when_back(controller, node_id: str) -> dict | None:
     return task if status == 201 else None
 
 
+@pytest.mark.reliability("migration across two controllers", "driving controller kill -9")
 def test_a_migration_whose_controller_dies_ends_with_the_instance_running_once(criu_required, pair, kumo_agent,
                                                                                 tmp_path):
     from tests.harness import read_counter

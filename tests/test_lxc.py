@@ -184,6 +184,7 @@ async def test_invalid_user_data_fails_the_create_and_leaves_nothing(lxc_node):
     assert node.state("badseed") is None and list(node.lxcpath.iterdir()) == []
 
 
+@pytest.mark.reliability("lxc container", "kill -9 of the container's init")
 @integration
 async def test_kill_9_of_init_reports_stopped_and_liblxc_cleans_up(lxc_node, lxc_bridge):
     node = await lxc_node()

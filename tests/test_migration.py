@@ -155,6 +155,7 @@ def test_a_failed_restore_on_the_destination_leaves_it_running_on_the_source(clu
     wait_for(lambda: read_counter(path) > before + 3, "the counter to go on counting on A")
 
 
+@pytest.mark.reliability("process migration", "destination agent frozen, then kill -9, mid-stream")
 def test_a_destination_that_dies_mid_transfer_leaves_it_running_on_the_source(cluster, tmp_path):
     controller, kumo_agent, create, _ = cluster
     a, b = kumo_agent(), kumo_agent()
@@ -186,6 +187,7 @@ def test_a_destination_that_dies_mid_transfer_leaves_it_running_on_the_source(cl
     assert not [p for p in images.rglob(".incoming-*")], "the half-received image was left on B"
 
 
+@pytest.mark.reliability("process migration", "controller kill -9 after the checkpoint, restart")
 def test_a_controller_killed_mid_transfer_ends_the_migration_when_it_restarts(cluster, tmp_path):
     # The migration's steps were in the dead process's memory; its record is in the store,
     # and the controller's next run takes it over from what the nodes report.

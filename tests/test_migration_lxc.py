@@ -524,6 +524,7 @@ def test_a_container_migrates_keeping_its_counter_address_and_files(lxc_cluster)
     assert not any((path_b / "mover/rootfs/lib").iterdir()), "the host's /lib is bound, not copied"
 
 
+@pytest.mark.reliability("lxc migration", "restore fails on the destination")
 @pytest.mark.integration
 def test_a_failed_restore_on_the_destination_leaves_the_container_running_on_the_source(lxc_cluster, tmp_path):
     controller, node, container = lxc_cluster

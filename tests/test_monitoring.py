@@ -228,6 +228,7 @@ async def test_a_probe_stuck_in_the_kernel_holds_one_thread_and_nothing_else(tmp
         await plugin.kumo_shutdown()
 
 
+@pytest.mark.reliability("alerting", "controller unreachable, agent restarted")
 async def test_alerts_fire_and_resolve_offline_and_arrive_once_after_a_restart(tmp_path: Path) -> None:
     flag = tmp_path / "broken"
     flag.touch()
@@ -261,6 +262,7 @@ async def test_alerts_fire_and_resolve_offline_and_arrive_once_after_a_restart(t
         await plugin.kumo_shutdown()
 
 
+@pytest.mark.reliability("alerting", "flapping probe and controller, agent restarted")
 async def test_a_flapping_probe_and_a_flapping_controller_lose_nothing_across_a_restart(tmp_path: Path, monkeypatch: Any) -> None:
     runs, settled = [0], [False]
 
@@ -637,6 +639,7 @@ def test_the_agent_refuses_to_start_with_a_bad_monitoring_config(controller, kum
     assert "Traceback" not in run.stderr
 
 
+@pytest.mark.reliability("alerting", "controller outage")
 @pytest.mark.integration
 def test_a_check_script_alert_reaches_kumoctl_and_survives_a_controller_outage(controller, kumo_agent, tmp_path):
     flag = tmp_path / "broken"

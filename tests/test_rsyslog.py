@@ -70,6 +70,7 @@ async def test_every_message_arrives_once(rsyslog_bed: RsyslogBed, protocol: str
     assert metrics()["kumo_rsyslog_discarded_messages"] == 0
 
 
+@pytest.mark.reliability("log forwarding", "collector down for a while")
 async def test_collector_down_for_a_while_loses_nothing(rsyslog_bed: RsyslogBed) -> None:
     collector, sender, _, _ = await pair(rsyslog_bed)
     collector.stop()
@@ -83,6 +84,7 @@ async def test_collector_down_for_a_while_loses_nothing(rsyslog_bed: RsyslogBed)
     assert len(got) - len(set(got)) <= 1
 
 
+@pytest.mark.reliability("log forwarding", "collector kill -9 mid-stream")
 async def test_collector_killed_mid_stream_loses_nothing(rsyslog_bed: RsyslogBed) -> None:
     collector, sender, _, _ = await pair(rsyslog_bed)
     sent = messages("kill", 3000)
@@ -96,6 +98,7 @@ async def test_collector_killed_mid_stream_loses_nothing(rsyslog_bed: RsyslogBed
     assert set(got) == set(sent), f"{len(set(sent) - set(got))} lost"
 
 
+@pytest.mark.reliability("log forwarding (RELP)", "sender restarted during an outage")
 async def test_sender_restarted_during_an_outage_loses_nothing(rsyslog_bed: RsyslogBed) -> None:
     """The collector went away before the sender had a connection: everything is on disk."""
     collector, sender, _, _ = await pair(rsyslog_bed)
