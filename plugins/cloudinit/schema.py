@@ -6,9 +6,10 @@ the same cloud-init the Debian image runs, so what passes here is what that gues
 It is checked as cloud-init checks it: JSON Schema draft 4 with format checks, a YAML
 ``!!binary`` value counting as a string.
 
-Two things cloud-init itself only warns about inside the guest are errors here, with a hint:
-a top-level key no module reads (the closest known key suggested), and an unknown key in a
-section whose schema lists every key it allows. Each error names the document's line, the
+Schema errors are only warnings in the guest's log (the module then fails or does half its
+work); here they fail the create. Two more are errors here, with the closest known key as a
+hint: a top-level key no module reads (cloud-init ignores it without a word), and an unknown
+key in a section whose schema lists every key it allows. Each error names the document's line, the
 path of the value (``users[0].lock_passwd``) and the reason.
 """
 
@@ -37,11 +38,10 @@ TYPE_WORDS = {"array": "a list", "object": "a mapping", "string": "a string", "b
 
 
 class SchemaError(ValueError):
-    """What is wrong with a cloud-config: ``line`` (1-based) and a sentence naming path and reason."""
+    """What is wrong with a cloud-config: its (1-based) line, the value's path and the reason."""
 
     def __init__(self, line: int, reason: str):
         super().__init__(f"line {line}: {reason}")
-        self.line, self.reason = line, reason
 
 
 def check(node: yaml.MappingNode, data: dict[str, Any]) -> None:
