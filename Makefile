@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 DEBVENV := .venv-debian
 DEBPY := $(DEBVENV)/bin/python
 
-.PHONY: deps venv venv-debian demo demo-stop test test-pypi test-debian test-unit lint bench deb
+.PHONY: deps venv venv-debian demo demo-stop test test-pypi test-debian test-unit lint bench deb image
 
 deps:
 	./scripts/install-deps.sh
@@ -56,6 +56,10 @@ lint: venv
 
 bench: deps venv
 	for b in bench/bench_*.py; do $(PY) $$b || exit 1; done
+
+# Kumo's Debian 12 image with cloud-init (rootfs tarball and disk), cached by recipe.
+image: deps
+	./scripts/build-image.sh
 
 # kumo-agent and kumo-controller .debs into build/deb/.
 deb:

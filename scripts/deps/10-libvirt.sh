@@ -2,7 +2,7 @@
 # The kvm and cloudinit plugins and their tests: libvirtd (monolithic, started by hand: no
 # systemd here), QEMU (TCG works where KVM faults), qemu-img for overlays, genisoimage for
 # NoCloud seeds, and what the test guests are built from (a Debian kernel package and
-# busybox-static for the initramfs; debootstrap for the slow real cloud-init guest).
+# busybox-static for the initramfs; debootstrap for scripts/build-image.sh's Debian image).
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 apt_install qemu-system-x86 qemu-utils busybox-static genisoimage cpio kmod \

@@ -9,7 +9,8 @@ local-hostname), ``user-data``, and when given ``network-config`` (v1 or v2) and
 
 User data and network config are validated before anything is written, so a typo fails
 the create with the line and the reason instead of a guest that silently ignores it:
-``#cloud-config`` must be YAML whose top-level keys are known cloud-config keys, ``#!``
+``#cloud-config`` must be YAML that cloud-init's own schema accepts, whose top-level keys
+are keys cloud-init reads (:mod:`plugins.cloudinit.schema`), ``#!``
 scripts and ``#cloud-boothook`` are passed through as they are, and MIME multipart
 archives and Jinja templates are accepted unvalidated (their parts only exist once
 cloud-init assembles or renders them in the guest).
@@ -27,31 +28,11 @@ import yaml
 
 from agent.sdk import ErrorCode, Fingerprint, TaskError, hookimpl
 
+from . import schema
+
 CODE: ErrorCode = "invalid-seed"  # what is wrong is the seed data the create sent
 VOLUME_LABEL = "cidata"
 
-# Top-level keys of cloud-config that cloud-init's modules (and its base config) read, from
-# https://cloudinit.readthedocs.io/en/latest/reference/modules.html. An unknown key is
-# almost always a typo that cloud-init would only warn about inside the guest.
-KNOWN_CLOUD_CONFIG_KEYS = frozenset(
-    """
-    ansible apk_repos apt apt_pipelining apt_reboot_if_required apt_update apt_upgrade
-    apt_get_command apt_get_upgrade_subcommand apt_get_wrapper autoinstall bootcmd
-    byobu_by_default ca_certs ca-certs chef chpasswd cloud_config_modules
-    cloud_final_modules cloud_init_modules create_hostname_file datasource datasource_list
-    device_aliases disable_ec2_metadata disable_root disable_root_opts disk_setup drivers
-    fan final_message fqdn fs_setup groups growpart grub_dpkg grub-dpkg hostname keyboard
-    landscape locale locale_configfile lxd manage_etc_hosts manage_resolv_conf mcollective
-    merge_how merge_type migrate mount_default_fields mounts no_ssh_fingerprints ntp output
-    package_reboot_if_required package_update package_upgrade packages password phone_home
-    power_state prefer_fqdn_over_hostname preserve_hostname puppet random_seed reporting
-    resize_rootfs resolv_conf rh_subscription rsyslog runcmd salt_minion snap spacewalk ssh
-    ssh_authorized_keys ssh_deletekeys ssh_fp_console_blacklist ssh_genkeytypes
-    ssh_import_id ssh_key_console_blacklist ssh_keys ssh_publish_hostkeys ssh_pwauth
-    ssh_quiet_keygen swap system_info timezone ubuntu_advantage ubuntu_pro updates user
-    users vendor_data wireguard write_files yum_repo_dir yum_repos zypper
-    """.split()
-)
 NETWORK_V1_KEYS = frozenset({"version", "config"})
 NETWORK_V2_KEYS = frozenset(
     {"version", "renderer", "ethernets", "wifis", "bonds", "bridges", "vlans", "tunnels", "vrfs"}
@@ -149,7 +130,7 @@ def validate_user_data(text: str, what: str = "user_data") -> None:
         )
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
-        yaml.safe_load(text)
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise TaskError(f"{what} {_yaml_where(exc)}: invalid YAML: {_yaml_problem(exc)}", code=CODE) from exc
     if node is None:
@@ -160,18 +141,10 @@ def validate_user_data(text: str, what: str = "user_data") -> None:
             f"got a {node.id}",
             code=CODE,
         )
-    for key_node, _ in node.value:
-        key = key_node.value
-        if key not in KNOWN_CLOUD_CONFIG_KEYS:
-            import difflib  # only for a bad key's suggestion: not in every idle agent (~0.2 MB)
-
-            close = difflib.get_close_matches(str(key), KNOWN_CLOUD_CONFIG_KEYS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise TaskError(
-                f"{what} line {key_node.start_mark.line + 1}: unknown cloud-config key "
-                f"{key!r}{hint}; see https://cloudinit.readthedocs.io/en/latest/reference/modules.html",
-                code=CODE,
-            )
+    try:
+        schema.check(node, data)
+    except schema.SchemaError as exc:
+        raise TaskError(f"{what} {exc}", code=CODE) from exc
 
 
 def validate_network_config(value: Any) -> str:
