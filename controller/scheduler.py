@@ -16,9 +16,10 @@ but not started yet. The request must also fit in what is available now: that co
 host's own processes and anything running outside Kumo. Free memory is the smaller of the
 two.
 
-Images. A node reports the images its cache holds (``images.held``, digests). An instance
-made from an image (``image_sha256``) goes, among the nodes that fit, to one that already
-holds it: its create starts at once instead of after a pull of gigabytes.
+Images. A node reports the images its cache holds (``images.held``, digests). Between nodes
+equally loaded, an instance made from an image (``image_sha256``) goes to one that already
+holds it: its create starts at once instead of after a pull. Spreading comes first: a pull
+costs once, a crowded node for as long as its instances run.
 
 CPU. A node takes at most ``cpus × vcpu_overcommit`` vCPUs (node fact ``vcpu_overcommit``,
 default :data:`DEFAULT_VCPU_OVERCOMMIT`: guests rarely keep every vCPU busy).
@@ -49,13 +50,13 @@ def place(
     and ``image_sha256``).
 
     Returns the chosen node id (None when no node fits) and, for every node that was
-    dropped, the reason in one sentence. Among the nodes that fit, those holding the image
-    come first; of those, the one with the fewest
-    committed vCPUs relative to its vCPU capacity wins; ties go to the least busy CPU as
-    measured, then to the most free memory, then to the smallest id so the answer is stable.
+    dropped, the reason in one sentence. Among the nodes that fit, the one with the fewest
+    committed vCPUs relative to its vCPU capacity wins; ties go to a node holding the image,
+    then to the least busy CPU as measured, then to the most free memory, then to the
+    smallest id so the answer is stable.
     """
     reasons: dict[str, str] = {}
-    candidates: list[tuple[bool, float, float, float, str]] = []
+    candidates: list[tuple[float, bool, float, float, str]] = []
     image = request.get("image_sha256")
     for node in nodes:
         node_id = str(node["id"])
@@ -65,7 +66,7 @@ def place(
             continue
         load = _committed(node, "vcpus") / _vcpu_capacity(node)
         lacks_image = bool(image) and image not in images_held(node)
-        candidates.append((lacks_image, load, _cpu_busy(node) or 0.0, -_free_memory_mib(node), node_id))
+        candidates.append((load, lacks_image, _cpu_busy(node) or 0.0, -_free_memory_mib(node), node_id))
     if not candidates:
         return None, reasons
     return min(candidates)[-1], reasons

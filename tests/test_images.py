@@ -122,14 +122,21 @@ def declare(controller: Any, path: Path, name: str, kind: str, **extra: Any) -> 
         cert=controller.admin_cert)
 
 
-def cut_off_upload(controller: Any, upload_id: str, data: bytes, sent: int) -> None:
-    """Start a PUT of all of ``data`` and drop the connection after ``sent`` bytes."""
+def cut_off_upload(controller: Any, upload_id: str, data: bytes, sent: int) -> int:
+    """Start a PUT of all of ``data``, and drop the connection once the controller has kept
+    some of the first ``sent`` bytes; how many it kept."""
     context = controller.context(controller.admin_cert)
+    path = f"/v1/images/uploads/{upload_id}"
     with socket.create_connection(("127.0.0.1", controller.port)) as raw, \
             context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-        tls.sendall(f"PUT /v1/images/uploads/{upload_id}?offset=0 HTTP/1.1\r\nHost: x\r\n"
+        tls.sendall(f"PUT {path}?offset=0 HTTP/1.1\r\nHost: x\r\n"
                     f"Content-Type: application/octet-stream\r\nContent-Length: {len(data)}\r\n\r\n".encode())
         tls.sendall(data[:sent])
+        wait_for(lambda: controller.admin("GET", path)["offset"], "the controller to write what it received")
+    broken = wait_for(lambda: [e for e in controller.admin("GET", "/v1/audit")["entries"]
+                               if e["method"] == "PUT" and e["path"] == path], "the broken PUT to end")
+    assert broken[0]["status"] == 400 and "the transfer broke after" in broken[0]["error"], broken
+    return controller.admin("GET", path)["offset"]
 
 
 def node_cert(agent: Any) -> tuple[Path, Path]:
@@ -143,10 +150,9 @@ def test_an_upload_cut_off_resumes_and_bad_or_oversized_imports_are_refused(cont
     data = disk.read_bytes()
     status, upload = declare(controller, disk, "tiny", "kvm", version="1")
     assert status == 201 and upload["offset"] == 0, upload
-    cut_off_upload(controller, upload["id"], data, len(data) // 2)
-    path = f"/v1/images/uploads/{upload['id']}"
-    held = wait_for(lambda: controller.admin("GET", path)["offset"] or None, "the first half to be kept")
+    held = cut_off_upload(controller, upload["id"], data, len(data) // 2)
     assert 0 < held <= len(data) // 2
+    path = f"/v1/images/uploads/{upload['id']}"
     # The same import again finds the upload under way, from where it stopped.
     status, again = declare(controller, disk, "tiny", "kvm", version="1")
     assert (status, again["id"], again["offset"]) == (200, upload["id"], held)
@@ -198,7 +204,9 @@ def test_a_container_made_from_a_catalogue_image_by_name(controller, kumo_agent,
     assert (first.workdir / "images" / sha).is_file()
     wait_for(lambda: sha in controller.admin("GET", f"/v1/nodes/{first.node_id}")["images"]["held"],
              "the node to report the image it holds")
-    # Both nodes fit; the one that holds the image wins over the emptier one.
+    # Equally loaded nodes: the one that holds the image wins.
+    kumoctl(controller, "instances", "create", "filler", "--kind", "lxc", "--vcpus", "1", "--memory", "64",
+            "--node", second.node_id)
     kumoctl(controller, "instances", "create", "two", "--kind", "lxc", "--image", "box", "--vcpus", "1",
             "--memory", "64")
     shown = json.loads(kumoctl(controller, "instances", "show", "two", "--output", "json").stdout)
@@ -227,7 +235,7 @@ def test_a_container_made_from_a_catalogue_image_by_name(controller, kumo_agent,
             "--memory", "64", "--node", first.node_id)
     assert hashlib.sha256(cached.read_bytes()).hexdigest() == sha
     assert "it was changed on disk; fetching it again" in first.log_text()
-    for name in ("one", "two", "three"):
+    for name in ("one", "two", "three", "filler"):
         kumoctl(controller, "instances", "delete", name)
     kumoctl(controller, "images", "delete", "box")
     assert controller.admin("GET", "/v1/images") == {"images": [], "aliases": []}

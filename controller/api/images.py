@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from controller.api import ApiError, Route, field, json_body, reject_unknown, reply, state
@@ -74,8 +75,11 @@ async def send_upload(request: web.Request) -> web.Response:
         raise ApiError(400, f"offset must be the number of bytes the upload holds (GET it to see), got {raw!r:.40}")
 
     async def body() -> AsyncIterator[bytes]:
-        async for chunk in request.content.iter_chunked(CHUNK):
-            yield chunk
+        try:
+            async for chunk in request.content.iter_chunked(CHUNK):
+                yield chunk
+        except aiohttp.ClientError as exc:  # the client went away mid-body
+            raise ConnectionError(str(exc) or type(exc).__name__) from None
 
     done = await images.receive(state(request), request.match_info["upload_id"], int(raw), body())
     if "offset" in done:

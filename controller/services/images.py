@@ -237,8 +237,8 @@ async def cancel_upload(ctl: Any, upload_id: str) -> None:
 
 
 async def receive(ctl: Any, upload_id: str, offset: int, body: AsyncIterator[bytes]) -> dict[str, Any]:
-    """Append ``body`` to the upload at ``offset`` (which must be where it ends). When the
-    last declared byte has arrived, the image is checked and enters the catalogue: its
+    """Append ``body`` to the upload at ``offset`` (which must be where it ends); a body that
+    breaks (ConnectionError) keeps what arrived. When the last declared byte has arrived, the image is checked and enters the catalogue: its
     record; until then the upload with its new ``offset``."""
     upload = await get_upload(ctl, upload_id)
     if offset != upload["offset"]:
@@ -249,13 +249,17 @@ async def receive(ctl: Any, upload_id: str, offset: int, body: AsyncIterator[byt
     size = upload["size_bytes"]
     out = await asyncio.to_thread(part.open, "ab")
     try:
-        async for chunk in body:
-            if offset + len(chunk) > size:
-                await asyncio.to_thread(out.truncate, offset)
-                raise Refused(400, f"the upload is longer than the {size} bytes declared; start again with its "
-                                   "real size")
-            await asyncio.to_thread(out.write, chunk)
-            offset += len(chunk)
+        try:
+            async for chunk in body:
+                if offset + len(chunk) > size:
+                    await asyncio.to_thread(out.truncate, offset)
+                    raise Refused(400, f"the upload is longer than the {size} bytes declared; start again with "
+                                       "its real size")
+                await asyncio.to_thread(out.write, chunk)
+                offset += len(chunk)
+        except ConnectionError as exc:
+            raise Refused(400, f"the transfer broke after {offset} bytes ({exc}): send the rest from offset "
+                               f"{offset}", offset=offset) from None
     finally:
         # What arrived stays (flushed) even when the client went away: the next PUT resumes.
         await asyncio.to_thread(out.close)
