@@ -259,3 +259,19 @@ def test_an_image_imported_through_one_controller_is_served_by_another(postgres,
     a.stop()
     status, _, body = raw_call(b, "GET", f"/v1/nodes/{agent.node_id}/images/{sha}", cert=node_cert(agent))
     assert status == 200 and hashlib.sha256(body).hexdigest() == sha
+
+
+# ---- what a node reports about its cache (untrusted input) ----------------------------
+
+
+def test_a_nodes_image_report_is_checked() -> None:
+    from controller.api import ApiError, reports
+
+    digest = "ab" * 32
+    report = {"held": [digest], "pulling": {digest: {"bytes": 5, "total": 10}}}
+    assert reports.images(report) == report
+    for bad, where in (({"held": ["../../etc"]}, "images.held"), ({"held": [digest] * 10_001}, "images.held"),
+                       ({"pulling": {digest: {"bytes": -1}}}, f"images.pulling.{digest}.bytes"),
+                       ({"pulling": {"x": {}}}, "images.pulling"), ({"other": 1}, "images must be")):
+        with pytest.raises(ApiError, match=where):
+            reports.images(bad)

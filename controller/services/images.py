@@ -49,6 +49,8 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}\Z")
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 DIGEST_RE = re.compile(r"^[0-9a-f]{64}\Z")
 UPLOAD_RE = re.compile(r"^u-[0-9a-f]{32}\Z")
+REF_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,200}\Z")
+CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 CATALOGUE_PREFIX = "catalogue:"  # what the node's image cache pulls from its controller
 MAX_DESCRIPTION = 1000
 
@@ -136,6 +138,8 @@ async def resolve(ctl: Any, ref: str, kind: str | None = None) -> list[dict[str,
     """The images ``ref`` names (a digest, ``NAME:VERSION``, an alias or a name: its newest
     version), of ``kind`` only when given; 404 naming what exists otherwise."""
     store = ctl.store
+    if not REF_RE.match(ref):
+        raise Refused(400, f"an image is named NAME, NAME:VERSION, an alias or its sha256, got {ref!r:.100}")
     if ref.startswith(CATALOGUE_PREFIX):
         ref = ref[len(CATALOGUE_PREFIX):]
     if DIGEST_RE.match(ref):
@@ -186,8 +190,9 @@ async def start_upload(ctl: Any, declared: dict[str, Any]) -> tuple[dict[str, An
     if size < 1:
         raise Refused(400, f"size_bytes must be positive, got {size}")
     description = declared.get("description") or ""
-    if len(description) > MAX_DESCRIPTION:
-        raise Refused(400, f"description must be at most {MAX_DESCRIPTION} characters")
+    if len(description) > MAX_DESCRIPTION or CONTROL_RE.search(description):
+        raise Refused(400, f"description must be text of at most {MAX_DESCRIPTION} characters, without control "
+                           "characters")
     doc = {"name": name, "version": version, "kind": kind, "sha256": sha256, "size_bytes": size,
            "description": description}
     blobs: Blobs = ctl.blobs
@@ -336,7 +341,7 @@ async def delete(ctl: Any, ref: str, kind: str | None) -> list[dict[str, Any]]:
 async def set_alias(ctl: Any, alias: str, target: str) -> dict[str, Any]:
     """Point ``alias`` at a name (its newest version) or ``NAME:VERSION``."""
     _check_name(alias, "an alias")
-    if DIGEST_RE.match(target) or target.startswith(CATALOGUE_PREFIX):
+    if not REF_RE.match(target) or DIGEST_RE.match(target) or target.startswith(CATALOGUE_PREFIX):
         raise Refused(400, "an alias points at NAME or NAME:VERSION, not a digest")
     name, _, version = target.partition(":")
     if await ctl.store.find_images(name=alias):
@@ -348,7 +353,7 @@ async def set_alias(ctl: Any, alias: str, target: str) -> dict[str, Any]:
 
 
 async def delete_alias(ctl: Any, alias: str) -> None:
-    if not await ctl.store.delete_image_alias(alias):
+    if not NAME_RE.match(alias) or not await ctl.store.delete_image_alias(alias):
         raise Refused(404, f"no alias {alias!r:.80}: see `kumoctl images list`")
 
 
