@@ -135,6 +135,7 @@ class Controller:
         self.unavailable = None
         self._background.append(asyncio.create_task(self._flush_loop(), name="kumo-flush"))
         self._background.append(asyncio.create_task(self._registry_loop(), name="kumo-registry"))
+        self._background.append(asyncio.create_task(self._image_files_loop(), name="kumo-image-files"))
         self._background.append(asyncio.create_task(
             self.store.singleton("ending orphaned migrations", self._orphans_loop), name="kumo-orphans"))
         self._background.append(asyncio.create_task(
@@ -169,18 +170,22 @@ class Controller:
                 if any(pruned.values()):
                     log.info("pruned what ended over %g days ago: %s", self.settings.retention_days,
                              ", ".join(f"{n} {what}" for what, n in pruned.items() if n))
-                await self._prune_blobs()
             except StoreUnavailable as exc:
                 log.warning("could not prune old records: %s", exc)
             await asyncio.sleep(PRUNE_INTERVAL)
 
-    async def _prune_blobs(self) -> None:
+    async def _image_files_loop(self) -> None:
         """This controller's image files that the catalogue no longer lists, and uploads
         abandoned a day ago. Not a singleton: every controller has its own files."""
-        known = {row["sha256"] for row in await self.store.find_images()}
-        removed = await asyncio.to_thread(image_service.prune_blobs, self.blobs, known, time.time() - 86400)
-        if removed:
-            log.info("removed image files no longer in the catalogue or abandoned: %s", ", ".join(removed))
+        while True:
+            try:
+                known = {row["sha256"] for row in await self.store.find_images()}
+                removed = await asyncio.to_thread(image_service.prune_blobs, self.blobs, known, time.time() - 86400)
+                if removed:
+                    log.info("removed image files no longer in the catalogue or abandoned: %s", ", ".join(removed))
+            except (StoreUnavailable, OSError) as exc:
+                log.warning("could not prune image files: %s", exc)
+            await asyncio.sleep(PRUNE_INTERVAL)
 
     async def _controllers(self) -> list[dict[str, Any]]:
         """The controllers alive now. One at this controller's URL but not this process is

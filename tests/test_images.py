@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import tarfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -97,6 +98,21 @@ def test_a_tarball_reaching_outside_its_root_is_refused_as_lxc(tmp_path: Path, m
 def test_a_text_file_is_no_tarball(tmp_path: Path) -> None:
     with pytest.raises(BadImage, match="not a tar archive"):
         check(text_file(tmp_path / "notes.txt"), "lxc")
+
+
+def test_a_controller_prunes_files_the_catalogue_no_longer_lists_and_abandoned_uploads(tmp_path: Path) -> None:
+    from controller.services.images import Blobs, prune_blobs
+
+    blobs = Blobs(tmp_path)
+    blobs.prepare()
+    kept, gone = "a" * 64, "b" * 64
+    for digest in (kept, gone):
+        blobs.path(digest).write_bytes(b"x")
+    (blobs.uploads / "u-1.json").write_text(json.dumps({"id": "u-1", "created_at": 0, "size_bytes": 1}))
+    (blobs.uploads / "u-1.part").write_bytes(b"")
+    assert prune_blobs(blobs, {kept}, time.time() - 3600) == []  # just written: maybe an import finishing
+    assert sorted(prune_blobs(blobs, {kept}, time.time() + 1)) == [gone, "u-1"]
+    assert [p.name for p in blobs.blobs.iterdir()] == [kept] and not list(blobs.uploads.iterdir())
 
 
 # ---- a real controller and real agents ------------------------------------------------

@@ -290,7 +290,9 @@ async def _finish(ctl: Any, upload: dict[str, Any], part: Path) -> dict[str, Any
         try:
             await ctl.store.add_image(row)
         except StoreError as exc:
-            await asyncio.to_thread(blobs.path(upload["sha256"]).unlink, True)
+            # The same bytes imported under another name a moment ago share the file.
+            if not await ctl.store.find_images(sha256=upload["sha256"]):
+                await asyncio.to_thread(blobs.path(upload["sha256"]).unlink, True)
             raise Refused(409, str(exc)) from None
         log.info("image %s:%s (%s, %s) imported", row["name"], row["version"], row["kind"], row["sha256"])
         return row
