@@ -17,6 +17,7 @@ import tarfile
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import pytest
 from controller.services.imageforms import BadImage, check
 from tests.harness import require
 from tests.harness.agents import running_on, wait_for
+from tests.harness.libvirt import TEST_INSTANCE_ROOT
 from tests.test_instances import kumoctl
 from tests.test_lxc import rootfs_tarball
 
@@ -291,3 +293,36 @@ def test_a_nodes_image_report_is_checked() -> None:
                        ({"pulling": {"x": {}}}, "images.pulling"), ({"other": 1}, "images must be")):
         with pytest.raises(ApiError, match=where):
             reports.images(bad)
+
+
+@integration
+def test_one_name_holds_a_disk_for_vms_and_a_rootfs_for_containers(controller, kumo_agent, libvirtd, kvm_guest,
+                                                                   lxc_required, lxcpath_factory, tmp_path) -> None:
+    root = TEST_INSTANCE_ROOT / f"kumo-images-{uuid.uuid4().hex[:8]}"
+    root.mkdir(parents=True, mode=0o711)
+    try:
+        agent = kumo_agent(plugins={
+            "kvm": {"uri": libvirtd, "instance_dir": str(root / "instances"), "acceleration": "tcg",
+                    "shutdown_timeout": 10},
+            "lxc": {"lxcpath": str(lxcpath_factory()), "poll_interval": 0.5},
+        }, settings={"image_cache": {"path": str(root / "images")}})  # qemu reads the VMs' base images there
+        rootfs = tmp_path / "rootfs.tar.gz"
+        rootfs_tarball(rootfs)
+        kumoctl(controller, "images", "import", str(kvm_guest.disk), "--name", "both", "--version", "1")
+        kumoctl(controller, "images", "import", str(rootfs), "--name", "both", "--version", "1")
+        forms = json.loads(kumoctl(controller, "images", "show", "both", "--output", "json").stdout)
+        assert sorted((i["kind"], i["format"]) for i in forms) == [("kvm", "qcow2"), ("lxc", "tar")]
+        kumoctl(controller, "instances", "create", "vm", "--kind", "kvm", "--image", "both", "--vcpus", "1",
+                "--memory", "128", "--option", f"kernel={kvm_guest.kernel}", "--option", f"initrd={kvm_guest.initrd}",
+                "--option", f"cmdline={kvm_guest.cmdline} kumo.hold")
+        kumoctl(controller, "instances", "create", "box", "--kind", "lxc", "--image", "both:1", "--vcpus", "1",
+                "--memory", "64")
+        for name in ("vm", "box"):
+            wait_for(lambda name=name: running_on(agent, name), f"{name} to run")
+        assert (root / "images" / kvm_guest.disk_sha256).is_file()
+        shown = json.loads(kumoctl(controller, "instances", "show", "vm", "--output", "json").stdout)
+        assert shown["catalogue"]["sha256"] == kvm_guest.disk_sha256 and shown["image"] == "catalogue:both:1"
+        for name in ("vm", "box"):
+            kumoctl(controller, "instances", "delete", name, "--timeout", "60s")
+    finally:
+        subprocess.run(["rm", "-rf", str(root)], check=False)  # noqa: S603, S607
