@@ -136,8 +136,10 @@ def _check_kind(kind: str) -> str:
 
 async def resolve(ctl: Any, ref: str, kind: str | None = None) -> list[dict[str, Any]]:
     """The images ``ref`` names (a digest, ``NAME:VERSION``, an alias or a name: its newest
-    version), of ``kind`` only when given; 404 naming what exists otherwise."""
+    version), of ``kind`` only when given; 404 when there are none."""
     store = ctl.store
+    if kind is not None:
+        _check_kind(kind)
     if not REF_RE.match(ref):
         raise Refused(400, f"an image is named NAME, NAME:VERSION, an alias or its sha256, got {ref!r:.100}")
     if ref.startswith(CATALOGUE_PREFIX):
@@ -152,7 +154,7 @@ async def resolve(ctl: Any, ref: str, kind: str | None = None) -> list[dict[str,
                 name, _, version = target.partition(":")
         rows = await store.find_images(name=name, version=version or None)
         if not version and rows:
-            newest = {}
+            newest: dict[str, dict[str, Any]] = {}
             for row in rows:  # by created_at: the newest version that has each form
                 newest[row["kind"]] = row
             rows = list(newest.values())
@@ -328,8 +330,6 @@ def _install(source: Path, blob: Path) -> None:
 async def delete(ctl: Any, ref: str, kind: str | None) -> list[dict[str, Any]]:
     """Remove the images ``ref`` names (both forms unless ``kind``): 409 with the instances
     that use them. Aliases pointing at them go too. The removed records."""
-    if kind is not None:
-        _check_kind(kind)
     rows = await resolve(ctl, ref, kind)
     users = await ctl.store.delete_images([row["sha256"] for row in rows])
     if users:
