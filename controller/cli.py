@@ -189,6 +189,10 @@ def _run(args: argparse.Namespace) -> int:
         path = settings.pki_dir / name
         if not os.access(path, os.R_OK):
             raise ConfigError(f"{args.config}: pki_dir: cannot read {path}; was `kumo-controller init` run for this config?")
+    try:
+        settings.images_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{args.config}: images_dir: cannot create {settings.images_dir}: {exc.strerror}") from None
 
     async def main() -> None:
         stop = asyncio.Event()
