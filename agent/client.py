@@ -102,6 +102,11 @@ class ControllerClient:
     def node_path(self) -> str:
         return f"/v1/nodes/{self.identity.node_id}"
 
+    @property
+    def tls(self) -> ssl.SSLContext:
+        """TLS as this node with its current certificate, for a body streamed by other means."""
+        return self._ssl
+
     def reload_identity(self) -> None:
         """Use the (renewed) key and certificate on disk for every new connection."""
         self._ssl = self.identity.client_tls_context()

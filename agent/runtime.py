@@ -72,6 +72,7 @@ EXIT_CONFIG = 2
 EXIT_REJECTED = 3
 JOURNAL_FILE = "tasks.journal"
 HEARTBEAT_JITTER = 0.2
+PULL_REPORT_INTERVAL = 1.0  # seconds between heartbeats while an image is being pulled
 POLL_SLACK = 15.0
 
 
@@ -239,6 +240,8 @@ class Runtime:
         self.identity = load_identity(self.state_dir)
         controllers = self.settings.controller or read_join_record(self.state_dir).controllers
         self.client = ControllerClient(controllers, self.identity, self._on_connection_change)
+        client = self.client
+        self.images.pull_from(lambda: (client.base_url, client.node_path, client.tls))
         self._on_connection_change(False)
         await asyncio.to_thread(self.journal.load)
         await self._start_plugins()
@@ -402,13 +405,16 @@ class Runtime:
         assert self.client is not None
         while True:
             delay = self.heartbeat_interval * random.uniform(1 - HEARTBEAT_JITTER, 1 + HEARTBEAT_JITTER)
+            if self.images.pulling:  # the admin's create is waiting on it: report progress sooner
+                delay = min(delay, PULL_REPORT_INTERVAL)
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=delay)
             except TimeoutError:
                 pass
             self._wake.clear()
             body: dict[str, Any] = {"instances": [i.to_json() for i in await self.hooks.instances()],
-                                    "usage": await self.usage.summary(self.hooks.drivers)}
+                                    "usage": await self.usage.summary(self.hooks.drivers),
+                                    "images": await self._images_report()}
             plugins = await self._fingerprints_to_send()
             if plugins is not None:
                 body["plugins"] = plugins
@@ -419,6 +425,14 @@ class Runtime:
             log.debug("heartbeat: %.3f s%s", elapsed, " (with fingerprints)" if plugins is not None else "")
             if plugins is not None:
                 self._fingerprints_sent = (time.monotonic(), plugins)
+
+    async def _images_report(self) -> dict[str, Any]:
+        """What the image cache holds (the scheduler prefers nodes holding an image) and
+        how far its pulls are."""
+        held = await asyncio.to_thread(self.images.held)
+        return {"held": [image["sha256"] for image in held],
+                "pulling": {digest: {"bytes": done, "total": total}
+                            for digest, (done, total) in list(self.images.pulling.items())}}
 
     async def _send_report(self, path: str, body: dict[str, Any]) -> Any:
         """POST a register or heartbeat. One the controller finds too large (a node with very

@@ -41,6 +41,7 @@ from controller.api import (
     Route,
     alerts,
     enroll,
+    images,
     instances,
     logging_settings,
     meta,
@@ -50,6 +51,7 @@ from controller.api import (
     tasks,
 )
 from controller.services import Refused, migrations
+from controller.services import images as image_service
 from controller.settings import ControllerSettings, split_address
 from controller.store import Event, Store, StoreUnavailable, open_store
 
@@ -59,7 +61,7 @@ FLUSH_INTERVAL = 2.0
 # Every controller says it is alive this often; one not heard of for three times as long is gone.
 REGISTRY_INTERVAL = 5.0
 PRUNE_INTERVAL = 3600.0
-API_MODULES = (enroll, nodes, tasks, instances, migration, logging_settings, alerts, meta)
+API_MODULES = (enroll, nodes, tasks, instances, images, migration, logging_settings, alerts, meta)
 
 
 class Metrics:
@@ -91,6 +93,7 @@ class Controller:
         self.ca = ca
         self.id = "c-" + uuid.uuid4().hex[:12]  # this process; a restart is another controller
         self.started_at = time.time()
+        self.blobs = image_service.Blobs(settings.images_dir)
         self._peers_session: aiohttp.ClientSession | None = None
         self.metrics = Metrics()
         self.routes: list[Route] = [route for module in API_MODULES for route in module.ROUTES]
@@ -124,6 +127,7 @@ class Controller:
                 log.warning("%s; retrying in %.0f s", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 15.0)
+        await asyncio.to_thread(self.blobs.prepare)
         await self._reload()
         await self._register_init_admin()
         await self.store.controller_seen(self.id, self.settings.url, self.started_at)
@@ -131,6 +135,7 @@ class Controller:
         self.unavailable = None
         self._background.append(asyncio.create_task(self._flush_loop(), name="kumo-flush"))
         self._background.append(asyncio.create_task(self._registry_loop(), name="kumo-registry"))
+        self._background.append(asyncio.create_task(self._image_files_loop(), name="kumo-image-files"))
         self._background.append(asyncio.create_task(
             self.store.singleton("ending orphaned migrations", self._orphans_loop), name="kumo-orphans"))
         self._background.append(asyncio.create_task(
@@ -167,6 +172,19 @@ class Controller:
                              ", ".join(f"{n} {what}" for what, n in pruned.items() if n))
             except StoreUnavailable as exc:
                 log.warning("could not prune old records: %s", exc)
+            await asyncio.sleep(PRUNE_INTERVAL)
+
+    async def _image_files_loop(self) -> None:
+        """This controller's image files that the catalogue no longer lists, and uploads
+        abandoned a day ago. Not a singleton: every controller has its own files."""
+        while True:
+            try:
+                known = {row["sha256"] for row in await self.store.find_images()}
+                removed = await asyncio.to_thread(image_service.prune_blobs, self.blobs, known, time.time() - 86400)
+                if removed:
+                    log.info("removed image files no longer in the catalogue or abandoned: %s", ", ".join(removed))
+            except (StoreUnavailable, OSError) as exc:
+                log.warning("could not prune image files: %s", exc)
             await asyncio.sleep(PRUNE_INTERVAL)
 
     async def _controllers(self) -> list[dict[str, Any]]:
@@ -299,7 +317,7 @@ class Controller:
     # Nodes' live state.
 
     def touch(self, node_id: str, instances: list[Any], plugins: dict[str, Any] | None = None,
-              usage: dict[str, Any] | None = None) -> None:
+              usage: dict[str, Any] | None = None, images: dict[str, Any] | None = None) -> None:
         """Record a node's report (register or heartbeat). ``last_seen`` is when the node last
         said what it runs, never only that it polled: a decision made from ``instances`` (the
         recovery of a migration) needs to know how old they are."""
@@ -312,6 +330,8 @@ class Controller:
         live["instances"] = instances
         if plugins is not None:
             live["plugins"] = plugins
+        if images is not None:
+            live["images"] = images
         self._dirty.add(node_id)
 
     def node_view(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -339,6 +359,7 @@ class Controller:
             "capacity": {**(row.get("capacity") or {}), "claimed": claim},
             "instances": live.get("instances", row.get("instances") or []),
             "usage": live.get("usage") or row.get("usage") or None,
+            "images": live.get("images") or row.get("images") or {"held": [], "pulling": {}},
         }
 
     async def flush(self) -> None:

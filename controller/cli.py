@@ -23,7 +23,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from agent.sdk import ConfigError
 from controller import pki
 from controller.app import serve
-from controller.settings import check_url, default_url, load_settings, split_address
+from controller.settings import (
+    ControllerSettings,
+    check_url,
+    default_url,
+    load_settings,
+    split_address,
+)
 from controller.store import StoreError, is_database_url
 
 log = logging.getLogger("kumo.controller")
@@ -124,6 +130,8 @@ def _init(args: argparse.Namespace) -> int:
         "heartbeat_interval": 10.0,
         "poll_timeout": 30.0,
         "node_cert_ttl": 86400.0,
+        "images_dir": str(directory / "images"),
+        "images_quota_bytes": ControllerSettings.images_quota_bytes,
         "log_level": "info",
     }
     config_path.parent.mkdir(parents=True, exist_ok=True)
@@ -181,6 +189,10 @@ def _run(args: argparse.Namespace) -> int:
         path = settings.pki_dir / name
         if not os.access(path, os.R_OK):
             raise ConfigError(f"{args.config}: pki_dir: cannot read {path}; was `kumo-controller init` run for this config?")
+    try:
+        settings.images_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{args.config}: images_dir: cannot create {settings.images_dir}: {exc.strerror}") from None
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -29,6 +29,8 @@ class ControllerSettings:
     retention_days: float = 14.0  # finished tasks, migrations and resolved alerts are kept this long
     placement_cpu_busy_max: float = 0.9  # a node whose measured CPU is busier takes no new instance
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    images_dir: Path = Path("images")  # the image catalogue's files (relative: to this file's directory)
+    images_quota_bytes: int | None = 64 << 30  # the catalogue's total size; null: no limit
 
 
 def split_address(value: str, key: str) -> tuple[str, int]:
@@ -74,8 +76,11 @@ def load_settings(path: Path) -> ControllerSettings:
         raise ConfigError(f"{path}: retention_days: expected a positive number of days")
     if not 0 < settings.placement_cpu_busy_max <= 1:
         raise ConfigError(f"{path}: placement_cpu_busy_max: expected a fraction above 0 and at most 1 (0.9 is 90%)")
+    if settings.images_quota_bytes is not None and settings.images_quota_bytes <= 0:
+        raise ConfigError(f"{path}: images_quota_bytes: expected a positive number of bytes (or null: no limit)")
     # Relative paths are relative to the config file, so a controller directory can move.
     settings.pki_dir = path.parent / settings.pki_dir
+    settings.images_dir = path.parent / settings.images_dir
     if is_database_url(settings.database):
         _check_database_url(settings.database, f"{path}: database")
     else:

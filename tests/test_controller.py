@@ -19,6 +19,7 @@ from cryptography.x509.oid import NameOID
 from controller.api import (
     alerts,
     enroll,
+    images,
     instances,
     logging_settings,
     meta,
@@ -214,7 +215,8 @@ def test_tasks_survive_a_controller_crash_and_keep_their_idempotency(controller,
 def test_openapi_document_lists_exactly_the_routes(controller):
     document = controller.admin("GET", "/v1/openapi.json")
     served = {(method.upper(), path) for path, ops in document["paths"].items() for method in ops}
-    declared = {(r.method, r.path) for m in (enroll, nodes, tasks, instances, migration, logging_settings, alerts, meta) for r in m.ROUTES}
+    declared = {(r.method, r.path) for m in (enroll, nodes, tasks, instances, images, migration, logging_settings, alerts,
+                                             meta) for r in m.ROUTES}
     assert served == declared
     for method, path in declared:
         # Served means routed: a handler may still say 404 about the object in the path.

@@ -194,8 +194,8 @@ async def test_a_missing_local_image_says_what_to_do(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("source", "digest", "message"), [
-    ("disk.img", None, "image must be an absolute path on the node or an https:// URL, got 'disk.img'"),
-    ("http://example.invalid/disk.img", DIGEST, "image must be an absolute path on the node or an https:// URL"),
+    ("disk.img", None, "image must be an absolute path on the node, an https:// URL or a catalogue image, got 'disk.img'"),
+    ("http://example.invalid/disk.img", DIGEST, "image must be an absolute path on the node, an https:// URL or a catalogue image"),
     ("https://example.invalid/disk.img", None, "an image URL needs image_sha256 to verify the download"),
     ("/srv/disk.img", "../../etc/passwd", "image_sha256 must be 64 hexadecimal digits"),
 ])

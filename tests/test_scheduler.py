@@ -234,3 +234,17 @@ def test_measured_free_memory_is_used_when_the_node_reports_it():
     full = node("n-full", usage=busy(0.1, used_gib=7.9))
     chosen, reasons = place(request(memory_mib=512), [full])
     assert chosen is None and "not enough free memory: 512 MiB wanted" in reasons["n-full"]
+
+
+IMAGE = "ab" * 32
+
+
+def test_between_equally_loaded_nodes_the_one_holding_the_image_wins() -> None:
+    holder = node("n-b", images={"held": [IMAGE], "pulling": {}})
+    assert place(request(image_sha256=IMAGE), [node("n-a"), holder])[0] == "n-b"
+    assert place(request(), [node("n-a"), holder])[0] == "n-a"  # no image: the smallest id, as before
+
+
+def test_a_lighter_node_wins_over_one_holding_the_image() -> None:
+    holder = node("n-a", images={"held": [IMAGE]}, committed={"vcpus": 2})
+    assert place(request(image_sha256=IMAGE), [holder, node("n-b")])[0] == "n-b"

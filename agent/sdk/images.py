@@ -12,6 +12,14 @@ qcow2 overlay's backing file is needed for the overlay's whole life, a container
 tarball only while it is unpacked), so each plugin whose instances keep using an image
 answers for its own with :meth:`ImageCache.add_in_use`.
 
+An image from the controller's catalogue (``image: catalogue:NAME:VERSION`` with its
+``image_sha256``, as the controller writes it into a create payload) is pulled from the
+controller the agent is connected to, over the agent's own mutual TLS
+(:meth:`ImageCache.pull_from`), with the same resume. A cached image is hashed again before
+each use: a copy changed on the node's disk is removed and fetched again rather than handed to
+an instance. While pulls run, :attr:`ImageCache.pulling` says how far each has come (the
+agent's heartbeats carry it, so ``kumoctl`` can show it).
+
 Every file operation runs in a worker thread; aiohttp is imported only when a download
 starts, since most agents never download an image.
 """
@@ -22,6 +30,7 @@ import asyncio
 import collections
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import re
@@ -48,6 +57,10 @@ READ_TIMEOUT = 60.0
 _DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 _PARTIAL_SUFFIX = ".partial"
 _CONTENT_RANGE_RE = re.compile(r"bytes\s+(\d+)-")
+CATALOGUE_PREFIX = "catalogue:"
+# (the controller's URL, this node's API path under it, TLS as this node): read at each pull,
+# since the agent moves to another controller when its own fails.
+ControllerSource = Callable[[], tuple[str, str, ssl.SSLContext]]
 
 
 class ImageCache:
@@ -65,17 +78,25 @@ class ImageCache:
         self._busy_lock = threading.Lock()
         self._evict_lock = threading.Lock()
         self._in_use: list[Callable[[], set[Path]]] = []
+        self._controller: ControllerSource | None = None
+        # digest -> [bytes held, bytes in all] of each pull running now
+        self.pulling: dict[str, list[int]] = {}
 
     def add_in_use(self, in_use: Callable[[], set[Path]]) -> None:
         """Have eviction keep what ``in_use()`` returns: the cached images a plugin's
         instances still need. Called on the event loop, before each eviction."""
         self._in_use.append(in_use)
 
+    def pull_from(self, controller: ControllerSource) -> None:
+        """Where catalogue images come from: the agent's controller session."""
+        self._controller = controller
+
     # ---- fetching --------------------------------------------------------------------
 
     async def get(self, source: str, sha256: str | None) -> Path:
-        """The local path of the image ``source`` (an absolute path on the node or an
-        https:// URL), verified against ``sha256`` when one is given (an URL needs one).
+        """The local path of the image ``source`` (an absolute path on the node, an https://
+        URL, or ``catalogue:NAME:VERSION`` of the controller's catalogue), verified against
+        ``sha256`` when one is given (an URL or a catalogue image needs one).
 
         Adding an image evicts others past ``max_bytes``, never one an ``in_use`` function
         returns. Raises :class:`TaskError` with code ``bad-request``, ``image-missing``,
@@ -83,19 +104,23 @@ class ImageCache:
         """
         if sha256 is not None:
             sha256 = valid_sha256(sha256)
-        if source.startswith("https://"):
+        if source.startswith(("https://", CATALOGUE_PREFIX)):
             if sha256 is None:
-                raise TaskError("an image URL needs image_sha256 to verify the download", code="bad-request")
+                what = "an image URL" if source.startswith("https://") else f"catalogue image {source}"
+                raise TaskError(f"{what} needs image_sha256 to verify the download", code="bad-request")
             async with self._hold(sha256):
                 cached = self.directory / sha256
-                if await asyncio.to_thread(_touch, cached):
+                if await self._verified_hit(cached, sha256):
                     return cached
-                await self._download(source, sha256)
+                if source.startswith(CATALOGUE_PREFIX):
+                    await self._pull(source, sha256)
+                else:
+                    await self._download(source, sha256, source, None)
                 await self._evict_after_adding()
                 return cached
         if not source.startswith("/"):
             raise TaskError(
-                f"image must be an absolute path on the node or an https:// URL, got {source!r}",
+                f"image must be an absolute path on the node, an https:// URL or a catalogue image, got {source!r}",
                 code="bad-request",
             )
         path = Path(source)
@@ -108,7 +133,7 @@ class ImageCache:
             return path
         async with self._hold(sha256):
             cached = self.directory / sha256
-            if await asyncio.to_thread(_touch, cached):
+            if await self._verified_hit(cached, sha256):
                 return cached
             await asyncio.to_thread(self._copy_in, path, sha256)
             await self._evict_after_adding()
@@ -120,6 +145,18 @@ class ImageCache:
         image by digest: the path or URL it was made from may not be reachable here."""
         path = self.directory / valid_sha256(sha256)
         return path if await asyncio.to_thread(_touch, path) else None
+
+    async def _verified_hit(self, cached: Path, sha256: str) -> bool:
+        """Whether the cache holds ``sha256`` intact (now its most recently used). A copy whose
+        bytes no longer hash to its name (changed on disk) is removed, to be fetched again."""
+        if not await asyncio.to_thread(_touch, cached):
+            return False
+        actual = await asyncio.to_thread(_hash_file, cached)
+        if actual == sha256:
+            return True
+        log.warning("cached image %s hashes to %s: it was changed on disk; fetching it again", sha256, actual)
+        await asyncio.to_thread(cached.unlink, True)
+        return False
 
     @contextlib.asynccontextmanager
     async def _hold(self, sha256: str) -> AsyncIterator[None]:
@@ -174,33 +211,45 @@ class ImageCache:
             partial.unlink(missing_ok=True)
             raise
 
-    async def _download(self, url: str, sha256: str) -> None:
-        """Download ``url`` into the cache as ``sha256``, continuing a partial transfer."""
+    async def _pull(self, source: str, sha256: str) -> None:
+        """Fetch a catalogue image from the controller, as this node."""
+        if self._controller is None:
+            raise TaskError(f"image {source} is in the controller's catalogue, and this agent has no controller "
+                            "session to pull it through", code="image-download")
+        base, node_path, tls = self._controller()
+        await self._download(f"{base}{node_path}/images/{sha256}", sha256, source, tls)
+
+    async def _download(self, url: str, sha256: str, source: str, tls: ssl.SSLContext | None) -> None:
+        """Download ``url`` into the cache as ``sha256``, continuing a partial transfer;
+        ``tls`` None: the system's CAs or ``ca_file``. Messages name ``source``."""
         partial = self.directory / f"{sha256}{_PARTIAL_SUFFIX}"
-        # Always a context of our own: aiohttp 3.8 (Debian 12) reads ssl=True as "do not verify".
-        try:
-            tls = await asyncio.to_thread(
-                ssl.create_default_context, cafile=str(self.ca_file) if self.ca_file is not None else None
-            )
-        except (OSError, ssl.SSLError) as exc:
-            raise TaskError(f"could not download {url}: the CA file {self.ca_file} is unusable: {exc}",
-                            code="image-download") from exc
+        if tls is None:
+            # Always a context of our own: aiohttp 3.8 (Debian 12) reads ssl=True as "do not verify".
+            try:
+                tls = await asyncio.to_thread(
+                    ssl.create_default_context, cafile=str(self.ca_file) if self.ca_file is not None else None
+                )
+            except (OSError, ssl.SSLError) as exc:
+                raise TaskError(f"could not download {source}: the CA file {self.ca_file} is unusable: {exc}",
+                                code="image-download") from exc
         try:
             await asyncio.to_thread(self.directory.mkdir, parents=True, exist_ok=True)
             out = await asyncio.to_thread(_open_partial, partial)
         except OSError as exc:
-            raise TaskError(f"could not download {url}: {exc}", code="image-download") from exc
+            raise TaskError(f"could not download {source}: {exc}", code="image-download") from exc
+        progress = self.pulling.setdefault(sha256, [0, 0])
         try:
             offset, digest = await asyncio.to_thread(_hash_prefix, out)
             # A transfer that finished but was not renamed (the agent stopped in between)
             # needs no request at all.
             if not (offset and digest.hexdigest() == sha256):
-                digest = await _fetch(url, tls, out, offset, digest)
+                digest = await _fetch(url, source, tls, out, offset, digest, progress)
             await asyncio.to_thread(_sync, out)
         finally:
+            self.pulling.pop(sha256, None)
             await asyncio.to_thread(out.close)
         try:
-            _check_digest(digest.hexdigest(), sha256, url)
+            _check_digest(digest.hexdigest(), sha256, source)
         except TaskError:
             await asyncio.to_thread(partial.unlink, True)
             raise
@@ -331,6 +380,15 @@ def _hash_prefix(f: IO[bytes]) -> tuple[int, Any]:
     return size, digest
 
 
+def _hash_file(path: Path) -> str | None:
+    """The SHA-256 of a file's bytes; None when it is gone."""
+    try:
+        with path.open("rb") as f:
+            return _hash_prefix(f)[1].hexdigest()
+    except FileNotFoundError:
+        return None
+
+
 def _seek(f: IO[bytes], offset: int) -> None:
     f.seek(offset)
     f.truncate()
@@ -359,9 +417,11 @@ def _install(partial: Path, cached: Path) -> None:
     os.utime(cached)
 
 
-async def _fetch(url: str, tls: ssl.SSLContext, out: IO[bytes], offset: int, digest: Any) -> Any:
+async def _fetch(url: str, source: str, tls: ssl.SSLContext, out: IO[bytes], offset: int, digest: Any,
+                 progress: list[int]) -> Any:
     """Write ``url`` into ``out`` from ``offset`` on (whose first ``offset`` bytes hash to
-    ``digest``), asking for the rest only when there is a prefix; the final digest."""
+    ``digest``), asking for the rest only when there is a prefix; the final digest.
+    ``progress`` is kept at [bytes held, bytes in all] as they arrive."""
     import aiohttp
 
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT, sock_read=READ_TIMEOUT)
@@ -384,15 +444,26 @@ async def _fetch(url: str, tls: ssl.SSLContext, out: IO[bytes], offset: int, dig
                         # A server without Range support sends the whole file again.
                         offset, digest = 0, hashlib.sha256()
                     elif not (status == 206 and offset):
-                        raise TaskError(f"could not download {url}: HTTP {status} {response.reason or ''}".rstrip(),
-                                        code="image-download")
+                        raise TaskError(f"could not download {source}: HTTP {status} {response.reason or ''}".rstrip()
+                                        + _error_of(await response.read()), code="image-download")
                     await asyncio.to_thread(_seek, out, offset)
+                    progress[:] = [offset, offset + (response.content_length or 0)]
                     async for chunk in response.content.iter_chunked(CHUNK):
                         await asyncio.to_thread(_append, out, digest, chunk)
+                        progress[0] += len(chunk)
                     return digest
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         # The partial stays: the next get() continues from where this one stopped.
-        raise TaskError(f"could not download {url}: {exc or type(exc).__name__}", code="image-download") from exc
+        raise TaskError(f"could not download {source}: {exc or type(exc).__name__}", code="image-download") from exc
+
+
+def _error_of(body: bytes) -> str:
+    """The controller's ``{"error": sentence}`` of a refused pull, as ``": sentence"``."""
+    try:
+        error = json.loads(body).get("error")
+    except (ValueError, AttributeError):
+        return ""
+    return f": {error}" if isinstance(error, str) else ""
 
 
 def _range_start(content_range: str | None) -> int | None:

@@ -26,6 +26,10 @@ async def shown(ctl: Any, row: dict[str, Any]) -> dict[str, Any]:
         last = await ctl.store.latest_instance_task(row["name"])
         current = "creating" if last and last["kind"].endswith(".create") and last["state"] in ("pending", "delivered") else "unknown"
     spec = {k: v for k, v in row["spec"].items() if k not in SEED_FIELDS}
+    catalogue = row.get("image")
+    if catalogue:
+        pulling = ((node and ctl.node_view(node)["images"].get("pulling")) or {}).get(catalogue["sha256"])
+        catalogue = {**catalogue, "pull": pulling}
     return {
         **spec,
         "name": row["name"],
@@ -34,6 +38,9 @@ async def shown(ctl: Any, row: dict[str, Any]) -> dict[str, Any]:
         "state": current,
         "seeded": any(row["spec"].get(k) for k in SEED_FIELDS),
         "details": (reported or {}).get("details") or {},
+        # The catalogue image it is made from; held: its node had it when it was placed;
+        # pull: {bytes, total} while the node is pulling it.
+        "catalogue": catalogue,
         "placement": {"node": row["node"], "filtered": row["reasons"]},
         "created_at": iso(row["created_at"]),
     }
@@ -100,7 +107,9 @@ ROUTES = [
           "Place and create an instance; 409 with the reason per node when none fits.",
           {"name": "lowercase DNS label", "kind": "kvm, lxc, process...", "vcpus": "integer (default 1)",
            "memory_mib": "integer (default 256)", "node": "pin to this node, optional",
-           "image": "path or https URL (kvm, lxc)", "image_sha256": "hex, required for URLs",
+           "image": "catalogue image (NAME, NAME:VERSION, alias or sha256), or a path or https URL on the node "
+                    "(kvm, lxc)",
+           "image_sha256": "hex, required for URLs",
            "user_data": "cloud-config text", "network_config": "network config v2 text", "vendor_data": "text",
            "options": "object, kind-specific", "*": "other kind-specific fields, validated by the node's plugin"}),
     Route("GET", "/v1/instances", list_instances, "admin",

@@ -67,9 +67,9 @@ def capacity_of(facts: dict[str, Any]) -> dict[str, Any]:
 async def heartbeat(request: web.Request) -> web.Response:
     ctl = state(request)
     data = await json_body(request)
-    reject_unknown(data, {"instances", "plugins", "usage"})
+    reject_unknown(data, {"instances", "plugins", "usage", "images"})
     ctl.touch(request.match_info["id"], reports.instances(data.get("instances")), reports.plugins(data.get("plugins")),
-              reports.usage(data.get("usage")))
+              reports.usage(data.get("usage")), reports.images(data.get("images")))
     return reply({"ok": True})
 
 
@@ -228,7 +228,8 @@ ROUTES = [
           {"hostname": "string", "agent_version": "string", "facts": "object", "plugins": "object: name -> fingerprint",
            "metrics_url": "string or null", "instances": "list of instance states"}),
     Route("POST", NODE + "/heartbeat", heartbeat, "node", "An agent is alive; its instances' states.",
-          {"instances": "list of instance states", "plugins": "object, only when fingerprints changed"}),
+          {"instances": "list of instance states", "plugins": "object, only when fingerprints changed",
+           "usage": "object: what the node measures", "images": "object: held (digests), pulling (progress)"}),
     Route("GET", NODE + "/tasks", poll_tasks, "node", "Long-poll for tasks (?wait=seconds, at most 60)."),
     Route("POST", NODE + "/tasks/{task_id}/result", task_result, "node", "Report how a task ended.",
           {"state": "succeeded or failed", "result": "object", "error": "string or null", "code": "string or null"}),

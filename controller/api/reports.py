@@ -183,6 +183,34 @@ def usage(value: Any) -> dict[str, Any] | None:
     return {"node": node, "instances": out}
 
 
+MAX_IMAGES = 10_000
+MAX_PULLS = 64
+_DIGEST_RE = re.compile(r"[0-9a-f]{64}\Z")
+
+
+def images(value: Any) -> dict[str, Any] | None:
+    """The node's image cache: ``{"held": [sha256...], "pulling": {sha256: {bytes, total}}}``."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) - {"held", "pulling"}:
+        raise ApiError(400, "images must be an object with held and pulling")
+    held = value.get("held", [])
+    if not isinstance(held, list) or len(held) > MAX_IMAGES or not all(
+            isinstance(d, str) and _DIGEST_RE.match(d) for d in held):
+        raise ApiError(400, f"images.held must be a list of at most {MAX_IMAGES} sha256 digests (64 lowercase hex)")
+    pulling = value.get("pulling", {})
+    if not isinstance(pulling, dict) or len(pulling) > MAX_PULLS:
+        raise ApiError(400, f"images.pulling must be an object of at most {MAX_PULLS} pulls")
+    out = {}
+    for digest, pull in pulling.items():
+        if not _DIGEST_RE.match(digest) or not isinstance(pull, dict):
+            raise ApiError(400, f"images.pulling: each key is a sha256 digest and each value an object, "
+                                f"got {digest!r:.80}")
+        out[digest] = {key: _integer(0, MAX_MEMORY_BYTES)(f"images.pulling.{digest}.{key}", pull.get(key, 0))
+                       for key in ("bytes", "total")}
+    return {"held": held, "pulling": out}
+
+
 def metrics_url(value: Any, remote: str | None) -> str | None:
     """Where Prometheus scrapes the node: the scheme and port it reported, at the address the
     controller sees it connect from (never a host of its choosing, which would turn every

@@ -12,7 +12,7 @@ The package, by concern: ``config`` (kumoctl.yaml), ``client`` (the HTTPS client
 ``output`` (tables, fields, JSON), ``arguments`` (argument types and shared options),
 ``waiting`` (following tasks and migrations), and one module per command group, each
 declaring its own subcommands: ``tokens``, ``nodes``, ``tasks``, ``instances`` (with
-``migration``), ``logs``, ``alerts``, ``certificates``. This module is the entry point.
+``migration``), ``images``, ``logs``, ``alerts``, ``certificates``. This module is the entry point.
 """
 
 from __future__ import annotations
@@ -22,14 +22,14 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import alerts, audit, certificates, instances, logs, nodes, tasks, tokens
+from . import alerts, audit, certificates, images, instances, logs, nodes, tasks, tokens
 from .arguments import COMMON, Group
 from .client import Client
 from .config import load_config
 from .errors import EXIT_ERROR, EXIT_INTERRUPTED, CommandError
 from .output import PrintableStream, printable
 
-GROUPS = (tokens, nodes, tasks, instances, logs, alerts, certificates, audit)
+GROUPS = (tokens, nodes, tasks, instances, images, logs, alerts, certificates, audit)
 
 
 def build_parser() -> argparse.ArgumentParser:

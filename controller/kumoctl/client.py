@@ -96,6 +96,41 @@ class Client:
             )
         return data
 
+    def send_file(self, path: str, source: Any, length: int, sent: Any) -> Any:
+        """PUT ``length`` bytes read from the binary file ``source`` (from where it stands)
+        as one streamed body, calling ``sent(n)`` as they go; the decoded JSON answer.
+        Network failures raise OSError (the caller resumes), HTTP errors ApiError."""
+        self.close()  # a fresh connection: a stale kept-alive one would fail mid-body
+        conn, _ = self._connection()
+        try:
+            conn.putrequest("PUT", path)
+            for header, value in (("Content-Type", "application/octet-stream"), ("Content-Length", str(length)),
+                                  ("Accept", "application/json")):
+                conn.putheader(header, value)
+            conn.endheaders()
+            left = length
+            while left:
+                chunk = source.read(min(left, 1 << 20))
+                if not chunk:
+                    raise CommandError(f"the file ended {left} bytes early: did it change while importing?")
+                conn.send(chunk)
+                left -= len(chunk)
+                sent(len(chunk))
+            response = conn.getresponse()
+            raw = response.read()
+        except (OSError, self._http.HTTPException) as exc:
+            self.close()
+            raise OSError(self._network_message(exc)) from None
+        self._used = True
+        try:
+            data = json.loads(raw) if raw else None
+        except ValueError:
+            data = None
+        if response.status >= 400 or not isinstance(data, dict):
+            message = data.get("error") if isinstance(data, dict) else None
+            raise ApiError(response.status, message or f"PUT {path} failed with {response.reason}")
+        return data
+
     def pages(self, path: str, key: str, most: int | None = None) -> list[Any]:
         """Every item (or the first ``most``) of a paged list endpoint, following ``next``."""
         items: list[Any] = []

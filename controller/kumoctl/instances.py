@@ -19,7 +19,7 @@ from . import migration, top
 from .arguments import OUTPUT, WAITING, Command, Group, option_pair, parse_duration, positive_int
 from .client import Client
 from .errors import CommandError
-from .output import print_block, print_fields, print_json, print_table
+from .output import mib, print_block, print_fields, print_json, print_table
 from .waiting import wait_for_task
 
 NAME = "instances"
@@ -61,11 +61,27 @@ def cmd_instances_create(client: Client, args: argparse.Namespace) -> int:
             f"instance {args.name}: placed on node {node}; create task {task['id']} is {task['state']}"
         )
         return 0
-    wait_for_task(client, task, f"creating {args.name} on {node}", args.timeout)
+    catalogue = (answer.get("instance") or {}).get("catalogue")
+    detail = _pull_progress(client, args.name) if catalogue and not catalogue.get("held") else None
+    wait_for_task(client, task, f"creating {args.name} on {node}", args.timeout, detail)
     print(
         f"instance {args.name} ({args.kind}, {args.vcpus} vCPU, {args.memory} MiB) is on node {node}"
+        + (f", from image {catalogue['name']}:{catalogue['version']}" if catalogue else "")
     )
     return 0
+
+
+def _pull_progress(client: Client, name: str) -> Any:
+    """What the spinner says while the node pulls the instance's image, as its heartbeats tell."""
+    path = f"/v1/instances/{quote(name, safe='')}"
+
+    def detail() -> str:
+        pull = (client.call("GET", path).get("catalogue") or {}).get("pull")
+        if not pull or not pull.get("total"):
+            return ""
+        return f", pulling its image {mib(pull['bytes'])}/{mib(pull['total'])} MiB"
+
+    return detail
 
 
 def cmd_instances_list(client: Client, args: argparse.Namespace) -> int:
@@ -102,6 +118,10 @@ def cmd_instances_show(client: Client, args: argparse.Namespace) -> int:
         (k, v) for k, v in instance.items() if not isinstance(v, dict | list) or k == "options"
     ]
     print_fields(sorted(simple))
+    catalogue = instance.get("catalogue")
+    if catalogue:
+        where = "already on the node" if catalogue.get("held") else "pulled by the node from the controller"
+        print_fields([("catalogue image", f"{catalogue['name']}:{catalogue['version']} ({where})")])
     for key, value in sorted(instance.items()):
         if isinstance(value, dict | list) and key != "options" and value:
             print_block(key, value)
@@ -185,7 +205,8 @@ def _register_create(group: Group) -> None:
     )
     sub.add_argument("name", help="instance name, unique in the fleet")
     sub.add_argument("--kind", required=True, help="instance kind: kvm, lxc...")
-    sub.add_argument("--image", help="image URL or path the node can fetch")
+    sub.add_argument("--image", help="catalogue image (NAME, NAME:VERSION, alias; see kumoctl images list), "
+                                     "or an https URL or path the node can fetch")
     sub.add_argument("--image-sha256", metavar="HEX", help="expected SHA-256 of the image")
     sub.add_argument("--vcpus", type=positive_int, required=True, metavar="N", help="virtual CPUs")
     sub.add_argument(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import quote
 
@@ -21,9 +21,11 @@ FINAL_STATES = ("succeeded", "failed")
 
 
 def wait_for_task(
-    client: Client, task: Mapping[str, Any], doing: str, timeout: float
+    client: Client, task: Mapping[str, Any], doing: str, timeout: float,
+    detail: Callable[[], str] | None = None,
 ) -> Mapping[str, Any]:
-    """Poll a task until it ends; a spinner on stderr when it is a terminal. Failure raises."""
+    """Poll a task until it ends; a spinner on stderr when it is a terminal, with what
+    ``detail()`` says about it (an image pull's progress). Failure raises."""
     show = sys.stderr.isatty()
     started = time.monotonic()
     delay = 0.2
@@ -37,8 +39,9 @@ def wait_for_task(
                     f"follow it with: kumoctl tasks show {task['id']}"
                 )
             if show:
+                extra = detail() if detail is not None else ""
                 sys.stderr.write(
-                    f"\r{_SPINNER[tick % 4]} {doing}: task {task['state']} ({elapsed:.0f}s) "
+                    f"\r{_SPINNER[tick % 4]} {doing}: task {task['state']}{extra} ({elapsed:.0f}s) \033[K"
                 )
                 sys.stderr.flush()
             tick += 1

@@ -15,7 +15,7 @@ from typing import Any
 
 from agent.sdk import KIND_RE
 from controller import scheduler
-from controller.services import Refused
+from controller.services import Refused, images
 from controller.services.tasks import new_task, submit
 from controller.store import StoreError
 
@@ -69,7 +69,9 @@ async def create(ctl: Any, name: str, kind: str, spec: dict[str, Any], pinned: s
         raise Refused(400, "vcpus and memory_mib must be positive")
     if await ctl.store.get_instance(name) is not None:
         raise Refused(409, f"an instance named {name!r} already exists; choose another name or delete it first")
-    request = {"kind": kind, "vcpus": spec["vcpus"], "memory_mib": spec["memory_mib"], "node": pinned}
+    catalogue = await _catalogue_image(ctl, kind, spec)
+    request = {"kind": kind, "vcpus": spec["vcpus"], "memory_mib": spec["memory_mib"], "node": pinned,
+               "image_sha256": spec.get("image_sha256")}
     nodes = await fleet(ctl)
     if pinned and not any(n["id"] == pinned for n in nodes):
         raise Refused(404, f"no node {pinned!r} to pin the instance to: see `kumoctl nodes list`")
@@ -79,15 +81,32 @@ async def create(ctl: Any, name: str, kind: str, spec: dict[str, Any], pinned: s
             raise Refused(409, "no node is enrolled: join one with `kumo-agent join` first")
         why = "; ".join(f"{node}: {reason}" for node, reason in sorted(reasons.items()))
         raise Refused(409, f"no node can run this {kind} instance: {why}", reasons=reasons)
+    if catalogue is not None:
+        catalogue["held"] = catalogue["sha256"] in scheduler.images_held(next(n for n in nodes if n["id"] == chosen))
     payload = {"name": name, "kind": kind, **spec}
     task = new_task(chosen, f"{kind}.create", payload, key=f"create:{name}:{uuid.uuid4().hex}", instance=name)
     try:
         stored = await ctl.store.add_instance(
-            {"name": name, "kind": kind, "node": chosen, "spec": spec, "reasons": reasons}, task
+            {"name": name, "kind": kind, "node": chosen, "spec": spec, "reasons": reasons, "image": catalogue}, task
         )
     except StoreError as exc:
         raise Refused(409, f"{exc}; choose another name or delete it first") from None
     return await get(ctl, name), stored
+
+
+async def _catalogue_image(ctl: Any, kind: str, spec: dict[str, Any]) -> dict[str, Any] | None:
+    """When ``spec["image"]`` names a catalogue image (not a path or URL on the node): resolve
+    it now, once, and have the node pull that digest from its controller; what is recorded."""
+    image = spec.get("image")
+    if not isinstance(image, str) or not image or image.startswith("/") or "://" in image:
+        return None
+    row = await images.for_instance(ctl, kind, image)
+    given = spec.get("image_sha256")
+    if isinstance(given, str) and given.lower() != row["sha256"]:
+        raise Refused(400, f"image {image} is {row['sha256']} in the catalogue, not the image_sha256 given ({given:.80})")
+    spec["image"] = f"{images.CATALOGUE_PREFIX}{row['name']}:{row['version']}"
+    spec["image_sha256"] = row["sha256"]
+    return {key: row[key] for key in ("name", "version", "kind", "sha256", "size_bytes")}
 
 
 async def operate(ctl: Any, row: dict[str, Any], operation: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -29,7 +29,8 @@ from controller.store.schema import SCHEMA_VERSION, statements
 
 TokenCheck = Literal["ok", "unknown", "expired", "used"]
 Event = dict[str, Any]
-JSON_COLUMNS = ("facts", "plugins", "instances", "usage", "capacity", "payload", "result", "spec", "reasons", "labels", "annotations", "doc")
+JSON_COLUMNS = ("facts", "plugins", "instances", "usage", "capacity", "payload", "result", "spec", "reasons", "labels", "annotations", "doc",
+                "image", "images")
 
 
 class StoreError(Exception):
@@ -231,16 +232,17 @@ class Store:
             await tx.execute("UPDATE nodes SET capacity=? WHERE id=?", json.dumps(capacity), node_id)
 
     async def save_live(self, rows: dict[str, dict[str, Any]]) -> None:
-        """Persist heartbeat state (last_seen, instances, plugins, usage) for many nodes at once."""
+        """Persist heartbeat state (last_seen, instances, plugins, usage, images) for many nodes at once."""
         async with self._tx() as tx:
             await tx.executemany(
-                "UPDATE nodes SET last_seen=?, instances=?, plugins=COALESCE(?, plugins), usage=COALESCE(?, usage) "
-                "WHERE id=?",
+                "UPDATE nodes SET last_seen=?, instances=?, plugins=COALESCE(?, plugins), usage=COALESCE(?, usage), "
+                "images=COALESCE(?, images) WHERE id=?",
                 [
                     (
                         live["last_seen"], json.dumps(live["instances"]),
                         json.dumps(live["plugins"]) if live.get("plugins") is not None else None,
-                        json.dumps(live["usage"]) if live.get("usage") is not None else None, node_id,
+                        json.dumps(live["usage"]) if live.get("usage") is not None else None,
+                        json.dumps(live["images"]) if live.get("images") is not None else None, node_id,
                     )
                     for node_id, live in rows.items()
                 ],
@@ -377,10 +379,13 @@ class Store:
     async def add_instance(self, instance: dict[str, Any], task: dict[str, Any]) -> dict[str, Any]:
         """Store the instance and its create task together; StoreError if the name is taken."""
         async with self._tx() as tx:
+            image = instance.get("image")
             added = await tx.execute(
-                "INSERT INTO instances VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING",
+                "INSERT INTO instances (name, kind, node, spec, reasons, created_at, image, image_sha256) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING",
                 instance["name"], instance["kind"], instance["node"], json.dumps(instance["spec"]),
-                json.dumps(instance["reasons"]), time.time(),
+                json.dumps(instance["reasons"]), time.time(), json.dumps(image) if image else None,
+                image["sha256"] if image else None,
             )
             if not added:
                 raise StoreError(f"an instance named {instance['name']!r} already exists")
@@ -409,6 +414,72 @@ class Store:
         """Move the instance's record, only from the node the caller believes it is on."""
         async with self._tx() as tx:
             return await tx.execute("UPDATE instances SET node=? WHERE name=? AND node=?", destination, name, source) == 1
+
+    # The image catalogue: one row per image (a form of a name's version), aliases apart.
+
+    async def add_image(self, image: dict[str, Any]) -> None:
+        """Record an imported image; StoreError when its bytes or its name, version and kind
+        are already in the catalogue (another controller imported it a moment ago)."""
+        async with self._tx() as tx:
+            added = await tx.execute(
+                "INSERT INTO images (sha256, name, version, kind, format, size_bytes, description, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                image["sha256"], image["name"], image["version"], image["kind"], image["format"],
+                image["size_bytes"], image["description"], image["created_at"],
+            )
+            if not added:
+                raise StoreError(f"image {image['name']}:{image['version']} ({image['kind']}) or these bytes "
+                                 "are already in the catalogue")
+
+    async def find_images(self, name: str | None = None, version: str | None = None, kind: str | None = None,
+                          sha256: str | None = None) -> list[dict[str, Any]]:
+        """Images matching every criterion given, oldest first (all of them when none is)."""
+        clauses, args = [], []
+        for column, value in (("name", name), ("version", version), ("kind", kind), ("sha256", sha256)):
+            if value is not None:
+                clauses.append(f"{column}=?")
+                args.append(value)
+        async with self._tx() as tx:
+            return await tx.all(_select("images", clauses, "name, created_at, kind", None), *args)
+
+    async def images_bytes(self) -> int:
+        async with self._tx() as tx:
+            row = await tx.one("SELECT COALESCE(SUM(size_bytes), 0) AS total FROM images")
+        return int(row["total"]) if row else 0
+
+    async def delete_images(self, digests: list[str]) -> list[str]:
+        """Delete these images and the aliases of their names that no longer name any, unless
+        instances use them: then nothing is deleted and their names are returned."""
+        marks = ", ".join("?" for _ in digests)
+        async with self._tx() as tx:
+            users = await tx.all(f"SELECT name FROM instances WHERE image_sha256 IN ({marks}) ORDER BY name",  # noqa: S608
+                                 *digests)
+            if users:
+                return [row["name"] for row in users]
+            await tx.execute(f"DELETE FROM images WHERE sha256 IN ({marks})", *digests)  # noqa: S608
+            await tx.execute(
+                "DELETE FROM image_aliases AS a WHERE NOT EXISTS (SELECT 1 FROM images AS i WHERE "
+                "i.name || ':' || i.version = a.target OR i.name = a.target)")
+            return []
+
+    async def get_image_alias(self, alias: str) -> str | None:
+        async with self._tx() as tx:
+            row = await tx.one("SELECT target FROM image_aliases WHERE alias=?", alias)
+        return row["target"] if row else None
+
+    async def list_image_aliases(self) -> list[dict[str, Any]]:
+        async with self._tx() as tx:
+            return await tx.all("SELECT alias, target FROM image_aliases ORDER BY alias")
+
+    async def put_image_alias(self, alias: str, target: str) -> None:
+        async with self._tx() as tx:
+            await tx.execute(
+                "INSERT INTO image_aliases VALUES (?, ?, ?) ON CONFLICT (alias) DO UPDATE SET "
+                "target=excluded.target, updated_at=excluded.updated_at", alias, target, time.time())
+
+    async def delete_image_alias(self, alias: str) -> bool:
+        async with self._tx() as tx:
+            return await tx.execute("DELETE FROM image_aliases WHERE alias=?", alias) == 1
 
     # Migrations: one JSON document each; while one runs (``state`` "running") it holds its
     # instance and names the controller driving it.

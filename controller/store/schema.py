@@ -66,6 +66,20 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
         # registration said, raised only by an admin (a node claiming more is flagged).
         "ALTER TABLE nodes ADD COLUMN capacity TEXT",
     ]),
+    ("the image catalogue; what images nodes hold; the catalogue image an instance was made from", [
+        # One row per form: a version of a name has at most a kvm disk and an lxc rootfs.
+        "CREATE TABLE images (sha256 TEXT PRIMARY KEY, name TEXT NOT NULL, version TEXT NOT NULL, "
+        "kind TEXT NOT NULL, format TEXT NOT NULL, size_bytes BIGINT NOT NULL, description TEXT NOT NULL, "
+        "created_at DOUBLE PRECISION NOT NULL, UNIQUE (name, version, kind))",
+        "CREATE TABLE image_aliases (alias TEXT PRIMARY KEY, target TEXT NOT NULL, "
+        "updated_at DOUBLE PRECISION NOT NULL)",
+        # {"held": [sha256...], "pulling": {sha256: {"bytes", "total"}}}, from heartbeats.
+        "ALTER TABLE nodes ADD COLUMN images TEXT",
+        # The catalogue image (name, version, sha256, held by the node when placed), if any.
+        "ALTER TABLE instances ADD COLUMN image TEXT",
+        "ALTER TABLE instances ADD COLUMN image_sha256 TEXT",
+        "CREATE INDEX instances_by_image ON instances (image_sha256)",
+    ]),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
