@@ -8,11 +8,9 @@ local-hostname), ``user-data``, and when given ``network-config`` (v1 or v2) and
 ``vendor-data``.
 
 User data and network config are validated before anything is written, so a typo fails
-the create with the line and the reason instead of a guest that silently ignores it:
-``#cloud-config`` must be YAML whose top-level keys are known cloud-config keys, ``#!``
-scripts and ``#cloud-boothook`` are passed through as they are, and MIME multipart
-archives and Jinja templates are accepted unvalidated (their parts only exist once
-cloud-init assembles or renders them in the guest).
+the create with the line and the reason instead of a guest that silently ignores it. The
+rules are the SDK's (``agent.sdk.validate_user_data``, ``validate_network_config``), which
+the controller applies too, so the web interface shows the same error before a create.
 """
 
 from __future__ import annotations
@@ -25,39 +23,17 @@ from typing import Any
 
 import yaml
 
-from agent.sdk import ErrorCode, Fingerprint, TaskError, hookimpl
+from agent.sdk import (
+    ErrorCode,
+    Fingerprint,
+    TaskError,
+    hookimpl,
+    validate_network_config,
+    validate_user_data,
+)
 
 CODE: ErrorCode = "invalid-seed"  # what is wrong is the seed data the create sent
 VOLUME_LABEL = "cidata"
-
-# Top-level keys of cloud-config that cloud-init's modules (and its base config) read, from
-# https://cloudinit.readthedocs.io/en/latest/reference/modules.html. An unknown key is
-# almost always a typo that cloud-init would only warn about inside the guest.
-KNOWN_CLOUD_CONFIG_KEYS = frozenset(
-    """
-    ansible apk_repos apt apt_pipelining apt_reboot_if_required apt_update apt_upgrade
-    apt_get_command apt_get_upgrade_subcommand apt_get_wrapper autoinstall bootcmd
-    byobu_by_default ca_certs ca-certs chef chpasswd cloud_config_modules
-    cloud_final_modules cloud_init_modules create_hostname_file datasource datasource_list
-    device_aliases disable_ec2_metadata disable_root disable_root_opts disk_setup drivers
-    fan final_message fqdn fs_setup groups growpart grub_dpkg grub-dpkg hostname keyboard
-    landscape locale locale_configfile lxd manage_etc_hosts manage_resolv_conf mcollective
-    merge_how merge_type migrate mount_default_fields mounts no_ssh_fingerprints ntp output
-    package_reboot_if_required package_update package_upgrade packages password phone_home
-    power_state prefer_fqdn_over_hostname preserve_hostname puppet random_seed reporting
-    resize_rootfs resolv_conf rh_subscription rsyslog runcmd salt_minion snap spacewalk ssh
-    ssh_authorized_keys ssh_deletekeys ssh_fp_console_blacklist ssh_genkeytypes
-    ssh_import_id ssh_key_console_blacklist ssh_keys ssh_publish_hostkeys ssh_pwauth
-    ssh_quiet_keygen swap system_info timezone ubuntu_advantage ubuntu_pro updates user
-    users vendor_data wireguard write_files yum_repo_dir yum_repos zypper
-    """.split()
-)
-NETWORK_V1_KEYS = frozenset({"version", "config"})
-NETWORK_V2_KEYS = frozenset(
-    {"version", "renderer", "ethernets", "wifis", "bonds", "bridges", "vlans", "tunnels", "vrfs"}
-)
-# First lines cloud-init recognises as a user-data type that is not YAML to check here.
-PASSTHROUGH_PREFIXES = ("#!", "#cloud-boothook", "#include", "#part-handler", "## template: jinja")
 
 
 class CloudInitPlugin:
@@ -129,98 +105,6 @@ def seed_files(instance: Mapping[str, Any]) -> dict[str, str]:
         validate_user_data(vendor, what="vendor_data")
         files["vendor-data"] = vendor
     return files
-
-
-def validate_user_data(text: str, what: str = "user_data") -> None:
-    """Check user data the way cloud-init will read it; raise TaskError naming the line."""
-    if not text.strip():
-        return
-    first = text.lstrip().splitlines()[0].strip()
-    if first.startswith(PASSTHROUGH_PREFIXES):
-        return
-    lowered = text.lstrip()[:200].lower()
-    if lowered.startswith(("content-type: multipart/", "mime-version:")):
-        return
-    if not first.startswith("#cloud-config"):
-        raise TaskError(
-            f"{what} line 1: unknown format {first[:40]!r}: start it with '#cloud-config' "
-            "(YAML), '#!' (a script) or send a MIME multipart archive",
-            code=CODE,
-        )
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise TaskError(f"{what} {_yaml_where(exc)}: invalid YAML: {_yaml_problem(exc)}", code=CODE) from exc
-    if node is None:
-        return
-    if not isinstance(node, yaml.MappingNode):
-        raise TaskError(
-            f"{what} line {node.start_mark.line + 1}: #cloud-config must be a mapping of keys, "
-            f"got a {node.id}",
-            code=CODE,
-        )
-    for key_node, _ in node.value:
-        key = key_node.value
-        if key not in KNOWN_CLOUD_CONFIG_KEYS:
-            import difflib  # only for a bad key's suggestion: not in every idle agent (~0.2 MB)
-
-            close = difflib.get_close_matches(str(key), KNOWN_CLOUD_CONFIG_KEYS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise TaskError(
-                f"{what} line {key_node.start_mark.line + 1}: unknown cloud-config key "
-                f"{key!r}{hint}; see https://cloudinit.readthedocs.io/en/latest/reference/modules.html",
-                code=CODE,
-            )
-
-
-def validate_network_config(value: Any) -> str:
-    """Check a network-config (v1 or v2, a mapping or YAML text); return it as YAML text."""
-    if isinstance(value, str):
-        try:
-            data = yaml.safe_load(value)
-        except yaml.YAMLError as exc:
-            raise TaskError(
-                f"network_config {_yaml_where(exc)}: invalid YAML: {_yaml_problem(exc)}", code=CODE
-            ) from exc
-    else:
-        data = value
-    if not isinstance(data, Mapping):
-        raise TaskError("network_config must be a mapping with 'version: 1' or 'version: 2'", code=CODE)
-    body = data["network"] if set(data) == {"network"} else data
-    if not isinstance(body, Mapping):
-        raise TaskError("network_config.network must be a mapping", code=CODE)
-    version = body.get("version")
-    allowed = {1: NETWORK_V1_KEYS, 2: NETWORK_V2_KEYS}.get(version)
-    if allowed is None:
-        raise TaskError(f"network_config.version must be 1 or 2, got {version!r}", code=CODE)
-    unknown = sorted(set(map(str, body)) - allowed)
-    if unknown:
-        raise TaskError(
-            f"network_config: unknown key {unknown[0]!r} for version {version} "
-            f"(allowed: {', '.join(sorted(allowed))})",
-            code=CODE,
-        )
-    if isinstance(value, str):
-        return value
-    return yaml.safe_dump(_plain(data), default_flow_style=False, sort_keys=False)
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _yaml_where(exc: yaml.YAMLError) -> str:
-    mark = getattr(exc, "problem_mark", None)
-    return f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(unknown line)"
-
-
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    return getattr(exc, "problem", None) or str(exc)
 
 
 def _write_tree(target: Path, files: Mapping[str, str]) -> None:

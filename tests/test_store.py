@@ -308,4 +308,4 @@ async def test_pruning_forgets_what_ended_before_the_retention(store) -> None:
     assert await store.get_task(old["id"]) is None and await store.get_task(waiting["id"]) is not None
     assert [a["id"] for a in await store.list_alerts()] == ["f2"]  # still firing: kept
     assert await store.prune(time.time() - 60, forwarding=False) == {"tasks": 0, "migrations": 0, "tokens": 0,
-                                                                     "alerts": 0}
+                                                                     "sessions": 0, "alerts": 0}

@@ -1,0 +1,42 @@
+// One instance: where it runs and why, its console, its tasks, and its migration's progress.
+import { api, byId, h, migrationView, params, replace, start } from "/static/kumo.js";
+
+const name = params();
+const migration = new URLSearchParams(location.search).get("migration");
+
+async function refresh() {
+  const path = `/v1/instances/${encodeURIComponent(name)}`;
+  const instance = await api("GET", path);
+  replace("title", `Instance ${instance.name}`);
+  document.title = `${instance.name} · Kumo`;
+  const facts = { kind: instance.kind, node: instance.node, state: instance.state, vCPUs: instance.vcpus,
+    "memory (MiB)": instance.memory_mib, created: instance.created_at, details: JSON.stringify(instance.details) };
+  replace("facts", Object.entries(facts).flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]));
+  byId("main").dataset.state = instance.state;
+  const tasks = (await api("GET", `/v1/tasks?limit=200&node=${encodeURIComponent(instance.node)}`)).tasks
+    .filter((t) => t.payload && t.payload.name === name).slice(0, 20);
+  replace("tasks", tasks.map((t) => h("tr", {}, h("td", {}, t.id), h("td", {}, t.kind), h("td", {}, t.state), h("td", {}, t.error || ""))));
+  if (migration) replace("migration", migrationView(await api("GET", `/v1/migrations/${migration}`)));
+  await showConsole();
+}
+
+// The console is a task on the instance's node: queued here, shown when the live stream
+// says a task ended and it is this one.
+let consoleTask = null;
+
+async function showConsole() {
+  if (!consoleTask) return;
+  const task = await api("GET", `/v1/tasks/${consoleTask}`);
+  if (task.state === "succeeded") byId("console").textContent = task.result.log || "(empty)";
+  else if (task.state === "failed") byId("console").textContent = `failed: ${task.error}`;
+  else return;
+  consoleTask = null;
+}
+
+byId("console-read").addEventListener("click", async () => {
+  byId("console").textContent = "reading...";
+  consoleTask = (await api("POST", `/v1/instances/${encodeURIComponent(name)}/console`, {})).task.id;
+  await showConsole();
+});
+
+start(["instances", "tasks", "migrations"], refresh);
