@@ -28,7 +28,7 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[1]
 SCREENSHOTS = Path(os.environ.get("KUMO_SCREENSHOTS", REPO / "docs" / "screenshots"))
 PY = "/usr/bin/python3"
-SLEEPER = "import time\nwhile True:\n    time.sleep(0.1)\n"
+SLEEPER = "import time\nprint('hello from webby', flush=True)\nwhile True:\n    time.sleep(0.1)\n"
 
 
 @pytest.fixture
@@ -139,6 +139,36 @@ def test_sign_in_sessions_csrf_and_policy(ui_controller):
 def test_off_without_ui_listen(controller):
     status, answer = controller.call("POST", "/v1/ui/signin", {}, cert=controller.admin_cert)
     assert status == 409 and "ui_listen" in answer["error"]
+
+
+def test_a_page_hears_of_changes_another_controller_makes(postgres, controller_factory, kumo_agent):
+    """One event stream per page, fed by the store's events: a node joining through controller
+    B reaches a page served by controller A, and B revoking the session closes it."""
+    database = postgres.database()
+    a = controller_factory(init_args=["--database", database], ui_listen=f"127.0.0.1:{free_port()}")
+    a.ui_port = int(__import__("yaml").safe_load(a.config_path.read_text())["ui_listen"].rpartition(":")[2])
+    b = controller_factory(init_args=["--database", database, "--ca-from", str(a.pki)])
+    cookie, _ = sign_in(a)
+    session_id = request(a, "GET", "/ui/session", cookie)[2]["id"]
+    conn = http.client.HTTPSConnection("127.0.0.1", a.ui_port, context=a.context(), timeout=30)
+    conn.request("GET", "/ui/events", headers={"Cookie": f"kumo_session={cookie}"})
+    stream = conn.getresponse()
+    assert stream.status == 200 and stream.getheader("Content-Type") == "text/event-stream"
+    assert stream.readline() == b"retry: 2000\n"
+
+    kumo_agent(controller=b)
+    topics: set[str] = set()
+    while "nodes" not in topics:
+        line = stream.readline()
+        assert line, "the stream ended before the node's change arrived"
+        if line.startswith(b"data: "):
+            topics |= set(json.loads(line[6:])["topics"])
+
+    b.admin("DELETE", f"/v1/ui/sessions/{session_id}")
+    while line := stream.readline():
+        pass  # what was on its way; then the end
+    conn.close()
+    assert request(a, "GET", "/ui/events", cookie)[0] == 401
 
 
 # The browser.
@@ -254,6 +284,16 @@ def test_the_fleet_in_a_browser(ui_controller, kumo_agent, browser, criu_require
              "webby shown on its new node", limit=30)
     shot(browser, "migrated")
 
+    # Its own page: where it runs, its console (read by keyboard) and whether it could move.
+    browser.get(f"https://127.0.0.1:{ctl.ui_port}/instances/webby")
+    until(lambda: browser.find_element("id", "main").get_attribute("data-state") == "running", "webby's page", limit=20)
+    until(lambda: "Possible" in browser.find_element("id", "migrate-why").text, "the migration check", limit=20)
+    browser.find_element("id", "console-read").send_keys(Keys.ENTER)
+    until(lambda: "hello from webby" in browser.find_element("id", "console").text, "webby's console", limit=30)
+    shot(browser, "instance")
+    browser.back()
+    until(lambda: state_of(browser, "webby") == "running", "the instances page again", limit=20)
+
     fresh(lambda: css(browser, 'tr[data-instance="webby"] button[data-action=stop]')[0].click())
     until(lambda: state_of(browser, "webby") == "stopped", "webby stopped", limit=60)
     fresh(lambda: css(browser, 'tr[data-instance="webby"] button[data-action=delete]')[0].click())
@@ -268,6 +308,17 @@ def test_the_fleet_in_a_browser(ui_controller, kumo_agent, browser, criu_require
     shot(browser, "node")
     fresh(lambda: next(e for e in css(browser, "#actions button") if e.text == "Undrain").send_keys(Keys.ENTER))
     until(lambda: "drained" not in browser.find_element("id", "node-state").text, "the node undrained", limit=30)
+
+    browser.get(f"https://127.0.0.1:{ctl.ui_port}/tokens")
+    until(lambda: css(browser, "#token button"), "the tokens page", limit=20)
+    css(browser, "#token button")[0].click()
+    command = until(lambda: css(browser, "#join-command") and browser.find_element("id", "join-command").text,
+                    "the join command", limit=20)
+    assert command.startswith("kumo-agent join --token ")
+    shot(browser, "tokens")
+    browser.get(f"https://127.0.0.1:{ctl.ui_port}/alerts")
+    until(lambda: css(browser, "#alerts tr"), "the alerts", limit=20)
+    shot(browser, "alerts")
 
     browser.get(f"https://127.0.0.1:{ctl.ui_port}/tasks")
     until(lambda: css(browser, "#tasks tr"), "the tasks", limit=20)

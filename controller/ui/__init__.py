@@ -50,7 +50,8 @@ CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self';
        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 # Each page is one HTML file; what it shows comes from the API once it loads.
 PAGES = {"/": "fleet.html", "/nodes/{id}": "node.html", "/instances": "instances.html",
-         "/instances/{name}": "instance.html", "/tasks": "tasks.html"}
+         "/instances/{name}": "instance.html", "/tasks": "tasks.html", "/alerts": "alerts.html",
+         "/tokens": "tokens.html"}
 CONTENT_TYPES = {".html": "text/html", ".css": "text/css", ".js": "text/javascript", ".svg": "image/svg+xml"}
 
 
