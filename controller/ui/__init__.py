@@ -51,7 +51,7 @@ CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self';
 # Each page is one HTML file; what it shows comes from the API once it loads.
 PAGES = {"/": "fleet.html", "/nodes/{id}": "node.html", "/instances": "instances.html",
          "/instances/{name}": "instance.html", "/tasks": "tasks.html", "/alerts": "alerts.html",
-         "/tokens": "tokens.html"}
+         "/tokens": "tokens.html", "/logging": "logging.html"}
 CONTENT_TYPES = {".html": "text/html", ".css": "text/css", ".js": "text/javascript", ".svg": "image/svg+xml"}
 
 

@@ -33,12 +33,25 @@ async function refresh() {
     "memory (MiB)": instance.memory_mib, created: instance.created_at, details: JSON.stringify(instance.details) };
   replace("facts", Object.entries(facts).flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]));
   byId("main").dataset.state = instance.state;
+  if (!byId("actions").childElementCount) replace("actions", operations());
   migrateControls(instance, await all("/v1/nodes", "nodes"));
   const tasks = (await api("GET", `/v1/tasks?limit=200&node=${encodeURIComponent(instance.node)}`)).tasks
     .filter((t) => t.payload && t.payload.name === name).slice(0, 20);
   replace("tasks", tasks.map((t) => h("tr", {}, h("td", {}, t.id), h("td", {}, t.kind), h("td", {}, t.state), h("td", {}, t.error || ""))));
   if (migration) replace("migration", migrationView(await api("GET", `/v1/migrations/${migration}`)));
   await showConsole();
+}
+
+// Start, stop, checkpoint (keeping it running) and restore its latest checkpoint: each a
+// task on its node, whose end the live stream brings.
+function operations() {
+  const path = `/v1/instances/${encodeURIComponent(name)}`;
+  const task = (operation, body, said) => button(operation[0].toUpperCase() + operation.slice(1), async () => {
+    await api("POST", `${path}/${operation}`, body);
+    return `${said} ${name}`;
+  }, { "data-action": operation });
+  return [task("start", {}, "starting"), task("stop", {}, "stopping"),
+    task("checkpoint", { leave_running: true }, "checkpointing"), task("restore", {}, "restoring")];
 }
 
 // The console is a task on the instance's node: queued here, shown when the live stream
