@@ -136,6 +136,14 @@ def test_sign_in_sessions_csrf_and_policy(ui_controller):
     assert request(ctl, "GET", "/v1/nodes", cookie)[0] == 401, "a revoked session is refused at once"
 
 
+def test_bench_ui_loads_and_documents_its_options() -> None:
+    """bench/bench_ui.py seeds 10,000 nodes and takes a minute: here it is only kept loadable."""
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "bench_ui.py"), "--help"],  # noqa: S603
+                            capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "--nodes" in result.stdout and "--views" in result.stdout
+
+
 def test_off_without_ui_listen(controller):
     status, answer = controller.call("POST", "/v1/ui/signin", {}, cert=controller.admin_cert)
     assert status == 409 and "ui_listen" in answer["error"]
