@@ -111,8 +111,9 @@ def test_sign_in_sessions_csrf_and_policy(ui_controller):
     create = {"name": "web", "kind": "process", "options": {"command": [PY, "-c", SLEEPER]}}
     status, _, answer = request(ctl, "POST", "/v1/instances", cookie, create)
     assert status == 403 and "CSRF" in answer["error"]
-    status, _, answer = request(ctl, "POST", "/v1/instances", cookie, create, {"X-Kumo-CSRF": "0" * 64})
-    assert status == 403
+    for wrong in ("0" * 64, "\u00e9t\u00e9"):
+        status, _, answer = request(ctl, "POST", "/v1/instances", cookie, create, {"X-Kumo-CSRF": wrong})
+        assert status == 403, answer
     status, _, answer = request(ctl, "POST", "/v1/instances", cookie, create, {"X-Kumo-CSRF": csrf})
     assert status == 409 and "no node is enrolled" in answer["error"]
     # Sessions do not make sessions; API-only routes of other roles are not served.
@@ -142,6 +143,20 @@ def test_bench_ui_loads_and_documents_its_options() -> None:
                             capture_output=True, text=True, timeout=30, check=False)
     assert result.returncode == 0, result.stderr
     assert "--nodes" in result.stdout and "--views" in result.stdout
+
+
+def test_the_sign_in_url_names_a_reachable_host() -> None:
+    from controller.ui import base_url
+
+    class Settings:
+        url = "https://ctl.example.org:8443"
+        ui_listen = "0.0.0.0:8445"
+
+    assert base_url(Settings) == "https://ctl.example.org:8445"
+    Settings.ui_listen = "127.0.0.1:9000"
+    assert base_url(Settings) == "https://127.0.0.1:9000"
+    Settings.ui_listen = "[::1]:9000"
+    assert base_url(Settings) == "https://[::1]:9000"
 
 
 def test_off_without_ui_listen(controller):

@@ -109,8 +109,9 @@ async def session_of(request: web.Request) -> tuple[dict[str, Any], str]:
 async def session_identity(request: web.Request) -> tuple[str, str, str]:
     """The guard's caller: the session's admin, once its CSRF token is checked on a change."""
     row, secret = await session_of(request)
-    if request.method not in SAFE_METHODS and not hmac.compare_digest(
-            request.headers.get(CSRF_HEADER, ""), csrf_token(secret)):
+    # As bytes: compare_digest refuses str with non-ASCII characters, which a header may hold.
+    given = request.headers.get(CSRF_HEADER, "").encode(errors="replace")
+    if request.method not in SAFE_METHODS and not hmac.compare_digest(given, csrf_token(secret).encode()):
         raise Refused(403, f"this request changes something and needs the session's CSRF token in the {CSRF_HEADER} "
                            "header; reload the page")
     return "admin", f"{row['name']} (web)", row["id"]
