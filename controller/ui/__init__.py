@@ -52,11 +52,13 @@ CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self';
 PAGES = {"/": "fleet.html", "/nodes/{id}": "node.html", "/instances": "instances.html",
          "/instances/{name}": "instance.html", "/tasks": "tasks.html", "/alerts": "alerts.html",
          "/tokens": "tokens.html", "/logging": "logging.html"}
-CONTENT_TYPES = {".html": "text/html", ".css": "text/css", ".js": "text/javascript", ".svg": "image/svg+xml"}
+CONTENT_TYPES = {".html": "text/html", ".css": "text/css", ".js": "text/javascript"}
 
 
 def digest(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
+    # errors="replace": a cookie or a URL may carry what no secret of ours holds; it then
+    # matches nothing instead of failing.
+    return hashlib.sha256(secret.encode(errors="replace")).hexdigest()
 
 
 def csrf_token(secret: str) -> str:
