@@ -2,8 +2,8 @@
 Content-Security-Policy over plain HTTPS, then the pages in a real headless Chromium
 (Debian's, driven by selenium) with two real agents: the fleet live, an instance created
 from the form, running without a reload, migrated with its progress shown, stopped and
-deleted. Each page's screenshot is saved to docs/screenshots/ (KUMO_SCREENSHOTS elsewhere),
-the README's tour."""
+deleted. Each page's screenshot is a test artefact in build/screenshots/; with
+KUMO_SCREENSHOTS=docs/screenshots they refresh the README's tour."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from tests.harness.agents import wait_for
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[1]
-SCREENSHOTS = Path(os.environ.get("KUMO_SCREENSHOTS", REPO / "docs" / "screenshots"))
+SCREENSHOTS = Path(os.environ.get("KUMO_SCREENSHOTS", REPO / "build" / "screenshots"))
 PY = "/usr/bin/python3"
 SLEEPER = "import time\nprint('hello from webby', flush=True)\nwhile True:\n    time.sleep(0.1)\n"
 
