@@ -196,6 +196,19 @@ async def test_settings_audit_and_client_certificates(store) -> None:
     assert await store.revoked_serials() == {"c1"}
 
 
+async def test_nodes_are_found_by_part_of_their_id_or_hostname(store) -> None:
+    for node_id, hostname in (("n-1", "Web_1"), ("n-2", "db-1"), ("n-3", "web%")):
+        await store.add_token(f"h{node_id}", FAR, 1)
+        assert await store.enroll(f"h{node_id}", node_id, hostname, f"serial-{node_id}", FAR) == "ok"
+
+    async def ids(match: str) -> list[str]:
+        return [row["id"] for row in await store.list_nodes(match=match)]
+
+    assert await ids("WEB") == ["n-1", "n-3"] and await ids("n-2") == ["n-2"]
+    assert await ids("%") == ["n-3"] and await ids("_") == ["n-1"], "LIKE's wildcards are plain characters"
+    assert await ids("'; DROP TABLE nodes; --") == [] and await ids("") == ["n-1", "n-2", "n-3"]
+
+
 async def test_a_sign_in_link_opens_one_session_and_revoking_ends_it(store) -> None:
     events: list[Any] = []
     store.subscribe(events.append)

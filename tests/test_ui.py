@@ -266,6 +266,10 @@ def test_the_fleet_in_a_browser(ui_controller, kumo_agent, browser, criu_require
     until(lambda: [r.get_attribute("data-state") for r in css(browser, "tr[data-node]")] == ["ready", "ready"],
              "both nodes ready on the fleet page", limit=30)
     shot(browser, "fleet")
+    # The filter is the controller's, over the whole fleet.
+    browser.find_element("id", "filter").send_keys(a.node_id)
+    until(lambda: [r.get_attribute("data-node") for r in css(browser, "tr[data-node]")] == [a.node_id],
+          "the filter to keep one node", limit=20)
     browser.get(url)
     assert "already used" in browser.page_source
 

@@ -257,12 +257,18 @@ class Store:
             return _decoded(await tx.one("SELECT * FROM nodes WHERE id=?", node_id))
 
     async def list_nodes(self, include_removed: bool = False, limit: int | None = None,
-                         after: str | None = None) -> list[dict[str, Any]]:
-        """Nodes by id; ``limit`` of them after the id ``after`` (a page), or all."""
+                         after: str | None = None, match: str | None = None) -> list[dict[str, Any]]:
+        """Nodes by id; ``limit`` of them after the id ``after`` (a page), or all; ``match``:
+        only those whose id or hostname contains it, whatever the case."""
         clauses, args = ([] if include_removed else ["removed = 0"]), []
         if after is not None:
             clauses.append("id > ?")
             args.append(after)
+        if match:
+            # The text is a value, never SQL; LIKE's own wildcards in it are escaped.
+            pattern = "%" + match.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            clauses.append("(LOWER(id) LIKE ? ESCAPE '\\' OR LOWER(hostname) LIKE ? ESCAPE '\\')")
+            args += [pattern, pattern]
         async with self._tx() as tx:
             return _all_decoded(await tx.all(_select("nodes", clauses, "id", limit), *args, *_limit(limit)))
 

@@ -1,5 +1,6 @@
 // The fleet: every node with its state, kinds, CPU and memory (committed and used) and
-// firing alerts; sortable and filterable within the page, a page of PAGE nodes at a time.
+// firing alerts, a page of PAGE nodes at a time. The filter is the controller's (?q=: part
+// of an id or hostname, over the whole fleet); sorting and the state filter act on the page.
 import { all, api, bars, byId, h, replace, start } from "/static/kumo.js";
 
 const PAGE = 100;
@@ -16,7 +17,9 @@ function kinds(node) {
 
 async function refresh() {
   const after = cursors[cursors.length - 1];
-  const page = await api("GET", `/v1/nodes?limit=${PAGE}${after ? `&after=${encodeURIComponent(after)}` : ""}`);
+  const match = byId("filter").value.trim();
+  const page = await api("GET", `/v1/nodes?limit=${PAGE}${after ? `&after=${encodeURIComponent(after)}` : ""}`
+    + `${match ? `&q=${encodeURIComponent(match)}` : ""}`);
   const committed = {};
   for (const instance of await all("/v1/instances", "instances")) {
     const use = (committed[instance.node] ||= { vcpus: 0, memory_mib: 0 });
@@ -43,10 +46,8 @@ async function refresh() {
 }
 
 function render() {
-  const text = byId("filter").value.trim().toLowerCase();
   const wanted = byId("state").value;
-  const shown = rows.filter((r) => (!text || `${r.id} ${r.hostname} ${r.kinds}`.toLowerCase().includes(text))
-    && (!wanted || r.state.includes(wanted)));
+  const shown = rows.filter((r) => !wanted || r.state.includes(wanted));
   shown.sort((a, b) => (a[sortKey] < b[sortKey] ? -1 : a[sortKey] > b[sortKey] ? 1 : 0) * (ascending ? 1 : -1));
   replace("nodes-head", h("tr", {}, COLUMNS.map(([key, label]) => h("th", {
     scope: "col", "aria-sort": key === sortKey ? (ascending ? "ascending" : "descending") : "none" },
@@ -66,7 +67,11 @@ function render() {
     h("td", { class: r.alerts ? "firing" : "" }, r.alerts))) : h("tr", {}, h("td", { colspan: COLUMNS.length }, "No node matches.")));
 }
 
-byId("filter").addEventListener("input", render);
+let typing = null;
+byId("filter").addEventListener("input", () => {
+  clearTimeout(typing);
+  typing = setTimeout(() => { cursors = [null]; refresh(); }, 300);
+});
 byId("state").addEventListener("change", render);
 byId("next").addEventListener("click", () => { cursors.push(byId("next").dataset.cursor); refresh(); });
 byId("first").addEventListener("click", () => { cursors = [null]; refresh(); });
