@@ -1,11 +1,13 @@
 // What every page shares: the session, the API with its CSRF token, the page's one live
 // stream, and building DOM from data (text nodes only: nothing from the API becomes HTML).
 
-let session = null;
+// The session (its CSRF token), once start() has it: a click before that waits for it.
+let signedIn;
+const session = new Promise((resolve) => { signedIn = resolve; });
 
 export async function api(method, path, body) {
   const headers = { Accept: "application/json" };
-  if (method !== "GET") headers["X-Kumo-CSRF"] = session.csrf;
+  if (method !== "GET") headers["X-Kumo-CSRF"] = (await session).csrf;
   if (body !== undefined) headers["Content-Type"] = "application/json";
   const response = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
   const data = await response.json().catch(() => ({}));
@@ -88,8 +90,9 @@ export const byId = (id) => document.getElementById(id);
 export async function start(topics, refresh) {
   const answer = await fetch("/ui/session");
   if (!answer.ok) return signedOut();
-  session = await answer.json();
-  replace("who", `signed in as ${session.name} until ${session.expires_at}`);
+  const mine = await answer.json();
+  signedIn(mine);
+  replace("who", `signed in as ${mine.name} until ${mine.expires_at}`);
   let running = false;
   let again = false;
   const run = async () => {
