@@ -3,8 +3,10 @@
 Two listeners share one :class:`Controller`. The API listener requires a client certificate
 from the Kumo CA at the TLS handshake; the enrollment listener asks for none and serves only
 ``POST /v1/enroll``. Every route declares who may call it (:class:`controller.api.Route`),
-and :func:`guard` checks that against the peer certificate before the handler runs, so no
-handler can forget to.
+and :func:`guard` checks that against the caller's identity before the handler runs, so no
+handler can forget to. A third listener, when ``ui_listen`` is set, serves the web interface
+(:mod:`controller.ui`): the same admin routes behind the same guard, the identity coming
+from a browser session instead of a certificate.
 
 Heartbeats are frequent and mostly say "nothing changed": they update an in-memory table
 that is written to the store every :data:`FLUSH_INTERVAL` seconds, not once per request.
@@ -27,6 +29,7 @@ import ssl
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -49,11 +52,14 @@ from controller.api import (
     nodes,
     reply,
     tasks,
+    ui,
 )
 from controller.services import Refused, migrations
 from controller.services import images as image_service
 from controller.settings import ControllerSettings, split_address
 from controller.store import Event, Store, StoreUnavailable, open_store
+from controller.ui import IDENTIFY
+from controller.ui import make_app as make_ui_app
 
 log = logging.getLogger("kumo.controller")
 
@@ -61,7 +67,7 @@ FLUSH_INTERVAL = 2.0
 # Every controller says it is alive this often; one not heard of for three times as long is gone.
 REGISTRY_INTERVAL = 5.0
 PRUNE_INTERVAL = 3600.0
-API_MODULES = (enroll, nodes, tasks, instances, images, migration, logging_settings, alerts, meta)
+API_MODULES = (enroll, nodes, tasks, instances, images, migration, logging_settings, alerts, meta, ui)
 
 
 class Metrics:
@@ -104,6 +110,10 @@ class Controller:
         self.live: dict[str, dict[str, Any]] = {}
         self.polls: collections.Counter[str] = collections.Counter()  # long polls open, by node
         self._dirty: set[str] = set()
+        self._changed: set[str] = set()  # nodes whose instances or plugins changed since the last flush
+        # Called with {"event": "live", "node": id} when a heartbeat changes what a node runs
+        # (the web interface's live pages listen); the store's events cover everything else.
+        self.watchers: list[Callable[[Event], None]] = []
         self._wakeups: dict[str, set[asyncio.Event]] = {}
         self._task_waiters: dict[str, set[asyncio.Event]] = {}
         self._peers: OrderedDict[bytes, tuple[str, str, str]] = OrderedDict()
@@ -326,6 +336,7 @@ class Controller:
         if usage is not None:
             _add_cpu_rates(usage, live.get("usage"), now - live.get("last_seen", now))
             live["usage"] = usage
+        changed = instances != live.get("instances") or (plugins is not None and plugins != live["plugins"])
         live["last_seen"] = now
         live["instances"] = instances
         if plugins is not None:
@@ -333,6 +344,10 @@ class Controller:
         if images is not None:
             live["images"] = images
         self._dirty.add(node_id)
+        if changed:
+            self._changed.add(node_id)
+            for watcher in self.watchers:
+                watcher({"event": "live", "node": node_id})
 
     def node_view(self, row: dict[str, Any]) -> dict[str, Any]:
         """A stored node merged with its live state, with its readiness worked out."""
@@ -366,8 +381,10 @@ class Controller:
         if not self._dirty:
             return
         rows = {node_id: self.live[node_id] for node_id in self._dirty if node_id in self.live}
+        changed = sorted(self._changed & rows.keys())
         self._dirty.clear()
-        await self.store.save_live(rows)
+        self._changed.clear()
+        await self.store.save_live(rows, changed)
 
     async def _flush_loop(self) -> None:
         while True:
@@ -458,7 +475,7 @@ def guard(route: Route, handler: Any) -> Any:
         if ctl.unavailable:
             raise ApiError(503, ctl.unavailable)
         if route.role != "enroll":
-            role, name, serial = ctl.peer(request)
+            role, name, serial = await request.app[IDENTIFY](request)
             if route.role == "node":
                 node_id = request.match_info["id"]
                 if role != "node" or name != node_id:
@@ -543,10 +560,15 @@ def make_app(ctl: Controller, enrollment: bool) -> web.Application:
     """The API app, or (``enrollment``) the app that serves only enrollment."""
     app = web.Application(middlewares=[errors], client_max_size=ctl.settings.max_body_bytes)
     app["kumo"] = ctl
+    app[IDENTIFY] = _certificate_identity
     for route in ctl.routes:
         if (route.role == "enroll") == enrollment:
             app.router.add_route(route.method, route.path, guard(route, route.handler))
     return app
+
+
+async def _certificate_identity(request: web.Request) -> tuple[str, str, str]:
+    return request.app["kumo"].peer(request)
 
 
 def tls_context(settings: ControllerSettings, require_client: bool) -> ssl.SSLContext:
@@ -568,16 +590,21 @@ async def serve(settings: ControllerSettings, stop: asyncio.Event) -> None:
     ctl = Controller(settings, open_store(settings.database), ca)
     runners: list[web.AppRunner] = []
     try:
-        for enrollment, listen in ((False, settings.listen), (True, settings.enroll_listen)):
-            runner = web.AppRunner(make_app(ctl, enrollment), access_log=None)
+        listeners = [("API", settings.listen, make_app(ctl, False), True),
+                     ("enrollment", settings.enroll_listen, make_app(ctl, True), False)]
+        if settings.ui_listen:
+            admin = [(route, guard(route, route.handler)) for route in ctl.routes if route.role == "admin"]
+            listeners.append(("web interface", settings.ui_listen, make_ui_app(ctl, admin, errors), False))
+        for what, listen, app, require_client in listeners:
+            runner = web.AppRunner(app, access_log=None)
             await runner.setup()
             runners.append(runner)
             host, port = split_address(listen, "listen")
             try:
-                await web.TCPSite(runner, host, port, ssl_context=tls_context(settings, not enrollment)).start()
+                await web.TCPSite(runner, host, port, ssl_context=tls_context(settings, require_client)).start()
             except OSError as exc:
                 raise OSError(f"cannot listen on {listen}: {exc.strerror}") from None
-            log.info("%s listening on https://%s", "enrollment" if enrollment else "API", listen)
+            log.info("%s listening on https://%s", what, listen)
         # Listening first: while the database is out of reach, requests get a 503 saying so.
         starting = asyncio.ensure_future(ctl.start())
         await asyncio.wait({starting, asyncio.ensure_future(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)

@@ -18,6 +18,9 @@ class ControllerSettings:
     database: str  # a SQLite file (one controller), or postgresql://USER@HOST/DB (any number of them)
     listen: str = "0.0.0.0:8443"  # the mTLS API
     enroll_listen: str = "0.0.0.0:8444"  # enrollment only: no client certificate yet
+    # The web interface (controller/ui), off unless set; signed into with `kumoctl ui`.
+    ui_listen: str | None = None
+    ui_session_ttl: float = 8 * 3600.0  # seconds a browser session lasts
     # How agents and kumoctl reach this controller's API; join strings carry it. Default:
     # https://<listen's host, or this host's FQDN when listening on every address>:<listen's port>.
     url: str = ""
@@ -66,10 +69,11 @@ def default_url(listen: str) -> str:
 
 def load_settings(path: Path) -> ControllerSettings:
     settings = parse_section(ControllerSettings, load_yaml_file(path), str(path))
-    for key in ("listen", "enroll_listen"):
-        split_address(getattr(settings, key), f"{path}: {key}")
+    for key in ("listen", "enroll_listen", "ui_listen"):
+        if getattr(settings, key) is not None:
+            split_address(getattr(settings, key), f"{path}: {key}")
     settings.url = check_url(settings.url, f"{path}: url") if settings.url else default_url(settings.listen)
-    for key in ("heartbeat_interval", "poll_timeout", "node_cert_ttl"):
+    for key in ("heartbeat_interval", "poll_timeout", "node_cert_ttl", "ui_session_ttl"):
         if getattr(settings, key) <= 0:
             raise ConfigError(f"{path}: {key}: expected a positive number of seconds")
     if settings.retention_days <= 0:

@@ -5,7 +5,7 @@
 # stops them all. The state is kept, so running the demo again restarts the same controller
 # (same CA, same kumoctl credentials) and the same nodes.
 #
-# KUMO_DEMO_STATE, KUMO_DEMO_LISTEN, KUMO_DEMO_METRICS (the first agent's; the second uses the
+# KUMO_DEMO_STATE, KUMO_DEMO_LISTEN, KUMO_DEMO_UI_LISTEN (the web interface), KUMO_DEMO_METRICS (the first agent's; the second uses the
 # next port), KUMO_DEMO_LXCPATH and KUMO_DEMO_BIN move it, e.g. for tests/test_demo.py.
 set -euo pipefail
 
@@ -14,6 +14,7 @@ STATE=${KUMO_DEMO_STATE:-$ROOT/demo-state}
 BIN=${KUMO_DEMO_BIN:-$ROOT/.venv/bin}
 CTL_DIR=$STATE/controller
 LISTEN=${KUMO_DEMO_LISTEN:-127.0.0.1:8443}
+UI_LISTEN=${KUMO_DEMO_UI_LISTEN:-127.0.0.1:8445}
 METRICS_LISTEN=${KUMO_DEMO_METRICS:-127.0.0.1:9464}
 LXCPATH=${KUMO_DEMO_LXCPATH:-/var/lib/kumo-lxc}
 AGENTS=(agent agent2)
@@ -74,6 +75,8 @@ start_controller() {
         # and refuse every placement, so measured CPU only ranks them here.
         echo "placement_cpu_busy_max: 1.0" >>"$CTL_DIR/controller.yaml"
     fi
+    # The web interface, on this machine only (a demo from before it had none gets it too).
+    grep -q '^ui_listen:' "$CTL_DIR/controller.yaml" || echo "ui_listen: $UI_LISTEN" >>"$CTL_DIR/controller.yaml"
     start_daemon controller run --config "$CTL_DIR/controller.yaml"
     local i
     for i in $(seq 1 100); do
@@ -198,6 +201,10 @@ Use kumoctl against it:
     kumoctl instances show demo-box
     kumoctl instances stop demo-clock
     kumoctl instances create --help
+    kumoctl ui                          # another sign-in link to the web interface
+
+The web interface: open this single-use link (for 5 minutes) in a browser on this machine:
+    $("$BIN/kumoctl" ui --no-open 2>/dev/null)
 
 Stop it:  make demo-stop   (state stays in $STATE; remove that directory to start afresh)
 EOF

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Refresh the cloud-config JSON schema the cloudinit plugin validates seeds against
-# (plugins/cloudinit/schemas/) from Debian 12's cloud-init package: the same cloud-init the
+# Refresh the cloud-config JSON schema the SDK validates seeds against (agent/sdk/cloudconfig)
+# (agent/sdk/cloudconfig/schemas/) from Debian 12's cloud-init package: the same cloud-init the
 # Debian image (scripts/build-image.sh) runs, so a seed Kumo accepts is one that guest reads.
 # apt verifies the package against the archive's signed index; only the schema and the
 # package's copyright file are taken (the schema is data: nothing of cloud-init's code is).
 # Run it when Debian updates cloud-init, then commit what changed.
 set -euo pipefail
 . "$(dirname "$0")/deps/lib.sh"
-dest=$(cd "$(dirname "$0")/../plugins/cloudinit/schemas" && pwd)
+dest=$(cd "$(dirname "$0")/../agent/sdk/cloudconfig/schemas" && pwd)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 chmod 755 "$work"  # apt-get download drops privileges to _apt

@@ -26,6 +26,7 @@ from controller.api import (
     migration,
     nodes,
     tasks,
+    ui,
 )
 from controller.pki import CertificateAuthority, key_pem, pem
 from controller.store import is_database_url
@@ -216,7 +217,7 @@ def test_openapi_document_lists_exactly_the_routes(controller):
     document = controller.admin("GET", "/v1/openapi.json")
     served = {(method.upper(), path) for path, ops in document["paths"].items() for method in ops}
     declared = {(r.method, r.path) for m in (enroll, nodes, tasks, instances, images, migration, logging_settings, alerts,
-                                             meta) for r in m.ROUTES}
+                                             meta, ui) for r in m.ROUTES}
     assert served == declared
     for method, path in declared:
         # Served means routed: a handler may still say 404 about the object in the path.

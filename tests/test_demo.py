@@ -54,6 +54,7 @@ def demo(tmp_path, lxc_required):
         **os.environ,
         "KUMO_DEMO_STATE": str(state),
         "KUMO_DEMO_LISTEN": f"127.0.0.1:{two_free_ports()}",
+        "KUMO_DEMO_UI_LISTEN": f"127.0.0.1:{two_free_ports()}",
         "KUMO_DEMO_METRICS": f"127.0.0.1:{two_free_ports()}",
         "KUMO_DEMO_LXCPATH": str(lxcpath),
         "KUMO_DEMO_BIN": str(Path(sys.executable).parent),
@@ -91,6 +92,7 @@ def test_make_demo_runs_the_tour_and_demo_stop_cleans_up(demo):
     # The tour's migration, as the demo prints it.
     node_a = json.loads((state / "agent" / "join.json").read_text())["node_id"]
     node_b = re.search(r"kumoctl instances migrate demo-clock --to (n-[0-9a-f]+)", started.stdout).group(1)
+    assert re.search(r"https://127\.0\.0\.1:\d+/signin/\S+", started.stdout), "the demo prints the web interface's link"
     assert node_b != node_a
     moved = kumoctl("instances", "migrate", "demo-clock", "--to", node_b)
     assert moved.returncode == 0, moved.stderr

@@ -119,7 +119,7 @@ def requests(draw: Any, route_index: int) -> tuple[str, str, bytes | None, str]:
         doc = draw(st.dictionaries(st.sampled_from(fields + ["unknown"]) if fields else st.text(max_size=8), JSON,
                                    max_size=6))
         body = draw(st.sampled_from([json.dumps(doc).encode(), b"", b"[", b"NaN", json.dumps([doc]).encode()]))
-    query = draw(st.dictionaries(st.sampled_from(["limit", "after", "state", "node"]), QUERY_VALUES, max_size=3))
+    query = draw(st.dictionaries(st.sampled_from(["limit", "after", "state", "node", "q"]), QUERY_VALUES, max_size=3))
     if draw(st.booleans()):
         # A long-poll waits as long as it is asked (up to a minute): only waits that end soon.
         query["wait"] = draw(st.sampled_from(["", "0", "-1", "nan", "abc", "0.05", "1e-9"]))

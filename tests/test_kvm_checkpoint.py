@@ -275,8 +275,10 @@ def test_show_says_which_ways_a_vm_can_move_and_why_not(controller, tmp_path: Pa
     assert report("stopped")["stop-and-copy"]["reason"].startswith("it is stopped: only a running instance")
 
     register(controller, other, other_cert, plugins={"kvm": plugins["kvm"]})  # no checkpoint plugin there
-    reason = report("running")["stop-and-copy"]["reason"]
-    assert reason.startswith("no other node can take instance vm1") and "plugin checkpoint is unavailable" in reason
+    stop = report("running")["stop-and-copy"]
+    assert stop["reason"].startswith("no other node can take instance vm1") and "plugin checkpoint is unavailable" in stop["reason"]
+    # Each rejected destination with its own reason (the web interface lists them).
+    assert list(stop["rejected"]) == [other] and stop["rejected"][other].startswith("plugin checkpoint is unavailable")
 
 
 # ---- the migration stream: a cached image travels, checked ---------------------------------

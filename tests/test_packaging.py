@@ -316,6 +316,9 @@ def test_packaged_controller_and_agent_run_on_debian_python(deployment: Deployme
         assert (info.st_uid, info.st_mode & 0o777) == (service_user.pw_uid, 0o600), key
     assert (CONTROLLER_CONFIG.stat().st_gid, CONTROLLER_CONFIG.stat().st_mode & 0o777) == (service_user.pw_gid, 0o640)
     assert (CONTROLLER_DIR / "controller.db").stat().st_uid == service_user.pw_uid
+    # The web interface's pages ship with the controller: nothing is built on the machine.
+    static = Path("/usr/share/kumo-controller/controller/ui/static")
+    assert {"fleet.html", "kumo.js", "kumo.css"} <= {path.name for path in static.iterdir()}
     status = deployment.controller.proc_file("status")
     assert f"Uid:\t{service_user.pw_uid}\t" in status, status
     # ...and inside the unit's sandbox, as far as it can be had without systemd.

@@ -196,6 +196,36 @@ async def test_settings_audit_and_client_certificates(store) -> None:
     assert await store.revoked_serials() == {"c1"}
 
 
+async def test_nodes_are_found_by_part_of_their_id_or_hostname(store) -> None:
+    for node_id, hostname in (("n-1", "Web_1"), ("n-2", "db-1"), ("n-3", "web%")):
+        await store.add_token(f"h{node_id}", FAR, 1)
+        assert await store.enroll(f"h{node_id}", node_id, hostname, f"serial-{node_id}", FAR) == "ok"
+
+    async def ids(match: str) -> list[str]:
+        return [row["id"] for row in await store.list_nodes(match=match)]
+
+    assert await ids("WEB") == ["n-1", "n-3"] and await ids("n-2") == ["n-2"]
+    assert await ids("%") == ["n-3"] and await ids("_") == ["n-1"], "LIKE's wildcards are plain characters"
+    assert await ids("'; DROP TABLE nodes; --") == [] and await ids("") == ["n-1", "n-2", "n-3"]
+
+
+async def test_a_sign_in_link_opens_one_session_and_revoking_ends_it(store) -> None:
+    events: list[Any] = []
+    store.subscribe(events.append)
+    await store.add_ui_signin("l-1", "h-link", "admin", FAR)
+    await store.add_ui_signin("l-2", "h-old", "admin", time.time() - 1)
+    session = {"id": "s-1", "hash": "h-session", "expires_at": FAR, "remote": "127.0.0.1"}
+    assert await store.redeem_ui_signin("h-link", session) == "ok"
+    assert await store.redeem_ui_signin("h-link", {**session, "id": "s-2", "hash": "h-2"}) == "used"
+    assert await store.redeem_ui_signin("h-old", {**session, "id": "s-3", "hash": "h-3"}) == "expired"
+    assert await store.redeem_ui_signin("h-none", {**session, "id": "s-4", "hash": "h-4"}) == "unknown"
+    assert (await store.ui_session("h-session"))["name"] == "admin" and await store.ui_session("h-link") is None
+    assert [(r["id"], r["kind"]) for r in await store.list_ui_sessions()] == [("l-1", "signin"), ("s-1", "session")]
+    assert await store.revoke_ui_session("s-1") and not await store.revoke_ui_session("s-none")
+    assert await store.ui_session("h-session") is None
+    assert {"event": "ui-revoked", "id": "s-1"} in events
+
+
 async def test_controllers_register_and_age_out(store) -> None:
     await store.controller_seen("c-a", "https://a:8443", 1.0)
     await store.controller_seen("c-b", "https://b:8443", 2.0)
@@ -308,4 +338,4 @@ async def test_pruning_forgets_what_ended_before_the_retention(store) -> None:
     assert await store.get_task(old["id"]) is None and await store.get_task(waiting["id"]) is not None
     assert [a["id"] for a in await store.list_alerts()] == ["f2"]  # still firing: kept
     assert await store.prune(time.time() - 60, forwarding=False) == {"tasks": 0, "migrations": 0, "tokens": 0,
-                                                                     "alerts": 0}
+                                                                     "sessions": 0, "alerts": 0}

@@ -14,7 +14,9 @@ What is here, by concern:
 - errors: :class:`PluginError`, :class:`TaskError` with its closed set of codes
   :data:`ErrorCode`, :class:`ConfigError`, :class:`ControllerUnavailable`;
 - input: :func:`parse_section` for the plugin's ``plugins.<name>`` settings and
-  :func:`parse_payload` for task payloads, both from a dataclass, both strict;
+  :func:`parse_payload` for task payloads, both from a dataclass, both strict; and
+  cloud-init seed data checked as cloud-init reads it (:func:`validate_user_data`,
+  :func:`validate_network_config`, :func:`problem_line`), by the node and the controller alike;
 - running instances: the driver contract (:class:`InstanceDriver`, :class:`ConsoleOutput`,
   :data:`NAME_RE`, :data:`KIND_RE`, and the optional :class:`UsageMeter` answering
   :class:`InstanceUsage`), the checkpoint capability (:class:`Checkpointer`,
@@ -42,6 +44,7 @@ from agent.sdk.checkpointing import (
     SavedState,
     StagedDirectory,
 )
+from agent.sdk.cloudconfig import problem_line, validate_network_config, validate_user_data
 from agent.sdk.commands import CommandResult, run_command, run_command_sync
 from agent.sdk.config import ConfigError, controller_url, load_yaml_file, parse_section
 from agent.sdk.driver import (
@@ -127,6 +130,7 @@ __all__ = [
     "netns_usage",
     "parse_payload",
     "parse_section",
+    "problem_line",
     "process_tree_usage",
     "require_peer_role",
     "run_command",
@@ -135,5 +139,7 @@ __all__ = [
     "stat_fields",
     "tail",
     "valid_sha256",
+    "validate_network_config",
+    "validate_user_data",
     "zombie_children",
 ]

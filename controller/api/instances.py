@@ -7,7 +7,18 @@ from typing import Any
 
 from aiohttp import web
 
-from controller.api import ApiError, Route, field, json_body, page_query, paged, reply, state
+from agent.sdk import TaskError, problem_line, validate_network_config, validate_user_data
+from controller.api import (
+    ApiError,
+    Route,
+    field,
+    json_body,
+    page_query,
+    paged,
+    reject_unknown,
+    reply,
+    state,
+)
 from controller.api.tasks import shown as shown_task
 from controller.services import instances, iso, migrations
 
@@ -101,6 +112,22 @@ async def delete(request: web.Request) -> web.Response:
     return reply({"instance": await shown(ctl, row), "task": shown_task(task)}, 202)
 
 
+async def check_seed(request: web.Request) -> web.Response:
+    """Check seed data by the rules the node's cloudinit plugin applies at create, without
+    creating anything: the web interface's user-data editor shows the line and reason."""
+    data = await json_body(request)
+    reject_unknown(data, set(SEED_FIELDS))
+    try:
+        for key in SEED_FIELDS:
+            if key == "network_config" and data.get(key) is not None:
+                validate_network_config(data[key])
+            elif data.get(key) is not None:
+                validate_user_data(field(data, key, str), what=key)
+    except TaskError as exc:
+        return reply({"valid": False, "error": str(exc), "line": problem_line(exc)})
+    return reply({"valid": True, "error": None, "line": None})
+
+
 INSTANCE = "/v1/instances/{name}"
 ROUTES = [
     Route("POST", "/v1/instances", create, "admin",
@@ -112,6 +139,11 @@ ROUTES = [
            "image_sha256": "hex, required for URLs",
            "user_data": "cloud-config text", "network_config": "network config v2 text", "vendor_data": "text",
            "options": "object, kind-specific", "*": "other kind-specific fields, validated by the node's plugin"}),
+    Route("POST", "/v1/cloud-config/check", check_seed, "admin",
+          "Check user data, vendor data and network config as a create would, without creating: "
+          "valid, or the error with its line.",
+          {"user_data": "cloud-config text", "network_config": "network config v1 or v2 (text or object)",
+           "vendor_data": "text"}),
     Route("GET", "/v1/instances", list_instances, "admin",
           "Instances by name, with their node and reported state, a page at a time (?limit=&after=NEXT)."),
     Route("GET", INSTANCE, show, "admin", "One instance, where it landed and why other nodes were filtered out."),

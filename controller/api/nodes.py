@@ -172,7 +172,11 @@ async def _node_row(ctl: Any, node_id: str) -> dict[str, Any]:
 async def list_nodes(request: web.Request) -> web.Response:
     ctl = state(request)
     limit, after = page_query(request)
-    rows, following = paged(await ctl.store.list_nodes(limit=limit + 1, after=after), limit, lambda row: row["id"])
+    match = request.query.get("q")
+    if match is not None and not (len(match) <= 256 and match.isprintable()):
+        raise ApiError(400, "q must be up to 256 printable characters: part of a node id or hostname")
+    rows, following = paged(await ctl.store.list_nodes(limit=limit + 1, after=after, match=match), limit,
+                            lambda row: row["id"])
     return reply({"nodes": [shown(ctl, row) for row in rows], "next": following})
 
 
@@ -235,7 +239,9 @@ ROUTES = [
           {"state": "succeeded or failed", "result": "object", "error": "string or null", "code": "string or null"}),
     Route("POST", NODE + "/renew", renew, "node", "Trade a CSR for a fresh certificate of the same node.",
           {"csr": "PEM CSR, ECDSA P-256"}),
-    Route("GET", "/v1/nodes", list_nodes, "admin", "Enrolled nodes by id, with state, plugins and instances, a page at a time (?limit=&after=NEXT)."),
+    Route("GET", "/v1/nodes", list_nodes, "admin",
+          "Enrolled nodes by id, with state, plugins and instances, a page at a time (?limit=&after=NEXT); "
+          "?q=TEXT keeps those whose id or hostname contains it."),
     Route("GET", NODE, show_node, "admin", "One node."),
     Route("POST", NODE + "/drain", drain, "admin", "Place nothing new on the node and migrate what can move."),
     Route("POST", NODE + "/undrain", undrain, "admin", "Let the scheduler place instances on the node again."),

@@ -12,7 +12,7 @@ The package, by concern: ``config`` (kumoctl.yaml), ``client`` (the HTTPS client
 ``output`` (tables, fields, JSON), ``arguments`` (argument types and shared options),
 ``waiting`` (following tasks and migrations), and one module per command group, each
 declaring its own subcommands: ``tokens``, ``nodes``, ``tasks``, ``instances`` (with
-``migration``), ``images``, ``logs``, ``alerts``, ``certificates``. This module is the entry point.
+``migration``), ``images``, ``logs``, ``alerts``, ``certificates``, ``audit``, ``ui``. This module is the entry point.
 """
 
 from __future__ import annotations
@@ -22,14 +22,14 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import alerts, audit, certificates, images, instances, logs, nodes, tasks, tokens
+from . import alerts, audit, certificates, images, instances, logs, nodes, tasks, tokens, ui
 from .arguments import COMMON, Group
 from .client import Client
 from .config import load_config
 from .errors import EXIT_ERROR, EXIT_INTERRUPTED, CommandError
 from .output import PrintableStream, printable
 
-GROUPS = (tokens, nodes, tasks, instances, images, logs, alerts, certificates, audit)
+GROUPS = (tokens, nodes, tasks, instances, images, logs, alerts, certificates, audit, ui)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     for module in GROUPS:
         sub = commands.add_parser(module.NAME, help=module.HELP, description=module.HELP, parents=[COMMON])
         module.register(Group(sub.add_subparsers(title="subcommands", metavar="SUBCOMMAND", required=True)))
+        if hasattr(module, "default"):  # the group does something without a subcommand
+            module.default(sub)
     return parser
 
 

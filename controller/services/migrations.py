@@ -192,23 +192,26 @@ LIVE_UNSUPPORTED = ("not yet supported: Kumo moves an instance by stop-and-copy 
 async def modes(ctl: Any, row: dict[str, Any], instance: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Whether the instance (``row``, shown as ``instance``) could be moved now, per mode,
     and why not. The same checks a migration makes before it starts, except the source's
-    pre-flight scan: the blockers its kind already knows come with its details."""
+    pre-flight scan: the blockers its kind already knows come with its details. ``rejected``
+    (when the scheduler was asked) names each node it would not move the instance to, and why."""
     why: str | None = None
     if instance["state"] != "running":
         why = f"it is {instance['state']}: only a running instance is checkpointed and moved"
     blockers = (instance.get("details") or {}).get("checkpoint_blockers") or []
     if why is None and blockers:
         why = "; ".join(f"{b.get('message')} [{b.get('code')}]" for b in blockers if isinstance(b, dict))
-    destination = None
+    destination, rejected = None, None
     if why is None:
         try:
             await checkpointable(ctl, row, "migrate")
-            destination = await _destination(ctl, row, None)
+            destination, rejected = await _destination(ctl, row, None)
         except Refused as exc:
-            why = exc.message
+            why, rejected = exc.message, exc.extra.get("reasons")
     stop = {"possible": why is None,
             "reason": why or f"checkpoint on node {row['node']}, relay through the controller and restore on another "
                              f"node (the scheduler would choose {destination} now)"}
+    if rejected:
+        stop["rejected"] = rejected
     return {"stop-and-copy": stop, "live": {"possible": False, "reason": LIVE_UNSUPPORTED}}
 
 
@@ -311,7 +314,9 @@ async def _running_on(ctl: Any, nodes: list[str], name: str, kind: str, since: f
     return None
 
 
-async def _destination(ctl: Any, row: dict[str, Any], to: str | None) -> str:
+async def _destination(ctl: Any, row: dict[str, Any], to: str | None) -> tuple[str, dict[str, str]]:
+    """The node to move ``row``'s instance to (``to``, or the scheduler's choice), and why
+    each node it will not go to was filtered out."""
     source = row["node"]
     if to == source:
         raise Refused(409, f"instance {row['name']} is already on node {source}: choose another node", code="same-node")
@@ -348,7 +353,7 @@ async def _destination(ctl: Any, row: dict[str, Any], to: str | None) -> str:
             raise Refused(409, f"node {to} cannot take instance {row['name']}: {reasons.get(to)}", reasons=reasons)
         why = "; ".join(f"{node}: {reason}" for node, reason in sorted(reasons.items())) or "it is the only node"
         raise Refused(409, f"no other node can take instance {row['name']}: {why}", reasons=reasons)
-    return chosen
+    return chosen, reasons
 
 
 async def start_migration(ctl: Any, row: dict[str, Any], to: str | None) -> dict[str, Any]:
@@ -371,7 +376,7 @@ async def start_migration(ctl: Any, row: dict[str, Any], to: str | None) -> dict
     if holder is not None:
         instances.busy(name, holder)
     try:
-        doc["destination"] = destination = await _destination(ctl, row, to)
+        doc["destination"] = destination = (await _destination(ctl, row, to))[0]
         await preflight(ctl, row, "migrate")
         doc["phase"] = "checkpoint"
         await ctl.store.put_migration(doc)

@@ -14,6 +14,8 @@ changes something another controller must react to at once (a task queued for a 
 long-polls, a task ended, a certificate added or revoked, an alert arrived) sends an event
 with its transaction, delivered when it commits, to every controller including its own.
 A subscriber that is told ``None`` may have missed events and must reload what it caches.
+Some events only keep live views current (a migration's phase, a node's instances changed,
+a web session revoked): subscribers ignore what they have no use for.
 """
 
 from __future__ import annotations
@@ -231,9 +233,13 @@ class Store:
         async with self._tx() as tx:
             await tx.execute("UPDATE nodes SET capacity=? WHERE id=?", json.dumps(capacity), node_id)
 
-    async def save_live(self, rows: dict[str, dict[str, Any]]) -> None:
-        """Persist heartbeat state (last_seen, instances, plugins, usage, images) for many nodes at once."""
+    async def save_live(self, rows: dict[str, dict[str, Any]], changed: Sequence[str] = ()) -> None:
+        """Persist heartbeat state (last_seen, instances, plugins, usage, images) for many nodes
+        at once; ``changed``: the nodes whose instances or plugins changed, which the event names."""
         async with self._tx() as tx:
+            if changed:
+                # A NOTIFY payload is capped (8000 bytes): past a hundred nodes, "some changed".
+                tx.notify({"event": "live", "nodes": list(changed) if len(changed) <= 100 else None})
             await tx.executemany(
                 "UPDATE nodes SET last_seen=?, instances=?, plugins=COALESCE(?, plugins), usage=COALESCE(?, usage), "
                 "images=COALESCE(?, images) WHERE id=?",
@@ -253,18 +259,25 @@ class Store:
             return _decoded(await tx.one("SELECT * FROM nodes WHERE id=?", node_id))
 
     async def list_nodes(self, include_removed: bool = False, limit: int | None = None,
-                         after: str | None = None) -> list[dict[str, Any]]:
-        """Nodes by id; ``limit`` of them after the id ``after`` (a page), or all."""
+                         after: str | None = None, match: str | None = None) -> list[dict[str, Any]]:
+        """Nodes by id; ``limit`` of them after the id ``after`` (a page), or all; ``match``:
+        only those whose id or hostname contains it, whatever the case."""
         clauses, args = ([] if include_removed else ["removed = 0"]), []
         if after is not None:
             clauses.append("id > ?")
             args.append(after)
+        if match:
+            # The text is a value, never SQL; LIKE's own wildcards in it are escaped.
+            pattern = "%" + match.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            clauses.append("(LOWER(id) LIKE ? ESCAPE '\\' OR LOWER(hostname) LIKE ? ESCAPE '\\')")
+            args += [pattern, pattern]
         async with self._tx() as tx:
             return _all_decoded(await tx.all(_select("nodes", clauses, "id", limit), *args, *_limit(limit)))
 
     async def set_drained(self, node_id: str, drained: bool) -> None:
         async with self._tx() as tx:
             await tx.execute("UPDATE nodes SET drained=? WHERE id=?", int(drained), node_id)
+            tx.notify({"event": "drained", "node": node_id})
 
     async def remove_node(self, node_id: str, task_error: str, task_code: str) -> None:
         """Remove the node and revoke its certificates at once; its tasks not yet ended fail
@@ -505,6 +518,7 @@ class Store:
                 "UPDATE migrations SET doc=?, updated_at=?, active=? WHERE id=?",
                 json.dumps(migration), time.time(), int(migration["state"] == "running"), migration["id"],
             )
+            tx.notify({"event": "migration", "id": migration["id"], "instance": migration["instance"]})
 
     async def drop_migration(self, migration_id: str) -> None:
         """Forget a migration that never started (its pre-flight refused it)."""
@@ -589,6 +603,66 @@ class Store:
             rows = await tx.all("SELECT serial FROM client_certificates WHERE revoked_at IS NOT NULL")
         return {row["serial"] for row in rows}
 
+    # The web interface: single-use sign-in links and the browser sessions they become.
+
+    async def add_ui_signin(self, signin_id: str, secret_hash: str, name: str, expires_at: float) -> None:
+        async with self._tx() as tx:
+            await tx.execute(
+                "INSERT INTO ui_sessions (id, hash, kind, name, created_at, expires_at) VALUES (?, ?, 'signin', ?, ?, ?)",
+                signin_id, secret_hash, name, time.time(), expires_at,
+            )
+
+    async def redeem_ui_signin(self, secret_hash: str, session: dict[str, Any]) -> TokenCheck:
+        """Spend a sign-in link and open ``session`` (id, hash, expires_at, remote) in its
+        name, in one transaction: a link opens one session, however many browsers race."""
+        now = time.time()
+        async with self._tx() as tx:
+            row = await tx.one(
+                "UPDATE ui_sessions SET used_at=? WHERE hash=? AND kind='signin' AND used_at IS NULL "
+                "AND revoked_at IS NULL AND expires_at > ? RETURNING name",
+                now, secret_hash, now,
+            )
+            if row is None:
+                found = await tx.one("SELECT expires_at, used_at FROM ui_sessions WHERE hash=? AND kind='signin'",
+                                     secret_hash)
+                if found is None:
+                    return "unknown"
+                return "used" if found["used_at"] is not None else "expired"
+            await tx.execute(
+                "INSERT INTO ui_sessions (id, hash, kind, name, created_at, expires_at, remote) "
+                "VALUES (?, ?, 'session', ?, ?, ?, ?)",
+                session["id"], session["hash"], row["name"], now, session["expires_at"], session["remote"],
+            )
+            return "ok"
+
+    async def ui_session(self, secret_hash: str) -> dict[str, Any] | None:
+        """The browser session whose cookie hashes to ``secret_hash``, if it is still valid."""
+        async with self._tx() as tx:
+            return await tx.one(
+                "SELECT id, name, expires_at FROM ui_sessions WHERE hash=? AND kind='session' "
+                "AND revoked_at IS NULL AND expires_at > ?",
+                secret_hash, time.time(),
+            )
+
+    async def list_ui_sessions(self) -> list[dict[str, Any]]:
+        """Sign-in links and sessions not yet expired, oldest first (never their hashes)."""
+        async with self._tx() as tx:
+            return await tx.all(
+                "SELECT id, kind, name, created_at, expires_at, used_at, revoked_at, remote FROM ui_sessions "
+                "WHERE expires_at > ? ORDER BY created_at, id",
+                time.time(),
+            )
+
+    async def revoke_ui_session(self, session_id: str) -> bool:
+        """End a session (or withdraw an unused link) at once; False when there is no such id."""
+        async with self._tx() as tx:
+            found = await tx.execute(
+                "UPDATE ui_sessions SET revoked_at = COALESCE(revoked_at, ?) WHERE id=?", time.time(), session_id
+            )
+            if found:
+                tx.notify({"event": "ui-revoked", "id": session_id})
+            return found == 1
+
     # Fleet settings (log forwarding...): one JSON document per key.
 
     async def get_setting(self, key: str) -> Any:
@@ -641,7 +715,7 @@ class Store:
 
     async def prune(self, before: float, forwarding: bool) -> dict[str, int]:
         """Delete what ended before ``before``: finished tasks, migrations no longer running,
-        used or expired join tokens, and the transitions of alerts resolved by then (once
+        used or expired join tokens, web sessions and sign-in links, and the transitions of alerts resolved by then (once
         forwarded, when ``forwarding``). Alerts still firing keep their latest transition."""
         async with self._tx() as tx:
             return {
@@ -650,6 +724,7 @@ class Store:
                 "migrations": await tx.execute("DELETE FROM migrations WHERE active = 0 AND updated_at < ?", before),
                 "tokens": await tx.execute(
                     "DELETE FROM tokens WHERE (uses_left <= 0 OR expires_at < ?) AND created_at < ?", before, before),
+                "sessions": await tx.execute("DELETE FROM ui_sessions WHERE expires_at < ?", before),
                 "alerts": await tx.execute(
                     "DELETE FROM alerts AS a WHERE a.received_at < ? AND (a.forwarded = 1 OR ? = 0) AND EXISTS "
                     "(SELECT 1 FROM alerts AS r WHERE r.node = a.node AND r.rule = a.rule AND r.labels = a.labels "

@@ -80,6 +80,13 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
         "ALTER TABLE instances ADD COLUMN image_sha256 TEXT",
         "CREATE INDEX instances_by_image ON instances (image_sha256)",
     ]),
+    ("the web interface's sign-in links and sessions", [
+        # kind 'signin': a single-use link from `kumoctl ui`; kind 'session': a browser's
+        # cookie. Only the SHA-256 of either secret is kept; id is what lists and revokes.
+        "CREATE TABLE ui_sessions (id TEXT PRIMARY KEY, hash TEXT NOT NULL UNIQUE, kind TEXT NOT NULL, "
+        "name TEXT NOT NULL, created_at DOUBLE PRECISION NOT NULL, expires_at DOUBLE PRECISION NOT NULL, "
+        "used_at DOUBLE PRECISION, revoked_at DOUBLE PRECISION, remote TEXT)",
+    ]),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

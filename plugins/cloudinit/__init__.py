@@ -8,12 +8,10 @@ local-hostname), ``user-data``, and when given ``network-config`` (v1 or v2) and
 ``vendor-data``.
 
 User data and network config are validated before anything is written, so a typo fails
-the create with the line and the reason instead of a guest that silently ignores it:
-``#cloud-config`` must be YAML that cloud-init's own schema accepts, whose top-level keys
-are keys cloud-init reads (:mod:`plugins.cloudinit.schema`), ``#!``
-scripts and ``#cloud-boothook`` are passed through as they are, and MIME multipart
-archives and Jinja templates are accepted unvalidated (their parts only exist once
-cloud-init assembles or renders them in the guest).
+the create with the line and the reason instead of a guest that silently ignores it. The
+rules are the SDK's (``agent.sdk.validate_user_data``, ``validate_network_config``: YAML
+that cloud-init's own schema accepts), which the controller applies too, so the web
+interface shows the same error before a create.
 """
 
 from __future__ import annotations
@@ -26,19 +24,17 @@ from typing import Any
 
 import yaml
 
-from agent.sdk import ErrorCode, Fingerprint, TaskError, hookimpl
-
-from . import schema
+from agent.sdk import (
+    ErrorCode,
+    Fingerprint,
+    TaskError,
+    hookimpl,
+    validate_network_config,
+    validate_user_data,
+)
 
 CODE: ErrorCode = "invalid-seed"  # what is wrong is the seed data the create sent
 VOLUME_LABEL = "cidata"
-
-NETWORK_V1_KEYS = frozenset({"version", "config"})
-NETWORK_V2_KEYS = frozenset(
-    {"version", "renderer", "ethernets", "wifis", "bonds", "bridges", "vlans", "tunnels", "vrfs"}
-)
-# First lines cloud-init recognises as a user-data type that is not YAML to check here.
-PASSTHROUGH_PREFIXES = ("#!", "#cloud-boothook", "#include", "#part-handler", "## template: jinja")
 
 
 class CloudInitPlugin:
@@ -110,90 +106,6 @@ def seed_files(instance: Mapping[str, Any]) -> dict[str, str]:
         validate_user_data(vendor, what="vendor_data")
         files["vendor-data"] = vendor
     return files
-
-
-def validate_user_data(text: str, what: str = "user_data") -> None:
-    """Check user data the way cloud-init will read it; raise TaskError naming the line."""
-    if not text.strip():
-        return
-    first = text.lstrip().splitlines()[0].strip()
-    if first.startswith(PASSTHROUGH_PREFIXES):
-        return
-    lowered = text.lstrip()[:200].lower()
-    if lowered.startswith(("content-type: multipart/", "mime-version:")):
-        return
-    if not first.startswith("#cloud-config"):
-        raise TaskError(
-            f"{what} line 1: unknown format {first[:40]!r}: start it with '#cloud-config' "
-            "(YAML), '#!' (a script) or send a MIME multipart archive",
-            code=CODE,
-        )
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise TaskError(f"{what} {_yaml_where(exc)}: invalid YAML: {_yaml_problem(exc)}", code=CODE) from exc
-    if node is None:
-        return
-    if not isinstance(node, yaml.MappingNode):
-        raise TaskError(
-            f"{what} line {node.start_mark.line + 1}: #cloud-config must be a mapping of keys, "
-            f"got a {node.id}",
-            code=CODE,
-        )
-    try:
-        schema.check(node, data)
-    except schema.SchemaError as exc:
-        raise TaskError(f"{what} {exc}", code=CODE) from exc
-
-
-def validate_network_config(value: Any) -> str:
-    """Check a network-config (v1 or v2, a mapping or YAML text); return it as YAML text."""
-    if isinstance(value, str):
-        try:
-            data = yaml.safe_load(value)
-        except yaml.YAMLError as exc:
-            raise TaskError(
-                f"network_config {_yaml_where(exc)}: invalid YAML: {_yaml_problem(exc)}", code=CODE
-            ) from exc
-    else:
-        data = value
-    if not isinstance(data, Mapping):
-        raise TaskError("network_config must be a mapping with 'version: 1' or 'version: 2'", code=CODE)
-    body = data["network"] if set(data) == {"network"} else data
-    if not isinstance(body, Mapping):
-        raise TaskError("network_config.network must be a mapping", code=CODE)
-    version = body.get("version")
-    allowed = {1: NETWORK_V1_KEYS, 2: NETWORK_V2_KEYS}.get(version)
-    if allowed is None:
-        raise TaskError(f"network_config.version must be 1 or 2, got {version!r}", code=CODE)
-    unknown = sorted(set(map(str, body)) - allowed)
-    if unknown:
-        raise TaskError(
-            f"network_config: unknown key {unknown[0]!r} for version {version} "
-            f"(allowed: {', '.join(sorted(allowed))})",
-            code=CODE,
-        )
-    if isinstance(value, str):
-        return value
-    return yaml.safe_dump(_plain(data), default_flow_style=False, sort_keys=False)
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _yaml_where(exc: yaml.YAMLError) -> str:
-    mark = getattr(exc, "problem_mark", None)
-    return f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(unknown line)"
-
-
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    return getattr(exc, "problem", None) or str(exc)
 
 
 def _write_tree(target: Path, files: Mapping[str, str]) -> None:

@@ -1,0 +1,76 @@
+// One instance: where it runs and why, its console, its tasks, and its migration's progress.
+import { all, api, button, byId, h, migrationView, params, replace, start } from "/static/kumo.js";
+
+const name = params();
+let migration = new URLSearchParams(location.search).get("migration");
+
+// The destinations: every other node, those the scheduler rejects disabled, with its reason.
+function migrateControls(instance, nodes) {
+  const mode = (instance.migration || {})["stop-and-copy"] || { possible: false, reason: "unknown" };
+  const rejected = mode.rejected || {};
+  const chosen = byId("migrate-to") ? byId("migrate-to").value : "";
+  replace("migrate-why", mode.possible ? `Possible: ${mode.reason}.` : `Not possible now: ${mode.reason}.`);
+  const select = h("select", { id: "migrate-to", "aria-label": "destination" },
+    h("option", { value: "" }, "scheduler's choice"),
+    nodes.filter((n) => n.id !== instance.node).map((n) => h("option", { value: n.id, disabled: n.id in rejected },
+      n.id in rejected ? `${n.id} (rejected)` : n.id)));
+  if (chosen && !(chosen in rejected)) select.value = chosen;
+  replace("migrate", select, button("Migrate", async () => {
+    const answer = await api("POST", `/v1/instances/${encodeURIComponent(name)}/migrate`, { to: select.value || null });
+    migration = answer.migration.id;
+    replace("migration", migrationView(answer.migration));
+    return `migrating ${name} to ${answer.migration.destination}`;
+  }, { "data-action": "migrate", disabled: !mode.possible }));
+  replace("rejected", Object.entries(rejected).sort().map(([node, why]) => h("li", {}, `${node}: ${why}`)));
+}
+
+async function refresh() {
+  const path = `/v1/instances/${encodeURIComponent(name)}`;
+  const instance = await api("GET", path);
+  replace("title", `Instance ${instance.name}`);
+  document.title = `${instance.name} · Kumo`;
+  const facts = { kind: instance.kind, node: instance.node, state: instance.state, vCPUs: instance.vcpus,
+    "memory (MiB)": instance.memory_mib, created: instance.created_at, details: JSON.stringify(instance.details) };
+  replace("facts", Object.entries(facts).flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]));
+  byId("main").dataset.state = instance.state;
+  if (!byId("actions").childElementCount) replace("actions", operations());
+  migrateControls(instance, await all("/v1/nodes", "nodes"));
+  const tasks = (await api("GET", `/v1/tasks?limit=200&node=${encodeURIComponent(instance.node)}`)).tasks
+    .filter((t) => t.payload && t.payload.name === name).slice(0, 20);
+  replace("tasks", tasks.map((t) => h("tr", {}, h("td", {}, t.id), h("td", {}, t.kind), h("td", {}, t.state), h("td", {}, t.error || ""))));
+  if (migration) replace("migration", migrationView(await api("GET", `/v1/migrations/${migration}`)));
+  await showConsole();
+}
+
+// Start, stop, checkpoint (keeping it running) and restore its latest checkpoint: each a
+// task on its node, whose end the live stream brings.
+function operations() {
+  const path = `/v1/instances/${encodeURIComponent(name)}`;
+  const task = (operation, body, said) => button(operation[0].toUpperCase() + operation.slice(1), async () => {
+    await api("POST", `${path}/${operation}`, body);
+    return `${said} ${name}`;
+  }, { "data-action": operation });
+  return [task("start", {}, "starting"), task("stop", {}, "stopping"),
+    task("checkpoint", { leave_running: true }, "checkpointing"), task("restore", {}, "restoring")];
+}
+
+// The console is a task on the instance's node: queued here, shown when the live stream
+// says a task ended and it is this one.
+let consoleTask = null;
+
+async function showConsole() {
+  if (!consoleTask) return;
+  const task = await api("GET", `/v1/tasks/${consoleTask}`);
+  if (task.state === "succeeded") byId("console").textContent = task.result.log || "(empty)";
+  else if (task.state === "failed") byId("console").textContent = `failed: ${task.error}`;
+  else return;
+  consoleTask = null;
+}
+
+byId("console-read").addEventListener("click", async () => {
+  byId("console").textContent = "reading...";
+  consoleTask = (await api("POST", `/v1/instances/${encodeURIComponent(name)}/console`, {})).task.id;
+  await showConsole();
+});
+
+start(["instances", "tasks", "migrations"], refresh);
