@@ -46,10 +46,11 @@ from controller.api import (
     meta,
     migration,
     nodes,
+    rebalancing,
     reply,
     tasks,
 )
-from controller.services import Refused, migrations
+from controller.services import Refused, migrations, rebalance
 from controller.settings import ControllerSettings, split_address
 from controller.store import Event, Store, StoreUnavailable, open_store
 
@@ -59,7 +60,7 @@ FLUSH_INTERVAL = 2.0
 # Every controller says it is alive this often; one not heard of for three times as long is gone.
 REGISTRY_INTERVAL = 5.0
 PRUNE_INTERVAL = 3600.0
-API_MODULES = (enroll, nodes, tasks, instances, migration, logging_settings, alerts, meta)
+API_MODULES = (enroll, nodes, tasks, instances, migration, rebalancing, logging_settings, alerts, meta)
 
 
 class Metrics:
@@ -135,6 +136,8 @@ class Controller:
             self.store.singleton("ending orphaned migrations", self._orphans_loop), name="kumo-orphans"))
         self._background.append(asyncio.create_task(
             self.store.singleton("pruning old records", self._prune_loop), name="kumo-prune"))
+        self._background.append(asyncio.create_task(
+            self.store.singleton(rebalance.SINGLETON, lambda: rebalance.loop(self)), name="kumo-rebalance"))
         if self.settings.alertmanager_url:
             self._background.append(asyncio.create_task(
                 self.store.singleton("alert forwarding", lambda: alerts.forward_loop(self)), name="kumo-alert-forwarder"))

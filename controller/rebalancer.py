@@ -218,8 +218,11 @@ def _why_not(inst: Instance, load: Mapping[str, float], cpus: Mapping[str, int],
 def _summary(statuses: Mapping[str, NodeStatus], hot: list[str], moves: list[Move], refused: list[Refusal],
              policy: Policy) -> str:
     if not hot:
-        return (f"no node's instances stayed over {policy.cpu_high:.0%} of its CPUs for {policy.window:g} s: "
-                "nothing to move")
+        measured = [status for status in statuses.values() if status.low is not None]
+        busiest = max(measured, key=lambda status: (status.low, status.id), default=None)
+        return (f"no node's instances stayed over {policy.cpu_high:.0%} of its CPUs for {policy.window:g} s"
+                + (f" (the busiest, {busiest.id}, at least {busiest.low:.0%})" if busiest else "")
+                + ": nothing to move")
     waves = max((m.wave for m in moves), default=0)
     busy = ", ".join(sorted(hot))
     if not moves:

@@ -52,7 +52,7 @@ def place(
     candidates: list[tuple[float, float, float, str]] = []
     for node in nodes:
         node_id = str(node["id"])
-        reason = _why_not(request, node, cpu_busy_max)
+        reason = unfit(request, node, cpu_busy_max)
         if reason:
             reasons[node_id] = reason
             continue
@@ -63,8 +63,9 @@ def place(
     return min(candidates)[3], reasons
 
 
-def _why_not(request: Mapping[str, Any], node: Mapping[str, Any], cpu_busy_max: float) -> str | None:
-    """The first filter that drops ``node``, as a sentence, or None when it fits."""
+def unfit(request: Mapping[str, Any], node: Mapping[str, Any], cpu_busy_max: float) -> str | None:
+    """The first filter that drops ``node``, as a sentence, or None when it fits (the
+    rebalancer asks it of every destination)."""
     node_id = node["id"]
     pinned = request.get("node")
     if pinned and pinned != node_id:

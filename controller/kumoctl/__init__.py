@@ -12,7 +12,7 @@ The package, by concern: ``config`` (kumoctl.yaml), ``client`` (the HTTPS client
 ``output`` (tables, fields, JSON), ``arguments`` (argument types and shared options),
 ``waiting`` (following tasks and migrations), and one module per command group, each
 declaring its own subcommands: ``tokens``, ``nodes``, ``tasks``, ``instances`` (with
-``migration``), ``logs``, ``alerts``, ``certificates``. This module is the entry point.
+``migration``), ``rebalance``, ``logs``, ``alerts``, ``certificates``. This module is the entry point.
 """
 
 from __future__ import annotations
@@ -22,21 +22,21 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import alerts, audit, certificates, instances, logs, nodes, tasks, tokens
+from . import alerts, audit, certificates, instances, logs, nodes, rebalance, tasks, tokens
 from .arguments import COMMON, Group
 from .client import Client
 from .config import load_config
 from .errors import EXIT_ERROR, EXIT_INTERRUPTED, CommandError
 from .output import PrintableStream, printable
 
-GROUPS = (tokens, nodes, tasks, instances, logs, alerts, certificates, audit)
+GROUPS = (tokens, nodes, tasks, instances, rebalance, logs, alerts, certificates, audit)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole command tree; every leaf's ``func`` takes (Client, Namespace) → exit status."""
     parser = argparse.ArgumentParser(
         prog="kumoctl",
-        description="Administer a Kumo controller: join tokens, nodes, tasks, instances, logging and alerts.",
+        description="Administer a Kumo controller: join tokens, nodes, tasks, instances, rebalancing, logging and alerts.",
         parents=[COMMON],
     )
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)

@@ -60,7 +60,15 @@ def busy(name: str, migration_id: str) -> None:
 
 async def create(ctl: Any, name: str, kind: str, spec: dict[str, Any], pinned: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Place a new instance and queue its create task: (its record, the task). ``spec`` is
-    everything the kind's plugin gets besides the name and kind (vcpus and memory_mib set)."""
+    everything the kind's plugin gets besides the name and kind (vcpus and memory_mib set),
+    but ``options.pin``, which is the controller's: the rebalancer never moves an instance
+    created with ``pin`` true."""
+    options = spec.get("options")
+    pin = options.get("pin", False) if isinstance(options, dict) else False
+    if not isinstance(pin, bool):
+        raise Refused(400, f"options.pin must be true or false (true: the rebalancer never moves it), got {pin!r:.40}")
+    if isinstance(options, dict) and "pin" in options:
+        spec = {**spec, "options": {k: v for k, v in options.items() if k != "pin"}}
     if not NAME_RE.match(name):
         raise Refused(400, f"name must be 1-63 lowercase letters, digits or '-' (not first or last), got {name!r}")
     if not KIND_RE.match(kind):
@@ -83,7 +91,7 @@ async def create(ctl: Any, name: str, kind: str, spec: dict[str, Any], pinned: s
     task = new_task(chosen, f"{kind}.create", payload, key=f"create:{name}:{uuid.uuid4().hex}", instance=name)
     try:
         stored = await ctl.store.add_instance(
-            {"name": name, "kind": kind, "node": chosen, "spec": spec, "reasons": reasons}, task
+            {"name": name, "kind": kind, "node": chosen, "spec": spec, "reasons": reasons, "pinned": pin}, task
         )
     except StoreError as exc:
         raise Refused(409, f"{exc}; choose another name or delete it first") from None
