@@ -24,6 +24,7 @@ from controller.api import (
     meta,
     migration,
     nodes,
+    rebalancing,
     tasks,
 )
 from controller.pki import CertificateAuthority, key_pem, pem
@@ -214,7 +215,8 @@ def test_tasks_survive_a_controller_crash_and_keep_their_idempotency(controller,
 def test_openapi_document_lists_exactly_the_routes(controller):
     document = controller.admin("GET", "/v1/openapi.json")
     served = {(method.upper(), path) for path, ops in document["paths"].items() for method in ops}
-    declared = {(r.method, r.path) for m in (enroll, nodes, tasks, instances, migration, logging_settings, alerts, meta) for r in m.ROUTES}
+    declared = {(r.method, r.path) for m in (enroll, nodes, tasks, instances, migration, rebalancing, logging_settings, alerts, meta)
+                for r in m.ROUTES}
     assert served == declared
     for method, path in declared:
         # Served means routed: a handler may still say 404 about the object in the path.

@@ -3,6 +3,10 @@ stays and why, the limits and the hysteresis that keeps anything from moving bac
 
 from __future__ import annotations
 
+import re
+
+import pytest
+
 from controller.rebalancer import Instance, Node, Policy, plan
 
 NOW = 1000.0
@@ -102,3 +106,35 @@ def test_the_move_that_brings_the_node_under_the_threshold_wins_and_keeps_loads_
     # c alone leaves n-a at 75%; b leaves it at 60% and n-b at 35%: the more even of the two.
     [move] = plan(nodes, instances, POLICY, NOW).moves
     assert move.instance == "b" and (move.source_after, move.destination_after) == (0.6, 0.35)
+
+
+def write_config(tmp_path, text: str):
+    path = tmp_path / "controller.yaml"
+    path.write_text("pki_dir: pki\ndatabase: c.db\n" + text)
+    return path
+
+
+def test_the_rebalance_settings_default_to_off_and_take_yaml_off(tmp_path):
+    from controller.settings import load_settings
+
+    assert load_settings(write_config(tmp_path, "")).rebalance.mode == "off"
+    settings = load_settings(write_config(tmp_path, "rebalance: {mode: off, cpu_high: 0.7, exclude: [db-*]}\n"))
+    assert (settings.rebalance.mode, settings.rebalance.cpu_high, settings.rebalance.exclude) == ("off", 0.7, ["db-*"])
+    assert load_settings(write_config(tmp_path, "rebalance: {mode: auto}\n")).rebalance.mode == "auto"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("rebalance: {mode: on}", "rebalance.mode: expected one of 'off', 'auto', got True"),
+    ("rebalance: {cpu_high: 1.5}", "rebalance.cpu_high: expected a fraction above 0 and at most 1"),
+    ("rebalance: {cpu_high: 0.5, margin: 0.5}", "rebalance.margin: expected a fraction from 0 to below cpu_high"),
+    ("rebalance: {interval: 60, window: 30}", "rebalance.window: expected at least one interval (60 s)"),
+    ("rebalance: {cooldown: 0}", "rebalance.cooldown: expected a positive number of seconds"),
+    ("rebalance: {max_in_flight: 0}", "rebalance.max_in_flight: expected a whole number of migrations, 1 or more"),
+    ("rebalance: {threshold: 0.5}", "rebalance.threshold: unknown key"),
+])
+def test_bad_rebalance_settings_name_the_key(tmp_path, text, message):
+    from agent.sdk import ConfigError
+    from controller.settings import load_settings
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_settings(write_config(tmp_path, text + "\n"))
