@@ -309,8 +309,9 @@ class Controller:
         live = self.live.setdefault(node_id, {"plugins": None, "usage": None})
         now = time.time()
         if usage is not None:
-            _add_cpu_rates(usage, live.get("usage"), now - live.get("last_seen", now))
-            live["usage"] = usage
+            # Since the previous report of usage, not last_seen: a task poll touches that too.
+            _add_cpu_rates(usage, live.get("usage"), now - live.get("usage_at", now))
+            live["usage"], live["usage_at"] = usage, now
         live["last_seen"] = now
         live["instances"] = instances
         if plugins is not None:

@@ -28,7 +28,7 @@ The policy:
 
 Moves come in waves: a wave respects the limits, and the next one would start when it has
 ended. Projections go by the instances the controller places on each node and each
-instance's mean use over the window, so a move planned in one wave counts in the next.
+instance's use over the window, so a move planned in one wave counts in the next.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class Instance:
     name: str
     kind: str
     node: str
-    cpu: float | None  # cores used, mean over the window; None when not measured
+    cpu: float | None  # cores used over the window (the median: a restore's burst is not its use); None: not measured
     refused: str | None = None  # why it may not move at all
     destinations: Mapping[str, str | None] = dataclasses.field(default_factory=dict)  # node -> why not (None: may)
 
@@ -67,7 +67,7 @@ class Instance:
 class NodeStatus:
     id: str
     cpus: int
-    load: float  # what its instances use now, projected from their means
+    load: float  # what its instances use, from their figures over the window
     low: float | None  # the least share measured over the window
     sustained: bool  # over cpu_high in every sample of a covered window
     after: float = 0.0  # load once the plan is carried out

@@ -337,6 +337,8 @@ def test_a_heartbeat_carries_usage_checked_and_shown_with_cpu_rates(controller, 
              "instances": {"web": {"kind": "process", "cpu_seconds": 10.0, "memory_bytes": 1 << 20}}}
     assert heartbeat({"usage": usage})[0] == 200
     time.sleep(1)
+    # A task poll in between says the node is alive, not when it last measured.
+    assert controller.call("GET", f"/v1/nodes/{node_id}/tasks?wait=0", cert=cert)[0] == 200
     usage["instances"]["web"]["cpu_seconds"] = 10.5
     assert heartbeat({"usage": usage})[0] == 200
     shown = controller.admin("GET", f"/v1/nodes/{node_id}")["usage"]

@@ -26,6 +26,7 @@ import asyncio
 import dataclasses
 import fnmatch
 import logging
+import statistics
 import time
 import uuid
 from typing import Any
@@ -95,7 +96,7 @@ async def _plan(ctl: Any) -> tuple[rebalancer.Plan, rebalancer.Policy]:
             continue
         cores = used.get(row["name"])
         candidates.append(rebalancer.Instance(
-            row["name"], row["kind"], row["node"], sum(cores) / len(cores) if cores else None,
+            row["name"], row["kind"], row["node"], statistics.median(cores) if cores else None,
             _refused(ctl, row, by_id[row["node"]], moving, latest.get(row["name"]), now),
             {node["id"]: avoided.get(node["id"]) or migrations.cannot_receive(node, row["kind"]) or scheduler.unfit(
                 migrations.move_request(row, None), node, ctl.settings.placement_cpu_busy_max)
