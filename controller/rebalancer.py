@@ -203,8 +203,10 @@ def _why_not(inst: Instance, load: Mapping[str, float], cpus: Mapping[str, int],
     """Why ``inst`` stays on its busy node, in one sentence."""
     if inst.refused:
         return inst.refused
-    if not inst.cpu:
+    if inst.cpu is None:
         return "its CPU use is not measured yet (it needs two heartbeats on one node)"
+    if inst.cpu <= 0:
+        return "it uses no CPU: moving it would not make its node less busy"
     reasons = []
     for destination, why in sorted(inst.destinations.items()):
         if destination == inst.node or destination not in cpus:

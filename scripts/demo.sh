@@ -73,6 +73,9 @@ start_controller() {
         # Both demo nodes are this one machine: one busy measurement would be both nodes'
         # and refuse every placement, so measured CPU only ranks them here.
         echo "placement_cpu_busy_max: 1.0" >>"$CTL_DIR/controller.yaml"
+        # The README's rebalancing tour: a node is busy after 30 s over 30% (its instances'
+        # share of its CPUs), and a move leaves its destination below 25%.
+        echo "rebalance: {interval: 5, window: 30, cpu_high: 0.3, margin: 0.05}" >>"$CTL_DIR/controller.yaml"
     fi
     start_daemon controller run --config "$CTL_DIR/controller.yaml"
     local i

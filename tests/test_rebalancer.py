@@ -64,6 +64,7 @@ def test_what_cannot_move_says_why():
     instances = [
         inst("pinned", "n-a", 1.5, refused="pinned (created with --option pin=true)"),
         inst("fresh", "n-a", None),
+        inst("idle", "n-a", 0.0),
         inst("wide", "n-a", 1.8, {"n-c": "node is drained (kumoctl nodes undrain to accept new instances)"}),
         inst("filler", "n-b", 2.6),
     ]
@@ -73,6 +74,7 @@ def test_what_cannot_move_says_why():
     assert reasons == {
         "pinned": "pinned (created with --option pin=true)",
         "fresh": "its CPU use is not measured yet (it needs two heartbeats on one node)",
+        "idle": "it uses no CPU: moving it would not make its node less busy",
         "wide": "no node can take it: n-b: would be at 110% with it, not below 70%; n-c: node is drained "
                 "(kumoctl nodes undrain to accept new instances)",
     }
