@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +45,11 @@ class Policy:
     window: float = 300.0
     interval: float = 30.0  # between samples: a window is covered from one interval after its start
     max_in_flight: int = 2
+
+    @classmethod
+    def of(cls, settings: Any) -> Policy:
+        """The policy of controller.yaml's ``rebalance`` table."""
+        return cls(settings.cpu_high, settings.margin, settings.window, settings.interval, settings.max_in_flight)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,12 +166,19 @@ def plan(nodes: Sequence[Node], instances: Sequence[Instance], policy: Policy, n
 
 
 def _status(node: Node, load: float, policy: Policy, now: float) -> NodeStatus:
-    window = [share for at, share in node.samples if at >= now - policy.window]
-    first = next((at for at, _ in node.samples if at >= now - policy.window), None)
-    covered = first is not None and first <= now - policy.window + policy.interval and len(window) >= 2
-    low = min(window) if window else None
-    return NodeStatus(node.id, node.cpus, round(load, 4), None if low is None else round(low, 4),
-                      covered and low is not None and low > policy.cpu_high)
+    low, sustained = busy(node.samples, policy, now)
+    return NodeStatus(node.id, node.cpus, round(load, 4), low, sustained)
+
+
+def busy(samples: Sequence[tuple[float, float]], policy: Policy, now: float) -> tuple[float | None, bool]:
+    """(the least share in the window, or None without samples; whether every sample of a
+    covered window is over ``cpu_high``) for one node's ``samples``."""
+    window = [(at, share) for at, share in samples if at >= now - policy.window]
+    if not window:
+        return None, False
+    low = round(min(share for _, share in window), 4)
+    covered = window[0][0] <= now - policy.window + policy.interval and len(window) >= 2
+    return low, covered and low > policy.cpu_high
 
 
 def _best_move(source: str, instances: Sequence[Instance], where: Mapping[str, str], moved: set[str],

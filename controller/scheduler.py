@@ -25,7 +25,9 @@ its heartbeats (``usage``): one whose CPU is busier than ``cpu_busy_max`` takes 
 and between nodes with the same share of their vCPUs reserved the less busy one wins (one
 heartbeat's figure is too noisy to outweigh reservations). Measured free memory (total less
 used, from the last heartbeat) is fresher than the fingerprint's and is used when the node
-reports it.
+reports it. A node the rebalancer finds busy (``instances_busy``: its instances stayed over
+its threshold for a whole window, see controller/rebalancer.py) takes no new instance either,
+unless the request names it: placing there would only give the rebalancer more to move.
 """
 
 from __future__ import annotations
@@ -99,6 +101,8 @@ def unfit(request: Mapping[str, Any], node: Mapping[str, Any], cpu_busy_max: flo
     if busy is not None and busy > cpu_busy_max:
         return (f"node's CPU is {busy:.0%} busy as measured, above the {cpu_busy_max:.0%} placement limit "
                 f"(although {committed:g} of {capacity:g} vCPUs are committed)")
+    if node.get("instances_busy") and not pinned:
+        return f"{node['instances_busy']} (although {committed:g} of {capacity:g} vCPUs are committed)"
     return None
 
 

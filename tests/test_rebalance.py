@@ -44,6 +44,16 @@ while True:
     time.sleep({(1 - DUTY) / 10})
 """
 
+IDLE = """
+import sys, time
+i = 0
+while True:
+    i += 1
+    with open(sys.argv[1], "w") as f:
+        f.write(str(i))
+    time.sleep(0.1)
+"""
+
 
 def settings(**extra: Any) -> dict[str, Any]:
     """Four burners make a node busy even when the machine is (each measured at a little over
@@ -65,15 +75,19 @@ def fleet(criu_required, controller_factory, kumo_agent, tmp_path):
         controller = started["controller"] = controller_factory(**settings(**extra))
         nodes = [kumo_agent(controller=controller, **options) for options in agents]
 
-        def burn(agent: Any, name: str, pin: bool = False) -> Path:
+        def burn(agent: Any, name: str, pin: bool = False, program: str = BURNER) -> Path:
+            """Run ``program`` (counting into a file) as instance ``name``, on ``agent`` or where
+            the scheduler chooses (``agent`` None); the file it counts into."""
             path = tmp_path / f"{name}.count"
-            options: dict[str, Any] = {"command": [PY, "-c", BURNER, str(path)]}
+            options: dict[str, Any] = {"command": [PY, "-c", program, str(path)]}
             if pin:
                 options["pin"] = True
-            controller.admin("POST", "/v1/instances", {"name": name, "kind": "process", "node": agent.node_id,
-                                                       "vcpus": 1, "memory_mib": 64, "options": options})
+            body = {"name": name, "kind": "process", "vcpus": 1, "memory_mib": 64, "options": options}
+            node = controller.admin("POST", "/v1/instances", {**body, "node": agent.node_id} if agent else body)[
+                "instance"]["node"]
             made.append(name)
-            wait_for(lambda: running_on(agent, name) and read_counter(path) > 3, f"{name} to count")
+            on = next(agent for agent in nodes if agent.node_id == node)
+            wait_for(lambda: running_on(on, name) and read_counter(path) > 3, f"{name} to count")
             return path
 
         return controller, nodes, burn
@@ -123,6 +137,11 @@ def test_apply_moves_busy_instances_once_and_leaves_the_pinned_one(fleet):
 
     plan = busy(controller, a.node_id)
     assert plan["moves"] and all(m["source"] == a.node_id for m in plan["moves"]), plan
+    # A node the rebalancer finds busy takes no new instance, though its vCPUs are not all reserved.
+    burn(None, "newcomer", program=IDLE)
+    placement = controller.admin("GET", "/v1/instances/newcomer")["placement"]
+    assert placement["node"] != a.node_id
+    assert "the rebalancer moves load off it" in placement["filtered"][a.node_id], placement
     assert "hot-pinned" not in [m["instance"] for m in plan["moves"]]
     status, out, err = kumoctl(controller, "rebalance", "plan")
     assert status == 0, err

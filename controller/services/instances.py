@@ -10,11 +10,12 @@ own fields, so a new instance kind needs no change here.
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from typing import Any
 
 from agent.sdk import KIND_RE
-from controller import scheduler
+from controller import rebalancer, scheduler
 from controller.services import Refused
 from controller.services.tasks import new_task, submit
 from controller.store import StoreError
@@ -24,8 +25,16 @@ DEFAULT_VCPUS = 1
 DEFAULT_MEMORY_MIB = 256
 
 
-async def fleet(ctl: Any) -> list[dict[str, Any]]:
-    """Every node as the scheduler sees it: live state plus what is already placed on it."""
+async def fleet(ctl: Any, samples: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Every node as the scheduler sees it: live state plus what is already placed on it, and
+    ``instances_busy``: why the rebalancer finds it busy (see :mod:`controller.rebalancer`),
+    or None. ``samples``: the rebalancer's, when the caller has read them already."""
+    rules, now = rebalancer.Policy.of(ctl.settings.rebalance), time.time()
+    if samples is None:
+        samples = await ctl.store.rebalance_samples(now - rules.window - rules.interval)
+    series: dict[str, list[tuple[float, float]]] = {}
+    for sample in samples:
+        series.setdefault(sample["node"], []).append((sample["at"], sample["cpu"]))
     committed: dict[str, dict[str, float]] = {}
     for row in await ctl.store.list_instances():
         use = committed.setdefault(row["node"], {"vcpus": 0, "memory_mib": 0})
@@ -35,6 +44,11 @@ async def fleet(ctl: Any) -> list[dict[str, Any]]:
     for row in await ctl.store.list_nodes():
         view = ctl.node_view(row)
         view["committed"] = committed.get(row["id"], {"vcpus": 0, "memory_mib": 0})
+        low, busy = rebalancer.busy(series.get(row["id"], ()), rules, now)
+        view["instances_busy"] = (
+            f"node's instances used over {rules.cpu_high:.0%} of its CPUs in every sample of the last "
+            f"{rules.window:g} s (at least {low:.0%}), as measured: the rebalancer moves load off it"
+        ) if busy else None
         nodes.append(view)
     return nodes
 

@@ -42,12 +42,6 @@ LEASE_SECONDS = 300.0  # longer than a round's pre-flights; a controller dying m
 LEASE_WAIT = 30.0  # how long an admin's apply waits for another round to end
 
 
-def policy(ctl: Any) -> rebalancer.Policy:
-    r = ctl.settings.rebalance
-    return rebalancer.Policy(cpu_high=r.cpu_high, margin=r.margin, window=r.window, interval=r.interval,
-                             max_in_flight=r.max_in_flight)
-
-
 async def sample(ctl: Any) -> None:
     """Store one sample of every ready node: its instances' share of its CPUs and their cores."""
     now, settings = time.time(), ctl.settings.rebalance
@@ -72,9 +66,10 @@ async def plan(ctl: Any) -> dict[str, Any]:
 
 
 async def _plan(ctl: Any) -> tuple[rebalancer.Plan, rebalancer.Policy]:
-    settings, rules, now = ctl.settings.rebalance, policy(ctl), time.time()
+    settings, now = ctl.settings.rebalance, time.time()
+    rules = rebalancer.Policy.of(settings)
     samples = await ctl.store.rebalance_samples(now - settings.window - settings.interval)
-    fleet = [node for node in await instances.fleet(ctl) if node["state"] == "ready"]
+    fleet = [node for node in await instances.fleet(ctl, samples) if node["state"] == "ready"]
     by_id = {node["id"]: node for node in fleet}
     series: dict[str, list[tuple[float, float]]] = {}
     used: dict[str, list[float]] = {}
