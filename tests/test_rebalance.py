@@ -10,6 +10,7 @@ instances use. The thresholds are set from one burner's share (see :func:`settin
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -167,6 +168,8 @@ def test_apply_moves_busy_instances_once_and_leaves_the_pinned_one(fleet):
     assert {(e["trigger"], e["state"], e["source"]) for e in history} == {("apply", "succeeded", a.node_id)}
     status, out, err = kumoctl(controller, "rebalance", "history")
     assert status == 0 and all(name in out for name in moved), err + out
+    status, out, err = kumoctl(controller, "rebalance", "history", "--output", "json")
+    assert status == 0 and sorted(e["instance"] for e in json.loads(out)) == sorted(moved), err + out
 
     # Over the following rounds nothing moves: not back, not on.
     for _ in range(5):
