@@ -309,7 +309,7 @@ class Controller:
         live = self.live.setdefault(node_id, {"plugins": None, "usage": None})
         now = time.time()
         if usage is not None:
-            # Since the previous report of usage, not last_seen: a task poll touches that too.
+            # Since the previous report of usage, not last_seen: a report without usage moves that too.
             _add_cpu_rates(usage, live.get("usage"), now - live.get("usage_at", now))
             live["usage"], live["usage_at"] = usage, now
         live["last_seen"] = now
