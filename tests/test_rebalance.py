@@ -192,6 +192,7 @@ def failing_criu(directory: Path) -> Path:
     return script
 
 
+@pytest.mark.reliability("automatic rebalancing", "every CRIU restore on one destination fails")
 def test_auto_mode_moves_on_and_a_failed_move_is_not_retried(fleet, tmp_path):
     start = fleet
     wrappers = []
