@@ -50,11 +50,12 @@ from controller.api import (
     meta,
     migration,
     nodes,
+    rebalancing,
     reply,
     tasks,
     ui,
 )
-from controller.services import Refused, migrations
+from controller.services import Refused, migrations, rebalance
 from controller.services import images as image_service
 from controller.settings import ControllerSettings, split_address
 from controller.store import Event, Store, StoreUnavailable, open_store
@@ -67,7 +68,7 @@ FLUSH_INTERVAL = 2.0
 # Every controller says it is alive this often; one not heard of for three times as long is gone.
 REGISTRY_INTERVAL = 5.0
 PRUNE_INTERVAL = 3600.0
-API_MODULES = (enroll, nodes, tasks, instances, images, migration, logging_settings, alerts, meta, ui)
+API_MODULES = (enroll, nodes, tasks, instances, images, migration, rebalancing, logging_settings, alerts, meta, ui)
 
 
 class Metrics:
@@ -150,6 +151,8 @@ class Controller:
             self.store.singleton("ending orphaned migrations", self._orphans_loop), name="kumo-orphans"))
         self._background.append(asyncio.create_task(
             self.store.singleton("pruning old records", self._prune_loop), name="kumo-prune"))
+        self._background.append(asyncio.create_task(
+            self.store.singleton(rebalance.SINGLETON, lambda: rebalance.loop(self)), name="kumo-rebalance"))
         if self.settings.alertmanager_url:
             self._background.append(asyncio.create_task(
                 self.store.singleton("alert forwarding", lambda: alerts.forward_loop(self)), name="kumo-alert-forwarder"))
@@ -334,8 +337,9 @@ class Controller:
         live = self.live.setdefault(node_id, {"plugins": None, "usage": None})
         now = time.time()
         if usage is not None:
-            _add_cpu_rates(usage, live.get("usage"), now - live.get("last_seen", now))
-            live["usage"] = usage
+            # Since the previous report of usage, not last_seen: a report without usage moves that too.
+            _add_cpu_rates(usage, live.get("usage"), now - live.get("usage_at", now))
+            live["usage"], live["usage_at"] = usage, now
         changed = instances != live.get("instances") or (plugins is not None and plugins != live["plugins"])
         live["last_seen"] = now
         live["instances"] = instances

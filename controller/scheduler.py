@@ -30,7 +30,9 @@ its heartbeats (``usage``): one whose CPU is busier than ``cpu_busy_max`` takes 
 and between nodes with the same share of their vCPUs reserved the less busy one wins (one
 heartbeat's figure is too noisy to outweigh reservations). Measured free memory (total less
 used, from the last heartbeat) is fresher than the fingerprint's and is used when the node
-reports it.
+reports it. A node the rebalancer finds busy (``instances_busy``: its instances stayed over
+its threshold for a whole window, see controller/rebalancer.py) takes no new instance either,
+unless the request names it: placing there would only give the rebalancer more to move.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def place(
     image = request.get("image_sha256")
     for node in nodes:
         node_id = str(node["id"])
-        reason = _why_not(request, node, cpu_busy_max)
+        reason = unfit(request, node, cpu_busy_max)
         if reason:
             reasons[node_id] = reason
             continue
@@ -77,8 +79,9 @@ def images_held(node: Mapping[str, Any]) -> set[str]:
     return set((node.get("images") or {}).get("held") or ())
 
 
-def _why_not(request: Mapping[str, Any], node: Mapping[str, Any], cpu_busy_max: float) -> str | None:
-    """The first filter that drops ``node``, as a sentence, or None when it fits."""
+def unfit(request: Mapping[str, Any], node: Mapping[str, Any], cpu_busy_max: float) -> str | None:
+    """The first filter that drops ``node``, as a sentence, or None when it fits (the
+    rebalancer asks it of every destination)."""
     node_id = node["id"]
     pinned = request.get("node")
     if pinned and pinned != node_id:
@@ -112,6 +115,8 @@ def _why_not(request: Mapping[str, Any], node: Mapping[str, Any], cpu_busy_max: 
     if busy is not None and busy > cpu_busy_max:
         return (f"node's CPU is {busy:.0%} busy as measured, above the {cpu_busy_max:.0%} placement limit "
                 f"(although {committed:g} of {capacity:g} vCPUs are committed)")
+    if node.get("instances_busy") and not pinned:
+        return f"{node['instances_busy']} (although {committed:g} of {capacity:g} vCPUs are committed)"
     return None
 
 

@@ -13,6 +13,22 @@ from controller.store import is_database_url
 
 
 @dataclasses.dataclass
+class RebalanceSettings:
+    """``rebalance`` in controller.yaml: when the controller moves instances off busy nodes
+    (controller.rebalancer says how it decides)."""
+
+    mode: Literal["off", "auto"] = "off"  # auto: a round every interval; off: only kumoctl rebalance apply
+    interval: float = 30.0  # seconds between samples of the nodes' usage (and rounds, in auto mode)
+    window: float = 300.0  # a node is moved from only after staying over cpu_high this long
+    cpu_high: float = 0.8  # share of a node's CPUs its instances use
+    margin: float = 0.1  # a move must leave its destination below cpu_high - margin
+    max_in_flight: int = 2  # migrations at once, fleet-wide (any migration counts)
+    cooldown: float = 1800.0  # seconds an instance the rebalancer moved stays where it went
+    retry_after: float = 3600.0  # seconds before an instance whose move failed or was refused is tried again
+    exclude: list[str] = dataclasses.field(default_factory=list)  # instance name patterns never moved (fnmatch)
+
+
+@dataclasses.dataclass
 class ControllerSettings:
     pki_dir: Path
     database: str  # a SQLite file (one controller), or postgresql://USER@HOST/DB (any number of them)
@@ -31,6 +47,7 @@ class ControllerSettings:
     alertmanager_url: str | None = None  # e.g. http://alertmanager:9093: alerts are forwarded there
     retention_days: float = 14.0  # finished tasks, migrations and resolved alerts are kept this long
     placement_cpu_busy_max: float = 0.9  # a node whose measured CPU is busier takes no new instance
+    rebalance: RebalanceSettings = dataclasses.field(default_factory=RebalanceSettings)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     images_dir: Path = Path("images")  # the image catalogue's files (relative: to this file's directory)
     images_quota_bytes: int | None = 64 << 30  # the catalogue's total size; null: no limit
@@ -67,8 +84,28 @@ def default_url(listen: str) -> str:
     return f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
 
 
+def _check_rebalance(rebalance: RebalanceSettings, where: str) -> None:
+    for key in ("interval", "window", "cooldown", "retry_after"):
+        if getattr(rebalance, key) <= 0:
+            raise ConfigError(f"{where}.{key}: expected a positive number of seconds")
+    if rebalance.window < rebalance.interval:
+        raise ConfigError(f"{where}.window: expected at least one interval ({rebalance.interval:g} s): a node is "
+                          "judged on the samples taken over the window")
+    if not 0 < rebalance.cpu_high <= 1:
+        raise ConfigError(f"{where}.cpu_high: expected a fraction above 0 and at most 1 (0.8 is 80% of a node's CPUs)")
+    if not 0 <= rebalance.margin < rebalance.cpu_high:
+        raise ConfigError(f"{where}.margin: expected a fraction from 0 to below cpu_high ({rebalance.cpu_high:g}); "
+                          "a move must leave its destination below cpu_high - margin")
+    if rebalance.max_in_flight < 1:
+        raise ConfigError(f"{where}.max_in_flight: expected a whole number of migrations, 1 or more")
+
+
 def load_settings(path: Path) -> ControllerSettings:
-    settings = parse_section(ControllerSettings, load_yaml_file(path), str(path))
+    data = load_yaml_file(path)
+    rebalance = data.get("rebalance")
+    if isinstance(rebalance, dict) and rebalance.get("mode") is False:
+        rebalance["mode"] = "off"  # YAML 1.1 reads a bare off as false
+    settings = parse_section(ControllerSettings, data, str(path))
     for key in ("listen", "enroll_listen", "ui_listen"):
         if getattr(settings, key) is not None:
             split_address(getattr(settings, key), f"{path}: {key}")
@@ -82,6 +119,7 @@ def load_settings(path: Path) -> ControllerSettings:
         raise ConfigError(f"{path}: placement_cpu_busy_max: expected a fraction above 0 and at most 1 (0.9 is 90%)")
     if settings.images_quota_bytes is not None and settings.images_quota_bytes <= 0:
         raise ConfigError(f"{path}: images_quota_bytes: expected a positive number of bytes (or null: no limit)")
+    _check_rebalance(settings.rebalance, f"{path}: rebalance")
     # Relative paths are relative to the config file, so a controller directory can move.
     settings.pki_dir = path.parent / settings.pki_dir
     settings.images_dir = path.parent / settings.images_dir

@@ -74,6 +74,9 @@ start_controller() {
         # Both demo nodes are this one machine: one busy measurement would be both nodes'
         # and refuse every placement, so measured CPU only ranks them here.
         echo "placement_cpu_busy_max: 1.0" >>"$CTL_DIR/controller.yaml"
+        # The README's rebalancing tour: a node is busy after 30 s over 30% (its instances'
+        # share of its CPUs), and a move leaves its destination below 25%.
+        echo "rebalance: {interval: 5, window: 30, cpu_high: 0.3, margin: 0.05}" >>"$CTL_DIR/controller.yaml"
     fi
     # The web interface, on this machine only (a demo from before it had none gets it too).
     grep -q '^ui_listen:' "$CTL_DIR/controller.yaml" || echo "ui_listen: $UI_LISTEN" >>"$CTL_DIR/controller.yaml"

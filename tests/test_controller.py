@@ -25,6 +25,7 @@ from controller.api import (
     meta,
     migration,
     nodes,
+    rebalancing,
     tasks,
     ui,
 )
@@ -216,8 +217,8 @@ def test_tasks_survive_a_controller_crash_and_keep_their_idempotency(controller,
 def test_openapi_document_lists_exactly_the_routes(controller):
     document = controller.admin("GET", "/v1/openapi.json")
     served = {(method.upper(), path) for path, ops in document["paths"].items() for method in ops}
-    declared = {(r.method, r.path) for m in (enroll, nodes, tasks, instances, images, migration, logging_settings, alerts,
-                                             meta, ui) for r in m.ROUTES}
+    declared = {(r.method, r.path) for m in (enroll, nodes, tasks, instances, images, migration, rebalancing,
+                                             logging_settings, alerts, meta, ui) for r in m.ROUTES}
     assert served == declared
     for method, path in declared:
         # Served means routed: a handler may still say 404 about the object in the path.
@@ -338,6 +339,8 @@ def test_a_heartbeat_carries_usage_checked_and_shown_with_cpu_rates(controller, 
              "instances": {"web": {"kind": "process", "cpu_seconds": 10.0, "memory_bytes": 1 << 20}}}
     assert heartbeat({"usage": usage})[0] == 200
     time.sleep(1)
+    # A task poll in between says the node is alive, not when it last measured.
+    assert controller.call("GET", f"/v1/nodes/{node_id}/tasks?wait=0", cert=cert)[0] == 200
     usage["instances"]["web"]["cpu_seconds"] = 10.5
     assert heartbeat({"usage": usage})[0] == 200
     shown = controller.admin("GET", f"/v1/nodes/{node_id}")["usage"]

@@ -222,6 +222,14 @@ def test_a_node_measured_busy_takes_nothing_new_even_with_vcpus_free():
     assert place(request(), [node("n-hot", usage=busy(0.97))], cpu_busy_max=0.99)[0] == "n-hot"
 
 
+def test_a_node_the_rebalancer_finds_busy_takes_nothing_new_unless_named():
+    why = "node's instances used over 80% of its CPUs in every sample of the last 300 s (at least 85%), as measured"
+    hot = node("n-hot", instances_busy=why)
+    chosen, reasons = place(request(), [hot, node("n-cool", committed={"vcpus": 8, "memory_mib": 0})])
+    assert chosen == "n-cool" and reasons["n-hot"] == f"{why} (although 0 of 16 vCPUs are committed)"
+    assert place(request(node="n-hot"), [hot])[0] == "n-hot"
+
+
 def test_equal_reservations_go_to_the_node_measured_less_busy():
     nodes = [node("n-a", usage=busy(0.6)), node("n-b", usage=busy(0.1))]
     assert place(request(), nodes)[0] == "n-b"

@@ -337,5 +337,26 @@ async def test_pruning_forgets_what_ended_before_the_retention(store) -> None:
     assert pruned["tasks"] == 1 and pruned["alerts"] == 2 and pruned["tokens"] == 1
     assert await store.get_task(old["id"]) is None and await store.get_task(waiting["id"]) is not None
     assert [a["id"] for a in await store.list_alerts()] == ["f2"]  # still firing: kept
-    assert await store.prune(time.time() - 60, forwarding=False) == {"tasks": 0, "migrations": 0, "tokens": 0,
-                                                                     "sessions": 0, "alerts": 0}
+    assert await store.prune(time.time() - 60, forwarding=False) == {
+        "tasks": 0, "migrations": 0, "rebalancing decisions": 0, "tokens": 0, "sessions": 0,
+        "alerts": 0}
+
+
+async def test_rebalancing_samples_decisions_and_the_round_lease(store) -> None:
+    now = time.time()
+    await store.add_rebalance_samples([("n-1", now - 100, 0.5, {"a": 1.0}), ("n-1", now, 0.25, {"a": 0.5})], now - 200)
+    await store.add_rebalance_samples([("n-2", now + 1, 0.0, {})], now - 50)  # the oldest goes
+    assert [(s["node"], s["cpu"], s["instances"]) for s in await store.rebalance_samples(now - 500)] == [
+        ("n-1", 0.25, {"a": 0.5}), ("n-2", 0.0, {})]
+    for at in (now - 10, now):
+        await store.add_rebalance_entry({"at": at, "instance": "a", "migration": None})
+    newest, oldest = await store.rebalance_history(limit=5)
+    assert newest["at"] == now and oldest["at"] == now - 10 and newest["id"] > oldest["id"]
+    assert await store.rebalance_history(limit=5, before=newest["id"]) == [oldest]
+    assert await store.rebalance_history(since=now - 5) == [newest]
+    assert await store.take_lease("round", "c-1", 60) and not await store.take_lease("round", "c-2", 60)
+    await store.release_lease("round", "c-2")  # not its holder: nothing happens
+    assert not await store.take_lease("round", "c-2", 60)
+    await store.release_lease("round", "c-1")
+    assert await store.take_lease("round", "c-2", -1)  # taken, and expired at once
+    assert await store.take_lease("round", "c-1", 60)

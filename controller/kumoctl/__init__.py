@@ -12,7 +12,7 @@ The package, by concern: ``config`` (kumoctl.yaml), ``client`` (the HTTPS client
 ``output`` (tables, fields, JSON), ``arguments`` (argument types and shared options),
 ``waiting`` (following tasks and migrations), and one module per command group, each
 declaring its own subcommands: ``tokens``, ``nodes``, ``tasks``, ``instances`` (with
-``migration``), ``images``, ``logs``, ``alerts``, ``certificates``, ``audit``, ``ui``. This module is the entry point.
+``migration``), ``images``, ``rebalance``, ``logs``, ``alerts``, ``certificates``, ``audit``, ``ui``. This module is the entry point.
 """
 
 from __future__ import annotations
@@ -22,21 +22,33 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import alerts, audit, certificates, images, instances, logs, nodes, tasks, tokens, ui
+from . import (
+    alerts,
+    audit,
+    certificates,
+    images,
+    instances,
+    logs,
+    nodes,
+    rebalance,
+    tasks,
+    tokens,
+    ui,
+)
 from .arguments import COMMON, Group
 from .client import Client
 from .config import load_config
 from .errors import EXIT_ERROR, EXIT_INTERRUPTED, CommandError
 from .output import PrintableStream, printable
 
-GROUPS = (tokens, nodes, tasks, instances, images, logs, alerts, certificates, audit, ui)
+GROUPS = (tokens, nodes, tasks, instances, images, rebalance, logs, alerts, certificates, audit, ui)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole command tree; every leaf's ``func`` takes (Client, Namespace) → exit status."""
     parser = argparse.ArgumentParser(
         prog="kumoctl",
-        description="Administer a Kumo controller: join tokens, nodes, tasks, instances, logging and alerts.",
+        description="Administer a Kumo controller: join tokens, nodes, tasks, instances, rebalancing, logging and alerts.",
         parents=[COMMON],
     )
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)

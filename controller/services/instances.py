@@ -10,11 +10,12 @@ own fields, so a new instance kind needs no change here.
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from typing import Any
 
 from agent.sdk import KIND_RE
-from controller import scheduler
+from controller import rebalancer, scheduler
 from controller.services import Refused, images
 from controller.services.tasks import new_task, submit
 from controller.store import StoreError
@@ -24,8 +25,16 @@ DEFAULT_VCPUS = 1
 DEFAULT_MEMORY_MIB = 256
 
 
-async def fleet(ctl: Any) -> list[dict[str, Any]]:
-    """Every node as the scheduler sees it: live state plus what is already placed on it."""
+async def fleet(ctl: Any, samples: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Every node as the scheduler sees it: live state plus what is already placed on it, and
+    ``instances_busy``: why the rebalancer finds it busy (see :mod:`controller.rebalancer`),
+    or None. ``samples``: the rebalancer's, when the caller has read them already."""
+    rules, now = rebalancer.Policy.of(ctl.settings.rebalance), time.time()
+    if samples is None:
+        samples = await ctl.store.rebalance_samples(now - rules.window - rules.interval)
+    series: dict[str, list[tuple[float, float]]] = {}
+    for sample in samples:
+        series.setdefault(sample["node"], []).append((sample["at"], sample["cpu"]))
     committed: dict[str, dict[str, float]] = {}
     for row in await ctl.store.list_instances():
         use = committed.setdefault(row["node"], {"vcpus": 0, "memory_mib": 0})
@@ -35,6 +44,11 @@ async def fleet(ctl: Any) -> list[dict[str, Any]]:
     for row in await ctl.store.list_nodes():
         view = ctl.node_view(row)
         view["committed"] = committed.get(row["id"], {"vcpus": 0, "memory_mib": 0})
+        low, busy = rebalancer.busy(series.get(row["id"], ()), rules, now)
+        view["instances_busy"] = (
+            f"node's instances used over {rules.cpu_high:.0%} of its CPUs in every sample of the last "
+            f"{rules.window:g} s (at least {low:.0%}), as measured: the rebalancer moves load off it"
+        ) if busy else None
         nodes.append(view)
     return nodes
 
@@ -60,7 +74,15 @@ def busy(name: str, migration_id: str) -> None:
 
 async def create(ctl: Any, name: str, kind: str, spec: dict[str, Any], pinned: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Place a new instance and queue its create task: (its record, the task). ``spec`` is
-    everything the kind's plugin gets besides the name and kind (vcpus and memory_mib set)."""
+    everything the kind's plugin gets besides the name and kind (vcpus and memory_mib set),
+    but ``options.pin``, which is the controller's: the rebalancer never moves an instance
+    created with ``pin`` true."""
+    options = spec.get("options")
+    pin = options.get("pin", False) if isinstance(options, dict) else False
+    if not isinstance(pin, bool):
+        raise Refused(400, f"options.pin must be true or false (true: the rebalancer never moves it), got {pin!r:.40}")
+    if isinstance(options, dict) and "pin" in options:
+        spec = {**spec, "options": {k: v for k, v in options.items() if k != "pin"}}
     if not NAME_RE.match(name):
         raise Refused(400, f"name must be 1-63 lowercase letters, digits or '-' (not first or last), got {name!r}")
     if not KIND_RE.match(kind):
@@ -87,7 +109,8 @@ async def create(ctl: Any, name: str, kind: str, spec: dict[str, Any], pinned: s
     task = new_task(chosen, f"{kind}.create", payload, key=f"create:{name}:{uuid.uuid4().hex}", instance=name)
     try:
         stored = await ctl.store.add_instance(
-            {"name": name, "kind": kind, "node": chosen, "spec": spec, "reasons": reasons, "image": catalogue}, task
+            {"name": name, "kind": kind, "node": chosen, "spec": spec, "reasons": reasons, "image": catalogue,
+             "pinned": pin}, task
         )
     except StoreError as exc:
         raise Refused(409, f"{exc}; choose another name or delete it first") from None

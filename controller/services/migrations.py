@@ -333,20 +333,14 @@ async def _destination(ctl: Any, row: dict[str, Any], to: str | None) -> tuple[s
     for node in nodes:
         if node["id"] == source:
             continue
-        plugin = (node.get("plugins") or {}).get("checkpoint")
-        cannot = unsupported(node, node["id"], row["kind"])
-        if not plugin or not plugin.get("available"):
-            why = (plugin or {}).get("reason") or "not installed"
-            reasons[node["id"]] = f"plugin checkpoint is unavailable: {why}"
-        elif cannot is not None:
+        cannot = cannot_receive(node, row["kind"])
+        if cannot is not None:
             if node["id"] == to:
                 raise Refused(409, f"cannot migrate instance {row['name']}: {cannot}", code="unsupported-kind")
             reasons[node["id"]] = cannot
         else:
             usable.append(node)
-    request = {"kind": row["kind"], "vcpus": row["spec"].get("vcpus", 1),
-               "memory_mib": row["spec"].get("memory_mib", 0), "node": to}
-    chosen, more = scheduler.place(request, usable, ctl.settings.placement_cpu_busy_max)
+    chosen, more = scheduler.place(move_request(row, to), usable, ctl.settings.placement_cpu_busy_max)
     reasons.update(more)
     if chosen is None:
         if to is not None:
@@ -354,6 +348,21 @@ async def _destination(ctl: Any, row: dict[str, Any], to: str | None) -> tuple[s
         why = "; ".join(f"{node}: {reason}" for node, reason in sorted(reasons.items())) or "it is the only node"
         raise Refused(409, f"no other node can take instance {row['name']}: {why}", reasons=reasons)
     return chosen, reasons
+
+
+def cannot_receive(node: dict[str, Any], kind: str) -> str | None:
+    """Why ``node`` cannot restore a moved instance of ``kind``, or None when it can (the
+    scheduler's filters come on top: :func:`move_request`)."""
+    plugin = (node.get("plugins") or {}).get("checkpoint")
+    if not plugin or not plugin.get("available"):
+        return f"plugin checkpoint is unavailable: {(plugin or {}).get('reason') or 'not installed'}"
+    return unsupported(node, node["id"], kind)
+
+
+def move_request(row: dict[str, Any], to: str | None) -> dict[str, Any]:
+    """What the scheduler is asked for a destination of ``row``'s instance."""
+    return {"kind": row["kind"], "vcpus": row["spec"].get("vcpus", 1),
+            "memory_mib": row["spec"].get("memory_mib", 0), "node": to}
 
 
 async def start_migration(ctl: Any, row: dict[str, Any], to: str | None) -> dict[str, Any]:

@@ -394,11 +394,11 @@ class Store:
         async with self._tx() as tx:
             image = instance.get("image")
             added = await tx.execute(
-                "INSERT INTO instances (name, kind, node, spec, reasons, created_at, image, image_sha256) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING",
+                "INSERT INTO instances (name, kind, node, spec, reasons, created_at, image, image_sha256, pinned) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING",
                 instance["name"], instance["kind"], instance["node"], json.dumps(instance["spec"]),
                 json.dumps(instance["reasons"]), time.time(), json.dumps(image) if image else None,
-                image["sha256"] if image else None,
+                image["sha256"] if image else None, int(instance.get("pinned", False)),
             )
             if not added:
                 raise StoreError(f"an instance named {instance['name']!r} already exists")
@@ -553,11 +553,67 @@ class Store:
                 controller_id, migration_id, dead,
             ) == 1
 
+    async def active_migrations(self) -> list[dict[str, Any]]:
+        """The documents of the migrations running now, whichever controller drives them."""
+        async with self._tx() as tx:
+            rows = _all_decoded(await tx.all("SELECT doc FROM migrations WHERE active=1"))
+        return [row["doc"] for row in rows]
+
     async def instance_tasks(self, name: str, since: float) -> list[dict[str, Any]]:
         """The tasks about instance ``name`` created since ``since``, oldest first."""
         async with self._tx() as tx:
             return _all_decoded(await tx.all(
                 "SELECT * FROM tasks WHERE instance=? AND created_at >= ? ORDER BY created_at", name, since))
+
+    # Rebalancing: samples of the nodes' usage, the decisions, and the lease of a round.
+
+    async def add_rebalance_samples(self, samples: list[tuple[str, float, float, dict[str, float]]],
+                                    before: float) -> None:
+        """Add (node, at, cpu share, {instance: cores}) samples; forget those older than ``before``."""
+        async with self._tx() as tx:
+            await tx.executemany("INSERT INTO rebalance_samples VALUES (?, ?, ?, ?) ON CONFLICT (node, at) DO NOTHING",
+                                 [(node, at, cpu, json.dumps(cores)) for node, at, cpu, cores in samples])
+            await tx.execute("DELETE FROM rebalance_samples WHERE at < ?", before)
+
+    async def rebalance_samples(self, since: float) -> list[dict[str, Any]]:
+        """The samples taken since ``since``, oldest first."""
+        async with self._tx() as tx:
+            return _all_decoded(await tx.all("SELECT * FROM rebalance_samples WHERE at >= ? ORDER BY at, node", since))
+
+    async def add_rebalance_entry(self, entry: dict[str, Any]) -> None:
+        async with self._tx() as tx:
+            await tx.execute("INSERT INTO rebalance_history (at, doc, instance) VALUES (?, ?, ?)",
+                             entry["at"], json.dumps(entry), entry["instance"])
+
+    async def rebalance_history(self, limit: int | None = None, before: int | None = None,
+                                since: float | None = None) -> list[dict[str, Any]]:
+        """Decisions newest first, each ``{"id", **doc}``: ``limit`` of them older than the entry
+        ``before`` (a page), or every one made since ``since``."""
+        clauses, args = [], []
+        if before is not None:
+            clauses.append("id < ?")
+            args.append(before)
+        if since is not None:
+            clauses.append("at >= ?")
+            args.append(since)
+        async with self._tx() as tx:
+            rows = _all_decoded(await tx.all(_select("rebalance_history", clauses, "id DESC", limit), *args,
+                                             *_limit(limit)))
+        return [{"id": row["id"], **row["doc"]} for row in rows]
+
+    async def take_lease(self, name: str, holder: str, seconds: float) -> bool:
+        """Hold ``name`` for ``seconds`` unless another holder has it and it has not expired."""
+        now = time.time()
+        async with self._tx() as tx:
+            return await tx.execute(
+                "INSERT INTO leases VALUES (?, ?, ?) ON CONFLICT (name) DO UPDATE SET holder=excluded.holder, "
+                "expires_at=excluded.expires_at WHERE leases.expires_at < ?",
+                name, holder, now + seconds, now,
+            ) == 1
+
+    async def release_lease(self, name: str, holder: str) -> None:
+        async with self._tx() as tx:
+            await tx.execute("DELETE FROM leases WHERE name=? AND holder=?", name, holder)
 
     # The audit log.
 
@@ -715,13 +771,15 @@ class Store:
 
     async def prune(self, before: float, forwarding: bool) -> dict[str, int]:
         """Delete what ended before ``before``: finished tasks, migrations no longer running,
-        used or expired join tokens, web sessions and sign-in links, and the transitions of alerts resolved by then (once
-        forwarded, when ``forwarding``). Alerts still firing keep their latest transition."""
+        rebalancing decisions, used or expired join tokens, web sessions and sign-in links, and
+        the transitions of alerts resolved by then (once forwarded, when ``forwarding``). Alerts
+        still firing keep their latest transition."""
         async with self._tx() as tx:
             return {
                 "tasks": await tx.execute(
                     "DELETE FROM tasks WHERE state IN ('succeeded', 'failed') AND updated_at < ?", before),
                 "migrations": await tx.execute("DELETE FROM migrations WHERE active = 0 AND updated_at < ?", before),
+                "rebalancing decisions": await tx.execute("DELETE FROM rebalance_history WHERE at < ?", before),
                 "tokens": await tx.execute(
                     "DELETE FROM tokens WHERE (uses_left <= 0 OR expires_at < ?) AND created_at < ?", before, before),
                 "sessions": await tx.execute("DELETE FROM ui_sessions WHERE expires_at < ?", before),

@@ -87,6 +87,20 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
         "name TEXT NOT NULL, created_at DOUBLE PRECISION NOT NULL, expires_at DOUBLE PRECISION NOT NULL, "
         "used_at DOUBLE PRECISION, revoked_at DOUBLE PRECISION, remote TEXT)",
     ]),
+    ("rebalancing: pinned instances, the nodes' usage over the window, the decisions, round leases", [
+        # 1: the rebalancer never moves it (created with --option pin=true).
+        "ALTER TABLE instances ADD COLUMN pinned INTEGER NOT NULL DEFAULT 0",
+        # What the nodes' instances used at each sample: the share of the node's CPUs, and
+        # the cores of each instance (JSON), kept for the rebalancing window only.
+        "CREATE TABLE rebalance_samples (node TEXT NOT NULL, at DOUBLE PRECISION NOT NULL, "
+        "cpu DOUBLE PRECISION NOT NULL, instances TEXT NOT NULL, PRIMARY KEY (node, at))",
+        "CREATE TABLE rebalance_history (id {id_column}, at DOUBLE PRECISION NOT NULL, doc TEXT NOT NULL, "
+        "instance TEXT NOT NULL)",
+        "CREATE INDEX rebalance_history_by_instance ON rebalance_history (instance, at)",
+        # Work one controller does at a time for a while (a rebalancing round): whoever
+        # holds the row until it expires or is let go.
+        "CREATE TABLE leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_at DOUBLE PRECISION NOT NULL)",
+    ]),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
