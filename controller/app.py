@@ -24,6 +24,7 @@ import asyncio
 import collections
 import contextlib
 import functools
+import io
 import logging
 import ssl
 import time
@@ -68,6 +69,7 @@ FLUSH_INTERVAL = 2.0
 # Every controller says it is alive this often; one not heard of for three times as long is gone.
 REGISTRY_INTERVAL = 5.0
 PRUNE_INTERVAL = 3600.0
+STOP_REPORT_AFTER = 10.0
 API_MODULES = (enroll, nodes, tasks, instances, images, migration, rebalancing, logging_settings, alerts, meta, ui)
 
 
@@ -618,8 +620,22 @@ async def serve(settings: ControllerSettings, stop: asyncio.Event) -> None:
         starting.result()
         await stop.wait()
     finally:
+        watchdog = asyncio.ensure_future(_report_stuck(STOP_REPORT_AFTER))
         ctl.release_waiters()
         for runner in runners:
             await runner.cleanup()
         await ctl.stop()
+        watchdog.cancel()
+
+
+async def _report_stuck(after: float) -> None:
+    """Log what the controller is still waiting for when stopping takes longer than ``after``
+    seconds: a stop that hangs is otherwise silent until it is killed."""
+    await asyncio.sleep(after)
+    me = asyncio.current_task()
+    for task in asyncio.all_tasks():
+        if task is not me:
+            where = io.StringIO()
+            task.print_stack(file=where)
+            log.warning("still stopping after %.0f s: %s", after, where.getvalue())
 

@@ -227,8 +227,9 @@ class PostgresDatabase:
                 finally:
                     for task in (runner, alive):
                         task.cancel()
-                        with contextlib.suppress(asyncio.CancelledError, Exception):
-                            await task
+                    # wait(), not `await task` under suppress(CancelledError): that would also
+                    # swallow this task's own cancellation (the controller stopping) and loop on.
+                    await asyncio.wait({runner, alive})
                 if alive.done() and not alive.cancelled():
                     log.warning("stopped doing %s: its lock's connection to the database was lost", name)
                 else:
