@@ -185,6 +185,46 @@ show_workloads() {
     lxc-attach -P "$LXCPATH" -n demo-box -- ip -4 -o addr show eth0 | awk '{print "  " $2, $4}'
 }
 
+# A real distribution in a container: Kumo's Debian 12 image (scripts/build-image.sh, built
+# once and cached), imported into the controller's catalogue in both forms under one name,
+# and a container made from it by name. Its own systemd boots and the real cloud-init inside
+# applies the seed: the hostname, a runcmd, the network-config's static address.
+show_debian() {
+    if ! "$BIN/kumoctl" images show debian-12 >/dev/null 2>&1; then
+        say "the Debian 12 image into the catalogue (built once: a few minutes the first time)"
+        local manifest rootfs disk
+        manifest=$("$ROOT/scripts/build-image.sh") || die "building the Debian image failed (see above)"
+        rootfs=$(python3 -c 'import json, sys; print(json.load(sys.stdin)["rootfs"]["path"])' <<<"$manifest")
+        disk=$(python3 -c 'import json, sys; print(json.load(sys.stdin)["disk"]["path"])' <<<"$manifest")
+        "$BIN/kumoctl" images import "$rootfs" --name debian-12 --kind lxc \
+            --description "Debian 12 with systemd and cloud-init (rootfs)"
+        "$BIN/kumoctl" images import "$disk" --name debian-12 --kind kvm \
+            --description "Debian 12 with systemd and cloud-init (disk; boots with the image's kernel)"
+    fi
+    "$BIN/kumoctl" images list
+    if "$BIN/kumoctl" instances show demo-debian >/dev/null 2>&1; then
+        echo "instance demo-debian exists (from an earlier demo)"
+        return 0
+    fi
+    say "a Debian container from the catalogue, set up by cloud-init"
+    printf '%s\n' '#cloud-config' 'hostname: demo-debian' 'runcmd:' \
+        "  - [sh, -c, 'echo cloud-init ran on \$(hostname) > /run/kumo-demo']" >"$STATE/demo-debian.user-data"
+    printf '%s\n' 'version: 2' 'ethernets:' '  eth0:' '    addresses: [10.77.0.20/24]' \
+        '    gateway4: 10.77.0.1' >"$STATE/demo-debian.network-config"
+    "$BIN/kumoctl" instances create demo-debian --kind lxc --image debian-12 --vcpus 1 --memory 256 \
+        --node "$(node_id agent)" --user-data "$STATE/demo-debian.user-data" \
+        --network-config "$STATE/demo-debian.network-config" --option 'network={"mode": "veth"}'
+    # cloud-init's last stage runs the runcmd, after the hostname and the network.
+    local i
+    for i in $(seq 1 120); do
+        lxc-attach -P "$LXCPATH" -n demo-debian -- cat /run/kumo-demo 2>/dev/null && break
+        sleep 1
+    done
+    echo "inside demo-debian (lxc-attach): init $(lxc-attach -P "$LXCPATH" -n demo-debian -- cat /proc/1/comm)," \
+        "hostname $(lxc-attach -P "$LXCPATH" -n demo-debian -- hostname)"
+    lxc-attach -P "$LXCPATH" -n demo-debian -- ip -4 -o addr show eth0 | awk '{print "  " $2, $4}'
+}
+
 show_usage() {
     say "nodes"
     "$BIN/kumoctl" nodes list
@@ -226,7 +266,7 @@ stop_all() {
 teardown() {
     local name
     if [ -f "$STATE/agent.pid" ] && daemon_alive agent && [ -f "$STATE/agent2.pid" ] && daemon_alive agent2; then
-        for name in demo-clock demo-box; do
+        for name in demo-clock demo-box demo-debian; do
             "$BIN/kumoctl" instances show "$name" >/dev/null 2>&1 || continue
             "$BIN/kumoctl" instances delete "$name" --timeout 60s ||
                 echo "demo: could not delete $name; stopping anyway" >&2
@@ -261,6 +301,7 @@ main() {
         wait_until_ready "$agent"
     done
     show_workloads
+    show_debian
     show_usage
 }
 
