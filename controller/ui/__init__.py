@@ -18,12 +18,14 @@ page cannot read. Every answer carries a Content-Security-Policy that allows scr
 from this listener's own files: nothing inline, nothing from elsewhere.
 
 The pages are static files (:data:`STATIC`): HTML, CSS and JavaScript modules with no build
-step and no third-party code. Each keeps one server-sent-event stream open
+step and no third-party code. Every page is ``shell.html`` (the head and the navigation)
+around its own ``<main>`` (``<page>.html``) and its script (``<page>.js``). Each keeps one server-sent-event stream open
 (:mod:`controller.ui.live`) and fetches its data again when the stream says it changed.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import secrets
@@ -48,11 +50,12 @@ STATIC = Path(__file__).parent / "static"
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
-# Each page is one HTML file; what it shows comes from the API once it loads.
-PAGES = {"/": "fleet.html", "/nodes/{id}": "node.html", "/instances": "instances.html",
-         "/instances/{name}": "instance.html", "/tasks": "tasks.html", "/alerts": "alerts.html",
-         "/tokens": "tokens.html", "/logging": "logging.html"}
-CONTENT_TYPES = {".html": "text/html", ".css": "text/css", ".js": "text/javascript"}
+# Each page (its title and files); what it shows comes from the API once it loads.
+PAGES = {"/": ("fleet", "Fleet"), "/nodes/{id}": ("node", "Node"), "/instances": ("instances", "Instances"),
+         "/instances/{name}": ("instance", "Instance"), "/tasks": ("tasks", "Tasks"),
+         "/alerts": ("alerts", "Alerts"), "/tokens": ("tokens", "Join tokens"),
+         "/logging": ("logging", "Log forwarding")}
+CONTENT_TYPES = {".css": "text/css", ".js": "text/javascript"}  # what /static/ serves
 
 
 def digest(secret: str) -> str:
@@ -187,13 +190,20 @@ def _static(name: str) -> web.Response:
     return web.Response(body=path.read_bytes(), content_type=CONTENT_TYPES[path.suffix])
 
 
-def _page_handler(name: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+@functools.cache
+def _render(name: str, title: str) -> str:
+    shell = (STATIC / "shell.html").read_text()
+    main = (STATIC / f"{name}.html").read_text()
+    return shell.replace("{title}", title).replace("{page}", name).replace("{main}", main)
+
+
+def _page_handler(name: str, title: str) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def page(request: web.Request) -> web.Response:
         try:
             await session_of(request)
         except Refused as exc:
             return _page(f"{exc.message}.", 401)
-        return _static(name)
+        return web.Response(text=_render(name, title), content_type="text/html")
 
     return page
 
@@ -217,8 +227,8 @@ def make_app(ctl: Any, admin_routes: list[tuple[Any, Callable[[web.Request], Awa
     app.router.add_get("/ui/session", session_info)
     app.router.add_get("/ui/events", events)
     app.router.add_get("/static/{name}", static)
-    for path, name in PAGES.items():
-        app.router.add_get(path, _page_handler(name))
+    for path, (name, title) in PAGES.items():
+        app.router.add_get(path, _page_handler(name, title))
     for route, handler in admin_routes:
         if not route.path.startswith("/v1/ui/"):
             app.router.add_route(route.method, route.path, handler)
