@@ -2,8 +2,9 @@
 Content-Security-Policy over plain HTTPS, then the pages in a real headless Chromium
 (Debian's, driven by selenium) with two real agents: the fleet live, an instance created
 from the form, running without a reload, migrated with its progress shown, stopped and
-deleted. Each page's screenshot is a test artefact in build/screenshots/; with
-KUMO_SCREENSHOTS=docs/screenshots they refresh the README's tour."""
+deleted. Each page's screenshot is a test artefact in build/screenshots/ (with
+KUMO_SCREENSHOTS=docs/screenshots they refresh the README's tour), and each page passes
+axe-core's accessibility rules with no serious or critical violation."""
 
 from __future__ import annotations
 
@@ -20,12 +21,13 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.harness import free_port, require
+from tests.harness import CACHE_DIR, free_port, require
 from tests.harness.agents import wait_for
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[1]
+AXE = CACHE_DIR / "axe-core-4.14.1" / "node_modules" / "axe-core" / "axe.min.js"
 SCREENSHOTS = Path(os.environ.get("KUMO_SCREENSHOTS", REPO / "build" / "screenshots"))
 PY = "/usr/bin/python3"
 SLEEPER = "import time\nprint('hello from webby', flush=True)\nwhile True:\n    time.sleep(0.1)\n"
@@ -219,8 +221,19 @@ def browser(tmp_path):
 
 
 def shot(driver: Any, name: str) -> None:
+    """Save the page's screenshot, and hold it to axe-core's accessibility rules: no serious
+    or critical violation."""
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     driver.save_screenshot(str(SCREENSHOTS / f"{name}.png"))
+    require(AXE.is_file(), f"axe-core at {AXE} (scripts/deps/80-chromium.sh)")
+    driver.execute_script(AXE.read_text())  # through WebDriver, which the page's CSP does not govern
+    found = driver.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "axe.run(document, {resultTypes: ['violations']}).then(r => done(r.violations), e => done(String(e)));")
+    assert isinstance(found, list), f"axe-core failed on the {name} page: {found}"
+    serious = [f"{v['id']} ({v['impact']}): {v['help']}: " + ", ".join(n["target"][0] for n in v["nodes"][:5])
+               for v in found if v["impact"] in ("serious", "critical")]
+    assert not serious, f"accessibility violations on the {name} page:\n" + "\n".join(serious)
 
 
 def fresh(action: Any, limit: float = 10.0) -> Any:
