@@ -81,6 +81,34 @@ class Drivers:
             output = await _maybe_await(driver.console(name, _console_bytes(payload)))
             return {"name": name, "kind": kind, "log": output.text, "logs": dict(output.logs)}
 
+    async def undo_create(self, task_kind: str, payload: Mapping[str, Any]) -> str | None:
+        """Remove what a ``<kind>.create`` cut off by an agent crash had made, with the driver's
+        own delete under the instance's lock: the controller forgets an instance whose create
+        failed, so anything left would be an orphan nobody deletes. None when ``task_kind`` is
+        no driver's create; else a sentence for the task's error saying what was done."""
+        kind, _, op = task_kind.partition(".")
+        if op != "create" or kind not in self.by_kind:
+            return None
+        try:
+            name = _name(payload, kind)
+        except TaskError:
+            return None  # refused before the driver saw it: nothing was made
+        d = self.by_kind[kind]
+        async with self.lock(kind, name):
+            try:
+                await _maybe_await(d.driver.delete(name))
+            except TaskError as exc:
+                if exc.code == "not-found":
+                    return f"it had made nothing of {kind} instance {name!r} on this node"
+                return (f"what it had made of {kind} instance {name!r} could not be removed ({exc}): "
+                        f"submit a {kind}.delete of {name!r}")
+            except Exception as exc:
+                log.exception("plugin %s: removing the interrupted create of %s %s failed", d.plugin, kind, name)
+                return (f"what it had made of {kind} instance {name!r} could not be removed (plugin {d.plugin} "
+                        f"crashed: {type(exc).__name__}: {exc}): submit a {kind}.delete of {name!r}")
+        log.info("removed what the interrupted create of %s instance %s had made", kind, name)
+        return f"what it had made of {kind} instance {name!r} was removed"
+
     @contextlib.asynccontextmanager
     async def lock(self, kind: str, name: str) -> AsyncIterator[None]:
         """One operation at a time on instance ``name`` of ``kind``: every ``<kind>.*`` task

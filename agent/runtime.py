@@ -528,12 +528,12 @@ class Runtime:
         self._inflight[key] = future
         try:
             if key in self.journal.started:
-                outcome = Outcome(
-                    "failed",
-                    error=f"the agent stopped while task {task_id} ({kind}) was running, so its outcome is "
-                    "unknown; check the instance's state and submit a new task if needed",
-                    code="interrupted",
-                )
+                undone = await self.hooks.drivers.undo_create(kind, payload)
+                error = (f"the agent stopped while task {task_id} ({kind}) was running, so its outcome is "
+                         "unknown; check the instance's state and submit a new task if needed")
+                if undone is not None:
+                    error = f"the agent stopped while task {task_id} ({kind}) was running; {undone}"
+                outcome = Outcome("failed", error=error, code="interrupted")
             else:
                 async with self._slots:
                     await asyncio.to_thread(self.journal.record_started, key, task_id, kind)

@@ -192,6 +192,10 @@ class ProcessDriver:
         return await self._stop(self._get(name), self.config.stop_timeout if timeout is None else timeout)
 
     async def delete(self, name: str) -> None:
+        if name not in self.instances and await asyncio.to_thread(self._dir(name).is_dir):
+            # No record, so no process: what a create cut off by a crash left before its spawn.
+            await asyncio.to_thread(shutil.rmtree, self._dir(name), True)
+            return
         inst = self._get(name)
         await self._stop(inst, self.config.stop_timeout)
         del self.instances[name]

@@ -211,6 +211,25 @@ async def test_the_drivers_errors_reach_the_task_unchanged():
     assert (await refused(hooks, "nosuch.create", name="a")).code == "unknown-kind"
 
 
+async def test_an_interrupted_create_is_undone_with_the_drivers_delete_and_the_outcome_says_so():
+    driver = FakeDriver()
+    drivers = driven(driver).drivers
+    assert await drivers.undo_create("fake.start", {"name": "a"}) is None, "only a create is undone"
+    assert await drivers.undo_create("fake.create", {"name": "../a"}) is None, "refused before the driver saw it"
+    driver.states["half"] = "stopped"
+    assert await drivers.undo_create("fake.create", {"name": "half"}) == "what it had made of fake instance 'half' was removed"
+    assert driver.calls[-1] == ("delete", "half") and driver.states == {}
+    assert await drivers.undo_create("fake.create", {"name": "half"}) == "it had made nothing of fake instance 'half' on this node"
+
+    async def refusing(name: str) -> None:
+        raise TaskError("libvirt refused", code="failed")
+
+    driver.delete = refusing  # type: ignore[method-assign]
+    assert await drivers.undo_create("fake.create", {"name": "x"}) == (
+        "what it had made of fake instance 'x' could not be removed (libvirt refused): submit a fake.delete of 'x'"
+    )
+
+
 async def test_operations_on_one_instance_run_one_at_a_time_and_on_others_side_by_side():
     driver = FakeDriver()
     hooks = driven(driver)

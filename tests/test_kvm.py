@@ -591,37 +591,11 @@ async def test_libvirtd_down_then_back(
 @pytest.fixture
 async def https_image_server(tmp_path: Path, kvm_guest: Guest) -> Any:
     """Serves the guest disk over HTTPS with a throwaway self-signed CA (``tmp_path/cert.pem``)."""
-    import datetime
-    import ipaddress
-    import ssl
-
     from aiohttp import web
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
 
-    from tests.harness import free_port
+    from tests.harness import free_port, tls_server_context
 
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kumo-test-images")])
-    now = datetime.datetime.utcnow()
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-        .sign(key, hashes.SHA256())
-    )
-    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (tmp_path / "key.pem").write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    context = tls_server_context(tmp_path)
     app = web.Application()
     async def disk(request: web.Request) -> web.StreamResponse:
         return web.FileResponse(kvm_guest.disk)

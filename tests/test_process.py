@@ -110,6 +110,18 @@ async def test_a_recycled_pid_is_not_adopted(criu_node):
     assert state.state == "stopped" and state.details["pid"] is None
 
 
+async def test_delete_removes_what_a_create_cut_off_by_a_crash_left(criu_node):
+    """A directory without a record (made just before the spawn) and a record whose process is
+    gone: what the agent's clean-up of an interrupted create hands to delete."""
+    (criu_node.root / "process/instances/half").mkdir(parents=True)
+    await criu_node.task("process.delete", {"name": "half"})
+    assert not (criu_node.root / "process/instances/half").exists()
+    await criu_node.task("process.create", {"name": "dead", "kind": "process", "options": {"command": ["/bin/true"]}})
+    await criu_node.restart_process_plugin()
+    await criu_node.task("process.delete", {"name": "dead"})
+    assert not (criu_node.root / "process/instances/dead").exists() and criu_node.instances() == []
+
+
 @pytest.mark.parametrize(
     ("options", "code"),
     [

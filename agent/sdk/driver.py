@@ -22,7 +22,9 @@ the agent owns everything around them, the same for every kind:
   :meth:`UsageMeter.usage`.
 
 A driver raises :class:`agent.sdk.TaskError` with a code from :data:`agent.sdk.ErrorCode`
-and leaves nothing half-made behind: a failed create removes what it made.
+and leaves nothing half-made behind: a failed create removes what it made. A create the agent
+could not finish (killed mid-create) is undone after the restart with the driver's
+:meth:`InstanceDriver.delete`, so delete also removes a half-made instance.
 """
 
 from __future__ import annotations
@@ -81,7 +83,9 @@ class InstanceDriver(Protocol):
         ...
 
     async def delete(self, name: str) -> None:
-        """Stop the instance if it runs and remove it with everything it owns on this node."""
+        """Stop the instance if it runs and remove it with everything it owns on this node,
+        also when a create cut off by a crash made only part of it (``not-found`` only when
+        nothing of it is here)."""
         ...
 
     async def console(self, name: str, size: int) -> ConsoleOutput:

@@ -292,9 +292,17 @@ class KvmPlugin:
         return forced
 
     async def delete(self, name: str) -> None:
-        """Destroy (if running) and undefine the domain, and remove its disk, seed and log."""
+        """Destroy (if running) and undefine the domain, and remove its disk, seed and log; an
+        instance directory without a domain (a create cut off by a crash) is removed too."""
         conn = await self._connection()
-        dom = await self._domain(conn, name)
+        try:
+            dom = await self._domain(conn, name)
+        except TaskError as exc:
+            directory = self.config.instance_dir / name
+            if exc.code != "not-found" or not await asyncio.to_thread(directory.is_dir):
+                raise
+            await asyncio.to_thread(shutil.rmtree, directory, True)
+            return
         host = self._require_host()
         inst = self._instances.get(name)
         if inst is None:  # undefined behind Kumo's back while it looked the domain up

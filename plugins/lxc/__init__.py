@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import glob
 import logging
 import shutil
 import tempfile
@@ -216,7 +217,16 @@ class LxcPlugin:
         return forced
 
     async def delete(self, name: str) -> None:
-        """Kill the container if it runs and destroy it with its root filesystem."""
+        """Kill the container if it runs and destroy it with its root filesystem; what a create
+        cut off by a crash left (its work directory, a container directory liblxc does not
+        list) is removed too."""
+        self._require_available()
+        if name not in self._containers.by_name and name not in self._containers.busy:
+            leftovers = await asyncio.to_thread(self._create_leftovers, name)
+            for path in leftovers:
+                await asyncio.to_thread(shutil.rmtree, path, True)
+            if leftovers:
+                return
         self._known(name)
         self._containers.deleting(name)
         try:
@@ -307,6 +317,16 @@ class LxcPlugin:
         self._require_available()
         if name not in self._containers.by_name or name in self._containers.busy:
             raise TaskError(f"no Kumo container named {name!r} on this node", code="not-found")
+
+    def _create_leftovers(self, name: str) -> list[Path]:
+        """Directories of ``name`` that liblxc does not list: ``_build``'s work directories (the
+        eight characters are mkdtemp's, so ``a`` does not match ``a-b``'s) and a container
+        directory without a config. Blocking."""
+        found = sorted(self.config.lxcpath.glob(f".create-{glob.escape(name)}-" + "?" * 8))
+        directory = self.config.lxcpath / name
+        if directory.is_dir():
+            found.append(directory)
+        return found
 
     async def _current(self, name: str) -> Container:
         """The container as liblxc shows it now (another tool may have started or stopped it)."""
