@@ -107,6 +107,11 @@ function setFollowing(on) {
 
 byId("console-follow").addEventListener("click", () => {
   setFollowing(!following);
+  if (!following && consoleTask) {
+    // A read whose node never answers would hold the loop: let go of it.
+    consoleTask.done("stopped");
+    consoleTask = null;
+  }
   if (following) {
     if (!byId("console").textContent) byId("console").textContent = "reading...";
     looping ||= follow().finally(() => { looping = null; });
