@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import pty
 import shutil
@@ -16,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
@@ -244,6 +246,22 @@ def test_kumoctl_migrate_shows_progress_and_drain_moves_the_rest(cluster):
     assert f"moved second to {b.node_id}" in out, out
     assert controller.admin("GET", "/v1/instances/second")["node"] == b.node_id
     assert running_on(b, "second")
+
+    # Both are listed, newest first, with how they ended; bad input is named.
+    status, out, err = kumoctl(controller, "migrations", "list", "--output", "json")
+    assert status == 0, err
+    listed = json.loads(out)
+    assert [(m["instance"], m["source"], m["destination"], m["state"]) for m in listed] == [
+        ("second", a.node_id, b.node_id, "succeeded"), ("first", a.node_id, b.node_id, "succeeded")]
+    assert f"instance first runs on node {b.node_id}" in listed[1]["outcome"]
+    status, out, err = kumoctl(controller, "migrations", "list", "--state", "running")
+    assert status == 0 and "no migrations" in out, (out, err)
+    status, answer = controller.call("GET", "/v1/migrations?state=done", cert=controller.admin_cert)
+    assert status == 400 and "running, succeeded, failed" in answer["error"]
+    page = controller.admin("GET", "/v1/migrations?limit=1")
+    assert [m["instance"] for m in page["migrations"]] == ["second"] and page["next"]
+    rest = controller.admin("GET", f"/v1/migrations?limit=1&after={quote(page['next'])}")
+    assert [m["instance"] for m in rest["migrations"]] == ["first"] and rest["next"] is None
 
 
 async def test_an_aborted_relay_releases_both_ends_at_once():

@@ -196,6 +196,27 @@ async def test_settings_audit_and_client_certificates(store) -> None:
     assert await store.revoked_serials() == {"c1"}
 
 
+async def test_migrations_are_listed_newest_first_a_page_at_a_time_and_by_state(store) -> None:
+    docs = []
+    for n, ended in enumerate([None, "succeeded", "failed", "succeeded"]):
+        doc = {"id": f"m-{n}", "instance": f"i-{n}", "state": "running", "phase": "checkpoint", "progress": {}}
+        assert await store.begin_migration(doc, "c-1") is None
+        if ended:
+            doc.update(state=ended, phase="done")
+            await store.put_migration(doc)
+        docs.append(doc)
+    listed = await store.list_migrations(None, 10)
+    assert [m["id"] for m in listed] == ["m-3", "m-2", "m-1", "m-0"]
+    assert listed[0]["state"] == "succeeded" and listed[0]["controller"] == "c-1"
+    first = await store.list_migrations(None, 2)
+    rest = await store.list_migrations(None, 10, (first[-1]["listed_at"], first[-1]["id"]))
+    assert [m["id"] for m in first + rest] == ["m-3", "m-2", "m-1", "m-0"]
+    assert [m["id"] for m in await store.list_migrations("succeeded", 10)] == ["m-3", "m-1"]
+    assert [m["id"] for m in await store.list_migrations("running", 10)] == ["m-0"]
+    # Ended, they no longer hold their instances: each may move again.
+    assert await store.active_migration("i-1") is None and await store.active_migration("i-0") == "m-0"
+
+
 async def test_nodes_are_found_by_part_of_their_id_or_hostname(store) -> None:
     for node_id, hostname in (("n-1", "Web_1"), ("n-2", "db-1"), ("n-3", "web%")):
         await store.add_token(f"h{node_id}", FAR, 1)

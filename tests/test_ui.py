@@ -1,9 +1,10 @@
 """The web interface against a real controller: sign-in links, sessions, CSRF and the
 Content-Security-Policy over plain HTTPS, then the pages in a real headless Chromium
 (Debian's, driven by selenium) with two real agents: the fleet live, an instance created
-from the form, running without a reload, migrated with its progress shown, stopped and
-deleted. Each page's screenshot is a test artefact in build/screenshots/ (with
-KUMO_SCREENSHOTS=docs/screenshots they refresh the README's tour), and each page passes
+from the form, running without a reload, migrated with its progress shown and listed on
+the migrations page, its console followed as it grows, stopped and deleted. Each page's
+screenshot is a test artefact in build/screenshots/ (with KUMO_SCREENSHOTS=docs/screenshots
+they refresh the README's tour), and each page passes
 axe-core's accessibility rules with no serious or critical violation."""
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 AXE = CACHE_DIR / "axe-core-4.14.1" / "node_modules" / "axe-core" / "axe.min.js"
 SCREENSHOTS = Path(os.environ.get("KUMO_SCREENSHOTS", REPO / "build" / "screenshots"))
 PY = "/usr/bin/python3"
-SLEEPER = "import time\nprint('hello from webby', flush=True)\nwhile True:\n    time.sleep(0.1)\n"
+# Its console grows by a line every half second, which a followed console shows.
+SLEEPER = ("import time\nprint('hello from webby', flush=True)\nn = 0\nwhile True:\n    time.sleep(0.5)\n"
+           "    n += 1\n    print(f'tick {n}', flush=True)\n")
 
 
 @pytest.fixture
@@ -266,6 +269,10 @@ def state_of(driver: Any, name: str) -> str | None:
     return rows[0].get_attribute("data-state") if rows else None
 
 
+def last_tick(console: str) -> int:
+    return max((int(line[5:]) for line in console.splitlines() if line.startswith("tick ")), default=0)
+
+
 def test_the_fleet_in_a_browser(ui_controller, kumo_agent, browser, criu_required, tmp_path):
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import Select
@@ -323,18 +330,27 @@ def test_the_fleet_in_a_browser(ui_controller, kumo_agent, browser, criu_require
     until(lambda: any(other == e.text for e in css(browser, 'tr[data-instance="webby"] a')),
              "webby shown on its new node", limit=30)
     shot(browser, "migrated")
+    browser.get(f"https://127.0.0.1:{ctl.ui_port}/migrations")
+    row = 'tr[data-state="succeeded"]'
+    until(lambda: css(browser, row), "the migration listed as succeeded", limit=20)
+    listed = fresh(lambda: css(browser, row)[0].text)
+    assert "webby" in listed and other in listed and f"instance webby runs on node {other}" in listed, listed
+    shot(browser, "migrations")
 
     # Its own page: where it runs, its console (read by keyboard) and whether it could move.
     browser.get(f"https://127.0.0.1:{ctl.ui_port}/instances/webby")
     until(lambda: browser.find_element("id", "main").get_attribute("data-state") == "running", "webby's page", limit=20)
     until(lambda: "Possible" in browser.find_element("id", "migrate-why").text, "the migration check", limit=20)
-    browser.find_element("id", "console-read").send_keys(Keys.ENTER)
+    browser.find_element("id", "console-follow").send_keys(Keys.ENTER)
     until(lambda: "hello from webby" in browser.find_element("id", "console").text, "webby's console", limit=30)
+    # Followed: its new lines arrive with no further click.
+    first = last_tick(browser.find_element("id", "console").text)
+    until(lambda: last_tick(browser.find_element("id", "console").text) > first, "the console to grow", limit=30)
     fresh(lambda: css(browser, "#actions button[data-action=checkpoint]")[0].send_keys(Keys.ENTER))
     until(lambda: any("checkpoint.dump" in r.text and "succeeded" in r.text for r in css(browser, "#tasks tr")),
           "the checkpoint's task to succeed", limit=60)
     shot(browser, "instance")
-    browser.back()
+    browser.get(f"https://127.0.0.1:{ctl.ui_port}/instances")
     until(lambda: state_of(browser, "webby") == "running", "the instances page again", limit=20)
 
     fresh(lambda: css(browser, 'tr[data-instance="webby"] button[data-action=stop]')[0].click())

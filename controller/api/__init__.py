@@ -58,6 +58,20 @@ def page_query(request: web.Request) -> tuple[int, str | None]:
     return limit, after
 
 
+def time_cursor(after: str | None) -> tuple[float, str] | None:
+    """The (created_at, id) in a newest-first list's ``after`` cursor, ``"<created_at!r>/<id>"``."""
+    if after is None:
+        return None
+    created, _, item_id = after.partition("/")
+    try:
+        when = float(created)
+    except ValueError:
+        when = math.nan
+    if not math.isfinite(when):
+        raise ApiError(400, "after must be the next cursor of the previous page")
+    return when, item_id
+
+
 def paged(rows: list[Any], limit: int, cursor: Callable[[Any], str]) -> tuple[list[Any], str | None]:
     """``rows`` (fetched with ``limit + 1``) cut to one page, and the cursor of the next page
     (None on the last)."""

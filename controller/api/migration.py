@@ -16,7 +16,18 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from controller.api import ApiError, Route, field, json_body, reject_unknown, reply, state
+from controller.api import (
+    ApiError,
+    Route,
+    field,
+    json_body,
+    page_query,
+    paged,
+    reject_unknown,
+    reply,
+    state,
+    time_cursor,
+)
 from controller.api.instances import shown
 from controller.api.tasks import shown as shown_task
 from controller.services import instances, migrations
@@ -49,6 +60,14 @@ async def migrate(request: web.Request) -> web.Response:
     return reply({"migration": public(ctl, doc)}, 202)
 
 
+async def list_migrations(request: web.Request) -> web.Response:
+    ctl = state(request)
+    limit, after = page_query(request)
+    docs, following = paged(await migrations.listing(ctl, request.query.get("state"), limit + 1, time_cursor(after)),
+                            limit, lambda doc: f"{doc['listed_at']!r}/{doc['id']}")
+    return reply({"migrations": [public(ctl, doc) for doc in docs], "next": following})
+
+
 async def show_migration(request: web.Request) -> web.Response:
     ctl = state(request)
     doc = migrations.migrations(ctl).docs.get(request.match_info["id"]) or await ctl.store.get_migration(request.match_info["id"])
@@ -61,6 +80,7 @@ def public(ctl: Any, doc: dict[str, Any]) -> dict[str, Any]:
     """The migration as the API shows it, with the relay's live byte counts."""
     out = {**doc, "progress": dict(doc["progress"])}
     out.pop("controller", None)
+    out.pop("listed_at", None)
     relay = migrations.migrations(ctl).relays.get(doc["id"])
     if relay is not None:
         out["progress"].update(bytes_sent=relay.sent, bytes_received=relay.received)
@@ -207,6 +227,9 @@ ROUTES = [
     Route("POST", INSTANCE + "/migrate", migrate, "admin",
           "Move a running instance to another node (checkpoint, transfer, restore); 409 with the blockers.",
           {"to": "node id, or null to let the scheduler choose"}),
+    Route("GET", "/v1/migrations", list_migrations, "admin",
+          "Migrations, newest first, a page at a time (?state=running|succeeded|failed&limit=&after=NEXT); "
+          "ended ones are kept for the retention period."),
     Route("GET", "/v1/migrations/{id}", show_migration, "admin", "A migration: its phase, progress and outcome."),
     Route("PUT", IMAGE, upload_image, "node", "The source node streams a migration's checkpoint (a tar)."),
     Route("GET", IMAGE, download_image, "node", "The destination node reads a migration's checkpoint as it arrives."),

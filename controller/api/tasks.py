@@ -9,7 +9,6 @@ registered here.
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Any
 
@@ -25,6 +24,7 @@ from controller.api import (
     reject_unknown,
     reply,
     state,
+    time_cursor,
 )
 from controller.services import iso
 from controller.services.tasks import new_task, submit
@@ -70,22 +70,9 @@ async def list_tasks(request: web.Request) -> web.Response:
         raise ApiError(400, f"state must be one of {', '.join(STATES)}, got {task_state!r}")
     limit, after = page_query(request)
     rows, following = paged(await ctl.store.list_tasks(request.query.get("node"), task_state, limit + 1,
-                                                       _task_cursor(after)), limit,
+                                                       time_cursor(after)), limit,
                             lambda t: f"{t['created_at']!r}/{t['id']}")
     return reply({"tasks": [shown(t) for t in rows], "next": following})
-
-
-def _task_cursor(after: str | None) -> tuple[float, str] | None:
-    if after is None:
-        return None
-    created, _, task_id = after.partition("/")
-    try:
-        when = float(created)
-    except ValueError:
-        when = math.nan
-    if not math.isfinite(when):
-        raise ApiError(400, "after must be the next cursor of the previous page")
-    return when, task_id
 
 
 async def show_task(request: web.Request) -> web.Response:

@@ -12,7 +12,7 @@ The package, by concern: ``config`` (kumoctl.yaml), ``client`` (the HTTPS client
 ``output`` (tables, fields, JSON), ``arguments`` (argument types and shared options),
 ``waiting`` (following tasks and migrations), and one module per command group, each
 declaring its own subcommands: ``tokens``, ``nodes``, ``tasks``, ``instances`` (with
-``migration``), ``images``, ``rebalance``, ``logs``, ``alerts``, ``certificates``, ``audit``, ``ui``. This module is the entry point.
+``migration``), ``migrations``, ``images``, ``rebalance``, ``logs``, ``alerts``, ``certificates``, ``audit``, ``ui``. This module is the entry point.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from . import (
     images,
     instances,
     logs,
+    migrations,
     nodes,
     rebalance,
     tasks,
@@ -41,7 +42,7 @@ from .config import load_config
 from .errors import EXIT_ERROR, EXIT_INTERRUPTED, CommandError
 from .output import PrintableStream, printable
 
-GROUPS = (tokens, nodes, tasks, instances, images, rebalance, logs, alerts, certificates, audit, ui)
+GROUPS = (tokens, nodes, tasks, instances, migrations, images, rebalance, logs, alerts, certificates, audit, ui)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -122,6 +122,20 @@ def migrations(ctl: Any) -> Migrations:
     return _MIGRATIONS[ctl]
 
 
+STATES = ("running", "succeeded", "failed")
+
+
+async def listing(ctl: Any, state: str | None, limit: int,
+                  before: tuple[float, str] | None = None) -> list[dict[str, Any]]:
+    """Migrations newest first (see Store.list_migrations); one this controller drives is
+    its live document, whose phase may be newer than the store's."""
+    if state is not None and state not in STATES:
+        raise Refused(400, f"state must be one of {', '.join(STATES)}, got {state!r:.40}")
+    docs = migrations(ctl).docs
+    return [{**docs[doc["id"]], "listed_at": doc["listed_at"]} if doc["id"] in docs else doc
+            for doc in await ctl.store.list_migrations(state, limit, before)]
+
+
 async def shutdown(ctl: Any) -> None:
     """Stop driving migrations (the controller is stopping); their records say they were cut off."""
     tasks = list(migrations(ctl).running.values())

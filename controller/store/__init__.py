@@ -515,8 +515,9 @@ class Store:
         """Save a migration's document; one no longer running lets go of its instance."""
         async with self._tx() as tx:
             await tx.execute(
-                "UPDATE migrations SET doc=?, updated_at=?, active=? WHERE id=?",
-                json.dumps(migration), time.time(), int(migration["state"] == "running"), migration["id"],
+                "UPDATE migrations SET doc=?, updated_at=?, active=?, state=? WHERE id=?",
+                json.dumps(migration), time.time(), int(migration["state"] == "running"), migration["state"],
+                migration["id"],
             )
             tx.notify({"event": "migration", "id": migration["id"], "instance": migration["instance"]})
 
@@ -530,6 +531,22 @@ class Store:
         async with self._tx() as tx:
             row = _decoded(await tx.one("SELECT doc, controller FROM migrations WHERE id=?", migration_id))
         return {**row["doc"], "controller": row["controller"]} if row is not None else None
+
+    async def list_migrations(self, state: str | None, limit: int,
+                              before: tuple[float, str] | None = None) -> list[dict[str, Any]]:
+        """Migration documents newest first; ``before`` (created_at, id) starts after that
+        migration (a page). Each has ``listed_at``, its row's created_at, for the next cursor."""
+        clauses, args = [], []
+        if state:
+            clauses.append("state=?")
+            args.append(state)
+        if before is not None:
+            clauses.append("(created_at < ? OR (created_at = ? AND id < ?))")
+            args += [before[0], before[0], before[1]]
+        async with self._tx() as tx:
+            rows = _all_decoded(await tx.all(_select("migrations", clauses, "created_at DESC, id DESC", limit),
+                                             *args, limit))
+        return [{**row["doc"], "controller": row["controller"], "listed_at": row["created_at"]} for row in rows]
 
     async def active_migration(self, instance: str) -> str | None:
         """The id of the migration holding ``instance``, if one does."""

@@ -101,6 +101,14 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
         # holds the row until it expires or is let go.
         "CREATE TABLE leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_at DOUBLE PRECISION NOT NULL)",
     ]),
+    ("migrations listed newest first and by state (running, succeeded, failed)", [
+        "ALTER TABLE migrations ADD COLUMN state TEXT NOT NULL DEFAULT 'running'",
+        # Once, for the rows from before: an ended migration's state is only in its document,
+        # which json.dumps wrote with its default separators.
+        "UPDATE migrations SET state = CASE WHEN active = 1 THEN 'running' "
+        "WHEN doc LIKE '%\"state\": \"succeeded\"%' THEN 'succeeded' ELSE 'failed' END",
+        "CREATE INDEX migrations_by_age ON migrations (created_at, id)",
+    ]),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

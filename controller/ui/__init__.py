@@ -53,8 +53,8 @@ CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self';
 # Each page (its title and files); what it shows comes from the API once it loads.
 PAGES = {"/": ("fleet", "Fleet"), "/nodes/{id}": ("node", "Node"), "/instances": ("instances", "Instances"),
          "/instances/{name}": ("instance", "Instance"), "/tasks": ("tasks", "Tasks"),
-         "/alerts": ("alerts", "Alerts"), "/tokens": ("tokens", "Join tokens"),
-         "/logging": ("logging", "Log forwarding")}
+         "/migrations": ("migrations", "Migrations"), "/alerts": ("alerts", "Alerts"),
+         "/tokens": ("tokens", "Join tokens"), "/logging": ("logging", "Log forwarding")}
 CONTENT_TYPES = {".css": "text/css", ".js": "text/javascript"}  # what /static/ serves
 
 

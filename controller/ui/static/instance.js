@@ -36,7 +36,8 @@ async function refresh() {
   if (!byId("actions").childElementCount) replace("actions", operations());
   migrateControls(instance, await all("/v1/nodes", "nodes"));
   const tasks = (await api("GET", `/v1/tasks?limit=200&node=${encodeURIComponent(instance.node)}`)).tasks
-    .filter((t) => t.payload && t.payload.name === name).slice(0, 20);
+    // Console reads are left out: following the console makes one every few seconds.
+    .filter((t) => t.payload && t.payload.name === name && !t.kind.endsWith(".console")).slice(0, 20);
   replace("tasks", tasks.map((t) => h("tr", {}, h("td", {}, t.id), h("td", {}, t.kind), h("td", {}, t.state), h("td", {}, t.error || ""))));
   if (migration) replace("migration", migrationView(await api("GET", `/v1/migrations/${migration}`)));
   await showConsole();
@@ -54,23 +55,67 @@ function operations() {
     task("checkpoint", { leave_running: true }, "checkpointing"), task("restore", {}, "restoring")];
 }
 
-// The console is a task on the instance's node: queued here, shown when the live stream
-// says a task ended and it is this one.
-let consoleTask = null;
+// The console is a task on the instance's node (the agent reads the log's tail): queued
+// here, shown when the live stream says a task ended and it is this one. Following it reads
+// the tail again FOLLOW_EVERY ms after each read ends, only while following is on and the
+// page is visible, so a closed or hidden console costs nothing.
+const FOLLOW_EVERY = 2000;
+let consoleTask = null;  // { id, done }: the read on its way
+let following = false;
 
 async function showConsole() {
   if (!consoleTask) return;
-  const task = await api("GET", `/v1/tasks/${consoleTask}`);
+  const task = await api("GET", `/v1/tasks/${consoleTask.id}`);
   if (task.state === "succeeded") byId("console").textContent = task.result.log || "(empty)";
   else if (task.state === "failed") byId("console").textContent = `failed: ${task.error}`;
   else return;
+  const { done } = consoleTask;
   consoleTask = null;
+  done(task.state);
 }
 
-byId("console-read").addEventListener("click", async () => {
-  byId("console").textContent = "reading...";
-  consoleTask = (await api("POST", `/v1/instances/${encodeURIComponent(name)}/console`, {})).task.id;
-  await showConsole();
+async function readConsole() {
+  const id = (await api("POST", `/v1/instances/${encodeURIComponent(name)}/console`, {})).task.id;
+  const state = await new Promise((done) => { consoleTask = { id, done }; showConsole(); });
+  const pre = byId("console");
+  pre.scrollTop = pre.scrollHeight;
+  return state;
+}
+
+let looping = null;  // the one follow loop, while it runs
+
+async function follow() {
+  while (following) {
+    if (!document.hidden) {
+      const state = await readConsole().catch((error) => {
+        byId("console").textContent = error.message;
+        return "failed";
+      });
+      if (state !== "succeeded") {
+        setFollowing(false);  // what stopped it (a failed read, a deleted instance) stays shown
+        return;
+      }
+    }
+    await new Promise((resume) => { setTimeout(resume, FOLLOW_EVERY); });
+  }
+}
+
+function setFollowing(on) {
+  following = on;
+  byId("console-follow").setAttribute("aria-pressed", String(on));
+}
+
+byId("console-follow").addEventListener("click", () => {
+  setFollowing(!following);
+  if (!following && consoleTask) {
+    // A read whose node never answers would hold the loop: let go of it.
+    consoleTask.done("stopped");
+    consoleTask = null;
+  }
+  if (following) {
+    if (!byId("console").textContent) byId("console").textContent = "reading...";
+    looping ||= follow().finally(() => { looping = null; });
+  }
 });
 
 start(["instances", "tasks", "migrations"], refresh);
