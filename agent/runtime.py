@@ -407,8 +407,11 @@ class Runtime:
             delay = self.heartbeat_interval * random.uniform(1 - HEARTBEAT_JITTER, 1 + HEARTBEAT_JITTER)
             if self.images.pulling:  # the admin's create is waiting on it: report progress sooner
                 delay = min(delay, PULL_REPORT_INTERVAL)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow this task's own
+            # cancellation when the event is set at that moment, and the loop would run on.
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
             self._wake.clear()
@@ -628,7 +631,8 @@ class Runtime:
                     not_after.isoformat(),
                 )
             try:
-                await asyncio.wait_for(self._connected.wait(), timeout=backoff.next())
+                async with asyncio.timeout(backoff.next()):  # not wait_for: see _heartbeat_loop
+                    await self._connected.wait()
                 await self._renew()
                 backoff.reset()
             except TimeoutError:

@@ -116,8 +116,10 @@ enroll_agent() {
 }
 
 # write_agent_config AGENT INDEX: the first agent owns this machine's lxcpath, libvirt image
-# directory, image cache and rsyslog; the second keeps its own of the first three, and an
-# rsyslog.d of its own that rsyslog does not read (two nodes must not both rewrite one rsyslog).
+# directory and rsyslog; the second keeps its own of the first two, and an rsyslog.d of its
+# own that rsyslog does not read (two nodes must not both rewrite one rsyslog). Each keeps its
+# image cache in its state directory, so the catalogue images the demo pulls stay in
+# demo-state/ with the rest of it.
 write_agent_config() {
     local host=${METRICS_LISTEN%:*} port=${METRICS_LISTEN##*:}
     # Written through PyYAML so the paths are quoted whatever directory the checkout is in.
@@ -135,11 +137,10 @@ config = {
     "state_dir": state_dir,
     "controller": controller,
     "metrics": {"listen": metrics},
+    "image_cache": {"path": f"{state_dir}/images"},
     "log_level": "info",
     "plugins": plugins,
 }
-if index != "0":
-    config["image_cache"] = {"path": f"/var/cache/kumo/images-{int(index) + 1}"}
 with open(f"{state_dir}.yaml", "w") as f:
     f.write("# Written by scripts/demo.sh; rewritten at every `make demo`.\n")
     yaml.safe_dump(config, f, sort_keys=False)

@@ -252,8 +252,12 @@ async def _while_alive(conn: asyncpg.Connection) -> None:
     """Return when ``conn`` is lost (asyncpg notices a dead peer only when it talks to it)."""
     while not conn.is_closed():
         await asyncio.sleep(CHECK_INTERVAL)
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow this task's own
+        # cancellation when the query ends at that moment, and the loop would run on after
+        # the controller asked it to stop.
         try:
-            await asyncio.wait_for(conn.execute("SELECT 1"), CHECK_INTERVAL)
+            async with asyncio.timeout(CHECK_INTERVAL):
+                await conn.execute("SELECT 1")
         except CONNECTION_ERRORS:
             return
 

@@ -109,7 +109,8 @@ class Hub:
             await response.write(b"retry: 2000\n\n")
             while not stream.closed and time.time() < expires_at:
                 try:
-                    await asyncio.wait_for(stream.wake.wait(), KEEPALIVE)
+                    async with asyncio.timeout(KEEPALIVE):  # not wait_for: see postgres._while_alive
+                        await stream.wake.wait()
                 except TimeoutError:
                     await response.write(b": keep-alive\n\n")
                     continue
