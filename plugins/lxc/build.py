@@ -4,6 +4,7 @@ config block over whatever it wrote, busybox's boot files, the first-boot seed a
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,8 @@ def from_image(config: LxcConfig, name: str, spec: CreateSpec, image: Path, show
     extract_tarball(image, rootfs, shown)
     if not spec.privileged:
         shift_ownership(rootfs, config.idmap_start, config.idmap_size)
+        # As lxc-create does: the mapped root must enter its 0770 directory to reach rootfs.
+        os.chown(directory, config.idmap_start, config.idmap_start)
 
 
 def finish(config: LxcConfig, cgroups: CgroupLayout, name: str, spec: CreateSpec, seed: Path | None,

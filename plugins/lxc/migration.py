@@ -84,6 +84,11 @@ def take_over(node: LxcConfig, name: str, staged: Path, source_lxcpath: str) -> 
                         code="import-refused")
     atomic_write(config_path, config, mode=stat.S_IMODE(os.stat(config_path).st_mode))
     # The details show the record, which the source wrote: what the config says wins.
+    privileged = is_privileged(config)
     record = {} if (staged / RECORD_FILE).is_symlink() else read_record(staged)
-    write_record(staged, {**record, "privileged": is_privileged(config)})
+    write_record(staged, {**record, "privileged": privileged})
+    if not privileged:
+        # As lxc-create does: the mapped root must enter its directory (staged 0700 root) to reach rootfs.
+        os.chown(staged, node.idmap_start, node.idmap_start)
+        os.chmod(staged, 0o770)
     os.rename(staged, lxcpath / name)

@@ -70,15 +70,17 @@ def extract_tarball(image: Path, rootfs: Path, shown: str) -> None:
 
 def shift_ownership(root: Path, start: int, size: int) -> None:
     """Map an extracted tree's ids into the container's range (chown drops setuid: restore modes)."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        for entry in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
-            st = os.lstat(entry)
-            if st.st_uid >= size or st.st_gid >= size:
-                raise TaskError(f"{entry} is owned by id {max(st.st_uid, st.st_gid)}, outside the container's "
-                                f"{size} ids", code="image-invalid")
-            os.chown(entry, start + st.st_uid, start + st.st_gid, follow_symlinks=False)
-            if not stat.S_ISLNK(st.st_mode):
-                os.chmod(entry, stat.S_IMODE(st.st_mode))
+    # Each entry once: a directory is shifted as its parent's entry, never again as a dirpath.
+    entries = (os.path.join(dirpath, n) for dirpath, dirnames, filenames in os.walk(root)
+               for n in dirnames + filenames)
+    for entry in [str(root), *entries]:
+        st = os.lstat(entry)
+        if st.st_uid >= size or st.st_gid >= size:
+            raise TaskError(f"{entry} is owned by id {max(st.st_uid, st.st_gid)}, outside the container's "
+                            f"{size} ids", code="image-invalid")
+        os.chown(entry, start + st.st_uid, start + st.st_gid, follow_symlinks=False)
+        if not stat.S_ISLNK(st.st_mode):
+            os.chmod(entry, stat.S_IMODE(st.st_mode))
 
 
 def write_in_root(root: Path, rel: str, text: str, mode: int, owner: Owner) -> None:
