@@ -101,6 +101,19 @@ def test_a_container_is_privileged_only_when_asked_on_a_node_that_allows_it():
         parse_create({"name": "c1", "options": {"privileged": "yes"}}, allowing)
 
 
+def test_shifting_a_rootfs_moves_each_inode_into_the_range_once(tmp_path):
+    from plugins.lxc.rootfs import shift_ownership
+
+    (tmp_path / "usr/bin").mkdir(parents=True)
+    (tmp_path / "usr/bin/gzip").write_text("x")
+    os.link(tmp_path / "usr/bin/gzip", tmp_path / "usr/bin/gunzip")
+    os.chown(tmp_path / "usr/bin/gzip", 7, 8)
+    shift_ownership(tmp_path, 100_000, 65536)
+    for path in (tmp_path, tmp_path / "usr", tmp_path / "usr/bin"):
+        assert (path.stat().st_uid, path.stat().st_gid) == (100_000, 100_000), path
+    assert ((tmp_path / "usr/bin/gunzip").stat().st_uid, (tmp_path / "usr/bin/gunzip").stat().st_gid) == (100_007, 100_008)
+
+
 def test_lxc_ls_and_lxc_info_output_is_parsed():
     out = "NAME  STATE   PID   \nweb   RUNNING 4242  \nidle  STOPPED -     \n"
     assert parse_lxc_ls(out) == {"web": ("RUNNING", 4242), "idle": ("STOPPED", None)}
