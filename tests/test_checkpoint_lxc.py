@@ -41,15 +41,15 @@ def run(*argv: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture
-async def busybox_container(tmp_path):
+async def busybox_container(tmp_path, lxcpath):
     require(shutil.which("lxc-checkpoint") is not None and Path("/usr/share/lxc/templates/lxc-busybox").exists(),
             "lxc (lxc-checkpoint and the busybox template)")
     require(shutil.which("busybox") is not None, "busybox-static")
     suffix = secrets.token_hex(3)
-    bridge, name, lxcpath = f"brk{suffix}", f"kck-{suffix}", tmp_path / "lxc"
+    # The harness's lxcpath: the lxc plugin needs one its unprivileged containers can search.
+    bridge, name = f"brk{suffix}", f"kck-{suffix}"
     octet = 100 + secrets.randbelow(100)
     gateway, address = f"10.231.{octet}.1", f"10.231.{octet}.12"
-    lxcpath.mkdir()
     conf = tmp_path / "ckpt.conf"
     conf.write_text(CONFIG.format(bridge=bridge, address=address, gateway=gateway))
     assert run("ip", "link", "add", bridge, "type", "bridge").returncode == 0

@@ -50,6 +50,7 @@ def demo(tmp_path, lxc_required):
     ok, why = criu_status()
     require(ok, f"a working criu >= 4.1 ({why}; scripts/deps/30-criu.sh builds one)")
     lxcpath = Path(tempfile.mkdtemp(prefix="kumo-demo-test-", dir="/tmp"))
+    lxcpath.chmod(0o711)  # the demo's containers are unprivileged: their mapped root must search it
     state = tmp_path / "demo-state"
     env = {
         **os.environ,

@@ -45,7 +45,8 @@ async def test_real_cloud_init_in_a_debian_container(lxc_node, lxc_bridge: Bridg
     assert (user[5], user[6]) == (f"/home/{seed.user}", "/bin/bash")
     keys = rootfs / f"home/{seed.user}/.ssh/authorized_keys"
     assert keys.read_text().strip() == seed.key
-    assert keys.stat().st_uid == int(user[2])
+    # An unprivileged container: its uid 1000 is the host's idmap_start + 1000.
+    assert keys.stat().st_uid == node.plugin.config.idmap_start + int(user[2])
 
     addresses = node.attach("deb", "ip", "-4", "-o", "addr", "show", "eth0")
     assert f"inet {address}/24" in addresses.stdout, addresses.stdout + addresses.stderr

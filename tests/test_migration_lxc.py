@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -33,11 +34,13 @@ from tests.harness import read_counter
 from tests.harness.agents import reported, running_on, wait_for
 from tests.harness.criu import SBIN_PATH
 from tests.harness.lxc import run
+from tests.test_lxc import rootfs_tarball
 
 COUNTER_RCS = (
     "( i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.1; done ) </dev/null >/dev/null 2>&1 &\n"
 )
 SHIFT = 1_000_000  # ids as an unprivileged container's rootfs has them on the host
+IDMAP = f"lxc.idmap = u 0 {SHIFT} 65536\nlxc.idmap = g 0 {SHIFT} 65536\n"  # the default node's
 
 
 # ---- the stream -------------------------------------------------------------------------
@@ -378,7 +381,7 @@ def test_a_migrated_config_is_accepted_only_as_this_nodes_plugin_would_write_it(
 
     target = tmp_path / "web"
     node = LxcConfig(lxcpath=tmp_path)
-    good = BUSYBOX_CONFIG.format(target=target)
+    good = BUSYBOX_CONFIG.format(target=target) + IDMAP
     assert foreign_lines(good, target, node) == []
     bad = good + line.format(target=target) + "\n"
     problems = foreign_lines(bad, target, node)
@@ -391,13 +394,16 @@ def test_a_migrated_container_must_use_this_nodes_user_namespace(tmp_path):
 
     target = tmp_path / "web"
     config = BUSYBOX_CONFIG.format(target=target)
-    unprivileged = LxcConfig(lxcpath=tmp_path, unprivileged=True, idmap_start=100000, idmap_size=65536)
-    [problem] = foreign_lines(config, target, unprivileged)  # privileged, arriving on an unprivileged node
-    assert "none: a privileged container" in problem and "u 0 100000 65536" in problem
+    node = LxcConfig(lxcpath=tmp_path, idmap_start=100000, idmap_size=65536)
+    # No idmap: privileged, or an unprivileged one whose source dropped its idmap lines.
+    [problem] = foreign_lines(config, target, node)
+    assert "no user namespace" in problem and "allow_privileged: true" in problem
+    assert foreign_lines(config, target, dataclasses.replace(node, allow_privileged=True)) == []
     mapped = config + "lxc.idmap = u 0 100000 65536\nlxc.idmap = g 0 100000 65536\n"
-    assert foreign_lines(mapped, target, unprivileged) == []
-    assert foreign_lines(mapped.replace("u 0 100000", "u 0 0"), target, unprivileged)  # host root inside
-    assert foreign_lines(mapped, target, LxcConfig(lxcpath=tmp_path))  # on a privileged node
+    assert foreign_lines(mapped, target, node) == []
+    [problem] = foreign_lines(mapped.replace("u 0 100000", "u 0 0"), target, node)  # host root inside
+    assert "is not this node's (u 0 100000 65536; g 0 100000 65536)" in problem
+    assert foreign_lines(mapped, target, dataclasses.replace(node, idmap_start=200000))
 
 
 @pytest.mark.integration
@@ -415,7 +421,8 @@ async def test_the_lxc_plugin_refuses_to_stage_a_container_it_cannot_or_would_no
     node = await lxc_node()
     checkpointer = node.plugin.kumo_checkpointer()
     with pytest.raises(TaskError) as err:
-        await checkpointer.stage("web", {"lxcpath": "/src/lxc"}, b"lxc.rootfs.path = dir:/src/lxc/web/rootfs\n" + lines)
+        await checkpointer.stage("web", {"lxcpath": "/src/lxc"}, b"lxc.rootfs.path = dir:/src/lxc/web/rootfs\n"
+                                 + IDMAP.encode() + lines)
     assert err.value.code == code and named in str(err.value)
     assert not Path("/tmp/kumo-owned").exists()
     assert not [p for p in node.lxcpath.iterdir()], "nothing is staged when the node cannot run it"
@@ -435,21 +442,30 @@ def kumoctl(controller: Any, *args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture
 def lxc_cluster(criu_required, lxc_required, controller, kumo_agent, lxcpath_factory, lxc_bridge):
-    """``node(**checkpoint_settings)`` → (agent, its lxcpath); ``container(agent, lxcpath, name,
-    host)`` makes a busybox container with a counter and the bridge address ``.host`` on it."""
+    """``node(lxc_settings, **checkpoint_settings)`` → (agent, its lxcpath); ``container(agent,
+    lxcpath, name, host, privileged)`` makes a busybox container with a counter and the bridge
+    address ``.host`` on it (no interface but loopback when host is None: CRIU cannot restore a
+    veth inside a user namespace, "netlink: Operation not permitted")."""
 
-    def node(**checkpoint: Any) -> tuple[Any, Path]:
+    def node(lxc: dict[str, Any] | None = None, **checkpoint: Any) -> tuple[Any, Path]:
         path = lxcpath_factory()
-        agent = kumo_agent(plugins={"lxc": {"lxcpath": str(path), "poll_interval": 0.5}, "checkpoint": checkpoint})
+        settings = {"lxcpath": str(path), "poll_interval": 0.5, **(lxc or {})}
+        agent = kumo_agent(plugins={"lxc": settings, "checkpoint": checkpoint})
         return agent, path
 
-    def container(agent: Any, path: Path, name: str, host: int) -> str:
-        address = lxc_bridge.address(host)
+    def container(agent: Any, path: Path, name: str, host: int | None, privileged: bool = False) -> str | None:
+        address = None if host is None else lxc_bridge.address(host)
+        network = {"mode": "empty"} if address is None else {
+            "mode": "veth", "bridge": lxc_bridge.name, "address": f"{address}/24", "gateway": lxc_bridge.gateway}
+        source: dict[str, Any] = {"options": {"template": "busybox", "privileged": privileged, "network": network}}
+        if not privileged:
+            # CRIU cannot restore the busybox template's binds of the host's /lib in a user
+            # namespace ("Can't bind-mount ... Invalid argument"): a self-contained rootfs.
+            image = path / f".{name}.tar.gz"
+            source = {"image": str(image), "image_sha256": rootfs_tarball(image),
+                      "options": {"privileged": False, "network": network}}
         controller.admin("POST", "/v1/instances", {
-            "name": name, "kind": "lxc", "node": agent.node_id, "vcpus": 1, "memory_mib": 64,
-            "options": {"template": "busybox", "network": {
-                "mode": "veth", "bridge": lxc_bridge.name, "address": f"{address}/24", "gateway": lxc_bridge.gateway}},
-        })
+            "name": name, "kind": "lxc", "node": agent.node_id, "vcpus": 1, "memory_mib": 64, **source})
         wait_for(lambda: running_on(agent, name), f"{name} to run")
         # The counter starts with init, so that CRIU finds it in the container's own session.
         controller.admin("POST", f"/v1/instances/{name}/stop", {})
@@ -472,10 +488,14 @@ def images(agent: Any, name: str) -> Path:
 
 
 @pytest.mark.integration
-def test_a_container_migrates_keeping_its_counter_address_and_files(lxc_cluster):
+@pytest.mark.parametrize("privileged", [False, True], ids=["unprivileged", "privileged"])
+def test_a_container_migrates_keeping_its_counter_address_and_files(lxc_cluster, privileged):
     controller, node, container = lxc_cluster
-    (a, path_a), (b, path_b) = node(), node()
-    address = container(a, path_a, "mover", 21)
+    allowing = {"allow_privileged": True} if privileged else None
+    (a, path_a), (b, path_b) = node(allowing), node(allowing)
+    address = container(a, path_a, "mover", 21 if privileged else None, privileged)
+    # Container root is host root only when asked for: the rcS the plugin wrote belongs to it.
+    assert (path_a / "mover/rootfs/etc/init.d/rcS").stat().st_uid == (0 if privileged else SHIFT)
     rootfs_a = path_a / "mover/rootfs"
     extra = rootfs_a / "root"
     (extra / "shared").write_text("one inode, two names")
@@ -494,6 +514,10 @@ def test_a_container_migrates_keeping_its_counter_address_and_files(lxc_cluster)
     assert len(done["sha256"]) == 64
 
     assert running_on(b, "mover")
+    shown = kumoctl(controller, "instances", "show", "mover")
+    assert f"privileged: {'yes' if privileged else 'no'}\n" in shown.stdout, shown.stdout + shown.stderr
+    uid_map = run("lxc-attach", "-P", str(path_b), "-n", "mover", "--", "/bin/cat", "/proc/self/uid_map")
+    assert uid_map.stdout.split() == (["0", "0", "4294967295"] if privileged else ["0", str(SHIFT), "65536"])
     listed = json.loads(kumoctl(controller, "instances", "list", "-o", "json").stdout)
     assert [(i["name"], i["node"], i["state"]) for i in listed] == [("mover", b.node_id, "running")]
     fingerprint = b.node()["plugins"]["lxc"]["attributes"]
@@ -510,10 +534,11 @@ def test_a_container_migrates_keeping_its_counter_address_and_files(lxc_cluster)
     before = counter(path_b, "mover")
     assert before >= seen_on_a, "it went on from where it stopped on A, it did not start over"
     wait_for(lambda: counter(path_b, "mover") > before + 3, "the counter to go on in B's rootfs")
-    ping = run("busybox", "ping", "-c", "1", "-W", "2", address)
-    assert ping.returncode == 0, ping.stdout + ping.stderr
-    inside = run("lxc-attach", "-P", str(path_b), "-n", "mover", "--", "/bin/ip", "-4", "addr", "show", "eth0")
-    assert f"inet {address}/24" in inside.stdout, inside.stdout + inside.stderr
+    if address is not None:
+        ping = run("busybox", "ping", "-c", "1", "-W", "2", address)
+        assert ping.returncode == 0, ping.stdout + ping.stderr
+        inside = run("lxc-attach", "-P", str(path_b), "-n", "mover", "--", "/bin/ip", "-4", "addr", "show", "eth0")
+        assert f"inet {address}/24" in inside.stdout, inside.stdout + inside.stderr
 
     files = path_b / "mover/rootfs/root"
     assert os.lstat(files / "shared").st_ino == os.lstat(files / "shared-too").st_ino
@@ -521,7 +546,8 @@ def test_a_container_migrates_keeping_its_counter_address_and_files(lxc_cluster)
     assert os.getxattr(files / "shared", "user.kumo") == b"kept"
     assert os.lstat(files / "zero").st_rdev == os.makedev(1, 5)
     assert os.readlink(files / "hostname-link") == "/etc/hostname"
-    assert not any((path_b / "mover/rootfs/lib").iterdir()), "the host's /lib is bound, not copied"
+    if privileged:
+        assert not any((path_b / "mover/rootfs/lib").iterdir()), "the host's /lib is bound, not copied"
 
 
 @pytest.mark.reliability("lxc migration", "restore fails on the destination")
@@ -537,8 +563,9 @@ def test_a_failed_restore_on_the_destination_leaves_the_container_running_on_the
         f'exec {shutil.which("criu", path=SBIN_PATH)} "$@"\n'
     )
     wrapper.chmod(0o755)
-    (a, path_a), (b, path_b) = node(), node(criu=str(wrapper))
-    address = container(a, path_a, "stayer", 22)
+    allowing = {"allow_privileged": True}  # the container pings: its veth needs privileged (see lxc_cluster)
+    (a, path_a), (b, path_b) = node(allowing), node(allowing, criu=str(wrapper))
+    address = container(a, path_a, "stayer", 22, privileged=True)
 
     failed = kumoctl(controller, "instances", "migrate", "stayer", "--to", b.node_id)
     assert failed.returncode != 0

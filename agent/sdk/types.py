@@ -42,7 +42,7 @@ ErrorCode = Literal[
     "failed",             # the instance's backend (libvirt, liblxc, a tool) refused; message says why
     # placing an instance
     "insufficient-cpu", "insufficient-memory", "limits-unsupported", "no-bridge",
-    "unknown-template", "bad-command", "invalid-seed", "seed-build", "seed-conflict",
+    "unknown-template", "privileged-refused", "bad-command", "invalid-seed", "seed-build", "seed-conflict",
     # images (instance images and checkpoint images)
     "image-missing", "image-download", "image-checksum", "image-invalid", "image-mismatch",
     "image-corrupt", "image-incomplete", "image-changed", "no-image",

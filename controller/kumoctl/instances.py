@@ -118,6 +118,9 @@ def cmd_instances_show(client: Client, args: argparse.Namespace) -> int:
         (k, v) for k, v in instance.items() if not isinstance(v, dict | list) or k == "options"
     ]
     print_fields(sorted(simple))
+    privileged = (instance.get("details") or {}).get("privileged")
+    if isinstance(privileged, bool):  # a container: is its root the host's root?
+        print_fields([("privileged", privileged)])
     catalogue = instance.get("catalogue")
     if catalogue:
         where = "already on the node" if catalogue.get("held") else "pulled by the node from the controller"

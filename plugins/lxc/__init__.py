@@ -126,7 +126,7 @@ class LxcPlugin:
             attributes={
                 "lxc_version": self._version,
                 "lxcpath": str(self.config.lxcpath),
-                "unprivileged": self.config.unprivileged,
+                "allow_privileged": self.config.allow_privileged,
                 "templates": [t for t in self.config.templates if template_installed(t)],
                 "cgroup": dict(self._cgroups),
                 "bridge": self.config.bridge.name if self.config.bridge else self.config.network.bridge,
@@ -188,17 +188,17 @@ class LxcPlugin:
                 instance=payload, medium="directory", workdir=workdir
             )
             if spec.image is None:
-                await build.from_template(self._lxc, self.config, name, spec.template or "", workdir)
+                await build.from_template(self._lxc, self.config, name, spec, workdir)
             else:
                 image = await self._require_context().images.get(spec.image, spec.image_sha256)
                 self._unpacking[image] += 1  # no eviction until the rootfs is out of it
                 try:
-                    await asyncio.to_thread(build.from_image, self.config, name, image, spec.image)
+                    await asyncio.to_thread(build.from_image, self.config, name, spec, image, spec.image)
                 finally:
                     self._unpacking[image] -= 1
                     if not self._unpacking[image]:
                         del self._unpacking[image]
-            record = new_record(spec, self.config)
+            record = new_record(spec)
             await asyncio.to_thread(build.finish, self.config, self._cgroups, name, spec, seed, record)
             return record
         finally:
@@ -272,9 +272,10 @@ class LxcPlugin:
 
     # ---- for the checkpointer (plugins/lxc/checkpointing.py) ----------------------------
 
-    async def stage_migration(self, name: str, config: str, source_lxcpath: str) -> Path:
+    async def stage_migration(self, name: str, config: str, source_lxcpath: str) -> tuple[Path, bool]:
         """Check a migrating container's lxc ``config`` (from ``source_lxcpath`` on its node)
-        against this node; a fresh hidden directory under lxcpath to unpack it into."""
+        against this node; a fresh hidden directory under lxcpath to unpack it into, and
+        whether the container is privileged (its config has no user namespace)."""
         from . import migration
 
         self._require_migratable(name)
@@ -282,8 +283,9 @@ class LxcPlugin:
             raise TaskError(f"the source's lxcpath must be an absolute path, got {source_lxcpath!r}",
                             code="bad-request")
         await self._refuse_existing(name, "delete it before migrating one of that name here")
-        await asyncio.to_thread(migration.adapt, self.config, name, config, source_lxcpath, None)
-        return await asyncio.to_thread(migration.staging_directory, self.config.lxcpath, name)
+        adapted = await asyncio.to_thread(migration.adapt, self.config, name, config, source_lxcpath, None)
+        directory = await asyncio.to_thread(migration.staging_directory, self.config.lxcpath, name)
+        return directory, migration.is_privileged(adapted)
 
     async def import_migrated(self, name: str, directory: Path, source_lxcpath: str) -> None:
         """Take over a container unpacked into a directory :meth:`stage_migration` gave; it is

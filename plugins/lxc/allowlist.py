@@ -4,8 +4,8 @@ plugin could have written here.
 The config arrives from the source node, which may be compromised, and liblxc runs as
 root: ``lxc.hook.*`` runs any command on this host, a bind of ``/`` or a writable
 ``sys``/``proc`` hands the host to the container, ``lxc.cgroup.devices.allow = a`` opens
-every device, a missing ``lxc.idmap`` turns an unprivileged node's container into a
-privileged one, ``lxc.log.file`` writes wherever it names. So the check is an allow-list of
+every device, a missing ``lxc.idmap`` turns an unprivileged container into a privileged
+one (so a config without one is accepted only where ``allow_privileged`` is set), ``lxc.log.file`` writes wherever it names. So the check is an allow-list of
 what the plugin writes (its own block, a template's lines, the image base; see
 lxcconf.py) with the values it writes, never a deny-list of what is known to be dangerous.
 """
@@ -46,10 +46,12 @@ def foreign_lines(config: str, target: Path, node: LxcConfig) -> list[str]:
             refused.append(f"{key} = {value}")
     problems = [f"its config sets {line}, which this node's lxc plugin never writes" for line in refused]
     wanted = [text.partition("=")[2].strip() for text in idmap_lines(node)]
-    if sorted(idmaps) != sorted(wanted):
-        problems.append(
-            f"its user namespace ({'; '.join(idmaps) or 'none: a privileged container'}) is not this node's "
-            f"({'; '.join(wanted) or 'none: this node runs privileged containers'})")
+    if not idmaps and not node.allow_privileged:
+        problems.append("it has no user namespace (a privileged container: its root is the host's root) and "
+                        "this node runs none: migrate it to a node with plugins.lxc.allow_privileged: true")
+    elif idmaps and sorted(idmaps) != sorted(wanted):
+        problems.append(f"its user namespace ({'; '.join(idmaps)}) is not this node's ({'; '.join(wanted)}): "
+                        "migrate it to a node with the same idmap_start and idmap_size")
     return problems
 
 

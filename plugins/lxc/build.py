@@ -4,6 +4,7 @@ config block over whatever it wrote, busybox's boot files, the first-boot seed a
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,24 +17,27 @@ from .settings import LxcConfig
 from .spec import CreateSpec
 
 
-async def from_template(lxc: Liblxc, config: LxcConfig, name: str, template: str, workdir: Path) -> None:
+async def from_template(lxc: Liblxc, config: LxcConfig, name: str, spec: CreateSpec, workdir: Path) -> None:
     # The template sees the idmap (to chown the root filesystem) and nothing else:
     # finish() writes the rest of the config after it.
     base = workdir / "create.conf"
-    await asyncio.to_thread(base.write_text, "".join(idmap_lines(config)) or "lxc.net.0.type = empty\n")
-    await lxc.create(name, template, base)
+    lines = "lxc.net.0.type = empty\n" if spec.privileged else "".join(idmap_lines(config))
+    await asyncio.to_thread(base.write_text, lines)
+    await lxc.create(name, spec.template or "", base)
 
 
-def from_image(config: LxcConfig, name: str, image: Path, shown: str) -> None:
+def from_image(config: LxcConfig, name: str, spec: CreateSpec, image: Path, shown: str) -> None:
     """A container directory with the tarball ``image`` (``shown`` names it) as its rootfs. Blocking."""
     directory = config.lxcpath / name
     rootfs = directory / "rootfs"
     directory.mkdir(mode=0o770)
     rootfs.mkdir(mode=0o755)
-    (directory / "config").write_text(image_base(config, rootfs))
+    (directory / "config").write_text(image_base(config, rootfs, spec.privileged))
     extract_tarball(image, rootfs, shown)
-    if config.unprivileged:
+    if not spec.privileged:
         shift_ownership(rootfs, config.idmap_start, config.idmap_size)
+        # As lxc-create does: the mapped root must enter its 0770 directory to reach rootfs.
+        os.chown(directory, config.idmap_start, config.idmap_start)
 
 
 def finish(config: LxcConfig, cgroups: CgroupLayout, name: str, spec: CreateSpec, seed: Path | None,
@@ -41,7 +45,7 @@ def finish(config: LxcConfig, cgroups: CgroupLayout, name: str, spec: CreateSpec
     """Our config block over the template's, the busybox boot files, the seed and the record. Blocking."""
     directory = config.lxcpath / name
     rootfs = directory / "rootfs"
-    owner = (config.idmap_start, config.idmap_start) if config.unprivileged else (0, 0)
+    owner = (0, 0) if spec.privileged else (config.idmap_start, config.idmap_start)
     config_path = directory / "config"
     block = kumo_block(name, spec, directory, cgroups)
     config_path.write_text(with_kumo_block(config_path.read_text(), block))

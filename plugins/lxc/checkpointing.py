@@ -73,10 +73,12 @@ class LxcCheckpointer:
         return pid
 
     async def stage(self, name: str, record: Mapping[str, Any], definition: bytes) -> StagedDirectory:
-        path: Path = await self.plugin.stage_migration(name, definition.decode("utf-8", "replace"), _source(record))
-        # The config was just checked to use this node's own user namespace (or none).
+        path, privileged = await self.plugin.stage_migration(name, definition.decode("utf-8", "replace"),
+                                                             _source(record))
+        # The config was just checked to use this node's own user namespace, or none where
+        # this node allows privileged containers.
         config = self.plugin.config
-        ids = range(config.idmap_start, config.idmap_start + config.idmap_size) if config.unprivileged else None
+        ids = None if privileged else range(config.idmap_start, config.idmap_start + config.idmap_size)
         return StagedDirectory(path, ids)
 
     async def take_over(self, name: str, record: Mapping[str, Any], directory: Path) -> None:

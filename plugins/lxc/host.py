@@ -1,8 +1,8 @@
 """What the host gives containers: cgroup controllers, bridges, templates, CPUs, memory and a
 searchable lxcpath; and preparing it (lxcpath, the configured bridge) at start-up.
 
-Unprivileged containers (``unprivileged: true``) map container root to ``idmap_start`` and
-up on the host. Root runs liblxc, so no newuidmap is needed, but the mapped root must be
+Containers are unprivileged unless created with ``privileged: true``: they map container
+root to ``idmap_start`` and up on the host. Root runs liblxc, so no newuidmap is needed, but the mapped root must be
 able to traverse every directory above its root filesystem.
 
 Every function here blocks: call them through ``asyncio.to_thread``.
@@ -36,12 +36,11 @@ def prepare(config: LxcConfig) -> str:
         lxcpath.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         return f"cannot create lxcpath {lxcpath}: {exc.strerror}"
-    if config.unprivileged:
-        blocked = untraversable(lxcpath)
-        if blocked is not None:
-            return (f"unprivileged containers need every directory above their root filesystem to be "
-                    f"searchable by the mapped root user, and {blocked} is not (chmod o+x it, or set "
-                    "plugins.lxc.lxcpath elsewhere)")
+    blocked = untraversable(lxcpath)
+    if blocked is not None:
+        return (f"unprivileged containers need every directory above their root filesystem to be "
+                f"searchable by the mapped root user, and {blocked} is not (chmod o+x it, or set "
+                "plugins.lxc.lxcpath elsewhere)")
     if config.bridge is not None:
         return ensure_bridge(config.bridge)
     return ""

@@ -57,18 +57,17 @@ def config_items(config: str) -> list[tuple[str, str]]:
 
 def idmap_lines(config: LxcConfig) -> list[str]:
     """An unprivileged container's user namespace: container ids 0.. are host ids idmap_start.."""
-    if not config.unprivileged:
-        return []
     start, size = config.idmap_start, config.idmap_size
     return [line("lxc.idmap", f"u 0 {start} {size}"), line("lxc.idmap", f"g 0 {start} {size}")]
 
 
-def image_base(config: LxcConfig, rootfs: Path) -> str:
+def image_base(config: LxcConfig, rootfs: Path, privileged: bool) -> str:
     """The config of a container made from a tarball, before Kumo's block: what a template
     would have written (the root filesystem, liblxc's common settings, the idmap)."""
     lines = [line("lxc.rootfs.path", f"dir:{rootfs}"), line("lxc.include", str(LXC_CONFIG_DIR / "common.conf"))]
-    if config.unprivileged:
-        lines.append(line("lxc.include", str(LXC_CONFIG_DIR / "userns.conf")))
+    if privileged:
+        return "".join(lines)
+    lines.append(line("lxc.include", str(LXC_CONFIG_DIR / "userns.conf")))
     return "".join(lines + idmap_lines(config))
 
 

@@ -9,7 +9,9 @@ unpack the rest into (liblxc lists no dot-directory, so a half-arrived container
 instance). Before the restore the directory is taken over: paths into the source's
 container directory are rewritten to ours, the same checks run again, and the directory is
 renamed into place. The source may be compromised: the config must also be one this node's
-plugin could have written (allowlist.py), its user namespace this node's own.
+plugin could have written (allowlist.py), its user namespace this node's own; a config
+without one (a privileged container) is taken only by a node that allows privileged
+containers, since a compromised source could have dropped an unprivileged one's idmap.
 
 Every function here blocks: call them through ``asyncio.to_thread``.
 """
@@ -26,6 +28,7 @@ from agent.sdk import TaskError, atomic_write
 from .allowlist import foreign_lines
 from .host import untraversable
 from .lxcconf import LXC_LOG, config_items, import_problems, rewrite_config
+from .record import RECORD_FILE, read_record, write_record
 from .settings import LxcConfig
 
 STAGED_PREFIX = ".import-"
@@ -43,7 +46,7 @@ def adapt(node: LxcConfig, name: str, config: str, source_lxcpath: str, arrived:
                         + " (a migrated container's config must be one this node's lxc plugin could have written)",
                         code="import-refused")
     problems = import_problems(adapted, target, Path(source_lxcpath), arrived)
-    if not problems and any(key == "lxc.idmap" for key, _ in config_items(adapted)):
+    if not problems and not is_privileged(adapted):
         blocked = untraversable(node.lxcpath)
         if blocked is not None:
             problems.append(f"it runs in a user namespace and its mapped root cannot search {blocked}: "
@@ -53,6 +56,11 @@ def adapt(node: LxcConfig, name: str, config: str, source_lxcpath: str, arrived:
         raise TaskError(f"container {name!r} cannot run on this node: " + "; ".join(problems)
                         + "; then migrate again", code=code)
     return adapted
+
+
+def is_privileged(config: str) -> bool:
+    """Whether the container of an lxc ``config`` runs without a user namespace."""
+    return not any(key == "lxc.idmap" for key, _ in config_items(config))
 
 
 def staging_directory(lxcpath: Path, name: str) -> Path:
@@ -75,4 +83,12 @@ def take_over(node: LxcConfig, name: str, staged: Path, source_lxcpath: str) -> 
         raise TaskError(f"container {name!r} is refused on this node: its {LXC_LOG} is not a regular file",
                         code="import-refused")
     atomic_write(config_path, config, mode=stat.S_IMODE(os.stat(config_path).st_mode))
+    # The details show the record, which the source wrote: what the config says wins.
+    privileged = is_privileged(config)
+    record = {} if (staged / RECORD_FILE).is_symlink() else read_record(staged)
+    write_record(staged, {**record, "privileged": privileged})
+    if not privileged:
+        # As lxc-create does: the mapped root must enter its directory (staged 0700 root) to reach rootfs.
+        os.chown(staged, node.idmap_start, node.idmap_start)
+        os.chmod(staged, 0o770)
     os.rename(staged, lxcpath / name)

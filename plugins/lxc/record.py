@@ -10,20 +10,18 @@ from typing import TYPE_CHECKING, Any
 
 from agent.sdk import atomic_write
 
-from .settings import LxcConfig
-
 if TYPE_CHECKING:
     from .spec import CreateSpec
 
 RECORD_FILE = "kumo.json"
-SHOWN = ("address", "unprivileged", "source")  # what the instance's details carry
+SHOWN = ("address", "privileged", "source")  # what the instance's details carry
 
 
-def new_record(spec: CreateSpec, config: LxcConfig) -> dict[str, Any]:
+def new_record(spec: CreateSpec) -> dict[str, Any]:
     record = {
         "created_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "source": f"template:{spec.template}" if spec.image is None else f"image:{spec.image_sha256 or spec.image}",
-        "unprivileged": config.unprivileged,
+        "privileged": spec.privileged,
         "vcpus": spec.vcpus,
         "memory_mib": spec.memory_mib,
         "network": spec.network.mode,

@@ -70,15 +70,22 @@ def extract_tarball(image: Path, rootfs: Path, shown: str) -> None:
 
 def shift_ownership(root: Path, start: int, size: int) -> None:
     """Map an extracted tree's ids into the container's range (chown drops setuid: restore modes)."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        for entry in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
-            st = os.lstat(entry)
-            if st.st_uid >= size or st.st_gid >= size:
-                raise TaskError(f"{entry} is owned by id {max(st.st_uid, st.st_gid)}, outside the container's "
-                                f"{size} ids", code="image-invalid")
-            os.chown(entry, start + st.st_uid, start + st.st_gid, follow_symlinks=False)
-            if not stat.S_ISLNK(st.st_mode):
-                os.chmod(entry, stat.S_IMODE(st.st_mode))
+    # Each inode once: a directory is shifted as its parent's entry, never again as a dirpath,
+    # and a file with several hardlinks under its first name only.
+    entries = (os.path.join(dirpath, n) for dirpath, dirnames, filenames in os.walk(root)
+               for n in dirnames + filenames)
+    shifted: set[tuple[int, int]] = set()
+    for entry in [str(root), *entries]:
+        st = os.lstat(entry)
+        if (st.st_dev, st.st_ino) in shifted:
+            continue
+        shifted.add((st.st_dev, st.st_ino))
+        if st.st_uid >= size or st.st_gid >= size:
+            raise TaskError(f"{entry} is owned by id {max(st.st_uid, st.st_gid)}, outside the container's "
+                            f"{size} ids", code="image-invalid")
+        os.chown(entry, start + st.st_uid, start + st.st_gid, follow_symlinks=False)
+        if not stat.S_ISLNK(st.st_mode):
+            os.chmod(entry, stat.S_IMODE(st.st_mode))
 
 
 def write_in_root(root: Path, rel: str, text: str, mode: int, owner: Owner) -> None:

@@ -44,12 +44,17 @@ class LxcConfig:
     0700 state directory because an unprivileged container's root must traverse to it.
     ``templates`` are the lxc templates a create may name (busybox works offline).
     ``lxc_checkpoint`` is the tool that checkpoints and restores a container (it runs criu).
+    Containers are unprivileged: their root is host uid ``idmap_start`` and up.
+    ``allow_privileged`` lets a create ask for a privileged one (``privileged: true``), and
+    lets a privileged container migrate here. It is off by default: a privileged container's
+    root is the host's root, and the node cannot tell a privileged container migrating in
+    from an unprivileged one whose compromised source dropped its idmap lines.
     """
 
     lxcpath: Path = Path("/var/lib/kumo-lxc")
     bridge: BridgeConfig | None = None
     network: NetworkDefaults = dataclasses.field(default_factory=NetworkDefaults)
-    unprivileged: bool = False
+    allow_privileged: bool = False
     idmap_start: int = 1_000_000
     idmap_size: int = 65536
     templates: list[str] = dataclasses.field(default_factory=lambda: ["busybox"])

@@ -38,6 +38,7 @@ class OptionsPayload:
     template: str | None = None
     hostname: str | None = None
     network: NetworkPayload | None = None
+    privileged: bool | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +52,7 @@ class CreatePayload:
     image_sha256: str | None = None
     hostname: str | None = None
     network: NetworkPayload | None = None
+    privileged: bool | None = None
     options: OptionsPayload | None = None
     # The first-boot seed's fields: the plugin that builds the seed checks them.
     user_data: Any = None
@@ -81,6 +83,7 @@ class CreateSpec:
     memory_mib: int | None
     network: NetworkSpec
     hostname: str | None
+    privileged: bool = False
 
 
 def parse_create(payload: Mapping[str, Any], config: LxcConfig) -> CreateSpec:
@@ -90,6 +93,11 @@ def parse_create(payload: Mapping[str, Any], config: LxcConfig) -> CreateSpec:
     image = raw.image
     template = raw.template if raw.template is not None else options.template
     hostname = raw.hostname if raw.hostname is not None else options.hostname
+    privileged = bool(raw.privileged if raw.privileged is not None else options.privileged)
+    if privileged and not config.allow_privileged:
+        raise TaskError("this node runs no privileged container (its root would be the host's root): leave out "
+                        "privileged, or set plugins.lxc.allow_privileged: true on a node meant for them",
+                        code="privileged-refused")
     if image is not None and template is not None:
         _bad("give either template or image (a root filesystem tarball), not both")
     if image is not None and not image:
@@ -116,6 +124,7 @@ def parse_create(payload: Mapping[str, Any], config: LxcConfig) -> CreateSpec:
         memory_mib=raw.memory_mib,
         network=parse_network(raw.network or options.network or NetworkPayload(), config),
         hostname=hostname,
+        privileged=privileged,
     )
 
 
