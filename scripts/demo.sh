@@ -126,9 +126,11 @@ write_agent_config() {
     "$BIN/python" - "$STATE/$1" "https://$LISTEN" "$host:$((port + $2))" "$LXCPATH" "$2" <<'PY'
 import sys, yaml
 state_dir, controller, metrics, lxcpath, index = sys.argv[1:]
-# Containers get a bridge of their own with a static address each.
+# Containers get a bridge of their own with a static address each. The tour migrates the
+# busybox container with its address, which CRIU restores only for a privileged container
+# here: the demo's nodes allow one, asked for by name (containers are unprivileged otherwise).
 plugins = {"lxc": {"lxcpath": lxcpath, "bridge": {"name": "kumodemo0", "address": "10.77.0.1/24"},
-                   "network": {"mode": "veth", "bridge": "kumodemo0"}}}
+                   "network": {"mode": "veth", "bridge": "kumodemo0"}, "allow_privileged": True}}
 if index != "0":
     plugins["lxc"]["lxcpath"] = f"{lxcpath}-{int(index) + 1}"
     plugins["kvm"] = {"instance_dir": f"/var/lib/libvirt/images/kumo-{int(index) + 1}"}
@@ -176,7 +178,8 @@ show_workloads() {
     else
         say "a container beside it"
         "$BIN/kumoctl" instances create demo-box --kind lxc --vcpus 1 --memory 64 --node "$(node_id agent)" \
-            --option template=busybox --option 'network={"mode": "veth", "address": "10.77.0.10/24"}'
+            --option template=busybox --option 'network={"mode": "veth", "address": "10.77.0.10/24"}' \
+            --option privileged=true
     fi
     "$BIN/kumoctl" instances list
     echo

@@ -119,6 +119,9 @@ def test_make_demo_runs_the_tour_and_demo_stop_cleans_up(demo):
     assert before and max(after) > max(before) + 1, f"demo-clock does not count on {node_b}: {after}"
     assert after == list(range(after[0], after[0] + len(after))), f"the count restarted or skipped: {after}"
     clock = json.loads(kumoctl("instances", "show", "demo-clock", "--output", "json").stdout)["details"]["pid"]
+    # The tour's other migration: the privileged busybox container, with its address.
+    boxed = kumoctl("instances", "migrate", "demo-box", "--to", node_b)
+    assert boxed.returncode == 0 and f"now runs on node {node_b}" in boxed.stdout, boxed.stdout + boxed.stderr
 
     stopped = script("stop")
     assert stopped.returncode == 0, stopped.stderr
