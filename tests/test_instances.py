@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import require
 from tests.harness.libvirt import TEST_INSTANCE_ROOT
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -49,16 +48,15 @@ def wait_state(controller, name: str, state: str, timeout: float = 120.0) -> dic
 
 
 @pytest.fixture
-def two_nodes(controller, kumo_agent, libvirtd, tmp_path_factory):
+def two_nodes(controller, kumo_agent, libvirtd, lxcpath_factory):
     """Two agents with kvm, cloudinit and lxc, each with its own instance directories."""
-    require(Path("/usr/bin/lxc-start").exists(), "lxc (make deps)")
     agents, roots = [], []
     for _ in range(2):
         root = TEST_INSTANCE_ROOT / f"kumo-e2e-{uuid.uuid4().hex[:8]}"
         root.mkdir(parents=True, mode=0o711)
         roots.append(root)
-        lxcpath = tmp_path_factory.mktemp("lxc")
-        lxcpath.chmod(0o755)
+        # Under /tmp, searchable: containers are unprivileged, and their mapped root must reach it.
+        lxcpath = lxcpath_factory()
         plugins = {
             "kvm": {"uri": libvirtd, "instance_dir": str(root / "instances"),
                     "acceleration": "tcg", "shutdown_timeout": 10},
