@@ -113,7 +113,7 @@ def test_a_migration_relays_between_nodes_attached_to_different_controllers(criu
         wait_for(lambda: read_counter(count) > before + 5, "web to keep counting on the destination")
         assert a.admin("GET", "/v1/instances/web")["node"] == destination.node_id
     finally:
-        a.call("DELETE", "/v1/instances/web", cert=a.admin_cert)
+        a.delete_instance("web")
 
 
 @pytest.mark.reliability("tasks on two controllers", "PostgreSQL restarted under load")
@@ -165,4 +165,4 @@ def test_a_migration_whose_controller_dies_ends_with_the_instance_running_once(c
         before = read_counter(count)
         wait_for(lambda: read_counter(count) > before + 5, "web to keep counting where it runs")
     finally:
-        b.call("DELETE", "/v1/instances/web", cert=b.admin_cert)
+        b.delete_instance("web")

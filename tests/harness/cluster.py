@@ -105,6 +105,18 @@ class ControllerProcess:
             raise AssertionError(f"{method} {path} -> {status}: {answer}")
         return answer
 
+    def delete_instance(self, name: str, limit: float = 60.0) -> None:
+        """Delete instance ``name`` and wait for its node to have done it: instances outlive
+        their agents, so a test that stops its agents first would leave it running."""
+        status, answer = self.call("DELETE", f"/v1/instances/{name}", cert=self.admin_cert)
+        task = answer.get("task") if status < 300 and isinstance(answer, dict) else None
+        deadline = time.monotonic() + limit
+        while task and time.monotonic() < deadline:
+            status, shown = self.call("GET", f"/v1/tasks/{task['id']}", cert=self.admin_cert)
+            if status != 200 or shown["state"] in ("succeeded", "failed"):
+                return
+            time.sleep(0.2)
+
     def start(self, ready: bool = True) -> None:
         """Run it and wait until it answers (``ready``: with its store open, not 503)."""
         with self.log_path.open("ab") as log:
