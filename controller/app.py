@@ -59,7 +59,7 @@ from controller.api import (
 from controller.services import Refused, migrations, rebalance
 from controller.services import images as image_service
 from controller.settings import ControllerSettings, split_address
-from controller.store import Event, Store, StoreUnavailable, open_store
+from controller.store import Event, Store, StoreUnavailable, cancel_and_wait, open_store
 from controller.ui import IDENTIFY
 from controller.ui import make_app as make_ui_app
 
@@ -299,9 +299,7 @@ class Controller:
 
     async def stop(self) -> None:
         await migrations.shutdown(self)
-        for task in self._background:
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await cancel_and_wait(self._background)
         if self._peers_session is not None:
             await self._peers_session.close()
         try:

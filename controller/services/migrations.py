@@ -47,6 +47,7 @@ from typing import Any
 from controller import scheduler
 from controller.services import Refused, instances, iso
 from controller.services.tasks import new_task, run_task, submit
+from controller.store import cancel_and_wait
 
 log = logging.getLogger("kumo.controller.migration")
 
@@ -138,10 +139,7 @@ async def listing(ctl: Any, state: str | None, limit: int,
 
 async def shutdown(ctl: Any) -> None:
     """Stop driving migrations (the controller is stopping); their records say they were cut off."""
-    tasks = list(migrations(ctl).running.values())
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await cancel_and_wait(list(migrations(ctl).running.values()))
 
 
 async def preflight(ctl: Any, row: dict[str, Any], doing: str) -> None:

@@ -20,6 +20,7 @@ a web session revoked): subscribers ignore what they have no use for.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -37,6 +38,18 @@ JSON_COLUMNS = ("facts", "plugins", "instances", "usage", "capacity", "payload",
 
 class StoreError(Exception):
     """The store cannot do what was asked (a conflict, a missing row, a database it must not use)."""
+
+
+async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]]) -> None:
+    """Cancel ``tasks`` and wait until every one has ended. On Python 3.11 an
+    ``asyncio.wait_for`` inside a library (a pool's acquire timeout) can swallow a
+    cancellation that lands as its wait ends, and a loop then runs on: each task still
+    running is cancelled again until it ends."""
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=1.0)
 
 
 class StoreUnavailable(Exception):

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
-from controller.store import Event, StoreError, StoreUnavailable
+from controller.store import Event, StoreError, StoreUnavailable, cancel_and_wait
 
 log = logging.getLogger("kumo.controller.store")
 
@@ -112,9 +112,7 @@ class PostgresDatabase:
 
     async def close(self) -> None:
         if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+            await cancel_and_wait([self._listener])
         if self._pool is not None:
             try:
                 await asyncio.wait_for(self._pool.close(), CLOSE_TIMEOUT)
@@ -225,11 +223,9 @@ class PostgresDatabase:
                 try:
                     await asyncio.wait({runner, alive}, return_when=asyncio.FIRST_COMPLETED)
                 finally:
-                    for task in (runner, alive):
-                        task.cancel()
-                    # wait(), not `await task` under suppress(CancelledError): that would also
-                    # swallow this task's own cancellation (the controller stopping) and loop on.
-                    await asyncio.wait({runner, alive})
+                    # Not `await task` under suppress(CancelledError): that would also swallow
+                    # this task's own cancellation (the controller stopping) and loop on.
+                    await cancel_and_wait((runner, alive))
                 if alive.done() and not alive.cancelled():
                     log.warning("stopped doing %s: its lock's connection to the database was lost", name)
                 else:
