@@ -37,15 +37,18 @@ demo: deps venv
 demo-stop:
 	./scripts/demo.sh stop
 
+# The slowest tests are listed at the end of each leg: CI's whole run must stay under 45 minutes.
+DURATIONS := --durations=15
+
 test: deps
 	$(MAKE) test-pypi test-debian
 
 test-pypi: venv
-	$(PY) -m pytest -ra $(PYTEST_ARGS)
+	$(PY) -m pytest -ra $(DURATIONS) $(PYTEST_ARGS)
 
 # The controllers of this leg keep their state in PostgreSQL: the whole suite runs on both stores.
 test-debian: venv-debian
-	KUMO_TEST_DATABASE=postgresql $(DEBPY) -m pytest -ra $(PYTEST_ARGS)
+	KUMO_TEST_DATABASE=postgresql $(DEBPY) -m pytest -ra $(DURATIONS) $(PYTEST_ARGS)
 
 # Fast feedback while editing: no real components.
 test-unit: venv
