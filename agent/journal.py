@@ -5,13 +5,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from agent.sdk import atomic_write
+from agent.sdk import append_line, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +76,8 @@ class TaskJournal:
         atomic_write(self.path, "".join(lines))
 
     def _append(self, entry: dict[str, Any]) -> None:
-        line = json.dumps(entry, default=str) + "\n"
         with self._lock:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                os.write(fd, line.encode())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            append_line(self.path, json.dumps(entry, default=str) + "\n")
 
     def record_started(self, key: str, task_id: str, kind: str) -> None:
         self._append({"key": key, "event": "started", "task_id": task_id, "kind": kind})

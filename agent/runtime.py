@@ -46,6 +46,7 @@ from agent.sdk import (
     Backoff,
     ConfigError,
     ControllerUnavailable,
+    DiskFull,
     Fingerprint,
     Identity,
     ImageCache,
@@ -539,10 +540,20 @@ class Runtime:
                 outcome = Outcome("failed", error=error, code="interrupted")
             else:
                 async with self._slots:
-                    await asyncio.to_thread(self.journal.record_started, key, task_id, kind)
-                    outcome = await self._run_task(task_id, kind, payload)
+                    try:
+                        await asyncio.to_thread(self.journal.record_started, key, task_id, kind)
+                    except DiskFull as exc:
+                        # Unjournalled, a task could run twice after a crash: it does not run.
+                        log.warning("task %s (%s) not run: %s", task_id, kind, exc)
+                        outcome = Outcome("failed", error=f"the task did not run: {exc}", code="no-space")
+                    else:
+                        outcome = await self._run_task(task_id, kind, payload)
                 self.metrics.tasks.labels(kind=kind, outcome=outcome.state).inc()
-            await asyncio.to_thread(self.journal.record_done, key, task_id, outcome)
+            try:
+                await asyncio.to_thread(self.journal.record_done, key, task_id, outcome)
+            except DiskFull as exc:
+                # It ran: say so. Redelivered after a crash, it is answered "interrupted", never rerun.
+                log.warning("task %s (%s): its outcome is reported but not journalled: %s", task_id, kind, exc)
             future.set_result(outcome)
             return outcome
         except asyncio.CancelledError:
@@ -572,6 +583,9 @@ class Runtime:
         except TaskError as exc:
             log.warning("task %s (%s) failed: %s [%s]", task_id, kind, exc, exc.code)
             return Outcome("failed", result=exc.details, error=str(exc), code=exc.code)
+        except DiskFull as exc:
+            log.warning("task %s (%s) failed: %s", task_id, kind, exc)
+            return Outcome("failed", error=str(exc), code="no-space")
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -645,7 +659,7 @@ class Runtime:
                     raise NodeRejected(f"certificate renewal refused: {exc.error}") from None
                 log.error("certificate renewal refused: %s; will retry", exc)
                 await asyncio.sleep(backoff.next())
-            except JoinError as exc:
+            except (JoinError, DiskFull) as exc:
                 log.error("certificate renewal: %s; will retry", exc)
                 await asyncio.sleep(backoff.next())
 

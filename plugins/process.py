@@ -299,7 +299,15 @@ class ProcessDriver:
         inst.start_time, inst.boot_id = start_time(popen.pid), self.boot
         if not self._watch(inst):  # gone already, and reaped by someone else
             self._exited(inst, popen.pid, None)
-        await self._save(inst)
+        try:
+            await self._save(inst)
+        except BaseException:
+            # Unrecorded, the process would be nobody's after an agent restart (a full state
+            # directory does this): it does not run rather than run unseen.
+            self._signal(inst, signal.SIGKILL)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(inst.exited.wait(), KILL_WAIT)
+            raise
         self.changed()
 
     def _popen(self, inst: _Instance) -> subprocess.Popen:

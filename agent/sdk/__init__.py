@@ -25,8 +25,8 @@ What is here, by concern:
   :class:`CheckpointBlocker` and :class:`SavedState`; a kind whose instances take a
   directory along stages it as a :class:`StagedDirectory`) and the node's image cache
   (:class:`ImageCache`, :func:`valid_sha256`);
-- mechanics every plugin would otherwise write again: :func:`atomic_write` and
-  :func:`tail` for files, :func:`run_command` for host tools, :class:`ExitWatcher` for
+- mechanics every plugin would otherwise write again: :func:`atomic_write`,
+  :func:`append_line` and :func:`tail` for files (:class:`DiskFull` when there is no room), :func:`run_command` for host tools, :class:`ExitWatcher` for
   processes, :func:`stat_fields`, :func:`start_time`, :func:`boot_id` and
   :func:`zombie_children` for /proc, :class:`Cgroups`, :func:`netns_usage` and
   :func:`process_tree_usage` to measure instances without forking, :class:`Backoff` for retries, and
@@ -56,7 +56,7 @@ from agent.sdk.driver import (
     InstanceDriver,
     UsageMeter,
 )
-from agent.sdk.files import atomic_write, tail
+from agent.sdk.files import DiskFull, append_line, atomic_write, tail
 from agent.sdk.hooks import PluginHooks
 from agent.sdk.images import ImageCache, valid_sha256
 from agent.sdk.payload import parse_payload
@@ -102,6 +102,7 @@ __all__ = [
     "ControllerUnavailable",
     "CriuCommand",
     "DirectoryCheckpointer",
+    "DiskFull",
     "ErrorCode",
     "ExitWatcher",
     "Fingerprint",
@@ -122,6 +123,7 @@ __all__ = [
     "StagedDirectory",
     "TaskError",
     "UsageMeter",
+    "append_line",
     "atomic_write",
     "boot_id",
     "controller_url",

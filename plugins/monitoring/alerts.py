@@ -20,14 +20,13 @@ import contextlib
 import datetime
 import json
 import logging
-import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from agent.sdk import Backoff, ConfigError, ControllerUnavailable, atomic_write
+from agent.sdk import Backoff, ConfigError, ControllerUnavailable, append_line, atomic_write
 
 from .schedule import Sample
 from .settings import RuleConfig, parse_rules
@@ -83,10 +82,7 @@ class AlertFiles:
 
     def record(self, alert: Alert, firing: dict[str, Alert]) -> None:
         """Append a transition to the outbox, synced before the firing set changes on disk."""
-        with (self.directory / "outbox.jsonl").open("a") as f:
-            f.write(json.dumps(alert) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_line(self.directory / "outbox.jsonl", json.dumps(alert) + "\n")
         atomic_write(self.directory / "firing.json", json.dumps(firing))
 
     def rewrite_outbox(self, alerts: list[Alert]) -> None:

@@ -1,0 +1,130 @@
+"""Faults injected into a real agent and controller: the agent's state directory full, and
+the network between them cut.
+
+Each test mounts or cuts something real (a tmpfs, a network namespace) and undoes it in
+teardown whatever happened, so a failed test leaves no mount or namespace behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import shlex
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from tests.harness import read_counter
+from tests.harness.agents import AgentProcess, running_on, wait_for
+from tests.test_agent_integration import submit, wait_task
+
+pytestmark = pytest.mark.integration
+
+
+def counter_command(path: Path) -> list[str]:
+    """A workload that counts into ``path`` ten times a second, for as long as it runs."""
+    return ["sh", "-c", f"i=0; while :; do i=$((i+1)); echo $i > {shlex.quote(str(path))}; sleep 0.1; done"]
+
+
+def create_process(controller: Any, agent: AgentProcess, name: str, command: list[str]) -> dict[str, Any]:
+    return wait_task(controller, submit(controller, agent.node_id, "process.create",
+                                        {"name": name, "kind": "process", "options": {"command": command}})["id"])
+
+
+def counting(path: Path) -> bool:
+    """Whether the workload counting into ``path`` still counts."""
+    before = read_counter(path)
+    return bool(wait_for(lambda: read_counter(path) > before, f"{path} to count on", limit=30))
+
+
+@pytest.fixture
+def workloads(tmp_path: Path) -> Iterator[Path]:
+    """A directory for the test's workloads' files; whatever still runs with it on its command
+    line is killed at teardown (process instances outlive their agent by design)."""
+    directory = tmp_path / "workloads"
+    directory.mkdir()
+    yield directory
+    for proc in psutil.process_iter(["cmdline"]):
+        if any(str(directory) in arg for arg in proc.info["cmdline"] or ()):
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+
+
+# -- the state directory full ---------------------------------------------------------------
+
+
+@pytest.fixture
+def small_state_dir() -> Iterator[Callable[[AgentProcess], None]]:
+    """``move(agent)``: put a joined, stopped agent's state directory on a 4 MiB tmpfs of its own
+    (its files copied over). Every mount is lazily unmounted at teardown, busy or not."""
+    mounted: list[Path] = []
+
+    def move(agent: AgentProcess) -> None:
+        saved = agent.workdir / "state-before-tmpfs"
+        shutil.copytree(agent.state_dir, saved)
+        subprocess.run(  # noqa: S603 - fixed argument list
+            ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "kumo-test-state", str(agent.state_dir)],
+            check=True, capture_output=True)
+        mounted.append(agent.state_dir)
+        shutil.copytree(saved, agent.state_dir, dirs_exist_ok=True)
+
+    yield move
+    for path in mounted:
+        subprocess.run(["umount", "--lazy", str(path)], check=False, capture_output=True)  # noqa: S603 - fixed list
+
+
+def fill(directory: Path) -> Path:
+    """Write zeros into ``directory/filler`` until the filesystem has no room left."""
+    filler = directory / "filler"
+    with filler.open("wb") as f:
+        try:
+            while True:
+                f.write(bytes(1 << 16))
+                f.flush()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+    return filler
+
+
+def assert_nothing_half_written(state_dir: Path) -> None:
+    """No temporary file left, every journal line whole, every record whole JSON."""
+    leftovers = [p for p in state_dir.rglob("*") if ".tmp-" in p.name]
+    assert not leftovers, f"temporary files left behind: {leftovers}"
+    for line in (state_dir / "tasks.journal").read_text().splitlines():
+        json.loads(line)
+    for record in state_dir.rglob("record.json"):
+        json.loads(record.read_text())
+
+
+@pytest.mark.reliability("process create, agent state directory", "state directory full (4 MiB tmpfs)")
+def test_a_full_state_directory_fails_tasks_clearly_and_the_agent_recovers(
+        controller, kumo_agent, small_state_dir, workloads):
+    agent = kumo_agent(start=False)
+    small_state_dir(agent)
+    agent.start()
+    assert create_process(controller, agent, "before", counter_command(workloads / "before"))["state"] == "succeeded"
+
+    filler = fill(agent.state_dir)
+    failed = create_process(controller, agent, "during", counter_command(workloads / "during"))
+    assert (failed["state"], failed["code"]) == ("failed", "no-space"), failed
+    assert f"cannot write {agent.state_dir}/" in failed["error"] and "free space there" in failed["error"], failed
+    # Not started, or killed when its record could not be written: nothing runs unrecorded.
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(workloads / "during") in " ".join(p.info["cmdline"] or ())]
+    assert running_on(agent, "during") is None
+    assert counting(workloads / "before")
+    assert agent.node()["state"] == "ready"
+    assert_nothing_half_written(agent.state_dir)
+
+    filler.unlink()
+    assert create_process(controller, agent, "after", counter_command(workloads / "after"))["state"] == "succeeded"
+    agent.restart()  # nothing lost: both instances are adopted from their records, still counting
+    wait_for(lambda: running_on(agent, "before") and running_on(agent, "after"), "both instances adopted")
+    assert counting(workloads / "before") and counting(workloads / "after")
+    assert "Traceback" not in agent.log_text()
+    assert_nothing_half_written(agent.state_dir)
