@@ -85,7 +85,9 @@ class ControllerClient:
     thousands of lines.
     """
 
-    def __init__(self, urls: Sequence[str], identity: Identity, on_state_change: Any = None):
+    def __init__(self, urls: Sequence[str], identity: Identity, on_state_change: Any = None,
+                 timeout: float = REQUEST_TIMEOUT):
+        self.timeout = timeout  # a request's unless it names its own
         self.controllers = ControllerChoice([url.rstrip("/") for url in urls])
         self._use(self.controllers.current)
         self.identity = identity
@@ -121,13 +123,14 @@ class ControllerClient:
         await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
 
     async def request(
-        self, method: str, path: str, body: Any = None, timeout: float = REQUEST_TIMEOUT
+        self, method: str, path: str, body: Any = None, timeout: float | None = None
     ) -> Any:
         """Send one request; return the decoded JSON answer.
 
         Raises ControllerUnavailable (retry later) or ControllerRejected (4xx).
         """
         payload = None if body is None else json.dumps(body).encode()
+        timeout = self.timeout if timeout is None else timeout
         try:
             status, raw = await self._send(method, path, payload, timeout)
         except TimeoutError:
@@ -148,7 +151,7 @@ class ControllerClient:
             raise ControllerUnavailable(f"{method} {path}: the controller's answer is not JSON")
         return data
 
-    async def node_call(self, method: str, path: str, json: Any = None, timeout: float = REQUEST_TIMEOUT) -> Any:
+    async def node_call(self, method: str, path: str, json: Any = None, timeout: float | None = None) -> Any:
         """``PluginContext.call_controller``: ``path`` is relative to ``/v1/nodes/<this node>/``."""
         return await self.request(method.upper(), f"{self.node_path}/{path.lstrip('/')}", json, timeout)
 

@@ -240,7 +240,8 @@ class Runtime:
         await asyncio.to_thread(_recover_renewal, self.state_dir)
         self.identity = load_identity(self.state_dir)
         controllers = self.settings.controller or read_join_record(self.state_dir).controllers
-        self.client = ControllerClient(controllers, self.identity, self._on_connection_change)
+        self.client = ControllerClient(controllers, self.identity, self._on_connection_change,
+                                       self.settings.controller_timeout)
         client = self.client
         self.images.pull_from(lambda: (client.base_url, client.node_path, client.tls))
         self._on_connection_change(False)
@@ -493,7 +494,8 @@ class Runtime:
         assert self.client is not None
         while True:
             wait = int(self.poll_timeout)
-            answer = await self.client.node_call("GET", f"tasks?wait={wait}", timeout=wait + POLL_SLACK)
+            slack = min(POLL_SLACK, self.client.timeout)
+            answer = await self.client.node_call("GET", f"tasks?wait={wait}", timeout=wait + slack)
             for task in answer.get("tasks") or ():
                 self._dispatch(task)
 

@@ -84,6 +84,9 @@ class AgentSettings:
     # One URL or a list, in the order to try them; null: the list recorded at join. Loading
     # makes it a list of normalised URLs (or None).
     controller: str | list[str] | None = None
+    # Seconds without an answer after which a request to the controller has failed (a long
+    # poll gets its wait on top, at most 15 s more): how soon a partition is noticed.
+    controller_timeout: float = 20.0
     metrics: MetricsSettings = dataclasses.field(default_factory=MetricsSettings)
     heartbeat: HeartbeatSettings = dataclasses.field(default_factory=HeartbeatSettings)
     tasks: TaskSettings = dataclasses.field(default_factory=TaskSettings)
@@ -128,6 +131,8 @@ def load_settings(path: Path | None, *, required: bool = False) -> AgentSettings
 def _validate(settings: AgentSettings, path: Path) -> None:
     if settings.controller is not None:
         settings.controller = controller_list(settings.controller, f"{path}: controller")
+    if settings.controller_timeout <= 0:
+        raise ConfigError(f"{path}: controller_timeout: expected seconds above 0, got {settings.controller_timeout}")
     if settings.metrics.listen is not None:
         try:
             split_listen(settings.metrics.listen)

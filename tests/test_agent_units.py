@@ -254,7 +254,7 @@ def test_settings_defaults_and_values(tmp_path):
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("stat_dir: /x\n", "{p}: stat_dir: unknown key (allowed keys: controller, heartbeat, image_cache, log_level, metrics, plugins, state_dir, tasks, vcpu_overcommit)"),
+        ("stat_dir: /x\n", "{p}: stat_dir: unknown key (allowed keys: controller, controller_timeout, heartbeat, image_cache, log_level, metrics, plugins, state_dir, tasks, vcpu_overcommit)"),
         ("metrics: {listen: 9464}\n", "{p}: metrics.listen: expected a string or null, got 9464"),
         ("metrics: {listen: 'nohost'}\n", "{p}: metrics.listen: expected HOST:PORT (e.g. 0.0.0.0:9464), got 'nohost'"),
         ("controller: http://ctl:8443\n", "{p}: controller: expected https://HOST:PORT (a controller's API address), got 'http://ctl:8443'"),
@@ -262,6 +262,7 @@ def test_settings_defaults_and_values(tmp_path):
         ("controller: [https://a:8443, 'https://a:8443/']\n", "{p}: controller[1]: https://a:8443 is listed twice"),
         ("controller: []\n", "{p}: controller: expected a URL or a list of URLs; leave it out to use the ones recorded at join"),
         ("controller: 3\n", "{p}: controller: expected a string or a list of a string or null, got 3"),
+        ("controller_timeout: 0\n", "{p}: controller_timeout: expected seconds above 0, got 0.0"),
         ("vcpu_overcommit: 0\n", "{p}: vcpu_overcommit: expected a number above 0, got 0.0"),
         ("image_cache: {max_mib: 0}\n", "{p}: image_cache.max_mib: expected a positive number of MiB (or null: no limit)"),
         ("log_level: loud\n", "{p}: log_level: expected one of 'debug', 'info', 'warning', 'error', got 'loud'"),

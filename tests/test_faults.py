@@ -13,6 +13,7 @@ import json
 import shlex
 import shutil
 import subprocess
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -128,3 +129,67 @@ def test_a_full_state_directory_fails_tasks_clearly_and_the_agent_recovers(
     assert counting(workloads / "before") and counting(workloads / "after")
     assert "Traceback" not in agent.log_text()
     assert_nothing_half_written(agent.state_dir)
+
+
+# -- a network partition ----------------------------------------------------------------------
+
+
+def scrape(agent: AgentProcess) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{agent.metrics_port}/metrics", timeout=10) as answer:  # noqa: S310
+        return answer.read().decode()
+
+
+def alert_check(directory: Path) -> tuple[Path, Path]:
+    """(a check script, the flag file that makes it report CRITICAL while it exists)."""
+    flag, check = directory / "broken", directory / "check_flag"
+    check.write_text(f'#!/bin/sh\nif [ -e {flag} ]; then echo "FLAG CRITICAL"; exit 2; fi\necho "FLAG OK"\n')
+    check.chmod(0o755)
+    return check, flag
+
+
+@pytest.mark.reliability("agent with a workload, a task queued, an alert firing",
+                         "network partition to the controller (iptables DROP)")
+def test_a_partitioned_node_keeps_working_alerts_locally_and_runs_queued_tasks_once_after(
+        controller, kumo_agent, network_partition, workloads):
+    """The partition is held until the controller lists the node unreachable (3 heartbeats of
+    1 s missed), the agent has given up on its session (``controller_timeout: 3``, the long
+    poll's 5 s wait on top) and a re-registration has failed too: it outlasts every timeout
+    on both sides, as a partition of minutes does with the default intervals (10 s heartbeats,
+    30 s polls, 20 s request timeout), in about 15 s."""
+    partition = network_partition(controller)
+    check, flag = alert_check(workloads)
+    agent = kumo_agent(settings={"controller": partition.url, "controller_timeout": 3}, plugins={"monitoring": {
+        "default_probes": False,
+        "probes": [{"name": "flag", "type": "command", "interval": 0.5, "command": [str(check)]}],
+        "rules": [{"name": "flag-set", "probe": "flag", "status": "critical", "for": 1}],
+    }})
+    assert create_process(controller, agent, "worker", counter_command(workloads / "worker"))["state"] == "succeeded"
+
+    partition.cut()
+    wait_for(lambda: agent.node()["state"] == "unreachable", "the controller to see the node unreachable")
+    queued = submit(controller, agent.node_id, "process.create",
+                    {"name": "queued", "kind": "process", "options": {"command": counter_command(workloads / "queued")}})
+    flag.touch()
+    # The alert fires on the node with no controller to tell: it waits in the outbox.
+    wait_for(lambda: 'kumo_alerts_firing{rule="flag-set"} 1.0' in (text := scrape(agent))
+             and "kumo_alert_outbox_transitions 1.0" in text, "the alert to fire locally", limit=30)
+    agent.wait_log(f"controller {partition.url} unreachable (", timeout=30)
+    agent.wait_log("controller: next attempt in", timeout=30, count=2)
+    assert counting(workloads / "worker")
+    # Likely handed to a long poll the partition had already cut: "delivered" into the void
+    # until the node registers again, which puts it back in the queue.
+    assert controller.admin("GET", f"/v1/tasks/{queued['id']}")["state"] in ("pending", "delivered")
+
+    partition.heal()
+    done = wait_task(controller, queued["id"], timeout=90)
+    assert done["state"] == "succeeded", done
+    agent.wait_ready()
+    assert counting(workloads / "queued") and counting(workloads / "worker")
+    alerts = wait_for(lambda: controller.admin("GET", "/v1/alerts")["alerts"], "the alert to reach the controller")
+    assert [(a["rule"], a["state"], a["node"]) for a in alerts] == [("flag-set", "firing", agent.node_id)]
+    # Once each: one queued process, one run in the journal, one alert transition stored.
+    assert len([p for p in psutil.process_iter(["cmdline"])
+                if str(workloads / "queued") in " ".join(p.info["cmdline"] or ())]) == 1
+    journal = [json.loads(line) for line in (agent.state_dir / "tasks.journal").read_text().splitlines()]
+    assert [e["event"] for e in journal if e["task_id"] == queued["id"]] == ["started", "done"]
+    assert len(controller.sql("SELECT id FROM alerts")) == 1
