@@ -52,7 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     join.add_argument("--token", required=True, metavar="JOIN", help="the join string from `kumoctl token create`")
     join.add_argument("--state-dir", type=Path, help=f"where the identity goes (default: config's state_dir or {DEFAULT_STATE_DIR})")
     join.add_argument("--config", type=Path, help=config_help)
-    join.add_argument("--force", action="store_true", help="replace an existing node identity")
+    join.add_argument("--force", action="store_true",
+                      help="replace an existing node identity; a node the controller knows (e.g. one whose certificate "
+                           "expired) joins again as itself, keeping its id, tasks and instances")
     join.set_defaults(func=_join)
 
     run = sub.add_parser("run", help="run the agent (SIGTERM stops it; workloads keep running)")
@@ -82,7 +84,8 @@ def _join(args: argparse.Namespace) -> int:
     state_dir = args.state_dir or _settings(args).state_dir
     record = join(controllers, args.token, state_dir, force=args.force)
     print(f"joined as node {record.node_id}; controllers {', '.join(record.controllers)}; identity in {state_dir}")
-    print(f"start the agent: kumo-agent run{f' --config {args.config}' if args.config else ''}")
+    again = "restart the agent (its running instances are adopted)" if args.force else "start the agent"
+    print(f"{again}: kumo-agent run{f' --config {args.config}' if args.config else ''}")
     return 0
 
 

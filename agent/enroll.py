@@ -11,6 +11,7 @@ The node key is made here and never leaves the node: only a CSR is sent.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import datetime
 import hashlib
@@ -26,6 +27,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
@@ -252,6 +254,10 @@ def join(controllers: list[str], join_text: str, state_dir: Path, *, force: bool
     ``controllers`` (``--controller``) come before the join string's URLs, in the list tried
     and in the one recorded: a node may reach a controller by another address than the one
     it announces. Enrollment goes to the first whose enrollment listener answers.
+
+    With ``force``, a node this controller's CA certified before (its certificate expired
+    during a partition, say) joins again as itself: it proves it holds the old key, and
+    keeps its node id, its queued tasks and its instances (see :func:`rejoin_proof`).
     """
     pin = parse_join_string(join_text)
     urls = list(dict.fromkeys([*controllers, *pin.controllers]))
@@ -264,15 +270,14 @@ def join(controllers: list[str], join_text: str, state_dir: Path, *, force: bool
         )
     ca, host = _pinned_ca(urls, pin)
     ca_pem = ca.public_bytes(serialization.Encoding.PEM).decode()
+    previous = _previous_identity(state_dir, ca) if force else None
     key = new_node_key()
     hostname = socket.gethostname()
-    answer = _post_json(
-        host,
-        pin.enroll_port,
-        _verified_context(ca_pem),
-        "/v1/enroll",
-        {"token": pin.token, "csr": make_csr(key, hostname), "hostname": hostname},
-    )
+    csr = make_csr(key, hostname)
+    body: dict[str, Any] = {"token": pin.token, "csr": csr, "hostname": hostname}
+    if previous is not None:
+        body["previous"] = rejoin_proof(*previous, pin.token, csr)
+    answer = _post_json(host, pin.enroll_port, _verified_context(ca_pem), "/v1/enroll", body)
     try:
         node_id = str(answer["node_id"])
         cert = x509.load_pem_x509_certificate(str(answer["certificate"]).encode())
@@ -287,6 +292,29 @@ def join(controllers: list[str], join_text: str, state_dir: Path, *, force: bool
     record = JoinRecord(controllers=tuple(urls), node_id=node_id)
     write_join_record(state_dir, record)
     return record
+
+
+def rejoin_proof(key: ec.EllipticCurvePrivateKey, cert: x509.Certificate, token: str, csr: str) -> dict[str, str]:
+    """The enrollment's ``previous``: the node's last certificate and its key's signature over
+    this token and CSR (the bytes controller/pki.py's ``rejoin_message`` checks), so the proof
+    cannot be replayed with another token or for another key."""
+    message = b"kumo-rejoin\0" + token.encode() + b"\0" + csr.encode()
+    return {"certificate": cert.public_bytes(serialization.Encoding.PEM).decode(),
+            "signature": base64.b64encode(key.sign(message, ec.ECDSA(hashes.SHA256()))).decode()}
+
+
+def _previous_identity(state_dir: Path, ca: x509.Certificate) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate] | None:
+    """The key and certificate in ``state_dir`` if ``ca`` issued that certificate: then the
+    node is this controller's and joins again as itself; None for a node new to it."""
+    try:
+        key = serialization.load_pem_private_key((state_dir / NODE_KEY).read_bytes(), password=None)
+        cert = load_certificate(state_dir / NODE_CERT)
+        if not isinstance(key, ec.EllipticCurvePrivateKey) or cert.issuer != ca.subject:
+            return None
+        ca.public_key().verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(cert.signature_hash_algorithm))
+    except (OSError, ValueError, TypeError, InvalidSignature):
+        return None
+    return key, cert
 
 
 def _pinned_ca(urls: list[str], pin: JoinString) -> tuple[x509.Certificate, str]:

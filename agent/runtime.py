@@ -642,12 +642,17 @@ class Runtime:
             if now >= not_after and not self._expired_logged:
                 self._expired_logged = True
                 log.error(
-                    "the node certificate expired at %s: the controller will refuse this node; re-join with "
-                    "`kumo-agent join --force --token JOIN` (plugins keep running meanwhile)",
+                    "the node certificate expired at %s (no renewal reached the controller in time): the "
+                    "controller refuses this node until it joins again. Instances keep running. Make a token "
+                    "(`kumoctl token create`), run `kumo-agent join --force --token JOIN` here and restart the "
+                    "agent: the node keeps its id, its queued tasks and its instances",
                     not_after.isoformat(),
                 )
+            wait = backoff.next()
+            if now < not_after:  # say so the moment it expires, not at the next backoff step
+                wait = min(wait, (not_after - now).total_seconds())
             try:
-                async with asyncio.timeout(backoff.next()):  # not wait_for: see _heartbeat_loop
+                async with asyncio.timeout(wait):  # not wait_for: see _heartbeat_loop
                     await self._connected.wait()
                 await self._renew()
                 backoff.reset()

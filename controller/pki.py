@@ -196,6 +196,40 @@ def public_key_from_csr(csr_pem: str) -> ec.EllipticCurvePublicKey:
     return key
 
 
+def rejoin_message(token: str, csr_pem: str) -> bytes:
+    """What a node signs with its previous key to join again as itself (agent/enroll.py builds
+    the same bytes): bound to this token and this CSR, so a proof seen once cannot be
+    replayed with another token or for another key."""
+    return b"kumo-rejoin\0" + token.encode() + b"\0" + csr_pem.encode()
+
+
+def previous_node(ca: CertificateAuthority, cert_pem: str, signature: bytes, message: bytes) -> str:
+    """The node id named by ``cert_pem``, a node certificate this CA issued (expired or not),
+    once ``signature`` over ``message`` verifies with that certificate's key: the proof that
+    the caller holds the node's key. CSRError says what did not hold."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem.encode())
+    except ValueError as exc:
+        raise CSRError(f"previous.certificate is not a PEM certificate: {exc}") from None
+    try:
+        if cert.issuer != ca.cert.subject:
+            raise InvalidSignature
+        ca.cert.public_key().verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(cert.signature_hash_algorithm))
+    except (InvalidSignature, TypeError, ValueError):
+        raise CSRError("previous.certificate was not issued by this controller's CA") from None
+    role, node_id = identity_of(cert)
+    if role != "node":
+        raise CSRError(f"previous.certificate is not a node's certificate (its role: {role or 'none'})")
+    key = cert.public_key()
+    try:
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            raise InvalidSignature
+        key.verify(signature, message, ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        raise CSRError(f"previous.signature was not made with node {node_id}'s key over this token and CSR") from None
+    return node_id
+
+
 def pem(cert: x509.Certificate) -> str:
     return cert.public_bytes(serialization.Encoding.PEM).decode()
 

@@ -8,6 +8,7 @@ teardown whatever happened, so a failed test leaves no mount or namespace behind
 from __future__ import annotations
 
 import contextlib
+import datetime
 import errno
 import json
 import shlex
@@ -20,9 +21,11 @@ from typing import Any
 
 import psutil
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.harness import read_counter
-from tests.harness.agents import AgentProcess, running_on, wait_for
+from tests.harness.agents import AgentProcess, join_agent, running_on, wait_for
 from tests.test_agent_integration import submit, wait_task
 
 pytestmark = pytest.mark.integration
@@ -193,3 +196,81 @@ def test_a_partitioned_node_keeps_working_alerts_locally_and_runs_queued_tasks_o
     journal = [json.loads(line) for line in (agent.state_dir / "tasks.journal").read_text().splitlines()]
     assert [e["event"] for e in journal if e["task_id"] == queued["id"]] == ["started", "done"]
     assert len(controller.sql("SELECT id FROM alerts")) == 1
+
+
+# -- a partition longer than the node certificate's lifetime -----------------------------------
+
+
+@pytest.mark.reliability("agent with a workload and a queued task",
+                         "partition longer than the node certificate's lifetime, then a re-join")
+def test_a_node_whose_certificate_expired_in_a_partition_joins_again_as_itself(
+        controller_factory, kumo_agent, network_partition, workloads):
+    """Certificates last 15 s here (``node_cert_ttl``), so the renewal due at two thirds of
+    that falls inside the partition, which lasts until the certificate has expired: what a
+    partition longer than a day does with the default lifetime."""
+    controller = controller_factory(node_cert_ttl=15)
+    partition = network_partition(controller)
+    agent = kumo_agent(controller=controller, settings={"controller": partition.url, "controller_timeout": 3})
+    assert create_process(controller, agent, "worker", counter_command(workloads / "worker"))["state"] == "succeeded"
+
+    partition.cut()
+    agent.wait_log("the node certificate expired", timeout=60)
+    queued = submit(controller, agent.node_id, "process.create",
+                    {"name": "queued", "kind": "process", "options": {"command": counter_command(workloads / "queued")}})
+    partition.heal()
+    # Locked out (the controller refuses the expired certificate), but still running and
+    # saying what to do; the workload never noticed.
+    assert agent.proc is not None and agent.proc.poll() is None
+    assert "run `kumo-agent join --force --token JOIN` here and restart the agent" in agent.log_text()
+    assert counting(workloads / "worker")
+    assert agent.node()["state"] == "unreachable"
+
+    joined = join_agent(controller, agent.state_dir, agent.env, force=True)
+    assert joined.returncode == 0 and f"joined as node {agent.node_id};" in joined.stdout, joined.stderr
+    agent.restart()
+    assert [node["id"] for node in controller.admin("GET", "/v1/nodes")["nodes"]] == [agent.node_id]
+    assert running_on(agent, "worker") and counting(workloads / "worker")
+    assert wait_task(controller, queued["id"])["state"] == "succeeded"
+    assert counting(workloads / "queued")
+    assert (agent.state_dir / "node.key").stat().st_mode & 0o777 == 0o600
+
+
+def test_only_the_holder_of_a_node_key_joins_again_as_that_node_and_a_removed_node_never(controller, tmp_path):
+    """What a token holder, or a compromised node, could try with ``previous``: another node's
+    certificate without its key, a proof replayed with another token, a certificate from
+    another CA, an admin's certificate; and a removed node coming back. Each is refused."""
+    from cryptography import x509
+
+    from agent.enroll import rejoin_proof
+    from controller.pki import CertificateAuthority
+    from tests.test_controller import csr_for, enroll_node, token
+
+    node_id, (cert_path, key_path) = enroll_node(controller, tmp_path)
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+
+    def rejoin(proof_key: Any, proof_cert: Any, signed_token: str | None = None) -> tuple[int, Any]:
+        new_key = ec.generate_private_key(ec.SECP256R1())
+        csr, spent = csr_for(new_key), token(controller)
+        return controller.call("POST", "/v1/enroll", {
+            "token": spent, "csr": csr, "hostname": "h1",
+            "previous": rejoin_proof(proof_key, proof_cert, signed_token or spent, csr),
+        }, port=controller.enroll_port)
+
+    status, answer = rejoin(ec.generate_private_key(ec.SECP256R1()), cert)
+    assert (status, answer["error"]) == (403, f"previous.signature was not made with node {node_id}'s key over "
+                                              "this token and CSR")
+    assert rejoin(key, cert, signed_token=token(controller))[0] == 403
+    foreign = CertificateAuthority.create("Not Kumo")
+    forged = foreign.issue_node(key.public_key(), node_id, datetime.timedelta(hours=1), None)
+    assert rejoin(key, forged)[1]["error"] == "previous.certificate was not issued by this controller's CA"
+    admin = x509.load_pem_x509_certificate(controller.admin_cert[0].read_bytes())
+    admin_key = serialization.load_pem_private_key(controller.admin_cert[1].read_bytes(), password=None)
+    assert rejoin(admin_key, admin)[1]["error"] == "previous.certificate is not a node's certificate (its role: admin)"
+
+    status, answer = rejoin(key, cert)
+    assert (status, answer["node_id"]) == (201, node_id), answer
+    controller.admin("DELETE", f"/v1/nodes/{node_id}")
+    status, answer = rejoin(key, cert)
+    assert status == 403 and answer["error"].startswith(f"node {node_id} was removed, for good"), answer
+    assert [n["id"] for n in controller.admin("GET", "/v1/nodes")["nodes"] if n["state"] != "removed"] == []

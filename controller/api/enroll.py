@@ -7,8 +7,11 @@ sends the token (see ``agent/enroll.py``), and every controller's URL, which the
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime
 import hashlib
+import logging
 import secrets
 import time
 from typing import Any
@@ -19,6 +22,8 @@ from controller import pki
 from controller.api import ApiError, Route, field, json_body, reject_unknown, reply, state
 from controller.services import iso
 from controller.settings import split_address
+
+log = logging.getLogger(__name__)
 
 JOIN_PREFIX = "kumo2"
 MAX_TOKEN_TTL = 30 * 86400
@@ -59,10 +64,11 @@ async def create_token(request: web.Request) -> web.Response:
 async def enroll_node(request: web.Request) -> web.Response:
     ctl = state(request)
     data = await json_body(request)
-    reject_unknown(data, {"token", "csr", "hostname"})
+    reject_unknown(data, {"token", "csr", "hostname", "previous"})
     token = field(data, "token", str)
     csr = field(data, "csr", str)
     hostname = field(data, "hostname", str)
+    previous = field(data, "previous", dict, required=False)
     if not 0 < len(hostname) <= 253:
         raise ApiError(400, "hostname must be 1 to 253 characters")
     # The token first: without a valid one nobody gets the CA to verify a signature or sign
@@ -74,13 +80,22 @@ async def enroll_node(request: web.Request) -> web.Response:
         # Checked before the token is spent: a bad CSR does not cost the node its token.
         ctl.metrics.enrollments.labels("bad-csr").inc()
         raise ApiError(400, str(exc)) from None
-    node_id = "n-" + secrets.token_hex(6)
+    node_id = "n-" + secrets.token_hex(6) if previous is None else _previous_node(ctl, previous, token, csr)
     lifetime = datetime.timedelta(seconds=ctl.settings.node_cert_ttl)
     cert = ctl.ca.issue_node(public_key, node_id, lifetime, request.remote)
     serial = format(cert.serial_number, "x")
+    expires_at = time.time() + ctl.settings.node_cert_ttl
     # Spent here, atomically: another enrollment may have used the token's last use meanwhile.
-    _refuse_unless_ok(ctl, await ctl.store.enroll(token_hash(token), node_id, hostname, serial,
-                                                   time.time() + ctl.settings.node_cert_ttl))
+    if previous is None:
+        _refuse_unless_ok(ctl, await ctl.store.enroll(token_hash(token), node_id, hostname, serial, expires_at))
+    else:
+        outcome = await ctl.store.rejoin(token_hash(token), node_id, serial, expires_at)
+        if outcome == "removed":
+            ctl.metrics.enrollments.labels("removed").inc()
+            raise ApiError(403, f"node {node_id} was removed, for good: join as a new node (move the state "
+                                "directory's node.key, node.crt and join.json away, then join again)")
+        _refuse_unless_ok(ctl, outcome)
+        log.info("node %s joined again with a new key (certificate serial %s)", node_id, serial)
     ctl.metrics.enrollments.labels("ok").inc()
     return reply(
         {
@@ -91,6 +106,24 @@ async def enroll_node(request: web.Request) -> web.Response:
         },
         201,
     )
+
+
+def _previous_node(ctl: Any, previous: dict[str, Any], token: str, csr: str) -> str:
+    """The node a re-joining agent proves it was: a certificate of ours naming it (expired, as
+    after a partition longer than its lifetime, or not) and a signature with that
+    certificate's key over this token and CSR. A token alone never buys an existing node's
+    identity: only the holder of its key can come back as it, and a removed node never can."""
+    reject_unknown(previous, {"certificate", "signature"})
+    certificate = field(previous, "certificate", str)
+    try:
+        signature = base64.b64decode(field(previous, "signature", str), validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, "previous.signature must be base64") from None
+    try:
+        return pki.previous_node(ctl.ca, certificate, signature, pki.rejoin_message(token, csr))
+    except pki.CSRError as exc:
+        ctl.metrics.enrollments.labels("bad-previous").inc()
+        raise ApiError(403, str(exc)) from None
 
 
 def _refuse_unless_ok(ctl: Any, outcome: str) -> None:
@@ -109,5 +142,8 @@ ROUTES = [
     Route("POST", "/v1/tokens", create_token, "admin", "Create a join token and its join string.",
           {"ttl_seconds": "integer, 60..2592000 (default 3600)", "uses": "integer, 1..1000 (default 1)"}),
     Route("POST", "/v1/enroll", enroll_node, "enroll", "Trade a join token and a CSR for a node certificate.",
-          {"token": "the token part of the join string", "csr": "PEM CSR, ECDSA P-256", "hostname": "string"}),
+          {"token": "the token part of the join string", "csr": "PEM CSR, ECDSA P-256", "hostname": "string",
+           "previous": "optional object, to join again as the same node: {certificate: the node's last PEM "
+                       "certificate, signature: base64 ECDSA-SHA256 by its key over "
+                       "'kumo-rejoin\\0' + token + '\\0' + csr}"}),
 ]

@@ -203,20 +203,29 @@ class Store:
             tx.notify({"event": "certificate", "node": node_id, "serial": serial})
             return "ok"
 
+    async def rejoin(
+        self, token_hash: str, node_id: str, serial: str, expires_at: float
+    ) -> TokenCheck | Literal["removed"]:
+        """Spend one use of the token and give the existing ``node_id`` a new certificate, in
+        one transaction; "removed" when the node is gone: removal is final."""
+        async with self._tx() as tx:
+            known = await tx.all("SELECT id FROM nodes WHERE id=? AND removed=0", node_id)
+            if not known:
+                return "removed"
+            spent = await tx.execute(
+                "UPDATE tokens SET uses_left = uses_left - 1 WHERE hash=? AND uses_left > 0 AND expires_at > ?",
+                token_hash, time.time(),
+            )
+            if not spent:
+                return await _token_status(tx, token_hash)
+            # Removed since the check above: the token stays spent, the node stays out.
+            return "ok" if await _add_certificate(tx, node_id, serial, expires_at) else "removed"
+
     async def add_certificate(self, node_id: str, serial: str, expires_at: float) -> bool:
         """Record a renewed certificate; False (nothing recorded) when the node was removed,
         even by a removal that committed a moment ago: removal is final."""
         async with self._tx() as tx:
-            added = await tx.execute(
-                "INSERT INTO certificates SELECT CAST(? AS TEXT), id, CAST(? AS DOUBLE PRECISION) FROM nodes "
-                "WHERE id=? AND removed=0",
-                serial, expires_at, node_id,
-            )
-            # Keep only certificates still valid: renewals would otherwise pile up forever.
-            await tx.execute("DELETE FROM certificates WHERE node_id=? AND expires_at < ?", node_id, time.time())
-            if added:
-                tx.notify({"event": "certificate", "node": node_id, "serial": serial})
-            return added == 1
+            return await _add_certificate(tx, node_id, serial, expires_at)
 
     async def valid_serials(self, node_id: str | None = None) -> dict[str, set[str]]:
         """Serials of the certificates each node (or just ``node_id``) may still use."""
@@ -841,6 +850,19 @@ async def _token_status(tx: Tx, token_hash: str) -> TokenCheck:
         return "used"
     return "ok"
 
+
+async def _add_certificate(tx: Tx, node_id: str, serial: str, expires_at: float) -> bool:
+    """Record a certificate of ``node_id`` unless the node was removed; whether it was."""
+    added = await tx.execute(
+        "INSERT INTO certificates SELECT CAST(? AS TEXT), id, CAST(? AS DOUBLE PRECISION) FROM nodes "
+        "WHERE id=? AND removed=0",
+        serial, expires_at, node_id,
+    )
+    # Keep only certificates still valid: renewals would otherwise pile up forever.
+    await tx.execute("DELETE FROM certificates WHERE node_id=? AND expires_at < ?", node_id, time.time())
+    if added:
+        tx.notify({"event": "certificate", "node": node_id, "serial": serial})
+    return added == 1
 
 async def _insert_task(tx: Tx, task: dict[str, Any]) -> bool:
     """Insert a pending task; False when its node already has one with that idempotency key."""

@@ -220,12 +220,13 @@ def _seen_after(node: Mapping[str, Any], since: float) -> bool:
         return True
 
 
-def join_agent(controller: Any, state_dir: Path, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run the real ``kumo-agent join`` with a fresh single-use token (its join string names
-    the controller); returns the finished process."""
+def join_agent(controller: Any, state_dir: Path, env: Mapping[str, str] | None = None,
+               force: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run the real ``kumo-agent join`` (``--force`` with ``force``) with a fresh single-use
+    token (its join string names the controller); returns the finished process."""
     token = controller.admin("POST", "/v1/tokens", {"ttl_seconds": 600, "uses": 1})["join"]
     return subprocess.run(  # noqa: S603 - fixed argument list
-        [*agent_command(), "join", "--token", token, "--state-dir", str(state_dir)],
+        [*agent_command(), "join", "--token", token, "--state-dir", str(state_dir), *(["--force"] if force else [])],
         capture_output=True,
         text=True,
         timeout=60,
