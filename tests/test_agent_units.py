@@ -330,3 +330,42 @@ def test_backoff_grows_with_jitter_up_to_the_cap():
     assert max(delays[8:]) > max(delays[:2])
     backoff.reset()
     assert backoff.next() == 0.5
+
+
+def test_a_full_disk_leaves_no_torn_journal_line_and_names_the_file(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from agent.sdk import DiskFull, atomic_write
+
+    journal = TaskJournal(tmp_path / "tasks.journal")
+    journal.record_started("a", "t-1", "x.run")
+    before = journal.path.read_bytes()
+    real_write = os.write
+
+    def half_then_full(fd: int, data: bytes) -> int:
+        if len(data) > 10:
+            return real_write(fd, data[: len(data) // 2])  # a short write, as a nearly full disk does
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", half_then_full)
+    with pytest.raises(DiskFull) as err:
+        journal.record_started("b", "t-2", "x.run")
+    monkeypatch.undo()
+    assert journal.path.read_bytes() == before
+    assert str(err.value).startswith(f"cannot write {journal.path}: No space left on device")
+    assert "free space there and try again" in str(err.value)
+
+    record = tmp_path / "record.json"
+    atomic_write(record, "old")
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(DiskFull):
+        atomic_write(record, "new")
+    monkeypatch.undo()
+    # The old record whole, and no temporary file left beside it.
+    assert record.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["record.json", "tasks.journal"]
