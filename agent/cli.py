@@ -1,4 +1,4 @@
-"""``kumo-agent``: ``join`` a controller, ``run`` the agent, list ``plugins``.
+"""``kumo-agent``: ``join`` a controller, ``run`` the agent, list ``plugins``, show its ``status``.
 
 Errors go to stderr as one sentence and a non-zero exit, never a traceback (those go to the
 agent log at debug level, for bugs).
@@ -19,10 +19,14 @@ from agent.sdk import ConfigError
 from agent.settings import (
     DEFAULT_CONFIG,
     DEFAULT_STATE_DIR,
+    NODE_CERT,
+    REJOIN_ADVICE,
     AgentSettings,
     JoinError,
+    NotJoined,
     controller_url,
     load_settings,
+    read_join_record,
 )
 
 log = logging.getLogger("agent")
@@ -60,6 +64,12 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the agent (SIGTERM stops it; workloads keep running)")
     run.add_argument("--config", type=Path, help=config_help)
     run.set_defaults(func=_run)
+
+    status = sub.add_parser("status", help="this node's id, controllers and certificate; exit 1 once it expired")
+    status.add_argument("--config", type=Path, help=config_help)
+    status.add_argument("--state-dir", type=Path, help=f"the agent's state (default: config's state_dir or {DEFAULT_STATE_DIR})")
+    status.add_argument("--output", choices=("table", "json"), default="table")
+    status.set_defaults(func=_status)
 
     plugins = sub.add_parser("plugins", help="list the installed plugins and what each can do here")
     plugins.add_argument("--config", type=Path, help=config_help)
@@ -114,6 +124,35 @@ def _run(args: argparse.Namespace) -> int:
     _setup_logging(settings.log_level)
     hooks = _load_plugins(settings)
     return asyncio.run(Runtime(settings, hooks).run())
+
+
+def _status(args: argparse.Namespace) -> int:
+    """What the state directory says, without the running agent: a node locked out by an
+    expired certificate is told how to come back even when nothing else answers."""
+    import datetime
+
+    from agent.certinfo import certificate_validity
+
+    state_dir = args.state_dir or _settings(args).state_dir
+    try:
+        record = read_join_record(state_dir)
+        _, not_after = certificate_validity(state_dir / NODE_CERT)
+    except NotJoined as exc:
+        raise JoinError(str(exc)) from None
+    except (OSError, ValueError) as exc:
+        raise JoinError(f"cannot read the node certificate: {exc}; re-join with `kumo-agent join --force --token JOIN`") from None
+    expired = not_after <= datetime.datetime.now(datetime.UTC)
+    advice = f"the certificate has expired, so the controller refuses this node. {REJOIN_ADVICE}." if expired else None
+    if args.output == "json":
+        print(json.dumps({"node_id": record.node_id, "controllers": list(record.controllers),
+                          "certificate_expires_at": not_after.isoformat(), "expired": expired, "advice": advice}, indent=2))
+    else:
+        print(f"node         {record.node_id}")
+        print(f"controllers  {', '.join(record.controllers)}")
+        print(f"certificate  {'EXPIRED at' if expired else 'valid until'} {not_after.isoformat()}")
+        if advice:
+            print(f"\n{advice}")
+    return 1 if expired else 0
 
 
 def _plugins(args: argparse.Namespace) -> int:

@@ -55,6 +55,7 @@ from agent.sdk import (
 )
 from agent.settings import (
     NODE_CERT_NEXT,
+    REJOIN_ADVICE,
     AgentSettings,
     JoinError,
     NotJoined,
@@ -643,10 +644,8 @@ class Runtime:
                 self._expired_logged = True
                 log.error(
                     "the node certificate expired at %s (no renewal reached the controller in time): the "
-                    "controller refuses this node until it joins again. Instances keep running. Make a token "
-                    "(`kumoctl token create`), run `kumo-agent join --force --token JOIN` here and restart the "
-                    "agent: the node keeps its id, its queued tasks and its instances",
-                    not_after.isoformat(),
+                    "controller refuses this node until it joins again. Instances keep running. %s",
+                    not_after.isoformat(), REJOIN_ADVICE,
                 )
             wait = backoff.next()
             if now < not_after:  # say so the moment it expires, not at the next backoff step

@@ -200,6 +200,12 @@ class JoinRecord:
     node_id: str
 
 
+# What to do once the node certificate has expired (a partition outlasted it): the agent's
+# log and `kumo-agent status` say the same.
+REJOIN_ADVICE = ("Make a token (`kumoctl token create`), run `kumo-agent join --force --token JOIN` here and "
+                 "restart the agent: the node keeps its id, its queued tasks and its instances")
+
+
 class NotJoined(Exception):
     """The state directory holds no usable identity; the message says how to join."""
 

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.harness import read_counter
-from tests.harness.agents import AgentProcess, join_agent, running_on, wait_for
+from tests.harness.agents import AgentProcess, agent_command, join_agent, running_on, wait_for
 from tests.test_agent_integration import submit, wait_task
 
 pytestmark = pytest.mark.integration
@@ -222,6 +222,10 @@ def test_a_node_whose_certificate_expired_in_a_partition_joins_again_as_itself(
     # saying what to do; the workload never noticed.
     assert agent.proc is not None and agent.proc.poll() is None
     assert "run `kumo-agent join --force --token JOIN` here and restart the agent" in agent.log_text()
+    status = subprocess.run([*agent_command(), "status", "--state-dir", str(agent.state_dir)],  # noqa: S603
+                            capture_output=True, text=True, env=agent.env, check=False)
+    assert status.returncode == 1 and "certificate  EXPIRED at" in status.stdout, status
+    assert "run `kumo-agent join --force --token JOIN` here and restart the agent" in status.stdout
     assert counting(workloads / "worker")
     assert agent.node()["state"] == "unreachable"
 
@@ -233,6 +237,9 @@ def test_a_node_whose_certificate_expired_in_a_partition_joins_again_as_itself(
     assert wait_task(controller, queued["id"])["state"] == "succeeded"
     assert counting(workloads / "queued")
     assert (agent.state_dir / "node.key").stat().st_mode & 0o777 == 0o600
+    status = subprocess.run([*agent_command(), "status", "--state-dir", str(agent.state_dir), "--output", "json"],  # noqa: S603
+                            capture_output=True, text=True, env=agent.env, check=False)
+    assert status.returncode == 0 and json.loads(status.stdout)["node_id"] == agent.node_id, status
 
 
 def test_only_the_holder_of_a_node_key_joins_again_as_that_node_and_a_removed_node_never(controller, tmp_path):
