@@ -683,3 +683,31 @@ def test_a_check_script_alert_reaches_kumoctl_and_survives_a_controller_outage(c
         time.sleep(0.5)
     assert transitions == ["firing", "resolved", "firing"]
     assert [r["state"] for r in rows] == ["firing"]
+
+
+async def test_an_alert_the_full_disk_kept_from_recording_fires_once_space_returns(tmp_path: Path, monkeypatch) -> None:
+    from agent.sdk import DiskFull
+    from plugins.monitoring.alerts import AlertFiles
+
+    section = {"default_probes": False,
+               "probes": [{"name": "bad", "type": "command", "interval": 0.1, "command": ["/bin/sh", "-c", "exit 2"]}],
+               "rules": [{"name": "bad", "probe": "bad", "status": "critical"}]}
+    real_record = AlertFiles.record
+    attempts: list[str] = []
+
+    def full(self: AlertFiles, alert: dict[str, Any], firing: dict[str, Any]) -> None:
+        attempts.append(alert["id"])
+        if len(attempts) < 3:
+            raise DiskFull(self.directory / "outbox.jsonl", OSError(28, "No space left on device"))
+        real_record(self, alert, firing)
+
+    monkeypatch.setattr(AlertFiles, "record", full)
+    controller = FakeController()
+    plugin = await started(tmp_path / "state", section, controller)
+    try:
+        # The probe's loop outlived the failed writes, and the alert fired once they worked.
+        await until(lambda: len(controller.received) == 1)
+        assert len(attempts) == 3 and [a["state"] for a in controller.received] == ["firing"]
+        assert list(plugin.alerts.firing.values())[0]["id"] == attempts[-1]
+    finally:
+        await plugin.kumo_shutdown()

@@ -26,7 +26,14 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from agent.sdk import Backoff, ConfigError, ControllerUnavailable, append_line, atomic_write
+from agent.sdk import (
+    Backoff,
+    ConfigError,
+    ControllerUnavailable,
+    DiskFull,
+    append_line,
+    atomic_write,
+)
 
 from .schedule import Sample
 from .settings import RuleConfig, parse_rules
@@ -106,6 +113,7 @@ class Alerts:
         self._ready = asyncio.Event()
         self._file_lock = asyncio.Lock()
         self._writes: set[asyncio.Future[None]] = set()
+        self._full_logged = False
 
     @property
     def rules(self) -> list[RuleConfig]:
@@ -191,17 +199,31 @@ class Alerts:
         """Record a transition: the firing set, the disk and the outbox, or none of them."""
         assert self.files is not None
         files = self.files
+        before = self.firing.get(key)
         if alert["state"] == "firing":
             self.firing[key] = alert
         else:
             del self.firing[key]
-        log.warning("alert %s %s: %s", alert["rule"], alert["state"], alert["annotations"]["summary"])
 
         async def record() -> None:
             await asyncio.to_thread(files.record, alert, dict(self.firing))
             self.outbox.append(alert)
 
-        await self._shielded(record)
+        try:
+            await self._shielded(record)
+        except DiskFull as exc:
+            # Not recorded, so it did not happen: the next sample tries again. Raising would
+            # end the probe's loop, and a full disk is just when its alert matters.
+            if before is None:
+                self.firing.pop(key, None)
+            else:
+                self.firing[key] = before
+            if not self._full_logged:  # once until a write works again, not at every sample
+                self._full_logged = True
+                log.error("alert %s %s not recorded, tried again at each sample: %s", alert["rule"], alert["state"], exc)
+            return
+        self._full_logged = False
+        log.warning("alert %s %s: %s", alert["rule"], alert["state"], alert["annotations"]["summary"])
         self._ready.set()
 
     async def _shielded(self, step: Callable[[], Awaitable[None]]) -> None:
