@@ -21,6 +21,7 @@ from typing import Any
 
 import psutil
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -104,12 +105,19 @@ def assert_nothing_half_written(state_dir: Path) -> None:
         json.loads(line)
     for record in state_dir.rglob("record.json"):
         json.loads(record.read_text())
+    key = serialization.load_pem_private_key((state_dir / "node.key").read_bytes(), password=None)
+    cert = x509.load_pem_x509_certificate((state_dir / "node.crt").read_bytes())
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert key.public_key().public_bytes(*spki) == cert.public_key().public_bytes(*spki), "node.key and node.crt differ"
 
 
-@pytest.mark.reliability("process create, agent state directory", "state directory full (4 MiB tmpfs)")
+@pytest.mark.reliability("process create and certificate renewal, agent state directory",
+                         "state directory full (4 MiB tmpfs)")
 def test_a_full_state_directory_fails_tasks_clearly_and_the_agent_recovers(
-        controller, kumo_agent, small_state_dir, workloads):
-    agent = kumo_agent(start=False)
+        controller_factory, kumo_agent, small_state_dir, workloads):
+    """Certificates last 12 s here, so a renewal (due at two thirds) meets the full disk too."""
+    controller = controller_factory(node_cert_ttl=12)
+    agent = kumo_agent(start=False, controller=controller)
     small_state_dir(agent)
     agent.start()
     assert create_process(controller, agent, "before", counter_command(workloads / "before"))["state"] == "succeeded"
@@ -122,10 +130,13 @@ def test_a_full_state_directory_fails_tasks_clearly_and_the_agent_recovers(
     assert not [p for p in psutil.process_iter(["cmdline"]) if str(workloads / "during") in " ".join(p.info["cmdline"] or ())]
     assert running_on(agent, "during") is None
     assert counting(workloads / "before")
+    agent.wait_log("certificate renewal: cannot write", timeout=30)
     assert agent.node()["state"] == "ready"
     assert_nothing_half_written(agent.state_dir)
 
+    renewed = agent.log_text().count("renewed the node certificate")
     filler.unlink()
+    agent.wait_log("renewed the node certificate", timeout=30, count=renewed + 1)
     assert create_process(controller, agent, "after", counter_command(workloads / "after"))["state"] == "succeeded"
     agent.restart()  # nothing lost: both instances are adopted from their records, still counting
     wait_for(lambda: running_on(agent, "before") and running_on(agent, "after"), "both instances adopted")
@@ -205,10 +216,10 @@ def test_a_partitioned_node_keeps_working_alerts_locally_and_runs_queued_tasks_o
                          "partition longer than the node certificate's lifetime, then a re-join")
 def test_a_node_whose_certificate_expired_in_a_partition_joins_again_as_itself(
         controller_factory, kumo_agent, network_partition, workloads):
-    """Certificates last 15 s here (``node_cert_ttl``), so the renewal due at two thirds of
+    """Certificates last 12 s here (``node_cert_ttl``), so the renewal due at two thirds of
     that falls inside the partition, which lasts until the certificate has expired: what a
     partition longer than a day does with the default lifetime."""
-    controller = controller_factory(node_cert_ttl=15)
+    controller = controller_factory(node_cert_ttl=12)
     partition = network_partition(controller)
     agent = kumo_agent(controller=controller, settings={"controller": partition.url, "controller_timeout": 3})
     assert create_process(controller, agent, "worker", counter_command(workloads / "worker"))["state"] == "succeeded"
@@ -246,8 +257,6 @@ def test_only_the_holder_of_a_node_key_joins_again_as_that_node_and_a_removed_no
     """What a token holder, or a compromised node, could try with ``previous``: another node's
     certificate without its key, a proof replayed with another token, a certificate from
     another CA, an admin's certificate; and a removed node coming back. Each is refused."""
-    from cryptography import x509
-
     from agent.enroll import rejoin_proof
     from controller.pki import CertificateAuthority
     from tests.test_controller import csr_for, enroll_node, token
