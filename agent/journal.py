@@ -84,6 +84,10 @@ class TaskJournal:
         self.started.add(key)
 
     def record_done(self, key: str, task_id: str, outcome: Outcome) -> None:
-        self._append({"key": key, "event": "done", "task_id": task_id, **outcome.to_json()})
-        self.done[key] = outcome
-        self.started.discard(key)
+        try:
+            self._append({"key": key, "event": "done", "task_id": task_id, **outcome.to_json()})
+        finally:
+            # Known to this process even when the disk is full: a redelivery is answered with
+            # the outcome, never taken for a task cut off mid-run (whose create would be undone).
+            self.done[key] = outcome
+            self.started.discard(key)

@@ -355,6 +355,13 @@ def test_a_full_disk_leaves_no_torn_journal_line_and_names_the_file(tmp_path, mo
     assert journal.path.read_bytes() == before
     assert str(err.value).startswith(f"cannot write {journal.path}: No space left on device")
     assert "free space there and try again" in str(err.value)
+    # A task that ran is known to have run even when its end could not be journalled.
+    monkeypatch.setattr(os, "write", half_then_full)
+    with pytest.raises(DiskFull):
+        journal.record_done("a", "t-1", Outcome("succeeded"))
+    monkeypatch.undo()
+    assert journal.done["a"].state == "succeeded" and "a" not in journal.started
+    assert journal.path.read_bytes() == before
 
     record = tmp_path / "record.json"
     atomic_write(record, "old")
