@@ -1,5 +1,5 @@
-"""Faults injected into a real agent and controller: the agent's state directory full, and
-the network between them cut.
+"""Faults injected into a real agent and controller: the agent's state directory full, the
+network between them cut, and cut for longer than the node certificate lasts.
 
 Each test mounts or cuts something real (a tmpfs, a network namespace) and undoes it in
 teardown whatever happened, so a failed test leaves no mount or namespace behind.

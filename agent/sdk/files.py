@@ -23,8 +23,8 @@ class DiskFull(OSError):
     def __init__(self, path: Path, cause: OSError):
         super().__init__(
             cause.errno,
-            f"cannot write {path}: {cause.strerror} (the filesystem holding {path.parent} is full): free "
-            "space there and try again; what was there before is unchanged",
+            f"cannot write {path}: {cause.strerror} (no room left on the filesystem holding {path.parent}): "
+            "free space there and try again; what was there before is unchanged",
             str(path),
         )
 
