@@ -10,7 +10,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,26 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import CACHE_DIR, REPO, require
+from tests.harness import CACHE_DIR, REPO, free_port, require
 from tests.harness.criu import criu_status
 from tests.harness.lxc import run
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def two_free_ports() -> int:
-    """A port p with p + 1 free too (the demo's second agent serves metrics on the next port)."""
-    for _ in range(50):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-            with socket.socket() as b:
-                try:
-                    b.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-                return port
-    raise AssertionError("no two consecutive free ports")
 
 
 def counts(console: str) -> list[int]:
@@ -55,9 +39,9 @@ def demo(tmp_path, lxc_required):
     env = {
         **os.environ,
         "KUMO_DEMO_STATE": str(state),
-        "KUMO_DEMO_LISTEN": f"127.0.0.1:{two_free_ports()}",
-        "KUMO_DEMO_UI_LISTEN": f"127.0.0.1:{two_free_ports()}",
-        "KUMO_DEMO_METRICS": f"127.0.0.1:{two_free_ports()}",
+        "KUMO_DEMO_LISTEN": f"127.0.0.1:{free_port(2)}",
+        "KUMO_DEMO_UI_LISTEN": f"127.0.0.1:{free_port(2)}",
+        "KUMO_DEMO_METRICS": f"127.0.0.1:{free_port(2)}",
         "KUMO_DEMO_LXCPATH": str(lxcpath),
         "KUMO_DEMO_BIN": str(Path(sys.executable).parent),
         # The image the Debian tests build: built once per run, whoever asks first.

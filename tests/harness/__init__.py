@@ -7,6 +7,7 @@ real daemon. They are loaded for every test by ``tests/conftest.py``.
 from __future__ import annotations
 
 import os
+import random
 import socket
 import ssl
 import time
@@ -32,11 +33,41 @@ def require(condition: bool, what: str) -> None:
     pytest.skip(f"missing: {what} (run `make deps`)")
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+_handed_out: set[int] = set()
+
+
+def free_port(count: int = 1) -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago, with the ``count - 1`` after it.
+
+    Chosen below the kernel's ephemeral range: a port the kernel hands out itself (bind to
+    port 0) can become the local end of any outgoing connection before the test's server
+    binds it, which failed a CI run with "address already in use". No port is handed out
+    twice in one run, so two servers of one test never draw the same.
+    """
+    low, _ = _ephemeral_range()
+    pool = range(10000, max(low, 10000 + 1000) - count)
+    for _ in range(200):
+        port = random.choice(pool)
+        wanted = range(port, port + count)
+        if _handed_out.intersection(wanted):
+            continue
+        try:
+            for candidate in wanted:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", candidate))
+        except OSError:
+            continue
+        _handed_out.update(wanted)
+        return port
+    raise RuntimeError(f"no {count} free consecutive TCP ports below {low}")
 
 
 def read_counter(path: Path) -> int:
