@@ -5,7 +5,8 @@ the instance-id and the first line of user-data on the serial console, then powe
 With ``kumo.hold`` on the kernel command line it stays up instead, until an ACPI power
 button press (what ``virDomainShutdown`` sends), so stop and adoption can be tested; with
 ``kumo.count`` as well it prints ``GUEST-COUNT n`` (n = 1, 2, ...) five times a second, so a
-checkpoint and restore can be seen to continue the count.
+checkpoint and restore can be seen to continue the count; with ``kumo.fill=MiB`` it fills
+that much memory and keeps writing to it (``GUEST-FILLED`` once full).
 
 Built once per recipe under ``CACHE_DIR/guest/<hash>`` from the kernel package that
 ``scripts/deps/10-libvirt.sh`` downloads (nothing is installed into /boot or /lib/modules).
@@ -58,6 +59,14 @@ if grep -q kumo.hold /proc/cmdline; then
     ( dd if=$e bs=24 count=1 >/dev/null 2>&1; echo GUEST-POWER-BUTTON; poweroff -f ) &
   done
   echo GUEST-HOLDING
+  # With kumo.fill=MiB it fills that much of its memory (its root is RAM) and keeps
+  # rewriting 16 MiB of it: the memory-writing workload of the VM migration benchmark.
+  fill=$(sed -En 's/.*kumo[.]fill=([0-9]+).*/\\1/p' /proc/cmdline)
+  if [ -n "$fill" ]; then
+    yes kumo | head -c $((fill * 1048576)) > /fill
+    echo GUEST-FILLED
+    ( while true; do head -c 16777216 /fill > /dirty; done ) &
+  fi
   # With kumo.count it counts on the console: a checkpoint restored must go on from where it
   # was, not from 1.
   if grep -q kumo.count /proc/cmdline; then

@@ -99,14 +99,14 @@ os.execvp("libvirtd", ["libvirtd", "--pid-file", os.path.join(home, "run", "libv
 """
 
 
-@pytest.fixture(scope="module")
-def second_libvirtd(libvirtd: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A second libvirtd on this machine that behaves as another host's (its own domains,
-    sockets and state; the same instance image directory); its URI. Its domains are
-    destroyed and it is stopped at the end of the module."""
+@contextlib.contextmanager
+def another_libvirtd(home: Path) -> Iterator[str]:
+    """Run a second libvirtd on this machine that behaves as another host's (its own domains,
+    sockets and state under ``home``; the same instance image directory); its URI. Its
+    domains are destroyed and it is stopped on exit. Raises RuntimeError when it does not
+    answer within 30 s."""
     import libvirt
 
-    home = tmp_path_factory.mktemp("libvirtd2")
     for sub in ("run", "etc/qemu", "lib", "cache", "log/qemu"):
         (home / sub).mkdir(parents=True)
     for conf in Path("/etc/libvirt").glob("*.conf"):
@@ -124,7 +124,7 @@ def second_libvirtd(libvirtd: str, tmp_path_factory: pytest.TempPathFactory) -> 
     while subprocess.run(["virsh", "-c", uri, "version"], capture_output=True, check=False).returncode != 0:  # noqa: S603, S607
         if daemon.poll() is not None or time.monotonic() > deadline:
             daemon.kill()
-            require(False, f"a second libvirtd answering on {uri}: {(home / 'libvirtd.out').read_text()[-500:]}")
+            raise RuntimeError(f"a second libvirtd answering on {uri}: {(home / 'libvirtd.out').read_text()[-500:]}")
         time.sleep(0.2)
     try:
         yield uri
@@ -143,6 +143,16 @@ def second_libvirtd(libvirtd: str, tmp_path_factory: pytest.TempPathFactory) -> 
         except subprocess.TimeoutExpired:
             daemon.kill()
             daemon.wait()
+
+
+@pytest.fixture(scope="module")
+def second_libvirtd(libvirtd: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """:func:`another_libvirtd` for a module's tests; its URI."""
+    try:
+        with another_libvirtd(tmp_path_factory.mktemp("libvirtd2")) as uri:
+            yield uri
+    except RuntimeError as exc:
+        require(False, str(exc))
 
 
 class LibvirtSocketProxy:
