@@ -206,7 +206,7 @@ async def test_checkpoint_stops_the_guest_and_restore_continues_its_count(
     assert counts(_console(bed, name)) == frozen, "the saved guest does not run"
 
     restored = await vm_node.task("checkpoint.restore", name=name, kind="kvm")
-    assert restored == {"pid": None, "image": str(image)}
+    assert restored == {"pid": None, "checkpoint": image.name, "image": str(image)}
     assert vm_node.state(name) == "running"
     await _counting_past(bed, name, frozen[-1] + 3)
     log = _console(bed, name)

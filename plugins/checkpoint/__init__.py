@@ -28,7 +28,7 @@ Tasks (each ``{"name", "kind", ...}``), one at a time per instance:
   "size_bytes", "images"}`` (``checkpoint``: its id; ``images``: the digests of cached
   images a native kind's restore needs); the checkpoints beyond ``keep`` go afterwards;
 - ``checkpoint.restore`` (``checkpoint``, an id, default the latest; ``instance``, the
-  controller's create payload of it, for a native kind): ``{"pid", "image"}`` (``pid``
+  controller's create payload of it, for a native kind): ``{"pid", "checkpoint", "image"}`` (``pid``
   None for a native kind: there is no process tree);
 - ``checkpoint.list``: ``{"checkpoints": [{"id", "created_at", "size_bytes", "kind",
   "leave_running", "latest"}]}``, newest first; ``checkpoint.remove`` (``checkpoint``):
@@ -412,14 +412,14 @@ class CheckpointPlugin:
         if isinstance(cp, NativeCheckpointer):
             await cp.restore(args.name, manifest["instance"], chosen, args.instance)
             log.info("checkpoint: %s %s restored from %s", cp.kind, args.name, chosen)
-            return {"pid": None, "image": str(chosen)}
+            return {"pid": None, "checkpoint": chosen.name, "image": str(chosen)}
         staged = await asyncio.to_thread(image.staged_directory, chosen) if current is None else None
         if staged is None:
             pid = await self._restore_image(cp, chosen, manifest)
         else:
             pid = await self._restore_staged(cp, chosen, manifest, staged, task_id)
         log.info("checkpoint: %s %s restored from %s as pid %d", cp.kind, args.name, chosen, pid)
-        return {"pid": pid, "image": str(chosen)}
+        return {"pid": pid, "checkpoint": chosen.name, "image": str(chosen)}
 
     async def _image_to_restore(self, kind: str, args: Restore) -> Path:
         base = self._images_root() / kind / args.name
