@@ -323,6 +323,8 @@ def test_checkpoints_are_kept_under_the_instance_listed_restored_by_id_pruned_an
         ("POST", "/v1/instances/keeper/checkpoints/prune", {"keep": 0}, 400, "keep must be an integer >= 1"),
         ("POST", "/v1/instances/keeper/restore", {"checkpoint": "/tmp"}, 400, "is not a checkpoint id"),
         ("GET", "/v1/instances/ghost/checkpoints", None, 404, "no instance 'ghost'"),
+        ("POST", "/v1/instances", {"name": "bad-keep", "kind": "process", "options": {"checkpoint_keep": True}},
+         400, "options.checkpoint_keep must be an integer >= 1"),
     ):
         status, answer = controller.call(method, url, body, cert=controller.admin_cert)
         assert status == code and words in answer["error"], (url, status, answer)
