@@ -17,7 +17,7 @@ from controller.services.tasks import run_task
 TIMEOUT = 30.0  # a node answers at once, unless a dump or restore of the instance holds it
 
 # The node's error codes that are the request's fault, and their status.
-STATUS = {"not-found": 404, "no-image": 404, "bad-request": 400}
+STATUS = {"not-found": 404, "bad-request": 400}
 
 
 def checked_id(checkpoint: Any) -> str:
