@@ -102,6 +102,17 @@ def kumo_checkpointer() -> Checkpointer | NativeCheckpointer | None:
 
 
 @hookspec
+def kumo_instance_deleted(kind: str, name: str) -> None:
+    """Instance ``name`` of ``kind`` was deleted on this node (its ``<kind>.delete``
+    succeeded): remove what this plugin keeps of it elsewhere (the checkpoint plugin its
+    checkpoints and their logs), so that nothing of it is left.
+
+    Called with the instance's lock held, before the delete's result is reported; do not
+    take the lock again from another asyncio task. A failure is logged: the delete stands.
+    """
+
+
+@hookspec
 def kumo_task_kinds() -> Iterable[str]:
     """Name the task kinds this plugin handles besides its instance driver's, e.g.
     ``["checkpoint.dump", "checkpoint.restore"]``.

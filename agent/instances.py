@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import inspect
 import logging
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from agent.sdk import (
@@ -40,10 +40,12 @@ class Driver:
 
 
 class Drivers:
-    """Every instance driver on this node, by kind."""
+    """Every instance driver on this node, by kind. ``deleted(kind, name)`` is awaited after
+    each successful delete, under the instance's lock (the plugins' ``kumo_instance_deleted``)."""
 
-    def __init__(self, drivers: Mapping[str, Driver]):
+    def __init__(self, drivers: Mapping[str, Driver], deleted: Callable[[str, str], Awaitable[None]]):
         self.by_kind = dict(drivers)
+        self.deleted = deleted
         self._locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}  # with its holders and waiters
         self._holders: dict[tuple[str, str], asyncio.Task[Any] | None] = {}
 
@@ -77,6 +79,7 @@ class Drivers:
                 return {**self._shown(driver, name), "forced": bool(forced)}
             if op == "delete":
                 await _maybe_await(driver.delete(name))
+                await self.deleted(kind, name)
                 return {"name": name, "kind": kind, "state": "deleted"}
             output = await _maybe_await(driver.console(name, _console_bytes(payload)))
             return {"name": name, "kind": kind, "log": output.text, "logs": dict(output.logs)}

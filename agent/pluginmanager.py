@@ -93,7 +93,7 @@ class Hooks:
 
     def __init__(self, pm: pluggy.PluginManager):
         self.pm = pm
-        self.drivers = Drivers({})
+        self.drivers = Drivers({}, self.instance_deleted)
         self._owners: dict[str, str] = {}
 
     def plugin_names(self) -> list[str]:
@@ -170,7 +170,7 @@ class Hooks:
             if kind in drivers:
                 raise PluginLoadError(f"instance kind {kind!r} is driven by both {drivers[kind].plugin!r} and {plugin!r}")
             drivers[kind] = Driver(plugin, driver)
-        self.drivers = Drivers(drivers)
+        self.drivers = Drivers(drivers, self.instance_deleted)
         self._owners = self.task_owners()
 
     def task_owners(self) -> dict[str, str]:
@@ -205,6 +205,10 @@ class Hooks:
 
     async def instances(self) -> list[InstanceState]:
         return self.drivers.instances()
+
+    async def instance_deleted(self, kind: str, name: str) -> None:
+        """Tell every plugin that an instance was deleted; a failure is logged (the delete stands)."""
+        await self.call_each("kumo_instance_deleted", kind=kind, name=name)
 
     async def adopt(self) -> list[InstanceState]:
         return await self.drivers.adopt()

@@ -99,7 +99,7 @@ async def test_leave_running_dump_then_restore_that_image(criu_required, criu_no
     await criu_node.task("process.stop", {"name": "counter", "timeout": 5})
     later = read_counter(counter)
     restored = await criu_node.task(
-        "checkpoint.restore", {"name": "counter", "kind": "process", "image": dumped["image"]}
+        "checkpoint.restore", {"name": "counter", "kind": "process", "checkpoint": dumped["checkpoint"]}
     )
     assert restored["pid"] == pid
     await wait_for(lambda: read_counter(counter) != later, "counting to resume")
@@ -244,7 +244,7 @@ async def test_corrupt_or_partial_image_is_refused_and_nothing_changes(criu_requ
     pages.write_bytes(original)
     (image / "kumo-manifest.json").rename(image / "manifest.bak")
     with pytest.raises(TaskError) as err:
-        await criu_node.task("checkpoint.restore", {"name": "counter", "kind": "process", "image": str(image)})
+        await criu_node.task("checkpoint.restore", {"name": "counter", "kind": "process", "checkpoint": image.name})
     assert err.value.code == "image-incomplete"
 
     # A missing image file.
@@ -292,11 +292,12 @@ async def test_copied_image_is_verified_by_hashing(criu_required, criu_node, tmp
     """An image that arrives from elsewhere (no valid local stamp) is hashed in full, then restores."""
     pid, counter = await start_counter(criu_node, tmp_path)
     dumped = await criu_node.task("checkpoint.dump", {"name": "counter", "kind": "process"})
-    copy = tmp_path / "copied"
+    copy = Path(dumped["image"]).with_name("20200101T000000.000000Z-c0ffee")
     await asyncio.to_thread(subprocess.run, ["cp", "-a", dumped["image"], str(copy)], check=True)
     stamp = json.loads((copy / "kumo-verified.json").read_text())
     assert set(stamp) == set(dumped["manifest"])
-    restored = await criu_node.task("checkpoint.restore", {"name": "counter", "kind": "process", "image": str(copy)})
+    restored = await criu_node.task("checkpoint.restore", {"name": "counter", "kind": "process",
+                                                           "checkpoint": copy.name})
     assert restored["pid"] == pid
 
 
@@ -311,7 +312,8 @@ async def test_restore_where_the_instance_is_unknown_as_on_a_migration_target(cr
     (criu_node.root / "process/instances/counter/record.json").unlink()
     await criu_node.restart_process_plugin()
     assert criu_node.instances() == []
-    restored = await criu_node.task("checkpoint.restore", {"name": "counter", "kind": "process", "image": dumped["image"]})
+    restored = await criu_node.task("checkpoint.restore", {"name": "counter", "kind": "process",
+                                                           "checkpoint": dumped["checkpoint"]})
     assert restored["pid"] == pid
     state = criu_node.state("counter")
     assert state.state == "running" and state.details["pid"] == pid
@@ -404,22 +406,89 @@ async def test_probe_of_something_that_is_not_criu(tmp_path):
     assert not status.usable and "is not a working criu" in status.reason
 
 
-def test_old_checkpoints_are_pruned(tmp_path):
-    from plugins.checkpoint.image import MANIFEST, prune, publish
+IDS = ("20260101T000000.000000Z-aaaaaa", "20260102T000000.000000Z-bbbbbb", "20260103T000000.000000Z-cccccc")
 
-    for stamp in ("20260101T000000Z-aaaaaa", "20260102T000000Z-bbbbbb", "20260103T000000Z-cccccc"):
-        (tmp_path / stamp).mkdir()
-        (tmp_path / stamp / MANIFEST).write_text("{}")
-        publish(tmp_path, tmp_path / stamp)
-    (tmp_path / "20260104T000000Z-dddddd").mkdir()  # a dump still being written: no manifest
-    prune(tmp_path, 2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "20260102T000000Z-bbbbbb", "20260103T000000Z-cccccc", "20260104T000000Z-dddddd", "latest"]
-    assert os.readlink(tmp_path / "latest") == "20260103T000000Z-cccccc"
+
+def _checkpoints(base: Path, ids=IDS) -> None:
+    from plugins.checkpoint.image import MANIFEST, publish
+
+    for checkpoint in ids:
+        (base / checkpoint).mkdir(parents=True)
+        (base / checkpoint / MANIFEST).write_text(json.dumps({"created_at": checkpoint[:8], "size_bytes": 7,
+                                                              "kind": "process", "leave_running": False}))
+        publish(base, base / checkpoint)
+
+
+def test_old_checkpoints_are_pruned(tmp_path):
+    from plugins.checkpoint.image import prune, publish
+
+    _checkpoints(tmp_path)
+    (tmp_path / "20260104T000000.000000Z-dddddd").mkdir()  # a dump still being written: no manifest
+    assert prune(tmp_path, 2) == [IDS[0]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [*IDS[1:], "20260104T000000.000000Z-dddddd", "latest"]
+    assert os.readlink(tmp_path / "latest") == IDS[2]
     # Whatever the names say, the checkpoint "latest" points to is never removed.
-    publish(tmp_path, tmp_path / "20260102T000000Z-bbbbbb")
-    prune(tmp_path, 1)
-    assert (tmp_path / "20260102T000000Z-bbbbbb").is_dir()
+    publish(tmp_path, tmp_path / IDS[1])
+    assert prune(tmp_path, 1) == [IDS[2]]
+    assert (tmp_path / IDS[1]).is_dir() and os.readlink(tmp_path / "latest") == IDS[1]
+
+
+def test_listing_and_removing_checkpoints(tmp_path):
+    from plugins.checkpoint.image import STAGED, listing, remove
+
+    base = tmp_path / "process" / "p"
+    assert listing(base) == []
+    _checkpoints(base)
+    (base / "kumo-stray").mkdir()  # not an id: never listed
+    shown = listing(base)
+    assert [c["id"] for c in shown] == list(reversed(IDS)), "newest first"
+    assert [c["latest"] for c in shown] == [True, False, False]
+    assert shown[0] == {"id": IDS[2], "created_at": "20260103", "size_bytes": 7, "kind": "process",
+                        "leave_running": False, "latest": True}
+
+    # The directory a migration staged with a checkpoint goes with it.
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    (base / IDS[2] / STAGED).write_text(json.dumps({"directory": str(staged)}))
+    assert remove(base, IDS[2]) == IDS[1], "latest moves to the newest left"
+    assert not staged.exists() and [c["id"] for c in listing(base)] == [IDS[1], IDS[0]]
+    assert remove(base, IDS[0]) == IDS[1]
+    assert remove(base, IDS[1]) is None and not (base / "latest").is_symlink()
+
+    with pytest.raises(TaskError) as err:
+        remove(base, IDS[1])
+    assert err.value.code == "not-found" and IDS[1] in str(err.value)
+
+
+@pytest.mark.parametrize("bad", ["../../etc", "latest", "/tmp/x", "20260101T000000.000000Z-aaaaaa/..", "",
+                                 "20260101T000000Z-aaaaaa", "20260101T000000.000000Z-AAAAAA"])
+def test_a_checkpoint_id_is_never_a_path(tmp_path, bad):
+    from plugins.checkpoint.image import checkpoint_path, remove
+
+    _checkpoints(tmp_path)
+    for call in (lambda: checkpoint_path(tmp_path, bad), lambda: remove(tmp_path, bad)):
+        with pytest.raises(TaskError) as err:
+            call()
+        assert err.value.code == "bad-request"
+        assert "payload.checkpoint must be a checkpoint id" in str(err.value)
+    assert len(list(tmp_path.iterdir())) == 4, "nothing was removed"
+
+
+async def test_task_payloads_are_checked(criu_node):
+    for kind, payload, expected in (
+        ("checkpoint.remove", {"checkpoint": "../x"}, "payload.checkpoint must be a checkpoint id"),
+        ("checkpoint.restore", {"checkpoint": "latest"}, "payload.checkpoint must be a checkpoint id"),
+        ("checkpoint.prune", {"keep": 0}, "payload.keep must be an integer >= 1"),
+        ("checkpoint.dump", {"keep": -1}, "payload.keep must be an integer >= 1"),
+        ("checkpoint.restore", {"image": "/tmp/x"}, "unknown key"),
+    ):
+        with pytest.raises(TaskError) as err:
+            await criu_node.task(kind, {"name": "p", "kind": "process", **payload})
+        assert err.value.code == "bad-request" and expected in str(err.value), (kind, str(err.value))
+    assert (await criu_node.task("checkpoint.list", {"name": "p", "kind": "process"})) == {"checkpoints": []}
+    with pytest.raises(TaskError) as err:
+        await criu_node.task("checkpoint.restore", {"name": "p", "kind": "process", "checkpoint": IDS[0]})
+    assert err.value.code == "no-image" and IDS[0] in str(err.value)
 
 
 def test_config_is_strict():

@@ -206,7 +206,7 @@ async def test_checkpoint_stops_the_guest_and_restore_continues_its_count(
     assert counts(_console(bed, name)) == frozen, "the saved guest does not run"
 
     restored = await vm_node.task("checkpoint.restore", name=name, kind="kvm")
-    assert restored == {"pid": None, "image": str(image)}
+    assert restored == {"pid": None, "checkpoint": image.name, "image": str(image)}
     assert vm_node.state(name) == "running"
     await _counting_past(bed, name, frozen[-1] + 3)
     log = _console(bed, name)
@@ -233,7 +233,7 @@ async def test_leave_running_then_restore_goes_back_to_that_point(
 
     await vm_node.task("kvm.stop", name=name, timeout=0)
     shown = len(_console(bed, name))
-    await vm_node.task("checkpoint.restore", name=name, kind="kvm", image=dumped["image"])
+    await vm_node.task("checkpoint.restore", name=name, kind="kvm", checkpoint=dumped["checkpoint"])
     await wait_for(lambda: counts(_console(bed, name)[shown:]), timeout=60)
     first = counts(_console(bed, name)[shown:])[0]
     assert seen < first <= at_dump + 1 < later, f"resumed at {first}: the checkpoint was taken between {seen} and {at_dump}"

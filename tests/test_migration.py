@@ -39,6 +39,19 @@ while True:
         f.write(str(i))
     time.sleep(0.05)
 """
+# Rewritten in place at a fixed width in a file held open: a checkpoint taken while it runs
+# restores whenever it was taken (CRIU refuses an open file whose size changed since).
+STEADY_COUNTER = """
+import sys, time
+i = 0
+f = open(sys.argv[1], "w")
+while True:
+    i += 1
+    f.seek(0)
+    f.write(f"{i:012d}")
+    f.flush()
+    time.sleep(0.05)
+"""
 CONNECTED = """
 import socket, sys, time
 conn = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
@@ -262,6 +275,69 @@ def test_kumoctl_migrate_shows_progress_and_drain_moves_the_rest(cluster):
     assert [m["instance"] for m in page["migrations"]] == ["second"] and page["next"]
     rest = controller.admin("GET", f"/v1/migrations?limit=1&after={quote(page['next'])}")
     assert [m["instance"] for m in rest["migrations"]] == ["first"] and rest["next"] is None
+
+
+def _task_done(controller: Any, answer: dict[str, Any]) -> dict[str, Any]:
+    task = wait_for(lambda: (t := controller.admin("GET", f"/v1/tasks/{answer['task']['id']}"))["state"]
+                    in ("succeeded", "failed") and t, f"task {answer['task']['id']} to end")
+    assert task["state"] == "succeeded", task
+    return task
+
+
+def test_checkpoints_are_kept_under_the_instance_listed_restored_by_id_pruned_and_deleted_with_it(cluster, tmp_path):
+    controller, kumo_agent, _, _ = cluster
+    a = kumo_agent()
+    path = tmp_path / "keeper.count"
+    controller.admin("POST", "/v1/instances", {
+        "name": "keeper", "kind": "process", "node": a.node_id, "memory_mib": 64,
+        "options": {"command": [PY, "-c", STEADY_COUNTER, str(path)], "checkpoint_keep": 3}})
+    assert controller.admin("GET", "/v1/instances/keeper")["checkpoint_keep"] == 3
+    wait_for(lambda: read_counter(path) >= 3, "keeper to count")
+
+    # Three checkpoints while it runs on, each bracketed by the count before and after it.
+    taken = []
+    for _ in range(3):
+        before = read_counter(path)
+        task = _task_done(controller, controller.admin("POST", "/v1/instances/keeper/checkpoint",
+                                                       {"leave_running": True}))
+        taken.append((task["result"]["checkpoint"], before, read_counter(path)))
+        wait_for(lambda: read_counter(path) > taken[-1][2] + 2, "keeper to count on")
+    listed = controller.admin("GET", "/v1/instances/keeper/checkpoints")["checkpoints"]
+    assert [c["id"] for c in listed] == [t[0] for t in reversed(taken)], "all three kept (checkpoint_keep), newest first"
+    assert [c["latest"] for c in listed] == [True, False, False]
+    assert all(c["kind"] == "process" and c["size_bytes"] > 0 and c["created_at"] for c in listed)
+
+    # The oldest, by id: the count goes on from where it was then.
+    _task_done(controller, controller.admin("POST", "/v1/instances/keeper/stop", {"timeout": 5}))
+    stopped_at = read_counter(path)
+    oldest, before, after = taken[0]
+    status, out, err = kumoctl(controller, "instances", "restore", "keeper", "--checkpoint", oldest)
+    assert status == 0 and f"from checkpoint {oldest}" in out, (out, err)
+    resumed = wait_for(lambda: (n := read_counter(path)) != stopped_at and n, "keeper to count again")
+    assert before < resumed <= after + 3 < taken[1][1] + 3, (before, resumed, after, taken[1])
+
+    # Bad ids and counts are named; a missing one is 404.
+    for method, url, body, code, words in (
+        ("DELETE", "/v1/instances/keeper/checkpoints/..%2F..%2Fetc", None, 400, "is not a checkpoint id"),
+        ("DELETE", "/v1/instances/keeper/checkpoints/20200101T000000.000000Z-000000", None, 404, "no checkpoint"),
+        ("POST", "/v1/instances/keeper/checkpoints/prune", {"keep": 0}, 400, "keep must be an integer >= 1"),
+        ("POST", "/v1/instances/keeper/restore", {"checkpoint": "/tmp"}, 400, "is not a checkpoint id"),
+        ("GET", "/v1/instances/ghost/checkpoints", None, 404, "no instance 'ghost'"),
+        ("POST", "/v1/instances", {"name": "bad-keep", "kind": "process", "options": {"checkpoint_keep": True}},
+         400, "options.checkpoint_keep must be an integer >= 1"),
+    ):
+        status, answer = controller.call(method, url, body, cert=controller.admin_cert)
+        assert status == code and words in answer["error"], (url, status, answer)
+
+    status, out, err = kumoctl(controller, "instances", "checkpoints", "keeper", "--keep", "1")
+    assert status == 0 and "2 checkpoint(s) of keeper removed" in out, (out, err)
+    assert taken[2][0] in out and taken[0][0] not in out, "the latest is what is kept"
+    status, out, err = kumoctl(controller, "instances", "checkpoints", "keeper", "--output", "json")
+    assert status == 0 and [c["id"] for c in json.loads(out)] == [taken[2][0]], (out, err)
+
+    controller.delete_instance("keeper")
+    left = [str(p) for p in a.state_dir.rglob("*keeper*")]
+    assert left == [], "the instance's checkpoints, logs and directory went with it"
 
 
 async def test_an_aborted_relay_releases_both_ends_at_once():

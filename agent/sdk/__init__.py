@@ -20,7 +20,8 @@ What is here, by concern:
 - running instances: the driver contract (:class:`InstanceDriver`, :class:`ConsoleOutput`,
   :data:`NAME_RE`, :data:`KIND_RE`, and the optional :class:`UsageMeter` answering
   :class:`InstanceUsage`), the checkpoint capability (:class:`Checkpointer`,
-  :class:`DirectoryCheckpointer`, :class:`CheckpointSubject`, :class:`CriuCommand`, and for a
+  :class:`DirectoryCheckpointer`, :class:`CheckpointSubject`, :class:`CriuCommand`,
+  :data:`CHECKPOINT_ID_RE` for a checkpoint's id, and for a
   kind that saves itself without CRIU :class:`NativeCheckpointer` with
   :class:`CheckpointBlocker` and :class:`SavedState`; a kind whose instances take a
   directory along stages it as a :class:`StagedDirectory`) and the node's image cache
@@ -35,6 +36,7 @@ What is here, by concern:
 
 from agent.sdk.backoff import Backoff
 from agent.sdk.checkpointing import (
+    CHECKPOINT_ID_RE,
     CheckpointBlocker,
     Checkpointer,
     CheckpointSubject,
@@ -84,6 +86,7 @@ from agent.sdk.usage import Cgroups, InstanceUsage, netns_usage, process_tree_us
 from agent.sdk.watch import ExitWatcher
 
 __all__ = [
+    "CHECKPOINT_ID_RE",
     "CONSOLE_BYTES",
     "ERROR_CODES",
     "INSTANCE_STATES",

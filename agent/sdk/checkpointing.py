@@ -27,11 +27,17 @@ under its old pids, which must then be free.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from agent.sdk.types import ErrorCode, InstanceStateName
+
+# A checkpoint's id: the name of its directory, its UTC creation time to the microsecond
+# and a random suffix, so ids sort by age. Never a path: the controller and the checkpoint
+# plugin check every id they are given against this before it names a directory.
+CHECKPOINT_ID_RE = re.compile(r"^[0-9]{8}T[0-9]{6}\.[0-9]{6}Z-[0-9a-f]{6}\Z")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -49,6 +49,8 @@ async def shown(ctl: Any, row: dict[str, Any]) -> dict[str, Any]:
         "state": current,
         "seeded": any(row["spec"].get(k) for k in SEED_FIELDS),
         "pinned": bool(row.get("pinned")),
+        # The checkpoints its node keeps after each checkpoint; None: the node's default.
+        "checkpoint_keep": row.get("checkpoint_keep"),
         "details": (reported or {}).get("details") or {},
         # The catalogue image it is made from; held: its node had it when it was placed;
         # pull: {bytes, total} while the node is pulling it.
@@ -139,7 +141,8 @@ ROUTES = [
                     "(kvm, lxc)",
            "image_sha256": "hex, required for URLs",
            "user_data": "cloud-config text", "network_config": "network config v2 text", "vendor_data": "text",
-           "options": "object, kind-specific; pin: true keeps the rebalancer from moving it", "*": "other kind-specific fields, validated by the node's plugin"}),
+           "options": "object, kind-specific; pin: true keeps the rebalancer from moving it; checkpoint_keep: "
+                      "the checkpoints its node keeps after each checkpoint (default the node's)", "*": "other kind-specific fields, validated by the node's plugin"}),
     Route("POST", "/v1/cloud-config/check", check_seed, "admin",
           "Check user data, vendor data and network config as a create would, without creating: "
           "valid, or the error with its line.",

@@ -30,7 +30,7 @@ from controller.api import (
 )
 from controller.api.instances import shown
 from controller.api.tasks import shown as shown_task
-from controller.services import instances, migrations
+from controller.services import checkpoints, instances, migrations
 
 
 async def checkpoint(request: web.Request) -> web.Response:
@@ -46,9 +46,29 @@ async def restore(request: web.Request) -> web.Response:
     ctl = state(request)
     row = await instances.get(ctl, request.match_info["name"])
     data = await json_body(request)
-    reject_unknown(data, {"image"})
-    task = await migrations.restore(ctl, row, field(data, "image", str, required=False))
+    reject_unknown(data, {"checkpoint"})
+    task = await migrations.restore(ctl, row, field(data, "checkpoint", str, required=False))
     return reply({"instance": await shown(ctl, row), "task": shown_task(task)}, 202)
+
+
+async def list_checkpoints(request: web.Request) -> web.Response:
+    ctl = state(request)
+    row = await instances.get(ctl, request.match_info["name"])
+    return reply({"instance": row["name"], "node": row["node"], "checkpoints": await checkpoints.listing(ctl, row)})
+
+
+async def delete_checkpoint(request: web.Request) -> web.Response:
+    ctl = state(request)
+    row = await instances.get(ctl, request.match_info["name"])
+    return reply(await checkpoints.remove(ctl, row, request.match_info["id"]))
+
+
+async def prune_checkpoints(request: web.Request) -> web.Response:
+    ctl = state(request)
+    row = await instances.get(ctl, request.match_info["name"])
+    data = await json_body(request)
+    reject_unknown(data, {"keep"})
+    return reply(await checkpoints.prune(ctl, row, field(data, "keep", int)))
 
 
 async def migrate(request: web.Request) -> web.Response:
@@ -223,7 +243,15 @@ ROUTES = [
           "(pre-flight first: 409 with the blockers).",
           {"leave_running": "true to keep it running after the dump (default false: it stops)"}),
     Route("POST", INSTANCE + "/restore", restore, "admin", "Restore an instance from its latest or a given checkpoint.",
-          {"image": "checkpoint directory on the instance's node, optional"}),
+          {"checkpoint": "checkpoint id (GET .../checkpoints), optional: default the latest"}),
+    Route("GET", INSTANCE + "/checkpoints", list_checkpoints, "admin",
+          "The instance's checkpoints on its node, newest first: id, created_at, size_bytes, kind, leave_running, "
+          "latest (what a restore without an id takes)."),
+    Route("DELETE", INSTANCE + "/checkpoints/{id}", delete_checkpoint, "admin",
+          "Remove one checkpoint; 404 when its node has none of that id. Answers the removed id and the latest left."),
+    Route("POST", INSTANCE + "/checkpoints/prune", prune_checkpoints, "admin",
+          "Keep the latest checkpoint and the newest others, keep in all; remove the rest.",
+          {"keep": "integer >= 1"}),
     Route("POST", INSTANCE + "/migrate", migrate, "admin",
           "Move a running instance to another node (checkpoint, transfer, restore); 409 with the blockers.",
           {"to": "node id, or null to let the scheduler choose"}),

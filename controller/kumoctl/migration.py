@@ -1,5 +1,6 @@
-"""``kumoctl instances checkpoint|restore|migrate``: checkpoints of processes and containers
-(CRIU) and of VMs (libvirt's save), on one node or moved to another."""
+"""``kumoctl instances checkpoint|restore|checkpoints|migrate``: checkpoints of processes and
+containers (CRIU) and of VMs (libvirt's save), on one node or moved to another; the
+checkpoints an instance's node keeps, by id."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ import argparse
 import sys
 from urllib.parse import quote
 
-from .arguments import OUTPUT, WAITING, Group
+from .arguments import OUTPUT, WAITING, Group, positive_int
 from .client import Client
 from .errors import EXIT_ERROR, CommandError
-from .output import mib, print_json
+from .output import mib, print_json, print_table
 from .waiting import migration_failure, wait_for_migration, wait_for_task
 
 
@@ -31,14 +32,14 @@ def cmd_instances_checkpoint(client: Client, args: argparse.Namespace) -> int:
         return 0
     after = "it keeps running" if args.leave_running else "it is stopped until restored"
     print(
-        f"instance {args.name} checkpointed on node {task['node']} to {result.get('image')} "
+        f"instance {args.name} checkpointed on node {task['node']} as {result.get('checkpoint')} "
         f"({mib(result.get('size_bytes'))} MiB); {after}"
     )
     return 0
 
 
 def cmd_instances_restore(client: Client, args: argparse.Namespace) -> int:
-    body = {"image": args.image} if args.image else {}
+    body = {"checkpoint": args.checkpoint} if args.checkpoint else {}
     answer = client.call("POST", f"/v1/instances/{quote(args.name, safe='')}/restore", body)
     task = answer["task"]
     if args.no_wait:
@@ -50,8 +51,37 @@ def cmd_instances_restore(client: Client, args: argparse.Namespace) -> int:
         print_json(task)
         return 0
     print(
-        f"instance {args.name} restored on node {task['node']} from {result.get('image')} "
-        f"(pid {result.get('pid')})"
+        f"instance {args.name} restored on node {task['node']} from checkpoint {result.get('checkpoint')}"
+        + (f" (pid {result['pid']})" if result.get("pid") is not None else "")
+    )
+    return 0
+
+
+def cmd_instances_checkpoints(client: Client, args: argparse.Namespace) -> int:
+    path = f"/v1/instances/{quote(args.name, safe='')}/checkpoints"
+    if args.delete is not None:
+        answer = client.call("DELETE", f"{path}/{quote(args.delete, safe='')}")
+        if args.output == "json":
+            print_json(answer)
+        else:
+            print(f"checkpoint {answer['removed']} of {args.name} removed; latest: {answer.get('latest') or 'none'}")
+        return 0
+    if args.keep is not None:
+        answer = client.call("POST", f"{path}/prune", {"keep": args.keep})
+        if args.output == "json":
+            print_json(answer)
+            return 0
+        print(f"{len(answer['removed'])} checkpoint(s) of {args.name} removed")
+        checkpoints = answer["checkpoints"]
+    else:
+        checkpoints = client.call("GET", path)["checkpoints"]
+        if args.output == "json":
+            print_json(checkpoints)
+            return 0
+    print_table(
+        ["ID", "CREATED", "MIB", "KIND", "LATEST"],
+        [(c["id"], c.get("created_at"), mib(c.get("size_bytes")), c.get("kind"), c.get("latest")) for c in checkpoints],
+        f"instance {args.name} has no checkpoints",
     )
     return 0
 
@@ -105,7 +135,20 @@ def register(group: Group) -> None:
         [WAITING, OUTPUT],
     )
     sub.add_argument("name")
-    sub.add_argument("--image", metavar="DIR", help="a checkpoint directory on its node instead")
+    sub.add_argument("--checkpoint", metavar="ID",
+                     help="the checkpoint to restore (kumoctl instances checkpoints NAME), default the latest")
+    sub = group.leaf(
+        "checkpoints",
+        cmd_instances_checkpoints,
+        "list an instance's checkpoints on its node, newest first (LATEST: what a restore takes by "
+        "default), remove one or prune them",
+        [OUTPUT],
+    )
+    sub.add_argument("name")
+    pick = sub.add_mutually_exclusive_group()
+    pick.add_argument("--delete", metavar="ID", help="remove this checkpoint")
+    pick.add_argument("--keep", metavar="N", type=positive_int,
+                      help="keep the latest and the newest others, N in all; remove the rest")
     sub = group.leaf(
         "migrate",
         cmd_instances_migrate,

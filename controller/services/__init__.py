@@ -9,6 +9,8 @@ not, it raises :class:`Refused` with a sentence that says what was wrong and wha
 - :mod:`controller.services.tasks`: queueing a task on a node, waiting for its end;
 - :mod:`controller.services.instances`: placing, operating and deleting instances;
 - :mod:`controller.services.migrations`: checkpoint, restore, migration and drain;
+- :mod:`controller.services.checkpoints`: an instance's checkpoints on its node, listed,
+  removed and pruned;
 - :mod:`controller.services.rebalance`: sampling usage, planning and carrying out rebalancing.
 """
 

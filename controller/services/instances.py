@@ -23,6 +23,7 @@ from controller.store import StoreError
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 DEFAULT_VCPUS = 1
 DEFAULT_MEMORY_MIB = 256
+CONTROLLER_OPTIONS = {"pin", "checkpoint_keep"}  # kept by the controller, never sent to the kind's plugin
 
 
 async def fleet(ctl: Any, samples: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
@@ -53,6 +54,13 @@ async def fleet(ctl: Any, samples: list[dict[str, Any]] | None = None) -> list[d
     return nodes
 
 
+def checked_keep(keep: Any, what: str) -> int:
+    """``keep``, a number of checkpoints to keep; 400 naming ``what`` unless it is an integer >= 1."""
+    if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
+        raise Refused(400, f"{what} must be an integer >= 1 (the checkpoints kept), got {keep!r:.40}")
+    return keep
+
+
 async def get(ctl: Any, name: str) -> dict[str, Any]:
     """The instance's record; 404 when there is none."""
     row = await ctl.store.get_instance(name)
@@ -75,14 +83,17 @@ def busy(name: str, migration_id: str) -> None:
 async def create(ctl: Any, name: str, kind: str, spec: dict[str, Any], pinned: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Place a new instance and queue its create task: (its record, the task). ``spec`` is
     everything the kind's plugin gets besides the name and kind (vcpus and memory_mib set),
-    but ``options.pin``, which is the controller's: the rebalancer never moves an instance
-    created with ``pin`` true."""
-    options = spec.get("options")
-    pin = options.get("pin", False) if isinstance(options, dict) else False
+    but the options that are the controller's: ``pin`` (true: the rebalancer never moves
+    it) and ``checkpoint_keep`` (the checkpoints its node keeps after each checkpoint)."""
+    options = spec.get("options") if isinstance(spec.get("options"), dict) else {}
+    pin = options.get("pin", False)
     if not isinstance(pin, bool):
         raise Refused(400, f"options.pin must be true or false (true: the rebalancer never moves it), got {pin!r:.40}")
-    if isinstance(options, dict) and "pin" in options:
-        spec = {**spec, "options": {k: v for k, v in options.items() if k != "pin"}}
+    keep = options.get("checkpoint_keep")
+    if keep is not None:
+        checked_keep(keep, "options.checkpoint_keep")
+    if CONTROLLER_OPTIONS & set(options):
+        spec = {**spec, "options": {k: v for k, v in options.items() if k not in CONTROLLER_OPTIONS}}
     if not NAME_RE.match(name):
         raise Refused(400, f"name must be 1-63 lowercase letters, digits or '-' (not first or last), got {name!r}")
     if not KIND_RE.match(kind):
@@ -110,7 +121,7 @@ async def create(ctl: Any, name: str, kind: str, spec: dict[str, Any], pinned: s
     try:
         stored = await ctl.store.add_instance(
             {"name": name, "kind": kind, "node": chosen, "spec": spec, "reasons": reasons, "image": catalogue,
-             "pinned": pin}, task
+             "pinned": pin, "checkpoint_keep": keep}, task
         )
     except StoreError as exc:
         raise Refused(409, f"{exc}; choose another name or delete it first") from None

@@ -46,6 +46,7 @@ from typing import Any
 
 from controller import scheduler
 from controller.services import Refused, instances, iso
+from controller.services.checkpoints import checked_id
 from controller.services.tasks import new_task, run_task, submit
 from controller.store import cancel_and_wait
 
@@ -174,14 +175,15 @@ def unsupported(node: dict[str, Any] | None, node_id: str, kind: str) -> str | N
     return f"node {node_id} cannot checkpoint {kind} instances (it can move: {', '.join(kinds) or 'none'})"
 
 
-async def restore_payload(ctl: Any, node_id: str, name: str, kind: str, image: str | None) -> dict[str, Any]:
-    """``checkpoint.restore``'s payload for ``node_id``. A kind the node restores by its own
+async def restore_payload(ctl: Any, node_id: str, name: str, kind: str, checkpoint: str | None) -> dict[str, Any]:
+    """``checkpoint.restore``'s payload for ``node_id``, from ``checkpoint`` (an id; None:
+    the latest). A kind the node restores by its own
     means (``native_kinds``: a VM) gets the instance's create payload as this controller
     keeps it, so a destination builds the instance from it rather than from what the
     source node wrote; older agents, which take no such key, are never sent it."""
     payload: dict[str, Any] = {"name": name, "kind": kind}
-    if image is not None:
-        payload["image"] = image
+    if checkpoint is not None:
+        payload["checkpoint"] = checkpoint
     stored = await ctl.store.get_node(node_id)
     plugin = ((ctl.node_view(stored) if stored is not None else {}).get("plugins") or {}).get("checkpoint") or {}
     row = await ctl.store.get_instance(name)
@@ -233,15 +235,20 @@ async def checkpoint(ctl: Any, row: dict[str, Any], leave_running: bool) -> dict
     await instances.refuse_if_migrating(ctl, row["name"])
     await preflight(ctl, row, "checkpoint")
     payload = {"name": row["name"], "kind": row["kind"], "leave_running": leave_running}
+    if row.get("checkpoint_keep") is not None:  # the instance's own retention, else the node's
+        payload["keep"] = row["checkpoint_keep"]
     task, _ = await submit(ctl, new_task(row["node"], "checkpoint.dump", payload, instance=row["name"]))
     return task
 
 
-async def restore(ctl: Any, row: dict[str, Any], image: str | None) -> dict[str, Any]:
-    """Queue a restore of the instance on its node from its latest (or the given) checkpoint; the task."""
+async def restore(ctl: Any, row: dict[str, Any], checkpoint: str | None) -> dict[str, Any]:
+    """Queue a restore of the instance on its node from its latest checkpoint, or the one
+    whose id is ``checkpoint``; the task."""
+    if checkpoint is not None:
+        checked_id(checkpoint)
     await checkpointable(ctl, row, "restore")
     await instances.refuse_if_migrating(ctl, row["name"])
-    payload = await restore_payload(ctl, row["node"], row["name"], row["kind"], image)
+    payload = await restore_payload(ctl, row["node"], row["name"], row["kind"], checkpoint)
     task, _ = await submit(ctl, new_task(row["node"], "checkpoint.restore", payload, instance=row["name"]))
     return task
 
@@ -479,7 +486,8 @@ async def _migrate(ctl: Any, doc: dict[str, Any]) -> None:
 
     await _phase(ctl, doc, "restore")
     restored = await run_task(ctl, destination, "checkpoint.restore",
-                              await restore_payload(ctl, destination, name, kind, received), CRIU_TIMEOUT, name)
+                              await restore_payload(ctl, destination, name, kind, _id_of(received)), CRIU_TIMEOUT,
+                              name)
     if restored["state"] == "lost":
         _fail(doc, restored, f"restore on node {destination} has no outcome")
         doc["outcome"] = (f"the instance may be running on node {destination}; it was not restored on node {source} "
@@ -526,7 +534,7 @@ async def _transfer(ctl: Any, doc: dict[str, Any], base: dict[str, Any], image: 
     transfer = {**base, "migration": doc["id"]}
     sending = {**transfer, "image": image, **({"skip_images": held} if held else {})}
     send, _ = await submit(ctl, new_task(source, "checkpoint.send", sending, instance=doc["instance"]))
-    image_name = image.rstrip("/").rpartition("/")[2]
+    image_name = _id_of(image)
     recv, _ = await submit(ctl, new_task(destination, "checkpoint.receive", {**transfer, "image_name": image_name},
                                          instance=doc["instance"]))
     waits = {asyncio.ensure_future(ctl.wait_task(t["id"], TRANSFER_TIMEOUT)): t for t in (send, recv)}
@@ -577,19 +585,24 @@ async def _roll_back(ctl: Any, doc: dict[str, Any], base: dict[str, Any], image:
     source = doc["source"]
     doc["phase"] = "rollback"
     await ctl.store.put_migration(doc)
-    payload = await restore_payload(ctl, source, doc["instance"], doc["kind"], image)
+    payload = await restore_payload(ctl, source, doc["instance"], doc["kind"], _id_of(image))
     restored = await run_task(ctl, source, "checkpoint.restore", payload, CRIU_TIMEOUT, doc["instance"])
     if restored["state"] == "succeeded":
         doc["outcome"] = f"the instance was restored on node {source} from its checkpoint and runs there"
     else:
         doc["outcome"] = (f"restoring it on node {source} failed too ({restored.get('error')}); its checkpoint is kept "
-                          f"at {image}: kumoctl instances restore {doc['instance']} --image {image}")
+                          f"at {image}: kumoctl instances restore {doc['instance']} --checkpoint {_id_of(image)}")
     # What the destination received (the checkpoint, a container's unpacked directory) will
     # never be restored there: it goes, after the source runs the instance again.
     discard = await run_task(ctl, doc["destination"], "checkpoint.discard", base, CLEANUP_TIMEOUT, doc["instance"])
     if discard["state"] != "succeeded":
         log.warning("migration %s: node %s kept what it received (%s)", doc["id"], doc["destination"],
                     discard.get("error") or discard["state"])
+
+
+def _id_of(image: str) -> str:
+    """The id of the checkpoint a node names by its directory (a dump's or a receive's ``image``)."""
+    return image.rstrip("/").rpartition("/")[2]
 
 
 async def evacuate(ctl: Any, node_id: str) -> dict[str, Any]:

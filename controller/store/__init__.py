@@ -416,11 +416,12 @@ class Store:
         async with self._tx() as tx:
             image = instance.get("image")
             added = await tx.execute(
-                "INSERT INTO instances (name, kind, node, spec, reasons, created_at, image, image_sha256, pinned) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING",
+                "INSERT INTO instances (name, kind, node, spec, reasons, created_at, image, image_sha256, pinned, "
+                "checkpoint_keep) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING",
                 instance["name"], instance["kind"], instance["node"], json.dumps(instance["spec"]),
                 json.dumps(instance["reasons"]), time.time(), json.dumps(image) if image else None,
                 image["sha256"] if image else None, int(instance.get("pinned", False)),
+                instance.get("checkpoint_keep"),
             )
             if not added:
                 raise StoreError(f"an instance named {instance['name']!r} already exists")

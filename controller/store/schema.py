@@ -109,6 +109,11 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
         "WHEN doc LIKE '%\"state\": \"succeeded\"%' THEN 'succeeded' ELSE 'failed' END",
         "CREATE INDEX migrations_by_age ON migrations (created_at, id)",
     ]),
+    ("an instance's own checkpoint retention", [
+        # The checkpoints its node keeps after each checkpoint (--option checkpoint_keep=N);
+        # NULL: the node's plugins.checkpoint.keep.
+        "ALTER TABLE instances ADD COLUMN checkpoint_keep INTEGER",
+    ]),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

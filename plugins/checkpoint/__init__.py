@@ -23,17 +23,26 @@ given. This plugin keeps the rest, the same for every kind:
 Tasks (each ``{"name", "kind", ...}``), one at a time per instance:
 
 - ``checkpoint.preflight``: ``{"ok", "blockers": [{"code", "message"}]}``;
-- ``checkpoint.dump`` (``leave_running``, default false): ``{"image", "manifest", "size_bytes",
-  "images"}`` (``images``: the digests of cached images a native kind's restore needs);
-- ``checkpoint.restore`` (``image``, default the latest; ``instance``, the controller's
-  create payload of it, for a native kind): ``{"pid", "image"}`` (``pid`` None for a
-  native kind: there is no process tree);
+- ``checkpoint.dump`` (``leave_running``, default false; ``keep``, the instance's own
+  retention, default ``plugins.checkpoint.keep``): ``{"checkpoint", "image", "manifest",
+  "size_bytes", "images"}`` (``checkpoint``: its id; ``images``: the digests of cached
+  images a native kind's restore needs); the checkpoints beyond ``keep`` go afterwards;
+- ``checkpoint.restore`` (``checkpoint``, an id, default the latest; ``instance``, the
+  controller's create payload of it, for a native kind): ``{"pid", "checkpoint", "image"}`` (``pid``
+  None for a native kind: there is no process tree);
+- ``checkpoint.list``: ``{"checkpoints": [{"id", "created_at", "size_bytes", "kind",
+  "leave_running", "latest"}]}``, newest first; ``checkpoint.remove`` (``checkpoint``):
+  ``{"removed", "latest"}``; ``checkpoint.prune`` (``keep``): keeps the latest and the newest
+  others, ``keep`` in all, ``{"removed": [id], "checkpoints": [...]}``;
 - ``checkpoint.holds`` (``images``): which of those images this node's cache holds, ``{"held"}``;
 - ``checkpoint.send`` (``migration``, ``image``, ``skip_images``: the images the destination
   holds) and ``checkpoint.receive`` (``migration``, ``image_name``): the two ends of a
   migration's transfer, ``{"bytes", "sha256", ...}``; the images the destination lacks
   travel with the checkpoint and land in its image cache;
 - ``checkpoint.discard``: removes every checkpoint of an instance that moved away.
+
+An instance's checkpoints and logs go with it when its kind deletes it
+(``kumo_instance_deleted``).
 
 CRIU's logs of the last dump and restore of each instance go to
 ``<state_dir>/logs/<kind>/<name>/{dump,restore}.{log,out}``, outside the image, so a full
@@ -55,6 +64,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.sdk import (
+    CHECKPOINT_ID_RE,
     NAME_RE,
     Checkpointer,
     CheckpointSubject,
@@ -106,13 +116,24 @@ class Target:
 @dataclasses.dataclass
 class Dump(Target):
     leave_running: bool = False
+    keep: int | None = None  # the instance's retention; default: the plugin's
 
 
 @dataclasses.dataclass
 class Restore(Target):
-    image: str | None = None  # a checkpoint directory on this node; default: the latest
+    checkpoint: str | None = None  # an id; default: the latest
     # The instance's create payload as the controller keeps it, for a native kind's restore.
     instance: dict[str, Any] | None = None
+
+
+@dataclasses.dataclass
+class Remove(Target):
+    checkpoint: str
+
+
+@dataclasses.dataclass
+class Prune(Target):
+    keep: int
 
 
 @dataclasses.dataclass
@@ -156,6 +177,9 @@ class CheckpointPlugin:
             "checkpoint.send": (Send, self._send),
             "checkpoint.receive": (Receive, self._receive),
             "checkpoint.discard": (Target, self._discard),
+            "checkpoint.list": (Target, self._list),
+            "checkpoint.remove": (Remove, self._remove),
+            "checkpoint.prune": (Prune, self._prune_to),
         }
 
     # -- hooks ------------------------------------------------------------------------
@@ -204,6 +228,12 @@ class CheckpointPlugin:
         return Fingerprint(available=available, reason="" if available else st.reason, attributes=attributes)
 
     @hookimpl
+    async def kumo_instance_deleted(self, kind: str, name: str) -> None:
+        # Called under the instance's lock, by the delete: nothing of it is left on this node.
+        await self._remove_all(kind, name)
+        await asyncio.to_thread(shutil.rmtree, self._require_context().state_dir / "logs" / kind / name, True)
+
+    @hookimpl
     def kumo_task_kinds(self) -> Iterable[str]:
         return list(self.tasks)
 
@@ -215,6 +245,9 @@ class CheckpointPlugin:
         args = parse_payload(payload_type, payload)
         if not NAME_RE.match(args.name):
             raise TaskError(f"payload.name must be an instance name, got {args.name!r}", code="bad-request")
+        if isinstance(args, Dump | Prune) and args.keep is not None and args.keep < 1:
+            raise TaskError(f"payload.keep must be an integer >= 1 (the checkpoints kept), got {args.keep}",
+                            code="bad-request")
         checkpointer = self._checkpointer(args.kind)
         # The instance's own lock, which its <kind>.* tasks take too: no start or delete
         # runs while its checkpoint is dumped or restored.
@@ -262,7 +295,7 @@ class CheckpointPlugin:
                             + "; ".join(b["message"] for b in blockers),
                             code=blockers[0]["code"], details={"blockers": blockers})
         if isinstance(cp, NativeCheckpointer):
-            return await self._save(cp, subject, args.leave_running)
+            return await self._save(cp, subject, args.leave_running, args.keep)
         assert found is not None and subject.pid is not None and self.status.path is not None
         base = self._images_root() / cp.kind / args.name
         logs = await self._logs(cp.kind, args.name)
@@ -284,11 +317,12 @@ class CheckpointPlugin:
         if not args.leave_running:
             await self._until_stopped(cp, args.name)
             await pids.reap(found.pids[1:])
-        self._publish(cp.kind, args.name, base, made)
+        self._publish(cp.kind, args.name, base, made, args.keep)
         log.info("checkpoint: %s %s dumped to %s (%d bytes)", cp.kind, args.name, made, size)
-        return {"image": str(made), "manifest": files, "size_bytes": size}
+        return {"checkpoint": made.name, "image": str(made), "manifest": files, "size_bytes": size}
 
-    async def _save(self, cp: NativeCheckpointer, subject: CheckpointSubject, leave_running: bool) -> Mapping[str, Any]:
+    async def _save(self, cp: NativeCheckpointer, subject: CheckpointSubject, leave_running: bool,
+                    keep: int | None) -> Mapping[str, Any]:
         """A dump by the kind's own mechanism: it writes the image's files, this plugin the rest."""
         base = self._images_root() / cp.kind / subject.name
         made = await asyncio.to_thread(image.new_image, base)
@@ -301,15 +335,15 @@ class CheckpointPlugin:
         manifest = self._manifest(cp.kind, dataclasses.replace(subject, record=saved.record), None, leave_running)
         manifest["images"] = images
         files, size = await asyncio.to_thread(image.finish_manifest, made, None, manifest)
-        self._publish(cp.kind, subject.name, base, made)
+        self._publish(cp.kind, subject.name, base, made, keep)
         log.info("checkpoint: %s %s saved to %s (%d bytes)", cp.kind, subject.name, made, size)
-        return {"image": str(made), "manifest": files, "size_bytes": size, "images": images}
+        return {"checkpoint": made.name, "image": str(made), "manifest": files, "size_bytes": size, "images": images}
 
-    def _publish(self, kind: str, name: str, base: Path, made: Path) -> None:
+    def _publish(self, kind: str, name: str, base: Path, made: Path, keep: int | None) -> None:
         image.publish(base, made)  # one symlink and a rename: not worth a thread
         # Old checkpoints go in the background (deleting gigabytes is no part of this dump),
         # under the instance's lock so that no restore reads a checkpoint being deleted.
-        prune = asyncio.create_task(self._prune(kind, name, base))
+        prune = asyncio.create_task(self._prune(kind, name, base, keep or self.config.keep))
         self.pruning.add(prune)
         prune.add_done_callback(self.pruning.discard)
 
@@ -360,9 +394,9 @@ class CheckpointPlugin:
             await asyncio.sleep(0.01)
         log.warning("checkpoint: %s %s still reported running %.0f s after its dump", cp.kind, name, STOP_WAIT)
 
-    async def _prune(self, kind: str, name: str, base: Path) -> None:
+    async def _prune(self, kind: str, name: str, base: Path, keep: int) -> None:
         async with self._require_context().hooks.instance_lock(kind, name):
-            await asyncio.to_thread(image.prune, base, self.config.keep)
+            await asyncio.to_thread(image.prune, base, keep)
 
     # -- restore ----------------------------------------------------------------------
 
@@ -378,25 +412,28 @@ class CheckpointPlugin:
         if isinstance(cp, NativeCheckpointer):
             await cp.restore(args.name, manifest["instance"], chosen, args.instance)
             log.info("checkpoint: %s %s restored from %s", cp.kind, args.name, chosen)
-            return {"pid": None, "image": str(chosen)}
+            return {"pid": None, "checkpoint": chosen.name, "image": str(chosen)}
         staged = await asyncio.to_thread(image.staged_directory, chosen) if current is None else None
         if staged is None:
             pid = await self._restore_image(cp, chosen, manifest)
         else:
             pid = await self._restore_staged(cp, chosen, manifest, staged, task_id)
         log.info("checkpoint: %s %s restored from %s as pid %d", cp.kind, args.name, chosen, pid)
-        return {"pid": pid, "image": str(chosen)}
+        return {"pid": pid, "checkpoint": chosen.name, "image": str(chosen)}
 
     async def _image_to_restore(self, kind: str, args: Restore) -> Path:
-        if args.image is None:
-            latest = self._images_root() / kind / args.name / "latest"
+        base = self._images_root() / kind / args.name
+        if args.checkpoint is None:
+            latest = base / "latest"
             if not await asyncio.to_thread(latest.is_symlink):
                 raise TaskError(f"no checkpoint of {kind} instance {args.name!r} on this node: dump one first",
                                 code="no-image")
             return await asyncio.to_thread(latest.resolve)
-        if not args.image.startswith("/"):
-            raise TaskError("payload.image must be an absolute path to a checkpoint directory", code="bad-request")
-        return Path(args.image)
+        chosen = image.checkpoint_path(base, args.checkpoint)
+        if not await asyncio.to_thread(chosen.is_dir):
+            raise TaskError(f"no checkpoint {args.checkpoint} of {kind} instance {args.name!r} on this node "
+                            "(see checkpoint.list)", code="no-image")
+        return chosen
 
     async def _restore_staged(self, cp: Checkpointer, chosen: Path, manifest: Mapping[str, Any], staged: Path,
                               task_id: str) -> int:
@@ -497,8 +534,8 @@ class CheckpointPlugin:
         from plugins.checkpoint import stream, transfer
 
         assert self.context is not None
-        if not stream.IMAGE_NAME_RE.match(args.image_name):
-            raise TaskError(f"payload.image_name must be a checkpoint directory name, got {args.image_name!r}",
+        if not CHECKPOINT_ID_RE.match(args.image_name):
+            raise TaskError(f"payload.image_name must be a checkpoint id, got {args.image_name!r:.80}",
                             code="bad-request")
         base = self._images_root() / cp.kind / args.name
         final = base / args.image_name
@@ -565,12 +602,32 @@ class CheckpointPlugin:
         """Remove every checkpoint of an instance that has moved away (its images would go
         stale), or that arrived here for a migration rolled back, with the directories that
         arrived with them and were never taken over."""
-        base = self._images_root() / cp.kind / args.name
+        base, staged = await self._remove_all(cp.kind, args.name)
+        return {"removed": str(base), "staged": [str(d) for d in staged]}
+
+    async def _remove_all(self, kind: str, name: str) -> tuple[Path, list[Path]]:
+        """Remove every checkpoint of an instance and the directories staged with them."""
+        base = self._images_root() / kind / name
         staged = await asyncio.to_thread(image.staged_directories, base)
         for directory in staged:
             await asyncio.to_thread(shutil.rmtree, directory, True)
         await asyncio.to_thread(shutil.rmtree, base, True)
-        return {"removed": str(base), "staged": [str(d) for d in staged]}
+        return base, staged
+
+    # -- listing, removing, pruning ------------------------------------------------------
+
+    async def _list(self, cp: AnyCheckpointer, args: Target, task_id: str) -> Mapping[str, Any]:
+        return {"checkpoints": await asyncio.to_thread(image.listing, self._images_root() / cp.kind / args.name)}
+
+    async def _remove(self, cp: AnyCheckpointer, args: Remove, task_id: str) -> Mapping[str, Any]:
+        latest = await asyncio.to_thread(image.remove, self._images_root() / cp.kind / args.name, args.checkpoint)
+        log.info("checkpoint: removed %s of %s %s", args.checkpoint, cp.kind, args.name)
+        return {"removed": args.checkpoint, "latest": latest}
+
+    async def _prune_to(self, cp: AnyCheckpointer, args: Prune, task_id: str) -> Mapping[str, Any]:
+        base = self._images_root() / cp.kind / args.name
+        removed = await asyncio.to_thread(image.prune, base, args.keep)
+        return {"removed": removed, "checkpoints": await asyncio.to_thread(image.listing, base)}
 
     # -- helpers ----------------------------------------------------------------------
 

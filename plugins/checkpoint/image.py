@@ -3,7 +3,8 @@
 Layout (designed for migration, where the directory is copied to another node and
 restored there)::
 
-    <images_dir>/<kind>/<name>/<UTC time>-<random>/   one checkpoint
+    <images_dir>/<kind>/<name>/<UTC time>-<random>/   one checkpoint; its name is its id
+                                                       (agent.sdk.CHECKPOINT_ID_RE)
         *.img                   CRIU's images (or the files a kind's own save wrote)
         *.log, stats-*          logs and statistics (not checksummed)
         kumo-*                  this plugin's own files (not checksummed):
@@ -42,7 +43,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from agent.sdk import TaskError, atomic_write
+from agent.sdk import CHECKPOINT_ID_RE, TaskError, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,8 @@ def checksummed(name: str) -> bool:
 
 
 def new_image(base: Path) -> Path:
-    """A new, empty checkpoint directory under ``base``. Names sort by creation time (to the
-    microsecond), which is how :func:`prune` finds the oldest."""
+    """A new, empty checkpoint directory under ``base``. Its name is the checkpoint's id:
+    ids sort by creation time (to the microsecond), which is how :func:`prune` finds the oldest."""
     now = datetime.datetime.now(datetime.UTC)
     image = base / (now.strftime("%Y%m%dT%H%M%S.%fZ") + "-" + secrets.token_hex(3))
     image.mkdir(parents=True)
@@ -274,13 +275,85 @@ def publish(base: Path, image: Path) -> None:
     os.replace(tmp, base / "latest")
 
 
-def prune(base: Path, keep: int) -> None:
-    """Remove the oldest complete checkpoints beyond ``keep`` (``latest`` is always kept)."""
-    latest = (base / "latest").resolve()
-    complete = sorted(p for p in base.iterdir() if p.is_dir() and not p.is_symlink() and (p / MANIFEST).exists())
-    for old in complete[:-keep]:
-        if old.resolve() != latest:
-            shutil.rmtree(old, ignore_errors=True)
+def checkpoint_path(base: Path, checkpoint: str) -> Path:
+    """The directory of checkpoint ``checkpoint`` (an id, checked: never a path) under ``base``."""
+    if not isinstance(checkpoint, str) or not CHECKPOINT_ID_RE.match(checkpoint):
+        raise TaskError(f"payload.checkpoint must be a checkpoint id such as 20260101T000000.000000Z-0a1b2c "
+                        f"(see checkpoint.list), got {checkpoint!r:.80}", code="bad-request")
+    return base / checkpoint
+
+
+def _complete(base: Path) -> list[str]:
+    """The ids of the complete checkpoints under ``base``, oldest first (ids sort by age)."""
+    if not base.is_dir():
+        return []
+    return sorted(p.name for p in base.iterdir()
+                  if CHECKPOINT_ID_RE.match(p.name) and not p.is_symlink() and (p / MANIFEST).exists())
+
+
+def _latest(base: Path) -> str | None:
+    try:
+        return os.readlink(base / "latest")
+    except OSError:
+        return None
+
+
+def listing(base: Path) -> list[dict[str, Any]]:
+    """The complete checkpoints under ``base``, newest first, as ``checkpoint.list`` shows
+    them; ``latest``: the one a restore takes when it names none. Blocking."""
+    latest = _latest(base)
+    shown = []
+    for checkpoint in reversed(_complete(base)):
+        try:
+            manifest = json.loads((base / checkpoint / MANIFEST).read_text())
+        except (OSError, ValueError):
+            manifest = {}  # listed all the same, so that it can be removed; a restore names the damage
+        if not isinstance(manifest, dict):
+            manifest = {}
+        shown.append({"id": checkpoint, "created_at": manifest.get("created_at"),
+                      "size_bytes": manifest.get("size_bytes"), "kind": manifest.get("kind"),
+                      "leave_running": manifest.get("leave_running"), "latest": checkpoint == latest})
+    return shown
+
+
+def _remove(base: Path, checkpoint: str) -> None:
+    """Remove one checkpoint, with the directory a migration staged for it if it was never taken over."""
+    staged = staged_directory(base / checkpoint) if (base / checkpoint / STAGED).exists() else None
+    if staged is not None:
+        shutil.rmtree(staged, ignore_errors=True)
+    shutil.rmtree(base / checkpoint, ignore_errors=True)
+
+
+def _repoint_latest(base: Path) -> None:
+    """The latest checkpoint was removed: ``latest`` names the newest left, or goes with the last."""
+    left = _complete(base)
+    if left:
+        publish(base, base / left[-1])
+    else:
+        (base / "latest").unlink(missing_ok=True)
+
+
+def remove(base: Path, checkpoint: str) -> str | None:
+    """Remove checkpoint ``checkpoint`` (an id); the latest one afterwards. Blocking."""
+    path = checkpoint_path(base, checkpoint)
+    if checkpoint not in _complete(base):
+        raise TaskError(f"no checkpoint {checkpoint} under {base.parent.name}/{base.name} on this node "
+                        "(see checkpoint.list)", code="not-found")
+    _remove(base, path.name)
+    if _latest(base) == checkpoint:
+        _repoint_latest(base)
+    return _latest(base)
+
+
+def prune(base: Path, keep: int) -> list[str]:
+    """Keep ``keep`` complete checkpoints (``latest`` always among them, then the newest)
+    and remove the others; the ids removed. Blocking."""
+    latest = _latest(base)
+    complete = _complete(base)
+    order = [c for c in complete if c == latest] + [c for c in reversed(complete) if c != latest]
+    for old in order[keep:]:
+        _remove(base, old)
+    return sorted(order[keep:])
 
 
 def discard_incoming(images: Path) -> None:
