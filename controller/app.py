@@ -6,7 +6,9 @@ from the Kumo CA at the TLS handshake; the enrollment listener asks for none and
 and :func:`guard` checks that against the caller's identity before the handler runs, so no
 handler can forget to. A third listener, when ``ui_listen`` is set, serves the web interface
 (:mod:`controller.ui`): the same admin routes behind the same guard, the identity coming
-from a browser session instead of a certificate.
+from a browser session instead of a certificate. Each listener caps the connections it holds,
+in all and per client (:mod:`controller.connections`), and closes kept-alive connections
+idle for ``keepalive_timeout``.
 
 Heartbeats are frequent and mostly say "nothing changed": they update an in-memory table
 that is written to the store every :data:`FLUSH_INTERVAL` seconds, not once per request.
