@@ -37,9 +37,13 @@ NODE_CERT_NEXT = "node.crt.next"
 
 @dataclasses.dataclass
 class MetricsSettings:
-    """Where ``/metrics`` listens (``null`` turns it off) and, optionally, the CA scrapers must hold."""
+    """Where ``/metrics`` listens (``null`` turns it off) and, optionally, the CA scrapers must hold.
 
-    listen: str | None = "0.0.0.0:9464"
+    Loopback by default: a node's metrics name its instances and their usage, so plain HTTP
+    is not offered to the network unless asked for. The packaged agent.yaml serves every
+    interface behind the fleet's own CA (scraper and admin certificates only)."""
+
+    listen: str | None = "127.0.0.1:9464"
     client_ca: Path | None = None
 
 

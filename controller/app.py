@@ -6,7 +6,9 @@ from the Kumo CA at the TLS handshake; the enrollment listener asks for none and
 and :func:`guard` checks that against the caller's identity before the handler runs, so no
 handler can forget to. A third listener, when ``ui_listen`` is set, serves the web interface
 (:mod:`controller.ui`): the same admin routes behind the same guard, the identity coming
-from a browser session instead of a certificate.
+from a browser session instead of a certificate. Each listener caps the connections it holds,
+in all and per client (:mod:`controller.connections`), and closes kept-alive connections
+idle for ``keepalive_timeout``.
 
 Heartbeats are frequent and mostly say "nothing changed": they update an in-memory table
 that is written to the store every :data:`FLUSH_INTERVAL` seconds, not once per request.
@@ -56,6 +58,7 @@ from controller.api import (
     tasks,
     ui,
 )
+from controller.connections import ConnectionLimits
 from controller.services import Refused, migrations, rebalance
 from controller.services import images as image_service
 from controller.settings import ControllerSettings, split_address
@@ -70,6 +73,10 @@ FLUSH_INTERVAL = 2.0
 REGISTRY_INTERVAL = 5.0
 PRUNE_INTERVAL = 3600.0
 STOP_REPORT_AFTER = 10.0
+LIMITS = "kumo.connections"  # app key: the listener's ConnectionLimits
+# Seconds a closing connection waits for the client's TLS close before it is dropped (asyncio's
+# default, 30, would hold every idle connection closed at keepalive_timeout that much longer).
+TLS_SHUTDOWN_TIMEOUT = 5.0
 API_MODULES = (enroll, nodes, tasks, instances, images, migration, rebalancing, logging_settings, alerts, meta, ui)
 
 
@@ -534,7 +541,8 @@ async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
     try:
-        response = await handler(request)
+        refused = request.app[LIMITS].refused.get(request.transport)
+        response = await handler(request) if refused is None else _over_cap(refused)
     except Refused as exc:
         response = reply({"error": exc.message, **exc.extra}, exc.status)
     except StoreUnavailable as exc:
@@ -557,6 +565,14 @@ async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
         response = reply({"error": "internal error in the controller; its log has the details"}, 500)
     ctl.metrics.requests.labels(request.method, route, str(response.status)).inc()
     ctl.metrics.latency.labels(route).observe(time.perf_counter() - started)
+    return response
+
+
+def _over_cap(why: str) -> web.Response:
+    """The answer on a connection over a listener's cap; the connection closes after it."""
+    response = reply({"error": why}, 503)
+    response.headers["Retry-After"] = "5"
+    response.force_close()
     return response
 
 
@@ -593,6 +609,7 @@ async def serve(settings: ControllerSettings, stop: asyncio.Event) -> None:
     ca = pki.CertificateAuthority.load(settings.pki_dir / "ca.crt", settings.pki_dir / "ca.key")
     ctl = Controller(settings, open_store(settings.database), ca)
     runners: list[web.AppRunner] = []
+    servers: list[asyncio.AbstractServer] = []
     try:
         listeners = [("API", settings.listen, make_app(ctl, False), True),
                      ("enrollment", settings.enroll_listen, make_app(ctl, True), False)]
@@ -600,12 +617,16 @@ async def serve(settings: ControllerSettings, stop: asyncio.Event) -> None:
             admin = [(route, guard(route, route.handler)) for route in ctl.routes if route.role == "admin"]
             listeners.append(("web interface", settings.ui_listen, make_ui_app(ctl, admin, errors), False))
         for what, listen, app, require_client in listeners:
-            runner = web.AppRunner(app, access_log=None)
+            limits = ConnectionLimits(what, settings.max_connections, settings.max_connections_per_client)
+            app[LIMITS] = limits
+            runner = web.AppRunner(app, access_log=None, keepalive_timeout=settings.keepalive_timeout)
             await runner.setup()
             runners.append(runner)
             host, port = split_address(listen, "listen")
             try:
-                await web.TCPSite(runner, host, port, ssl_context=tls_context(settings, require_client)).start()
+                servers.append(await asyncio.get_running_loop().create_server(
+                    limits.factory(runner.server), host, port, ssl=tls_context(settings, require_client),
+                    ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT))
             except OSError as exc:
                 raise OSError(f"cannot listen on {listen}: {exc.strerror}") from None
             log.info("%s listening on https://%s", what, listen)
@@ -620,6 +641,8 @@ async def serve(settings: ControllerSettings, stop: asyncio.Event) -> None:
     finally:
         watchdog = asyncio.ensure_future(_report_stuck(STOP_REPORT_AFTER))
         ctl.release_waiters()
+        for server in servers:
+            server.close()
         for runner in runners:
             await runner.cleanup()
         await ctl.stop()

@@ -44,6 +44,11 @@ class ControllerSettings:
     poll_timeout: float = 30.0
     node_cert_ttl: float = 86400.0  # seconds; agents renew at two thirds of it
     max_body_bytes: int = 1024 * 1024
+    # Per listener: connections held at once, in all and from one client (a certificate on the
+    # API listener, an address on the others); one over either cap gets a 503.
+    max_connections: int = 16384
+    max_connections_per_client: int = 64
+    keepalive_timeout: float = 30.0  # seconds an idle kept-alive connection stays open
     alertmanager_url: str | None = None  # e.g. http://alertmanager:9093: alerts are forwarded there
     retention_days: float = 14.0  # finished tasks, migrations and resolved alerts are kept this long
     placement_cpu_busy_max: float = 0.9  # a node whose measured CPU is busier takes no new instance
@@ -110,9 +115,15 @@ def load_settings(path: Path) -> ControllerSettings:
         if getattr(settings, key) is not None:
             split_address(getattr(settings, key), f"{path}: {key}")
     settings.url = check_url(settings.url, f"{path}: url") if settings.url else default_url(settings.listen)
-    for key in ("heartbeat_interval", "poll_timeout", "node_cert_ttl", "ui_session_ttl"):
+    for key in ("heartbeat_interval", "poll_timeout", "node_cert_ttl", "ui_session_ttl", "keepalive_timeout"):
         if getattr(settings, key) <= 0:
             raise ConfigError(f"{path}: {key}: expected a positive number of seconds")
+    for key in ("max_connections", "max_connections_per_client"):
+        if getattr(settings, key) < 1:
+            raise ConfigError(f"{path}: {key}: expected a whole number of connections, 1 or more")
+    if settings.max_connections_per_client > settings.max_connections:
+        raise ConfigError(f"{path}: max_connections_per_client: expected at most max_connections "
+                          f"({settings.max_connections})")
     if settings.retention_days <= 0:
         raise ConfigError(f"{path}: retention_days: expected a positive number of days")
     if not 0 < settings.placement_cpu_busy_max <= 1:

@@ -187,6 +187,7 @@ async def test_iso_seed_is_a_cidata_volume(tmp_path: Path) -> None:
     )
     assert iso == tmp_path / "cidata.iso"
     assert [p.name for p in tmp_path.iterdir()] == ["cidata.iso"]  # staging removed
+    assert iso.stat().st_mode & 0o777 == 0o600, "user-data may hold secrets: root's alone"
     info = subprocess.run(  # noqa: S603 - an argv list, never a shell
         ["isoinfo", "-d", "-i", str(iso)], capture_output=True, text=True, check=True
     )

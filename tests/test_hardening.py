@@ -240,3 +240,61 @@ def test_a_node_claiming_more_than_it_first_had_is_held_to_it_until_an_admin_acc
     assert "from now on" in kumoctl(controller, "nodes", "accept", node_id).stdout
     node = controller.admin("GET", f"/v1/nodes/{node_id}")
     assert node["facts"]["cpus"] == 4096 and node["capacity"]["claimed"] is None
+
+
+@pytest.mark.integration
+def test_connections_are_capped_per_client_and_in_all_and_idle_ones_closed(controller_factory, tmp_path) -> None:
+    import http.client
+
+    controller = controller_factory(max_connections=4, max_connections_per_client=2, keepalive_timeout=1.5)
+    for i in range(2):
+        (tmp_path / str(i)).mkdir()
+    nodes = [enroll_node(controller, tmp_path / str(i)) for i in range(2)]
+
+    def connect(cert: tuple[Path, Path]) -> http.client.HTTPSConnection:
+        return http.client.HTTPSConnection("127.0.0.1", controller.port, context=controller.context(cert), timeout=10)
+
+    def get(conn: http.client.HTTPSConnection, path: str = "/v1/nodes") -> tuple[int, dict, str | None]:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, json.loads(response.read()), response.getheader("Connection")
+
+    admin = [connect(controller.admin_cert) for _ in range(2)]
+    assert [get(conn)[0] for conn in admin] == [200, 200]
+    status, answer, connection = get(connect(controller.admin_cert))
+    assert (status, connection) == (503, "close"), answer
+    assert "holds 2 connections from admin 'admin' (max_connections_per_client" in answer["error"]
+    # Another certificate is another client, up to the listener's total.
+    held = [connect(cert) for _, cert in nodes]  # kept open while the test runs
+    for conn, (node_id, _) in zip(held, nodes, strict=True):
+        assert get(conn, f"/v1/nodes/{node_id}/tasks?wait=0")[0] == 200
+    status, answer, _ = get(connect(nodes[0][1]), f"/v1/nodes/{nodes[0][0]}/tasks?wait=0")
+    assert status == 503 and "already holds 4 connections (max_connections" in answer["error"], answer
+    assert [get(conn)[0] for conn in admin] == [200, 200], "connections held before the cap keep working"
+    # Idle kept-alive connections are closed by the controller, which frees their places.
+    time.sleep(2)
+    for conn in admin:
+        conn.sock.settimeout(10)
+        assert conn.sock.recv(1) == b"", "the controller closed the idle connection"
+        conn.close()
+    deadline = time.monotonic() + 10
+    while (status := get(connect(controller.admin_cert))[0]) != 200 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert status == 200
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("max_connections: 0", "max_connections: expected a whole number of connections, 1 or more"),
+    ("max_connections: 8\nmax_connections_per_client: 9", "max_connections_per_client: expected at most max_connections (8)"),
+    ("keepalive_timeout: 0", "keepalive_timeout: expected a positive number of seconds"),
+])
+def test_bad_connection_settings_name_the_key(tmp_path, text, message) -> None:
+    from agent.sdk import ConfigError
+    from controller.settings import load_settings
+
+    path = tmp_path / "controller.yaml"
+    path.write_text("pki_dir: pki\ndatabase: c.db\n" + text + "\n")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_settings(path)
+    path.write_text("pki_dir: pki\ndatabase: c.db\n")
+    assert (load_settings(path).max_connections, load_settings(path).keepalive_timeout) == (16384, 30.0)

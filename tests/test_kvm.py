@@ -26,7 +26,7 @@ from agent.pluginmanager import Hooks, make_plugin_manager
 from agent.sdk import ConfigError, ImageCache, InstanceUsage, TaskError
 from plugins.kvm import KvmPlugin, liveness
 from plugins.kvm.acceleration import Acceleration
-from plugins.kvm.disks import backing_file
+from plugins.kvm.disks import backing_file, make_overlay
 from plugins.kvm.domain import METADATA_NS, DomainFiles, domain_xml, read_metadata
 from plugins.kvm.spec import BootOptions, CreateSpec
 from plugins.kvm.usage import usage_from_stats
@@ -101,6 +101,15 @@ def test_usage_sums_a_domains_devices_from_its_stats_record() -> None:
         block_read_operations=5, block_write_operations=1)
     # User-mode networking has no host interface to count: no figures rather than zeros.
     assert usage_from_stats({"cpu.time": 1, "net.count": 1, "net.0.name": "user"}).network_receive_bytes is None
+
+
+async def test_an_overlay_is_root_s_alone_and_backed_by_the_base_it_was_made_from(tmp_path: Path) -> None:
+    require(shutil.which("qemu-img") is not None, "qemu-img (qemu-utils)")
+    base = tmp_path / "base.raw"
+    base.write_bytes(bytes(1 << 20))
+    await make_overlay(base, tmp_path / "disk.qcow2")
+    assert (tmp_path / "disk.qcow2").stat().st_mode & 0o777 == 0o600  # the guest's writes, its secrets too
+    assert backing_file(tmp_path / "disk.qcow2") == base
 
 
 def test_backing_file_is_read_from_the_overlay(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from agent.sdk import TaskError
-from plugins.kvm.checkpointing import parse_saved, save_blockers
+from plugins.kvm.checkpointing import _copy, parse_saved, save_blockers
 from tests.harness import require
 from tests.harness.guest import Guest
 from tests.harness.libvirt import TEST_INSTANCE_ROOT, KvmNode, KvmTestBed, wait_for
@@ -115,6 +115,18 @@ def test_a_record_a_create_would_not_accept_is_refused(changes: dict[str, Any], 
     with pytest.raises(TaskError) as err:
         parse_saved(_record(**changes))
     assert err.value.code == "import-refused" and message in str(err.value), str(err.value)
+
+
+def test_a_disk_or_seed_put_in_place_is_root_s_alone_whatever_mode_it_came_with(tmp_path: Path) -> None:
+    sent = tmp_path / "disk.qcow2.copy"
+    sent.write_bytes(b"guest data")
+    sent.chmod(0o644)  # as a migration's source may have sent it
+    stale = tmp_path / "disk.qcow2"
+    stale.write_bytes(b"older and longer")
+    stale.chmod(0o666)
+    for target in (tmp_path / "seed.iso", stale):
+        _copy(sent, target)
+        assert target.stat().st_mode & 0o777 == 0o600 and target.read_bytes() == b"guest data"
 
 
 def test_a_record_the_plugin_wrote_is_accepted() -> None:

@@ -349,3 +349,43 @@ async def test_tls_serves_the_renewed_certificate_after_reload(tls_server) -> No
     response, peer = await _scrape_tls(served.port, _client(paths, "scraper"))
     assert response.status == 200
     assert peer.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "node-renewed"
+
+
+async def test_behind_kumos_own_ca_only_scraper_and_admin_certificates_are_served(tmp_path: Path) -> None:
+    # Every node holds a certificate of the fleet's CA: one node must not read another's metrics.
+    from controller import pki
+
+    ca = pki.CertificateAuthority.create()
+    (tmp_path / "ca.crt").write_text(pki.pem(ca.cert))
+
+    def pair(role: str, name: str, server: bool = False) -> tuple[Path, Path]:
+        key = pki.new_key()
+        cert = ca.issue(key.public_key(), role, name, datetime.timedelta(hours=1), ips=("127.0.0.1",), server=server)
+        (tmp_path / f"{name}.crt").write_text(pki.pem(cert))
+        pki.write_private(tmp_path / f"{name}.key", pki.key_pem(key))
+        return tmp_path / f"{name}.crt", tmp_path / f"{name}.key"
+
+    node_cert, node_key = pair("node", "n-served", server=True)
+    served = MetricsServer(AgentMetrics(), "127.0.0.1", 0,
+                           server_tls_context(Identity("n-served", node_key, node_cert, tmp_path / "ca.crt"),
+                                              tmp_path / "ca.crt"))
+    await served.start()
+    try:
+        for role, allowed in (("scraper", True), ("admin", True), ("node", False), ("controller", False)):
+            ctx = ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))
+            ctx.load_cert_chain(*pair(role, f"{role}-client"))
+            if allowed:
+                assert (await _scrape_tls(served.port, ctx))[0].status == 200, role
+            else:
+                with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError, AssertionError)):
+                    await _scrape_tls(served.port, ctx)
+    finally:
+        await served.stop()
+
+
+def test_metrics_are_served_on_loopback_only_unless_configured() -> None:
+    # Plain HTTP on every interface used to be the default: anyone on the network read a
+    # node's instances and usage. Off the host, metrics need metrics.listen and client_ca.
+    from agent.settings import MetricsSettings
+
+    assert MetricsSettings().listen == "127.0.0.1:9464" and MetricsSettings().client_ca is None

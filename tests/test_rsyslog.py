@@ -215,6 +215,32 @@ async def test_missing_rsyslog_makes_the_plugin_unavailable(tmp_path: Path) -> N
         plugin.kumo_configure(section={"collector": {"listen": "everywhere"}}, source="agent.yaml: plugins.rsyslog")
 
 
+async def test_only_the_named_collector_nodes_certificate_is_accepted(rsyslog_bed: RsyslogBed) -> None:
+    # Every node holds a certificate of the fleet's CA: a node answering on the collector's
+    # address (its certificate names only its own node id) must not be taken for it.
+    port = free_port()
+    collected = {"listen": f"127.0.0.1:{port}", "protocol": "relp", "tls": True,
+                 "directory": str(rsyslog_bed.root / "collected")}
+    impostor = rsyslog_bed.daemon("impostor")
+    impostor.start()
+    await rsyslog_bed.plugin(impostor, rsyslog_bed.identity("sender"), collector=collected)
+    sender = rsyslog_bed.daemon("sender", input_port=True)
+    sender.start()
+    plugin = await rsyslog_bed.plugin(sender, rsyslog_bed.identity("sender"))
+    await plugin.kumo_handle_task(kind="rsyslog.configure", task_id="t1", payload={
+        "target": f"127.0.0.1:{port}", "peer": rsyslog_bed.identity("collector").node_id})
+    sender.send(["for the collector only"], "impostor")
+    deadline = time.monotonic() + 30
+    while not plugin.stats.get("kumo-forward", {}).get("processed"):  # tried, and held in its queue
+        assert time.monotonic() < deadline, f"forwarding never tried: {plugin.stats}"
+        await asyncio.sleep(0.3)
+    # A collector that takes it writes it within milliseconds (the other tests' pairs): this
+    # one never does, and the message waits in the sender's queue for the right collector.
+    await asyncio.sleep(1)
+    assert received(rsyslog_bed.root / "collected", "impostor") == []
+    assert plugin.stats["kumo-forward queue"]["size"] == 1
+
+
 def test_values_are_quoted_for_rainerscript() -> None:
     assert quote('a"b\\c') == '"a\\"b\\\\c"'
 

@@ -17,6 +17,7 @@ interface shows the same error before a create.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -69,11 +70,16 @@ class CloudInitPlugin:
             raise TaskError(
                 "cannot build a cidata ISO: install genisoimage (or xorriso) on this node", code="seed-build"
             )
+        # user-data may hold passwords and keys, and the instance directory's path is easy to
+        # guess: the files and the ISO are made in a directory only root can enter, and the
+        # ISO leaves it 0600 (libvirt hands it to qemu's user when the VM starts).
         staging = workdir / ".cidata"
         iso = workdir / "cidata.iso"
-        await asyncio.to_thread(_write_tree, staging, files)
+        await asyncio.to_thread(_private_dir, staging)
         try:
-            await _make_iso(tool, staging, sorted(files), iso)
+            await asyncio.to_thread(_write_tree, staging, files)
+            await _make_iso(tool, staging, sorted(files), staging / iso.name)
+            await asyncio.to_thread(_publish, staging / iso.name, iso)
         finally:
             await asyncio.to_thread(shutil.rmtree, staging, True)
         return iso
@@ -106,6 +112,16 @@ def seed_files(instance: Mapping[str, Any]) -> dict[str, str]:
         validate_user_data(vendor, what="vendor_data")
         files["vendor-data"] = vendor
     return files
+
+
+def _private_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)  # a crashed build's leftovers, whatever their mode
+    path.mkdir(mode=0o700)
+
+
+def _publish(built: Path, target: Path) -> None:
+    built.chmod(0o600)
+    os.replace(built, target)
 
 
 def _write_tree(target: Path, files: Mapping[str, str]) -> None:

@@ -272,9 +272,16 @@ class KvmCheckpointer:
 
 def _copy(source: Path, target: Path) -> None:
     """Copy a file whole, in the kernel (sendfile). Not fsynced, as libvirt's save file is
-    not: a checkpoint is as durable as the page cache makes it. Blocking."""
+    not: a checkpoint is as durable as the page cache makes it. Blocking.
+
+    The target is 0600 before a byte lands, whatever mode the source had (one that came in a
+    migration's stream has the mode its sender chose): it is a VM's disk or seed."""
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # O_CREAT leaves an existing file's mode as it was
+    finally:
+        os.close(fd)
     shutil.copyfile(source, target)
-    shutil.copymode(source, target)
 
 
 def _swap(incoming: Path, disk: Path, previous: Path) -> None:

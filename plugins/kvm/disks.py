@@ -75,6 +75,10 @@ async def make_overlay(base: Path, disk: Path) -> None:
     result = await run_command("qemu-img", "create", "-q", "-f", "qcow2", "-F", base_format, "-b", str(base), str(disk))
     if result.returncode != 0:
         raise TaskError(f"qemu-img could not create the disk {disk}: {result.error}", code="failed")
+    # The guest's writes land here (its secrets too), at a path anyone can guess and
+    # traverse to: root's alone until libvirt hands it to qemu's user at start. Empty until
+    # then, so the umask's mode for the moment qemu-img creates it exposes nothing.
+    await asyncio.to_thread(disk.chmod, 0o600)
 
 
 def backing_file(disk: Path) -> Path | None:
