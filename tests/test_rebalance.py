@@ -23,29 +23,13 @@ import pytest
 
 from tests.harness import read_counter
 from tests.harness.agents import reported, running_on, wait_for
+from tests.harness.burners import BURNER, DUTY, PY
 from tests.harness.criu import SBIN_PATH
 from tests.test_migration import _pids_mentioning, kumoctl
 
 pytestmark = pytest.mark.integration
 
-PY = "/usr/bin/python3"
 HEARTBEAT = "heartbeat: "  # what an agent logs (debug) after each heartbeat
-DUTY = 0.2  # the cores each burner uses: 20 ms of CPU, then 80 ms asleep
-# argv: the file it counts into. The count goes on from where it was when it moves. Each
-# round burns a fixed 20 ms of CPU time rather than 20 ms of wall time, so that when the
-# machine is busy a burner's figure drops by far less than its share of the CPUs would.
-BURNER = f"""
-import sys, time
-i = 0
-while True:
-    i += 1
-    with open(sys.argv[1], "w") as f:
-        f.write(str(i))
-    end = time.process_time() + {DUTY / 10}
-    while time.process_time() < end:
-        pass
-    time.sleep({(1 - DUTY) / 10})
-"""
 
 IDLE = """
 import sys, time
