@@ -482,6 +482,9 @@ async def _migrate(ctl: Any, doc: dict[str, Any]) -> None:
         return
 
     await _phase(ctl, doc, "restore")
+    # Reports from when the restore was asked count: the one the destination sends as soon as
+    # the instance runs may arrive before the task's end, and the next comes a heartbeat later.
+    asked = time.time()
     restored = await run_task(ctl, destination, "checkpoint.restore",
                               await restore_payload(ctl, destination, name, kind, received), CRIU_TIMEOUT, name)
     if restored["state"] == "lost":
@@ -494,7 +497,7 @@ async def _migrate(ctl: Any, doc: dict[str, Any]) -> None:
         _fail(doc, restored, f"restore on node {destination} failed")
         await _roll_back(ctl, doc, base, image)
         return
-    if await _running_on(ctl, [destination], name, kind, time.time()) != destination:
+    if await _running_on(ctl, [destination], name, kind, asked) != destination:
         undone = await run_task(ctl, destination, f"{kind}.delete", base, CLEANUP_TIMEOUT, name)
         doc.update(code="not-running",
                    error=f"node {destination} restored the instance but never reported it running")
