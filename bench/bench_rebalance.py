@@ -266,7 +266,7 @@ def real() -> dict[str, Any]:
                 agent.stop()
             ctl.stop()
     return {"policy": policy, "hot": hot.node_id, "before": before, "after": after, "moves": len(seconds),
-            "minimum": lower, "rounds": rounds, "converged": converged, "move": statistics.median(seconds),
+            "minimum": lower, "rounds": rounds, "converged": converged, "moves_s": seconds, "move": statistics.median(seconds),
             "raw": statistics.median(raw), "over_after": sum(1 for s in after.values() if s > policy["cpu_high"])}
 
 
@@ -301,7 +301,8 @@ def main() -> int:
     print(f"node CPU spread (max - min of the measured shares): {spread(found['before']):.1%} -> "
           f"{spread(found['after']):.1%}; nodes still over {policy['cpu_high']:.1%}: {found['over_after']}")
     print(verdicts(found["moves"], found["minimum"], found["rounds"]) + f"; converged in {found['converged']:.1f} s")
-    print(f"time per move (median of {found['moves']}): {found['move']:.2f} s; raw criu dump + restore of the same "
+    print(f"time per move (median of {found['moves']}: {', '.join(f'{s:.2f}' for s in found['moves_s'])}): "
+          f"{found['move']:.2f} s; raw criu dump + restore of the same "
           f"program (median of {RAW_ROUNDS}): {found['raw']:.2f} s: {found['move'] / found['raw']:.1f}x")
     return 0
 
