@@ -1,6 +1,6 @@
-"""The rebalancer against the real thing: a controller, three real agents on this machine,
-process instances that burn CPU (a fixed duty cycle each) all placed on one node, moved by
-real CRIU migrations.
+"""The rebalancer against the real thing: a controller, real agents on this machine (three,
+or two), process instances that burn CPU (a fixed duty cycle each) all placed on one node, moved
+by real CRIU migrations.
 
 Every node here is this one machine, so each node's own busy figure is the same; what
 differs between nodes, and what the rebalancer goes by, is the share of a node's CPUs its
