@@ -344,9 +344,17 @@ class Controller:
         live = self.live.setdefault(node_id, {"plugins": None, "usage": None})
         now = time.time()
         if usage is not None:
-            # Since the previous report of usage, not last_seen: a report without usage moves that too.
-            _add_cpu_rates(usage, live.get("usage"), now - live.get("usage_at", now))
-            live["usage"], live["usage_at"] = usage, now
+            # Rates over half a heartbeat interval at least: a heartbeat sent early (an instance
+            # changed state) may follow the one before by milliseconds, over which a CPU counter
+            # in clock ticks says nothing (a burning instance would show 0 or several cores).
+            base = live.get("rate_base")
+            if base is None or now - base[0] >= self.settings.heartbeat_interval / 2:
+                _add_cpu_rates(usage, base, now)
+                live["rate_base"] = (now, {name: figures.get("cpu_seconds")
+                                           for name, figures in usage["instances"].items()})
+            else:
+                _keep_cpu_rates(usage, live["usage"])
+            live["usage"] = usage
         changed = instances != live.get("instances") or (plugins is not None and plugins != live["plugins"])
         live["last_seen"] = now
         live["instances"] = instances
@@ -466,15 +474,24 @@ def _capped(facts: dict[str, Any], capacity: dict[str, Any]) -> tuple[dict[str, 
     return capped, over
 
 
-def _add_cpu_rates(usage: dict[str, Any], before: dict[str, Any] | None, seconds: float) -> None:
-    """Each instance's ``cpu_cores`` (CPU seconds per second since the previous report), from
-    the counter the node sends; a counter that went back (the instance restarted) gives none."""
-    previous = (before or {}).get("instances", {})
+def _add_cpu_rates(usage: dict[str, Any], base: tuple[float, dict[str, Any]] | None, now: float) -> None:
+    """Each instance's ``cpu_cores``: CPU seconds per second since ``base`` (when, and each
+    instance's CPU counter then); a counter that went back (the instance restarted) gives none."""
+    if base is None:
+        return
+    at, counters = base
     for name, figures in usage["instances"].items():
-        earlier = previous.get(name, {}).get("cpu_seconds")
-        now = figures.get("cpu_seconds")
-        if seconds > 0 and earlier is not None and now is not None and now >= earlier:
-            figures["cpu_cores"] = round((now - earlier) / seconds, 4)
+        earlier, current = counters.get(name), figures.get("cpu_seconds")
+        if now > at and earlier is not None and current is not None and current >= earlier:
+            figures["cpu_cores"] = round((current - earlier) / (now - at), 4)
+
+
+def _keep_cpu_rates(usage: dict[str, Any], before: dict[str, Any]) -> None:
+    """An early report shows the rates of the report before it (see Controller.touch)."""
+    for name, figures in usage["instances"].items():
+        cores = (before["instances"].get(name) or {}).get("cpu_cores")
+        if cores is not None:
+            figures["cpu_cores"] = cores
 
 
 def guard(route: Route, handler: Any) -> Any:

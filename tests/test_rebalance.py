@@ -1,6 +1,6 @@
-"""The rebalancer against the real thing: a controller, three real agents on this machine,
-process instances that burn CPU (a fixed duty cycle each) all placed on one node, moved by
-real CRIU migrations.
+"""The rebalancer against the real thing: a controller, real agents on this machine (three,
+or two), process instances that burn CPU (a fixed duty cycle each) all placed on one node, moved
+by real CRIU migrations.
 
 Every node here is this one machine, so each node's own busy figure is the same; what
 differs between nodes, and what the rebalancer goes by, is the share of a node's CPUs its
@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -21,29 +22,14 @@ from typing import Any
 import pytest
 
 from tests.harness import read_counter
-from tests.harness.agents import running_on, wait_for
+from tests.harness.agents import reported, running_on, wait_for
+from tests.harness.burners import BURNER, DUTY, PY
 from tests.harness.criu import SBIN_PATH
 from tests.test_migration import _pids_mentioning, kumoctl
 
 pytestmark = pytest.mark.integration
 
-PY = "/usr/bin/python3"
-DUTY = 0.2  # the cores each burner uses: 20 ms of CPU, then 80 ms asleep
-# argv: the file it counts into. The count goes on from where it was when it moves. Each
-# round burns a fixed 20 ms of CPU time rather than 20 ms of wall time, so that when the
-# machine is busy a burner's figure drops by far less than its share of the CPUs would.
-BURNER = f"""
-import sys, time
-i = 0
-while True:
-    i += 1
-    with open(sys.argv[1], "w") as f:
-        f.write(str(i))
-    end = time.process_time() + {DUTY / 10}
-    while time.process_time() < end:
-        pass
-    time.sleep({(1 - DUTY) / 10})
-"""
+HEARTBEAT = "heartbeat: "  # what an agent logs (debug) after each heartbeat
 
 IDLE = """
 import sys, time
@@ -120,6 +106,15 @@ def rounds(controller: Any, count: int) -> None:
                                     since)[0]["n"] >= count, f"{count} rebalancing rounds", limit=60)
 
 
+def spread(controller: Any, nodes: list[str], since: float) -> tuple[float, dict[str, float]]:
+    """(max - min, each node's figure) of the share of its CPUs each node's instances used, as
+    the controller sampled it after ``since``: the median of each node's samples, so that a
+    restore's burst or a sample missing a just-moved instance does not count."""
+    rows = controller.sql("SELECT node, cpu FROM rebalance_samples WHERE at > ?", since)
+    shares = {node: statistics.median(row["cpu"] for row in rows if row["node"] == node) for node in nodes}
+    return max(shares.values()) - min(shares.values()), shares
+
+
 def keeps_counting(counters: dict[str, Path], before: dict[str, int]) -> None:
     for name, path in counters.items():
         floor = before[name] + 3
@@ -149,8 +144,11 @@ def test_apply_moves_busy_instances_once_and_leaves_the_pinned_one(fleet):
     assert f"off {a.node_id}" in out and "WAVE" in out, out
 
     before = {name: read_counter(path) for name, path in counters.items()}
+    nodes = [agent.node_id for agent in (a, b, c)]
+    spread_before, shares_before = spread(controller, nodes, time.time() - settings()["rebalance"]["window"])
     status, out, err = kumoctl(controller, "rebalance", "apply")
     assert status == 0, err + out
+    applied = time.time()
     placed = where(controller, list(counters))
     moved = {name: node for name, node in placed.items() if node != a.node_id}
     assert moved and set(moved.values()) <= {b.node_id, c.node_id}, (placed, out)
@@ -176,6 +174,10 @@ def test_apply_moves_busy_instances_once_and_leaves_the_pinned_one(fleet):
         assert controller.admin("POST", "/v1/rebalance/apply", {})["decisions"] == []
         rounds(controller, 1)
     assert where(controller, list(counters)) == placed
+    # The nodes' measured shares converged: four burners against none became two against one
+    # each (a quarter of the spread, nominally; on a busy machine every burner slows alike).
+    spread_after, shares_after = spread(controller, nodes, applied)
+    assert spread_after < 0.6 * spread_before, (shares_before, shares_after)
 
 
 def failing_criu(directory: Path) -> Path:
@@ -232,3 +234,45 @@ def test_auto_mode_moves_on_and_a_failed_move_is_not_retried(fleet, tmp_path):
     for name, node in placed.items():
         assert [agent.node_id for agent in (a, x, y) if running_on(agent, name)] == [node], "exactly once"
     keeps_counting(counters, before)
+
+
+@pytest.mark.reliability("rebalancing", "destination agent frozen as apply starts, then kill -9")
+def test_a_destination_that_dies_mid_rebalance_leaves_every_instance_running_once(fleet):
+    start = fleet
+    controller, (a, x), burn = start([{}, {}])
+    counters = {name: burn(a, name) for name in ("die-1", "die-2", "die-3", "die-4")}
+    busy(controller, a.node_id)
+    # Frozen just after a heartbeat, X is ready for the controller for a few seconds more:
+    # apply chooses it, and it never takes part in what follows.
+    beats = x.log_text().count(HEARTBEAT)
+    wait_for(lambda: x.log_text().count(HEARTBEAT) > beats, "a heartbeat of X")
+    x.proc.send_signal(signal.SIGSTOP)
+    [decision] = controller.admin("POST", "/v1/rebalance/apply", {})["decisions"]
+    x.kill()
+    assert decision["destination"] == x.node_id and decision["migration"], decision
+    done = wait_for(lambda: (m := controller.admin("GET", f"/v1/migrations/{decision['migration']}"))[
+        "state"] != "running" and m, "the migration to end")
+    assert done["state"] == "failed" and done["code"] == "node-unreachable", done
+    assert f"node {x.node_id} has not reported" in done["error"], done
+    assert f"restored on node {a.node_id}" in done["outcome"], done
+
+    for name, path in counters.items():
+        assert controller.admin("GET", f"/v1/instances/{name}")["node"] == a.node_id
+        wait_for(lambda name=name: running_on(a, name), f"{name} to run on A")
+        assert len(_pids_mentioning(str(path))) == 1, f"{name} runs exactly once"
+    before = {name: read_counter(path) for name, path in counters.items()}
+    keeps_counting(counters, before)
+
+    # Back, X has nothing of it, and the rebalancer, finding A busy again, does not try again.
+    x.start()
+    assert reported(x, decision["instance"]) is None
+    assert not list((x.state_dir / "plugins" / "checkpoint").rglob(".incoming-*"))
+    busy(controller, a.node_id)
+    answer = controller.admin("POST", "/v1/rebalance/apply", {})
+    assert answer["decisions"] == [] and answer["moves"] == [], answer
+    reasons = {r["instance"]: r["reason"] for r in answer["refused"]}
+    assert "its last rebalancing move failed" in reasons.pop(decision["instance"]), reasons
+    assert all(f"a rebalancing move of {decision['instance']} to it failed" in why for why in reasons.values()), reasons
+    assert [e["migration"] for e in controller.admin("GET", "/v1/rebalance/history")["entries"]] == [
+        decision["migration"]]
+    assert x.log_text().count("(checkpoint.receive): running") <= 1, "the given-up transfer was not handed out again"

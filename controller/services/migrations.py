@@ -30,6 +30,10 @@ Any failure after step 2 restores the instance on the source from the checkpoint
 made, so it is never lost; nothing is restored on the source while the destination might
 still run it, so it never runs twice. When the controller cannot know (a node took a task
 and never answered), it says so and leaves the checkpoint in place rather than guess.
+A node that stops reporting fails the steps queued for it, and the transfer it was an end
+of, as soon as the controller counts it unreachable (:func:`controller.services.tasks.wait`),
+not at their timeouts: a destination that dies before its restore leaves the instance
+restored on the source within seconds.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from controller import scheduler
-from controller.services import Refused, instances, iso
+from controller.services import Refused, instances, iso, tasks
 from controller.services.checkpoints import checked_id
 from controller.services.tasks import new_task, run_task, submit
 from controller.store import cancel_and_wait
@@ -485,6 +489,9 @@ async def _migrate(ctl: Any, doc: dict[str, Any]) -> None:
         return
 
     await _phase(ctl, doc, "restore")
+    # Reports from when the restore was asked count: the one the destination sends as soon as
+    # the instance runs may arrive before the task's end, and the next comes a heartbeat later.
+    asked = time.time()
     restored = await run_task(ctl, destination, "checkpoint.restore",
                               await restore_payload(ctl, destination, name, kind, _id_of(received)), CRIU_TIMEOUT,
                               name)
@@ -498,7 +505,7 @@ async def _migrate(ctl: Any, doc: dict[str, Any]) -> None:
         _fail(doc, restored, f"restore on node {destination} failed")
         await _roll_back(ctl, doc, base, image)
         return
-    if await _running_on(ctl, [destination], name, kind, time.time()) != destination:
+    if await _running_on(ctl, [destination], name, kind, asked) != destination:
         undone = await run_task(ctl, destination, f"{kind}.delete", base, CLEANUP_TIMEOUT, name)
         doc.update(code="not-running",
                    error=f"node {destination} restored the instance but never reported it running")
@@ -537,12 +544,15 @@ async def _transfer(ctl: Any, doc: dict[str, Any], base: dict[str, Any], image: 
     image_name = _id_of(image)
     recv, _ = await submit(ctl, new_task(destination, "checkpoint.receive", {**transfer, "image_name": image_name},
                                          instance=doc["instance"]))
-    waits = {asyncio.ensure_future(ctl.wait_task(t["id"], TRANSFER_TIMEOUT)): t for t in (send, recv)}
+    # Harmless to give up on an end whose node went silent: sending reads a checkpoint and
+    # receiving one never restores it.
+    waits = {asyncio.ensure_future(tasks.wait(ctl, t, TRANSFER_TIMEOUT, harmless=True)): t for t in (send, recv)}
     ended: dict[str, dict[str, Any]] = {}
     pending = set(waits)
     while pending:
-        # After an abort a live end learns of it at once; one that died never answers, and
-        # rolling back without its answer is safe: receiving an image never restores it.
+        # After an abort a live end learns of it at once; one whose node died is given up
+        # once the node is unreachable, and one that still does not answer after the grace
+        # is given up too (rolling back without its answer is safe, as above).
         grace = ABORT_GRACE if relay.aborted.is_set() else None
         done, pending = await asyncio.wait(pending, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
         if not done:
@@ -555,10 +565,7 @@ async def _transfer(ctl: Any, doc: dict[str, Any], base: dict[str, Any], image: 
             break
         for future in done:
             task = waits[future]
-            try:
-                ended[task["id"]] = future.result()
-            except TimeoutError:
-                ended[task["id"]] = {**task, "state": "failed", "error": "no answer", "code": "no-answer"}
+            ended[task["id"]] = future.result()
             if ended[task["id"]]["state"] != "succeeded":
                 # One end gave up: the other must not wait out the stall timeout.
                 relay.abort(f"node {task['node']} failed: {ended[task['id']].get('error')}")

@@ -398,12 +398,14 @@ class Store:
             rows = await tx.all("SELECT state, COUNT(*) AS n FROM tasks GROUP BY state")
         return {"tasks": {row["state"]: int(row["n"]) for row in rows}}
 
-    async def cancel_task(self, task_id: str, error: str) -> bool:
-        """Fail ``task_id`` if no node has taken it yet; True when it was withdrawn."""
+    async def cancel_task(self, task_id: str, error: str, code: str = "cancelled", taken: bool = False) -> bool:
+        """Fail ``task_id`` if no node has taken it yet (or, with ``taken``, if it has not
+        ended: what its node reports of it later is ignored); True when this failed it."""
+        states = "('pending', 'delivered')" if taken else "('pending')"
         async with self._tx() as tx:
             cancelled = await tx.execute(
-                "UPDATE tasks SET state='failed', error=?, code='cancelled', updated_at=? WHERE id=? AND state='pending'",
-                error, time.time(), task_id,
+                f"UPDATE tasks SET state='failed', error=?, code=?, updated_at=? WHERE id=? AND state IN {states}",
+                error, code, time.time(), task_id,
             )
             if cancelled:
                 tx.notify({"event": "task", "id": task_id})
