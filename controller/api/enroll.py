@@ -3,6 +3,10 @@
 Only the token's SHA-256 is stored, so a copy of the database cannot enroll anything. The
 join string also carries the hash of the CA's public key, which the node checks before it
 sends the token (see ``agent/enroll.py``), and every controller's URL, which the node keeps.
+
+A node remembers the token and key it joined with, so that the same join retried after its
+answer was lost (the controller killed after the commit) gets the same node, not a refusal
+of the spent token and a node nobody holds a key for.
 """
 
 from __future__ import annotations
@@ -183,7 +187,9 @@ def _refuse_unless_ok(ctl: Any, outcome: str) -> None:
 ROUTES = [
     Route("POST", "/v1/tokens", create_token, "admin", "Create a join token and its join string.",
           {"ttl_seconds": "integer, 60..2592000 (default 3600)", "uses": "integer, 1..1000 (default 1)"}),
-    Route("POST", "/v1/enroll", enroll_node, "enroll", "Trade a join token and a CSR for a node certificate.",
+    Route("POST", "/v1/enroll", enroll_node, "enroll", "Trade a join token and a CSR for a node certificate. The same token "
+          "with the same key again (an answer lost) gets the same node, until the token expires and at least "
+          "10 minutes after its use.",
           {"token": "the token part of the join string", "csr": "PEM CSR, ECDSA P-256", "hostname": "string",
            "previous": "optional object, to join again as the same node: {certificate: the node's last PEM "
                        "certificate, signature: base64 ECDSA-SHA256 by its key over "
