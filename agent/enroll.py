@@ -6,7 +6,10 @@ listener's certificate chain without trusting it, finds the certificate whose ke
 the pinned one, and only then opens a second, fully verified TLS connection to that CA and
 sends the token. A mismatch stops the join before the token leaves the node.
 
-The node key is made here and never leaves the node: only a CSR is sent.
+The node key is made here and never leaves the node: only a CSR is sent. It is kept
+(node.key.pending, 0600) before the request goes out, so that a join whose answer was lost
+(the controller died after enrolling the node, the connection broke) can be retried with
+the same token and key: the controller then answers with the node it made for that join.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import re
 import socket
 import ssl
 import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -39,6 +44,7 @@ from agent.settings import (
     NODE_CERT,
     NODE_CERT_NEXT,
     NODE_KEY,
+    NODE_KEY_PENDING,
     JoinError,
     JoinRecord,
     controller_url,
@@ -52,10 +58,17 @@ _TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{16,}\Z")
 _HASH_RE = re.compile(r"^[0-9a-f]{64}\Z")
 _PEM_CERT_RE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
 NETWORK_TIMEOUT = 30.0
+# Waits before each new try of an enrollment request whose answer never came (a controller
+# restarting, a connection reset): about 15 s in all.
+RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0)
 
 
 class Unreachable(JoinError):
     """No TLS answer from one controller's enrollment listener: the next one may answer."""
+
+
+class AnswerLost(JoinError):
+    """The enrollment request may or may not have reached the controller: no answer came."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,7 +242,7 @@ def _post_json(host: str, port: int, ctx: ssl.SSLContext, path: str, body: dict[
             "use the address the controller's certificate names (kumo-controller init --san)"
         ) from None
     except (OSError, http.client.HTTPException) as exc:
-        raise JoinError(f"enrollment request to {host}:{port} failed: {exc}") from None
+        raise AnswerLost(f"no answer to the enrollment request to {host}:{port}: {exc or type(exc).__name__}") from None
     finally:
         conn.close()
     try:
@@ -271,27 +284,62 @@ def join(controllers: list[str], join_text: str, state_dir: Path, *, force: bool
     ca, host = _pinned_ca(urls, pin)
     ca_pem = ca.public_bytes(serialization.Encoding.PEM).decode()
     previous = _previous_identity(state_dir, ca) if force else None
-    key = new_node_key()
+    key = _pending_key(state_dir)
     hostname = socket.gethostname()
     csr = make_csr(key, hostname)
     body: dict[str, Any] = {"token": pin.token, "csr": csr, "hostname": hostname}
     if previous is not None:
         body["previous"] = rejoin_proof(*previous, pin.token, csr)
-    answer = _post_json(host, pin.enroll_port, _verified_context(ca_pem), "/v1/enroll", body)
+    answer = _enroll(host, pin.enroll_port, _verified_context(ca_pem), body, state_dir / NODE_KEY_PENDING)
     try:
         node_id = str(answer["node_id"])
         cert = x509.load_pem_x509_certificate(str(answer["certificate"]).encode())
     except (KeyError, ValueError) as exc:
         raise JoinError(f"the controller's enrollment answer is incomplete: {exc}") from None
     check_issued(cert, key, node_id)
-    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     (state_dir / NODE_CERT_NEXT).unlink(missing_ok=True)
-    atomic_write(state_dir / NODE_KEY, key_pem(key), 0o600)
+    (state_dir / NODE_KEY_PENDING).replace(state_dir / NODE_KEY)
     atomic_write(state_dir / NODE_CERT, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     atomic_write(state_dir / CA_CERT, ca_pem.encode(), 0o644)
     record = JoinRecord(controllers=tuple(urls), node_id=node_id)
     write_join_record(state_dir, record)
     return record
+
+
+def _pending_key(state_dir: Path) -> ec.EllipticCurvePrivateKey:
+    """The key of an earlier join of this node whose answer never came, or a new one; kept
+    in node.key.pending (0600) before anything is sent, so that a retry sends the same key."""
+    path = state_dir / NODE_KEY_PENDING
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (FileNotFoundError, ValueError):  # none, or not one written whole: a new one does
+        key = None
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return key
+    key = new_node_key()
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    atomic_write(path, key_pem(key), 0o600)
+    return key
+
+
+def _enroll(host: str, port: int, ctx: ssl.SSLContext, body: dict[str, Any], pending: Path) -> dict[str, Any]:
+    """POST the enrollment, again after a lost answer: the controller answers the same token
+    and key with the node it made for them, so a retry never costs a node or the token."""
+    for delay in RETRY_DELAYS:
+        try:
+            return _post_json(host, port, ctx, "/v1/enroll", body)
+        except AnswerLost as exc:
+            print(f"kumo-agent join: {exc}; trying again in {delay:.0f} s with the same token and key",
+                  file=sys.stderr, flush=True)
+        time.sleep(delay)
+    try:
+        return _post_json(host, port, ctx, "/v1/enroll", body)
+    except AnswerLost as exc:
+        raise JoinError(
+            f"{exc}, after {len(RETRY_DELAYS) + 1} tries. The token may or may not have been used: run the same "
+            f"`kumo-agent join` again (the same join string; the key is kept in {pending}) before the token "
+            "expires, or within 10 minutes of its use, and the controller answers with the node it made, if any"
+        ) from None
 
 
 def rejoin_proof(key: ec.EllipticCurvePrivateKey, cert: x509.Certificate, token: str, csr: str) -> dict[str, str]:

@@ -33,6 +33,8 @@ CA_CERT = "ca.crt"
 JOIN_FILE = "join.json"
 # A renewed certificate waits here while the new key is moved into place (see enroll.py).
 NODE_CERT_NEXT = "node.crt.next"
+# The key of a join whose answer has not come yet: the same join retried sends it again.
+NODE_KEY_PENDING = "node.key.pending"
 
 
 @dataclasses.dataclass

@@ -68,9 +68,12 @@ def expires_at(cert: x509.Certificate) -> float:
 
 def spki_sha256(cert: x509.Certificate) -> str:
     """Hex SHA-256 of the certificate's SubjectPublicKeyInfo: what a join string pins."""
-    der = cert.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    return key_sha256(cert.public_key())
+
+
+def key_sha256(key: ec.EllipticCurvePublicKey) -> str:
+    """Hex SHA-256 of a public key's SubjectPublicKeyInfo (DER)."""
+    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return hashlib.sha256(der).hexdigest()
 
 

@@ -204,6 +204,20 @@ def test_interrupted_renewal_is_finished_or_discarded(tmp_path):
     assert (tmp_path / NODE_CERT).read_bytes() == old.public_bytes(pem)
 
 
+def test_a_join_keeps_its_key_until_answered_and_gives_up_saying_how_to_retry(tmp_path, monkeypatch, capsys):
+    import agent.enroll as enroll
+
+    key = enroll._pending_key(tmp_path / "state")
+    assert (tmp_path / "state" / "node.key.pending").stat().st_mode & 0o777 == 0o600
+    assert key_pem(enroll._pending_key(tmp_path / "state")) == key_pem(key)
+    # Nothing listens: every try loses its answer; the last error says what to do.
+    monkeypatch.setattr(enroll, "RETRY_DELAYS", (0.0, 0.0))
+    ctx = ssl.create_default_context()
+    with pytest.raises(JoinError, match=r"after 3 tries\. The token may or may not have been used: run the same"):
+        enroll._enroll("127.0.0.1", free_port(), ctx, {}, tmp_path / "state" / "node.key.pending")
+    assert capsys.readouterr().err.count("trying again in 0 s with the same token and key") == 2
+
+
 def _write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "agent.yaml"
     path.write_text(text)

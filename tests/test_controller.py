@@ -136,6 +136,27 @@ def test_tokens_unknown_used_and_expired_are_refused_with_what_to_do(controller)
     assert status == 401 and "expired" in answer["error"]
 
 
+def test_the_same_join_again_gets_its_node_and_the_used_token_nothing_else(controller):
+    """The agent's retry after a lost answer: same token, same key (a new CSR), same node."""
+    secret = token(controller)
+    key = ec.generate_private_key(ec.SECP256R1())
+
+    def attempt(with_key):
+        return controller.call("POST", "/v1/enroll", {"token": secret, "csr": csr_for(with_key), "hostname": "h"},
+                               port=controller.enroll_port)
+
+    status, first = attempt(key)
+    assert status == 201
+    status, again = attempt(key)
+    assert status == 201 and again["node_id"] == first["node_id"] and again["certificate"] != first["certificate"]
+    status, answer = attempt(ec.generate_private_key(ec.SECP256R1()))
+    assert status == 401 and "already used" in answer["error"], answer
+    assert [node["id"] for node in controller.admin("GET", "/v1/nodes")["nodes"]] == [first["node_id"]]
+    controller.admin("DELETE", f"/v1/nodes/{first['node_id']}")
+    status, answer = attempt(key)
+    assert status == 401 and "already used" in answer["error"], answer
+
+
 def test_bad_csr_is_refused_without_spending_the_token(controller):
     secret = token(controller)
     rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)

@@ -290,3 +290,37 @@ def test_only_the_holder_of_a_node_key_joins_again_as_that_node_and_a_removed_no
     status, answer = rejoin(key, cert)
     assert status == 403 and answer["error"].startswith(f"node {node_id} was removed, for good"), answer
     assert [n["id"] for n in controller.admin("GET", "/v1/nodes")["nodes"] if n["state"] != "removed"] == []
+
+
+# -- the controller killed during an enrollment ----------------------------------------------
+
+
+@pytest.mark.reliability("enrollment (kumo-agent join)",
+                         "controller kill -9 as the request reaches it; and once it committed, its answer dropped")
+def test_a_join_cut_by_a_controller_kill_ends_with_its_one_node_and_the_agent_runs(controller, kumo_agent):
+    """A proxy on the enrollment port kills the controller mid-enrollment and restarts it
+    before the agent's connection ends. Whether or not the controller had committed, the
+    agent's own retry (same token, same key) ends with one node per agent, its own."""
+    from tests.harness.enrollcut import EnrollmentCutter
+
+    def crash() -> None:
+        controller.kill()
+        controller.start()
+
+    agents = {}
+    for at in ("request", "answer"):
+        with EnrollmentCutter(controller.enroll_port, at, crash) as cutter:
+            agents[at] = kumo_agent(controller=controller, enroll_port=cutter.port, start=False)
+        assert cutter.fired.is_set(), at
+        stderr = agents[at].join_stderr
+        assert "no answer to the enrollment request" in stderr and "trying again in 1 s with the same token and key" in stderr, stderr
+    ids = {agent.node_id for agent in agents.values()}
+    assert len(ids) == 2 and {node["id"] for node in controller.admin("GET", "/v1/nodes")["nodes"]} == ids
+    assert {row["node_id"] for row in controller.sql("SELECT node_id FROM certificates")} == ids
+    assert [row["uses_left"] for row in controller.sql("SELECT uses_left FROM tokens")] == [0, 0]
+    for agent in agents.values():
+        assert not (agent.state_dir / "node.key.pending").exists()
+        assert (agent.state_dir / "node.key").stat().st_mode & 0o777 == 0o600
+    # The worst case: the node was committed and its answer never came. Its agent runs.
+    agents["answer"].start()
+    assert agents["answer"].node()["state"] == "ready"

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from controller.store import Store, StoreError, StoreUnavailable, open_store
+from controller.store import JOIN_RETRY_SECONDS, Store, StoreError, StoreUnavailable, open_store
 from controller.store.schema import SCHEMA_VERSION
 
 FAR = time.time() + 3600
@@ -53,7 +53,7 @@ async def store(stores: Callable[[], Any]) -> Store:
 
 async def node(store: Store, node_id: str = "n-1", token: str = "h") -> None:
     await store.add_token(token + node_id, FAR, 1)
-    assert await store.enroll(token + node_id, node_id, "host", f"serial-{node_id}", FAR) == "ok"
+    assert await store.enroll(token + node_id, "key", node_id, "host", f"serial-{node_id}", FAR) == "ok"
 
 
 def task(node_id: str, key: str, **extra: Any) -> dict[str, Any]:
@@ -95,11 +95,29 @@ async def test_tokens_are_spent_once_and_report_why_they_fail(store) -> None:
     await store.add_token("once", FAR, 1)
     await store.add_token("old", time.time() - 1, 5)
     assert await store.token_status("once") == "ok"
-    assert await store.enroll("once", "n-1", "h", "s1", FAR) == "ok"
-    assert await store.enroll("once", "n-2", "h", "s2", FAR) == "used"
-    assert await store.enroll("old", "n-3", "h", "s3", FAR) == "expired"
-    assert await store.enroll("nope", "n-4", "h", "s4", FAR) == "unknown"
+    assert await store.enroll("once", "k1", "n-1", "h", "s1", FAR) == "ok"
+    assert await store.enroll("once", "k2", "n-2", "h", "s2", FAR) == "used"
+    assert await store.enroll("old", "k3", "n-3", "h", "s3", FAR) == "expired"
+    assert await store.enroll("nope", "k4", "n-4", "h", "s4", FAR) == "unknown"
     assert [n["id"] for n in await store.list_nodes()] == ["n-1"]
+
+
+async def test_a_join_is_found_again_by_its_token_and_key_only_within_its_window(store) -> None:
+    await store.add_token("short", time.time() + 60, 1)
+    await store.add_token("long", FAR, 1)
+    assert await store.enroll("short", "k1", "n-1", "h", "s1", FAR) == "ok"
+    assert await store.enroll("long", "k2", "n-2", "h", "s2", FAR) == "ok"
+    assert await store.joined_before("short", "k1") == "n-1"
+    assert await store.joined_before("short", "k2") is None
+    assert await store.joined_before("long", "k1") is None
+    # A short token's window outlasts it by JOIN_RETRY_SECONDS; a long one's lasts as it does.
+    async with store.db.transaction() as tx:
+        until = {r["id"]: r["join_retry_until"] for r in await tx.all("SELECT id, join_retry_until FROM nodes")}
+        assert until["n-1"] > time.time() + JOIN_RETRY_SECONDS - 5 and until["n-2"] == FAR
+        await tx.execute("UPDATE nodes SET join_retry_until=? WHERE id='n-1'", time.time() - 1)
+    assert await store.joined_before("short", "k1") is None
+    await store.remove_node("n-2", "removed", "node-removed")
+    assert await store.joined_before("long", "k2") is None
 
 
 async def test_a_renewal_racing_a_removal_cannot_readmit_the_node(store) -> None:
@@ -220,7 +238,7 @@ async def test_migrations_are_listed_newest_first_a_page_at_a_time_and_by_state(
 async def test_nodes_are_found_by_part_of_their_id_or_hostname(store) -> None:
     for node_id, hostname in (("n-1", "Web_1"), ("n-2", "db-1"), ("n-3", "web%")):
         await store.add_token(f"h{node_id}", FAR, 1)
-        assert await store.enroll(f"h{node_id}", node_id, hostname, f"serial-{node_id}", FAR) == "ok"
+        assert await store.enroll(f"h{node_id}", "key", node_id, hostname, f"serial-{node_id}", FAR) == "ok"
 
     async def ids(match: str) -> list[str]:
         return [row["id"] for row in await store.list_nodes(match=match)]
@@ -294,7 +312,7 @@ async def test_two_controllers_racing_deliver_each_task_once(shared) -> None:
 async def test_a_token_enrolls_one_node_even_when_two_controllers_race(shared) -> None:
     a, b = await shared(), await shared()
     await a.add_token("once", FAR, 1)
-    results = await asyncio.gather(*(s.enroll("once", f"n-{i}", "h", f"s{i}", FAR) for i, s in enumerate((a, b) * 4)))
+    results = await asyncio.gather(*(s.enroll("once", f"k{i}", f"n-{i}", "h", f"s{i}", FAR) for i, s in enumerate((a, b) * 4)))
     assert sorted(results) == ["ok"] + ["used"] * 7
 
 

@@ -31,6 +31,9 @@ from typing import Any, Literal, Protocol
 from controller.store.schema import SCHEMA_VERSION, statements
 
 TokenCheck = Literal["ok", "unknown", "expired", "used"]
+# How long after a join its answer can still be asked for again, at least (a controller
+# killed before the answer left it has this long to come back).
+JOIN_RETRY_SECONDS = 600
 Event = dict[str, Any]
 JSON_COLUMNS = ("facts", "plugins", "instances", "usage", "capacity", "payload", "result", "spec", "reasons", "labels", "annotations", "doc",
                 "image", "images")
@@ -186,9 +189,10 @@ class Store:
             return await _token_status(tx, token_hash)
 
     async def enroll(
-        self, token_hash: str, node_id: str, hostname: str, serial: str, expires_at: float
+        self, token_hash: str, key_hash: str, node_id: str, hostname: str, serial: str, expires_at: float
     ) -> TokenCheck:
-        """Spend one use of the token and create the node, in one transaction."""
+        """Spend one use of the token and create the node, in one transaction; the node
+        remembers the token and key for :meth:`joined_before`."""
         async with self._tx() as tx:
             # Spending first: with two controllers, the row lock makes the second wait and
             # then see the use gone.
@@ -199,12 +203,13 @@ class Store:
             if not spent:
                 return await _token_status(tx, token_hash)
             await tx.execute("INSERT INTO nodes (id, hostname, created_at) VALUES (?, ?, ?)", node_id, hostname, time.time())
+            await _remember_join(tx, node_id, token_hash, key_hash)
             await tx.execute("INSERT INTO certificates VALUES (?, ?, ?)", serial, node_id, expires_at)
             tx.notify({"event": "certificate", "node": node_id, "serial": serial})
             return "ok"
 
     async def rejoin(
-        self, token_hash: str, node_id: str, serial: str, expires_at: float
+        self, token_hash: str, key_hash: str, node_id: str, serial: str, expires_at: float
     ) -> TokenCheck | Literal["removed"]:
         """Spend one use of the token and give the existing ``node_id`` a new certificate, in
         one transaction; "removed" when the node is gone: removal is final."""
@@ -219,7 +224,20 @@ class Store:
             if not spent:
                 return await _token_status(tx, token_hash)
             # Removed since the check above: the token stays spent, the node stays out.
-            return "ok" if await _add_certificate(tx, node_id, serial, expires_at) else "removed"
+            if not await _add_certificate(tx, node_id, serial, expires_at):
+                return "removed"
+            await _remember_join(tx, node_id, token_hash, key_hash)
+            return "ok"
+
+    async def joined_before(self, token_hash: str, key_hash: str) -> str | None:
+        """The node that joined with this token and key within the retry window (see
+        :func:`_remember_join`), not removed since; None otherwise."""
+        async with self._tx() as tx:
+            row = await tx.one(
+                "SELECT id FROM nodes WHERE join_token=? AND join_key=? AND join_retry_until > ? AND removed=0",
+                token_hash, key_hash, time.time(),
+            )
+        return None if row is None else row["id"]
 
     async def add_certificate(self, node_id: str, serial: str, expires_at: float) -> bool:
         """Record a renewed certificate; False (nothing recorded) when the node was removed,
@@ -852,6 +870,17 @@ async def _token_status(tx: Tx, token_hash: str) -> TokenCheck:
     if row["uses_left"] <= 0:
         return "used"
     return "ok"
+
+
+async def _remember_join(tx: Tx, node_id: str, token_hash: str, key_hash: str) -> None:
+    """Let the same join (token and key) get ``node_id`` again if its answer is lost: until
+    the token expires, and at least JOIN_RETRY_SECONDS after this join."""
+    floor = time.time() + JOIN_RETRY_SECONDS
+    await tx.execute(
+        "UPDATE nodes SET join_token=?, join_key=?, join_retry_until=(SELECT CASE WHEN expires_at > ? "
+        "THEN expires_at ELSE ? END FROM tokens WHERE hash=?) WHERE id=?",
+        token_hash, key_hash, floor, floor, token_hash, node_id,
+    )
 
 
 async def _add_certificate(tx: Tx, node_id: str, serial: str, expires_at: float) -> bool:

@@ -114,6 +114,13 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
         # NULL: the node's plugins.checkpoint.keep.
         "ALTER TABLE instances ADD COLUMN checkpoint_keep INTEGER",
     ]),
+    ("a join answered again: the token and key a node last joined with, and until when", [
+        # SHA-256 of the join token and of the CSR's public key (SubjectPublicKeyInfo): the
+        # same join retried after its answer was lost gets this node again, until then.
+        "ALTER TABLE nodes ADD COLUMN join_token TEXT",
+        "ALTER TABLE nodes ADD COLUMN join_key TEXT",
+        "ALTER TABLE nodes ADD COLUMN join_retry_until DOUBLE PRECISION",
+    ]),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -108,6 +108,7 @@ class AgentProcess:
     node_id: str = ""
     metrics_port: int = 0
     proc: subprocess.Popen[bytes] | None = None
+    join_stderr: str = ""  # what `kumo-agent join` said on stderr
 
     def start(self, wait_ready: bool = True) -> None:
         """Start ``kumo-agent run`` (output appended to ``log_path``); wait until the node is ready.
@@ -221,10 +222,14 @@ def _seen_after(node: Mapping[str, Any], since: float) -> bool:
 
 
 def join_agent(controller: Any, state_dir: Path, env: Mapping[str, str] | None = None,
-               force: bool = False) -> subprocess.CompletedProcess[str]:
+               force: bool = False, enroll_port: int | None = None) -> subprocess.CompletedProcess[str]:
     """Run the real ``kumo-agent join`` (``--force`` with ``force``) with a fresh single-use
-    token (its join string names the controller); returns the finished process."""
+    token (its join string names the controller; with ``enroll_port``, that port instead of
+    the controller's enrollment port: a proxy's); returns the finished process."""
     token = controller.admin("POST", "/v1/tokens", {"ttl_seconds": 600, "uses": 1})["join"]
+    if enroll_port is not None:
+        prefix, _, rest = token.split(":", 2)
+        token = f"{prefix}:{enroll_port}:{rest}"
     return subprocess.run(  # noqa: S603 - fixed argument list
         [*agent_command(), "join", "--token", token, "--state-dir", str(state_dir), *(["--force"] if force else [])],
         capture_output=True,
@@ -252,12 +257,14 @@ def start_agent(
     settings: Mapping[str, Any] | None = None,
     pythonpath: list[Path] | tuple[Path, ...] = (),
     start: bool = True,
+    enroll_port: int | None = None,
 ) -> AgentProcess:
-    """Join a new node to ``controller`` with its state under ``workdir`` and (unless
-    ``start=False``) run it; what the ``kumo_agent`` fixture and the benchmarks use."""
+    """Join a new node to ``controller`` with its state under ``workdir`` (through
+    ``enroll_port`` if given) and (unless ``start=False``) run it; what the ``kumo_agent``
+    fixture and the benchmarks use."""
     state_dir = workdir / "state"
     env = _base_env(pythonpath)
-    joined = join_agent(controller, state_dir, env)
+    joined = join_agent(controller, state_dir, env, enroll_port=enroll_port)
     assert joined.returncode == 0, f"kumo-agent join failed ({joined.returncode}): {joined.stderr}"
     node_id = json.loads((state_dir / "join.json").read_text())["node_id"]
     metrics_port = free_port()
@@ -280,6 +287,7 @@ def start_agent(
         env=env,
         node_id=node_id,
         metrics_port=metrics_port,
+        join_stderr=joined.stderr,
     )
     if start:
         agent.start()
@@ -290,14 +298,16 @@ def start_agent(
 def kumo_agent(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Callable[..., AgentProcess]]:
-    """Factory: ``kumo_agent(plugins=None, settings=None, pythonpath=(), start=True, controller=None)``.
+    """Factory: ``kumo_agent(plugins=None, settings=None, pythonpath=(), start=True, controller=None,
+    enroll_port=None)``.
 
     Returns an :class:`AgentProcess`. ``plugins`` becomes the ``plugins:`` table of
     agent.yaml; ``settings`` adds or overrides other top-level keys (``{"tasks":
     {"concurrency": 2}}``); ``pythonpath`` directories are put first on the agent's
     PYTHONPATH (third-party plugins); ``start=False`` joins and writes the config but does not
     run the agent; ``controller`` joins another controller than the ``controller`` fixture
-    (e.g. one made with a short certificate lifetime). Every agent is stopped when the test ends.
+    (e.g. one made with a short certificate lifetime); ``enroll_port`` joins through that port
+    (a proxy to the enrollment port). Every agent is stopped when the test ends.
     """
     started: list[AgentProcess] = []
 
@@ -307,10 +317,12 @@ def kumo_agent(
         pythonpath: list[Path] | tuple[Path, ...] = (),
         start: bool = True,
         controller: Any = None,
+        enroll_port: int | None = None,
     ) -> AgentProcess:
         if controller is None:
             controller = request.getfixturevalue("controller")
-        agent = start_agent(controller, tmp_path_factory.mktemp("agent"), plugins, settings, pythonpath, start=False)
+        agent = start_agent(controller, tmp_path_factory.mktemp("agent"), plugins, settings, pythonpath, start=False,
+                            enroll_port=enroll_port)
         started.append(agent)
         if start:
             agent.start()
