@@ -34,8 +34,7 @@ async def send(context: PluginContext, migration: str, members: list[Member]) ->
 
     async def body() -> Any:
         nonlocal sent
-        async for chunk in tar_chunks(members):
-            digest.update(chunk)
+        async for chunk in tar_chunks(members, digest):
             sent += len(chunk)
             yield chunk
 
