@@ -31,7 +31,6 @@ writing outside the directory the instance's kind gave it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import io
 import logging
@@ -183,53 +182,27 @@ def _tarinfo(path: Path, arcname: str, first_of: dict[tuple[int, int], str]) -> 
     return info
 
 
-async def tar_chunks(members: list[Member], digest: Any = None) -> AsyncIterator[bytes]:
-    """The tar stream of ``members``, read from disk a chunk at a time, and fed to the
-    hashlib object ``digest`` when given. The next chunk is read and hashed in a worker
-    thread while the caller sends this one: on the event loop, both would wait for the
-    sending (TLS) and it for them."""
-    update = digest.update if digest is not None else _ignore
-
-    def read(f: BinaryIO, size: int) -> bytes:
-        chunk = f.read(size)
-        update(chunk)
-        return chunk
-
+async def tar_chunks(members: list[Member]) -> AsyncIterator[bytes]:
+    """The tar stream of ``members``, read from disk a chunk at a time."""
     for header, path, size in members:
-        update(header)
         yield header
         if not size:
             continue
         f = await asyncio.to_thread(open, path, "rb")
-        ahead: asyncio.Future[bytes] | None = None
         try:
             left = size
-            ahead = asyncio.ensure_future(asyncio.to_thread(read, f, min(CHUNK, left)))
             while left:
-                chunk, ahead = await ahead, None
+                chunk = await asyncio.to_thread(f.read, min(CHUNK, left))
                 if not chunk:
                     raise TaskError(f"{path} shrank while it was being sent: the checkpoint changed underneath",
                                     code="image-changed")
                 left -= len(chunk)
-                if left:
-                    ahead = asyncio.ensure_future(asyncio.to_thread(read, f, min(CHUNK, left)))
                 yield chunk
         finally:
-            if ahead is not None:  # the caller stopped early: the read must end before the file closes
-                with contextlib.suppress(BaseException):
-                    await ahead
             await asyncio.to_thread(f.close)
         if padded(size) > size:
-            padding = b"\0" * (padded(size) - size)
-            update(padding)
-            yield padding
-    end = b"\0" * (2 * TAR_BLOCK)
-    update(end)
-    yield end
-
-
-def _ignore(data: bytes) -> None:
-    pass
+            yield b"\0" * (padded(size) - size)
+    yield b"\0" * (2 * TAR_BLOCK)
 
 
 def carried_name(path: str, manifest: Mapping[str, Any]) -> str:

@@ -34,7 +34,8 @@ async def send(context: PluginContext, migration: str, members: list[Member]) ->
 
     async def body() -> Any:
         nonlocal sent
-        async for chunk in tar_chunks(members, digest):
+        async for chunk in tar_chunks(members):
+            digest.update(chunk)
             sent += len(chunk)
             yield chunk
 
