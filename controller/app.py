@@ -41,7 +41,7 @@ from cryptography import x509
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from agent.sdk import require_peer_role
-from controller import pki
+from controller import pki, tls
 from controller.api import (
     ApiError,
     Route,
@@ -641,9 +641,8 @@ async def serve(settings: ControllerSettings, stop: asyncio.Event) -> None:
             runners.append(runner)
             host, port = split_address(listen, "listen")
             try:
-                servers.append(await asyncio.get_running_loop().create_server(
-                    limits.factory(runner.server), host, port, ssl=tls_context(settings, require_client),
-                    ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT))
+                servers.append(await tls.serve(limits.factory(runner.server), host, port,
+                                               tls_context(settings, require_client), TLS_SHUTDOWN_TIMEOUT))
             except OSError as exc:
                 raise OSError(f"cannot listen on {listen}: {exc.strerror}") from None
             log.info("%s listening on https://%s", what, listen)
