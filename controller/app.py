@@ -431,8 +431,11 @@ class Controller:
         waiters = self._wakeups.setdefault(node_id, set())
         waiters.add(event)
         try:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(event.wait(), timeout)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for wraps the wait in a task of
+            # its own, and every agent holds one of these for most of its life.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await event.wait()
         finally:
             waiters.discard(event)
             if not waiters:
