@@ -56,6 +56,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -224,6 +226,18 @@ class Controller:
                 stdout=out, stderr=subprocess.STDOUT,
             )
         wait_for_port(self.port, self.proc, self.log, timeout=60.0)
+        # It listens before its store is open and answers 503 until then.
+        context = client_context((self.pki / "ca.crt").read_text(), str(self.pki / "admin.crt"),
+                                 str(self.pki / "admin.key"))
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.url}/v1/openapi.json", context=context, timeout=10).close()  # noqa: S310
+                return
+            except urllib.error.HTTPError as exc:
+                if exc.code != 503 or time.monotonic() > deadline:
+                    sys.exit(f"bench: {self.url} answered {exc.code}: {exc.read()[:300]!r}")
+                time.sleep(0.2)
 
 
 class Postgres:
