@@ -4,9 +4,15 @@ asyncio's TLS layer (``asyncio.sslproto.SSLProtocol``, Python 3.11 and later) gi
 connection a read buffer of ``max_size`` (256 KiB) when it is made. A controller holds two
 mostly idle connections per agent (a long-poll and the heartbeats' keep-alive), so at
 10,000 agents that buffer alone would cost 5 GiB. :class:`GrowingTLS` starts each connection
-with a small buffer and doubles it whenever a read fills it, up to asyncio's own size: an
-idle agent connection keeps a few KiB; an upload (an image, a migration's checkpoint)
-reaches the full size within a few reads and keeps asyncio's throughput.
+with a small buffer and doubles it whenever a read fills it, up to 64 KiB: an idle agent
+connection keeps a few KiB; an upload (an image, a migration's checkpoint) reaches 64 KiB
+within a few reads.
+
+Why not up to asyncio's 256 KiB: the protocol also decrypts each TLS record (16 KiB of data
+at most) with ``SSLObject.read(max_size)``, which allocates ``max_size`` bytes and shrinks
+them. From 128 KiB on, glibc serves such an allocation with a fresh mmap, so each record
+cost a map and an unmap, and uploads were ~15 % slower than with 64 KiB, which
+bench/bench_tls.py measures as fast as asyncio's stock protocol.
 
 :func:`serve` is ``loop.create_server(..., ssl=context)`` with that protocol between the
 socket and aiohttp: the loop serves plain TCP and each connection's protocol is a
@@ -22,7 +28,7 @@ from asyncio import sslproto
 from collections.abc import Callable
 
 INITIAL_BUFFER = 4 * 1024  # a handshake flight or a heartbeat fits in one or two reads
-FULL_BUFFER = sslproto.SSLProtocol.max_size  # asyncio's choice for bulk transfers
+FULL_BUFFER = 64 * 1024  # see above: larger is no faster, and from 128 KiB slower
 
 
 class GrowingTLS(sslproto.SSLProtocol):
