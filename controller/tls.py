@@ -28,7 +28,7 @@ from asyncio import sslproto
 from collections.abc import Callable
 
 INITIAL_BUFFER = 4 * 1024  # a handshake flight or a heartbeat fits in one or two reads
-FULL_BUFFER = 64 * 1024  # see above: larger is no faster, and from 128 KiB slower
+FULL_BUFFER = 64 * 1024  # see above: larger is no faster, and at 256 KiB slower
 
 
 class GrowingTLS(sslproto.SSLProtocol):
