@@ -17,7 +17,9 @@ Three setups, one after the other, with the same keys:
     controller is killed with SIGKILL and its agents move to the other;
 (c) the bare aiohttp TLS endpoint of bench_heartbeat.py (same certificate chain, client
     certificate required, no work), with the same routes answered trivially and a task
-    handed to a waiting poll in memory: the floor that Python, aiohttp and TLS set.
+    handed to a waiting poll in memory: the floor that Python, aiohttp and TLS set. It
+    serves through the controller's TLS layer (controller.tls), so that the ratios compare
+    what Kumo adds; bench_tls.py compares that layer with asyncio's stock one.
 
 Printed per setup, over a steady window after every agent is connected: heartbeat p50/p99,
 the server's RSS growth per connection (RSS after the fleet connected minus RSS before,
@@ -54,6 +56,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -71,10 +75,10 @@ POLL_WAIT = 30  # init's poll_timeout: the wait the agent asks for
 POLL_SLACK = 15.0  # agent/runtime.py's: how much longer than the wait a poll may take
 REQUEST_TIMEOUT = 20.0  # agent/client.py's
 CONNECTIONS_PER_AGENT = 2  # the poll's and the heartbeat's
-# What one idle mTLS connection costs a server on asyncio today (issue 13 measured ~300 KiB),
-# twice over (the agents' load generator pays its own side too, see small_tls_buffers):
+# What one idle mTLS connection costs, both ends together: ~60 KiB in a server with
+# controller.tls (bench_tls.py), ~90 KiB in the load generator (see small_tls_buffers);
 # used only to pick a fleet size this machine's memory can hold.
-PLANNED_KIB_PER_CONNECTION = 320
+PLANNED_KIB_PER_CONNECTION = 160
 
 BIN = Path("/usr/lib/postgresql/15/bin")
 
@@ -222,6 +226,18 @@ class Controller:
                 stdout=out, stderr=subprocess.STDOUT,
             )
         wait_for_port(self.port, self.proc, self.log, timeout=60.0)
+        # It listens before its store is open and answers 503 until then.
+        context = client_context((self.pki / "ca.crt").read_text(), str(self.pki / "admin.crt"),
+                                 str(self.pki / "admin.key"))
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.url}/v1/openapi.json", context=context, timeout=10).close()  # noqa: S310
+                return
+            except urllib.error.HTTPError as exc:
+                if exc.code != 503 or time.monotonic() > deadline:
+                    sys.exit(f"bench: {self.url} answered {exc.code}: {exc.read()[:300]!r}")
+                time.sleep(0.2)
 
 
 class Postgres:
@@ -283,6 +299,8 @@ def serve_bare(port: int, pki: Path) -> None:
     node's waiting poll in memory (the least any dispatch can cost)."""
     from aiohttp import web
 
+    from controller import tls
+
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki / "ca.crt"))
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.verify_mode = ssl.CERT_REQUIRED
@@ -318,7 +336,14 @@ def serve_bare(port: int, pki: Path) -> None:
     app.router.add_get("/v1/nodes/{id}/tasks", poll)
     app.router.add_post("/v1/nodes/{id}/tasks/{task}/result", ok)
     app.router.add_post("/v1/tasks", submit)
-    web.run_app(app, host="127.0.0.1", port=port, ssl_context=context, print=None, access_log=None)
+
+    async def main() -> None:
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await tls.serve(runner.server, "127.0.0.1", port, context, 30.0)  # asyncio's shutdown timeout
+        await asyncio.Event().wait()  # until the bench's SIGTERM
+
+    asyncio.run(main())
 
 
 # --- enrolling the fleet ----------------------------------------------------------------
@@ -727,14 +752,13 @@ def plan_agents(args: argparse.Namespace) -> tuple[int, list[str]]:
     if limit < connections + 1024:
         agents = (limit - 1024) // CONNECTIONS_PER_AGENT
         notes.append(f"file descriptors: RLIMIT_NOFILE could be raised only to {limit}")
-    # Memory: the server side of every connection (~300 KiB with asyncio's TLS buffer) and
-    # the load generators' (smaller, see small_tls_buffers); keep a quarter of the free
-    # memory for the others sharing this machine.
+    # Memory: both ends of every connection; keep a quarter of the free memory for the
+    # others sharing this machine.
     budget = mem_available() * 0.75
     fits = int(budget / (PLANNED_KIB_PER_CONNECTION * 1024 * CONNECTIONS_PER_AGENT))
     if fits < agents:
         notes.append(f"memory: {mem_available() / 2**30:.1f} GiB available holds ~{fits} agents at "
-                     f"~{PLANNED_KIB_PER_CONNECTION} KiB per connection (asyncio's TLS buffer)")
+                     f"~{PLANNED_KIB_PER_CONNECTION} KiB per connection, both ends")
         agents = fits
     return agents, notes
 
@@ -937,9 +961,9 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], notes: list[
             met = f["back"] >= f["victims"] and f["beating_s"] < TARGET_BACK_S and f["storm_p99"] < TARGET_STORM_P99_MS
             print(f"  failover: every agent back within {TARGET_BACK_S:g} s with storm p99 < "
                   f"{TARGET_STORM_P99_MS:g} ms: {'met' if met else 'NOT met'}")
-    print(f"  memory: the bare endpoint pays {bare_rss / 1024:.0f} KiB per connection too: asyncio's TLS "
-          f"layer (asyncio.sslproto.SSLProtocol) allocates a {256} KiB read buffer per connection, so "
-          "the < 25 KiB target needs that buffer sized down or TLS terminated elsewhere, not Kumo changes")
+    print(f"  memory: the bare endpoint pays {bare_rss / 1024:.0f} KiB per connection too, with the same "
+          "4 KiB TLS read buffer (controller.tls): the rest is OpenSSL's state of an mTLS connection "
+          "(~28 KiB) and asyncio's and aiohttp's objects, which no Kumo change removes")
     print()
     kumo_rss = max(r["rss_per_connection"] for r in results[:-1])
     conns = 10_000 * CONNECTIONS_PER_AGENT

@@ -41,7 +41,7 @@ from cryptography import x509
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from agent.sdk import require_peer_role
-from controller import pki
+from controller import pki, tls
 from controller.api import (
     ApiError,
     Route,
@@ -431,8 +431,11 @@ class Controller:
         waiters = self._wakeups.setdefault(node_id, set())
         waiters.add(event)
         try:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(event.wait(), timeout)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for wraps the wait in a task of
+            # its own, and every agent holds one of these for most of its life.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await event.wait()
         finally:
             waiters.discard(event)
             if not waiters:
@@ -641,9 +644,8 @@ async def serve(settings: ControllerSettings, stop: asyncio.Event) -> None:
             runners.append(runner)
             host, port = split_address(listen, "listen")
             try:
-                servers.append(await asyncio.get_running_loop().create_server(
-                    limits.factory(runner.server), host, port, ssl=tls_context(settings, require_client),
-                    ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT))
+                servers.append(await tls.serve(limits.factory(runner.server), host, port,
+                                               tls_context(settings, require_client), TLS_SHUTDOWN_TIMEOUT))
             except OSError as exc:
                 raise OSError(f"cannot listen on {listen}: {exc.strerror}") from None
             log.info("%s listening on https://%s", what, listen)

@@ -9,6 +9,7 @@ import ssl
 import subprocess
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from cryptography import x509
@@ -275,6 +276,12 @@ def test_alerts_are_stored_once_and_listed_by_state(controller, tmp_path):
     controller.call("POST", f"/v1/nodes/{node_id}/alerts", {"alerts": [resolved]}, cert=cert)
     assert controller.admin("GET", "/v1/alerts?state=firing")["alerts"] == []
     assert len(controller.admin("GET", "/v1/alerts?state=resolved")["alerts"]) == 1
+    other = {**firing, "id": "a3", "labels": {"mount": "/var"}}
+    controller.call("POST", f"/v1/nodes/{node_id}/alerts", {"alerts": [other]}, cert=cert)
+    page = controller.admin("GET", "/v1/alerts?limit=1")
+    assert [a["labels"] for a in page["alerts"]] == [{"mount": "/var"}] and page["next"]
+    page = controller.admin("GET", f"/v1/alerts?limit=1&after={quote(page['next'])}")
+    assert [(a["labels"], a["state"]) for a in page["alerts"]] == [({"mount": "/"}, "resolved")] and not page["next"]
     status, answer = controller.call("POST", f"/v1/nodes/{node_id}/alerts", {"alerts": [{**firing, "state": "on"}]}, cert=cert)
     assert status == 400 and "firing or resolved" in answer["error"]
 

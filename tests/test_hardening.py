@@ -14,6 +14,7 @@ import json
 import re
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -189,6 +190,10 @@ def test_admin_and_scraper_certificates_can_be_revoked_for_good(controller, tmp_
     listed = {c["serial"]: c for c in controller.admin("GET", "/v1/certificates")["certificates"]}
     assert listed[issued["serial"]]["role"] == "scraper" and listed[issued["serial"]]["revoked_at"] is None
     assert {c["role"] for c in listed.values()} == {"admin", "scraper"}  # init's admin is listed too
+    page = controller.admin("GET", "/v1/certificates?limit=1")  # oldest first: init's admin
+    assert [c["role"] for c in page["certificates"]] == ["admin"] and page["next"]
+    page = controller.admin("GET", "/v1/certificates?limit=1&after=" + quote(page["next"]))
+    assert [c["serial"] for c in page["certificates"]] == [issued["serial"]] and not page["next"]
 
     controller.admin("DELETE", f"/v1/certificates/{issued['serial']}")
     status, answer = controller.call("GET", "/metrics", cert=scraper)

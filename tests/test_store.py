@@ -200,6 +200,22 @@ async def test_alerts_are_kept_once_each_and_forwarded_in_order(store) -> None:
     assert [(a["id"], a["labels"]) for a in await store.unforwarded_alerts(10)] == [("a2", {"x": "1"})]
 
 
+async def test_each_alerts_latest_transition_is_listed_newest_first_a_page_at_a_time(store) -> None:
+    await node(store)
+    await node(store, "n-2")
+    alert = {"rule": "r", "severity": "warning", "annotations": {}, "value": 1.0,
+             "starts_at": "2026-01-01T00:00:00Z", "ends_at": None}
+    await store.add_alerts("n-1", [alert | {"id": "f1", "state": "firing", "labels": {"x": "1"}},
+                                   alert | {"id": "f2", "state": "firing", "labels": {"x": "2"}},
+                                   alert | {"id": "r1", "state": "resolved", "labels": {"x": "1"}}])
+    await store.add_alerts("n-2", [alert | {"id": "f1", "state": "firing", "labels": {"x": "1"}}])
+    assert [(a["node"], a["id"]) for a in await store.current_alerts()] == [("n-2", "f1"), ("n-1", "r1"), ("n-1", "f2")]
+    assert [a["id"] for a in await store.current_alerts("firing", "n-1")] == ["f2"]
+    first = await store.current_alerts(limit=2)
+    cursor = (first[-1]["received_at"], first[-1]["node"], first[-1]["id"])
+    assert [(a["node"], a["id"]) for a in await store.current_alerts(limit=2, before=cursor)] == [("n-1", "f2")]
+
+
 async def test_settings_audit_and_client_certificates(store) -> None:
     await store.put_setting("logging", {"a": [1]})
     await store.put_setting("logging", {"a": [2]})
@@ -212,6 +228,12 @@ async def test_settings_audit_and_client_certificates(store) -> None:
     await store.add_client_certificate("c1", "admin", "a", FAR)
     assert await store.revoke_client_certificate("c1") and not await store.revoke_client_certificate("nope")
     assert await store.revoked_serials() == {"c1"}
+    for serial in ("c2", "c3"):
+        await store.add_client_certificate(serial, "scraper", serial, FAR)
+    first = await store.list_client_certificates(2)
+    assert [c["serial"] for c in first] == ["c1", "c2"] and first[0]["revoked_at"] is not None
+    after = (first[-1]["created_at"], first[-1]["serial"])
+    assert [c["serial"] for c in await store.list_client_certificates(2, after)] == ["c3"]
 
 
 async def test_migrations_are_listed_newest_first_a_page_at_a_time_and_by_state(store) -> None:
@@ -375,7 +397,7 @@ async def test_pruning_forgets_what_ended_before_the_retention(store) -> None:
     pruned = await store.prune(time.time() + 1, forwarding=False)
     assert pruned["tasks"] == 1 and pruned["alerts"] == 2 and pruned["tokens"] == 1
     assert await store.get_task(old["id"]) is None and await store.get_task(waiting["id"]) is not None
-    assert [a["id"] for a in await store.list_alerts()] == ["f2"]  # still firing: kept
+    assert [a["id"] for a in await store.current_alerts()] == ["f2"]  # still firing: kept
     assert await store.prune(time.time() - 60, forwarding=False) == {
         "tasks": 0, "migrations": 0, "rebalancing decisions": 0, "tokens": 0, "sessions": 0,
         "alerts": 0}

@@ -16,12 +16,24 @@ import aiohttp
 from aiohttp import web
 
 from agent.sdk import Backoff
-from controller.api import ApiError, Route, field, json_body, reject_unknown, reply, state
+from controller.api import (
+    ApiError,
+    Route,
+    field,
+    json_body,
+    page_query,
+    paged,
+    reject_unknown,
+    reply,
+    state,
+    time_cursor,
+)
 
 log = logging.getLogger("kumo.controller.alerts")
 
 ALERT_FIELDS = {"id", "rule", "state", "severity", "labels", "annotations", "value", "starts_at", "ends_at"}
 STATES = ("firing", "resolved")
+LISTED = ("node", "rule", "state", "severity", "labels", "annotations", "value", "starts_at", "ends_at")
 FORWARD_BATCH = 200
 RETRY_FIRST = 1.0
 RETRY_MAX = 60.0
@@ -58,28 +70,20 @@ async def report(request: web.Request) -> web.Response:
     return reply({"ok": True, "accepted": added})
 
 
-def current(transitions: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The latest state of each alert, keyed by node, rule and labels."""
-    latest: dict[tuple[str, str, tuple[tuple[str, str], ...]], dict[str, Any]] = {}
-    for row in transitions:
-        latest[(row["node"], row["rule"], tuple(sorted(row["labels"].items())))] = row
-    return [
-        {k: row[k] for k in ("node", "rule", "state", "severity", "labels", "annotations", "value", "starts_at", "ends_at")}
-        for row in latest.values()
-    ]
-
-
 async def list_alerts(request: web.Request) -> web.Response:
     ctl = state(request)
     wanted = request.query.get("state")
     if wanted is not None and wanted not in STATES:
         raise ApiError(400, f"state must be firing or resolved, got {wanted!r}")
-    node = request.query.get("node")
-    alerts = [
-        a for a in current(await ctl.store.list_alerts())
-        if (wanted is None or a["state"] == wanted) and (node is None or a["node"] == node)
-    ]
-    return reply({"alerts": sorted(alerts, key=lambda a: a["starts_at"], reverse=True)})
+    limit, after = page_query(request)
+    before = None
+    if after is not None:
+        received_at, rest = time_cursor(after)
+        node, _, alert_id = rest.partition("/")  # node ids hold no "/"; an alert's id may
+        before = (received_at, node, alert_id)
+    rows, following = paged(await ctl.store.current_alerts(wanted, request.query.get("node"), limit + 1, before),
+                            limit, lambda row: f"{row['received_at']!r}/{row['node']}/{row['id']}")
+    return reply({"alerts": [{k: row[k] for k in LISTED} for row in rows], "next": following})
 
 
 def alertmanager_body(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -124,5 +128,7 @@ async def forward_loop(ctl: Any) -> None:
 ROUTES = [
     Route("POST", "/v1/nodes/{id}/alerts", report, "node", "A node reports alert transitions (deduplicated by id).",
           {"alerts": "list of {id, rule, state, severity, labels, annotations, value, starts_at, ends_at}"}),
-    Route("GET", "/v1/alerts", list_alerts, "admin", "Each alert's latest state (?state=firing|resolved&node=)."),
+    Route("GET", "/v1/alerts", list_alerts, "admin",
+          "Each alert's latest state, the most recently changed first, a page at a time "
+          "(?state=firing|resolved&node=&limit=&after=NEXT)."),
 ]

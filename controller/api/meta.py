@@ -21,6 +21,7 @@ from controller.api import (
     reject_unknown,
     reply,
     state,
+    time_cursor,
 )
 from controller.services import iso
 
@@ -128,11 +129,13 @@ async def issue_certificate(request: web.Request) -> web.Response:
 
 
 async def list_certificates(request: web.Request) -> web.Response:
-    """Every admin and scraper certificate issued (node certificates go with their node)."""
-    rows = await state(request).store.list_client_certificates()
+    """Every admin and scraper certificate issued, oldest first (node certificates go with their node)."""
+    limit, after = page_query(request)
+    rows, following = paged(await state(request).store.list_client_certificates(limit + 1, time_cursor(after)), limit,
+                            lambda r: f"{r['created_at']!r}/{r['serial']}")
     return reply({"certificates": [
         {"serial": r["serial"], "role": r["role"], "name": r["name"], "expires_at": iso(r["expires_at"]),
-         "created_at": iso(r["created_at"]), "revoked_at": iso(r["revoked_at"])} for r in rows]})
+         "created_at": iso(r["created_at"]), "revoked_at": iso(r["revoked_at"])} for r in rows], "next": following})
 
 
 async def revoke_certificate(request: web.Request) -> web.Response:
@@ -165,7 +168,8 @@ ROUTES = [
     Route("POST", "/v1/certificates", issue_certificate, "admin", "Issue a client certificate for a scraper or an admin.",
           {"role": "scraper or admin", "name": "certificate name", "csr": "PEM CSR, ECDSA P-256"}),
     Route("GET", "/v1/certificates", list_certificates, "admin",
-          "Every admin and scraper certificate issued, with its serial and whether it is revoked."),
+          "Every admin and scraper certificate issued, oldest first, with its serial and whether it is revoked, "
+          "a page at a time (?limit=&after=NEXT)."),
     Route("DELETE", "/v1/certificates/{serial}", revoke_certificate, "admin",
           "Revoke an admin or scraper certificate at once (not the one making the request)."),
     Route("GET", "/v1/audit", audit_log, "admin",

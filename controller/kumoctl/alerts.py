@@ -15,7 +15,7 @@ HELP = "alerts raised by the nodes' monitoring rules"
 
 def cmd_alerts_list(client: Client, args: argparse.Namespace) -> int:
     query = {k: v for k, v in (("state", args.state), ("node", args.node)) if v}
-    alerts = client.call("GET", "/v1/alerts" + (f"?{urlencode(query)}" if query else ""))["alerts"]
+    alerts = client.pages("/v1/alerts" + (f"?{urlencode(query)}" if query else ""), "alerts")
     if args.output == "json":
         print_json(alerts)
         return 0

@@ -43,7 +43,7 @@ def cmd_certificate_create(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_certificate_list(client: Client, args: argparse.Namespace) -> int:
-    certificates = client.call("GET", "/v1/certificates")["certificates"]
+    certificates = client.pages("/v1/certificates", "certificates")
     if args.output == "json":
         print_json(certificates)
         return 0

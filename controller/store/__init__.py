@@ -700,9 +700,15 @@ class Store:
                 serial, role, name, expires_at, time.time(),
             )
 
-    async def list_client_certificates(self) -> list[dict[str, Any]]:
+    async def list_client_certificates(self, limit: int | None = None,
+                                       after: tuple[float, str] | None = None) -> list[dict[str, Any]]:
+        """Admin and scraper certificates oldest first; ``after`` (created_at, serial) starts
+        after that certificate (a page)."""
+        clauses, args = ([], []) if after is None else (
+            ["(created_at > ? OR (created_at = ? AND serial > ?))"], [after[0], after[0], after[1]])
         async with self._tx() as tx:
-            return await tx.all("SELECT * FROM client_certificates ORDER BY created_at")
+            return await tx.all(_select("client_certificates", clauses, "created_at, serial", limit), *args,
+                                *_limit(limit))
 
     async def revoke_client_certificate(self, serial: str) -> bool:
         """Revoke an admin or scraper certificate; False when no such certificate was issued."""
@@ -812,9 +818,24 @@ class Store:
                 tx.notify({"event": "alerts"})
         return added
 
-    async def list_alerts(self) -> list[dict[str, Any]]:
+    async def current_alerts(self, state: str | None = None, node: str | None = None, limit: int | None = None,
+                             before: tuple[float, str, str] | None = None) -> list[dict[str, Any]]:
+        """Each alert's latest transition (an alert is a node, a rule and its labels), the most
+        recently received first; ``before`` (received_at, node, id) starts after that one (a page)."""
+        clauses = ["NOT EXISTS (SELECT 1 FROM alerts AS later WHERE later.node = alerts.node "
+                   "AND later.rule = alerts.rule AND later.labels = alerts.labels AND (later.received_at > "
+                   "alerts.received_at OR (later.received_at = alerts.received_at AND later.id > alerts.id)))"]
+        args: list[Any] = []
+        for column, value in (("state", state), ("node", node)):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                args.append(value)
+        if before is not None:
+            clauses.append("(received_at < ? OR (received_at = ? AND (node < ? OR (node = ? AND id < ?))))")
+            args += [before[0], before[0], before[1], before[1], before[2]]
         async with self._tx() as tx:
-            return _all_decoded(await tx.all("SELECT * FROM alerts ORDER BY received_at, node, id"))
+            return _all_decoded(await tx.all(_select("alerts", clauses, "received_at DESC, node DESC, id DESC", limit),
+                                             *args, *_limit(limit)))
 
     async def unforwarded_alerts(self, limit: int) -> list[dict[str, Any]]:
         async with self._tx() as tx:

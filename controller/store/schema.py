@@ -121,6 +121,12 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
         "ALTER TABLE nodes ADD COLUMN join_key TEXT",
         "ALTER TABLE nodes ADD COLUMN join_retry_until DOUBLE PRECISION",
     ]),
+    ("alerts listed a page at a time: each alert's latest transition found by index", [
+        # An alert is a node, a rule and its labels; its transitions in the order received.
+        "CREATE INDEX alerts_by_alert ON alerts (node, rule, labels, received_at)",
+        "CREATE INDEX alerts_by_received ON alerts (received_at, node, id)",
+        "CREATE INDEX client_certificates_by_age ON client_certificates (created_at, serial)",
+    ]),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -1,9 +1,9 @@
 // Alerts the nodes' monitoring rules raised, firing first, as they arrive.
-import { api, byId, h, replace, start } from "/static/kumo.js";
+import { all, byId, h, replace, start } from "/static/kumo.js";
 
 async function refresh() {
   const which = byId("which").value;
-  const alerts = (await api("GET", `/v1/alerts${which ? `?state=${which}` : ""}`)).alerts;
+  const alerts = await all(`/v1/alerts${which ? `?state=${which}` : ""}`, "alerts");
   replace("alerts", alerts.length ? alerts.map((a) => h("tr", { "data-state": a.state },
     h("td", {}, h("a", { href: `/nodes/${encodeURIComponent(a.node)}` }, a.node)), h("td", {}, a.rule),
     h("td", { class: a.state === "firing" ? "firing" : "" }, a.state), h("td", {}, a.severity), h("td", {}, a.starts_at),

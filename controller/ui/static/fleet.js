@@ -27,7 +27,7 @@ async function refresh() {
     use.memory_mib += instance.memory_mib || 0;
   }
   const firing = {};
-  for (const alert of (await api("GET", "/v1/alerts?state=firing")).alerts) firing[alert.node] = (firing[alert.node] || 0) + 1;
+  for (const alert of await all("/v1/alerts?state=firing", "alerts")) firing[alert.node] = (firing[alert.node] || 0) + 1;
   rows = page.nodes.map((node) => {
     const use = committed[node.id] || { vcpus: 0, memory_mib: 0 };
     const measured = (node.usage || {}).node;

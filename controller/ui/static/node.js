@@ -1,12 +1,12 @@
 // One node: its facts, each plugin's availability and reason, its instances and alerts;
 // drain, undrain and remove.
-import { api, button, byId, h, params, replace, say, start } from "/static/kumo.js";
+import { all, api, button, byId, h, params, replace, say, start } from "/static/kumo.js";
 
 const id = params();
 
 async function refresh() {
   const node = await api("GET", `/v1/nodes/${encodeURIComponent(id)}`);
-  const alerts = (await api("GET", `/v1/alerts?state=firing&node=${encodeURIComponent(id)}`)).alerts;
+  const alerts = await all(`/v1/alerts?state=firing&node=${encodeURIComponent(id)}`, "alerts");
   replace("title", `Node ${node.id}`);
   document.title = `${node.id} · Kumo`;
   replace("actions",
