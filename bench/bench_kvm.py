@@ -20,14 +20,13 @@ import sys
 import tempfile
 import time
 import uuid
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.harness.guest import build_guest, kernel_package  # noqa: E402
-from tests.harness.libvirt import TEST_INSTANCE_ROOT, KvmTestBed  # noqa: E402
+from tests.harness.libvirt import TEST_INSTANCE_ROOT, KvmTestBed, relocated_xml  # noqa: E402
 
 TARGET = 1.1
 URI = "qemu:///system"
@@ -35,21 +34,6 @@ URI = "qemu:///system"
 
 def virsh(*args: str) -> None:
     subprocess.run(["virsh", "-q", "-c", URI, *args], check=True, capture_output=True)  # noqa: S603
-
-
-def baseline_xml(kumo_xml: str, name: str, directory: Path) -> str:
-    """Kumo's own XML for a domain, renamed and pointed at the baseline's copies of its files."""
-    root = ET.fromstring(kumo_xml)
-    root.find("name").text = name
-    for tag in ("uuid", "metadata"):
-        element = root.find(tag)
-        if element is not None:
-            root.remove(element)
-    for source in root.iter("source"):
-        for attr in ("file", "path"):
-            if source.get(attr):
-                source.set(attr, str(directory / Path(source.get(attr)).name))
-    return ET.tostring(root, encoding="unicode")
 
 
 async def main(runs: int) -> None:
@@ -102,7 +86,7 @@ async def main(runs: int) -> None:
             )
             shutil.copy(seed, bdir / "cidata.iso")
             xml_file = bdir / "domain.xml"
-            xml_file.write_text(baseline_xml(template, bname, bdir))
+            xml_file.write_text(relocated_xml(template, bdir, bname))
             start = time.perf_counter()
             virsh("define", str(xml_file))
             virsh("start", bname)

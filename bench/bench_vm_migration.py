@@ -44,7 +44,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.harness.agents import running_on, start_agent, wait_for  # noqa: E402
 from tests.harness.cluster import ControllerProcess  # noqa: E402
 from tests.harness.guest import Guest, build_guest, kernel_package  # noqa: E402
-from tests.harness.libvirt import SYSTEM_URI, TEST_INSTANCE_ROOT, another_libvirtd, ensure_libvirtd  # noqa: E402
+from tests.harness.libvirt import (  # noqa: E402
+    SYSTEM_URI,
+    TEST_INSTANCE_ROOT,
+    another_libvirtd,
+    ensure_libvirtd,
+    relocated_xml,
+    remove_domains,
+)
 
 TARGET = 1.1
 POLL = 0.005
@@ -146,23 +153,6 @@ def copy_for_raw(xml: str, directory: Path) -> None:
             shutil.copy(path, directory / path.name)
 
 
-def relocated(xml: str, directory: Path, name: str | None = None) -> str:
-    """``xml`` with every file it names in ``directory`` (same base names); with ``name``, a
-    new domain of that name (no uuid: libvirt makes one)."""
-    root = ET.fromstring(xml)
-    if name is not None:
-        root.find("name").text = name
-        for tag in ("uuid", "metadata"):
-            element = root.find(tag)
-            if element is not None:
-                root.remove(element)
-    for source in root.iter("source"):
-        for attr in ("file", "path"):
-            if source.get(attr):
-                source.set(attr, str(directory / Path(source.get(attr)).name))
-    return ET.tostring(root, encoding="unicode")
-
-
 def raw_round(here: Path, uris: tuple[str, str], name: str, fill: int) -> tuple[float, float]:
     """(downtime, total seconds) of ``virsh save``, a copy and ``virsh restore`` of the guest
     :func:`copy_for_raw` left in ``here``."""
@@ -170,10 +160,10 @@ def raw_round(here: Path, uris: tuple[str, str], name: str, fill: int) -> tuple[
     there = here.with_name(f"{here.name}-destination")
     there.mkdir(mode=0o711)
     template = (here / "template.xml").read_text()
-    (here / "domain.xml").write_text(relocated(template, here, name))
+    (here / "domain.xml").write_text(relocated_xml(template, here, name))
     virsh(source_uri, "define", str(here / "domain.xml"))
     virsh(source_uri, "start", name)
-    console = next(Path(s.get("path")) for s in ET.fromstring(relocated(template, here)).iter("source")
+    console = next(Path(s.get("path")) for s in ET.fromstring(relocated_xml(template, here)).iter("source")
                    if s.get("path", "").endswith(".log"))
     wait_for(lambda: filled(console), f"{name} to fill {fill} MiB", limit=300)
 
@@ -184,7 +174,7 @@ def raw_round(here: Path, uris: tuple[str, str], name: str, fill: int) -> tuple[
         if path.suffix in (".save", ".qcow2", ".iso"):
             shutil.copy(path, there / path.name)
     saved = virsh(destination_uri, "save-image-dumpxml", str(there / "memory.save"))
-    (there / "domain.xml").write_text(relocated(saved, there))
+    (there / "domain.xml").write_text(relocated_xml(saved, there))
     virsh(destination_uri, "restore", str(there / "memory.save"), "--xml", str(there / "domain.xml"))
     total = time.perf_counter() - started
     downtime = watch.seconds()
@@ -193,22 +183,6 @@ def raw_round(here: Path, uris: tuple[str, str], name: str, fill: int) -> tuple[
     shutil.rmtree(here)
     shutil.rmtree(there)
     return downtime, total
-
-
-def leftovers(uri: str) -> None:
-    """Destroy and undefine this benchmark's domains that an interrupted run left on ``uri``."""
-    import libvirt
-
-    conn = libvirt.open(uri)
-    try:
-        for domain in conn.listAllDomains():
-            if domain.name().startswith("bench-"):
-                with contextlib.suppress(libvirt.libvirtError):
-                    domain.destroy()
-                with contextlib.suppress(libvirt.libvirtError):
-                    domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
-    finally:
-        conn.close()
 
 
 @contextlib.contextmanager
@@ -233,7 +207,7 @@ def fleet(work: Path, second_uri: str) -> Iterator[tuple[ControllerProcess, list
         for agent in agents:
             agent.stop()
         ctl.stop()
-        leftovers(SYSTEM_URI)
+        remove_domains(SYSTEM_URI, "bench-")
         for _, directory, _ in nodes:
             shutil.rmtree(directory.parent, ignore_errors=True)
 

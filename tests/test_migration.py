@@ -24,6 +24,7 @@ import pytest
 from tests.harness import read_counter
 from tests.harness.agents import reported, running_on, wait_for
 from tests.harness.criu import SBIN_PATH
+from tests.test_checkpoint import COUNTER as STEADY_COUNTER
 
 pytestmark = pytest.mark.integration
 
@@ -37,19 +38,6 @@ while True:
     i += 1
     with open(sys.argv[1], "w") as f:
         f.write(str(i))
-    time.sleep(0.05)
-"""
-# Rewritten in place at a fixed width in a file held open: a checkpoint taken while it runs
-# restores whenever it was taken (CRIU refuses an open file whose size changed since).
-STEADY_COUNTER = """
-import sys, time
-i = 0
-f = open(sys.argv[1], "w")
-while True:
-    i += 1
-    f.seek(0)
-    f.write(f"{i:012d}")
-    f.flush()
     time.sleep(0.05)
 """
 CONNECTED = """
@@ -292,6 +280,7 @@ def test_checkpoints_are_kept_under_the_instance_listed_restored_by_id_pruned_an
     path = tmp_path / "keeper.count"
     controller.admin("POST", "/v1/instances", {
         "name": "keeper", "kind": "process", "node": a.node_id, "memory_mib": 64,
+        # STEADY_COUNTER keeps its file open at a fixed size: an older checkpoint restores too.
         "options": {"command": [PY, "-c", STEADY_COUNTER, str(path)], "checkpoint_keep": 3}})
     assert controller.admin("GET", "/v1/instances/keeper")["checkpoint_keep"] == 3
     wait_for(lambda: read_counter(path) >= 3, "keeper to count")

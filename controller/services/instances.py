@@ -63,7 +63,8 @@ def checked_keep(keep: Any, what: str) -> int:
 
 async def get(ctl: Any, name: str) -> dict[str, Any]:
     """The instance's record; 404 when there is none."""
-    row = await ctl.store.get_instance(name)
+    # A name no create accepts names nothing, and a NUL is no PostgreSQL text: not asked.
+    row = await ctl.store.get_instance(name) if NAME_RE.match(name) else None
     if row is None:
         raise Refused(404, f"no instance {name!r}: see `kumoctl instances list`")
     return row

@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 import uuid
+import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,6 +55,40 @@ def _running(name: str) -> bool:
         ["pgrep", "-x", name], capture_output=True, check=False
     )
     return found.returncode == 0
+
+
+def remove_domains(uri: str, prefix: str = "") -> None:
+    """Destroy and undefine (with any saved state or NVRAM) the domains on ``uri`` whose names
+    start with ``prefix``: what a test or benchmark made, also when it was interrupted."""
+    import libvirt
+
+    conn = libvirt.open(uri)
+    try:
+        for dom in conn.listAllDomains():
+            if dom.name().startswith(prefix):
+                with contextlib.suppress(libvirt.libvirtError):
+                    dom.destroy()
+                with contextlib.suppress(libvirt.libvirtError):
+                    dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+    finally:
+        conn.close()
+
+
+def relocated_xml(xml: str, directory: Path, name: str | None = None) -> str:
+    """Domain ``xml`` with every file it names moved into ``directory`` (same base names);
+    with ``name``, a new domain of that name (no uuid or metadata: libvirt makes its own)."""
+    root = ET.fromstring(xml)
+    if name is not None:
+        root.find("name").text = name
+        for tag in ("uuid", "metadata"):
+            element = root.find(tag)
+            if element is not None:
+                root.remove(element)
+    for source in root.iter("source"):
+        for attr in ("file", "path"):
+            if source.get(attr):
+                source.set(attr, str(directory / Path(source.get(attr)).name))
+    return ET.tostring(root, encoding="unicode")
 
 
 def ensure_libvirtd() -> str | None:
@@ -130,13 +165,7 @@ def another_libvirtd(home: Path) -> Iterator[str]:
         yield uri
     finally:
         with contextlib.suppress(libvirt.libvirtError):
-            conn = libvirt.open(uri)
-            for dom in conn.listAllDomains():
-                with contextlib.suppress(libvirt.libvirtError):
-                    dom.destroy()
-                with contextlib.suppress(libvirt.libvirtError):
-                    dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
-            conn.close()
+            remove_domains(uri)
         daemon.terminate()
         try:
             daemon.wait(30)
@@ -327,18 +356,7 @@ class KvmTestBed:
         return node
 
     def cleanup(self) -> None:
-        import libvirt
-
-        conn = libvirt.open(SYSTEM_URI)
-        try:
-            for dom in conn.listAllDomains():
-                if dom.name().startswith(self.prefix):
-                    with contextlib.suppress(libvirt.libvirtError):
-                        dom.destroy()
-                    with contextlib.suppress(libvirt.libvirtError):
-                        dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
-        finally:
-            conn.close()
+        remove_domains(SYSTEM_URI, self.prefix)
         shutil.rmtree(self.root, ignore_errors=True)
 
     def domains(self) -> list[str]:
