@@ -59,12 +59,13 @@ def vm_cluster(controller, kumo_agent, libvirtd, second_libvirtd, kvm_guest: Gue
                            prefix=host_of(uri))
         return agent, root / "instances"
 
-    def create_vm(agent: Any, name: str) -> None:
+    def create_vm(agent: Any, name: str, boot: str = "") -> None:
+        """``boot``: more of the guest's command line (``kumo.fill=MiB``: it keeps writing its memory)."""
         controller.admin("POST", "/v1/instances", {
             "name": name, "kind": "kvm", "node": agent.node_id, "vcpus": 1, "memory_mib": 128,
             "image": str(kvm_guest.disk), "image_sha256": kvm_guest.disk_sha256, "user_data": "#cloud-config\n",
             "options": {"kernel": str(kvm_guest.kernel), "initrd": str(kvm_guest.initrd),
-                        "cmdline": f"{kvm_guest.cmdline} kumo.hold kumo.count"},
+                        "cmdline": f"{kvm_guest.cmdline} kumo.hold kumo.count {boot}".strip()},
         })
         wait_for(lambda: running_on(agent, name), f"{name} to run on {agent.node_id}", limit=120)
 
@@ -241,9 +242,16 @@ def test_a_live_migration_moves_a_running_vm_through_the_controller(vm_cluster, 
     wait_for(lambda: len(counts(log_a)) >= 3, "the guest to count on A", limit=120)
     modes = controller.admin("GET", f"/v1/instances/{name}")["migration"]
     assert modes["live"]["possible"] is True, modes
-    # Held open: the source removes the file once the VM has moved.
-    console_a = log_a.open("rb")
 
+    # Its copy takes seconds: within one it has not converged, and the user chose to give up.
+    aborted = kumoctl(controller, "instances", "migrate", name, "--live", "--to", b.node_id,
+                      "--converge-timeout", "1", "--on-no-converge", "abort")
+    assert aborted.returncode != 0 and "[not-converging]" in aborted.stderr, aborted.stderr
+    assert f"runs on node {a.node_id}" in aborted.stderr and "Traceback" not in aborted.stderr, aborted.stderr
+    assert running_on(a, name) and name not in domains(second_libvirtd)
+    wait_for(lambda: not list(b_dir.glob(f"{name}/*")), "B to remove what it prepared")
+
+    console_a = log_a.open("rb")  # held open: the source removes the file once the VM has moved
     moved = kumoctl(controller, "instances", "migrate", name, "--live", "--to", b.node_id, "--max-downtime", "500",
                     "-o", "json")
     assert moved.returncode == 0, moved.stderr + moved.stdout
@@ -272,7 +280,7 @@ def test_a_live_migration_moves_a_running_vm_through_the_controller(vm_cluster, 
 def test_a_destination_killed_during_a_live_migration_leaves_it_running_on_the_source(
         vm_cluster, libvirtd, second_libvirtd):
     controller, make_agent, create_vm = vm_cluster
-    (a, a_dir), (b, _) = make_agent(libvirtd), make_agent(second_libvirtd)
+    (a, a_dir), (b, b_dir) = make_agent(libvirtd), make_agent(second_libvirtd)
     name = f"kumo-vmlive-k-{uuid.uuid4().hex[:6]}"
     create_vm(a, name)
     log_a = a_dir / name / "console.log"
@@ -280,8 +288,8 @@ def test_a_destination_killed_during_a_live_migration_leaves_it_running_on_the_s
 
     answer = controller.admin("POST", f"/v1/instances/{name}/migrate", {"live": True, "to": b.node_id})
     path = f"/v1/migrations/{answer['migration']['id']}"
-    wait_for(lambda: controller.admin("GET", path)["progress"].get("memory_remaining"),
-             "the live copy to begin", limit=120)
+    # B is ready and A begins to copy, which takes seconds: B dies in the middle.
+    wait_for(lambda: controller.admin("GET", path)["phase"] == "live", "the live copy to begin", limit=120)
     b.kill()
     done = finished(controller, answer["migration"]["id"])
     assert done["state"] == "failed" and f"runs on node {a.node_id}" in done["outcome"], done
@@ -291,3 +299,13 @@ def test_a_destination_killed_during_a_live_migration_leaves_it_running_on_the_s
     before = counts(log_a)[-1]
     wait_for(lambda: counts(log_a)[-1] > before + 3, "the guest to count on on A")
     assert log_a.read_text(errors="replace").count("GUEST-BOOTED") == 1, "it never stopped"
+
+    # B back (what it had prepared is a leftover a create or arrival replaces): a copy that
+    # does not converge within a second is finished by pausing the guest, as chosen.
+    b.start()
+    paused = kumoctl(controller, "instances", "migrate", name, "--live", "--to", b.node_id, "--max-downtime", "1",
+                     "--converge-timeout", "1", "--on-no-converge", "stop-and-copy")
+    assert paused.returncode == 0, paused.stderr
+    assert "finished by stop-and-copy" in paused.stdout, paused.stdout
+    assert controller.admin("GET", f"/v1/instances/{name}")["node"] == b.node_id
+    wait_for(lambda: len(counts(b_dir / name / "console.log")) >= 3, "the guest to count on B, resumed", limit=60)
