@@ -111,7 +111,10 @@ class Downtime:
 
 
 def virsh(uri: str, *args: str) -> str:
-    return subprocess.run(["virsh", "-q", "-c", uri, *args], check=True, capture_output=True, text=True).stdout  # noqa: S603, S607
+    done = subprocess.run(["virsh", "-q", "-c", uri, *args], capture_output=True, text=True, check=False)  # noqa: S603, S607
+    if done.returncode != 0:
+        sys.exit(f"bench_vm_migration: virsh {args[0]} failed: {done.stderr.strip()}")
+    return done.stdout
 
 
 def filled(console: Path) -> bool:
