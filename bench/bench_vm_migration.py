@@ -65,6 +65,8 @@ from tests.harness.libvirt import (  # noqa: E402
 
 TARGET = 1.1
 POLL = 0.005
+# This run's domain names: the system libvirtd is shared, and a run removes only its own.
+RUN = f"kb{uuid.uuid4().hex[:6]}"
 
 
 class Downtime:
@@ -219,7 +221,7 @@ def raw_live_round(here: Path, uris: tuple[str, str], name: str, fill: int, max_
     copy_for_raw(virsh(source_uri, "dumpxml", "--inactive", name), there / "disks")
     for path in (there / "disks").iterdir():
         path.rename(there / path.name)
-    (there / "domain.xml").write_text(relocated_xml(virsh(source_uri, "dumpxml", name), there))
+    (there / "domain.xml").write_text(relocated_xml(virsh(source_uri, "dumpxml", "--migratable", name), there))
     virsh(source_uri, "migrate-setmaxdowntime", name, str(max_downtime))
 
     watch = Downtime(source_uri, name, destination_uri, name)
@@ -261,7 +263,7 @@ def fleet(work: Path, second_uri: str) -> Iterator[tuple[ControllerProcess, list
         for agent in agents:
             agent.stop()
         ctl.stop()
-        remove_domains(SYSTEM_URI, "bench-")
+        remove_domains(SYSTEM_URI, RUN)
         for _, directory, _ in nodes:
             shutil.rmtree(directory.parent, ignore_errors=True)
 
@@ -297,11 +299,11 @@ def main() -> None:
                         # Both pause a guest that has not converged after 120 s, so both finish.
                         live = ({"max_downtime_ms": args.max_downtime, "converge_timeout": 120,
                                  "on_no_converge": "stop-and-copy"} if mode == "live" else None)
-                        kumo[mode].append(kumo_round(ctl, nodes, guest, f"bench-vm-{mode}-{n}", args.memory,
+                        kumo[mode].append(kumo_round(ctl, nodes, guest, f"{RUN}-vm-{mode}-{n}", args.memory,
                                                      args.fill, raw_dir, live))
                         uris = (SYSTEM_URI, second_uri)
-                        raw[mode].append(raw_live_round(raw_dir, uris, f"bench-raw-{n}", args.fill, args.max_downtime)
-                                         if live else raw_round(raw_dir, uris, f"bench-raw-{n}", args.fill))
+                        raw[mode].append(raw_live_round(raw_dir, uris, f"{RUN}-raw-{n}", args.fill, args.max_downtime)
+                                         if live else raw_round(raw_dir, uris, f"{RUN}-raw-{n}", args.fill))
                         print(f"{n:>5} {mode:>13} {kumo[mode][-1][0]:>12.2f} {kumo[mode][-1][1]:>13.2f} "
                               f"{raw[mode][-1][0]:>11.2f} {raw[mode][-1][1]:>12.2f}", flush=True)
         finally:
