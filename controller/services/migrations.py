@@ -636,6 +636,12 @@ async def _migrate_live(ctl: Any, doc: dict[str, Any]) -> None:
             doc["outcome"] = stays
             return
         ready = tunnel.ready.result()
+        if not isinstance(ready.get("definition"), str) or not isinstance(ready.get("channels"), list):
+            await tunnel.end("failed")
+            doc.update(code="prepare-failed", error=f"node {destination} said it was ready without a definition "
+                                                    "and channels")
+            doc["outcome"] = stays
+            return
         await _phase(ctl, doc, "live")
         asked = time.time()
         sent = await run_task(ctl, source, "checkpoint.live_send", {

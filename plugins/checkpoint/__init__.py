@@ -680,6 +680,13 @@ class CheckpointPlugin:
         if args.on_no_converge not in ("stop-and-copy", "abort"):
             raise TaskError(f"payload.on_no_converge must be stop-and-copy or abort, got {args.on_no_converge!r:.40}",
                             code="bad-request")
+        from plugins.checkpoint.live import CHANNEL_RE
+
+        wrong = [channel for channel in args.channels if not isinstance(channel, str) or not CHANNEL_RE.match(channel)]
+        if wrong or not args.channels:
+            # They name sockets here, and come from the destination.
+            raise TaskError(f"payload.channels must be short lowercase names, got {args.channels!r:.80}",
+                            code="bad-request")
         options = LiveOptions(args.max_downtime_ms, args.converge_timeout, args.on_no_converge)
         async with live.Session(self._require_context(), args.controller, args.migration) as session:
             sockets = await self._live_sockets(args.migration)

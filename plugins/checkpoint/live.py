@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from plugins.checkpoint.transfer import MIGRATION_RE
 log = logging.getLogger(__name__)
 
 CHUNK = 256 * 1024
+CHANNEL_RE = re.compile(r"^[a-z]{1,16}\Z")  # a channel names a socket file on the source
 CONNECT_TIMEOUT = 30.0
 
 

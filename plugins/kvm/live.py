@@ -116,7 +116,7 @@ class KvmLiveMigrator(KvmCheckpointer):
 
     async def live_migrate(self, name: str, definition: str, sockets: Path, options: LiveOptions,
                            progress: Callable[[Mapping[str, Any]], None]) -> Mapping[str, Any]:
-        for path in (sockets, *sockets.glob("*.sock")):
+        for path in [sockets, *await asyncio.to_thread(lambda: list(sockets.glob("*.sock")))]:
             await asyncio.to_thread(share_with_qemu, path)
         return await self.plugin.migrate_out(name, definition, sockets, options, progress)
 
