@@ -680,9 +680,7 @@ class CheckpointPlugin:
         if args.on_no_converge not in ("stop-and-copy", "abort"):
             raise TaskError(f"payload.on_no_converge must be stop-and-copy or abort, got {args.on_no_converge!r:.40}",
                             code="bad-request")
-        from plugins.checkpoint.live import CHANNEL_RE
-
-        wrong = [channel for channel in args.channels if not isinstance(channel, str) or not CHANNEL_RE.match(channel)]
+        wrong = [c for c in args.channels if not isinstance(c, str) or not live.CHANNEL_RE.match(c)]
         if wrong or not args.channels:
             # They name sockets here, and come from the destination.
             raise TaskError(f"payload.channels must be short lowercase names, got {args.channels!r:.80}",
