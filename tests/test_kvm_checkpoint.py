@@ -278,8 +278,20 @@ def test_show_says_which_ways_a_vm_can_move_and_why_not(controller, tmp_path: Pa
                                                "memory_mib": 128, "image": "/i.qcow2"})
     modes = report("running")
     assert modes["stop-and-copy"]["possible"] is True and other in modes["stop-and-copy"]["reason"]
-    assert modes["live"] == {"possible": False, "reason": modes["live"]["reason"]}
-    assert modes["live"]["reason"].startswith("not yet supported")
+    # Live needs both ends to publish the kind in live_kinds.
+    assert modes["live"] == {"possible": False, "reason": f"cannot migrate instance vm1 live: node {source} cannot "
+                                                          "move kvm instances live (its live kinds: none)"}
+    live = {**plugins, "checkpoint": {**plugins["checkpoint"], "attributes": {"instance_kinds": ["kvm"],
+                                                                              "live_kinds": ["kvm"]}}}
+    register(controller, source, source_cert, plugins=live, instances=[{"name": "vm1", "kind": "kvm",
+                                                                         "state": "running", "details": {}}])
+    modes = controller.admin("GET", "/v1/instances/vm1")["migration"]
+    assert modes["live"]["possible"] is False and other in modes["live"]["rejected"], modes["live"]
+    assert modes["live"]["rejected"][other] == f"node {other} cannot move kvm instances live (its live kinds: none)"
+    register(controller, other, other_cert, plugins=live)
+    modes = controller.admin("GET", "/v1/instances/vm1")["migration"]
+    assert modes["live"]["possible"] is True and other in modes["live"]["reason"], modes["live"]
+    register(controller, other, other_cert, plugins=plugins)
 
     hostdev = {"code": "host-device", "message": "a host device is passed through (bus=0x06): detach it first"}
     modes = report("running", checkpoint_blockers=[hostdev])

@@ -130,6 +130,13 @@ def test_blockers_and_a_migration_to_its_own_node_are_refused_early(cluster, tmp
             status, answer = controller.call("POST", "/v1/instances/talker/migrate", {"to": a.node_id},
                                              cert=controller.admin_cert)
             assert status == 409 and "already on node" in answer["error"]
+            # A process moves only by stop-and-copy; live options need live.
+            status, answer = controller.call("POST", "/v1/instances/talker/migrate", {"live": True},
+                                             cert=controller.admin_cert)
+            assert status == 409 and "cannot move process instances live" in answer["error"], answer
+            status, answer = controller.call("POST", "/v1/instances/talker/migrate", {"max_downtime_ms": 100},
+                                             cert=controller.admin_cert)
+            assert status == 400 and '"live": true' in answer["error"], answer
             assert running_on(a, "talker") and controller.admin("GET", "/v1/instances/talker")["node"] == a.node_id
 
 
@@ -358,3 +365,19 @@ def test_the_kinds_a_node_can_move_are_what_its_checkpoint_plugin_publishes():
     without = {"plugins": {"kvm": {"available": True}}}
     assert checkpoint_kinds(without) == [] and checkpoint_kinds(None) == []
     assert unsupported(without, "n-b", "process") == "node n-b cannot checkpoint process instances (it can move: none)"
+
+
+def test_the_kinds_a_node_can_move_live_and_the_live_options_are_checked():
+    from controller.services import Refused
+    from controller.services.migrations import cannot_live, live_options
+
+    node = {"plugins": {"checkpoint": {"available": True, "attributes": {"live_kinds": ["kvm"]}}}}
+    assert cannot_live(node, "n-a", "kvm") is None
+    assert cannot_live(node, "n-a", "lxc") == "node n-a cannot move lxc instances live (its live kinds: kvm)"
+    assert cannot_live(None, "n-b", "kvm") == "node n-b cannot move kvm instances live (its live kinds: none)"
+    assert live_options(None, None, None) == {"max_downtime_ms": 300, "converge_timeout": 120.0,
+                                              "on_no_converge": "abort"}
+    for wrong, named in (((0, None, None), "max_downtime_ms"), ((None, 0, None), "converge_timeout"),
+                         ((None, None, "postcopy"), "on_no_converge")):
+        with pytest.raises(Refused, match=named):
+            live_options(*wrong)

@@ -26,7 +26,7 @@ import pytest
 
 from tests.harness.agents import reported, running_on, wait_for
 from tests.harness.guest import Guest
-from tests.harness.libvirt import TEST_INSTANCE_ROOT
+from tests.harness.libvirt import TEST_INSTANCE_ROOT, host_of
 
 pytestmark = pytest.mark.integration
 
@@ -47,6 +47,7 @@ def vm_cluster(controller, kumo_agent, libvirtd, second_libvirtd, kvm_guest: Gue
     roots: list[Path] = []
 
     def make_agent(uri: str, settings: dict[str, Any] | None = None, **kvm: Any) -> tuple[Any, Path]:
+        """An agent on the "host" of the libvirtd at ``uri`` (in its mount namespace)."""
         root = TEST_INSTANCE_ROOT / f"kumo-vmckpt-{uuid.uuid4().hex[:8]}"
         root.mkdir(mode=0o711)
         root.chmod(0o711)
@@ -54,15 +55,17 @@ def vm_cluster(controller, kumo_agent, libvirtd, second_libvirtd, kvm_guest: Gue
         plugins = {"kvm": {"uri": uri, "instance_dir": str(root / "instances"), "acceleration": "tcg",
                            "shutdown_timeout": 10, **kvm}}
         # The image cache under the qemu-readable root: it holds the VMs' base images.
-        agent = kumo_agent(plugins=plugins, settings={"image_cache": {"path": str(root / "images")}, **(settings or {})})
+        agent = kumo_agent(plugins=plugins, settings={"image_cache": {"path": str(root / "images")}, **(settings or {})},
+                           prefix=host_of(uri))
         return agent, root / "instances"
 
-    def create_vm(agent: Any, name: str) -> None:
+    def create_vm(agent: Any, name: str, boot: str = "") -> None:
+        """``boot``: more of the guest's command line (``kumo.fill=MiB``: it keeps writing its memory)."""
         controller.admin("POST", "/v1/instances", {
             "name": name, "kind": "kvm", "node": agent.node_id, "vcpus": 1, "memory_mib": 128,
             "image": str(kvm_guest.disk), "image_sha256": kvm_guest.disk_sha256, "user_data": "#cloud-config\n",
             "options": {"kernel": str(kvm_guest.kernel), "initrd": str(kvm_guest.initrd),
-                        "cmdline": f"{kvm_guest.cmdline} kumo.hold kumo.count"},
+                        "cmdline": f"{kvm_guest.cmdline} kumo.hold kumo.count {boot}".strip()},
         })
         wait_for(lambda: running_on(agent, name), f"{name} to run on {agent.node_id}", limit=120)
 
@@ -214,3 +217,95 @@ def test_a_tampered_or_refused_transfer_leaves_it_running_on_the_source(vm_clust
     for node, directory in ((b, b_dir), (c, c_dir)):
         assert reported(node, name) is None and not (directory / name).exists(), "it holds nothing of it"
         assert not list((node.state_dir / "plugins" / "checkpoint").rglob("memory.save")), "it discarded what came"
+
+
+def domains(uri: str) -> dict[str, int]:
+    """The domains of the libvirtd at ``uri`` and their states, straight from it."""
+    import libvirt
+
+    conn = libvirt.open(uri)
+    try:
+        return {dom.name(): dom.state()[0] for dom in conn.listAllDomains()}
+    finally:
+        conn.close()
+
+
+def test_a_live_migration_moves_a_running_vm_through_the_controller(vm_cluster, libvirtd, second_libvirtd):
+    import libvirt
+
+    controller, make_agent, create_vm = vm_cluster
+    # B runs on its own "host": the second libvirtd's mount namespace, with its own sockets.
+    (a, a_dir), (b, b_dir) = make_agent(libvirtd), make_agent(second_libvirtd)
+    name = f"kumo-vmlive-{uuid.uuid4().hex[:6]}"
+    create_vm(a, name)
+    log_a = a_dir / name / "console.log"
+    wait_for(lambda: len(counts(log_a)) >= 3, "the guest to count on A", limit=120)
+    modes = controller.admin("GET", f"/v1/instances/{name}")["migration"]
+    assert modes["live"]["possible"] is True, modes
+
+    # Its copy takes seconds: within one it has not converged, and the user chose to give up.
+    aborted = kumoctl(controller, "instances", "migrate", name, "--live", "--to", b.node_id,
+                      "--converge-timeout", "1", "--on-no-converge", "abort")
+    assert aborted.returncode != 0 and "[not-converging]" in aborted.stderr, aborted.stderr
+    assert f"runs on node {a.node_id}" in aborted.stderr and "Traceback" not in aborted.stderr, aborted.stderr
+    assert running_on(a, name) and name not in domains(second_libvirtd)
+    wait_for(lambda: not list(b_dir.glob(f"{name}/*")), "B to remove what it prepared")
+
+    console_a = log_a.open("rb")  # held open: the source removes the file once the VM has moved
+    moved = kumoctl(controller, "instances", "migrate", name, "--live", "--to", b.node_id, "--max-downtime", "500",
+                    "-o", "json")
+    assert moved.returncode == 0, moved.stderr + moved.stdout
+    done = json.loads(moved.stdout)
+    assert done["state"] == "succeeded" and done["mode"] == "live", done
+    progress = done["progress"]
+    assert progress["memory_total"] > 0 and progress["bytes_sent"] > 0, progress
+    assert controller.admin("GET", f"/v1/instances/{name}")["node"] == b.node_id
+    assert name not in domains(libvirtd), "the source's libvirtd no longer has it"
+    assert domains(second_libvirtd).get(name) == libvirt.VIR_DOMAIN_RUNNING
+    assert running_on(b, name)
+    wait_for(lambda: reported(a, name) is None, "node A to forget the VM")
+    assert not (a_dir / name).exists(), "the source removed its files"
+
+    log_b = b_dir / name / "console.log"
+    wait_for(lambda: len(counts(log_b)) >= 3, "the guest to count on B", limit=60)
+    last_a = [int(n) for n in COUNT_RE.findall(console_a.read().decode(errors="replace"))][-1]
+    console_a.close()
+    first_b = counts(log_b)[0]
+    # The guest counts five times a second of its own time: it went on where it was, losing
+    # no more counts than its pause (a line cut in two by the move is lost on both sides).
+    assert 0 < first_b - last_a <= 2 + progress["downtime_ms"] // 200, (last_a, first_b, progress)
+    assert "GUEST-BOOTED" not in log_b.read_text(errors="replace"), "moved, not booted again"
+
+
+def test_a_destination_killed_during_a_live_migration_leaves_it_running_on_the_source(
+        vm_cluster, libvirtd, second_libvirtd):
+    controller, make_agent, create_vm = vm_cluster
+    (a, a_dir), (b, b_dir) = make_agent(libvirtd), make_agent(second_libvirtd)
+    name = f"kumo-vmlive-k-{uuid.uuid4().hex[:6]}"
+    create_vm(a, name)
+    log_a = a_dir / name / "console.log"
+    wait_for(lambda: len(counts(log_a)) >= 3, "the guest to count on A", limit=120)
+
+    answer = controller.admin("POST", f"/v1/instances/{name}/migrate", {"live": True, "to": b.node_id})
+    path = f"/v1/migrations/{answer['migration']['id']}"
+    # B is ready and A begins to copy, which takes seconds: B dies in the middle.
+    wait_for(lambda: controller.admin("GET", path)["phase"] == "live", "the live copy to begin", limit=120)
+    b.kill()
+    done = finished(controller, answer["migration"]["id"])
+    assert done["state"] == "failed" and f"runs on node {a.node_id}" in done["outcome"], done
+    assert controller.admin("GET", f"/v1/instances/{name}")["node"] == a.node_id
+    wait_for(lambda: name not in domains(second_libvirtd), "B's libvirtd to drop the incoming VM", limit=60)
+    assert running_on(a, name)
+    before = counts(log_a)[-1]
+    wait_for(lambda: counts(log_a)[-1] > before + 3, "the guest to count on on A")
+    assert log_a.read_text(errors="replace").count("GUEST-BOOTED") == 1, "it never stopped"
+
+    # B back (what it had prepared is a leftover a create or arrival replaces): a copy that
+    # does not converge within a second is finished by pausing the guest, as chosen.
+    b.start()
+    paused = kumoctl(controller, "instances", "migrate", name, "--live", "--to", b.node_id, "--max-downtime", "1",
+                     "--converge-timeout", "1", "--on-no-converge", "stop-and-copy")
+    assert paused.returncode == 0, paused.stderr
+    assert "finished by stop-and-copy" in paused.stdout, paused.stdout
+    assert controller.admin("GET", f"/v1/instances/{name}")["node"] == b.node_id
+    wait_for(lambda: len(counts(b_dir / name / "console.log")) >= 3, "the guest to count on B, resumed", limit=60)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -215,4 +215,74 @@ class NativeCheckpointer(Protocol):
         accept in a create (never a path, device or program the source names) and refuses
         anything else with ``import-refused``. A restore that fails leaves no new instance
         behind."""
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class LiveOptions:
+    """How a live migration runs: the longest pause of the guest allowed for its last copy
+    (``max_downtime_ms``), how long the copy may go on before the guest counts as never
+    converging (``converge_timeout``, seconds), and then what to do: ``stop-and-copy``
+    pauses the guest so the copy finishes, ``abort`` gives up and leaves it running on the
+    source."""
+
+    max_downtime_ms: int = 300
+    converge_timeout: float = 120.0
+    on_no_converge: str = "abort"
+
+
+@dataclasses.dataclass(frozen=True)
+class LivePrepared:
+    """What a destination made ready for a live migration (:meth:`LiveMigrator.live_prepare`):
+    ``definition`` is what the source hands its hypervisor as the destination's definition
+    of the instance (built here, from what a create accepts); ``targets`` maps each channel
+    the source's hypervisor opens (``control``: the hypervisor's own API, ``memory``,
+    ``disks``...) to the local unix socket a tunnelled connection of that channel reaches
+    on this node."""
+
+    definition: str
+    targets: Mapping[str, Path]
+
+
+@runtime_checkable
+class LiveMigrator(NativeCheckpointer, Protocol):
+    """A :class:`NativeCheckpointer` whose instances also move while they run (a VM: its
+    hypervisor copies memory and disks while the guest runs, then pauses it briefly).
+
+    The hypervisors of the two nodes talk only through tunnels the checkpoint plugin opens
+    through the controller: every connection the source's hypervisor makes to one of the
+    unix sockets :meth:`live_migrate` is given becomes one connection to the matching
+    target on the destination. Any failure must leave the instance running on the source
+    and nothing of it on the destination (:meth:`live_abandon`)."""
+
+    async def live_facts(self, name: str) -> Mapping[str, Any]:
+        """On the source: what the destination needs to prepare for instance ``name``
+        besides its create payload (JSON), read now; TaskError when it cannot move live."""
+        ...
+
+    async def live_prepare(self, name: str, instance: Mapping[str, Any], facts: Mapping[str, Any],
+                           sockets: Path) -> LivePrepared:
+        """On the destination: make instance ``name`` ready to arrive, from the controller's
+        create payload ``instance`` and the source's ``facts`` (checked as strictly as a
+        restore checks a record: the source may be compromised). ``sockets`` is the
+        directory the migration's sockets live in, the same path on both nodes."""
+        ...
+
+    async def live_migrate(self, name: str, definition: str, sockets: Path, options: LiveOptions,
+                           progress: Callable[[Mapping[str, Any]], None]) -> Mapping[str, Any]:
+        """On the source: move running instance ``name`` to the destination whose
+        :class:`LivePrepared` ``definition`` is given, its channels reached through the
+        sockets ``sockets/<channel>.sock``; ``progress`` is called with the copy's figures
+        as it goes. Returns figures of the finished move (``downtime_ms``...). On failure
+        the instance runs here as before."""
+        ...
+
+    async def live_arrived(self, name: str) -> bool:
+        """On the destination, after the source's move ended: whether instance ``name``
+        runs here now (then it is this node's, as a restored instance is)."""
+        ...
+
+    async def live_abandon(self, name: str) -> None:
+        """On the destination: the move failed; remove what :meth:`live_prepare` made,
+        unless the instance runs here."""
         ...

@@ -49,7 +49,7 @@ ErrorCode = Literal[
     # checkpoint, restore and migration
     "criu-unavailable", "dump-failed", "restore-failed", "adopt-failed", "pid-in-use",
     "missing-files", "file-conflict", "transfer-failed", "no-controller", "import-refused",
-    "unsupported-kind", "no-space",
+    "unsupported-kind", "no-space", "not-converging", "migration-failed",
     # what keeps a process tree from being checkpointed (pre-flight blockers)
     "tcp-established", "tcp-connection", "unix-external", "tty", "char-device", "traced",
     "file-lock", "unsupported-fd", "unsupported-mount",

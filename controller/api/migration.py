@@ -11,6 +11,8 @@ controller that drives it, ``/v1/relay/...``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 from typing import Any
 
 import aiohttp
@@ -75,8 +77,16 @@ async def migrate(request: web.Request) -> web.Response:
     ctl = state(request)
     row = await instances.get(ctl, request.match_info["name"])
     data = await json_body(request)
-    reject_unknown(data, {"to"})
-    doc = await migrations.start_migration(ctl, row, field(data, "to", str, required=False))
+    reject_unknown(data, {"to", "live", "max_downtime_ms", "converge_timeout", "on_no_converge"})
+    live = None
+    if field(data, "live", bool, required=False, default=False):
+        live = migrations.live_options(field(data, "max_downtime_ms", int, required=False),
+                                       field(data, "converge_timeout", (int, float), required=False),
+                                       field(data, "on_no_converge", str, required=False))
+    elif set(data) & {"max_downtime_ms", "converge_timeout", "on_no_converge"}:
+        raise ApiError(400, "max_downtime_ms, converge_timeout and on_no_converge are options of a live migration: "
+                            "add \"live\": true")
+    doc = await migrations.start_migration(ctl, row, field(data, "to", str, required=False), live)
     return reply({"migration": public(ctl, doc)}, 202)
 
 
@@ -101,6 +111,9 @@ def public(ctl: Any, doc: dict[str, Any]) -> dict[str, Any]:
     out = {**doc, "progress": dict(doc["progress"])}
     out.pop("controller", None)
     out.pop("listed_at", None)
+    tunnel = migrations.migrations(ctl).tunnels.get(doc["id"])
+    if tunnel is not None:
+        out["progress"].update(tunnel.progress, bytes_sent=tunnel.bytes)
     relay = migrations.migrations(ctl).relays.get(doc["id"])
     if relay is not None:
         out["progress"].update(bytes_sent=relay.sent, bytes_received=relay.received)
@@ -234,9 +247,114 @@ async def download_image(request: web.Request) -> web.StreamResponse:
     return response
 
 
+def _tunnel(request: web.Request) -> tuple[migrations.Tunnel, str]:
+    """The live migration's tunnel and the role of the node asking (``source`` or
+    ``destination``); 403 for any other node, 404 when this controller drives no such
+    migration (its ends are given the driving controller's URL)."""
+    migration_id, node_id = request.match_info["mid"], request.match_info["id"]
+    tunnel = migrations.migrations(state(request)).tunnels.get(migration_id)
+    if tunnel is None or tunnel.ended.is_set():
+        raise ApiError(404, f"this controller drives no live migration {migration_id} in progress")
+    if node_id not in (tunnel.source, tunnel.destination):
+        raise ApiError(403, f"node {node_id} is not an end of migration {migration_id}")
+    return tunnel, "source" if node_id == tunnel.source else "destination"
+
+
+async def live_control(request: web.Request) -> web.WebSocketResponse:
+    """A live migration's control websocket: the destination says it is ready and is told of
+    each tunnelled connection and of the end; the source reports progress."""
+    tunnel, role = _tunnel(request)
+    ws = web.WebSocketResponse(heartbeat=30.0)
+    await ws.prepare(request)
+    if role == "destination":
+        if tunnel.control is not None:
+            await ws.close(message=b"the destination is already attached")
+            return ws
+        tunnel.control = ws
+    try:
+        async for message in ws:
+            if message.type != aiohttp.WSMsgType.TEXT:
+                break
+            try:
+                said = json.loads(message.data)
+            except ValueError:
+                break
+            if role == "destination" and not tunnel.ready.done() and isinstance(said, dict):
+                tunnel.ready.set_result(said)
+            elif role == "source" and isinstance(said, dict) and isinstance(said.get("progress"), dict):
+                tunnel.progress = said["progress"]
+    finally:
+        if role == "destination":
+            tunnel.control = None
+            if not tunnel.ready.done():
+                tunnel.ready.set_exception(migrations.RelayAborted(f"node {tunnel.destination} went away"))
+            for waiting in tunnel.waiting.values():
+                waiting.cancel()
+    return ws
+
+
+async def live_channel(request: web.Request) -> web.WebSocketResponse:
+    """One tunnelled connection: the source opens it, the destination joins it (``?conn=``)
+    when told to, and the controller splices the two."""
+    tunnel, role = _tunnel(request)
+    channel = request.match_info["channel"]
+    ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=0)
+    if role == "destination":
+        joining = tunnel.waiting.pop(request.query.get("conn", ""), None)
+        if joining is None or joining.done():
+            raise ApiError(404, "no tunnelled connection waits for this one")
+        await ws.prepare(request)
+        done = asyncio.Event()
+        joining.set_result((ws, done))
+        await done.wait()
+        return ws
+    control = tunnel.control
+    if control is None or control.closed or not tunnel.ready.done():
+        raise ApiError(409, f"node {tunnel.destination} is not ready for the migration's connections")
+    if channel not in tunnel.ready.result().get("channels", ()):
+        raise ApiError(404, f"the destination offers no channel {channel!r:.40}")
+    tunnel.opened += 1
+    conn = str(tunnel.opened)
+    joining = tunnel.waiting[conn] = asyncio.get_running_loop().create_future()
+    await ws.prepare(request)
+    try:
+        await control.send_str(json.dumps({"channel": channel, "conn": conn}))
+        other, done = await asyncio.wait_for(joining, migrations.STALL_TIMEOUT)
+    except (asyncio.CancelledError, TimeoutError, ConnectionError):
+        tunnel.waiting.pop(conn, None)
+        await ws.close()
+        return ws
+    try:
+        await _splice(tunnel, ws, other)
+    finally:
+        done.set()
+    return ws
+
+
+async def _splice(tunnel: migrations.Tunnel, one: web.WebSocketResponse, other: web.WebSocketResponse) -> None:
+    async def pump(src: web.WebSocketResponse, dst: web.WebSocketResponse) -> None:
+        async for message in src:
+            if message.type != aiohttp.WSMsgType.BINARY:
+                break
+            await dst.send_bytes(message.data)
+            tunnel.bytes += len(message.data)
+
+    pumps = [asyncio.ensure_future(pump(one, other)), asyncio.ensure_future(pump(other, one))]
+    try:
+        await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in pumps:
+            task.cancel()
+        # Either end closing closes the other: that is how a hypervisor learns its peer is gone.
+        for ws in (one, other):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws.close(), 5)
+
+
 INSTANCE = "/v1/instances/{name}"
 IMAGE = "/v1/nodes/{id}/migrations/{mid}/image"
 RELAY = "/v1/relay/{mid}/{id}"
+LIVE = "/v1/nodes/{id}/migrations/{mid}/live"
 ROUTES = [
     Route("POST", INSTANCE + "/checkpoint", checkpoint, "admin",
           "Checkpoint an instance: CRIU for processes and containers, the kind's own save for VMs "
@@ -253,13 +371,25 @@ ROUTES = [
           "Keep the latest checkpoint and the newest others, keep in all; remove the rest.",
           {"keep": "integer >= 1"}),
     Route("POST", INSTANCE + "/migrate", migrate, "admin",
-          "Move a running instance to another node (checkpoint, transfer, restore); 409 with the blockers.",
-          {"to": "node id, or null to let the scheduler choose"}),
+          "Move a running instance to another node (checkpoint, transfer, restore; or, live, while it runs); "
+          "409 with the blockers.",
+          {"to": "node id, or null to let the scheduler choose",
+           "live": "true to move it while it runs (kinds whose nodes publish live_kinds)",
+           "max_downtime_ms": "live: the longest pause for the last copy (default 300)",
+           "converge_timeout": "live: seconds before a copy that does not converge counts as never converging "
+                               "(default 120)",
+           "on_no_converge": "live: stop-and-copy (pause it to finish) or abort (it stays on the source; default)"}),
     Route("GET", "/v1/migrations", list_migrations, "admin",
           "Migrations, newest first, a page at a time (?state=running|succeeded|failed&limit=&after=NEXT); "
           "ended ones are kept for the retention period."),
     Route("GET", "/v1/migrations/{id}", show_migration, "admin", "A migration: its phase, progress and outcome."),
     Route("PUT", IMAGE, upload_image, "node", "The source node streams a migration's checkpoint (a tar)."),
+    Route("GET", LIVE, live_control, "node",
+          "Websocket: a live migration's control channel (the destination's readiness and orders, the source's "
+          "progress)."),
+    Route("GET", LIVE + "/{channel}", live_channel, "node",
+          "Websocket: one connection of a live migration's hypervisors, tunnelled from the source to the "
+          "destination (which joins with ?conn=)."),
     Route("GET", IMAGE, download_image, "node", "The destination node reads a migration's checkpoint as it arrives."),
     Route("PUT", RELAY, upload_image, "controller",
           "Another controller forwards the image its node sends (this controller drives the migration)."),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 from urllib.parse import quote
 
 from .arguments import OUTPUT, WAITING, Group, positive_int
@@ -87,9 +88,13 @@ def cmd_instances_checkpoints(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_instances_migrate(client: Client, args: argparse.Namespace) -> int:
-    answer = client.call(
-        "POST", f"/v1/instances/{quote(args.name, safe='')}/migrate", {"to": args.to}
-    )
+    body: dict[str, Any] = {"to": args.to}
+    if args.live:
+        body.update(live=True, max_downtime_ms=args.max_downtime, converge_timeout=args.converge_timeout,
+                    on_no_converge=args.on_no_converge)
+    elif (args.max_downtime, args.converge_timeout, args.on_no_converge) != (None, None, None):
+        raise CommandError("--max-downtime, --converge-timeout and --on-no-converge go with --live")
+    answer = client.call("POST", f"/v1/instances/{quote(args.name, safe='')}/migrate", body)
     migration = answer["migration"]
     if args.no_wait:
         print(
@@ -104,10 +109,15 @@ def cmd_instances_migrate(client: Client, args: argparse.Namespace) -> int:
     if migration["state"] != "succeeded":
         raise CommandError(f"migrating {args.name} failed: {migration_failure(migration)}")
     progress = migration.get("progress") or {}
+    if migration.get("mode") == "live":
+        how = (f"live, paused {progress.get('downtime_ms')} ms, {mib(progress.get('bytes_sent'))} MiB through the "
+               "controller" + (f", finished by {progress['not_converging']} as it did not converge"
+                               if progress.get("not_converging") else ""))
+    else:
+        how = f"{mib(progress.get('bytes_received'))} MiB transferred, sha256 checked"
     print(
         f"instance {args.name} now runs on node {migration['destination']} (moved from "
-        f"{migration['source']} in {migration.get('seconds') or 0:.1f} s, "
-        f"{mib(progress.get('bytes_received'))} MiB transferred, sha256 checked)"
+        f"{migration['source']} in {migration.get('seconds') or 0:.1f} s, {how})"
     )
     outcome = migration.get("outcome") or ""
     if "failed" in outcome:
@@ -152,8 +162,19 @@ def register(group: Group) -> None:
     sub = group.leaf(
         "migrate",
         cmd_instances_migrate,
-        "move a running instance to another node (checkpoint, transfer, restore)",
+        "move a running instance to another node (checkpoint, transfer, restore; with --live, while it runs)",
         [WAITING, OUTPUT],
     )
     sub.add_argument("name")
     sub.add_argument("--to", metavar="NODE", help="destination node id (default: the scheduler chooses)")
+    sub.add_argument("--live", action="store_true",
+                     help="move it while it runs: memory and disk are copied through the controller, then it "
+                          "pauses for the last copy (kinds that support it: see kumoctl instances show)")
+    sub.add_argument("--max-downtime", metavar="MS", type=positive_int,
+                     help="--live: the longest pause allowed for the last copy, in milliseconds (default 300)")
+    sub.add_argument("--converge-timeout", metavar="SECONDS", type=positive_int,
+                     help="--live: how long the copy may run before the instance counts as never converging "
+                          "(it dirties memory faster than it is copied; default 120)")
+    sub.add_argument("--on-no-converge", choices=("stop-and-copy", "abort"),
+                     help="--live: then pause it so the copy finishes (stop-and-copy) or give up and leave it "
+                          "running on its node (abort, the default)")

@@ -23,7 +23,9 @@ def cmd_migrations_list(client: Client, args: argparse.Namespace) -> int:
     for m in sorted(docs, key=lambda m: m.get("created_at") or ""):
         progress = m.get("progress") or {}
         rows.append([m["id"], m.get("instance"), m.get("source"), m.get("destination") or "?", m.get("state"),
-                     m.get("phase"), progress.get("bytes_received") or 0, ago(m.get("created_at")),
+                     m.get("phase"),
+                     # A relay counts what reached the destination; a live migration's tunnels what they carried.
+                     progress.get("bytes_received") or progress.get("bytes_sent") or 0, ago(m.get("created_at")),
                      short(m.get("outcome") or m.get("error"))])
     print_table(["ID", "INSTANCE", "FROM", "TO", "STATE", "PHASE", "BYTES", "STARTED", "OUTCOME"], rows,
                 empty="no migrations")

@@ -73,7 +73,13 @@ def _migration_line(migration: Mapping[str, Any], elapsed: float) -> str:
     phase = migration.get("phase") or "?"
     line = f"migrating {migration['instance']} {migration['source']} -> {migration['destination']}: {phase}"
     total = progress.get("bytes_total")
-    if phase != "checkpoint" and total:
+    if "memory_remaining" in progress:  # a live migration: the hypervisor's figures
+        line += (f" memory {mib(progress['memory_remaining'])}/{mib(progress.get('memory_total'))} MiB to copy,"
+                 f" dirtied at {mib(progress.get('memory_dirty_rate'))} MiB/s,"
+                 f" disk {mib(progress.get('disk_remaining'))} MiB to copy")
+        if progress.get("not_converging"):
+            line += f"; not converging: {progress['not_converging']}"
+    elif phase != "checkpoint" and total:
         done = progress.get("bytes_received") or 0
         line += f" {mib(done)}/{mib(total)} MiB ({min(100, 100 * done // total)}%)"
     return f"{line} {elapsed:.0f}s"

@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import json
 import logging
 import time
 import uuid
@@ -109,12 +110,37 @@ class Relay:
         raise RelayAborted(self.error)
 
 
+class Tunnel:
+    """The tunnels of one live migration between its source and destination (see
+    controller/api/migration.py for the websockets that use it)."""
+
+    def __init__(self, source: str, destination: str):
+        self.source = source
+        self.destination = destination
+        # The destination's first word on its control websocket: its definition and channels.
+        self.ready: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.control: Any = None  # the destination's control websocket, while it is open
+        self.waiting: dict[str, asyncio.Future[Any]] = {}  # connection -> the destination's websocket for it
+        self.opened = 0
+        self.bytes = 0  # carried either way, all channels
+        self.progress: dict[str, Any] = {}  # the source's latest figures
+        self.ended = asyncio.Event()
+
+    async def end(self, how: str) -> None:
+        """Tell the destination how the move ended (``finished`` or ``failed``)."""
+        self.ended.set()
+        if self.control is not None and not self.control.closed:
+            with contextlib.suppress(Exception):
+                await self.control.send_str(json.dumps({"end": how}))
+
+
 class Migrations:
     """The migrations this controller process is driving (which instance each holds is in the
     store, shared by every controller: see Store.begin_migration)."""
 
     def __init__(self) -> None:
         self.relays: dict[str, Relay] = {}
+        self.tunnels: dict[str, Tunnel] = {}
         self.running: dict[str, asyncio.Task[None]] = {}
         self.docs: dict[str, dict[str, Any]] = {}
 
@@ -203,8 +229,22 @@ async def checkpointable(ctl: Any, row: dict[str, Any], doing: str) -> None:
         raise Refused(409, f"cannot {doing} instance {row['name']}: {why}", code="unsupported-kind")
 
 
-LIVE_UNSUPPORTED = ("not yet supported: Kumo moves an instance by stop-and-copy (checkpoint, transfer, restore), "
-                    "so it is stopped while it moves")
+ON_NO_CONVERGE = ("stop-and-copy", "abort")
+PREPARE_TIMEOUT = 120.0  # for the destination to make the instance's disk and definition ready
+
+
+def live_kinds(node: dict[str, Any] | None) -> list[str]:
+    """The instance kinds ``node`` can move while they run, as its checkpoint plugin publishes them."""
+    plugin = ((node or {}).get("plugins") or {}).get("checkpoint") or {}
+    kinds = (plugin.get("attributes") or {}).get("live_kinds")
+    return [k for k in kinds if isinstance(k, str)] if isinstance(kinds, list) else []
+
+
+def cannot_live(node: dict[str, Any] | None, node_id: str, kind: str) -> str | None:
+    """Why ``node`` cannot be an end of a live migration of a ``kind`` instance, or None."""
+    if kind in live_kinds(node):
+        return None
+    return f"node {node_id} cannot move {kind} instances live (its live kinds: {', '.join(live_kinds(node)) or 'none'})"
 
 
 async def modes(ctl: Any, row: dict[str, Any], instance: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -218,19 +258,23 @@ async def modes(ctl: Any, row: dict[str, Any], instance: dict[str, Any]) -> dict
     blockers = (instance.get("details") or {}).get("checkpoint_blockers") or []
     if why is None and blockers:
         why = "; ".join(f"{b.get('message')} [{b.get('code')}]" for b in blockers if isinstance(b, dict))
-    destination, rejected = None, None
-    if why is None:
-        try:
-            await checkpointable(ctl, row, "migrate")
-            destination, rejected = await _destination(ctl, row, None)
-        except Refused as exc:
-            why, rejected = exc.message, exc.extra.get("reasons")
-    stop = {"possible": why is None,
-            "reason": why or f"checkpoint on node {row['node']}, relay through the controller and restore on another "
-                             f"node (the scheduler would choose {destination} now)"}
-    if rejected:
-        stop["rejected"] = rejected
-    return {"stop-and-copy": stop, "live": {"possible": False, "reason": LIVE_UNSUPPORTED}}
+    shown: dict[str, dict[str, Any]] = {}
+    for mode, live in (("stop-and-copy", False), ("live", True)):
+        cannot, destination, rejected = why, None, None
+        if cannot is None:
+            try:
+                await checkpointable(ctl, row, "migrate")
+                destination, rejected = await _destination(ctl, row, None, live)
+            except Refused as exc:
+                cannot, rejected = exc.message, exc.extra.get("reasons")
+        how = ("copy its memory and disk to another node while it runs, through the controller, then pause it "
+               "briefly" if live else f"checkpoint on node {row['node']}, relay through the controller and restore "
+               "on another node")
+        shown[mode] = {"possible": cannot is None,
+                       "reason": cannot or f"{how} (the scheduler would choose {destination} now)"}
+        if rejected:
+            shown[mode]["rejected"] = rejected
+    return shown
 
 
 async def checkpoint(ctl: Any, row: dict[str, Any], leave_running: bool) -> dict[str, Any]:
@@ -337,9 +381,10 @@ async def _running_on(ctl: Any, nodes: list[str], name: str, kind: str, since: f
     return None
 
 
-async def _destination(ctl: Any, row: dict[str, Any], to: str | None) -> tuple[str, dict[str, str]]:
+async def _destination(ctl: Any, row: dict[str, Any], to: str | None,
+                       live: bool = False) -> tuple[str, dict[str, str]]:
     """The node to move ``row``'s instance to (``to``, or the scheduler's choice), and why
-    each node it will not go to was filtered out."""
+    each node it will not go to was filtered out; ``live``: it moves while it runs."""
     source = row["node"]
     if to == source:
         raise Refused(409, f"instance {row['name']} is already on node {source}: choose another node", code="same-node")
@@ -351,12 +396,14 @@ async def _destination(ctl: Any, row: dict[str, Any], to: str | None) -> tuple[s
         state_ = by_id[source]["state"] if source in by_id else "removed"
         raise Refused(409, f"instance {row['name']} is on node {source}, which is {state_}: it cannot be checkpointed "
                        "there now", code="source-unreachable")
+    if live and (cannot := cannot_live(by_id[source], source, row["kind"])) is not None:
+        raise Refused(409, f"cannot migrate instance {row['name']} live: {cannot}", code="unsupported-kind")
     reasons: dict[str, str] = {}
     usable = []
     for node in nodes:
         if node["id"] == source:
             continue
-        cannot = cannot_receive(node, row["kind"])
+        cannot = cannot_receive(node, row["kind"]) or (cannot_live(node, node["id"], row["kind"]) if live else None)
         if cannot is not None:
             if node["id"] == to:
                 raise Refused(409, f"cannot migrate instance {row['name']}: {cannot}", code="unsupported-kind")
@@ -388,8 +435,26 @@ def move_request(row: dict[str, Any], to: str | None) -> dict[str, Any]:
             "memory_mib": row["spec"].get("memory_mib", 0), "node": to}
 
 
-async def start_migration(ctl: Any, row: dict[str, Any], to: str | None) -> dict[str, Any]:
-    """Check, pre-flight and start moving ``row``'s instance; its migration document.
+def live_options(max_downtime_ms: int | None, converge_timeout: float | None,
+                 on_no_converge: str | None) -> dict[str, Any]:
+    """A live migration's options, checked (400 naming the wrong one), with their defaults."""
+    options = {"max_downtime_ms": 300 if max_downtime_ms is None else max_downtime_ms,
+               "converge_timeout": 120.0 if converge_timeout is None else float(converge_timeout),
+               "on_no_converge": on_no_converge or "abort"}
+    if not 1 <= options["max_downtime_ms"] <= 60_000:
+        raise Refused(400, f"max_downtime_ms must be 1 to 60000 (milliseconds), got {options['max_downtime_ms']}")
+    if not 1 <= options["converge_timeout"] <= 86_400:
+        raise Refused(400, f"converge_timeout must be 1 to 86400 (seconds), got {options['converge_timeout']}")
+    if options["on_no_converge"] not in ON_NO_CONVERGE:
+        raise Refused(400, f"on_no_converge must be one of {', '.join(ON_NO_CONVERGE)}, "
+                           f"got {options['on_no_converge']!r:.40}")
+    return options
+
+
+async def start_migration(ctl: Any, row: dict[str, Any], to: str | None,
+                          live: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Check, pre-flight and start moving ``row``'s instance (while it runs, with ``live``:
+    :func:`live_options`); its migration document.
 
     Raises ApiError (404/409) when it cannot start: then nothing was changed anywhere.
     """
@@ -402,22 +467,26 @@ async def start_migration(ctl: Any, row: dict[str, Any], to: str | None) -> dict
         "progress": {"bytes_total": None, "bytes_sent": 0, "bytes_received": 0},
         "image": None, "sha256": None, "error": None, "code": None, "outcome": None,
         "created_at": iso(now), "finished_at": None, "seconds": None,
+        "mode": "live" if live is not None else "stop-and-copy",
     }
+    if live is not None:
+        doc["live"] = live
     # Held from here, in the store: no other controller starts a second migration of it meanwhile.
     holder = await ctl.store.begin_migration(doc, ctl.id)
     if holder is not None:
         instances.busy(name, holder)
     try:
-        doc["destination"] = destination = (await _destination(ctl, row, to))[0]
+        doc["destination"] = destination = (await _destination(ctl, row, to, live is not None))[0]
         await preflight(ctl, row, "migrate")
-        doc["phase"] = "checkpoint"
+        doc["phase"] = "checkpoint" if live is None else "prepare"
         await ctl.store.put_migration(doc)
     except BaseException:
         await asyncio.shield(ctl.store.drop_migration(doc["id"]))
         raise
     mgr = migrations(ctl)
     mgr.docs[doc["id"]] = doc
-    mgr.running[doc["id"]] = asyncio.create_task(_drive(ctl, doc, now, _migrate), name=f"kumo-migration-{doc['id']}")
+    mgr.running[doc["id"]] = asyncio.create_task(_drive(ctl, doc, now, _migrate if live is None else _migrate_live),
+                                                 name=f"kumo-migration-{doc['id']}")
     log.info("migration %s: %s %s from %s to %s", doc["id"], row["kind"], name, row["node"], destination)
     return doc
 
@@ -431,6 +500,9 @@ async def _drive(ctl: Any, doc: dict[str, Any], started: float,
         log.exception("migration %s failed unexpectedly", doc["id"])
         doc.update(error=f"the controller failed while migrating: {exc}", code="internal")
     finally:
+        tunnel = mgr.tunnels.pop(doc["id"], None)
+        if tunnel is not None:
+            doc["progress"].update(tunnel.progress, bytes_sent=tunnel.bytes)
         relay = mgr.relays.pop(doc["id"], None)
         if relay is not None:
             doc["progress"].update(bytes_sent=relay.sent, bytes_received=relay.received)
@@ -530,6 +602,91 @@ async def _migrate(ctl: Any, doc: dict[str, Any]) -> None:
     else:
         doc["outcome"] = (f"instance {name} runs on node {destination}; removing the stopped copy from node {source} "
                           f"failed ({cleanup.get('error')}): delete it there by hand")
+
+
+async def _migrate_live(ctl: Any, doc: dict[str, Any]) -> None:
+    """A live migration: the source's facts, the destination prepared (``checkpoint.live_receive``,
+    which then serves the tunnels), the move on the source (``checkpoint.live_send``), then
+    the record moves as after a stop-and-copy. The source's hypervisor keeps the instance
+    until the destination's has it running, so every failure leaves it running there."""
+    name, kind, source, destination = doc["instance"], doc["kind"], doc["source"], doc["destination"]
+    base = {"name": name, "kind": kind}
+    stays = f"the instance was not moved and runs on node {source}"
+    facts = await run_task(ctl, source, "checkpoint.live_facts", base, PREFLIGHT_TIMEOUT, name)
+    if facts["state"] != "succeeded":
+        _fail(doc, facts, f"node {source} cannot move it live")
+        doc["outcome"] = stays
+        return
+    row = await ctl.store.get_instance(name)
+    tunnel = migrations(ctl).tunnels[doc["id"]] = Tunnel(source, destination)
+    ends = {**base, "migration": doc["id"], "controller": ctl.settings.url}
+    recv, _ = await submit(ctl, new_task(destination, "checkpoint.live_receive", {
+        **ends, "instance": {**base, **(row or {}).get("spec", {})}, "facts": facts["result"]["facts"]}, instance=name))
+    receiving = asyncio.ensure_future(tasks.wait(ctl, recv, TRANSFER_TIMEOUT, harmless=True))
+    try:
+        await asyncio.wait({tunnel.ready, receiving}, timeout=PREPARE_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+        if not tunnel.ready.done() or tunnel.ready.exception() is not None:
+            await tunnel.end("failed")
+            got = await _within(receiving, ABORT_GRACE)
+            if got is not None and got["state"] not in ("succeeded", "pending", "delivered"):
+                _fail(doc, got, f"preparing node {destination} failed")
+            else:
+                doc.update(code="prepare-failed", error=f"node {destination} was not ready within "
+                                                        f"{PREPARE_TIMEOUT:.0f} s")
+            doc["outcome"] = stays
+            return
+        ready = tunnel.ready.result()
+        if not isinstance(ready.get("definition"), str) or not isinstance(ready.get("channels"), list):
+            await tunnel.end("failed")
+            doc.update(code="prepare-failed", error=f"node {destination} said it was ready without a definition "
+                                                    "and channels")
+            doc["outcome"] = stays
+            return
+        await _phase(ctl, doc, "live")
+        asked = time.time()
+        sent = await run_task(ctl, source, "checkpoint.live_send", {
+            **ends, "definition": ready["definition"], "channels": ready["channels"], **doc["live"]},
+            TRANSFER_TIMEOUT, name)
+        await tunnel.end("finished" if sent["state"] == "succeeded" else "failed")
+        got = await _within(receiving, CLEANUP_TIMEOUT)
+    finally:
+        receiving.cancel()
+    if sent["state"] == "lost":
+        _fail(doc, sent, f"the live migration on node {source} has no outcome")
+        where = await _running_on(ctl, [destination, source], name, kind, asked)
+        doc["outcome"] = (f"the instance runs on node {where}" if where else "the instance was not seen running on "
+                          f"either node: check nodes {source} and {destination}")
+        if where != destination:
+            return
+    elif sent["state"] != "succeeded":
+        _fail(doc, sent, f"the live migration from node {source} failed")
+        doc["outcome"] = f"{stays}; node {destination} holds nothing of it"
+        return
+    doc["progress"].update(sent["result"] or {})
+    if got is None or got["state"] != "succeeded":
+        log.warning("migration %s: node %s did not confirm the arrival (%s); its heartbeat decides", doc["id"],
+                    destination, (got or {}).get("error"))
+    if await _running_on(ctl, [destination], name, kind, asked) != destination:
+        doc.update(code="not-running", error=f"node {destination} never reported the instance running after "
+                   f"node {source} moved it")
+        doc["outcome"] = f"check node {destination}: its hypervisor took the instance, its agent did not report it"
+        return
+    await _phase(ctl, doc, "cleanup")
+    await ctl.store.move_instance(name, source, destination)
+    doc.update(node=destination)
+    # What the hypervisor left on the source: the instance's directory, its checkpoints.
+    cleanup = await run_task(ctl, source, f"{kind}.delete", base, CLEANUP_TIMEOUT, name)
+    if cleanup["state"] == "succeeded":
+        await run_task(ctl, source, "checkpoint.discard", base, CLEANUP_TIMEOUT, name)
+    doc.update(phase="done", outcome=f"instance {name} runs on node {destination}; node {source} no longer has it"
+               + ("" if cleanup["state"] == "succeeded" else
+                  f" (removing its files there failed: {cleanup.get('error')})"))
+
+
+async def _within(future: asyncio.Future[dict[str, Any]], timeout: float) -> dict[str, Any] | None:
+    """The task ``future`` waits for, or None when it does not end within ``timeout``."""
+    done, _ = await asyncio.wait({future}, timeout=timeout)
+    return future.result() if done else None
 
 
 async def _transfer(ctl: Any, doc: dict[str, Any], base: dict[str, Any], image: str, held: list[str]) -> str | None:

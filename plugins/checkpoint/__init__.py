@@ -72,6 +72,8 @@ from agent.sdk import (
     CriuCommand,
     DirectoryCheckpointer,
     Fingerprint,
+    LiveMigrator,
+    LiveOptions,
     NativeCheckpointer,
     PluginContext,
     TaskError,
@@ -103,6 +105,9 @@ class CheckpointConfig:
     images_dir: Path | None = None  # default: <state_dir>/images
     keep: int = 2  # complete checkpoints kept per instance; older ones are removed
     timeout: float = 600.0  # seconds one criu dump or restore may take
+    # Where a live migration's sockets are (one directory per migration): the same path on
+    # every node, since a hypervisor may give both ends one path.
+    live_sockets: Path = Path("/run/kumo/migrations")
 
 
 @dataclasses.dataclass
@@ -154,6 +159,25 @@ class Receive(Target):
     image_name: str
 
 
+@dataclasses.dataclass
+class LiveReceive(Target):
+    migration: str
+    controller: str  # the URL of the controller driving the migration
+    instance: dict[str, Any]  # the controller's create payload of it
+    facts: dict[str, Any]  # the source's checkpoint.live_facts
+
+
+@dataclasses.dataclass
+class LiveSend(Target):
+    migration: str
+    controller: str
+    definition: str  # the destination's (checkpoint.live_receive's ready message)
+    channels: list[str]
+    max_downtime_ms: int = 300
+    converge_timeout: float = 120.0
+    on_no_converge: str = "abort"
+
+
 # What a kind supplies: for CRIU, or its own save and restore.
 AnyCheckpointer = Checkpointer | NativeCheckpointer
 # A task: (the instance's checkpointer, the parsed payload, the task id) -> its result.
@@ -177,6 +201,9 @@ class CheckpointPlugin:
             "checkpoint.send": (Send, self._send),
             "checkpoint.receive": (Receive, self._receive),
             "checkpoint.discard": (Target, self._discard),
+            "checkpoint.live_facts": (Target, self._live_facts),
+            "checkpoint.live_receive": (LiveReceive, self._live_receive),
+            "checkpoint.live_send": (LiveSend, self._live_send),
             "checkpoint.list": (Target, self._list),
             "checkpoint.remove": (Remove, self._remove),
             "checkpoint.prune": (Prune, self._prune_to),
@@ -213,8 +240,10 @@ class CheckpointPlugin:
         # A kind that saves itself needs no criu: only CRIU's kinds wait for a working one.
         kinds = sorted(checkpointers) if st.usable else native
         # native_kinds: their restore takes the controller's payload of the instance.
+        # live_kinds: they also move while they run (checkpoint.live_*).
+        live = sorted(kind for kind, cp in checkpointers.items() if isinstance(cp, LiveMigrator))
         attributes: dict[str, Any] = {"criu": st.path, "criu_version": st.version, "instance_kinds": kinds,
-                                      "native_kinds": native}
+                                      "native_kinds": native, "live_kinds": live}
         if st.usable:
             attributes.update(
                 check="ok",
@@ -613,6 +642,79 @@ class CheckpointPlugin:
             await asyncio.to_thread(shutil.rmtree, directory, True)
         await asyncio.to_thread(shutil.rmtree, base, True)
         return base, staged
+
+    # -- live migration (plugins/checkpoint/live.py) --------------------------------------
+
+    async def _live_facts(self, cp: AnyCheckpointer, args: Target, task_id: str) -> Mapping[str, Any]:
+        return {"facts": dict(await self._live(cp).live_facts(args.name))}
+
+    async def _live_receive(self, cp: AnyCheckpointer, args: LiveReceive, task_id: str) -> Mapping[str, Any]:
+        """The destination's end: prepare, serve the tunnels until the controller says how
+        the move ended, and keep the instance (it runs here) or remove what was prepared."""
+        from plugins.checkpoint import live
+
+        migrator = self._live(cp)
+        async with live.Session(self._require_context(), args.controller, args.migration) as session:
+            sockets = await self._live_sockets(args.migration)
+            try:
+                prepared = await migrator.live_prepare(args.name, args.instance, args.facts, sockets)
+                try:
+                    ready = {"definition": prepared.definition, "channels": sorted(prepared.targets)}
+                    ended = await live.destination_tunnels(session, ready, prepared.targets)
+                    if ended == "finished" and await migrator.live_arrived(args.name):
+                        return {"arrived": True}
+                finally:
+                    await migrator.live_abandon(args.name)
+            finally:
+                await asyncio.to_thread(shutil.rmtree, sockets, True)
+        raise TaskError(f"{cp.kind} instance {args.name!r} did not arrive: the migration failed on the source or "
+                        "was cut off; nothing of it is left here", code="migration-failed")
+
+    async def _live_send(self, cp: AnyCheckpointer, args: LiveSend, task_id: str) -> Mapping[str, Any]:
+        """The source's end: the tunnels' sockets, and the kind's move through them."""
+        import json
+
+        from plugins.checkpoint import live
+
+        migrator = self._live(cp)
+        if args.on_no_converge not in ("stop-and-copy", "abort"):
+            raise TaskError(f"payload.on_no_converge must be stop-and-copy or abort, got {args.on_no_converge!r:.40}",
+                            code="bad-request")
+        wrong = [c for c in args.channels if not isinstance(c, str) or not live.CHANNEL_RE.match(c)]
+        if wrong or not args.channels:
+            # They name sockets here, and come from the destination.
+            raise TaskError(f"payload.channels must be short lowercase names, got {args.channels!r:.80}",
+                            code="bad-request")
+        options = LiveOptions(args.max_downtime_ms, args.converge_timeout, args.on_no_converge)
+        async with live.Session(self._require_context(), args.controller, args.migration) as session:
+            sockets = await self._live_sockets(args.migration)
+            try:
+                async with live.source_tunnels(session, sockets, args.channels) as control:
+                    sending: set[asyncio.Task[None]] = set()
+
+                    def progress(figures: Mapping[str, Any]) -> None:
+                        task = asyncio.ensure_future(control.send_str(json.dumps({"progress": dict(figures)})))
+                        sending.add(task)
+                        task.add_done_callback(sending.discard)
+
+                    result = await migrator.live_migrate(args.name, args.definition, sockets, options, progress)
+            finally:
+                await asyncio.to_thread(shutil.rmtree, sockets, True)
+        return dict(result)
+
+    def _live(self, cp: AnyCheckpointer) -> LiveMigrator:
+        if not isinstance(cp, LiveMigrator):
+            raise TaskError(f"{cp.kind} instances cannot move live on this node", code="unsupported-kind")
+        return cp
+
+    async def _live_sockets(self, migration: str) -> Path:
+        """A new directory for one migration's sockets, root's alone until the kind shares it."""
+        root = self.config.live_sockets
+        await asyncio.to_thread(root.mkdir, 0o755, True, True)
+        sockets = root / migration
+        await asyncio.to_thread(shutil.rmtree, sockets, True)
+        await asyncio.to_thread(sockets.mkdir, 0o700)
+        return sockets
 
     # -- listing, removing, pruning ------------------------------------------------------
 

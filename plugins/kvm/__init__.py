@@ -32,7 +32,7 @@ import contextlib
 import dataclasses
 import logging
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -41,6 +41,7 @@ from agent.sdk import (
     Fingerprint,
     InstanceState,
     InstanceUsage,
+    LiveOptions,
     PluginContext,
     Probe,
     ProbeResult,
@@ -49,7 +50,7 @@ from agent.sdk import (
     tail,
 )
 from plugins.kvm.acceleration import Acceleration, decide
-from plugins.kvm.checkpointing import KvmCheckpointer, VmFacts, device_blockers
+from plugins.kvm.checkpointing import VmFacts, device_blockers
 from plugins.kvm.disks import (
     CONSOLE_LOG,
     DISK,
@@ -67,6 +68,7 @@ from plugins.kvm.domain import (
     lookup,
 )
 from plugins.kvm.host import NO_BINDING, Host
+from plugins.kvm.live import KvmLiveMigrator
 from plugins.kvm.liveness import Liveness
 from plugins.kvm.settings import KvmConfig, parse_config
 
@@ -117,6 +119,9 @@ class KvmPlugin:
         self._instances: dict[str, _Instance] = {}
         # Base images of creates between fetching the image and recording the instance.
         self._fetched: list[Path] = []
+        # VMs a live migration is bringing here: their directory and base image, until they
+        # run here (then they are instances) or the migration fails (then they go).
+        self._arriving: dict[str, tuple[Path, Path, str]] = {}
         self._changed = asyncio.Event()
         self._acceleration_task: asyncio.Task[Acceleration] | None = None
         self._stopped = False
@@ -183,12 +188,12 @@ class KvmPlugin:
         return self
 
     @hookimpl
-    def kumo_checkpointer(self) -> KvmCheckpointer | None:
+    def kumo_checkpointer(self) -> KvmLiveMigrator | None:
         # Without the binding no VM can run here; a libvirtd that is down only for now is
         # the pre-flight's "unavailable", with its reason.
         if self._host is None or self._unavailable() == NO_BINDING:
             return None
-        return KvmCheckpointer(self)
+        return KvmLiveMigrator(self)
 
     @hookimpl
     def kumo_metrics(self) -> Iterable[Any]:
@@ -432,6 +437,107 @@ class KvmPlugin:
             self._fetched.remove(base)
         await self._refresh(conn, name)
         self._report_changed()
+
+    # ---- for live migration (plugins/kvm/live.py) --------------------------------------
+
+    async def prepare_arrival(self, name: str, spec: CreateSpec, saved: SavedVm, disk_bytes: int) -> str:
+        """Make ``name``'s directory, an empty overlay of ``disk_bytes`` on this node's base
+        image and its seed, for a live migration to fill; the domain definition to arrive
+        with. Nothing is defined: libvirt defines it when the migration finishes."""
+        from plugins.kvm.spec import check_resources
+
+        conn = await self._connection()
+        libvirt = self._require_host().libvirt
+        await self._check_restorable(name, saved)
+        if name in self._instances or name in self._arriving or await asyncio.to_thread(lookup, libvirt, conn, name):
+            raise TaskError(f"an instance (libvirt domain) named {name!r} already exists on this node", code="exists")
+        await asyncio.to_thread(check_resources, spec)
+        directory = self.config.instance_dir / name
+        base = await self._base_image(spec, cached_first=True)
+        try:
+            await asyncio.to_thread(fresh_dir, directory)
+            seed = await self._require_context().hooks.instance_seed(
+                instance={"name": name, "kind": KIND, **dataclasses.asdict(spec)}, medium="iso", workdir=directory)
+            await make_overlay(base, directory / DISK, disk_bytes)
+        except BaseException:
+            self._fetched.remove(base)
+            await asyncio.to_thread(shutil.rmtree, directory, True)
+            raise
+        accel = Acceleration(saved.domain_type, "kvm" if saved.domain_type == "kvm" else "tcg", "as migrated")
+        self._arriving[name] = (directory, base, accel.name)
+        files = DomainFiles(directory, directory / DISK, seed, directory / CONSOLE_LOG)
+        return domain_xml(name, spec, accel, files, self.config.network, uuid=saved.uuid, machine=saved.machine)
+
+    async def arrived(self, name: str) -> bool:
+        """Whether the VM a live migration brought runs here; it is an instance from now on."""
+        conn = await self._connection()
+        libvirt = self._require_host().libvirt
+        dom = await asyncio.to_thread(lookup, libvirt, conn, name)
+        if dom is None or name not in self._arriving:
+            return False
+        directory, base, accel = self._arriving.pop(name)
+        self._fetched.remove(base)
+        self._instances[name] = _Instance(name, directory, "creating", acceleration=accel, base=base)
+        await self._refresh(conn, name)
+        self._report_changed()
+        return self._instances[name].state == "running"
+
+    async def abandon_arrival(self, name: str) -> None:
+        """Remove what :meth:`prepare_arrival` made, unless libvirt holds the VM now."""
+        arriving = self._arriving.get(name)
+        if arriving is None:
+            return
+        conn = await self._connection()
+        if await asyncio.to_thread(lookup, self._require_host().libvirt, conn, name) is not None:
+            return  # the migration finished after all: it is not ours to remove
+        del self._arriving[name]
+        self._fetched.remove(arriving[1])
+        await asyncio.to_thread(shutil.rmtree, arriving[0], True)
+
+    async def migrate_out(self, name: str, definition: str, sockets: Path, options: LiveOptions,
+                          progress: Callable[[Mapping[str, Any]], None]) -> dict[str, Any]:
+        """Move the running ``name`` to the libvirtd reached through ``sockets/control.sock``
+        (see plugins/kvm/live.py); its figures. A failure leaves it running here."""
+        from plugins.kvm import live
+
+        conn = await self._connection()
+        dom = await self._domain(conn, name)
+        libvirt = self._require_host().libvirt
+        try:
+            dconn = await asyncio.to_thread(libvirt.open, f"qemu+unix:///system?socket={sockets / 'control.sock'}")
+        except libvirt.libvirtError as exc:
+            raise TaskError(f"the destination's libvirtd cannot be reached through the tunnel: "
+                            f"{exc.get_error_message()}", code="migration-failed") from exc
+        flags = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_NON_SHARED_INC | libvirt.VIR_MIGRATE_PERSIST_DEST
+                 | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
+        finished = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.to_thread(dom.migrateSetMaxDowntime, options.max_downtime_ms, 0)
+            moving = asyncio.ensure_future(asyncio.to_thread(
+                live.migrate, libvirt, dom, dconn, definition, sockets, flags,
+                lambda: loop.call_soon_threadsafe(finished.set)))
+            acted = await live.follow(libvirt, dom, finished, options, progress)
+            try:
+                await moving
+            except libvirt.libvirtError as exc:
+                if acted == "stop-and-copy":
+                    with contextlib.suppress(libvirt.libvirtError):
+                        await asyncio.to_thread(dom.resume)
+                if acted == "abort":
+                    raise TaskError(f"VM {name!r} did not converge within {options.converge_timeout:.0f} s "
+                                    f"(it dirties memory faster than it is copied): the migration was aborted and "
+                                    "it runs here as before", code="not-converging") from exc
+                raise TaskError(f"libvirt's live migration of VM {name!r} failed: {exc.get_error_message()}; it "
+                                "runs here as before", code="migration-failed") from exc
+            stats = await asyncio.to_thread(live.completed, libvirt, dconn, name)
+            # libvirt undefined it here (VIR_MIGRATE_UNDEFINE_SOURCE) without an event saying so.
+            self._instances.pop(name, None)
+            return {"not_converging": acted, **stats}
+        finally:
+            await asyncio.to_thread(live.close, libvirt, dconn)
+            await self._refresh(conn, name)
+            self._report_changed()
 
     async def _check_restorable(self, name: str, saved: SavedVm) -> None:
         """Refuse a saved VM whose guest-visible hardware this node would not give it."""

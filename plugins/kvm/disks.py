@@ -69,10 +69,11 @@ async def image_format(path: Path) -> str:
     return _formats[key]
 
 
-async def make_overlay(base: Path, disk: Path) -> None:
-    """Create ``disk``, a qcow2 overlay backed by ``base``."""
+async def make_overlay(base: Path, disk: Path, size: int | None = None) -> None:
+    """Create ``disk``, a qcow2 overlay backed by ``base``, of ``size`` bytes (None: the base's)."""
     base_format = await image_format(base)
-    result = await run_command("qemu-img", "create", "-q", "-f", "qcow2", "-F", base_format, "-b", str(base), str(disk))
+    result = await run_command("qemu-img", "create", "-q", "-f", "qcow2", "-F", base_format, "-b", str(base), str(disk),
+                               *([str(size)] if size is not None else []))
     if result.returncode != 0:
         raise TaskError(f"qemu-img could not create the disk {disk}: {result.error}", code="failed")
     # The guest's writes land here (its secrets too), at a path anyone can guess and

@@ -109,6 +109,7 @@ class AgentProcess:
     metrics_port: int = 0
     proc: subprocess.Popen[bytes] | None = None
     join_stderr: str = ""  # what `kumo-agent join` said on stderr
+    prefix: list[str] = dataclasses.field(default_factory=list)  # runs the agent elsewhere (nsenter ...)
 
     def start(self, wait_ready: bool = True) -> None:
         """Start ``kumo-agent run`` (output appended to ``log_path``); wait until the node is ready.
@@ -119,7 +120,7 @@ class AgentProcess:
         connected_before = self.log_text().count(CONNECTED)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(  # noqa: S603 - fixed argument list
-                [*agent_command(), "run", "--config", str(self.config_path)],
+                [*self.prefix, *agent_command(), "run", "--config", str(self.config_path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -299,7 +300,7 @@ def kumo_agent(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Callable[..., AgentProcess]]:
     """Factory: ``kumo_agent(plugins=None, settings=None, pythonpath=(), start=True, controller=None,
-    enroll_port=None)``.
+    enroll_port=None, prefix=None)``.
 
     Returns an :class:`AgentProcess`. ``plugins`` becomes the ``plugins:`` table of
     agent.yaml; ``settings`` adds or overrides other top-level keys (``{"tasks":
@@ -307,7 +308,8 @@ def kumo_agent(
     PYTHONPATH (third-party plugins); ``start=False`` joins and writes the config but does not
     run the agent; ``controller`` joins another controller than the ``controller`` fixture
     (e.g. one made with a short certificate lifetime); ``enroll_port`` joins through that port
-    (a proxy to the enrollment port). Every agent is stopped when the test ends.
+    (a proxy to the enrollment port); ``prefix`` is put before the agent's command (``nsenter
+    ...``: it runs on another "host"). Every agent is stopped when the test ends.
     """
     started: list[AgentProcess] = []
 
@@ -318,11 +320,13 @@ def kumo_agent(
         start: bool = True,
         controller: Any = None,
         enroll_port: int | None = None,
+        prefix: list[str] | None = None,
     ) -> AgentProcess:
         if controller is None:
             controller = request.getfixturevalue("controller")
         agent = start_agent(controller, tmp_path_factory.mktemp("agent"), plugins, settings, pythonpath, start=False,
                             enroll_port=enroll_port)
+        agent.prefix = list(prefix or [])
         started.append(agent)
         if start:
             agent.start()

@@ -39,6 +39,11 @@ if TYPE_CHECKING:
 
 SYSTEM_URI = "qemu:///system"
 SYSTEM_SOCKET = Path("/run/libvirt/libvirt-sock")
+# The checkpoint plugin's default live_sockets: each libvirtd's "host" has its own (a bind
+# mount in the second one's namespace), as each real host has, since a live migration's qemu
+# sockets have the same path on both ends. An agent of the second "host" runs in its
+# namespace (:func:`host_of`).
+MIGRATION_DIR = Path("/run/kumo/migrations")
 # Must be reachable by qemu (user libvirt-qemu): pytest's tmp_path is under a 0700 dir.
 TEST_INSTANCE_ROOT = Path("/var/lib/libvirt/images")
 
@@ -126,9 +131,9 @@ def libvirtd() -> str:
 # domains of the same names as the first, as another host would, and then becomes libvirtd.
 _SECOND_LIBVIRTD = """
 import os, subprocess, sys
-home = sys.argv[1]
+home, MIGRATION_DIR = sys.argv[1:3]
 for where, own in (("/run/libvirt", "run"), ("/etc/libvirt", "etc"), ("/var/lib/libvirt/qemu", "lib"),
-                   ("/var/cache/libvirt", "cache"), ("/var/log/libvirt", "log")):
+                   ("/var/cache/libvirt", "cache"), ("/var/log/libvirt", "log"), (MIGRATION_DIR, "migrate")):
     subprocess.run(["mount", "--bind", os.path.join(home, own), where], check=True)
 os.execvp("libvirtd", ["libvirtd", "--pid-file", os.path.join(home, "run", "libvirtd.pid")])
 """
@@ -142,17 +147,22 @@ def another_libvirtd(home: Path) -> Iterator[str]:
     answer within 30 s."""
     import libvirt
 
-    for sub in ("run", "etc/qemu", "lib", "cache", "log/qemu"):
+    for sub in ("run", "etc/qemu", "lib", "cache", "log/qemu", "migrate"):
         (home / sub).mkdir(parents=True)
     for conf in Path("/etc/libvirt").glob("*.conf"):
         shutil.copy(conf, home / "etc" / conf.name)
     # qemu's output goes to a file libvirtd writes: no virtlogd needed in the namespace.
     with (home / "etc" / "qemu.conf").open("a") as conf:
         conf.write('\nstdio_handler = "file"\n')
+    # libvirt refuses to migrate a VM to a host with its own host UUID.
+    with (home / "etc" / "libvirtd.conf").open("a") as conf:
+        conf.write(f'\nhost_uuid = "{uuid.uuid4()}"\n')
+    MIGRATION_DIR.mkdir(parents=True, exist_ok=True)
     shutil.chown(home / "lib", "libvirt-qemu", "libvirt-qemu")
     (home / "lib").chmod(0o750)
     daemon = subprocess.Popen(  # noqa: S603 - an argv list, never a shell
-        ["unshare", "--mount", "--propagation", "private", "--", sys.executable, "-c", _SECOND_LIBVIRTD, str(home)],
+        ["unshare", "--mount", "--propagation", "private", "--", sys.executable, "-c", _SECOND_LIBVIRTD, str(home),
+         str(MIGRATION_DIR)],
         stdout=(home / "libvirtd.out").open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     uri = f"qemu+unix:///system?socket={home / 'run' / 'libvirt-sock'}"
     deadline = time.monotonic() + 30
@@ -182,6 +192,17 @@ def second_libvirtd(libvirtd: str, tmp_path_factory: pytest.TempPathFactory) -> 
             yield uri
     except RuntimeError as exc:
         require(False, str(exc))
+
+
+def host_of(uri: str) -> list[str]:
+    """The command prefix that runs a program on the "host" of the libvirtd at ``uri``: in
+    the mount namespace of a second libvirtd (:func:`another_libvirtd`), nothing for the
+    system one."""
+    socket_path = uri.partition("?socket=")[2]
+    if not socket_path:
+        return []
+    pid = (Path(socket_path).parent / "libvirtd.pid").read_text().strip()
+    return ["nsenter", "--target", pid, "--mount", "--"]
 
 
 class LibvirtSocketProxy:

@@ -1,0 +1,203 @@
+"""Live migration of a VM: the kvm kind's :class:`agent.sdk.LiveMigrator`.
+
+libvirt's own migration protocol moves the guest while it runs (qemu's pre-copy: memory is
+copied while the guest dirties it, then the guest pauses for the last pages), with its disk
+copied alongside over NBD (``VIR_MIGRATE_NON_SHARED_INC``: only the qcow2 overlay; the
+destination has its own overlay ready, backed by its own copy of the base image). Until the
+destination's Finish succeeds the source keeps the domain, so any failure leaves the guest
+running on the source and only a transient domain, which libvirt removes, on the
+destination.
+
+libvirt 9.0 refuses to copy disks through its tunnelled mode, so the migration is native
+and each of its three streams is a unix socket the checkpoint plugin tunnels through the
+controller (:mod:`plugins.checkpoint.live`): ``control.sock``, the libvirt connection of
+the source agent to the destination's libvirtd (this agent drives the migration as a
+libvirt client: "managed" migration); ``memory.sock``, qemu's migration stream (libvirtd
+connects it and hands qemu the descriptor); ``disks.sock``, the NBD stream (qemu connects
+it). qemu's memory and disk sockets have the same path on both nodes (libvirt gives the
+destination's qemu the path the source connects to), so they live in a directory of the
+same name on each node; unix sockets rather than TCP, because a loopback port would let
+any local user into another node's libvirtd or qemu. The directory is root's, with qemu's
+group, which must reach the sockets.
+
+The destination's definition is built on the destination from the controller's create
+payload, as a restore builds it: only the saved UUID, machine type and accelerator come
+from the source, checked as a checkpoint's record is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import pwd
+import time
+import urllib.parse
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from agent.sdk import LiveOptions, LivePrepared, TaskError, run_command
+from plugins.kvm.checkpointing import KvmCheckpointer, parse_saved, save_blockers, saved_vm
+from plugins.kvm.disks import backing_file
+
+log = logging.getLogger(__name__)
+
+QEMU_USER = "libvirt-qemu"  # Debian's: what qemu runs as under libvirtd
+SYSTEM_SOCKET = "/run/libvirt/libvirt-sock"
+POLL = 0.5  # seconds between two reads of the migration's progress
+
+
+def libvirtd_socket(uri: str) -> str | None:
+    """The unix socket of the libvirtd behind ``uri`` (``qemu:///system``, or
+    ``qemu+unix:///system?socket=PATH``); None for one reached otherwise."""
+    parsed = urllib.parse.urlsplit(uri)
+    if parsed.scheme not in ("qemu", "qemu+unix") or parsed.path != "/system" or parsed.netloc:
+        return None
+    return urllib.parse.parse_qs(parsed.query).get("socket", [SYSTEM_SOCKET])[0]
+
+
+def qemu_group() -> int | None:
+    """The group qemu runs as, which must reach the migration's sockets; None: root's."""
+    try:
+        return pwd.getpwnam(QEMU_USER).pw_gid
+    except KeyError:
+        return None
+
+
+def share_with_qemu(path: Path) -> None:
+    """Give qemu's group access to ``path`` (a directory or a socket). Blocking."""
+    gid = qemu_group()
+    if gid is not None:
+        os.chown(path, 0, gid)
+    path.chmod(0o770 if path.is_dir() else 0o660)
+
+
+class KvmLiveMigrator(KvmCheckpointer):
+    """Save, restore and live migration of the VMs of the kvm plugin."""
+
+    async def live_facts(self, name: str) -> Mapping[str, Any]:
+        plugin = self.plugin
+        if libvirtd_socket(plugin.config.uri) is None:
+            raise TaskError(f"plugins.kvm.uri {plugin.config.uri!r} is not a local libvirtd socket: a live migration "
+                            "tunnels its connection to it", code="unsupported-kind")
+        facts = await plugin.save_facts(name)
+        refused = save_blockers(facts.xml, facts.state, facts.io_error, facts.directory)
+        if refused:
+            raise TaskError("; ".join(b.message for b in refused), code=refused[0].code)
+        if facts.state != "running":
+            raise TaskError(f"VM {name!r} is {facts.state}: only a running VM moves live", code="not-running")
+        saved = saved_vm(facts.xml, await asyncio.to_thread(backing_file, facts.disk), facts.cache)
+        info = await run_command("qemu-img", "info", "-U", "-f", "qcow2", "--output=json", str(facts.disk))
+        if info.returncode != 0:
+            raise TaskError(f"qemu-img could not read the disk of VM {name!r}: {info.error}", code="failed")
+        return {"uuid": saved.uuid, "machine": saved.machine, "domain_type": saved.domain_type, "nic": saved.nic,
+                "seed": saved.seed, "disk_bytes": json.loads(info.stdout)["virtual-size"]}
+
+    async def live_prepare(self, name: str, instance: Mapping[str, Any], facts: Mapping[str, Any],
+                           sockets: Path) -> LivePrepared:
+        plugin = self.plugin
+        control = libvirtd_socket(plugin.config.uri)
+        if control is None:
+            raise TaskError(f"plugins.kvm.uri {plugin.config.uri!r} is not a local libvirtd socket: a live migration "
+                            "tunnels its connection to it", code="unsupported-kind")
+        size = facts.get("disk_bytes")
+        if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+            raise TaskError(f"the source gave the disk size {size!r:.40}, not a number of bytes", code="import-refused")
+        record = {"spec": dict(instance), **{key: facts.get(key) for key in
+                                             ("uuid", "machine", "domain_type", "nic", "seed")}}
+        saved, spec = parse_saved(record, instance)
+        await asyncio.to_thread(share_with_qemu, sockets)
+        definition = await plugin.prepare_arrival(name, spec, saved, size)
+        return LivePrepared(definition, {"control": Path(control), "memory": sockets / "memory.sock",
+                                         "disks": sockets / "disks.sock"})
+
+    async def live_migrate(self, name: str, definition: str, sockets: Path, options: LiveOptions,
+                           progress: Callable[[Mapping[str, Any]], None]) -> Mapping[str, Any]:
+        for path in [sockets, *await asyncio.to_thread(lambda: list(sockets.glob("*.sock")))]:
+            await asyncio.to_thread(share_with_qemu, path)
+        return await self.plugin.migrate_out(name, definition, sockets, options, progress)
+
+    async def live_arrived(self, name: str) -> bool:
+        return await self.plugin.arrived(name)
+
+    async def live_abandon(self, name: str) -> None:
+        await self.plugin.abandon_arrival(name)
+
+
+def migrate(libvirt: Any, dom: Any, dconn: Any, definition: str, sockets: Path, flags: int,
+            done: Callable[[], None]) -> None:
+    """libvirt's managed migration of ``dom`` to ``dconn``, its streams through ``sockets``. Blocking."""
+    try:
+        dom.migrate3(dconn, {
+            libvirt.VIR_MIGRATE_PARAM_URI: f"unix://{sockets / 'memory.sock'}",
+            libvirt.VIR_MIGRATE_PARAM_DISKS_URI: f"unix://{sockets / 'disks.sock'}",
+            libvirt.VIR_MIGRATE_PARAM_DEST_XML: definition,
+            libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS: ["vda"],  # the overlay; the seed is read-only
+        }, flags)
+    finally:
+        done()
+
+
+def completed(libvirt: Any, dconn: Any, name: str) -> dict[str, Any]:
+    """The figures of the finished migration, as the destination's libvirtd recorded them
+    (the source's domain is gone); empty when it cannot tell. Blocking.
+
+    The domain handle is released here, in this thread, while the connection is open: a
+    handle freed after its remote connection closed blocks the thread that frees it."""
+    try:
+        dom = dconn.lookupByName(name)
+        stats = dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+        del dom
+    except libvirt.libvirtError:
+        return {}
+    shown = {key: value for key, value in figures(stats, time.monotonic()).items() if key != "elapsed_ms"}
+    return {**shown, "downtime_ms": shown.pop("downtime", None), "total_ms": stats.get("time_elapsed")}
+
+
+def close(libvirt: Any, conn: Any) -> None:
+    """Close a libvirt connection, whatever state it is in. Blocking."""
+    with contextlib.suppress(libvirt.libvirtError):
+        conn.close()
+
+
+def figures(stats: Mapping[str, Any], started: float) -> dict[str, Any]:
+    """The progress the controller shows, from ``virDomainGetJobStats``."""
+    keys = ("memory_total", "memory_remaining", "memory_dirty_rate", "memory_iteration", "disk_total",
+            "disk_remaining", "downtime")
+    shown = {key: stats[key] for key in keys if key in stats}
+    # libvirt gives the dirty rate in pages per second.
+    if "memory_dirty_rate" in shown and "memory_page_size" in stats:
+        shown["memory_dirty_rate"] = shown["memory_dirty_rate"] * stats["memory_page_size"]
+    shown["elapsed_ms"] = round((time.monotonic() - started) * 1000)
+    return shown
+
+
+async def follow(libvirt: Any, dom: Any, finished: asyncio.Event, options: LiveOptions,
+                 progress: Callable[[Mapping[str, Any]], None]) -> str | None:
+    """Report the job's progress until it ends; past the convergence timeout, pause the guest
+    (stop-and-copy) or abort, as ``options`` say. What it did then, None if nothing."""
+    started = time.monotonic()
+    acted: str | None = None
+    while not finished.is_set():
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(finished.wait(), POLL)
+        if finished.is_set():
+            break
+        try:
+            stats = await asyncio.to_thread(dom.jobStats, 0)
+        except libvirt.libvirtError:
+            continue
+        shown = figures(stats, started)
+        if acted is None and time.monotonic() - started > options.converge_timeout:
+            acted = options.on_no_converge
+            shown["not_converging"] = acted
+            log.warning("kvm: the live migration of %s did not converge in %.0f s: %s", dom.name(),
+                        options.converge_timeout, acted)
+            with contextlib.suppress(libvirt.libvirtError):
+                await asyncio.to_thread(dom.suspend if acted == "stop-and-copy" else dom.abortJob)
+        progress(shown)
+    return acted
+
