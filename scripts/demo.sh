@@ -264,12 +264,13 @@ start_vm() {
 # The VM's console, once it counts there.
 show_vm() {
     say "the VM's serial console (kumoctl instances console demo-vm)"
-    local i
+    local i console
     for i in $(seq 1 60); do
-        "$BIN/kumoctl" instances console demo-vm 2>/dev/null | grep -q '^demo-vm count' && break
+        console=$("$BIN/kumoctl" instances console demo-vm 2>/dev/null) || true
+        grep -q '^demo-vm count' <<<"$console" && break
         sleep 1
     done
-    "$BIN/kumoctl" instances console demo-vm | tail -n 3
+    tail -n 3 <<<"$console"
 }
 
 # A real distribution in a container, made by name from the catalogue's Debian image: its own
@@ -375,6 +376,10 @@ start_second_libvirtd() {
         cp "$conf" "$LIBVIRTD2/etc/"
     done
     printf '\nstdio_handler = "file"\n' >>"$LIBVIRTD2/etc/qemu.conf"
+    # What QEMU can do, as the machine's libvirtd found out: probing it again takes seconds.
+    if [ -d /var/cache/libvirt/qemu ] && [ ! -d "$LIBVIRTD2/cache/qemu" ]; then
+        cp -a /var/cache/libvirt/qemu "$LIBVIRTD2/cache/"
+    fi
     chown libvirt-qemu:libvirt-qemu "$LIBVIRTD2/lib"
     chmod 0750 "$LIBVIRTD2/lib"
     # unshare and sh exec: the pid recorded is libvirtd's.
