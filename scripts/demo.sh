@@ -367,7 +367,7 @@ start_libvirtd() {
 # no virtlogd. Like the first, it keeps running across `make demo`s, and its VMs with it.
 start_second_libvirtd() {
     command -v libvirtd >/dev/null || return 0
-    [ -f "$STATE/libvirtd2.pid" ] && daemon_alive libvirtd2 && return 0
+    virsh -c "$LIBVIRTD2_URI" version >/dev/null 2>&1 && return 0
     local sub conf i
     for sub in run etc/qemu lib cache log/qemu; do
         mkdir -p "$LIBVIRTD2/$sub"
