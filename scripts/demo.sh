@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # `make demo`: a Kumo controller and two enrolled agents (nodes "agent" and "agent2", each
 # with its own state) on this machine, state in ./demo-state/. The second node is there so
-# that the README's migration runs on one machine. `scripts/demo.sh stop` (`make demo-stop`)
-# stops them all. The state is kept, so running the demo again restarts the same controller
-# (same CA, same kumoctl credentials) and the same nodes.
+# that the README's migration and drain run on one machine; it has a libvirtd of its own, as
+# another host would (a VM keeps its name when it moves, and one libvirtd holds a name once).
+# `scripts/demo.sh stop` (`make demo-stop`) stops them all. The state is kept, so running the
+# demo again restarts the same controller (same CA, same kumoctl credentials) and the same nodes.
 #
 # KUMO_DEMO_STATE, KUMO_DEMO_LISTEN, KUMO_DEMO_UI_LISTEN (the web interface), KUMO_DEMO_METRICS (the first agent's; the second uses the
-# next port), KUMO_DEMO_LXCPATH and KUMO_DEMO_BIN move it, e.g. for tests/test_demo.py.
+# next port), KUMO_DEMO_LXCPATH, KUMO_DEMO_VMDIR (where the nodes keep their VMs and image caches)
+# and KUMO_DEMO_BIN move it, e.g. for tests/test_demo.py.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -17,7 +19,11 @@ LISTEN=${KUMO_DEMO_LISTEN:-127.0.0.1:8443}
 UI_LISTEN=${KUMO_DEMO_UI_LISTEN:-127.0.0.1:8445}
 METRICS_LISTEN=${KUMO_DEMO_METRICS:-127.0.0.1:9464}
 LXCPATH=${KUMO_DEMO_LXCPATH:-/var/lib/kumo-lxc}
+VMDIR=${KUMO_DEMO_VMDIR:-/var/lib/libvirt/images}
 AGENTS=(agent agent2)
+# The second node's libvirtd: its state, config, logs and sockets under here.
+LIBVIRTD2=$STATE/libvirtd2
+LIBVIRTD2_URI="qemu+unix:///system?socket=$LIBVIRTD2/run/libvirt-sock"
 export KUMOCTL_CONFIG=$CTL_DIR/kumoctl.yaml
 
 say() { printf '\n== %s\n' "$*"; }
@@ -37,13 +43,18 @@ program() {
     case $1 in controller) echo kumo-controller ;; *) echo kumo-agent ;; esac
 }
 
+# What the command line of daemon NAME contains: stop_daemon signals only a process that has it.
+signature() {
+    case $1 in libvirtd2) echo "libvirtd --pid-file $LIBVIRTD2/" ;; *) echo "$(program "$1") run" ;; esac
+}
+
 # stop_daemon NAME: stop the process recorded in demo-state/NAME.pid, if it is still ours.
 stop_daemon() {
     local name=$1 pidfile=$STATE/$1.pid pid i
     [ -f "$pidfile" ] || return 0
     pid=$(cat "$pidfile")
     # The pid may have been reused since: only signal a process running our command.
-    if [ -r "/proc/$pid/cmdline" ] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q "$(program "$name") run"; then
+    if [ -r "/proc/$pid/cmdline" ] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF "$(signature "$name")"; then
         kill -TERM "$pid"
         for i in $(seq 1 50); do
             pid_alive "$pid" || break
@@ -115,31 +126,33 @@ enroll_agent() {
     "$BIN/kumo-agent" join --controller "https://$LISTEN" --token "$join" --state-dir "$STATE/$agent" --force
 }
 
-# write_agent_config AGENT INDEX: the first agent owns this machine's lxcpath, libvirt image
-# directory and rsyslog; the second keeps its own of the first two, and an rsyslog.d of its
-# own that rsyslog does not read (two nodes must not both rewrite one rsyslog). Each keeps its
-# image cache in its state directory, so the catalogue images the demo pulls stay in
-# demo-state/ with the rest of it.
+# write_agent_config AGENT INDEX: the first agent owns this machine's lxcpath, libvirtd and
+# rsyslog; the second keeps its own of the first two, and an rsyslog.d of its own that rsyslog
+# does not read (two nodes must not both rewrite one rsyslog). Each keeps its VMs and its image
+# cache (the VMs' base images among the catalogue images it pulls) in directories of its own
+# under $VMDIR, where qemu can read them (it could not inside demo-state/, which is 0700).
 write_agent_config() {
     local host=${METRICS_LISTEN%:*} port=${METRICS_LISTEN##*:}
     # Written through PyYAML so the paths are quoted whatever directory the checkout is in.
-    "$BIN/python" - "$STATE/$1" "https://$LISTEN" "$host:$((port + $2))" "$LXCPATH" "$2" <<'PY'
+    "$BIN/python" - "$STATE/$1" "https://$LISTEN" "$host:$((port + $2))" "$LXCPATH" "$2" "$LIBVIRTD2_URI" "$VMDIR" <<'PY'
 import sys, yaml
-state_dir, controller, metrics, lxcpath, index = sys.argv[1:]
+state_dir, controller, metrics, lxcpath, index, libvirt_uri, vmdir = sys.argv[1:]
+vms = f"{vmdir}/kumo" if index == "0" else f"{vmdir}/kumo-{int(index) + 1}"
 # Containers get a bridge of their own with a static address each. The tour migrates the
 # busybox container with its address, which CRIU restores only for a privileged container
 # here: the demo's nodes allow one, asked for by name (containers are unprivileged otherwise).
 plugins = {"lxc": {"lxcpath": lxcpath, "bridge": {"name": "kumodemo0", "address": "10.77.0.1/24"},
-                   "network": {"mode": "veth", "bridge": "kumodemo0"}, "allow_privileged": True}}
+                   "network": {"mode": "veth", "bridge": "kumodemo0"}, "allow_privileged": True},
+           "kvm": {"instance_dir": vms}}
 if index != "0":
     plugins["lxc"]["lxcpath"] = f"{lxcpath}-{int(index) + 1}"
-    plugins["kvm"] = {"instance_dir": f"/var/lib/libvirt/images/kumo-{int(index) + 1}"}
+    plugins["kvm"]["uri"] = libvirt_uri
     plugins["rsyslog"] = {"config_dir": f"{state_dir}-rsyslog.d"}
 config = {
     "state_dir": state_dir,
     "controller": controller,
     "metrics": {"listen": metrics},
-    "image_cache": {"path": f"{state_dir}/images"},
+    "image_cache": {"path": f"{vms}-images"},
     "log_level": "info",
     "plugins": plugins,
 }
@@ -189,23 +202,81 @@ show_workloads() {
     lxc-attach -P "$LXCPATH" -n demo-box -- ip -4 -o addr show eth0 | awk '{print "  " $2, $4}'
 }
 
-# A real distribution in a container: Kumo's Debian 12 image (scripts/build-image.sh, built
-# once and cached), imported into the controller's catalogue in both forms under one name,
-# and a container made from it by name. Its own systemd boots and the real cloud-init inside
-# applies the seed: the hostname, a runcmd, the network-config's static address.
-show_debian() {
+# manifest FIELD: a path of the Debian image's manifest (see show_image).
+manifest() {
+    python3 -c 'import json, sys; print(json.load(sys.stdin)[sys.argv[1]]["path"])' "$1" <<<"$MANIFEST"
+}
+
+# Kumo's Debian 12 image (scripts/build-image.sh, built once and cached: later runs print the
+# same manifest at once), imported into the controller's catalogue in both forms under one name.
+show_image() {
+    MANIFEST=$("$ROOT/scripts/build-image.sh") || die "building the Debian image failed (see above)"
     if ! "$BIN/kumoctl" images show debian-12 >/dev/null 2>&1; then
-        say "the Debian 12 image into the catalogue (built once: a few minutes the first time)"
-        local manifest rootfs disk
-        manifest=$("$ROOT/scripts/build-image.sh") || die "building the Debian image failed (see above)"
-        rootfs=$(python3 -c 'import json, sys; print(json.load(sys.stdin)["rootfs"]["path"])' <<<"$manifest")
-        disk=$(python3 -c 'import json, sys; print(json.load(sys.stdin)["disk"]["path"])' <<<"$manifest")
-        "$BIN/kumoctl" images import "$rootfs" --name debian-12 --kind lxc \
+        say "the Debian 12 image into the catalogue"
+        "$BIN/kumoctl" images import "$(manifest rootfs)" --name debian-12 --kind lxc \
             --description "Debian 12 with systemd and cloud-init (rootfs)"
-        "$BIN/kumoctl" images import "$disk" --name debian-12 --kind kvm \
+        "$BIN/kumoctl" images import "$(manifest disk)" --name debian-12 --kind kvm \
             --description "Debian 12 with systemd and cloud-init (disk; boots with the image's kernel)"
     fi
     "$BIN/kumoctl" images list
+}
+
+# The demo's VM: a small guest, Debian's kernel (the image's) and a busybox initramfs whose
+# init counts on the serial console, booting in seconds under TCG, with an empty disk of 16
+# MiB as its base image (the image's full systemd and cloud-init take over a minute to boot
+# under TCG; the README shows that VM). Built once into $VMDIR/kumo-guest, where qemu reads it.
+build_guest() {
+    GUEST=$VMDIR/kumo-guest
+    [ -f "$GUEST/disk.qcow2" ] && return 0
+    mkdir -p "$GUEST"
+    chmod 0755 "$GUEST"
+    (cd "$ROOT" && "$BIN/python" - "$GUEST/initramfs.cpio.gz") <<'PY'
+import sys, tempfile
+from pathlib import Path
+from scripts.build_image import build_initramfs
+INIT = """#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc; mount -t devtmpfs dev /dev
+hostname demo-vm
+i=0; while :; do i=$((i+1)); echo "demo-vm count $i"; sleep 2; done
+"""
+with tempfile.TemporaryDirectory() as tmp:  # no kernel modules: the serial console is built in
+    build_initramfs(Path(tmp), Path(sys.argv[1]), Path(tmp) / "root", [], INIT)
+PY
+    qemu-img create -q -f qcow2 "$GUEST/disk.tmp" 16M
+    chmod 0644 "$GUEST/initramfs.cpio.gz" "$GUEST/disk.tmp"
+    mv "$GUEST/disk.tmp" "$GUEST/disk.qcow2"
+}
+
+start_vm() {
+    if "$BIN/kumoctl" instances show demo-vm >/dev/null 2>&1; then
+        echo "instance demo-vm exists (from an earlier demo)"
+        return 0
+    fi
+    say "a VM: Debian's kernel and a busybox initramfs that counts on its serial console"
+    build_guest
+    "$BIN/kumoctl" instances create demo-vm --kind kvm --vcpus 1 --memory 128 --node "$(node_id agent)" \
+        --image "$GUEST/disk.qcow2" --image-sha256 "$(sha256sum <"$GUEST/disk.qcow2" | cut -d' ' -f1)" \
+        --option "kernel=$(manifest kernel)" --option "initrd=$GUEST/initramfs.cpio.gz" \
+        --option "cmdline=console=ttyS0 panic=-1 quiet"
+}
+
+# The VM's console, once it counts there.
+show_vm() {
+    say "the VM's serial console (kumoctl instances console demo-vm)"
+    local i console
+    for i in $(seq 1 60); do
+        console=$("$BIN/kumoctl" instances console demo-vm 2>/dev/null) || true
+        grep -q '^demo-vm count' <<<"$console" && break
+        sleep 1
+    done
+    tail -n 3 <<<"$console"
+}
+
+# A real distribution in a container, made by name from the catalogue's Debian image: its own
+# systemd boots and the real cloud-init inside applies the seed: the hostname, a runcmd, the
+# network-config's static address.
+show_debian() {
     if "$BIN/kumoctl" instances show demo-debian >/dev/null 2>&1; then
         echo "instance demo-debian exists (from an earlier demo)"
         return 0
@@ -242,7 +313,8 @@ Use kumoctl against it:
     export PATH=$BIN:\$PATH
     kumoctl nodes list
     kumoctl nodes show $(node_id agent)
-    kumoctl instances migrate demo-clock --to $(node_id agent2)
+    kumoctl nodes drain $(node_id agent)       # moves its VM, containers and process to $(node_id agent2)
+    kumoctl instances console demo-vm
     kumoctl token create --ttl 30m      # to join another node
     kumoctl instances console demo-clock
     kumoctl instances show demo-box
@@ -270,13 +342,14 @@ stop_all() {
 teardown() {
     local name
     if [ -f "$STATE/agent.pid" ] && daemon_alive agent && [ -f "$STATE/agent2.pid" ] && daemon_alive agent2; then
-        for name in demo-clock demo-box demo-debian; do
+        for name in demo-vm demo-clock demo-box demo-debian; do
             "$BIN/kumoctl" instances show "$name" >/dev/null 2>&1 || continue
             "$BIN/kumoctl" instances delete "$name" --timeout 60s ||
                 echo "demo: could not delete $name; stopping anyway" >&2
         done
     fi
     stop_all
+    stop_second_libvirtd
 }
 
 # These machines have no init system to start libvirtd and virtlogd: start them, so the kvm
@@ -287,11 +360,65 @@ start_libvirtd() {
     pgrep -x libvirtd >/dev/null || libvirtd -d
 }
 
+# The second node's libvirtd, as another host's: in a mount namespace of its own where
+# libvirt's run, config, state, cache and log directories are those under $LIBVIRTD2, so its
+# domains and sockets are its own (the instance images stay in the shared /var/lib/libvirt/
+# images, under the second agent's directory). It writes qemu's output to files itself, with
+# no virtlogd. Like the first, it keeps running across `make demo`s, and its VMs with it.
+start_second_libvirtd() {
+    command -v libvirtd >/dev/null || return 0
+    virsh -c "$LIBVIRTD2_URI" version >/dev/null 2>&1 && return 0
+    local sub conf i
+    for sub in run etc/qemu lib cache log/qemu; do
+        mkdir -p "$LIBVIRTD2/$sub"
+    done
+    for conf in /etc/libvirt/*.conf; do
+        cp "$conf" "$LIBVIRTD2/etc/"
+    done
+    printf '\nstdio_handler = "file"\n' >>"$LIBVIRTD2/etc/qemu.conf"
+    # What QEMU can do, as the machine's libvirtd found out: probing it again takes seconds.
+    if [ -d /var/cache/libvirt/qemu ] && [ ! -d "$LIBVIRTD2/cache/qemu" ]; then
+        cp -a /var/cache/libvirt/qemu "$LIBVIRTD2/cache/"
+    fi
+    chown libvirt-qemu:libvirt-qemu "$LIBVIRTD2/lib"
+    chmod 0750 "$LIBVIRTD2/lib"
+    # unshare and sh exec: the pid recorded is libvirtd's.
+    setsid unshare --mount --propagation private -- sh -c '
+        for pair in /run/libvirt:run /etc/libvirt:etc /var/lib/libvirt/qemu:lib /var/cache/libvirt:cache \
+                /var/log/libvirt:log; do
+            mount --bind "$1/${pair#*:}" "${pair%%:*}" || exit 1
+        done
+        exec libvirtd --pid-file "$1/run/libvirtd.pid"' sh "$LIBVIRTD2" \
+        </dev/null >>"$STATE/libvirtd2.log" 2>&1 &
+    echo $! >"$STATE/libvirtd2.pid"
+    for i in $(seq 1 100); do
+        virsh -c "$LIBVIRTD2_URI" version >/dev/null 2>&1 && { echo "started the second node's libvirtd ($!)"; return 0; }
+        daemon_alive libvirtd2 || die "the second node's libvirtd exited; see $STATE/libvirtd2.log"
+        sleep 0.2
+    done
+    die "the second node's libvirtd did not answer within 20 s; see $STATE/libvirtd2.log"
+}
+
+# Stop the second node's libvirtd, with whatever VMs it still runs (the demo's, none once
+# they are deleted): a libvirtd that stops leaves its guests running.
+stop_second_libvirtd() {
+    [ -f "$STATE/libvirtd2.pid" ] || return 0
+    if daemon_alive libvirtd2; then
+        local dom
+        for dom in $(virsh -c "$LIBVIRTD2_URI" list --all --name 2>/dev/null); do
+            virsh -c "$LIBVIRTD2_URI" destroy "$dom" >/dev/null 2>&1 || true
+            virsh -c "$LIBVIRTD2_URI" undefine "$dom" --managed-save --nvram >/dev/null 2>&1 || true
+        done
+    fi
+    stop_daemon libvirtd2
+}
+
 main() {
     [ -x "$BIN/kumoctl" ] || die "no virtualenv at $ROOT/.venv: run make venv (or make demo)"
     start_libvirtd
     mkdir -p "$STATE"
     chmod 0700 "$STATE"
+    start_second_libvirtd
     stop_all
     start_controller
     local index=0 agent
@@ -304,8 +431,11 @@ main() {
     for agent in "${AGENTS[@]}"; do
         wait_until_ready "$agent"
     done
+    show_image
+    start_vm
     show_workloads
     show_debian
+    show_vm
     show_usage
 }
 

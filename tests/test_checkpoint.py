@@ -195,6 +195,17 @@ async def test_file_lock_blocks(criu_required, criu_node, tmp_path):
     assert [b["code"] for b in result["blockers"]] == ["file-lock"]
 
 
+@pytest.mark.integration
+async def test_a_process_in_a_uts_namespace_of_its_own_blocks(criu_required, criu_node):
+    # As systemd's ProtectHostname= does for a service inside a container: CRIU refuses the dump.
+    command = ["/bin/sh", "-c", "unshare --uts /bin/sh -c 'echo started; exec sleep 300' & wait"]
+    await criu_node.task("process.create", {"name": "nested", "kind": "process", "options": {"command": command}})
+    await wait_for(lambda: "started" in (criu_node.root / "process/instances/nested/console.log").read_text(), "start")
+    result = await criu_node.task("checkpoint.preflight", {"name": "nested", "kind": "process"})
+    [blocker] = result["blockers"]
+    assert blocker["code"] == "nested-namespace" and "uts namespace of their own: pid " in blocker["message"], blocker
+
+
 @pytest.mark.reliability("process checkpoint", "criu dump fails")
 @pytest.mark.integration
 async def test_failed_dump_leaves_the_instance_running(criu_required, tmp_path):

@@ -280,7 +280,7 @@ class StandIn:
         if verb == "console":
             logs = {"lxc": f"lxc log of {name}\n", "empty": ""} if kind == "lxc" else {}
             if name.startswith("evil"):  # a guest that writes terminal escapes to its console
-                return {"name": name, "kind": kind, "log": "\x1b]0;owned\x07\x1b[2Jhi\r\n", "logs": {}}
+                return {"name": name, "kind": kind, "log": "\x1b]0;owned\x07\x1b[2Jhi\rover\r\n", "logs": {}}
             return {"name": name, "kind": kind, "log": f"console of {name}\nline two", "logs": logs}
         result = {"name": name, "kind": kind, "state": "stopped" if verb == "stop" else "running", "details": {}}
         if verb == "stop":
@@ -460,7 +460,8 @@ def test_what_guests_and_nodes_wrote_reaches_the_terminal_without_escape_sequenc
     result = run_kumoctl("instances", "console", "evil", config=stand_in.config(tmp_path))
     assert result.returncode == 0, result.stderr
     assert "\x1b" not in result.stdout and "\x07" not in result.stdout
-    assert result.stdout == "\\x1b]0;owned\\x07\\x1b[2Jhi\\x0d\n"
+    # A serial console's CR LF ends a line; a CR alone would overwrite it: escaped.
+    assert result.stdout == "\\x1b]0;owned\\x07\\x1b[2Jhi\\x0dover\n"
 
 
 def test_a_forced_stop_says_so(stand_in, tmp_path):

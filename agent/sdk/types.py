@@ -52,7 +52,7 @@ ErrorCode = Literal[
     "unsupported-kind", "no-space", "not-converging", "migration-failed",
     # what keeps a process tree from being checkpointed (pre-flight blockers)
     "tcp-established", "tcp-connection", "unix-external", "tty", "char-device", "traced",
-    "file-lock", "unsupported-fd", "unsupported-mount",
+    "file-lock", "unsupported-fd", "unsupported-mount", "nested-namespace",
     # what keeps a virtual machine's state from being saved (pre-flight blockers)
     "host-device", "shared-disk", "foreign-disk", "io-error",
     # node services

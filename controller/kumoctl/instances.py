@@ -168,6 +168,8 @@ def cmd_instances_console(client: Client, args: argparse.Namespace) -> int:
 
 
 def _write_log(text: str) -> None:
+    # A serial console (a VM's) ends its lines with CR LF: plain newlines, not "\\x0d" at every end.
+    text = text.replace("\r\n", "\n")
     sys.stdout.write(text if text.endswith("\n") or not text else text + "\n")
 
 

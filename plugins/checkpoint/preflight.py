@@ -23,6 +23,10 @@ from agent.sdk import stat_fields
 log = logging.getLogger(__name__)
 
 NAMESPACES = ("mnt", "net", "pid")
+# CRIU dumps nested mount and network namespaces, no other kind: a process of the tree in one
+# of these that is not its root's fails the dump ("Can't dump nested uts namespace"). systemd
+# makes them for its services (ProtectHostname=, PrivateIPC=, PrivateUsers=...).
+UNNESTABLE = ("uts", "ipc", "pid", "user", "cgroup", "time")
 # Character devices CRIU restores by path on any Linux host: null, zero, full, random, urandom.
 SAFE_CHAR_DEVICES = {(1, 3), (1, 5), (1, 7), (1, 8), (1, 9)}
 TTY_MAJORS = {4, 5, 136}
@@ -50,7 +54,7 @@ class Scan:
 def scan(root: int) -> Scan:
     """Scan the tree under ``root``. Each blocker's code is one of ``traced``, ``tty``,
     ``char-device``, ``unsupported-fd``, ``file-lock``, ``tcp-established``,
-    ``tcp-connection``, ``unix-external``, ``unsupported-mount``."""
+    ``tcp-connection``, ``unix-external``, ``unsupported-mount``, ``nested-namespace``."""
     pids = tree(root)
     theirs, ours = {ns: _ns(root, ns) for ns in NAMESPACES}, {ns: _ns(os.getpid(), ns) for ns in NAMESPACES}
     shared = frozenset(ns for ns in NAMESPACES if theirs[ns] is not None and theirs[ns] == ours[ns])
@@ -58,6 +62,7 @@ def scan(root: int) -> Scan:
     sockets: dict[int, int] = {}  # socket inode -> pid holding it
     files: set[str] = set()
     lockers: list[int] = []  # pids holding a file lock, looked for only where locks block
+    blockers += _nested_blockers(pids)
     for pid in pids:
         blockers += _tracer_blockers(pid)
         blockers += _fd_blockers(pid, sockets, files, lockers if "mnt" in shared else None)
@@ -275,6 +280,24 @@ def _mount_blockers(root: int) -> list[Blocker]:
             blockers.append({"code": "unsupported-mount", "message": f"{mountpoint} is a {fstype} mount, which CRIU "
                              "cannot checkpoint inside a container: unmount it or make it a bind mount from the host"})
     return blockers
+
+
+def _nested_blockers(pids: list[int]) -> list[Blocker]:
+    """One blocker per kind of namespace that processes of the tree (root first) have of their own."""
+    root = {ns: _ns(pids[0], ns) for ns in UNNESTABLE}
+    nested: dict[str, list[int]] = {}
+    for pid in pids[1:]:
+        for ns in UNNESTABLE:
+            own = _ns(pid, ns)
+            if own is not None and root[ns] is not None and own != root[ns]:
+                nested.setdefault(ns, []).append(pid)
+    return [{"code": "nested-namespace",
+             "message": f"processes in a {ns} namespace of their own: "
+                        f"{', '.join(f'pid {pid} ({comm(pid)})' for pid in found[:3])}"
+                        f"{f' and {len(found) - 3} more' if len(found) > 3 else ''}; CRIU checkpoints only the "
+                        f"instance's own {ns} namespace (nested ones only of mounts and networks); stop them or run "
+                        "them without one (systemd: ProtectHostname=, PrivateIPC=, PrivateUsers=)"}
+            for ns, found in nested.items()]
 
 
 def _ns(pid: int, name: str) -> str | None:
