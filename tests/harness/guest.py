@@ -162,6 +162,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     build-image.sh) wait on the build's lock and find it done; if this build fails, the
     fixture's own attempt reports why."""
     global _background_build
+    if session.config.option.collectonly:
+        return
     deb = kernel_package()
     if deb is None or os.geteuid() != 0 or shutil.which("debootstrap") is None:
         return  # the fixture says what is missing
