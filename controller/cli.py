@@ -22,7 +22,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.sdk import ConfigError
 from controller import pki
-from controller.app import serve
 from controller.settings import (
     ControllerSettings,
     check_url,
@@ -180,6 +179,9 @@ def _write_pair(directory: Path, name: str, cert: x509.Certificate, key: ec.Elli
 
 
 def _run(args: argparse.Namespace) -> int:
+    # Only run serves: the app and aiohttp are half a second of imports that init does not need.
+    from controller.app import serve
+
     settings = load_settings(args.config)
     logging.basicConfig(
         level=settings.log_level.upper(), stream=sys.stderr,

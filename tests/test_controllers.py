@@ -159,7 +159,9 @@ def test_a_migration_whose_controller_dies_ends_with_the_instance_running_once(c
         source.controller = destination.controller = b
         done = wait_for(lambda: (m := b.admin("GET", f"/v1/migrations/{moving['id']}"))["state"] != "running" and m,
                         "B to take the migration over and end it", limit=180)
-        runs_on = [agent.node_id for agent in (source, destination) if running_on(agent, "web")]
+        # A restored source says so at its next heartbeat, which may come just after the end.
+        runs_on = wait_for(lambda: [agent.node_id for agent in (source, destination) if running_on(agent, "web")],
+                           "web to be reported running", limit=10)
         assert len(runs_on) == 1, (done, runs_on)
         assert b.admin("GET", "/v1/instances/web")["node"] == runs_on[0], done
         before = read_counter(count)

@@ -27,7 +27,9 @@ from tests.harness.criu import criu_status
 from tests.harness.libvirt import SYSTEM_URI, TEST_INSTANCE_ROOT
 from tests.harness.lxc import run
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# one_leg: `make demo` always runs on .venv's PyPI libraries with the SQLite store; what the
+# demo drives is covered on Debian's libraries and PostgreSQL by the rest of the suite.
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.one_leg]
 
 
 def counts(console: str) -> list[int]:

@@ -18,6 +18,10 @@ from tests.harness.libvirt import KvmTestBed
 
 @pytest.mark.integration
 @pytest.mark.slow
+# one_leg: what only this test proves is that the image's own cloud-init applies the seed; the
+# plugin's side (the seed it writes, the calls that attach it) runs on both legs in
+# test_kvm.py's seeded busybox VM.
+@pytest.mark.one_leg
 @pytest.mark.timeout(1500)
 async def test_real_cloud_init_applies_the_seed_in_a_vm(kvm_bed: KvmTestBed, debian_image: DebianImage) -> None:
     node = await kvm_bed.node()

@@ -16,6 +16,10 @@ from tests.harness.lxc import Bridge, run
 
 @pytest.mark.integration
 @pytest.mark.slow
+# one_leg: what only this test proves is that the image's own cloud-init applies the seed; the
+# plugin's side (the seed it writes, the calls that attach it) runs on both legs in
+# test_lxc.py's seeded container.
+@pytest.mark.one_leg
 @pytest.mark.timeout(900)  # the first test of a run may build the image (debootstrap)
 async def test_real_cloud_init_in_a_debian_container(lxc_node, lxc_bridge: Bridge, debian_image: DebianImage) -> None:
     node = await lxc_node()

@@ -669,9 +669,9 @@ def test_a_check_script_alert_reaches_kumoctl_and_survives_a_controller_outage(c
     # The controller is down while the alert resolves and fires again: the node keeps both.
     controller.kill()
     flag.unlink()
-    time.sleep(3)
+    agent.wait_log("alert flag-set resolved:")  # logged once recorded on the node
     flag.touch()
-    time.sleep(3)
+    agent.wait_log("alert flag-set firing:", count=2)
     controller.start()
     deadline = time.monotonic() + 60
     while True:

@@ -37,7 +37,9 @@ import yaml
 
 from tests.harness import REPO, free_port, require
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# one_leg: the packaged programs run on /usr/bin/python3 with their own store whichever
+# interpreter and store the suite runs on.
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.one_leg]
 
 PACKAGES = ("kumo-agent", "kumo-controller")
 SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"

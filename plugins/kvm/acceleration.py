@@ -23,6 +23,8 @@ from agent.sdk import atomic_write, boot_id, run_command
 
 QEMU = "qemu-system-x86_64"
 PROBE_TIMEOUT = 5.0
+# The verdict's file in the plugin's state directory.
+VERDICT_FILE = "acceleration.json"
 
 # A 512-byte boot sector (16-bit real mode): install an int3 handler, print "K" on COM1,
 # trap into it (prints "3"), spin 16M iterations, then leave through isa-debug-exit with
@@ -61,7 +63,7 @@ async def decide(mode: Literal["auto", "kvm", "tcg"], state_dir: Path) -> Accele
 
 async def _verdict(state_dir: Path) -> tuple[bool, str]:
     """Whether a real guest runs under KVM here: (works, why), probed once per boot."""
-    cache = state_dir / "acceleration.json"
+    cache = state_dir / VERDICT_FILE
     qemu = shutil.which(QEMU)
     key = {"boot_id": await asyncio.to_thread(boot_id), "qemu": qemu}
     with contextlib.suppress(OSError, ValueError, KeyError, AttributeError):

@@ -23,6 +23,7 @@ project with :func:`install_plugin` (the ``example_plugin`` fixture installs
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -38,6 +39,7 @@ from typing import Any
 import pytest
 import yaml
 
+from plugins.kvm.acceleration import VERDICT_FILE, decide
 from tests.harness import REPO, free_port
 
 READY_TIMEOUT = 60.0
@@ -93,6 +95,22 @@ def install_plugin(project: Path, target: Path) -> Path:
 def example_plugin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """tests/example_plugin (the kind ``sleep``) installed with pip into a directory of its own."""
     return install_plugin(EXAMPLE_PLUGIN, tmp_path_factory.mktemp("example-plugin") / "site")
+
+
+@pytest.fixture(scope="session")
+def kvm_verdict(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The kvm plugin's acceleration verdict for this boot, probed once for the whole run.
+
+    The plugin proves KVM with a real probe guest once per boot and keeps the verdict in its
+    state directory; where /dev/kvm only emulates (CI's machines) the probe waits out its
+    5 s. Every test agent starts with a new state directory, so each would wait again (about
+    5 minutes of each CI leg): :func:`start_agent` gives it this verdict instead, as an agent
+    restarted after its probe has it. test_kvm.py runs the probe itself, and the demo's and
+    the packaged agents probe as a new node does.
+    """
+    directory = tmp_path_factory.mktemp("kvm-verdict")
+    asyncio.run(decide("auto", directory))
+    return directory / VERDICT_FILE
 
 
 @dataclasses.dataclass
@@ -259,14 +277,19 @@ def start_agent(
     pythonpath: list[Path] | tuple[Path, ...] = (),
     start: bool = True,
     enroll_port: int | None = None,
+    kvm_verdict: Path | None = None,
 ) -> AgentProcess:
     """Join a new node to ``controller`` with its state under ``workdir`` (through
     ``enroll_port`` if given) and (unless ``start=False``) run it; what the ``kumo_agent``
-    fixture and the benchmarks use."""
+    fixture and the benchmarks use. ``kvm_verdict``: see the fixture of that name."""
     state_dir = workdir / "state"
     env = _base_env(pythonpath)
     joined = join_agent(controller, state_dir, env, enroll_port=enroll_port)
     assert joined.returncode == 0, f"kumo-agent join failed ({joined.returncode}): {joined.stderr}"
+    if kvm_verdict is not None and kvm_verdict.exists():
+        kvm_state = state_dir / "plugins" / "kvm"
+        kvm_state.mkdir(mode=0o700, parents=True)
+        shutil.copy(kvm_verdict, kvm_state / VERDICT_FILE)
     node_id = json.loads((state_dir / "join.json").read_text())["node_id"]
     metrics_port = free_port()
     config: dict[str, Any] = {
@@ -297,7 +320,7 @@ def start_agent(
 
 @pytest.fixture
 def kumo_agent(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, kvm_verdict: Path
 ) -> Iterator[Callable[..., AgentProcess]]:
     """Factory: ``kumo_agent(plugins=None, settings=None, pythonpath=(), start=True, controller=None,
     enroll_port=None, prefix=None)``.
@@ -325,7 +348,7 @@ def kumo_agent(
         if controller is None:
             controller = request.getfixturevalue("controller")
         agent = start_agent(controller, tmp_path_factory.mktemp("agent"), plugins, settings, pythonpath, start=False,
-                            enroll_port=enroll_port)
+                            enroll_port=enroll_port, kvm_verdict=kvm_verdict)
         agent.prefix = list(prefix or [])
         started.append(agent)
         if start:

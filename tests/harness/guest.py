@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import shutil
 import subprocess
 import tempfile
@@ -30,7 +31,7 @@ import pytest
 
 from scripts import build_image
 from scripts.build_image import BUSYBOX, build_initramfs, extract_vmlinux
-from tests.harness import CACHE_DIR
+from tests.harness import CACHE_DIR, REPO
 
 DEBS = CACHE_DIR / "debs"
 # Insert order is dependency order: the kernel's modules are plain .ko files (no
@@ -149,6 +150,36 @@ class DebianImage:
     rootfs: Path
     rootfs_sha256: str
     vm: Guest
+
+
+_background_build: subprocess.Popen[bytes] | None = None
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start building the Debian image now, at the lowest CPU priority, when a collected test
+    needs it: the first build is a CPU-minute and a half of debootstrap, which would
+    otherwise hold up the first such test. ``debian_image`` (and the demo's own
+    build-image.sh) wait on the build's lock and find it done; if this build fails, the
+    fixture's own attempt reports why."""
+    global _background_build
+    if session.config.option.collectonly:
+        return
+    deb = kernel_package()
+    if deb is None or os.geteuid() != 0 or shutil.which("debootstrap") is None:
+        return  # the fixture says what is missing
+    if any("debian_image" in getattr(item, "fixturenames", ()) for item in session.items):
+        _background_build = subprocess.Popen(  # noqa: S603 - fixed argument list
+            ["nice", "-n", "19", str(REPO / "scripts" / "build-image.sh"),  # noqa: S607
+             "--cache", str(CACHE_DIR / "images"), "--kernel-deb", str(deb)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+
+
+def pytest_sessionfinish() -> None:
+    # Never leave the build running after the run; ^C reaches it too (one process group), so
+    # an interrupted run does not wait for it.
+    if _background_build is not None:
+        _background_build.wait()
 
 
 @pytest.fixture(scope="session")
