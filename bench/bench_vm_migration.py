@@ -124,7 +124,8 @@ def kumo_round(ctl: ControllerProcess, nodes: list[tuple[Any, Path, str]], guest
     watch = Downtime(source_uri, name, destination_uri, name)
     started = time.perf_counter()
     migration = ctl.admin("POST", f"/v1/instances/{name}/migrate", {"to": destination.node_id})["migration"]
-    doc = wait_for(lambda: (m := ctl.admin("GET", f"/v1/migrations/{migration['id']}"))["state"] != "running" and m,
+    watch_api = ctl.watcher()
+    doc = wait_for(lambda: (m := watch_api(f"/v1/migrations/{migration['id']}"))["state"] != "running" and m,
                    f"the migration of {name}", limit=600, interval=0.05)
     total = time.perf_counter() - started
     if doc["state"] != "succeeded":
