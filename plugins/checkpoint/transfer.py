@@ -108,7 +108,14 @@ def _send(conn: http.client.HTTPSConnection, path: str, members: list[Member]) -
         conn.sock.sendall(chunk)
         sent += len(chunk)
 
-    write_tar(members, emit)
+    try:
+        write_tar(members, emit)
+    except OSError:
+        # The controller may have refused before taking the whole stream (and then closed):
+        # its answer, when it can still be read, says why better than a broken pipe.
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            _answer(conn.getresponse(), "sending the image to")
+        raise
     response = conn.getresponse()
     answer = _answer(response, "sending the image to")
     return {"bytes": sent, "sha256": digest.hexdigest(), "relayed": answer.get("bytes")}
