@@ -14,9 +14,10 @@ Requests go through the standard library's ``http.client`` in a few worker threa
 client's own, as ``kumo-agent join`` does, not through aiohttp: an agent's whole traffic
 with the controller is small JSON requests, and importing aiohttp's client would be a
 quarter of an idle agent's memory (12 MB of PyPI's aiohttp 3.14). The bodies too large for
-this (checkpoint images, image downloads) are streamed by the plugins that need them, with
-aiohttp imported only then. Connections are kept alive and reused; a cancelled request
-(the long poll, at shutdown) shuts its socket down so that its thread returns at once.
+this are streamed by what needs them: image downloads with aiohttp, imported only then;
+migration streams on ``http.client`` connections of their own (plugins/checkpoint/transfer.py).
+Connections are kept alive and reused; a cancelled request (the long poll, at shutdown)
+shuts its socket down so that its thread returns at once.
 """
 
 from __future__ import annotations

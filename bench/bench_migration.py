@@ -65,8 +65,9 @@ def kumo_round(ctl: ControllerProcess, source: Any, destination: Any, name: str,
     wait_for(lambda: running_on(source, name), f"{name} to run on {source.node_id}", interval=POLL)
     migration = ctl.admin("POST", f"/v1/instances/{name}/migrate", {"to": destination.node_id})["migration"]
     started = ended = None
+    watch = ctl.watcher()
     while True:
-        doc = ctl.admin("GET", f"/v1/migrations/{migration['id']}")
+        doc = watch(f"/v1/migrations/{migration['id']}")
         now = time.perf_counter()
         if started is None and doc["phase"] == "transfer":
             started = now

@@ -141,7 +141,8 @@ def kumo_round(ctl: ControllerProcess, nodes: list[tuple[Any, Path, str]], guest
     started = time.perf_counter()
     body = {"to": destination.node_id, **({"live": True, **live} if live is not None else {})}
     migration = ctl.admin("POST", f"/v1/instances/{name}/migrate", body)["migration"]
-    doc = wait_for(lambda: (m := ctl.admin("GET", f"/v1/migrations/{migration['id']}"))["state"] != "running" and m,
+    watch_api = ctl.watcher()
+    doc = wait_for(lambda: (m := watch_api(f"/v1/migrations/{migration['id']}"))["state"] != "running" and m,
                    f"the migration of {name}", limit=600, interval=0.05)
     total = time.perf_counter() - started
     if doc["state"] != "succeeded":

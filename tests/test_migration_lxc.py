@@ -103,7 +103,7 @@ class Body:
 
 
 async def test_a_container_directory_streams_with_owners_links_devices_and_xattrs(tmp_path):
-    from plugins.checkpoint.stream import directory_members, stream_size, tar_chunks, unpack
+    from plugins.checkpoint.stream import directory_members, stream_size, unpack, write_tar
 
     source, staged, incoming = tmp_path / "source", tmp_path / "staged", tmp_path / "incoming"
     source.mkdir()
@@ -112,7 +112,9 @@ async def test_a_container_directory_streams_with_owners_links_devices_and_xattr
     make_tree(source)
     members = directory_members(source, "config")
     announced = sum(len(header) + -(-size // 512) * 512 for header, _, size in members) + 1024
-    data = b"".join([chunk async for chunk in tar_chunks(members)])
+    pieces: list[bytes] = []
+    write_tar(members, lambda piece: pieces.append(bytes(piece)))
+    data = b"".join(pieces)
     assert len(data) == announced == stream_size(members), "the size sent ahead for the progress display is exact"
 
     configs: list[tuple[str, bytes]] = []
@@ -231,15 +233,15 @@ async def test_a_stream_with_a_giant_header_is_refused_before_it_is_read(tmp_pat
     assert body.count <= CHUNK < len(data) / 2, "the header was refused after one read, not read whole into memory"
 
 
-async def test_a_stream_without_a_size_or_larger_than_the_disk_is_refused_before_a_byte_lands(tmp_path):
-    from plugins.checkpoint.transfer import _check_room
+def test_a_stream_without_a_size_or_larger_than_the_disk_is_refused_before_a_byte_lands(tmp_path):
+    from plugins.checkpoint.transfer import check_room
 
     with pytest.raises(TaskError, match="without declaring its size"):
-        await _check_room(None, tmp_path)
+        check_room(None, tmp_path)
     with pytest.raises(TaskError, match=f"{tmp_path} has \\d+ bytes free: make room") as refused:
-        await _check_room(shutil.disk_usage(tmp_path).free + 1, tmp_path)
+        check_room(shutil.disk_usage(tmp_path).free + 1, tmp_path)
     assert refused.value.code == "no-space"
-    await _check_room(1, tmp_path)
+    check_room(1, tmp_path)
 
 
 @pytest.mark.parametrize(

@@ -30,7 +30,6 @@ writing outside the directory the instance's kind gave it.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import io
 import logging
@@ -41,7 +40,7 @@ import shutil
 import stat
 import tarfile
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
 
@@ -88,7 +87,7 @@ def padded(size: int) -> int:
 
 
 def stream_size(members: list[Member]) -> int:
-    """The exact length of the stream :func:`tar_chunks` makes of ``members``."""
+    """The exact length of the stream :func:`write_tar` makes of ``members``."""
     return sum(len(m.header) + padded(m.size) for m in members) + 2 * TAR_BLOCK
 
 
@@ -182,27 +181,43 @@ def _tarinfo(path: Path, arcname: str, first_of: dict[tuple[int, int], str]) -> 
     return info
 
 
-async def tar_chunks(members: list[Member]) -> AsyncIterator[bytes]:
-    """The tar stream of ``members``, read from disk a chunk at a time."""
+def write_tar(members: list[Member], emit: Callable[[memoryview], None]) -> None:
+    """Write the tar stream of ``members`` through ``emit``, CHUNK bytes at a time (the last
+    piece shorter). The files are read straight into the one buffer every piece is a view
+    of: ``emit`` must be done with a piece when it returns. Blocking."""
+    buffer = bytearray(CHUNK)
+    view = memoryview(buffer)
+    fill = 0
+
+    def put(data: bytes) -> None:  # headers and padding: small
+        nonlocal fill
+        while data:
+            n = min(len(data), CHUNK - fill)
+            view[fill:fill + n] = data[:n]
+            fill, data = fill + n, data[n:]
+            if fill == CHUNK:
+                emit(view)
+                fill = 0
+
     for header, path, size in members:
-        yield header
+        put(header)
         if not size:
             continue
-        f = await asyncio.to_thread(open, path, "rb")
-        try:
+        with open(path, "rb", buffering=0) as f:
             left = size
             while left:
-                chunk = await asyncio.to_thread(f.read, min(CHUNK, left))
-                if not chunk:
+                n = f.readinto(view[fill:fill + min(CHUNK - fill, left)])
+                if not n:
                     raise TaskError(f"{path} shrank while it was being sent: the checkpoint changed underneath",
                                     code="image-changed")
-                left -= len(chunk)
-                yield chunk
-        finally:
-            await asyncio.to_thread(f.close)
-        if padded(size) > size:
-            yield b"\0" * (padded(size) - size)
-    yield b"\0" * (2 * TAR_BLOCK)
+                fill, left = fill + n, left - n
+                if fill == CHUNK:
+                    emit(view)
+                    fill = 0
+        put(b"\0" * (padded(size) - size))
+    put(b"\0" * (2 * TAR_BLOCK))
+    if fill:
+        emit(view[:fill])
 
 
 def carried_name(path: str, manifest: Mapping[str, Any]) -> str:
@@ -239,8 +254,10 @@ def unpack(body: BinaryIO, incoming: Path, own_root: Path, stage: Stage, name: s
     carried: list[str] = []
     cached: list[str] = []
     directory = DirectoryWriter(stage)
-    with tarfile.open(fileobj=body, mode="r|", bufsize=CHUNK,  # type: ignore[call-overload]
-                      tarinfo=_BoundedTarInfo) as tar:
+    # "r:", not tarfile's stream mode "r|": that one buffers the body itself, copying every
+    # byte three more times on its way to disk; "r:" reads members straight from the body,
+    # and seeks in it only forward (_Forward).
+    with tarfile.open(fileobj=_Forward(body), mode="r:", tarinfo=_BoundedTarInfo) as tar:
         for member in tar:
             top, _, rest = member.name.partition("/")
             if top == INSTANCE:
@@ -265,6 +282,31 @@ def unpack(body: BinaryIO, incoming: Path, own_root: Path, stage: Stage, name: s
             pass
     directory.finish()
     return {"checksums": checksums, "files": carried, "images": cached}
+
+
+class _Forward:
+    """The body as tarfile reads a file: read front to back, seeking (past a member's data or
+    its padding) only forward."""
+
+    def __init__(self, body: BinaryIO):
+        self.body = body
+        self.position = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.body.read(size)
+        self.position += len(data)
+        return data
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if whence != os.SEEK_SET or offset < self.position:
+            raise tarfile.ReadError(f"the image stream is read front to back: it cannot go back to byte {offset}")
+        while self.position < offset:
+            if not self.read(min(CHUNK, offset - self.position)):
+                raise tarfile.ReadError("the image stream ended inside a member")
+        return self.position
 
 
 class _BoundedTarInfo(tarfile.TarInfo):

@@ -16,6 +16,7 @@ Heartbeats are every second so readiness shows quickly.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import os
 import signal
@@ -104,6 +105,29 @@ class ControllerProcess:
         if status >= 400:
             raise AssertionError(f"{method} {path} -> {status}: {answer}")
         return answer
+
+    def watcher(self) -> Callable[[str], Any]:
+        """``GET path`` as the admin over one kept-alive connection, for a benchmark that polls:
+        a connection per poll (:meth:`admin`) costs the controller a TLS handshake each time,
+        on the very cores the benchmark measures."""
+        conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=self.context(self.admin_cert), timeout=30)
+
+        def get(path: str) -> Any:
+            for attempt in (1, 2):
+                try:
+                    conn.request("GET", path)
+                    response = conn.getresponse()
+                    text = response.read()
+                    break
+                except (http.client.RemoteDisconnected, ConnectionError):
+                    conn.close()  # the controller's keep-alive ran out: once more on a new one
+                    if attempt == 2:
+                        raise
+            if response.status >= 400:
+                raise AssertionError(f"GET {path} -> {response.status}: {text!r}")
+            return json.loads(text)
+
+        return get
 
     def delete_instance(self, name: str, limit: float = 60.0) -> None:
         """Delete instance ``name`` and wait for its node to have done it: instances outlive
