@@ -53,7 +53,7 @@ COOKIE_MAX = 16384  # REMOTE_MIGRATE_COOKIE_MAX
 DEST_XML, DEST_NAME = "destination_xml", "destination_name"  # VIR_MIGRATE_PARAM_DEST_XML, _DEST_NAME
 
 
-class Refused(Exception):
+class Refused(ValueError):
     """A message the destination does not let through; the connection is closed."""
 
 
