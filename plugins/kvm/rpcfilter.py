@@ -188,21 +188,18 @@ class RpcFilter:
             raise Refused(f"a call about domain {name!r:.80}, not {self.name!r}")
 
     def prepare(self, xdr: Xdr) -> bytes:
-        params = self.migration(xdr.params())
-        return params + self.cookie_and_flags(xdr)
+        return xdr_params(self.migration(xdr.params())) + self.cookie_and_flags(xdr)
 
     def finish(self, xdr: Xdr) -> bytes:
         given = xdr.params()
         # libvirt adds the domain's name: Finish looks the arriving domain up by it.
         if [value for field, value, _ in given if field == DEST_NAME] != [self.name]:
             raise Refused(f"a migration's Finish that does not name domain {self.name!r}")
-        params = self.migration([p for p in given if p[0] != DEST_NAME])
-        name = string_param(DEST_NAME, self.name)
-        params = struct.pack(">I", len(given)) + params[4:] + name
-        return params + self.cookie_and_flags(xdr) + xdr.take(4)  # cancelled: whether the source gave up
+        params = [*self.migration([p for p in given if p[0] != DEST_NAME]), string_param(DEST_NAME, self.name)]
+        return xdr_params(params) + self.cookie_and_flags(xdr) + xdr.take(4)  # cancelled: whether the source gave up
 
-    def migration(self, params: list[tuple[str, object, bytes]]) -> bytes:
-        """Check the parameters of a migration; their XDR, with this node's definition."""
+    def migration(self, params: list[tuple[str, object, bytes]]) -> list[bytes]:
+        """Check the parameters of a migration; the XDR of each, with this node's definition."""
         given: dict[str, object] = {}
         encoded = []
         for field, value, raw in params:
@@ -226,7 +223,7 @@ class RpcFilter:
                        if field not in given or (field != DEST_XML and given[field] != self.params[field]))
         if wrong:
             raise Refused(f"migration parameters {', '.join(wrong)} are missing or not this node's")
-        return struct.pack(">I", len(encoded)) + b"".join(encoded)
+        return encoded
 
     def cookie_and_flags(self, xdr: Xdr) -> bytes:
         start = xdr.at
@@ -243,6 +240,11 @@ def nothing(xdr: Xdr) -> None:
 
 def feature(xdr: Xdr) -> None:
     xdr.int()  # which feature: asking harms nothing
+
+
+def xdr_params(encoded: list[bytes]) -> bytes:
+    """The XDR of an array of typed parameters, each already encoded."""
+    return struct.pack(">I", len(encoded)) + b"".join(encoded)
 
 
 def string_param(field: str, value: str) -> bytes:
