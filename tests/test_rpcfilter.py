@@ -32,8 +32,8 @@ def params(*pairs: tuple[str, str]) -> bytes:
     return struct.pack(">I", len(pairs)) + b"".join(string_param(field, value) for field, value in pairs)
 
 
-def migration(*, dest: str = "<domain><disk>/dev/sda</disk></domain>", flags: int = FLAGS,
-              **changed: str) -> list[tuple[str, str]]:
+def migration(dest: str = "<domain><disk>/dev/sda</disk></domain>", **changed: str) -> list[tuple[str, str]]:
+    """The parameters a migration gives, ``changed``, with ``dest`` as the definition."""
     given = {**{k: v for k, v in PARAMS.items() if isinstance(v, str)}, **changed}
     return [*given.items(), ("destination_xml", dest), ("migrate_disks", "vda")]
 
