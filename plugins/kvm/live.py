@@ -22,7 +22,9 @@ group, which must reach the sockets.
 
 The destination's definition is built on the destination from the controller's create
 payload, as a restore builds it: only the saved UUID, machine type and accelerator come
-from the source, checked as a checkpoint's record is.
+from the source, checked as a checkpoint's record is. What the source says on
+``control.sock`` reaches the destination's libvirtd through :mod:`plugins.kvm.rpcfilter`:
+only a migration's calls, with that definition.
 """
 
 from __future__ import annotations
