@@ -263,6 +263,14 @@ def test_a_live_migration_moves_a_running_vm_through_the_controller(vm_cluster, 
     assert name not in domains(libvirtd), "the source's libvirtd no longer has it"
     assert domains(second_libvirtd).get(name) == libvirt.VIR_DOMAIN_RUNNING
     assert running_on(b, name)
+    # What B starts it from next time is B's own definition, naming B's files, not A's.
+    conn = libvirt.open(second_libvirtd)
+    try:
+        kept = conn.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    finally:
+        conn.close()
+    files = re.findall(r"<source (?:file|path)='([^']+)'", kept)
+    assert files and all(f.startswith(f"{b_dir / name}/") for f in files), files
     wait_for(lambda: reported(a, name) is None, "node A to forget the VM")
     assert not (a_dir / name).exists(), "the source removed its files"
 

@@ -238,10 +238,14 @@ class LivePrepared:
     of the instance (built here, from what a create accepts); ``targets`` maps each channel
     the source's hypervisor opens (``control``: the hypervisor's own API, ``memory``,
     ``disks``...) to the local unix socket a tunnelled connection of that channel reaches
-    on this node."""
+    on this node. ``filters`` gives, for a channel whose target must not hear everything
+    the source may send (a hypervisor's API), what makes the filter of one connection: a
+    function given the source's bytes as they come, returning those to pass on, raising
+    ValueError to close the connection."""
 
     definition: str
     targets: Mapping[str, Path]
+    filters: Mapping[str, Callable[[], Callable[[bytes], bytes]]] = dataclasses.field(default_factory=dict)
 
 
 @runtime_checkable

@@ -660,7 +660,7 @@ class CheckpointPlugin:
                 prepared = await migrator.live_prepare(args.name, args.instance, args.facts, sockets)
                 try:
                     ready = {"definition": prepared.definition, "channels": sorted(prepared.targets)}
-                    ended = await live.destination_tunnels(session, ready, prepared.targets)
+                    ended = await live.destination_tunnels(session, ready, prepared)
                     if ended == "finished" and await migrator.live_arrived(args.name):
                         return {"arrived": True}
                 finally:

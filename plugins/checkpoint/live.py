@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from agent.sdk import PluginContext, TaskError
+from agent.sdk import LivePrepared, PluginContext, TaskError
 from plugins.checkpoint.transfer import MIGRATION_RE
 
 log = logging.getLogger(__name__)
@@ -74,8 +74,10 @@ class Session:
                             f"{exc or type(exc).__name__}", code="transfer-failed") from exc
 
 
-async def splice(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ws: Any) -> None:
-    """Carry bytes both ways between a local connection and a websocket until either ends."""
+async def splice(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ws: Any,
+                 inbound: Callable[[bytes], bytes] | None = None) -> None:
+    """Carry bytes both ways between a local connection and a websocket until either ends;
+    those from the websocket through ``inbound`` (see :class:`agent.sdk.LivePrepared`)."""
     import aiohttp
 
     async def out() -> None:
@@ -86,7 +88,12 @@ async def splice(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ws:
         async for message in ws:
             if message.type != aiohttp.WSMsgType.BINARY:
                 break
-            writer.write(message.data)
+            try:
+                data = inbound(message.data) if inbound else message.data
+            except ValueError as exc:
+                log.warning("checkpoint: a tunnelled connection of the live migration was closed: %s", exc)
+                break
+            writer.write(data)
             await writer.drain()
 
     pumps = [asyncio.ensure_future(out()), asyncio.ensure_future(back())]
@@ -138,13 +145,15 @@ async def source_tunnels(session: Session, sockets: Path, channels: list[str]) -
         await control.close()
 
 
-async def destination_tunnels(session: Session, ready: Mapping[str, Any], targets: Mapping[str, Path]) -> str:
+async def destination_tunnels(session: Session, ready: Mapping[str, Any], prepared: LivePrepared) -> str:
     """Tell the controller the destination is ``ready``, then connect each tunnelled
-    connection it announces to its channel's local target, until it says how the
-    migration ended: ``finished`` or ``failed`` (also when the controller goes away)."""
+    connection it announces to its channel's local target (through the channel's filter),
+    until it says how the migration ended: ``finished`` or ``failed`` (also when the
+    controller goes away)."""
     import aiohttp
 
     conns: set[asyncio.Task[None]] = set()
+    targets = prepared.targets
 
     async def connect(channel: str, conn: str) -> None:
         try:
@@ -158,7 +167,8 @@ async def destination_tunnels(session: Session, ready: Mapping[str, Any], target
             log.warning("checkpoint: %s", exc)
             writer.close()
             return
-        await splice(reader, writer, ws)
+        make_filter = prepared.filters.get(channel)
+        await splice(reader, writer, ws, make_filter() if make_filter else None)
 
     control = await session.open()
     try:

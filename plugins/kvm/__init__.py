@@ -119,9 +119,10 @@ class KvmPlugin:
         self._instances: dict[str, _Instance] = {}
         # Base images of creates between fetching the image and recording the instance.
         self._fetched: list[Path] = []
-        # VMs a live migration is bringing here: their directory and base image, until they
-        # run here (then they are instances) or the migration fails (then they go).
-        self._arriving: dict[str, tuple[Path, Path, str]] = {}
+        # VMs a live migration is bringing here: their directory, base image, acceleration
+        # and definition, until they run here (then they are instances) or the migration
+        # fails (then they go).
+        self._arriving: dict[str, tuple[Path, Path, str, str]] = {}
         self._changed = asyncio.Event()
         self._acceleration_task: asyncio.Task[Acceleration] | None = None
         self._stopped = False
@@ -464,9 +465,10 @@ class KvmPlugin:
             await asyncio.to_thread(shutil.rmtree, directory, True)
             raise
         accel = Acceleration(saved.domain_type, "kvm" if saved.domain_type == "kvm" else "tcg", "as migrated")
-        self._arriving[name] = (directory, base, accel.name)
         files = DomainFiles(directory, directory / DISK, seed, directory / CONSOLE_LOG)
-        return domain_xml(name, spec, accel, files, self.config.network, uuid=saved.uuid, machine=saved.machine)
+        definition = domain_xml(name, spec, accel, files, self.config.network, uuid=saved.uuid, machine=saved.machine)
+        self._arriving[name] = (directory, base, accel.name, definition)
+        return definition
 
     async def arrived(self, name: str) -> bool:
         """Whether the VM a live migration brought runs here; it is an instance from now on."""
@@ -475,9 +477,16 @@ class KvmPlugin:
         dom = await asyncio.to_thread(lookup, libvirt, conn, name)
         if dom is None or name not in self._arriving:
             return False
-        directory, base, accel = self._arriving.pop(name)
+        directory, base, accel, definition = self._arriving.pop(name)
         self._fetched.remove(base)
         self._instances[name] = _Instance(name, directory, "creating", acceleration=accel, base=base)
+        # Its persistent definition came in the source's migration cookie: this node's own
+        # replaces it (see plugins/kvm/rpcfilter.py).
+        try:
+            await asyncio.to_thread(conn.defineXML, definition)
+        except libvirt.libvirtError as exc:
+            log.error("kvm: VM %s arrived, but libvirt refused this node's definition of it, so its persistent "
+                      "definition is the one the source sent: %s", name, exc.get_error_message())
         await self._refresh(conn, name)
         self._report_changed()
         return self._instances[name].state == "running"
@@ -508,14 +517,12 @@ class KvmPlugin:
         except libvirt.libvirtError as exc:
             raise TaskError(f"the destination's libvirtd cannot be reached through the tunnel: "
                             f"{exc.get_error_message()}", code="migration-failed") from exc
-        flags = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_NON_SHARED_INC | libvirt.VIR_MIGRATE_PERSIST_DEST
-                 | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
         finished = asyncio.Event()
         loop = asyncio.get_running_loop()
         try:
             await asyncio.to_thread(dom.migrateSetMaxDowntime, options.max_downtime_ms, 0)
             moving = asyncio.ensure_future(asyncio.to_thread(
-                live.migrate, libvirt, dom, dconn, definition, sockets, flags,
+                live.migrate, libvirt, dom, dconn, definition, sockets,
                 lambda: loop.call_soon_threadsafe(finished.set)))
             acted = await live.follow(libvirt, dom, finished, options, progress)
             try:

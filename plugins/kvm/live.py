@@ -22,7 +22,9 @@ group, which must reach the sockets.
 
 The destination's definition is built on the destination from the controller's create
 payload, as a restore builds it: only the saved UUID, machine type and accelerator come
-from the source, checked as a checkpoint's record is.
+from the source, checked as a checkpoint's record is. What the source says on
+``control.sock`` reaches the destination's libvirtd through :mod:`plugins.kvm.rpcfilter`:
+only a migration's calls, with that definition.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from typing import Any
 from agent.sdk import LiveOptions, LivePrepared, TaskError, run_command
 from plugins.kvm.checkpointing import KvmCheckpointer, parse_saved, save_blockers, saved_vm
 from plugins.kvm.disks import backing_file
+from plugins.kvm.rpcfilter import RpcFilter
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +114,14 @@ class KvmLiveMigrator(KvmCheckpointer):
         saved, spec = parse_saved(record, instance)
         await asyncio.to_thread(share_with_qemu, sockets)
         definition = await plugin.prepare_arrival(name, spec, saved, size)
+        import libvirt  # loaded: prepare_arrival connected to libvirtd
+
+        params = migration_params(libvirt, definition, sockets)
+        del params[libvirt.VIR_MIGRATE_PARAM_DEST_XML]  # the filter puts it in, whatever the source sent
+        flags = migration_flags(libvirt)
         return LivePrepared(definition, {"control": Path(control), "memory": sockets / "memory.sock",
-                                         "disks": sockets / "disks.sock"})
+                                         "disks": sockets / "disks.sock"},
+                            {"control": lambda: RpcFilter(name, params, flags, definition).feed})
 
     async def live_migrate(self, name: str, definition: str, sockets: Path, options: LiveOptions,
                            progress: Callable[[Mapping[str, Any]], None]) -> Mapping[str, Any]:
@@ -127,16 +136,29 @@ class KvmLiveMigrator(KvmCheckpointer):
         await self.plugin.abandon_arrival(name)
 
 
-def migrate(libvirt: Any, dom: Any, dconn: Any, definition: str, sockets: Path, flags: int,
-            done: Callable[[], None]) -> None:
+def migration_flags(libvirt: Any) -> int:
+    """The flags of Kumo's live migrations, the only ones a destination accepts."""
+    return (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_NON_SHARED_INC | libvirt.VIR_MIGRATE_PERSIST_DEST
+            | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
+
+
+def migration_params(libvirt: Any, definition: str, sockets: Path) -> dict[str, Any]:
+    """The parameters of Kumo's live migration to the destination that prepared
+    ``definition``, the only ones it accepts. The destination's definition is also the
+    persistent one it keeps, rather than the source's, which would name the source's files."""
+    return {
+        libvirt.VIR_MIGRATE_PARAM_URI: f"unix://{sockets / 'memory.sock'}",
+        libvirt.VIR_MIGRATE_PARAM_DISKS_URI: f"unix://{sockets / 'disks.sock'}",
+        libvirt.VIR_MIGRATE_PARAM_DEST_XML: definition,
+        libvirt.VIR_MIGRATE_PARAM_PERSIST_XML: definition,
+        libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS: ["vda"],  # the overlay; the seed is read-only
+    }
+
+
+def migrate(libvirt: Any, dom: Any, dconn: Any, definition: str, sockets: Path, done: Callable[[], None]) -> None:
     """libvirt's managed migration of ``dom`` to ``dconn``, its streams through ``sockets``. Blocking."""
     try:
-        dom.migrate3(dconn, {
-            libvirt.VIR_MIGRATE_PARAM_URI: f"unix://{sockets / 'memory.sock'}",
-            libvirt.VIR_MIGRATE_PARAM_DISKS_URI: f"unix://{sockets / 'disks.sock'}",
-            libvirt.VIR_MIGRATE_PARAM_DEST_XML: definition,
-            libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS: ["vda"],  # the overlay; the seed is read-only
-        }, flags)
+        dom.migrate3(dconn, migration_params(libvirt, definition, sockets), migration_flags(libvirt))
     finally:
         done()
 
