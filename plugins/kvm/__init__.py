@@ -540,7 +540,8 @@ class KvmPlugin:
             stats = await asyncio.to_thread(live.completed, libvirt, dconn, name)
             # libvirt undefined it here (VIR_MIGRATE_UNDEFINE_SOURCE) without an event saying so.
             self._instances.pop(name, None)
-            return {"not_converging": acted, **stats}
+            # An abort that came as the copy converged did nothing: the guest moved all the same.
+            return {"not_converging": None if acted == "abort" else acted, **stats}
         finally:
             await asyncio.to_thread(live.close, libvirt, dconn)
             await self._refresh(conn, name)
