@@ -126,7 +126,7 @@ class Controller:
         self.watchers: list[Callable[[Event], None]] = []
         self._wakeups: dict[str, set[asyncio.Event]] = {}
         self._task_waiters: dict[str, set[asyncio.Event]] = {}
-        self._peers: OrderedDict[bytes, tuple[str, str, str]] = OrderedDict()
+        self._peers: OrderedDict[bytes, tuple[str, str, str, float]] = OrderedDict()
         self._background: list[asyncio.Task[None]] = []
         self.alerts_waiting = asyncio.Event()
         self.stopping = False
@@ -328,11 +328,18 @@ class Controller:
         cached = self._peers.get(der)
         if cached is None:
             cert = x509.load_der_x509_certificate(der)
-            cached = (*pki.identity_of(cert), format(cert.serial_number, "x"))
+            cached = (*pki.identity_of(cert), format(cert.serial_number, "x"), pki.expires_at(cert))
             self._peers[der] = cached
             if len(self._peers) > 4096:
                 self._peers.popitem(last=False)
-        return cached
+        role, name, serial, expires = cached
+        # TLS checks the dates at the handshake only: a connection kept alive from before
+        # the certificate expired (a partition that heals) must not outlive it.
+        if time.time() > expires:
+            raise ApiError(403, f"the client certificate of {role} {name!r} expired at "
+                                f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(expires))}: a node renews "
+                                "its own before that, else joins again (kumo-agent join --force)")
+        return role, name, serial
 
     # Nodes' live state.
 
