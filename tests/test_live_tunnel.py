@@ -149,3 +149,44 @@ async def test_the_sources_progress_keeps_figures_only(tunnel):
         "nested": {"a": 1}, "text": "y" * 100}}))
     await control.close()
     assert made.progress == {"memory_remaining": 5, "not_converging": "abort"}
+
+
+class Store:
+    async def get_instance(self, name: str) -> dict[str, Any]:
+        return {"spec": {"vcpus": 1, "memory_mib": 64}}
+
+    async def put_migration(self, doc: dict[str, Any]) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("received", "outcome"), [
+    ({"state": "failed", "code": "migration-failed", "error": "nothing of it is left here"}, "holds nothing of it"),
+    ({"state": "failed", "code": "interrupted", "error": "the agent stopped"},
+     "did not confirm it removed what it prepared (the agent stopped)"),
+])
+async def test_a_failed_move_says_what_the_destination_left_only_as_it_confirmed(monkeypatch, received, outcome):
+    ctl = Ctl()
+    ctl.store = Store()
+    ctl.settings = type("Settings", (), {"url": "https://ctl:8443"})
+    doc = {"id": MID, "instance": "vm", "kind": "kvm", "source": "s", "destination": "d", "phase": "prepare",
+           "live": {"max_downtime_ms": 300}, "progress": {}}
+
+    async def run_task(ctl: Any, node: str, kind: str, payload: Any, timeout: float, instance: Any = None) -> Any:
+        if kind == "checkpoint.live_facts":
+            return {"state": "succeeded", "result": {"facts": {}}}
+        assert kind == "checkpoint.live_send" and migrations.migrations(ctl).tunnels[MID].live
+        return {"state": "failed", "code": "migration-failed", "error": "the tunnel broke"}
+
+    async def submit(ctl: Any, task: dict[str, Any]) -> Any:
+        migrations.migrations(ctl).tunnels[MID].ready.set_result({"definition": "<domain/>", "channels": ["control"]})
+        return task, True
+
+    async def wait(ctl: Any, task: Any, timeout: float, harmless: bool = False) -> Any:
+        return received
+
+    monkeypatch.setattr(migrations, "run_task", run_task)
+    monkeypatch.setattr(migrations, "submit", submit)
+    monkeypatch.setattr(migrations.tasks, "wait", wait)
+    await migrations._migrate_live(ctl, doc)
+    assert doc["code"] == "migration-failed" and "runs on node s" in doc["outcome"], doc
+    assert outcome in doc["outcome"], doc

@@ -683,7 +683,12 @@ async def _migrate_live(ctl: Any, doc: dict[str, Any]) -> None:
             return
     elif sent["state"] != "succeeded":
         _fail(doc, sent, f"the live migration from node {source} failed")
-        doc["outcome"] = f"{stays}; node {destination} holds nothing of it"
+        if got is not None and got["state"] == "failed" and got.get("code") == "migration-failed":
+            doc["outcome"] = f"{stays}; node {destination} holds nothing of it"
+        else:  # its agent stopped, or its clean-up failed
+            doc["outcome"] = (f"{stays}; node {destination} did not confirm it removed what it prepared "
+                              f"({(got or {}).get('error') or 'no answer'}): its directory of the instance is "
+                              "replaced by the next create or arrival of that name there")
         return
     doc["progress"].update(sent["result"] or {})
     if got is None or got["state"] != "succeeded":
