@@ -174,10 +174,9 @@ def copy_for_raw(xml: str, directory: Path) -> None:
             shutil.copy(path, directory / path.name)
 
 
-def raw_round(here: Path, uris: tuple[str, str], name: str, fill: int) -> tuple[float, float]:
-    """(downtime, total seconds) of ``virsh save``, a copy and ``virsh restore`` of the guest
-    :func:`copy_for_raw` left in ``here``."""
-    source_uri, destination_uri = uris
+def start_raw(here: Path, source_uri: str, name: str, fill: int) -> Path:
+    """Define and start on the source the guest :func:`copy_for_raw` left in ``here``, wait
+    until it has filled ``fill`` MiB; the new directory of its destination's copy."""
     there = here.with_name(f"{here.name}-destination")
     there.mkdir(mode=0o711)
     template = (here / "template.xml").read_text()
@@ -187,6 +186,14 @@ def raw_round(here: Path, uris: tuple[str, str], name: str, fill: int) -> tuple[
     console = next(Path(s.get("path")) for s in ET.fromstring(relocated_xml(template, here)).iter("source")
                    if s.get("path", "").endswith(".log"))
     wait_for(lambda: filled(console), f"{name} to fill {fill} MiB", limit=300)
+    return there
+
+
+def raw_round(here: Path, uris: tuple[str, str], name: str, fill: int) -> tuple[float, float]:
+    """(downtime, total seconds) of ``virsh save``, a copy and ``virsh restore`` of the guest
+    :func:`copy_for_raw` left in ``here``."""
+    source_uri, destination_uri = uris
+    there = start_raw(here, source_uri, name, fill)
 
     watch = Downtime(source_uri, name, destination_uri, name)
     started = time.perf_counter()
@@ -210,15 +217,7 @@ def raw_live_round(here: Path, uris: tuple[str, str], name: str, fill: int, max_
     """(downtime, total seconds) of ``virsh migrate --live --copy-storage-inc`` of the guest
     :func:`copy_for_raw` left in ``here``, over loopback TCP, to an overlay made beforehand."""
     source_uri, destination_uri = uris
-    there = here.with_name(f"{here.name}-destination")
-    there.mkdir(mode=0o711)
-    template = (here / "template.xml").read_text()
-    (here / "domain.xml").write_text(relocated_xml(template, here, name))
-    virsh(source_uri, "define", str(here / "domain.xml"))
-    virsh(source_uri, "start", name)
-    console = next(Path(s.get("path")) for s in ET.fromstring(relocated_xml(template, here)).iter("source")
-                   if s.get("path", "").endswith(".log"))
-    wait_for(lambda: filled(console), f"{name} to fill {fill} MiB", limit=300)
+    there = start_raw(here, source_uri, name, fill)
     copy_for_raw(virsh(source_uri, "dumpxml", "--inactive", name), there / "disks")
     for path in (there / "disks").iterdir():
         path.rename(there / path.name)

@@ -301,6 +301,7 @@ def test_a_destination_killed_during_a_live_migration_leaves_it_running_on_the_s
     b.kill()
     done = finished(controller, answer["migration"]["id"])
     assert done["state"] == "failed" and f"runs on node {a.node_id}" in done["outcome"], done
+    assert f"node {b.node_id} did not confirm it removed what it prepared" in done["outcome"], done
     assert controller.admin("GET", f"/v1/instances/{name}")["node"] == a.node_id
     wait_for(lambda: name not in domains(second_libvirtd), "B's libvirtd to drop the incoming VM", limit=60)
     assert running_on(a, name)

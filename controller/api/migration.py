@@ -250,13 +250,16 @@ async def download_image(request: web.Request) -> web.StreamResponse:
 def _tunnel(request: web.Request) -> tuple[migrations.Tunnel, str]:
     """The live migration's tunnel and the role of the node asking (``source`` or
     ``destination``); 403 for any other node, 404 when this controller drives no such
-    migration (its ends are given the driving controller's URL)."""
+    migration in progress (its ends are given the driving controller's URL), 409 for the
+    source before its move was asked."""
     migration_id, node_id = request.match_info["mid"], request.match_info["id"]
     tunnel = migrations.migrations(state(request)).tunnels.get(migration_id)
     if tunnel is None or tunnel.ended.is_set():
         raise ApiError(404, f"this controller drives no live migration {migration_id} in progress")
     if node_id not in (tunnel.source, tunnel.destination):
         raise ApiError(403, f"node {node_id} is not an end of migration {migration_id}")
+    if node_id == tunnel.source and not tunnel.live:
+        raise ApiError(409, f"migration {migration_id} is not in its live phase: its source opens nothing yet")
     return tunnel, "source" if node_id == tunnel.source else "destination"
 
 
@@ -264,12 +267,11 @@ async def live_control(request: web.Request) -> web.WebSocketResponse:
     """A live migration's control websocket: the destination says it is ready and is told of
     each tunnelled connection and of the end; the source reports progress."""
     tunnel, role = _tunnel(request)
-    ws = web.WebSocketResponse(heartbeat=30.0)
+    if role == "destination" and tunnel.control is not None:
+        raise ApiError(409, f"node {tunnel.destination} is already attached to migration {request.match_info['mid']}")
+    ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=CONTROL_MESSAGE_MAX)
     await ws.prepare(request)
     if role == "destination":
-        if tunnel.control is not None:
-            await ws.close(message=b"the destination is already attached")
-            return ws
         tunnel.control = ws
     try:
         async for message in ws:
@@ -281,14 +283,14 @@ async def live_control(request: web.Request) -> web.WebSocketResponse:
                 break
             if role == "destination" and not tunnel.ready.done() and isinstance(said, dict):
                 tunnel.ready.set_result(said)
-            elif role == "source" and isinstance(said, dict) and isinstance(said.get("progress"), dict):
-                tunnel.progress = said["progress"]
+            elif role == "source" and isinstance(said, dict):
+                tunnel.report(said.get("progress"))
     finally:
         if role == "destination":
             tunnel.control = None
             if not tunnel.ready.done():
                 tunnel.ready.set_exception(migrations.RelayAborted(f"node {tunnel.destination} went away"))
-            for waiting in tunnel.waiting.values():
+            for _, waiting in tunnel.waiting.values():
                 waiting.cancel()
     return ws
 
@@ -298,13 +300,18 @@ async def live_channel(request: web.Request) -> web.WebSocketResponse:
     when told to, and the controller splices the two."""
     tunnel, role = _tunnel(request)
     channel = request.match_info["channel"]
-    ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=0)
+    ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=migrations.TUNNEL_MESSAGE_MAX)
     if role == "destination":
-        joining = tunnel.waiting.pop(request.query.get("conn", ""), None)
-        if joining is None or joining.done():
-            raise ApiError(404, "no tunnelled connection waits for this one")
+        conn = request.query.get("conn", "")
+        wanted, joining = tunnel.waiting.get(conn, (None, None))
+        if joining is None or joining.done() or wanted != channel:
+            raise ApiError(404, f"no tunnelled connection of channel {channel!r:.40} waits for this one")
+        del tunnel.waiting[conn]  # joined once: a replay of its number finds nothing
         await ws.prepare(request)
         done = asyncio.Event()
+        if joining.done():  # the source gave up meanwhile
+            await ws.close()
+            return ws
         joining.set_result((ws, done))
         await done.wait()
         return ws
@@ -313,21 +320,29 @@ async def live_channel(request: web.Request) -> web.WebSocketResponse:
         raise ApiError(409, f"node {tunnel.destination} is not ready for the migration's connections")
     if channel not in tunnel.ready.result().get("channels", ()):
         raise ApiError(404, f"the destination offers no channel {channel!r:.40}")
+    if tunnel.open >= migrations.TUNNEL_CONNECTIONS_MAX:
+        raise ApiError(429, f"migration {request.match_info['mid']} has {tunnel.open} tunnelled connections open, "
+                            f"the most it may: close one first")
     tunnel.opened += 1
-    conn = str(tunnel.opened)
-    joining = tunnel.waiting[conn] = asyncio.get_running_loop().create_future()
-    await ws.prepare(request)
+    tunnel.open += 1
     try:
-        await control.send_str(json.dumps({"channel": channel, "conn": conn}))
-        other, done = await asyncio.wait_for(joining, migrations.STALL_TIMEOUT)
-    except (asyncio.CancelledError, TimeoutError, ConnectionError):
-        tunnel.waiting.pop(conn, None)
-        await ws.close()
-        return ws
-    try:
-        await _splice(tunnel, ws, other)
+        conn = str(tunnel.opened)
+        joining = asyncio.get_running_loop().create_future()
+        tunnel.waiting[conn] = (channel, joining)
+        await ws.prepare(request)
+        try:
+            await control.send_str(json.dumps({"channel": channel, "conn": conn}))
+            other, done = await asyncio.wait_for(joining, migrations.STALL_TIMEOUT)
+        except (asyncio.CancelledError, TimeoutError, ConnectionError):
+            tunnel.waiting.pop(conn, None)
+            await ws.close()
+            return ws
+        try:
+            await _splice(tunnel, ws, other)
+        finally:
+            done.set()
     finally:
-        done.set()
+        tunnel.open -= 1
     return ws
 
 
@@ -351,6 +366,7 @@ async def _splice(tunnel: migrations.Tunnel, one: web.WebSocketResponse, other: 
                 await asyncio.wait_for(ws.close(), 5)
 
 
+CONTROL_MESSAGE_MAX = 64 * 1024  # readiness (a domain definition) and progress figures
 INSTANCE = "/v1/instances/{name}"
 IMAGE = "/v1/nodes/{id}/migrations/{mid}/image"
 RELAY = "/v1/relay/{mid}/{id}"

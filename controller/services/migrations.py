@@ -43,6 +43,7 @@ import contextlib
 import datetime
 import json
 import logging
+import re
 import time
 import uuid
 import weakref
@@ -64,6 +65,14 @@ STALL_TIMEOUT = 60.0
 ABORT_GRACE = 30.0  # how long an aborted transfer waits for the other end's task to answer
 CLEANUP_TIMEOUT = 60.0
 RELAY_DEPTH = 64  # chunks held between the source's upload and the destination's download
+# A live migration's tunnels: the agents send at most 256 KiB a message (plugins/checkpoint/
+# live.py), so a bigger one is a node trying to make the controller buffer it whole.
+TUNNEL_MESSAGE_MAX = 1 << 20
+# Its hypervisors open one connection per channel; a few more are retries. Each one makes
+# the destination open a local connection, so a source may not open them without bound.
+TUNNEL_CONNECTIONS_MAX = 8
+PROGRESS_KEYS_MAX = 16
+PROGRESS_KEY_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}\Z")
 
 
 class RelayAborted(Exception):
@@ -120,11 +129,24 @@ class Tunnel:
         # The destination's first word on its control websocket: its definition and channels.
         self.ready: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self.control: Any = None  # the destination's control websocket, while it is open
-        self.waiting: dict[str, asyncio.Future[Any]] = {}  # connection -> the destination's websocket for it
+        # Connection number -> its channel and the destination's websocket for it, once joined.
+        self.waiting: dict[str, tuple[str, asyncio.Future[Any]]] = {}
         self.opened = 0
+        self.open = 0  # the tunnelled connections now open
+        self.live = False  # the source may open connections: its move was asked
         self.bytes = 0  # carried either way, all channels
         self.progress: dict[str, Any] = {}  # the source's latest figures
         self.ended = asyncio.Event()
+
+    def report(self, figures: Any) -> None:
+        """Keep the source's progress figures (short names, numbers or short words): they are
+        shown to admins, and the source may be compromised. The byte counts are the
+        controller's own."""
+        if isinstance(figures, dict):
+            self.progress = {key: value for key, value in list(figures.items())[:PROGRESS_KEYS_MAX]
+                             if isinstance(key, str) and PROGRESS_KEY_RE.match(key) and not key.startswith("bytes_")
+                             and (value is None or isinstance(value, (int, float))
+                                  or isinstance(value, str) and len(value) <= 40)}
 
     async def end(self, how: str) -> None:
         """Tell the destination how the move ended (``finished`` or ``failed``)."""
@@ -643,6 +665,7 @@ async def _migrate_live(ctl: Any, doc: dict[str, Any]) -> None:
             doc["outcome"] = stays
             return
         await _phase(ctl, doc, "live")
+        tunnel.live = True
         asked = time.time()
         sent = await run_task(ctl, source, "checkpoint.live_send", {
             **ends, "definition": ready["definition"], "channels": ready["channels"], **doc["live"]},
@@ -660,7 +683,12 @@ async def _migrate_live(ctl: Any, doc: dict[str, Any]) -> None:
             return
     elif sent["state"] != "succeeded":
         _fail(doc, sent, f"the live migration from node {source} failed")
-        doc["outcome"] = f"{stays}; node {destination} holds nothing of it"
+        if got is not None and got["state"] == "failed" and got.get("code") == "migration-failed":
+            doc["outcome"] = f"{stays}; node {destination} holds nothing of it"
+        else:  # its agent stopped, or its clean-up failed
+            doc["outcome"] = (f"{stays}; node {destination} did not confirm it removed what it prepared "
+                              f"({(got or {}).get('error') or 'no answer'}): its directory of the instance is "
+                              "replaced by the next create or arrival of that name there")
         return
     doc["progress"].update(sent["result"] or {})
     if got is None or got["state"] != "succeeded":

@@ -33,6 +33,9 @@ from plugins.checkpoint.transfer import MIGRATION_RE
 log = logging.getLogger(__name__)
 
 CHUNK = 256 * 1024
+# The controller refuses bigger messages in a tunnel; it forwards the other end's as they
+# came, so none is larger than CHUNK from a sound node.
+MESSAGE_MAX = 4 * CHUNK
 CHANNEL_RE = re.compile(r"^[a-z]{1,16}\Z")  # a channel names a socket file on the source
 CONNECT_TIMEOUT = 30.0
 
@@ -68,7 +71,7 @@ class Session:
 
         try:
             return await self.session.ws_connect(self.base + suffix, params=query or None, ssl=self.tls,
-                                                 max_msg_size=0, heartbeat=30.0)
+                                                 max_msg_size=MESSAGE_MAX, heartbeat=30.0)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise TaskError(f"the migration's tunnel through the controller cannot be opened: "
                             f"{exc or type(exc).__name__}", code="transfer-failed") from exc

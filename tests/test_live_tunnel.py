@@ -1,0 +1,192 @@
+"""The controller's live-migration tunnel endpoints as an attacker meets them: who may attach,
+when, to what, how often, with how big a message. The handlers and the identity guard are the
+controller's own, in an aiohttp test server; the certificate's identity comes from a header
+(the real server takes it from the TLS session, tested in test_controller.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from controller.api import migration
+from controller.app import IDENTIFY, guard
+from controller.services import Refused, migrations
+
+MID = "m-0123456789abcdef"
+
+
+class Ctl:
+    """What the guard and the handlers ask of the controller."""
+
+    unavailable = None
+    revoked: set[str] = set()
+
+    async def node_may_connect(self, node_id: str, serial: str) -> bool:
+        return True
+
+
+@web.middleware
+async def refused(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except Refused as exc:
+        return web.json_response({"error": exc.message}, status=exc.status)
+
+
+async def identity(request: web.Request) -> tuple[str, str, str]:
+    role, _, name = request.headers["X-Cert"].partition(" ")
+    return role, name, "1"
+
+
+@pytest.fixture
+async def tunnel(aiohttp_client: Any) -> Any:
+    """(the tunnel of migration MID from node s to node d, a function opening a websocket as
+    a certificate, e.g. ``"node s"``, to a path under /v1/nodes/)."""
+    ctl = Ctl()
+    app = web.Application(middlewares=[refused])
+    app["kumo"] = ctl
+    app[IDENTIFY] = identity
+    for route in migration.ROUTES:
+        if route.path.startswith(migration.LIVE):
+            app.router.add_route(route.method, route.path, guard(route, route.handler))
+    client = await aiohttp_client(app)
+    made = migrations.migrations(ctl).tunnels[MID] = migrations.Tunnel("s", "d")
+
+    async def ws(cert: str, path: str, **query: str) -> Any:
+        return await client.ws_connect(f"/v1/nodes/{path}", headers={"X-Cert": cert}, params=query or None)
+
+    return made, ws
+
+
+async def refusal(opening: Any) -> tuple[int, str]:
+    with pytest.raises(aiohttp.WSServerHandshakeError) as caught:
+        await opening
+    return caught.value.status, caught.value.message
+
+
+async def ready(tunnel: Any, ws: Any) -> Any:
+    """The destination attached and ready with channel ``control``; its control websocket."""
+    control = await ws("node d", f"d/migrations/{MID}/live")
+    await control.send_str(json.dumps({"definition": "<domain/>", "channels": ["control"]}))
+    await asyncio.wait_for(asyncio.shield(tunnel.ready), 5)
+    tunnel.live = True
+    return control
+
+
+async def test_only_the_migrations_ends_attach_and_only_as_themselves(tunnel):
+    made, ws = tunnel
+    # A third node, as itself or in the name of an end; an admin certificate.
+    assert (await refusal(ws("node x", f"x/migrations/{MID}/live")))[0] == 403
+    assert (await refusal(ws("node x", f"d/migrations/{MID}/live")))[0] == 403
+    assert (await refusal(ws("admin root", f"d/migrations/{MID}/live")))[0] == 403
+    assert (await refusal(ws("node x", f"x/migrations/{MID}/live/control")))[0] == 403
+    # Another migration's id, and this one once it ended.
+    assert (await refusal(ws("node s", "s/migrations/m-ffffffffffffffff/live")))[0] == 404
+    made.ended.set()
+    assert (await refusal(ws("node d", f"d/migrations/{MID}/live")))[0] == 404
+
+
+async def test_the_source_opens_nothing_before_its_live_phase_and_only_named_channels(tunnel):
+    made, ws = tunnel
+    status, _ = await refusal(ws("node s", f"s/migrations/{MID}/live/control"))
+    assert status == 409
+    control = await ready(made, ws)
+    assert (await refusal(ws("node d", f"d/migrations/{MID}/live")))[0] == 409  # one destination control
+    assert (await refusal(ws("node s", f"s/migrations/{MID}/live/shell")))[0] == 404
+    await control.close()
+
+
+async def test_a_connection_is_joined_once_by_the_destination_on_its_channel(tunnel):
+    made, ws = tunnel
+    control = await ready(made, ws)
+    source = await ws("node s", f"s/migrations/{MID}/live/control")
+    order = json.loads((await control.receive(timeout=5)).data)
+    assert order == {"channel": "control", "conn": "1"}
+    # The destination joins only on the announced channel.
+    assert (await refusal(ws("node d", f"d/migrations/{MID}/live/memory", conn="1")))[0] == 404
+    joined = await ws("node d", f"d/migrations/{MID}/live/control", conn="1")
+    await source.send_bytes(b"hello")
+    assert (await joined.receive(timeout=5)).data == b"hello"
+    await joined.send_bytes(b"back")
+    assert (await source.receive(timeout=5)).data == b"back"
+    # Replayed, the number joins nothing.
+    assert (await refusal(ws("node d", f"d/migrations/{MID}/live/control", conn="1")))[0] == 404
+    for each in (joined, source, control):
+        await each.close()
+
+
+async def test_connections_and_messages_are_bounded(tunnel, monkeypatch):
+    made, ws = tunnel
+    monkeypatch.setattr(migrations, "TUNNEL_MESSAGE_MAX", 1024)
+    monkeypatch.setattr(migrations, "TUNNEL_CONNECTIONS_MAX", 2)
+    control = await ready(made, ws)
+    sources = [await ws("node s", f"s/migrations/{MID}/live/control") for _ in range(2)]
+    status, _ = await refusal(ws("node s", f"s/migrations/{MID}/live/control"))
+    assert status == 429
+    for number in ("1", "2"):
+        assert json.loads((await control.receive(timeout=5)).data)["conn"] == number
+    joined, other = [await ws("node d", f"d/migrations/{MID}/live/control", conn=n) for n in ("1", "2")]
+    # One message bigger than the bound closes the connection, both ends, nothing relayed.
+    await sources[0].send_bytes(b"x" * 2048)
+    assert (await sources[0].receive(timeout=5)).type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+    assert (await joined.receive(timeout=5)).type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+    assert made.bytes == 0
+    for each in (joined, other, *sources, control):
+        await each.close()
+
+
+async def test_the_sources_progress_keeps_figures_only(tunnel):
+    made, ws = tunnel
+    made.live = True
+    control = await ws("node s", f"s/migrations/{MID}/live")
+    await control.send_str(json.dumps({"progress": {
+        "memory_remaining": 5, "not_converging": "abort", "bytes_total": 1, "Evil": 1, "x" * 60: 1,
+        "nested": {"a": 1}, "text": "y" * 100}}))
+    await control.close()
+    assert made.progress == {"memory_remaining": 5, "not_converging": "abort"}
+
+
+class Store:
+    async def get_instance(self, name: str) -> dict[str, Any]:
+        return {"spec": {"vcpus": 1, "memory_mib": 64}}
+
+    async def put_migration(self, doc: dict[str, Any]) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("received", "outcome"), [
+    ({"state": "failed", "code": "migration-failed", "error": "nothing of it is left here"}, "holds nothing of it"),
+    ({"state": "failed", "code": "interrupted", "error": "the agent stopped"},
+     "did not confirm it removed what it prepared (the agent stopped)"),
+])
+async def test_a_failed_move_says_what_the_destination_left_only_as_it_confirmed(monkeypatch, received, outcome):
+    ctl = Ctl()
+    ctl.store = Store()
+    ctl.settings = type("Settings", (), {"url": "https://ctl:8443"})
+    doc = {"id": MID, "instance": "vm", "kind": "kvm", "source": "s", "destination": "d", "phase": "prepare",
+           "live": {"max_downtime_ms": 300}, "progress": {}}
+
+    async def run_task(ctl: Any, node: str, kind: str, payload: Any, timeout: float, instance: Any = None) -> Any:
+        if kind == "checkpoint.live_facts":
+            return {"state": "succeeded", "result": {"facts": {}}}
+        assert kind == "checkpoint.live_send" and migrations.migrations(ctl).tunnels[MID].live
+        return {"state": "failed", "code": "migration-failed", "error": "the tunnel broke"}
+
+    async def submit(ctl: Any, task: dict[str, Any]) -> Any:
+        migrations.migrations(ctl).tunnels[MID].ready.set_result({"definition": "<domain/>", "channels": ["control"]})
+        return task, True
+
+    async def wait(ctl: Any, task: Any, timeout: float, harmless: bool = False) -> Any:
+        return received
+
+    monkeypatch.setattr(migrations, "run_task", run_task)
+    monkeypatch.setattr(migrations, "submit", submit)
+    monkeypatch.setattr(migrations.tasks, "wait", wait)
+    await migrations._migrate_live(ctl, doc)
+    assert doc["code"] == "migration-failed" and "runs on node s" in doc["outcome"], doc
+    assert outcome in doc["outcome"], doc
