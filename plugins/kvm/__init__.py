@@ -526,7 +526,17 @@ class KvmPlugin:
                 lambda: loop.call_soon_threadsafe(finished.set)))
             acted = await live.follow(libvirt, dom, finished, options, progress)
             try:
-                await moving
+                if acted == "abort":
+                    # libvirt ends an aborted job by itself, unless it waits on a tunnelled stream
+                    # that no longer moves: then closing the tunnels (on the way out) ends it.
+                    moving.add_done_callback(lambda f: f.cancelled() or f.exception())
+                    await asyncio.wait_for(asyncio.shield(moving), live.ABORT_GRACE)
+                else:
+                    await moving
+            except TimeoutError:
+                raise TaskError(f"VM {name!r} did not converge within {options.converge_timeout:.0f} s, and libvirt "
+                                f"had not ended the aborted migration {live.ABORT_GRACE:.0f} s later: its streams "
+                                "were closed, and it runs here as before", code="not-converging") from None
             except libvirt.libvirtError as exc:
                 if acted == "stop-and-copy":
                     with contextlib.suppress(libvirt.libvirtError):
@@ -543,7 +553,9 @@ class KvmPlugin:
             # An abort that came as the copy converged did nothing: the guest moved all the same.
             return {"not_converging": None if acted == "abort" else acted, **stats}
         finally:
-            await asyncio.to_thread(live.close, libvirt, dconn)
+            # A close waits for the destination's answer through the tunnel, which may be stuck.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.to_thread(live.close, libvirt, dconn), live.CLOSE_TIMEOUT)
             await self._refresh(conn, name)
             self._report_changed()
 

@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 QEMU_USER = "libvirt-qemu"  # Debian's: what qemu runs as under libvirtd
 SYSTEM_SOCKET = "/run/libvirt/libvirt-sock"
 POLL = 0.5  # seconds between two reads of the migration's progress
+ABORT_GRACE = 60.0  # seconds libvirt may take to end its job after an abort
+CLOSE_TIMEOUT = 10.0
 
 
 def libvirtd_socket(uri: str) -> str | None:
