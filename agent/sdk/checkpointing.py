@@ -282,8 +282,9 @@ class LiveMigrator(NativeCheckpointer, Protocol):
         ...
 
     async def live_arrived(self, name: str) -> bool:
-        """On the destination, after the source's move ended: whether instance ``name``
-        runs here now (then it is this node's, as a restored instance is)."""
+        """On the destination, after the source's move ended (or the controller went away
+        without saying how): whether instance ``name`` runs here now (then it is this
+        node's, as a restored instance is)."""
         ...
 
     async def live_abandon(self, name: str) -> None:

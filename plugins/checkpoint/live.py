@@ -148,11 +148,10 @@ async def source_tunnels(session: Session, sockets: Path, channels: list[str]) -
         await control.close()
 
 
-async def destination_tunnels(session: Session, ready: Mapping[str, Any], prepared: LivePrepared) -> str:
+async def destination_tunnels(session: Session, ready: Mapping[str, Any], prepared: LivePrepared) -> None:
     """Tell the controller the destination is ``ready``, then connect each tunnelled
     connection it announces to its channel's local target (through the channel's filter),
-    until it says how the migration ended: ``finished`` or ``failed`` (also when the
-    controller goes away)."""
+    until it says the migration ended or goes away."""
     import aiohttp
 
     conns: set[asyncio.Task[None]] = set()
@@ -181,12 +180,11 @@ async def destination_tunnels(session: Session, ready: Mapping[str, Any], prepar
                 break
             order = json.loads(message.data)
             if "end" in order:
-                return "finished" if order["end"] == "finished" else "failed"
+                return
             if order.get("channel") in targets:
                 task = asyncio.ensure_future(connect(order["channel"], str(order["conn"])))
                 conns.add(task)
                 task.add_done_callback(conns.discard)
-        return "failed"
     finally:
         for task in list(conns):
             task.cancel()

@@ -475,7 +475,8 @@ class KvmPlugin:
         conn = await self._connection()
         libvirt = self._require_host().libvirt
         dom = await asyncio.to_thread(lookup, libvirt, conn, name)
-        if dom is None or name not in self._arriving:
+        # An incoming VM is paused until libvirt's Finish succeeds, so one that runs has arrived.
+        if dom is None or name not in self._arriving or (await asyncio.to_thread(dom.state))[0] != libvirt.VIR_DOMAIN_RUNNING:
             return False
         directory, base, accel, definition = self._arriving.pop(name)
         self._fetched.remove(base)
