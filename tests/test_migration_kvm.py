@@ -88,13 +88,20 @@ def kumoctl(controller: Any, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)  # noqa: S603
 
 
-def test_drain_moves_a_vm_and_it_counts_on_from_where_it_was(vm_cluster, libvirtd, second_libvirtd, kvm_guest):
+def counting_on_a(vm_cluster: Any, uris: tuple[str, str], prefix: str) -> tuple[Any, Any, Path, Any, Path, str, Path]:
+    """Agent A on the first libvirtd's "host", B on the second's (its mount namespace, its own
+    sockets), and a new VM counting on A: (controller, a, a_dir, b, b_dir, name, A's console log)."""
     controller, make_agent, create_vm = vm_cluster
-    (a, a_dir), (b, b_dir) = make_agent(libvirtd), make_agent(second_libvirtd)
-    name = f"kumo-vmckpt-mv-{uuid.uuid4().hex[:6]}"
+    (a, a_dir), (b, b_dir) = make_agent(uris[0]), make_agent(uris[1])
+    name = f"{prefix}-{uuid.uuid4().hex[:6]}"
     create_vm(a, name)
     log_a = a_dir / name / "console.log"
     wait_for(lambda: len(counts(log_a)) >= 3, "the guest to count on A", limit=120)
+    return controller, a, a_dir, b, b_dir, name, log_a
+
+
+def test_drain_moves_a_vm_and_it_counts_on_from_where_it_was(vm_cluster, libvirtd, second_libvirtd, kvm_guest):
+    controller, a, a_dir, b, b_dir, name, log_a = counting_on_a(vm_cluster, (libvirtd, second_libvirtd), "kumo-vmckpt-mv")
     modes = controller.admin("GET", f"/v1/instances/{name}")["migration"]
     assert modes["stop-and-copy"]["possible"] is True, modes
     seen = counts(log_a)[-1]
@@ -233,13 +240,7 @@ def domains(uri: str) -> dict[str, int]:
 def test_a_live_migration_moves_a_running_vm_through_the_controller(vm_cluster, libvirtd, second_libvirtd):
     import libvirt
 
-    controller, make_agent, create_vm = vm_cluster
-    # B runs on its own "host": the second libvirtd's mount namespace, with its own sockets.
-    (a, a_dir), (b, b_dir) = make_agent(libvirtd), make_agent(second_libvirtd)
-    name = f"kumo-vmlive-{uuid.uuid4().hex[:6]}"
-    create_vm(a, name)
-    log_a = a_dir / name / "console.log"
-    wait_for(lambda: len(counts(log_a)) >= 3, "the guest to count on A", limit=120)
+    controller, a, a_dir, b, b_dir, name, log_a = counting_on_a(vm_cluster, (libvirtd, second_libvirtd), "kumo-vmlive")
     modes = controller.admin("GET", f"/v1/instances/{name}")["migration"]
     assert modes["live"]["possible"] is True, modes
 
@@ -287,12 +288,7 @@ def test_a_live_migration_moves_a_running_vm_through_the_controller(vm_cluster, 
 
 def test_a_destination_killed_during_a_live_migration_leaves_it_running_on_the_source(
         vm_cluster, libvirtd, second_libvirtd):
-    controller, make_agent, create_vm = vm_cluster
-    (a, a_dir), (b, b_dir) = make_agent(libvirtd), make_agent(second_libvirtd)
-    name = f"kumo-vmlive-k-{uuid.uuid4().hex[:6]}"
-    create_vm(a, name)
-    log_a = a_dir / name / "console.log"
-    wait_for(lambda: len(counts(log_a)) >= 3, "the guest to count on A", limit=120)
+    controller, a, a_dir, b, b_dir, name, log_a = counting_on_a(vm_cluster, (libvirtd, second_libvirtd), "kumo-vmlive-k")
 
     answer = controller.admin("POST", f"/v1/instances/{name}/migrate", {"live": True, "to": b.node_id})
     path = f"/v1/migrations/{answer['migration']['id']}"
