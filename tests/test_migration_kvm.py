@@ -88,13 +88,15 @@ def kumoctl(controller: Any, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)  # noqa: S603
 
 
-def counting_on_a(vm_cluster: Any, uris: tuple[str, str], prefix: str) -> tuple[Any, Any, Path, Any, Path, str, Path]:
+def counting_on_a(vm_cluster: Any, uris: tuple[str, str], prefix: str,
+                  boot: str = "") -> tuple[Any, Any, Path, Any, Path, str, Path]:
     """Agent A on the first libvirtd's "host", B on the second's (its mount namespace, its own
-    sockets), and a new VM counting on A: (controller, a, a_dir, b, b_dir, name, A's console log)."""
+    sockets), and a new VM counting on A (``boot``: see create_vm): (controller, a, a_dir, b,
+    b_dir, name, A's console log)."""
     controller, make_agent, create_vm = vm_cluster
     (a, a_dir), (b, b_dir) = make_agent(uris[0]), make_agent(uris[1])
     name = f"{prefix}-{uuid.uuid4().hex[:6]}"
-    create_vm(a, name)
+    create_vm(a, name, boot)
     log_a = a_dir / name / "console.log"
     wait_for(lambda: len(counts(log_a)) >= 3, "the guest to count on A", limit=120)
     return controller, a, a_dir, b, b_dir, name, log_a
@@ -240,11 +242,13 @@ def domains(uri: str) -> dict[str, int]:
 def test_a_live_migration_moves_a_running_vm_through_the_controller(vm_cluster, libvirtd, second_libvirtd):
     import libvirt
 
-    controller, a, a_dir, b, b_dir, name, log_a = counting_on_a(vm_cluster, (libvirtd, second_libvirtd), "kumo-vmlive")
+    # It keeps rewriting 16 MiB of its memory, which no 1 ms pause can carry.
+    controller, a, a_dir, b, b_dir, name, log_a = counting_on_a(vm_cluster, (libvirtd, second_libvirtd), "kumo-vmlive",
+                                                                "kumo.fill=16")
     modes = controller.admin("GET", f"/v1/instances/{name}")["migration"]
     assert modes["live"]["possible"] is True, modes
 
-    # A 1 ms pause never fits what the guest dirties, and the user chose to give up after a second.
+    # The user chose to give up after a second when it does not converge.
     aborted = kumoctl(controller, "instances", "migrate", name, "--live", "--to", b.node_id, "--max-downtime", "1",
                       "--converge-timeout", "1", "--on-no-converge", "abort")
     assert aborted.returncode != 0 and "[not-converging]" in aborted.stderr, aborted.stderr

@@ -111,8 +111,9 @@ def cmd_instances_migrate(client: Client, args: argparse.Namespace) -> int:
     progress = migration.get("progress") or {}
     if migration.get("mode") == "live":
         how = (f"live, paused {progress.get('downtime_ms')} ms, {mib(progress.get('bytes_sent'))} MiB through the "
-               "controller" + (f", finished by {progress['not_converging']} as it did not converge"
-                               if progress.get("not_converging") else ""))
+               # An abort that came as the copy converged did nothing: only a pause finishes one.
+               "controller" + (", finished by stop-and-copy as it did not converge"
+                               if progress.get("not_converging") == "stop-and-copy" else ""))
     else:
         how = f"{mib(progress.get('bytes_received'))} MiB transferred, sha256 checked"
     print(
