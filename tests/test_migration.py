@@ -215,7 +215,10 @@ def test_a_controller_killed_mid_transfer_ends_the_migration_when_it_restarts(cl
     controller.kill()
     controller.start()
     done = finished(controller, answer["migration"]["id"])
-    runs_on = [agent.node_id for agent in (a, b) if running_on(agent, "big")]
+    # A source restored from the checkpoint says so at its next heartbeat, which may come
+    # just after the end.
+    runs_on = wait_for(lambda: [agent.node_id for agent in (a, b) if running_on(agent, "big")],
+                       "big to be reported running", limit=10)
     assert len(runs_on) == 1, (done, runs_on)
     assert controller.admin("GET", "/v1/instances/big")["node"] == runs_on[0], done
     before = read_counter(path)
