@@ -292,7 +292,10 @@ def test_a_live_migration_moves_a_running_vm_through_the_controller(vm_cluster, 
 
 def test_a_destination_killed_during_a_live_migration_leaves_it_running_on_the_source(
         vm_cluster, libvirtd, second_libvirtd):
-    controller, a, a_dir, b, b_dir, name, log_a = counting_on_a(vm_cluster, (libvirtd, second_libvirtd), "kumo-vmlive-k")
+    # It keeps rewriting 16 MiB, so that the copy takes seconds and, at the end, a 1 ms pause
+    # limit cannot finish it (an idle guest can converge within any limit).
+    controller, a, a_dir, b, b_dir, name, log_a = counting_on_a(vm_cluster, (libvirtd, second_libvirtd), "kumo-vmlive-k",
+                                                                "kumo.fill=16")
 
     answer = controller.admin("POST", f"/v1/instances/{name}/migrate", {"live": True, "to": b.node_id})
     path = f"/v1/migrations/{answer['migration']['id']}"
