@@ -62,7 +62,8 @@ from controller.connections import ConnectionLimits
 from controller.services import Refused, migrations, rebalance
 from controller.services import images as image_service
 from controller.settings import ControllerSettings, split_address
-from controller.store import Event, Store, StoreUnavailable, cancel_and_wait, open_store
+from controller.store import Store, open_store
+from controller.store.database import Event, StoreUnavailable, cancel_and_wait
 from controller.ui import IDENTIFY
 from controller.ui import make_app as make_ui_app
 
