@@ -15,7 +15,7 @@ that is written to the store every :data:`FLUSH_INTERVAL` seconds, not once per 
 
 Several controllers may serve one fleet on one PostgreSQL database. What a controller keeps
 in memory is a cache of the store or about its own connections (the long-polls it holds,
-the heartbeats it has not yet written); the store's events (:mod:`controller.store`) keep
+the heartbeats it has not yet written); the store's events (:mod:`controller.store.database`) keep
 the caches current and wake this controller's long-polls and waiters, whichever
 controller made the change.
 """
@@ -62,7 +62,8 @@ from controller.connections import ConnectionLimits
 from controller.services import Refused, migrations, rebalance
 from controller.services import images as image_service
 from controller.settings import ControllerSettings, split_address
-from controller.store import Event, Store, StoreUnavailable, cancel_and_wait, open_store
+from controller.store import Store, open_store
+from controller.store.database import Event, StoreUnavailable, cancel_and_wait
 from controller.ui import IDENTIFY
 from controller.ui import make_app as make_ui_app
 
@@ -240,7 +241,7 @@ class Controller:
         self.revoked = await self.store.revoked_serials()
 
     def _on_event(self, event: Event | None) -> None:
-        """A change any controller made (see controller.store); None: events may have been missed."""
+        """A change any controller made (see controller.store.database); None: events may have been missed."""
         if event is None:
             self._background.append(asyncio.create_task(self._catch_up(), name="kumo-catch-up"))
             return

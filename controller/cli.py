@@ -29,7 +29,8 @@ from controller.settings import (
     load_settings,
     split_address,
 )
-from controller.store import StoreError, is_database_url
+from controller.store import is_database_url
+from controller.store.database import StoreError
 
 log = logging.getLogger("kumo.controller")
 

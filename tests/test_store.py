@@ -12,7 +12,9 @@ from typing import Any
 
 import pytest
 
-from controller.store import JOIN_RETRY_SECONDS, Store, StoreError, StoreUnavailable, open_store
+from controller.store import Store, open_store
+from controller.store.database import StoreError, StoreUnavailable
+from controller.store.enrollment import JOIN_RETRY_SECONDS
 from controller.store.schema import SCHEMA_VERSION
 
 FAR = time.time() + 3600

@@ -40,7 +40,7 @@ import aiohttp
 
 from controller.services import Refused, iso
 from controller.services.imageforms import KINDS, BadImage, check
-from controller.store import StoreError
+from controller.store.database import StoreError
 
 log = logging.getLogger(__name__)
 

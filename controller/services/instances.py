@@ -18,7 +18,7 @@ from agent.sdk import KIND_RE
 from controller import rebalancer, scheduler
 from controller.services import Refused, images
 from controller.services.tasks import new_task, submit
-from controller.store import StoreError
+from controller.store.database import StoreError
 
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 DEFAULT_VCPUS = 1

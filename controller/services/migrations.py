@@ -54,7 +54,7 @@ from controller import scheduler
 from controller.services import Refused, instances, iso, tasks
 from controller.services.checkpoints import checked_id
 from controller.services.tasks import new_task, run_task, submit
-from controller.store import cancel_and_wait
+from controller.store.database import cancel_and_wait
 
 log = logging.getLogger("kumo.controller.migration")
 

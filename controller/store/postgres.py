@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
-from controller.store import Event, StoreError, StoreUnavailable, cancel_and_wait
+from controller.store.database import Event, StoreError, StoreUnavailable, cancel_and_wait
 
 log = logging.getLogger("kumo.controller.store")
 

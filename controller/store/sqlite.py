@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from controller.store import Event, StoreError
+from controller.store.database import Event, StoreError
 
 T = TypeVar("T")
 

@@ -23,7 +23,7 @@ from typing import Any
 from aiohttp import web
 
 from controller.services.migrations import migrations
-from controller.store import Event
+from controller.store.database import Event
 
 KEEPALIVE = 15.0
 GATHER = 0.2  # a burst of events (a heartbeat and a task's end) becomes one message
