@@ -1,6 +1,7 @@
-"""How a VM leaves and enters this node, on libvirt's side: its save and restore (what
-:mod:`plugins.kvm.checkpointing` calls, through the plugin) and its departure and arrival in
-a live migration (what :mod:`plugins.kvm.live` calls).
+"""How a VM leaves and enters this node, on libvirt's side: its save and restore, and its
+departure and arrival in a live migration. :mod:`plugins.kvm.checkpointing` and
+:mod:`plugins.kvm.live` hold the kind's checkpointer and call these through the plugin's
+methods of the same names.
 
 These stand apart from the driver's operations (:mod:`plugins.kvm`): a VM that is saved or
 leaves is gone from libvirt while its instance lives on elsewhere, and one that is restored
