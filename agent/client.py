@@ -52,6 +52,10 @@ class ControllerRejected(PluginError):
         self.error = error
 
 
+class NodeRejected(Exception):
+    """The controller no longer accepts this node (removed, revoked, unknown): stop the agent."""
+
+
 class ControllerChoice:
     """Which controller to use, from the list in agent.yaml or join.json, and which next.
 

@@ -12,8 +12,9 @@ Shape of a run (``kumo-agent run``):
    controller when the agent knows several (agent/client.py). Plugins and their workloads
    keep running the whole time, and results of tasks go to whichever controller answers;
 4. every delivered task runs on its owning plugin (a bounded number at once) through the
-   idempotency journal, so a task redelivered after a crash is answered, not run again;
-5. the certificate is renewed at two thirds of its lifetime;
+   idempotency journal, so a task redelivered after a crash is answered, not run again
+   (agent/tasks.py);
+5. the certificate is renewed at two thirds of its lifetime (agent/renewal.py);
 6. SIGTERM stops the loops, gives running tasks a grace period, calls ``kumo_shutdown``
    and exits 0. Workloads are never touched.
 """
@@ -21,41 +22,33 @@ Shape of a run (``kumo-agent run``):
 from __future__ import annotations
 
 import asyncio
-import datetime
-import importlib
-import json
 import logging
 import random
 import signal
 import socket
 import time
-from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from agent.certinfo import certificate_validity
-from agent.client import ControllerClient, ControllerRejected
+from agent.client import ControllerClient, ControllerRejected, NodeRejected
 from agent.facts import node_facts
-from agent.journal import Outcome, TaskJournal
+from agent.journal import TaskJournal
 from agent.metrics import AgentMetrics, MetricsServer, server_tls_context
 from agent.pluginmanager import Hooks, PluginLoadError
 from agent.reaper import Reaper
+from agent.renewal import CertificateRenewal, recover_interrupted
 from agent.sdk import (
     Backoff,
     ConfigError,
     ControllerUnavailable,
-    DiskFull,
     Fingerprint,
     Identity,
     ImageCache,
     PluginContext,
-    TaskError,
 )
 from agent.settings import (
-    NODE_CERT_NEXT,
-    REJOIN_ADVICE,
     AgentSettings,
     JoinError,
     NotJoined,
@@ -64,6 +57,7 @@ from agent.settings import (
     read_join_record,
     split_listen,
 )
+from agent.tasks import TaskRunner
 from agent.usage import NodeUsage
 
 log = logging.getLogger(__name__)
@@ -76,10 +70,6 @@ JOURNAL_FILE = "tasks.journal"
 HEARTBEAT_JITTER = 0.2
 PULL_REPORT_INTERVAL = 1.0  # seconds between heartbeats while an image is being pulled
 POLL_SLACK = 15.0
-
-
-class NodeRejected(Exception):
-    """The controller no longer accepts this node (removed, revoked, unknown): stop the agent."""
 
 
 def agent_version() -> str:
@@ -163,12 +153,11 @@ class Runtime:
         self.reaper = Reaper()
         cache = settings.image_cache
         self.images = ImageCache(cache.path, cache.max_mib << 20 if cache.max_mib else None, cache.ca_file)
-        self.journal = TaskJournal(self.state_dir / JOURNAL_FILE)
         self.identity: Identity | None = None
         self.client: ControllerClient | None = None
         self._contexts: list[PluginContext] = []
         self.metrics_server: MetricsServer | None = None
-        self.owners: dict[str, str] = {}
+        self.tasks: TaskRunner | None = None  # once the plugins have started
         self.fingerprints: dict[str, Fingerprint] = {}
         self.startup_failures: dict[str, str] = {}
         self.heartbeat_interval = 10.0
@@ -181,10 +170,6 @@ class Runtime:
         self._fingerprints_due = True
         self._fingerprints_sent: tuple[float, Any] = (0.0, None)
         self._fingerprints_at = 0.0
-        self._inflight: dict[str, asyncio.Future[Outcome]] = {}
-        self._running: set[asyncio.Task[None]] = set()
-        self._slots = asyncio.Semaphore(settings.tasks.concurrency)
-        self._expired_logged = False
         self._plugins_started = False
         self._signal_name = "SIGTERM"
 
@@ -203,9 +188,12 @@ class Runtime:
             if self.client is not None:
                 await self.client.close()
             return EXIT_CONFIG
+        assert self.identity is not None and self.client is not None and self.tasks is not None
+        renewal = CertificateRenewal(self.state_dir, self.identity, self.client, self.metrics,
+                                     self.metrics_server, self._connected)
         background = [
             asyncio.create_task(self._session_loop(), name="session"),
-            asyncio.create_task(self._renew_loop(), name="renew"),
+            asyncio.create_task(renewal.run(), name="renew"),
         ]
         stopper = asyncio.create_task(self._stop.wait(), name="stop")
         done, _ = await asyncio.wait([stopper, *background], return_when=asyncio.FIRST_COMPLETED)
@@ -224,7 +212,7 @@ class Runtime:
         for task in [stopper, *background]:
             task.cancel()
         await asyncio.gather(stopper, *background, return_exceptions=True)
-        await self._finish_tasks()
+        await self.tasks.finish(self.settings.tasks.shutdown_grace)
         await self._shutdown_plugins()
         if self.client is not None:
             await self.client.close()
@@ -238,7 +226,7 @@ class Runtime:
         self._stop.set()
 
     async def _prepare(self) -> None:
-        await asyncio.to_thread(_recover_renewal, self.state_dir)
+        await asyncio.to_thread(recover_interrupted, self.state_dir)
         self.identity = load_identity(self.state_dir)
         controllers = self.settings.controller or read_join_record(self.state_dir).controllers
         self.client = ControllerClient(controllers, self.identity, self._on_connection_change,
@@ -246,10 +234,12 @@ class Runtime:
         client = self.client
         self.images.pull_from(lambda: (client.base_url, client.node_path, client.tls))
         self._on_connection_change(False)
-        await asyncio.to_thread(self.journal.load)
+        journal = TaskJournal(self.state_dir / JOURNAL_FILE)
+        await asyncio.to_thread(journal.load)
         await self._start_plugins()
         self.hooks.load_drivers()
-        self.owners = self.hooks.task_owners()
+        self.tasks = TaskRunner(journal, self.hooks, self.hooks.task_owners(), self.metrics, self.client,
+                                self._connected, self.settings.tasks.concurrency)
         adopted = await self.hooks.adopt()
         if adopted:
             log.info("adopted %d instance(s): %s", len(adopted), ", ".join(f"{i.kind}/{i.name}" for i in adopted))
@@ -258,7 +248,7 @@ class Runtime:
             "node %s: plugins %s; task kinds %s",
             self.identity.node_id,
             ", ".join(self.hooks.plugin_names()),
-            ", ".join(sorted(self.owners)) or "none",
+            ", ".join(sorted(self.tasks.owners)) or "none",
         )
 
     async def _start_plugins(self) -> None:
@@ -303,16 +293,6 @@ class Runtime:
             await self.metrics_server.start()
         except OSError as exc:
             raise ConfigError(f"{self.settings.source}: metrics.listen: cannot listen on {listen}: {exc.strerror}") from None
-
-    async def _finish_tasks(self) -> None:
-        if not self._running:
-            return
-        grace = self.settings.tasks.shutdown_grace
-        log.info("waiting up to %.0f s for %d running task(s)", grace, len(self._running))
-        _, pending = await asyncio.wait(set(self._running), timeout=grace)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
 
     def report_changed(self) -> None:
         """``PluginContext.report_changed``: heartbeat now. Safe to call from any thread."""
@@ -492,232 +472,19 @@ class Runtime:
         return f"{scheme}://{shown}:{port}/metrics"
 
     async def _poll_loop(self) -> None:
-        assert self.client is not None
+        assert self.client is not None and self.tasks is not None
         while True:
             wait = int(self.poll_timeout)
             slack = min(POLL_SLACK, self.client.timeout)
             answer = await self.client.node_call("GET", f"tasks?wait={wait}", timeout=wait + slack)
             for task in answer.get("tasks") or ():
-                self._dispatch(task)
-
-    # -- tasks --------------------------------------------------------------------------
-
-    def _dispatch(self, task: Mapping[str, Any]) -> None:
-        runner = asyncio.create_task(self._handle_delivery(dict(task)), name=f"task {task.get('id')}")
-        self._running.add(runner)
-        runner.add_done_callback(self._running.discard)
-
-    async def _handle_delivery(self, task: dict[str, Any]) -> None:
-        task_id = str(task.get("id"))
-        kind = str(task.get("kind"))
-        key = str(task.get("idempotency_key") or f"task:{task_id}")
-        try:
-            outcome = await self._outcome_for(key, task_id, kind, task.get("payload") or {})
-            await self._report(task_id, outcome)
-        except asyncio.CancelledError:
-            raise
-        except NodeRejected as exc:
-            log.error("%s", exc)
-        except Exception:
-            log.exception("task %s (%s): could not be handled", task_id, kind)
-
-    async def _outcome_for(self, key: str, task_id: str, kind: str, payload: Mapping[str, Any]) -> Outcome:
-        done = self.journal.done.get(key)
-        if done is not None:
-            log.info("task %s (%s): key %s already ran; reporting the journalled result", task_id, kind, key)
-            self.metrics.tasks.labels(kind=kind, outcome="replayed").inc()
-            return done
-        running = self._inflight.get(key)
-        if running is not None:
-            log.info("task %s (%s): key %s is running; reporting its result when done", task_id, kind, key)
-            return await asyncio.shield(running)
-        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = future
-        try:
-            if key in self.journal.started:
-                undone = await self.hooks.drivers.undo_create(kind, payload)
-                error = (f"the agent stopped while task {task_id} ({kind}) was running, so its outcome is "
-                         "unknown; check the instance's state and submit a new task if needed")
-                if undone is not None:
-                    error = f"the agent stopped while task {task_id} ({kind}) was running; {undone}"
-                outcome = Outcome("failed", error=error, code="interrupted")
-            else:
-                async with self._slots:
-                    try:
-                        await asyncio.to_thread(self.journal.record_started, key, task_id, kind)
-                    except DiskFull as exc:
-                        # Unjournalled, a task could run twice after a crash: it does not run.
-                        log.warning("task %s (%s) not run: %s", task_id, kind, exc)
-                        outcome = Outcome("failed", error=f"the task did not run: {exc}", code="no-space")
-                    else:
-                        outcome = await self._run_task(task_id, kind, payload)
-                self.metrics.tasks.labels(kind=kind, outcome=outcome.state).inc()
-            try:
-                await asyncio.to_thread(self.journal.record_done, key, task_id, outcome)
-            except DiskFull as exc:
-                # It ran: say so. Redelivered after a crash, it is answered "interrupted", never rerun.
-                log.warning("task %s (%s): its outcome is reported but not journalled: %s", task_id, kind, exc)
-            future.set_result(outcome)
-            return outcome
-        except asyncio.CancelledError:
-            future.cancel()
-            raise
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved here so an unawaited future does not warn
-            raise
-        finally:
-            del self._inflight[key]
-
-    async def _run_task(self, task_id: str, kind: str, payload: Mapping[str, Any]) -> Outcome:
-        owner = self.owners.get(kind)
-        if owner is None:
-            installed = ", ".join(self.hooks.plugin_names()) or "none"
-            log.warning("task %s: no plugin handles task kind %s", task_id, kind)
-            return Outcome(
-                "failed",
-                error=f"no plugin on this node handles task kind {kind}; installed plugins: {installed}",
-                code="unknown-kind",
-            )
-        log.info("task %s (%s): running on plugin %s", task_id, kind, owner)
-        try:
-            result = await self.hooks.handle_task(kind, payload, task_id)
-            result = json.loads(json.dumps(dict(result or {})))
-        except TaskError as exc:
-            log.warning("task %s (%s) failed: %s [%s]", task_id, kind, exc, exc.code)
-            return Outcome("failed", result=exc.details, error=str(exc), code=exc.code)
-        except DiskFull as exc:
-            log.warning("task %s (%s) failed: %s", task_id, kind, exc)
-            return Outcome("failed", error=str(exc), code="no-space")
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.exception("task %s (%s): plugin %s raised", task_id, kind, owner)
-            return Outcome(
-                "failed",
-                error=f"plugin {owner} crashed running {kind}: {type(exc).__name__}: {exc} (see the agent log)",
-                code="plugin-error",
-            )
-        log.info("task %s (%s) succeeded", task_id, kind)
-        return Outcome("succeeded", result=result)
-
-    async def _report(self, task_id: str, outcome: Outcome) -> None:
-        """Report until the controller has it; during an outage wait for the session to come back."""
-        assert self.client is not None
-        backoff = Backoff(base=1.0)
-        while True:
-            await self._connected.wait()
-            try:
-                await self.client.node_call("POST", f"tasks/{task_id}/result", outcome.to_json())
-                return
-            except ControllerUnavailable as exc:
-                delay = backoff.next()
-                log.debug("task %s: result not reported (%s); retrying in %.1f s", task_id, exc, delay)
-                await asyncio.sleep(delay)
-            except ControllerRejected as exc:
-                if exc.status in (401, 403):
-                    raise NodeRejected(str(exc)) from None
-                if exc.status == 413 and outcome.code != "result-too-large":
-                    # Dropping it would leave the task "delivered" for ever: report why instead.
-                    log.warning("task %s: its result is too large for the controller: %s", task_id, exc.error)
-                    outcome = Outcome("failed", error=f"the task ran, but its result is too large to report: "
-                                                      f"{exc.error}", code="result-too-large")
-                    continue
-                # 404/409: the task is gone or already has its result (a redelivery we answered twice).
-                log.info("task %s: result not accepted: %s", task_id, exc.error)
-                return
-
-    # -- certificate renewal -------------------------------------------------------------
-
-    async def _renew_loop(self) -> None:
-        assert self.identity is not None
-        backoff = Backoff(base=2.0, cap=60.0)
-        while True:
-            not_before, not_after = await asyncio.to_thread(certificate_validity, self.identity.certificate)
-            self.metrics.cert_expiry.set(not_after.timestamp())
-            now = datetime.datetime.now(datetime.UTC)
-            renew_at = not_before + (not_after - not_before) * 2 / 3
-            if now < renew_at:
-                await asyncio.sleep((renew_at - now).total_seconds())
-                continue
-            if now >= not_after and not self._expired_logged:
-                self._expired_logged = True
-                log.error(
-                    "the node certificate expired at %s (no renewal reached the controller in time): the "
-                    "controller refuses this node until it joins again. Instances keep running. %s",
-                    not_after.isoformat(), REJOIN_ADVICE,
-                )
-            wait = backoff.next()
-            if now < not_after:  # say so the moment it expires, not at the next backoff step
-                wait = min(wait, (not_after - now).total_seconds())
-            try:
-                async with asyncio.timeout(wait):  # not wait_for: see _heartbeat_loop
-                    await self._connected.wait()
-                await self._renew()
-                backoff.reset()
-            except TimeoutError:
-                continue
-            except ControllerUnavailable as exc:
-                log.warning("certificate renewal: controller unavailable (%s); will retry", exc)
-                await asyncio.sleep(backoff.next())
-            except ControllerRejected as exc:
-                if exc.status in (401, 403, 404):
-                    raise NodeRejected(f"certificate renewal refused: {exc.error}") from None
-                log.error("certificate renewal refused: %s; will retry", exc)
-                await asyncio.sleep(backoff.next())
-            except (JoinError, DiskFull) as exc:
-                log.error("certificate renewal: %s; will retry", exc)
-                await asyncio.sleep(backoff.next())
-
-    async def _renew(self) -> None:
-        # cryptography is imported at the first renewal, not at start: the idle agent needs
-        # only the certificate's dates (agent.certinfo), and it costs ~9 MB resident. The
-        # import runs off the event loop, which it would otherwise stall.
-        await asyncio.to_thread(importlib.import_module, "agent.enroll")
-        from cryptography import x509
-        from cryptography.hazmat.primitives import serialization
-
-        from agent.enroll import (
-            cert_validity,
-            check_issued,
-            install_renewed,
-            make_csr,
-            new_node_key,
-        )
-
-        assert self.client is not None and self.identity is not None
-        key = await asyncio.to_thread(new_node_key)
-        csr = make_csr(key, self.identity.node_id)
-        answer = await self.client.node_call("POST", "renew", {"csr": csr})
-        try:
-            cert = x509.load_pem_x509_certificate(str(answer["certificate"]).encode())
-        except (KeyError, ValueError) as exc:
-            raise JoinError(f"the controller's renewal answer has no usable certificate ({exc})") from None
-        check_issued(cert, key, self.identity.node_id)
-        await asyncio.to_thread(
-            install_renewed, self.state_dir, key, cert.public_bytes(serialization.Encoding.PEM)
-        )
-        self.client.reload_identity()
-        if self.metrics_server is not None:
-            self.metrics_server.reload_certificate(self.identity)
-        _, not_after = cert_validity(cert)
-        self.metrics.cert_expiry.set(not_after.timestamp())
-        self._expired_logged = False
-        log.info("renewed the node certificate (serial %x), valid until %s", cert.serial_number, not_after.isoformat())
+                self.tasks.dispatch(task)
 
 
 def _positive(value: Any, default: float) -> float:
     if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
         return float(value)
     return default
-
-
-def _recover_renewal(state_dir: Path) -> None:
-    """Finish or discard a renewal a crash interrupted; cryptography is imported only then."""
-    if (state_dir / NODE_CERT_NEXT).exists():
-        from agent.enroll import recover_renewal
-
-        recover_renewal(state_dir)
 
 
 def _source_address(remote_host: str) -> str:

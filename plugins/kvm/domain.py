@@ -1,5 +1,5 @@
 """A Kumo VM as libvirt sees it: the domain XML it is defined from, the metadata that marks
-it as Kumo's, and its state in Kumo's words.
+it as Kumo's, its state in Kumo's words, and how a half-made one is removed.
 
 - The XML is built element by element with ``xml.etree``: user strings only ever become
   element text or attribute values, never markup.
@@ -15,8 +15,10 @@ The functions taking a connection or a domain are blocking libvirt calls: call t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -194,3 +196,17 @@ def event_state(libvirt: Any, event: int, detail: int) -> str | None:
         libvirt.VIR_DOMAIN_EVENT_PMSUSPENDED: "paused",
         libvirt.VIR_DOMAIN_EVENT_CRASHED: "failed",
     }.get(event)
+
+
+def undo_create(libvirt: Any, conn: Any, name: str, directory: Path, defined: bool) -> None:
+    """Remove what a failed create or restore made: the domain ``name`` if it was
+    ``defined``, and its instance ``directory``."""
+    if defined:
+        dom = lookup(libvirt, conn, name)
+        if dom is not None:
+            with contextlib.suppress(libvirt.libvirtError):
+                if dom.isActive():
+                    dom.destroy()
+            with contextlib.suppress(libvirt.libvirtError):
+                dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+    shutil.rmtree(directory, ignore_errors=True)

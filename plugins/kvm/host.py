@@ -189,6 +189,18 @@ class Host:
             log.info("kvm: connected to %s", self.uri)
             return True
 
+    async def connection(self) -> Any:
+        """The connection a task works through; the first kvm task of an idle node loads
+        libvirt. ``unavailable`` (a failed task) while there is none."""
+        if self.conn is None and not await self.load():
+            if not self.loaded:
+                raise TaskError(f"the kvm plugin is unavailable: {self.unavailable}", code="unavailable")
+            raise TaskError(
+                f"libvirtd is not reachable: {self.unavailable}; start libvirtd and retry",
+                code="unavailable",
+            )
+        return self.conn
+
     async def close(self) -> None:
         self._stopped = True
         if self._reconnect_task is not None:
