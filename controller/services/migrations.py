@@ -687,8 +687,8 @@ async def _migrate_live(ctl: Any, doc: dict[str, Any]) -> None:
             doc["outcome"] = f"{stays}; node {destination} holds nothing of it"
         else:  # its agent stopped, or its clean-up failed
             doc["outcome"] = (f"{stays}; node {destination} did not confirm it removed what it prepared "
-                              f"({(got or {}).get('error') or 'no answer'}): its directory of the instance is "
-                              "replaced by the next create or arrival of that name there")
+                              f"({(got or {}).get('error') or 'no answer'}): its agent removes its directory of the "
+                              "instance when it next starts, if no create or arrival of that name replaces it first")
         return
     doc["progress"].update(sent["result"] or {})
     if got is None or got["state"] != "succeeded":

@@ -68,7 +68,7 @@ from plugins.kvm.domain import (
     lookup,
 )
 from plugins.kvm.host import NO_BINDING, Host
-from plugins.kvm.live import KvmLiveMigrator
+from plugins.kvm.live import KvmLiveMigrator, discard_arrivals
 from plugins.kvm.liveness import Liveness
 from plugins.kvm.settings import KvmConfig, parse_config
 
@@ -146,6 +146,7 @@ class KvmPlugin:
             await self._host.load()
         else:
             await self._liveness.refresh()
+        await discard_arrivals(self.config.instance_dir, self._host)
 
     @hookimpl
     async def kumo_shutdown(self) -> None:
