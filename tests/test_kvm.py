@@ -309,6 +309,7 @@ async def test_a_start_removes_no_arrival_under_way_or_that_libvirtd_cannot_judg
     # Marked by this process (`kumo-agent plugins` beside a running agent): under way.
     (instances / f"{ARRIVING}under-way").write_text(json.dumps([boot_id(), os.getpid(), start_time(os.getpid())]))
     (instances / f"{ARRIVING}never-made").write_text("[]")  # killed before the directory was made
+    (instances / ARRIVING).write_text("[]")  # no mark of Kumo's: it names no instance, it is ignored
     host = types.SimpleNamespace(conn=types.SimpleNamespace(lookupByName=not_asked), libvirt=None)
     await discard_arrivals(instances, host)  # type: ignore[arg-type]
     assert not (instances / f"{ARRIVING}never-made").exists()
@@ -317,7 +318,7 @@ async def test_a_start_removes_no_arrival_under_way_or_that_libvirtd_cannot_judg
     (instances / f"{ARRIVING}under-way").unlink()
     (instances / f"{ARRIVING}killed").write_text(json.dumps([boot_id(), os.getpid(), -1]))
     await discard_arrivals(instances, types.SimpleNamespace(conn=None, libvirt=None))  # type: ignore[arg-type]
-    assert sorted(p.name for p in instances.iterdir()) == [f"{ARRIVING}killed", "killed", "under-way"]
+    assert sorted(p.name for p in instances.iterdir()) == [ARRIVING, f"{ARRIVING}killed", "killed", "under-way"]
 
 
 @pytest.mark.integration

@@ -45,7 +45,9 @@ Tasks (each ``{"name", "kind", ...}``), one at a time per instance:
   holds) and ``checkpoint.receive`` (``migration``, ``image_name``): the two ends of a
   migration's transfer, ``{"bytes", "sha256", ...}``; the images the destination lacks
   travel with the checkpoint and land in its image cache;
-- ``checkpoint.discard``: removes every checkpoint of an instance that moved away.
+- ``checkpoint.discard``: removes every checkpoint of an instance that moved away;
+- ``checkpoint.live_facts``, ``checkpoint.live_receive`` and ``checkpoint.live_send``: what
+  the source tells the destination, and the two ends of a live migration (:mod:`.live`).
 
 An instance's checkpoints and logs go with it when its kind deletes it
 (``kumo_instance_deleted``). At start-up the plugin removes what its tasks left when the

@@ -48,7 +48,15 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.sdk import LiveOptions, LivePrepared, TaskError, boot_id, run_command, start_time
+from agent.sdk import (
+    NAME_RE,
+    LiveOptions,
+    LivePrepared,
+    TaskError,
+    boot_id,
+    run_command,
+    start_time,
+)
 from plugins.kvm.checkpointing import KvmCheckpointer, parse_saved, save_blockers, saved_vm
 from plugins.kvm.disks import backing_file
 from plugins.kvm.domain import lookup
@@ -166,6 +174,8 @@ async def discard_arrivals(instance_dir: Path, host: Host) -> None:
         if await asyncio.to_thread(_preparer_runs, mark):
             continue  # `kumo-agent plugins` beside a running agent: its arrival is under way
         name = mark.name.removeprefix(ARRIVING)
+        if not NAME_RE.match(name):
+            continue  # not a mark of Kumo's: never a path outside the instance's directory
         directory = instance_dir / name
         if await asyncio.to_thread(directory.exists):
             arrived = await asyncio.to_thread(_defined, host, name)
