@@ -105,9 +105,9 @@ async def main() -> None:
         fp = await kumo.checkpoint.kumo_fingerprint()
         if not fp.available:
             sys.exit(f"bench_checkpoint: {fp.reason}")
-        criu = kumo.checkpoint.status.path
+        criu = kumo.checkpoint.workspace.status.path
         assert criu is not None
-        print(f"criu {kumo.checkpoint.status.version} ({criu}), kernel {os.uname().release}, "
+        print(f"criu {kumo.checkpoint.workspace.status.version} ({criu}), kernel {os.uname().release}, "
               f"{args.rounds} rounds, median seconds; images in {work}")
         print(f"{'memory':>8} {'op':>8} {'kumo':>8} {'raw criu':>9} {'ratio':>6}  target <= {TARGET}x")
         worst = 0.0

@@ -502,6 +502,31 @@ async def test_task_payloads_are_checked(criu_node):
     assert err.value.code == "no-image" and IDS[0] in str(err.value)
 
 
+async def test_a_start_removes_the_live_sockets_its_agent_left_and_no_others(tmp_path):
+    sockets = tmp_path / "migrations"
+    node = CriuNode(tmp_path / "state", checkpoint_config={"criu": str(tmp_path / "no-criu"),
+                                                           "live_sockets": str(sockets)})
+    records = node.root / "checkpoint" / "live-sockets"  # the plugin's state: what this agent made
+    records.mkdir(parents=True)
+    (records / "m-killed").touch()
+    (sockets / "m-killed").mkdir(parents=True)
+    (sockets / "m-killed" / "memory.sock").touch()
+    (sockets / "m-another-agents").mkdir()
+    await node.start()
+    try:
+        assert [p.name for p in sockets.iterdir()] == ["m-another-agents"]
+        assert not list(records.iterdir())
+        # A live task's directory, recorded while it runs, goes with its record however it ends.
+        with pytest.raises(RuntimeError):
+            async with node.checkpoint.live._sockets("m-0123456789abcdef") as made:
+                assert made == sockets / "m-0123456789abcdef" and made.is_dir()
+                assert [p.name for p in records.iterdir()] == ["m-0123456789abcdef"]
+                raise RuntimeError("cut off")
+        assert not made.exists() and not list(records.iterdir())
+    finally:
+        await node.stop()
+
+
 def test_config_is_strict():
     from agent.sdk import ConfigError
 

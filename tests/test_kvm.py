@@ -291,6 +291,36 @@ def test_instance_directories_from_before_load_libvirt_at_startup(tmp_path: Path
     assert report["startup"] == {"module": True, "mapped": True}
 
 
+async def test_a_start_removes_no_arrival_under_way_or_that_libvirtd_cannot_judge(tmp_path: Path) -> None:
+    """What a start does with the marks of live arrivals without asking libvirt (the
+    integration test of a killed destination sees one removed)."""
+    import os
+    import types
+
+    from agent.sdk import boot_id, start_time
+    from plugins.kvm.live import ARRIVING, discard_arrivals
+
+    def not_asked(name: str) -> None:
+        raise AssertionError(f"libvirt was asked about {name}")
+
+    instances = tmp_path / "instances"
+    (instances / "under-way").mkdir(parents=True)
+    (instances / "killed").mkdir()
+    # Marked by this process (`kumo-agent plugins` beside a running agent): under way.
+    (instances / f"{ARRIVING}under-way").write_text(json.dumps([boot_id(), os.getpid(), start_time(os.getpid())]))
+    (instances / f"{ARRIVING}never-made").write_text("[]")  # killed before the directory was made
+    (instances / ARRIVING).write_text("[]")  # no mark of Kumo's: it names no instance, it is ignored
+    host = types.SimpleNamespace(conn=types.SimpleNamespace(lookupByName=not_asked), libvirt=None)
+    await discard_arrivals(instances, host)  # type: ignore[arg-type]
+    assert not (instances / f"{ARRIVING}never-made").exists()
+    assert (instances / f"{ARRIVING}under-way").exists() and (instances / "under-way").is_dir()
+    # Killed, and libvirtd is not reachable: whether it arrived waits for the next start.
+    (instances / f"{ARRIVING}under-way").unlink()
+    (instances / f"{ARRIVING}killed").write_text(json.dumps([boot_id(), os.getpid(), -1]))
+    await discard_arrivals(instances, types.SimpleNamespace(conn=None, libvirt=None))  # type: ignore[arg-type]
+    assert sorted(p.name for p in instances.iterdir()) == [ARRIVING, f"{ARRIVING}killed", "killed", "under-way"]
+
+
 @pytest.mark.integration
 def test_idle_node_fingerprints_libvirt_without_loading_it(libvirtd: str, tmp_path: Path) -> None:
     report = _lazy_run(tmp_path, libvirtd)

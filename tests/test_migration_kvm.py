@@ -26,7 +26,7 @@ import pytest
 
 from tests.harness.agents import reported, running_on, wait_for
 from tests.harness.guest import Guest
-from tests.harness.libvirt import TEST_INSTANCE_ROOT, host_of
+from tests.harness.libvirt import MIGRATION_DIR, TEST_INSTANCE_ROOT, host_of
 
 pytestmark = pytest.mark.integration
 
@@ -312,9 +312,15 @@ def test_a_destination_killed_during_a_live_migration_leaves_it_running_on_the_s
     wait_for(lambda: counts(log_a)[-1] > before + 3, "the guest to count on on A")
     assert log_a.read_text(errors="replace").count("GUEST-BOOTED") == 1, "it never stopped"
 
-    # B back (what it had prepared is a leftover a create or arrival replaces): a copy that
-    # does not converge within a second is finished by pausing the guest, as chosen.
+    # The killed B left what it had prepared and the migration's sockets (in its "host"'s
+    # /run/kumo/migrations, a bind mount); A's task ended, and removed its own.
+    b_sockets = Path(second_libvirtd.partition("?socket=")[2]).parents[1] / "migrate" / answer["migration"]["id"]
+    assert (b_dir / name).is_dir() and b_sockets.is_dir()
+    assert not (MIGRATION_DIR / answer["migration"]["id"]).exists()
+    # B back: its start removes both; a copy that does not converge within a second is
+    # finished by pausing the guest, as chosen.
     b.start()
+    assert not (b_dir / name).exists() and not list(b_dir.glob(".arriving-*")) and not b_sockets.exists()
     paused = kumoctl(controller, "instances", "migrate", name, "--live", "--to", b.node_id, "--max-downtime", "1",
                      "--converge-timeout", "1", "--on-no-converge", "stop-and-copy")
     assert paused.returncode == 0, paused.stderr

@@ -139,7 +139,7 @@ class Source:
 @pytest.fixture
 def filtered(libvirtd: str, tmp_path: Path) -> Iterator[str]:
     """The URI of the libvirtd behind the filter, as the destination's control channel splices it."""
-    from plugins.checkpoint.live import splice
+    from plugins.checkpoint.tunnels import splice
     from plugins.kvm.live import libvirtd_socket
 
     target = libvirtd_socket(libvirtd)

@@ -66,7 +66,7 @@ ABORT_GRACE = 30.0  # how long an aborted transfer waits for the other end's tas
 CLEANUP_TIMEOUT = 60.0
 RELAY_DEPTH = 64  # chunks held between the source's upload and the destination's download
 # A live migration's tunnels: the agents send at most 256 KiB a message (plugins/checkpoint/
-# live.py), so a bigger one is a node trying to make the controller buffer it whole.
+# tunnels.py), so a bigger one is a node trying to make the controller buffer it whole.
 TUNNEL_MESSAGE_MAX = 1 << 20
 # Its hypervisors open one connection per channel; a few more are retries. Each one makes
 # the destination open a local connection, so a source may not open them without bound.
@@ -687,8 +687,8 @@ async def _migrate_live(ctl: Any, doc: dict[str, Any]) -> None:
             doc["outcome"] = f"{stays}; node {destination} holds nothing of it"
         else:  # its agent stopped, or its clean-up failed
             doc["outcome"] = (f"{stays}; node {destination} did not confirm it removed what it prepared "
-                              f"({(got or {}).get('error') or 'no answer'}): its directory of the instance is "
-                              "replaced by the next create or arrival of that name there")
+                              f"({(got or {}).get('error') or 'no answer'}): its agent removes its directory of the "
+                              "instance when it next starts, if no create or arrival of that name replaces it first")
         return
     doc["progress"].update(sent["result"] or {})
     if got is None or got["state"] != "succeeded":

@@ -1,191 +1,149 @@
-"""The tunnels of a live migration, through the controller.
+"""Live migration tasks: the source's facts, the destination's end (``checkpoint.live_receive``)
+and the source's (``checkpoint.live_send``), each with a directory of the migration's sockets.
 
-A kind's hypervisors (two libvirtds and their qemus) migrate a running instance over
-connections they open themselves; Kumo's nodes have no route to each other, only their
-mutual-TLS sessions to the controller. So on the source, this module listens on one unix
-socket per channel the destination named (``<sockets>/<channel>.sock``, in a directory
-only root and the hypervisor reach), and each connection accepted there becomes a
-websocket to the controller (``/v1/nodes/<source>/migrations/<id>/live/<channel>``). The
-controller tells the destination over its control websocket
-(``/v1/nodes/<destination>/migrations/<id>/live``), which opens the matching websocket
-(``.../live/<channel>?conn=<n>``) and connects it to its local target; the controller then
-splices the two. The source's control websocket carries the migration's progress.
-
-Both ends attach to the controller driving the migration (its URL comes in the task),
-with the node's own certificate: the controller lets a node into the tunnels of a
-migration only as its source or destination.
+The kind moves the instance (its :class:`agent.sdk.LiveMigrator`); the bytes go through
+the tunnels of :mod:`.tunnels`. A migration's sockets are in
+``<live_sockets>/<migration id>``, a path shared by every agent of the host, so each
+agent records the directories it made (``<plugin state>/live-sockets/<migration id>``)
+and removes them when its task ends, or, when it was killed first, at its next start
+(:func:`discard_sockets`): no live task outlives its agent, and another agent's
+migrations on the same host are left alone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import dataclasses
 import logging
-import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+import shutil
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from agent.sdk import LivePrepared, PluginContext, TaskError
-from plugins.checkpoint.transfer import MIGRATION_RE
+from agent.sdk import LiveMigrator, LiveOptions, TaskError
+from plugins.checkpoint.workspace import AnyCheckpointer, Target, Workspace
+
+# tunnels (with aiohttp, and tarfile through transfer) is imported by the tasks that use it:
+# an idle agent, which never migrates, does not hold it.
 
 log = logging.getLogger(__name__)
 
-CHUNK = 256 * 1024
-# The controller refuses bigger messages in a tunnel; it forwards the other end's as they
-# came, so none is larger than CHUNK from a sound node.
-MESSAGE_MAX = 4 * CHUNK
-CHANNEL_RE = re.compile(r"^[a-z]{1,16}\Z")  # a channel names a socket file on the source
-CONNECT_TIMEOUT = 30.0
+RECORDS = "live-sockets"  # under the plugin's state directory
 
 
-class Session:
-    """The websockets of one end of one migration, to the controller driving it."""
-
-    def __init__(self, context: PluginContext, controller: str, migration: str):
-        if not MIGRATION_RE.match(migration):
-            raise TaskError(f"payload.migration must be a migration id, got {migration!r:.60}", code="bad-request")
-        if not controller.startswith("https://"):
-            raise TaskError(f"payload.controller must be an https URL, got {controller!r:.80}", code="bad-request")
-        if context.identity is None:
-            raise TaskError("this agent has no controller identity to open a tunnel with", code="no-controller")
-        self.context = context
-        self.base = f"{controller.rstrip('/')}/v1/nodes/{context.identity.node_id}/migrations/{migration}/live"
-        self.session: Any = None
-        self.tls: Any = None
-
-    async def __aenter__(self) -> Session:
-        import aiohttp
-
-        assert self.context.identity is not None
-        self.tls = await asyncio.to_thread(self.context.identity.client_tls_context)
-        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT))
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.session.close()
-
-    async def open(self, suffix: str = "", **query: str) -> Any:
-        import aiohttp
-
-        try:
-            return await self.session.ws_connect(self.base + suffix, params=query or None, ssl=self.tls,
-                                                 max_msg_size=MESSAGE_MAX, heartbeat=30.0)
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise TaskError(f"the migration's tunnel through the controller cannot be opened: "
-                            f"{exc or type(exc).__name__}", code="transfer-failed") from exc
+@dataclasses.dataclass
+class LiveReceive(Target):
+    migration: str
+    controller: str  # the URL of the controller driving the migration
+    instance: dict[str, Any]  # the controller's create payload of it
+    facts: dict[str, Any]  # the source's checkpoint.live_facts
 
 
-async def splice(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ws: Any,
-                 inbound: Callable[[bytes], bytes] | None = None) -> None:
-    """Carry bytes both ways between a local connection and a websocket until either ends;
-    those from the websocket through ``inbound`` (see :class:`agent.sdk.LivePrepared`)."""
-    import aiohttp
+@dataclasses.dataclass
+class LiveSend(Target):
+    migration: str
+    controller: str
+    definition: str  # the destination's (checkpoint.live_receive's ready message)
+    channels: list[str]
+    max_downtime_ms: int = 300
+    converge_timeout: float = 120.0
+    on_no_converge: str = "abort"
 
-    async def out() -> None:
-        while data := await reader.read(CHUNK):
-            await ws.send_bytes(data)
 
-    async def back() -> None:
-        async for message in ws:
-            if message.type != aiohttp.WSMsgType.BINARY:
-                break
+def discard_sockets(root: Path, records: Path) -> None:
+    """Remove the socket directories of the migrations recorded in ``records``: at start-up,
+    those of live tasks a killed agent ran. Blocking."""
+    for record in records.glob("*"):
+        log.warning("checkpoint: removing %s, left by a live migration that did not end", root / record.name)
+        shutil.rmtree(root / record.name, ignore_errors=True)
+        record.unlink()
+
+
+class LiveMigrations:
+    """The live tasks on an instance; each is called under the instance's lock."""
+
+    def __init__(self, ws: Workspace) -> None:
+        self.ws = ws
+
+    async def facts(self, cp: AnyCheckpointer, args: Target, task_id: str) -> Mapping[str, Any]:
+        return {"facts": dict(await _migrator(cp).live_facts(args.name))}
+
+    async def receive(self, cp: AnyCheckpointer, args: LiveReceive, task_id: str) -> Mapping[str, Any]:
+        """The destination's end: prepare, serve the tunnels until the controller says how
+        the move ended, and keep the instance (it runs here) or remove what was prepared."""
+        from plugins.checkpoint import tunnels
+
+        migrator = _migrator(cp)
+        async with (tunnels.Session(self.ws.require_context(), args.controller, args.migration) as session,
+                    self._sockets(args.migration) as sockets):
+            prepared = await migrator.live_prepare(args.name, args.instance, args.facts, sockets)
             try:
-                data = inbound(message.data) if inbound else message.data
-            except ValueError as exc:
-                log.warning("checkpoint: a tunnelled connection of the live migration was closed: %s", exc)
-                break
-            writer.write(data)
-            await writer.drain()
-
-    pumps = [asyncio.ensure_future(out()), asyncio.ensure_future(back())]
-    try:
-        await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for pump in pumps:
-            pump.cancel()
-        with contextlib.suppress(Exception):
-            await ws.close()
-        writer.close()
-        with contextlib.suppress(Exception):
-            await writer.wait_closed()
-
-
-@contextlib.asynccontextmanager
-async def source_tunnels(session: Session, sockets: Path, channels: list[str]) -> AsyncIterator[Any]:
-    """Listen on ``sockets/<channel>.sock`` for each channel, every connection tunnelled to
-    the destination; yields the control websocket (for progress)."""
-    conns: set[asyncio.Task[None]] = set()
-
-    def accept(channel: str) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
-        async def tunnel(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            task = asyncio.current_task()
-            assert task is not None
-            conns.add(task)
-            try:
-                ws = await session.open(f"/{channel}")
-                await splice(reader, writer, ws)
-            except TaskError as exc:
-                log.warning("checkpoint: %s", exc)
-                writer.close()
+                ready = {"definition": prepared.definition, "channels": sorted(prepared.targets)}
+                await tunnels.destination_tunnels(session, ready, prepared)
+                # Asked whatever the controller said: one that died after libvirt finished the
+                # move never says "finished", and the VM runs here all the same.
+                if await migrator.live_arrived(args.name):
+                    return {"arrived": True}
             finally:
-                conns.discard(task)
+                await migrator.live_abandon(args.name)
+        raise TaskError(f"{cp.kind} instance {args.name!r} did not arrive: the migration failed on the source or "
+                        "was cut off; nothing of it is left here", code="migration-failed")
 
-        return tunnel
+    async def send(self, cp: AnyCheckpointer, args: LiveSend, task_id: str) -> Mapping[str, Any]:
+        """The source's end: the tunnels' sockets, and the kind's move through them."""
+        import json
 
-    control = await session.open()
-    servers = []
-    try:
-        for channel in channels:
-            servers.append(await asyncio.start_unix_server(accept(channel), path=str(sockets / f"{channel}.sock")))
-        yield control
-    finally:
-        for server in servers:
-            server.close()
-        for task in list(conns):
-            task.cancel()
-        await control.close()
+        from plugins.checkpoint import tunnels
 
+        migrator = _migrator(cp)
+        if args.on_no_converge not in ("stop-and-copy", "abort"):
+            raise TaskError(f"payload.on_no_converge must be stop-and-copy or abort, got {args.on_no_converge!r:.40}",
+                            code="bad-request")
+        wrong = [c for c in args.channels if not isinstance(c, str) or not tunnels.CHANNEL_RE.match(c)]
+        if wrong or not args.channels:
+            # They name sockets here, and come from the destination.
+            raise TaskError(f"payload.channels must be short lowercase names, got {args.channels!r:.80}",
+                            code="bad-request")
+        options = LiveOptions(args.max_downtime_ms, args.converge_timeout, args.on_no_converge)
+        async with (tunnels.Session(self.ws.require_context(), args.controller, args.migration) as session,
+                    self._sockets(args.migration) as sockets,
+                    tunnels.source_tunnels(session, sockets, args.channels) as control):
+            sending: set[asyncio.Task[None]] = set()
 
-async def destination_tunnels(session: Session, ready: Mapping[str, Any], prepared: LivePrepared) -> None:
-    """Tell the controller the destination is ``ready``, then connect each tunnelled
-    connection it announces to its channel's local target (through the channel's filter),
-    until it says the migration ended or goes away."""
-    import aiohttp
+            def progress(figures: Mapping[str, Any]) -> None:
+                task = asyncio.ensure_future(control.send_str(json.dumps({"progress": dict(figures)})))
+                sending.add(task)
+                task.add_done_callback(sending.discard)
 
-    conns: set[asyncio.Task[None]] = set()
-    targets = prepared.targets
+            result = await migrator.live_migrate(args.name, args.definition, sockets, options, progress)
+        return dict(result)
 
-    async def connect(channel: str, conn: str) -> None:
+    def records(self) -> Path:
+        """Where the socket directories this agent made are recorded."""
+        return self.ws.require_context().state_dir / RECORDS
+
+    @contextlib.asynccontextmanager
+    async def _sockets(self, migration: str) -> AsyncIterator[Path]:
+        """A new directory for one migration's sockets, root's alone until the kind shares
+        it, recorded (see the module docstring) until it is removed as the task ends.
+        ``migration`` is a checked id (:class:`.tunnels.Session` refuses others)."""
+        root = self.ws.config.live_sockets
+        record = self.records() / migration
+        await asyncio.to_thread(record.parent.mkdir, 0o700, False, True)
+        await asyncio.to_thread(record.touch)
+        sockets = root / migration
         try:
-            reader, writer = await asyncio.open_unix_connection(str(targets[channel]))
-        except OSError as exc:
-            log.warning("checkpoint: the live migration's %s target %s refused: %s", channel, targets[channel], exc)
-            return
-        try:
-            ws = await session.open(f"/{channel}", conn=conn)
-        except TaskError as exc:  # the source's hypervisor sees its connection close
-            log.warning("checkpoint: %s", exc)
-            writer.close()
-            return
-        make_filter = prepared.filters.get(channel)
-        await splice(reader, writer, ws, make_filter() if make_filter else None)
+            await asyncio.to_thread(root.mkdir, 0o755, True, True)
+            await asyncio.to_thread(shutil.rmtree, sockets, True)
+            await asyncio.to_thread(sockets.mkdir, 0o700)
+            yield sockets
+        finally:
+            await asyncio.to_thread(shutil.rmtree, sockets, True)
+            await asyncio.to_thread(record.unlink, missing_ok=True)
 
-    control = await session.open()
-    try:
-        await control.send_str(json.dumps(ready))
-        async for message in control:
-            if message.type != aiohttp.WSMsgType.TEXT:
-                break
-            order = json.loads(message.data)
-            if "end" in order:
-                return
-            if order.get("channel") in targets:
-                task = asyncio.ensure_future(connect(order["channel"], str(order["conn"])))
-                conns.add(task)
-                task.add_done_callback(conns.discard)
-    finally:
-        for task in list(conns):
-            task.cancel()
-        await control.close()
+
+def _migrator(cp: AnyCheckpointer) -> LiveMigrator:
+    if not isinstance(cp, LiveMigrator):
+        raise TaskError(f"{cp.kind} instances cannot move live on this node", code="unsupported-kind")
+    return cp

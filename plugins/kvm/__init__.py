@@ -55,7 +55,7 @@ from plugins.kvm.acceleration import Acceleration, decide
 from plugins.kvm.disks import CONSOLE_LOG, DISK, fresh_dir, has_instance_dirs, make_overlay
 from plugins.kvm.domain import DomainFiles, domain_xml, lookup, undo_create
 from plugins.kvm.host import NO_BINDING, Host
-from plugins.kvm.live import KvmLiveMigrator
+from plugins.kvm.live import KvmLiveMigrator, discard_arrivals
 from plugins.kvm.liveness import Liveness
 from plugins.kvm.moves import Moves
 from plugins.kvm.settings import KvmConfig, parse_config
@@ -107,6 +107,7 @@ class KvmPlugin:
             await self._host.load()
         else:
             await self._liveness.refresh()
+        await discard_arrivals(self.config.instance_dir, self._host)
 
     @hookimpl
     async def kumo_shutdown(self) -> None:

@@ -10,7 +10,7 @@ destination.
 
 libvirt 9.0 refuses to copy disks through its tunnelled mode, so the migration is native
 and each of its three streams is a unix socket the checkpoint plugin tunnels through the
-controller (:mod:`plugins.checkpoint.live`): ``control.sock``, the libvirt connection of
+controller (:mod:`plugins.checkpoint.tunnels`): ``control.sock``, the libvirt connection of
 the source agent to the destination's libvirtd (this agent drives the migration as a
 libvirt client: "managed" migration); ``memory.sock``, qemu's migration stream (libvirtd
 connects it and hands qemu the descriptor); ``disks.sock``, the NBD stream (qemu connects
@@ -25,6 +25,12 @@ payload, as a restore builds it: only the saved UUID, machine type and accelerat
 from the source, checked as a checkpoint's record is. What the source says on
 ``control.sock`` reaches the destination's libvirtd through :mod:`plugins.kvm.rpcfilter`:
 only a migration's calls, with that definition.
+
+The directory prepared on the destination is marked (``<instance_dir>/.arriving-<name>``,
+naming the agent process that prepared it) until the migration ends either way. An agent
+killed in between leaves the mark, and at its next start :func:`discard_arrivals` removes
+the directory of a VM that did not arrive, as the checkpoint plugin removes a
+half-received image.
 """
 
 from __future__ import annotations
@@ -35,16 +41,29 @@ import json
 import logging
 import os
 import pwd
+import shutil
 import time
 import urllib.parse
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from agent.sdk import LiveOptions, LivePrepared, TaskError, run_command
+from agent.sdk import (
+    NAME_RE,
+    LiveOptions,
+    LivePrepared,
+    TaskError,
+    boot_id,
+    run_command,
+    start_time,
+)
 from plugins.kvm.checkpointing import KvmCheckpointer, parse_saved, save_blockers, saved_vm
 from plugins.kvm.disks import backing_file
+from plugins.kvm.domain import lookup
 from plugins.kvm.rpcfilter import RpcFilter
+
+if TYPE_CHECKING:
+    from plugins.kvm.host import Host
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +72,7 @@ SYSTEM_SOCKET = "/run/libvirt/libvirt-sock"
 POLL = 0.5  # seconds between two reads of the migration's progress
 ABORT_GRACE = 60.0  # seconds libvirt may take to end its job after an abort
 CLOSE_TIMEOUT = 10.0
+ARRIVING = ".arriving-"  # the mark of a directory prepared for a live arrival, beside it
 
 
 def libvirtd_socket(uri: str) -> str | None:
@@ -115,7 +135,13 @@ class KvmLiveMigrator(KvmCheckpointer):
                                              ("uuid", "machine", "domain_type", "nic", "seed")}}
         saved, spec = parse_saved(record, instance)
         await asyncio.to_thread(share_with_qemu, sockets)
-        definition = await plugin.prepare_arrival(name, spec, saved, size)
+        mark = plugin.config.instance_dir / f"{ARRIVING}{name}"
+        await asyncio.to_thread(_mark, mark)  # before the directory exists: a kill at any point leaves it
+        try:
+            definition = await plugin.prepare_arrival(name, spec, saved, size)
+        except BaseException:
+            await asyncio.to_thread(mark.unlink, missing_ok=True)
+            raise
         import libvirt  # loaded: prepare_arrival connected to libvirtd
 
         params = migration_params(libvirt, definition, sockets)
@@ -136,6 +162,56 @@ class KvmLiveMigrator(KvmCheckpointer):
 
     async def live_abandon(self, name: str) -> None:
         await self.plugin.abandon_arrival(name)
+        await asyncio.to_thread((self.plugin.config.instance_dir / f"{ARRIVING}{name}").unlink, missing_ok=True)
+
+
+async def discard_arrivals(instance_dir: Path, host: Host) -> None:
+    """At start-up: remove the directories prepared for VMs that never arrived (marked by a
+    process that no longer runs, and no domain of that name in libvirt). Without a
+    connection to libvirtd that cannot be told, and they wait for the next start."""
+    marks = await asyncio.to_thread(lambda: list(instance_dir.glob(f"{ARRIVING}*")))
+    for mark in marks:
+        if await asyncio.to_thread(_preparer_runs, mark):
+            continue  # `kumo-agent plugins` beside a running agent: its arrival is under way
+        name = mark.name.removeprefix(ARRIVING)
+        if not NAME_RE.match(name):
+            continue  # not a mark of Kumo's: never a path outside the instance's directory
+        directory = instance_dir / name
+        if await asyncio.to_thread(directory.exists):
+            arrived = await asyncio.to_thread(_defined, host, name)
+            if arrived is None:
+                log.warning("kvm: %s was prepared for a live migration that did not end, and libvirtd cannot say "
+                            "whether the VM arrived: it is kept until the next start", directory)
+                continue
+            if not arrived:
+                log.warning("kvm: removing %s, prepared for a live migration that did not end", directory)
+                await asyncio.to_thread(shutil.rmtree, directory, True)
+        await asyncio.to_thread(mark.unlink, missing_ok=True)
+
+
+def _defined(host: Host, name: str) -> bool | None:
+    """Whether libvirt has a domain ``name``; None when it cannot be asked. Blocking."""
+    if host.conn is None:
+        return None
+    try:
+        return lookup(host.libvirt, host.conn, name) is not None
+    except host.libvirt.libvirtError:
+        return None
+
+
+def _mark(path: Path) -> None:
+    """Write ``path``, naming this process as no other process is, even after a reboot. Blocking."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps([boot_id(), os.getpid(), start_time(os.getpid())]))
+
+
+def _preparer_runs(mark: Path) -> bool:
+    """Whether the process that wrote ``mark`` runs. Blocking."""
+    try:
+        boot, pid, started = json.loads(mark.read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+    return boot == boot_id() and isinstance(pid, int) and start_time(pid) == started
 
 
 def migration_flags(libvirt: Any) -> int:

@@ -99,8 +99,8 @@ class CriuNode:
         await self.process.kumo_shutdown()
         self.process = ProcessPlugin()
         self.hooks = self._hooks()
-        assert self.checkpoint.context is not None
-        self.checkpoint.context.hooks = self.hooks
+        assert self.checkpoint.workspace.context is not None
+        self.checkpoint.workspace.context.hooks = self.hooks
         await self.process.kumo_startup(context=self.context("process"))
         self.hooks.load_drivers()
         await self.hooks.adopt()
