@@ -6,6 +6,7 @@ controller's own, in an aiohttp test server; the certificate's identity comes fr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from typing import Any
 
@@ -137,6 +138,38 @@ async def test_connections_and_messages_are_bounded(tunnel, monkeypatch):
     assert (await joined.receive(timeout=5)).type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
     assert made.bytes == 0
     for each in (joined, other, *sources, control):
+        await each.close()
+
+
+async def test_a_peer_that_takes_nothing_ends_its_connection_both_ends_closed(tunnel, monkeypatch):
+    made, ws = tunnel
+    monkeypatch.setattr(inflight, "TUNNEL_SEND_TIMEOUT", 0.5)
+    control = await ready(made, ws)
+    source = await ws("node s", f"s/migrations/{MID}/live/control")
+    await control.receive(timeout=5)
+    frozen = await ws("node d", f"d/migrations/{MID}/live/control", conn="1")  # never reads: a stopped agent
+
+    async def send() -> None:
+        chunk = b"x" * (256 << 10)
+        with contextlib.suppress(aiohttp.ClientError, ConnectionError):  # the end, as it is closed
+            while not source.closed:
+                await source.send_bytes(chunk)
+
+    sending = asyncio.ensure_future(send())
+    # Once the buffers on the way are full, the controller's send to the frozen end times
+    # out: the source's end is closed (its hypervisor sees the connection go) ...
+    assert (await source.receive(timeout=30)).type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+    await asyncio.wait_for(sending, 10)
+    for _ in range(200):  # ... and the tunnel holds no connection
+        if made.open == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert made.open == 0
+    # The frozen end finds its connection cut after what was buffered for it.
+    while (message := await frozen.receive(timeout=10)).type == aiohttp.WSMsgType.BINARY:
+        pass
+    assert message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR), message
+    for each in (source, frozen, control):
         await each.close()
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from typing import Any
 
 import aiohttp
@@ -34,6 +35,8 @@ from controller.api import (
 from controller.api.instances import shown
 from controller.api.tasks import shown as shown_task
 from controller.services import checkpoints, inflight, instances, live, migrations
+
+log = logging.getLogger("kumo.controller.migration")
 
 
 async def checkpoint(request: web.Request) -> web.Response:
@@ -313,7 +316,7 @@ async def live_channel(request: web.Request) -> web.WebSocketResponse:
         if joining.done():  # the source gave up meanwhile
             await ws.close()
             return ws
-        joining.set_result((ws, done))
+        joining.set_result(((ws, request), done))
         await done.wait()
         return ws
     control = tunnel.control
@@ -332,14 +335,15 @@ async def live_channel(request: web.Request) -> web.WebSocketResponse:
         tunnel.waiting[conn] = (channel, joining)
         await ws.prepare(request)
         try:
-            await control.send_str(json.dumps({"channel": channel, "conn": conn}))
+            await asyncio.wait_for(control.send_str(json.dumps({"channel": channel, "conn": conn})),
+                                   inflight.TUNNEL_SEND_TIMEOUT)
             other, done = await asyncio.wait_for(joining, inflight.STALL_TIMEOUT)
         except (asyncio.CancelledError, TimeoutError, ConnectionError):
             tunnel.waiting.pop(conn, None)
             await ws.close()
             return ws
         try:
-            await _splice(tunnel, ws, other)
+            await _splice(tunnel, (ws, request), other)
         finally:
             done.set()
     finally:
@@ -347,12 +351,25 @@ async def live_channel(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
-async def _splice(tunnel: inflight.Tunnel, one: web.WebSocketResponse, other: web.WebSocketResponse) -> None:
-    async def pump(src: web.WebSocketResponse, dst: web.WebSocketResponse) -> None:
-        async for message in src:
+End = tuple[web.WebSocketResponse, web.Request]  # a tunnelled connection's websocket on one node
+
+
+async def _splice(tunnel: inflight.Tunnel, one: End, other: End) -> None:
+    async def pump(src: End, dst: End) -> None:
+        async for message in src[0]:
             if message.type != aiohttp.WSMsgType.BINARY:
                 break
-            await dst.send_bytes(message.data)
+            try:
+                await asyncio.wait_for(dst[0].send_bytes(message.data), inflight.TUNNEL_SEND_TIMEOUT)
+            except TimeoutError:
+                # A peer that takes nothing (its agent stopped) would hold this connection, and
+                # the other end with it, until it came back. A close would wait for it too: its
+                # connection is cut outright.
+                log.warning("migration %s: node %s took no tunnelled data for %g s: its connection is cut",
+                            dst[1].match_info["mid"], dst[1].match_info["id"], inflight.TUNNEL_SEND_TIMEOUT)
+                if dst[1].transport is not None:
+                    dst[1].transport.abort()
+                return
             tunnel.bytes += len(message.data)
 
     pumps = [asyncio.ensure_future(pump(one, other)), asyncio.ensure_future(pump(other, one))]
@@ -362,7 +379,7 @@ async def _splice(tunnel: inflight.Tunnel, one: web.WebSocketResponse, other: we
         for task in pumps:
             task.cancel()
         # Either end closing closes the other: that is how a hypervisor learns its peer is gone.
-        for ws in (one, other):
+        for ws, _ in (one, other):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(ws.close(), 5)
 

@@ -119,7 +119,7 @@ class Tunnel:
         self.ended.set()
         if self.control is not None and not self.control.closed:
             with contextlib.suppress(Exception):
-                await self.control.send_str(json.dumps({"end": how}))
+                await asyncio.wait_for(self.control.send_str(json.dumps({"end": how})), TUNNEL_SEND_TIMEOUT)
 
 
 class Migrations:
