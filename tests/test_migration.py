@@ -256,7 +256,7 @@ def test_kumoctl_migrate_shows_progress_and_drain_moves_the_rest(cluster):
     counter(a, "second")
     status, out, err = kumoctl(controller, "nodes", "drain", a.node_id)
     assert status == 0, err
-    assert f"moved second to {b.node_id}" in out, out
+    assert f"moved second to {b.node_id} (stop-and-copy)" in out, out  # a process moves only so
     assert controller.admin("GET", "/v1/instances/second")["node"] == b.node_id
     assert running_on(b, "second")
 

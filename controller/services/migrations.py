@@ -65,7 +65,7 @@ from controller.services.inflight import (
     record_phase,
     running_on,
 )
-from controller.services.live import cannot_live, migrate_live
+from controller.services.live import cannot_live, live_options, migrate_live
 from controller.services.tasks import new_task, run_task, submit
 from controller.store import cancel_and_wait
 
@@ -537,19 +537,31 @@ def _id_of(image: str) -> str:
 
 
 async def evacuate(ctl: Any, node_id: str) -> dict[str, Any]:
-    """Start migrating every instance of ``node_id`` that passes its pre-flight check.
+    """Start migrating every instance of ``node_id`` that passes its pre-flight check: live
+    when its kind and both nodes can (as ``modes`` and a live migration's placement judge it),
+    else by stop-and-copy. A live move that does not converge is finished by pausing the
+    instance: the node must empty either way.
 
-    Returns ``{"moving": [migration document], "staying": [{"name", "kind", "reason", "blockers"}]}``.
+    Returns ``{"moving": [migration document, whose "mode" says which], "staying": [{"name",
+    "kind", "reason", "blockers"}]}``.
     """
     moving, staying = [], []
     for row in await ctl.store.list_instances():
         if row["node"] != node_id:
             continue
         try:
-            moving.append(await start_migration(ctl, row, None))
+            moving.append(await start_migration(ctl, row, None, await _drain_live_options(ctl, row)))
         except Refused as exc:
             staying.append({"name": row["name"], "kind": row["kind"], "reason": exc.message,
                             "blockers": exc.extra.get("blockers") or []})
     return {"moving": moving, "staying": staying}
 
 
+async def _drain_live_options(ctl: Any, row: dict[str, Any]) -> dict[str, Any] | None:
+    """A drain's live options for ``row``'s instance, or None when no node could take it live
+    (then it moves by stop-and-copy, and whatever keeps it from moving at all is said then)."""
+    try:
+        await _destination(ctl, row, None, live=True)
+    except Refused:
+        return None
+    return live_options(None, None, "stop-and-copy")
