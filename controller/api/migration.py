@@ -2,11 +2,12 @@
 
 The decisions (pre-flight, the migration's steps, rollback, takeover) are
 :mod:`controller.services.migrations`'s and :mod:`controller.services.live`'s; here
-requests are parsed and answers rendered, and the two ends of a migration's image stream meet: the source's ``PUT`` and the
-destination's ``GET`` of ``/v1/nodes/{id}/migrations/{mid}/image``, relayed through the
-driving controller's :class:`~controller.services.inflight.Relay` (or forwarded to the
-controller that drives it, ``/v1/relay/...``), and a live migration's tunnelled connections
-are spliced through its :class:`~controller.services.inflight.Tunnel`.
+requests are parsed and answers rendered, and the two ends of a migration's image stream
+meet: the source's ``PUT`` and the destination's ``GET`` of
+``/v1/nodes/{id}/migrations/{mid}/image``, relayed through the driving controller's
+:class:`~controller.services.inflight.Relay` (or forwarded to the controller that drives
+it, ``/v1/relay/...``); and a live migration's tunnelled connections are spliced through
+its :class:`~controller.services.inflight.Tunnel`.
 """
 
 from __future__ import annotations
@@ -356,19 +357,20 @@ End = tuple[web.WebSocketResponse, web.Request]  # a tunnelled connection's webs
 
 async def _splice(tunnel: inflight.Tunnel, one: End, other: End) -> None:
     async def pump(src: End, dst: End) -> None:
-        async for message in src[0]:
+        (reading, _), (writing, peer) = src, dst
+        async for message in reading:
             if message.type != aiohttp.WSMsgType.BINARY:
                 break
             try:
-                await asyncio.wait_for(dst[0].send_bytes(message.data), inflight.TUNNEL_SEND_TIMEOUT)
+                await asyncio.wait_for(writing.send_bytes(message.data), inflight.TUNNEL_SEND_TIMEOUT)
             except TimeoutError:
                 # A peer that takes nothing (its agent stopped) would hold this connection, and
                 # the other end with it, until it came back. A close would wait for it too: its
                 # connection is cut outright.
                 log.warning("migration %s: node %s took no tunnelled data for %g s: its connection is cut",
-                            dst[1].match_info["mid"], dst[1].match_info["id"], inflight.TUNNEL_SEND_TIMEOUT)
-                if dst[1].transport is not None:
-                    dst[1].transport.abort()
+                            peer.match_info["mid"], peer.match_info["id"], inflight.TUNNEL_SEND_TIMEOUT)
+                if peer.transport is not None:
+                    peer.transport.abort()
                 return
             tunnel.bytes += len(message.data)
 
