@@ -68,10 +68,8 @@ def live_options(max_downtime_ms: int | None, converge_timeout: float | None,
 
 
 async def migrate_live(ctl: Any, doc: dict[str, Any]) -> None:
-    """A live migration: the source's facts, the destination prepared (``checkpoint.live_receive``,
-    which then serves the tunnels), the move on the source (``checkpoint.live_send``), then
-    the record moves as after a stop-and-copy. The source's hypervisor keeps the instance
-    until the destination's has it running, so every failure leaves it running there."""
+    """Carry out the live migration ``doc`` (the steps above). The source's hypervisor keeps the
+    instance until the destination's has it running, so every failure leaves it running there."""
     name, kind, source, destination = doc["instance"], doc["kind"], doc["source"], doc["destination"]
     base = {"name": name, "kind": kind}
     stays = f"the instance was not moved and runs on node {source}"
