@@ -59,7 +59,7 @@ from controller.api import (
     ui,
 )
 from controller.connections import ConnectionLimits
-from controller.services import Refused, migrations, rebalance
+from controller.services import Refused, inflight, migrations, rebalance
 from controller.services import images as image_service
 from controller.settings import ControllerSettings, split_address
 from controller.store import Store, open_store
@@ -232,7 +232,7 @@ class Controller:
             require_peer_role(context, "controller")
             self._peers_session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(ssl=context),
-                timeout=aiohttp.ClientTimeout(total=None, connect=30, sock_read=migrations.STALL_TIMEOUT + 30),
+                timeout=aiohttp.ClientTimeout(total=None, connect=30, sock_read=inflight.STALL_TIMEOUT + 30),
             )
         return self._peers_session
 

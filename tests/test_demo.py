@@ -1,8 +1,8 @@
 """The README's first command: ``make demo`` (scripts/demo.sh) brings up a controller and two
 enrolled agents (the second with a libvirtd of its own) with a VM, a process and a container,
 imports the project's Debian image into the catalogue and makes a real Debian container from
-it by name that cloud-init sets up; the tour's drain moves the VM, the process and the
-busybox container to the second node, where the VM is a running domain of that node's
+it by name that cloud-init sets up; the tour's drain moves the VM (live), the process and
+the busybox container to the second node, where the VM is a running domain of that node's
 libvirtd, the container runs and both count on from where they were, and says why the Debian
 container stays; its migration moves the process back; and ``make demo-stop`` leaves nothing
 running. The script runs exactly as a newcomer's would, moved into this test's directories
@@ -120,8 +120,8 @@ def test_make_demo_runs_the_tour_and_demo_stop_cleans_up(demo):
     assert sorted((i["name"], i["kind"]) for i in images) == [("debian-12", "kvm"), ("debian-12", "lxc")], images
     assert re.search(r"https://127\.0\.0\.1:\d+/signin/\S+", started.stdout), "the demo prints the web interface's link"
 
-    # The tour's drain, as the demo prints it: the VM, the process and the busybox container
-    # move; the Debian container's systemd services are in namespaces of their own, which
+    # The tour's drain, as the demo prints it: the VM (live), the process and the busybox
+    # container move; the Debian container's systemd services are in namespaces of their own, which
     # CRIU cannot checkpoint, so it stays and the drain says why.
     node_a, node_b = (json.loads((state / agent / "join.json").read_text())["node_id"] for agent in ("agent", "agent2"))
     assert f"kumoctl nodes drain {node_a}" in started.stdout, started.stdout
@@ -129,8 +129,8 @@ def test_make_demo_runs_the_tour_and_demo_stop_cleans_up(demo):
     clock_before = counts(kumoctl("instances", "console", "demo-clock").stdout)
     drained = kumoctl("nodes", "drain", node_a)
     assert drained.returncode == 0, drained.stdout + drained.stderr
-    for name in ("demo-vm", "demo-clock", "demo-box"):
-        assert f"moved {name} to {node_b}" in drained.stdout, drained.stdout
+    for name, mode in (("demo-vm", "live"), ("demo-clock", "stop-and-copy"), ("demo-box", "stop-and-copy")):
+        assert f"moved {name} to {node_b} ({mode})" in drained.stdout, drained.stdout
     assert re.search(r"demo-debian stays on .*namespace of their own", drained.stdout), drained.stdout
     where = {i["name"]: (i["node"], i["state"]) for i in json.loads(kumoctl("instances", "list", "-o", "json").stdout)}
     assert where == {"demo-vm": (node_b, "running"), "demo-clock": (node_b, "running"),

@@ -6,6 +6,7 @@ controller's own, in an aiohttp test server; the certificate's identity comes fr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from typing import Any
 
@@ -15,7 +16,7 @@ from aiohttp import web
 
 from controller.api import migration
 from controller.app import IDENTIFY, guard
-from controller.services import Refused, migrations
+from controller.services import Refused, inflight, live
 
 MID = "m-0123456789abcdef"
 
@@ -55,7 +56,7 @@ async def tunnel(aiohttp_client: Any) -> Any:
         if route.path.startswith(migration.LIVE):
             app.router.add_route(route.method, route.path, guard(route, route.handler))
     client = await aiohttp_client(app)
-    made = migrations.migrations(ctl).tunnels[MID] = migrations.Tunnel("s", "d")
+    made = inflight.migrations(ctl).tunnels[MID] = inflight.Tunnel("s", "d")
 
     async def ws(cert: str, path: str, **query: str) -> Any:
         return await client.ws_connect(f"/v1/nodes/{path}", headers={"X-Cert": cert}, params=query or None)
@@ -122,8 +123,8 @@ async def test_a_connection_is_joined_once_by_the_destination_on_its_channel(tun
 
 async def test_connections_and_messages_are_bounded(tunnel, monkeypatch):
     made, ws = tunnel
-    monkeypatch.setattr(migrations, "TUNNEL_MESSAGE_MAX", 1024)
-    monkeypatch.setattr(migrations, "TUNNEL_CONNECTIONS_MAX", 2)
+    monkeypatch.setattr(inflight, "TUNNEL_MESSAGE_MAX", 1024)
+    monkeypatch.setattr(inflight, "TUNNEL_CONNECTIONS_MAX", 2)
     control = await ready(made, ws)
     sources = [await ws("node s", f"s/migrations/{MID}/live/control") for _ in range(2)]
     status, _ = await refusal(ws("node s", f"s/migrations/{MID}/live/control"))
@@ -137,6 +138,38 @@ async def test_connections_and_messages_are_bounded(tunnel, monkeypatch):
     assert (await joined.receive(timeout=5)).type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
     assert made.bytes == 0
     for each in (joined, other, *sources, control):
+        await each.close()
+
+
+async def test_a_peer_that_takes_nothing_ends_its_connection_both_ends_closed(tunnel, monkeypatch):
+    made, ws = tunnel
+    monkeypatch.setattr(inflight, "TUNNEL_SEND_TIMEOUT", 0.5)
+    control = await ready(made, ws)
+    source = await ws("node s", f"s/migrations/{MID}/live/control")
+    await control.receive(timeout=5)
+    frozen = await ws("node d", f"d/migrations/{MID}/live/control", conn="1")  # never reads: a stopped agent
+
+    async def send() -> None:
+        chunk = b"x" * (256 << 10)
+        with contextlib.suppress(aiohttp.ClientError, ConnectionError):  # the end, as it is closed
+            while not source.closed:
+                await source.send_bytes(chunk)
+
+    sending = asyncio.ensure_future(send())
+    # Once the buffers on the way are full, the controller's send to the frozen end times
+    # out: the source's end is closed (its hypervisor sees the connection go) ...
+    assert (await source.receive(timeout=30)).type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+    await asyncio.wait_for(sending, 10)
+    for _ in range(200):  # ... and the tunnel holds no connection
+        if made.open == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert made.open == 0
+    # The frozen end finds its connection cut after what was buffered for it.
+    while (message := await frozen.receive(timeout=10)).type == aiohttp.WSMsgType.BINARY:
+        pass
+    assert message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR), message
+    for each in (source, frozen, control):
         await each.close()
 
 
@@ -174,19 +207,19 @@ async def test_a_failed_move_says_what_the_destination_left_only_as_it_confirmed
     async def run_task(ctl: Any, node: str, kind: str, payload: Any, timeout: float, instance: Any = None) -> Any:
         if kind == "checkpoint.live_facts":
             return {"state": "succeeded", "result": {"facts": {}}}
-        assert kind == "checkpoint.live_send" and migrations.migrations(ctl).tunnels[MID].live
+        assert kind == "checkpoint.live_send" and inflight.migrations(ctl).tunnels[MID].live
         return {"state": "failed", "code": "migration-failed", "error": "the tunnel broke"}
 
     async def submit(ctl: Any, task: dict[str, Any]) -> Any:
-        migrations.migrations(ctl).tunnels[MID].ready.set_result({"definition": "<domain/>", "channels": ["control"]})
+        inflight.migrations(ctl).tunnels[MID].ready.set_result({"definition": "<domain/>", "channels": ["control"]})
         return task, True
 
     async def wait(ctl: Any, task: Any, timeout: float, harmless: bool = False) -> Any:
         return received
 
-    monkeypatch.setattr(migrations, "run_task", run_task)
-    monkeypatch.setattr(migrations, "submit", submit)
-    monkeypatch.setattr(migrations.tasks, "wait", wait)
-    await migrations._migrate_live(ctl, doc)
+    monkeypatch.setattr(live, "run_task", run_task)
+    monkeypatch.setattr(live, "submit", submit)
+    monkeypatch.setattr(live.tasks, "wait", wait)
+    await live.migrate_live(ctl, doc)
     assert doc["code"] == "migration-failed" and "runs on node s" in doc["outcome"], doc
     assert outcome in doc["outcome"], doc

@@ -256,7 +256,7 @@ def test_kumoctl_migrate_shows_progress_and_drain_moves_the_rest(cluster):
     counter(a, "second")
     status, out, err = kumoctl(controller, "nodes", "drain", a.node_id)
     assert status == 0, err
-    assert f"moved second to {b.node_id}" in out, out
+    assert f"moved second to {b.node_id} (stop-and-copy)" in out, out  # a process moves only so
     assert controller.admin("GET", "/v1/instances/second")["node"] == b.node_id
     assert running_on(b, "second")
 
@@ -344,7 +344,7 @@ def test_checkpoints_are_kept_under_the_instance_listed_restored_by_id_pruned_an
 
 
 async def test_an_aborted_relay_releases_both_ends_at_once():
-    from controller.services.migrations import RELAY_DEPTH, Relay, RelayAborted
+    from controller.services.inflight import RELAY_DEPTH, Relay, RelayAborted
 
     relay = Relay("n-source", "n-destination")
     for _ in range(RELAY_DEPTH):
@@ -374,7 +374,7 @@ def test_the_kinds_a_node_can_move_are_what_its_checkpoint_plugin_publishes():
 
 def test_the_kinds_a_node_can_move_live_and_the_live_options_are_checked():
     from controller.services import Refused
-    from controller.services.migrations import cannot_live, live_options
+    from controller.services.live import cannot_live, live_options
 
     node = {"plugins": {"checkpoint": {"available": True, "attributes": {"live_kinds": ["kvm"]}}}}
     assert cannot_live(node, "n-a", "kvm") is None

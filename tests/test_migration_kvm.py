@@ -1,6 +1,7 @@
 """A VM moves between two real agents through the controller (stop-and-copy): libvirt's save
 on the source, the memory state, overlay and seed relayed sha256-checked, the restore on the
-destination in its own directories with its own copy of the base image.
+destination in its own directories with its own copy of the base image; or live, libvirt's
+own migration tunnelled through the controller, as a drain moves it when both nodes can.
 
 Each agent has a libvirtd of its own (the second in a mount namespace, as another host),
 its own instance directory and image cache. The guest prints a counter on its serial
@@ -102,17 +103,17 @@ def counting_on_a(vm_cluster: Any, uris: tuple[str, str], prefix: str,
     return controller, a, a_dir, b, b_dir, name, log_a
 
 
-def test_drain_moves_a_vm_and_it_counts_on_from_where_it_was(vm_cluster, libvirtd, second_libvirtd, kvm_guest):
+def test_a_vm_moves_by_stop_and_copy_and_a_drain_moves_it_back_live(vm_cluster, libvirtd, second_libvirtd, kvm_guest):
     controller, a, a_dir, b, b_dir, name, log_a = counting_on_a(vm_cluster, (libvirtd, second_libvirtd), "kumo-vmckpt-mv")
     modes = controller.admin("GET", f"/v1/instances/{name}")["migration"]
     assert modes["stop-and-copy"]["possible"] is True, modes
     seen = counts(log_a)[-1]
 
-    drained = kumoctl(controller, "nodes", "drain", a.node_id, "-o", "json")
-    assert drained.returncode == 0, drained.stderr
-    [moved] = json.loads(drained.stdout)["moved"]
-    assert moved["state"] == "succeeded" and moved["destination"] == b.node_id, moved
-    assert moved["images_sent"] == [kvm_guest.disk_sha256], "B's image cache lacked the base image: it travelled"
+    moved = kumoctl(controller, "instances", "migrate", name, "--to", b.node_id, "-o", "json")
+    assert moved.returncode == 0, moved.stderr
+    done = json.loads(moved.stdout)
+    assert done["state"] == "succeeded" and done["mode"] == "stop-and-copy", done
+    assert done["images_sent"] == [kvm_guest.disk_sha256], "B's image cache lacked the base image: it travelled"
     assert controller.admin("GET", f"/v1/instances/{name}")["node"] == b.node_id
     assert running_on(b, name)
     wait_for(lambda: reported(a, name) is None, "node A to forget the VM")
@@ -128,12 +129,13 @@ def test_drain_moves_a_vm_and_it_counts_on_from_where_it_was(vm_cluster, libvirt
                                      capture_output=True, text=True, check=True).stdout)
     assert info["backing-filename"] == str(b_dir.parent / "images" / kvm_guest.disk_sha256)
 
-    # Back to A, whose image cache still holds the base image: only the checkpoint travels.
-    kumoctl(controller, "nodes", "undrain", a.node_id)
+    # Draining B moves it back live, as both nodes can, and it counts on.
     seen = counts(log_b)[-1]
-    answer = controller.admin("POST", f"/v1/instances/{name}/migrate", {"to": a.node_id})
-    done = finished(controller, answer["migration"]["id"])
-    assert done["state"] == "succeeded" and done["images_sent"] == [], done
+    drained = kumoctl(controller, "nodes", "drain", b.node_id, "-o", "json")
+    assert drained.returncode == 0, drained.stderr
+    [back] = json.loads(drained.stdout)["moved"]
+    assert back["state"] == "succeeded" and back["mode"] == "live" and back["destination"] == a.node_id, back
+    assert name in domains(libvirtd) and name not in domains(second_libvirtd)
     wait_for(lambda: counts(log_a) and counts(log_a)[-1] > seen + 3, "the guest to count on on A again", limit=60)
     assert counts(log_a)[0] > seen and "GUEST-BOOTED" not in log_a.read_text(errors="replace")
 

@@ -1,11 +1,13 @@
 """Checkpoint, restore and migration over HTTP, and the image relay's endpoints.
 
 The decisions (pre-flight, the migration's steps, rollback, takeover) are
-:mod:`controller.services.migrations`'s; here requests are parsed and answers rendered, and
-the two ends of a migration's image stream meet: the source's ``PUT`` and the
-destination's ``GET`` of ``/v1/nodes/{id}/migrations/{mid}/image``, relayed through the
-driving controller's :class:`~controller.services.migrations.Relay` (or forwarded to the
-controller that drives it, ``/v1/relay/...``).
+:mod:`controller.services.migrations`'s and :mod:`controller.services.live`'s; here
+requests are parsed and answers rendered, and the two ends of a migration's image stream
+meet: the source's ``PUT`` and the destination's ``GET`` of
+``/v1/nodes/{id}/migrations/{mid}/image``, relayed through the driving controller's
+:class:`~controller.services.inflight.Relay` (or forwarded to the controller that drives
+it, ``/v1/relay/...``); and a live migration's tunnelled connections are spliced through
+its :class:`~controller.services.inflight.Tunnel`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from typing import Any
 
 import aiohttp
@@ -32,7 +35,9 @@ from controller.api import (
 )
 from controller.api.instances import shown
 from controller.api.tasks import shown as shown_task
-from controller.services import checkpoints, instances, migrations
+from controller.services import checkpoints, inflight, instances, live, migrations
+
+log = logging.getLogger("kumo.controller.migration")
 
 
 async def checkpoint(request: web.Request) -> web.Response:
@@ -78,15 +83,15 @@ async def migrate(request: web.Request) -> web.Response:
     row = await instances.get(ctl, request.match_info["name"])
     data = await json_body(request)
     reject_unknown(data, {"to", "live", "max_downtime_ms", "converge_timeout", "on_no_converge"})
-    live = None
+    options = None
     if field(data, "live", bool, required=False, default=False):
-        live = migrations.live_options(field(data, "max_downtime_ms", int, required=False),
-                                       field(data, "converge_timeout", (int, float), required=False),
-                                       field(data, "on_no_converge", str, required=False))
+        options = live.live_options(field(data, "max_downtime_ms", int, required=False),
+                                    field(data, "converge_timeout", (int, float), required=False),
+                                    field(data, "on_no_converge", str, required=False))
     elif set(data) & {"max_downtime_ms", "converge_timeout", "on_no_converge"}:
         raise ApiError(400, "max_downtime_ms, converge_timeout and on_no_converge are options of a live migration: "
                             "add \"live\": true")
-    doc = await migrations.start_migration(ctl, row, field(data, "to", str, required=False), live)
+    doc = await migrations.start_migration(ctl, row, field(data, "to", str, required=False), options)
     return reply({"migration": public(ctl, doc)}, 202)
 
 
@@ -100,7 +105,7 @@ async def list_migrations(request: web.Request) -> web.Response:
 
 async def show_migration(request: web.Request) -> web.Response:
     ctl = state(request)
-    doc = migrations.migrations(ctl).docs.get(request.match_info["id"]) or await ctl.store.get_migration(request.match_info["id"])
+    doc = inflight.migrations(ctl).docs.get(request.match_info["id"]) or await ctl.store.get_migration(request.match_info["id"])
     if doc is None:
         raise ApiError(404, f"no migration {request.match_info['id']!r}")
     return reply(public(ctl, doc))
@@ -111,10 +116,10 @@ def public(ctl: Any, doc: dict[str, Any]) -> dict[str, Any]:
     out = {**doc, "progress": dict(doc["progress"])}
     out.pop("controller", None)
     out.pop("listed_at", None)
-    tunnel = migrations.migrations(ctl).tunnels.get(doc["id"])
+    tunnel = inflight.migrations(ctl).tunnels.get(doc["id"])
     if tunnel is not None:
         out["progress"].update(tunnel.progress, bytes_sent=tunnel.bytes)
-    relay = migrations.migrations(ctl).relays.get(doc["id"])
+    relay = inflight.migrations(ctl).relays.get(doc["id"])
     if relay is not None:
         out["progress"].update(bytes_sent=relay.sent, bytes_received=relay.received)
         if relay.total is not None:
@@ -122,12 +127,12 @@ def public(ctl: Any, doc: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-async def _relay(request: web.Request, role: str) -> migrations.Relay | str:
+async def _relay(request: web.Request, role: str) -> inflight.Relay | str:
     """This controller's relay for the migration, or the URL to forward the stream to when
     another controller drives it."""
     ctl = state(request)
     migration_id, node_id = request.match_info["mid"], request.match_info["id"]
-    relay = migrations.migrations(ctl).relays.get(migration_id)
+    relay = inflight.migrations(ctl).relays.get(migration_id)
     if relay is not None:
         if node_id != (relay.source if role == "source" else relay.destination):
             raise ApiError(403, f"node {node_id} is not the {role} of migration {migration_id}")
@@ -203,7 +208,7 @@ async def upload_image(request: web.Request) -> web.Response:
             relay.sent += len(chunk)
         await relay.until(relay.chunks.put(None), "the destination took nothing")
         await relay.until(relay.delivered.wait(), "the destination did not take the rest")
-    except migrations.RelayAborted as exc:
+    except inflight.RelayAborted as exc:
         raise ApiError(409, f"the transfer was aborted: {exc}") from None
     except BaseException as exc:
         relay.abort(f"the stream from node {relay.source} broke: {exc or type(exc).__name__}")
@@ -217,7 +222,7 @@ async def download_image(request: web.Request) -> web.StreamResponse:
         return await _forward_download(request, relay)
     try:
         await relay.until(relay.attached.wait(), f"node {relay.source} did not start sending")
-    except migrations.RelayAborted as exc:
+    except inflight.RelayAborted as exc:
         raise ApiError(409, f"the transfer was aborted: {exc}") from None
     response = web.StreamResponse(headers={"Content-Type": "application/x-tar"})
     if relay.total is not None:
@@ -237,7 +242,7 @@ async def download_image(request: web.Request) -> web.StreamResponse:
     except asyncio.CancelledError:
         relay.abort(f"node {relay.destination} went away during the transfer")
         raise
-    except (migrations.RelayAborted, OSError) as exc:
+    except (inflight.RelayAborted, OSError) as exc:
         relay.abort(f"node {relay.destination} went away during the transfer: {exc}")
         # The answer has begun: cutting the connection is how the destination learns of it.
         if request.transport is not None:
@@ -247,13 +252,13 @@ async def download_image(request: web.Request) -> web.StreamResponse:
     return response
 
 
-def _tunnel(request: web.Request) -> tuple[migrations.Tunnel, str]:
+def _tunnel(request: web.Request) -> tuple[inflight.Tunnel, str]:
     """The live migration's tunnel and the role of the node asking (``source`` or
     ``destination``); 403 for any other node, 404 when this controller drives no such
     migration in progress (its ends are given the driving controller's URL), 409 for the
     source before its move was asked."""
     migration_id, node_id = request.match_info["mid"], request.match_info["id"]
-    tunnel = migrations.migrations(state(request)).tunnels.get(migration_id)
+    tunnel = inflight.migrations(state(request)).tunnels.get(migration_id)
     if tunnel is None or tunnel.ended.is_set():
         raise ApiError(404, f"this controller drives no live migration {migration_id} in progress")
     if node_id not in (tunnel.source, tunnel.destination):
@@ -289,7 +294,7 @@ async def live_control(request: web.Request) -> web.WebSocketResponse:
         if role == "destination":
             tunnel.control = None
             if not tunnel.ready.done():
-                tunnel.ready.set_exception(migrations.RelayAborted(f"node {tunnel.destination} went away"))
+                tunnel.ready.set_exception(inflight.RelayAborted(f"node {tunnel.destination} went away"))
             for _, waiting in tunnel.waiting.values():
                 waiting.cancel()
     return ws
@@ -300,7 +305,7 @@ async def live_channel(request: web.Request) -> web.WebSocketResponse:
     when told to, and the controller splices the two."""
     tunnel, role = _tunnel(request)
     channel = request.match_info["channel"]
-    ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=migrations.TUNNEL_MESSAGE_MAX)
+    ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=inflight.TUNNEL_MESSAGE_MAX)
     if role == "destination":
         conn = request.query.get("conn", "")
         wanted, joining = tunnel.waiting.get(conn, (None, None))
@@ -312,7 +317,7 @@ async def live_channel(request: web.Request) -> web.WebSocketResponse:
         if joining.done():  # the source gave up meanwhile
             await ws.close()
             return ws
-        joining.set_result((ws, done))
+        joining.set_result(((ws, request), done))
         await done.wait()
         return ws
     control = tunnel.control
@@ -320,7 +325,7 @@ async def live_channel(request: web.Request) -> web.WebSocketResponse:
         raise ApiError(409, f"node {tunnel.destination} is not ready for the migration's connections")
     if channel not in tunnel.ready.result().get("channels", ()):
         raise ApiError(404, f"the destination offers no channel {channel!r:.40}")
-    if tunnel.open >= migrations.TUNNEL_CONNECTIONS_MAX:
+    if tunnel.open >= inflight.TUNNEL_CONNECTIONS_MAX:
         raise ApiError(429, f"migration {request.match_info['mid']} has {tunnel.open} tunnelled connections open, "
                             f"the most it may: close one first")
     tunnel.opened += 1
@@ -331,14 +336,15 @@ async def live_channel(request: web.Request) -> web.WebSocketResponse:
         tunnel.waiting[conn] = (channel, joining)
         await ws.prepare(request)
         try:
-            await control.send_str(json.dumps({"channel": channel, "conn": conn}))
-            other, done = await asyncio.wait_for(joining, migrations.STALL_TIMEOUT)
+            await asyncio.wait_for(control.send_str(json.dumps({"channel": channel, "conn": conn})),
+                                   inflight.TUNNEL_SEND_TIMEOUT)
+            other, done = await asyncio.wait_for(joining, inflight.STALL_TIMEOUT)
         except (asyncio.CancelledError, TimeoutError, ConnectionError):
             tunnel.waiting.pop(conn, None)
             await ws.close()
             return ws
         try:
-            await _splice(tunnel, ws, other)
+            await _splice(tunnel, (ws, request), other)
         finally:
             done.set()
     finally:
@@ -346,12 +352,26 @@ async def live_channel(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
-async def _splice(tunnel: migrations.Tunnel, one: web.WebSocketResponse, other: web.WebSocketResponse) -> None:
-    async def pump(src: web.WebSocketResponse, dst: web.WebSocketResponse) -> None:
-        async for message in src:
+End = tuple[web.WebSocketResponse, web.Request]  # a tunnelled connection's websocket on one node
+
+
+async def _splice(tunnel: inflight.Tunnel, one: End, other: End) -> None:
+    async def pump(src: End, dst: End) -> None:
+        (reading, _), (writing, peer) = src, dst
+        async for message in reading:
             if message.type != aiohttp.WSMsgType.BINARY:
                 break
-            await dst.send_bytes(message.data)
+            try:
+                await asyncio.wait_for(writing.send_bytes(message.data), inflight.TUNNEL_SEND_TIMEOUT)
+            except TimeoutError:
+                # A peer that takes nothing (its agent stopped) would hold this connection, and
+                # the other end with it, until it came back. A close would wait for it too: its
+                # connection is cut outright.
+                log.warning("migration %s: node %s took no tunnelled data for %g s: its connection is cut",
+                            peer.match_info["mid"], peer.match_info["id"], inflight.TUNNEL_SEND_TIMEOUT)
+                if peer.transport is not None:
+                    peer.transport.abort()
+                return
             tunnel.bytes += len(message.data)
 
     pumps = [asyncio.ensure_future(pump(one, other)), asyncio.ensure_future(pump(other, one))]
@@ -361,7 +381,7 @@ async def _splice(tunnel: migrations.Tunnel, one: web.WebSocketResponse, other: 
         for task in pumps:
             task.cancel()
         # Either end closing closes the other: that is how a hypervisor learns its peer is gone.
-        for ws in (one, other):
+        for ws, _ in (one, other):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(ws.close(), 5)
 

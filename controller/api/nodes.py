@@ -243,7 +243,9 @@ ROUTES = [
           "Enrolled nodes by id, with state, plugins and instances, a page at a time (?limit=&after=NEXT); "
           "?q=TEXT keeps those whose id or hostname contains it."),
     Route("GET", NODE, show_node, "admin", "One node."),
-    Route("POST", NODE + "/drain", drain, "admin", "Place nothing new on the node and migrate what can move."),
+    Route("POST", NODE + "/drain", drain, "admin",
+          "Place nothing new on the node and migrate what can move: live where its kind and both nodes can, "
+          "else by stop-and-copy (each migration's mode says which)."),
     Route("POST", NODE + "/undrain", undrain, "admin", "Let the scheduler place instances on the node again."),
     Route("POST", NODE + "/accept", accept, "admin",
           "Accept the CPUs and memory the node reports as its capacity (it claimed more than it first had)."),

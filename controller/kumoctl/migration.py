@@ -13,7 +13,7 @@ from .arguments import OUTPUT, WAITING, Group, positive_int
 from .client import Client
 from .errors import EXIT_ERROR, CommandError
 from .output import mib, print_json, print_table
-from .waiting import migration_failure, wait_for_migration, wait_for_task
+from .waiting import migration_failure, migration_mode, wait_for_migration, wait_for_task
 
 
 def cmd_instances_checkpoint(client: Client, args: argparse.Namespace) -> int:
@@ -110,10 +110,8 @@ def cmd_instances_migrate(client: Client, args: argparse.Namespace) -> int:
         raise CommandError(f"migrating {args.name} failed: {migration_failure(migration)}")
     progress = migration.get("progress") or {}
     if migration.get("mode") == "live":
-        how = (f"live, paused {progress.get('downtime_ms')} ms, {mib(progress.get('bytes_sent'))} MiB through the "
-               # An abort that came as the copy converged did nothing: only a pause finishes one.
-               "controller" + (", finished by stop-and-copy as it did not converge"
-                               if progress.get("not_converging") == "stop-and-copy" else ""))
+        how = (f"{migration_mode(migration)}, paused {progress.get('downtime_ms')} ms, "
+               f"{mib(progress.get('bytes_sent'))} MiB through the controller")
     else:
         how = f"{mib(progress.get('bytes_received'))} MiB transferred, sha256 checked"
     print(

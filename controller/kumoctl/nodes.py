@@ -12,7 +12,7 @@ from .arguments import DEFAULT_WAIT, OUTPUT, Group, parse_duration
 from .client import Client
 from .errors import EXIT_ERROR
 from .output import ago, cell, gib, print_fields, print_json, print_table
-from .waiting import migration_failure, wait_for_migration
+from .waiting import migration_failure, migration_mode, wait_for_migration
 
 NAME = "nodes"
 HELP = "enrolled nodes"
@@ -143,7 +143,7 @@ def cmd_nodes_drain(client: Client, args: argparse.Namespace) -> int:
     failed = 0
     for migration in moved:
         if migration["state"] == "succeeded":
-            print(f"moved {migration['instance']} to {migration['destination']}")
+            print(f"moved {migration['instance']} to {migration['destination']} ({migration_mode(migration)})")
         else:
             failed += 1
             print(f"could not move {migration['instance']}: {migration_failure(migration)}")
@@ -186,7 +186,8 @@ def register(group: Group) -> None:
         "show", cmd_nodes_show, "show one node's facts, plugins and instances", [OUTPUT]
     ).add_argument("id", help="node id (n-...)")
     sub = group.leaf(
-        "drain", cmd_nodes_drain, "place no new instances on a node and migrate off what can move", [OUTPUT]
+        "drain", cmd_nodes_drain,
+        "place no new instances on a node and migrate off what can move (live where both nodes can)", [OUTPUT]
     )
     sub.add_argument("id", help="node id")
     sub.add_argument(

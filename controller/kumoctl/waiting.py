@@ -123,3 +123,13 @@ def migration_failure(migration: Mapping[str, Any]) -> str:
     code = f" [{migration['code']}]" if migration.get("code") else ""
     outcome = f"; {migration['outcome']}" if migration.get("outcome") else ""
     return f"{migration.get('error') or 'no error given'}{code}{outcome}"
+
+
+def migration_mode(migration: Mapping[str, Any]) -> str:
+    """How a migration moved its instance: ``stop-and-copy``, ``live``, or live finished by a pause."""
+    if migration.get("mode") != "live":
+        return "stop-and-copy"
+    # An abort that came as the copy converged did nothing: only a pause finishes one.
+    if (migration.get("progress") or {}).get("not_converging") == "stop-and-copy":
+        return "live, finished by stop-and-copy as it did not converge"
+    return "live"

@@ -8,7 +8,12 @@ not, it raises :class:`Refused` with a sentence that says what was wrong and wha
 
 - :mod:`controller.services.tasks`: queueing a task on a node, waiting for its end;
 - :mod:`controller.services.instances`: placing, operating and deleting instances;
-- :mod:`controller.services.migrations`: checkpoint, restore, migration and drain;
+- :mod:`controller.services.migrations`: checkpoint, restore, migration (stop-and-copy,
+  and the placing, starting and ending of every migration) and drain;
+- :mod:`controller.services.live`: the steps of a live migration, its options and which
+  nodes can be its ends;
+- :mod:`controller.services.inflight`: what the controller holds of the migrations it
+  drives (the image relay, the live tunnels) and the steps both ways of moving share;
 - :mod:`controller.services.checkpoints`: an instance's checkpoints on its node, listed,
   removed and pruned;
 - :mod:`controller.services.rebalance`: sampling usage, planning and carrying out rebalancing.

@@ -2,8 +2,11 @@
 
 Checkpoint and restore are one task each on the instance's node (the checkpoint plugin's
 ``checkpoint.dump`` / ``checkpoint.restore``: CRIU for process trees, the kind's own save
-for a VM). A migration is a sequence the controller
-drives, one task at a time, and records as a document (``GET /v1/migrations/{id}``):
+for a VM). A migration is a sequence the controller drives, one task at a time, and
+records as a document (``GET /v1/migrations/{id}``). Here it is placed, started, ended and
+taken over from a controller that died; a live one's steps are :mod:`controller.services.live`'s,
+and what the controller holds of a migration while it drives it (the image relay, the live
+tunnels) is :mod:`controller.services.inflight`'s. A stop-and-copy:
 
 1. pre-flight on the source (``checkpoint.preflight``): blockers refuse it at once (409);
 2. checkpoint on the source (``checkpoint.dump``, stopping the instance);
@@ -41,140 +44,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-import json
 import logging
-import re
 import time
 import uuid
-import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from controller import scheduler
 from controller.services import Refused, instances, iso, tasks
 from controller.services.checkpoints import checked_id
+from controller.services.inflight import (
+    ABORT_GRACE,
+    CLEANUP_TIMEOUT,
+    CRIU_TIMEOUT,
+    PREFLIGHT_TIMEOUT,
+    TRANSFER_TIMEOUT,
+    Relay,
+    fail,
+    migrations,
+    record_phase,
+    running_on,
+)
+from controller.services.live import cannot_live, live_options, migrate_live
 from controller.services.tasks import new_task, run_task, submit
 from controller.store.database import cancel_and_wait
 
 log = logging.getLogger("kumo.controller.migration")
-
-PREFLIGHT_TIMEOUT = 30.0
-CRIU_TIMEOUT = 660.0  # the plugin's own criu timeout (600 s) plus slack
-TRANSFER_TIMEOUT = 6 * 3600.0  # the stall timeout below is what ends a stuck transfer
-STALL_TIMEOUT = 60.0
-ABORT_GRACE = 30.0  # how long an aborted transfer waits for the other end's task to answer
-CLEANUP_TIMEOUT = 60.0
-RELAY_DEPTH = 64  # chunks held between the source's upload and the destination's download
-# A live migration's tunnels: the agents send at most 256 KiB a message (plugins/checkpoint/
-# tunnels.py), so a bigger one is a node trying to make the controller buffer it whole.
-TUNNEL_MESSAGE_MAX = 1 << 20
-# Its hypervisors open one connection per channel; a few more are retries. Each one makes
-# the destination open a local connection, so a source may not open them without bound.
-TUNNEL_CONNECTIONS_MAX = 8
-PROGRESS_KEYS_MAX = 16
-PROGRESS_KEY_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}\Z")
-
-
-class RelayAborted(Exception):
-    """The transfer was given up; the message says why."""
-
-
-class Relay:
-    """One image stream from the source's PUT to the destination's GET."""
-
-    def __init__(self, source: str, destination: str):
-        self.source = source
-        self.destination = destination
-        self.chunks: asyncio.Queue[bytes | None] = asyncio.Queue(RELAY_DEPTH)
-        self.total: int | None = None
-        self.sent = 0  # bytes received from the source
-        self.received = 0  # bytes handed to the destination
-        self.attached = asyncio.Event()
-        self.delivered = asyncio.Event()
-        self.aborted = asyncio.Event()
-        self.error: str | None = None
-
-    def abort(self, reason: str) -> None:
-        if self.error is None:
-            self.error = reason
-        self.aborted.set()
-
-    async def until(self, awaitable: Awaitable[Any], stalled: str) -> Any:
-        """Await ``awaitable`` unless the transfer is aborted or nothing happens for STALL_TIMEOUT."""
-        if self.aborted.is_set():
-            if asyncio.iscoroutine(awaitable):
-                awaitable.close()
-            raise RelayAborted(self.error)
-        waiter = asyncio.ensure_future(awaitable)
-        abort = asyncio.ensure_future(self.aborted.wait())
-        try:
-            done, _ = await asyncio.wait({waiter, abort}, timeout=STALL_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            abort.cancel()
-        if waiter in done:
-            return waiter.result()
-        waiter.cancel()
-        if not done:
-            self.abort(f"the transfer stalled: {stalled} for {STALL_TIMEOUT:.0f} s")
-        raise RelayAborted(self.error)
-
-
-class Tunnel:
-    """The tunnels of one live migration between its source and destination (see
-    controller/api/migration.py for the websockets that use it)."""
-
-    def __init__(self, source: str, destination: str):
-        self.source = source
-        self.destination = destination
-        # The destination's first word on its control websocket: its definition and channels.
-        self.ready: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self.control: Any = None  # the destination's control websocket, while it is open
-        # Connection number -> its channel and the destination's websocket for it, once joined.
-        self.waiting: dict[str, tuple[str, asyncio.Future[Any]]] = {}
-        self.opened = 0
-        self.open = 0  # the tunnelled connections now open
-        self.live = False  # the source may open connections: its move was asked
-        self.bytes = 0  # carried either way, all channels
-        self.progress: dict[str, Any] = {}  # the source's latest figures
-        self.ended = asyncio.Event()
-
-    def report(self, figures: Any) -> None:
-        """Keep the source's progress figures (short names, numbers or short words): they are
-        shown to admins, and the source may be compromised. The byte counts are the
-        controller's own."""
-        if isinstance(figures, dict):
-            self.progress = {key: value for key, value in list(figures.items())[:PROGRESS_KEYS_MAX]
-                             if isinstance(key, str) and PROGRESS_KEY_RE.match(key) and not key.startswith("bytes_")
-                             and (value is None or isinstance(value, (int, float))
-                                  or isinstance(value, str) and len(value) <= 40)}
-
-    async def end(self, how: str) -> None:
-        """Tell the destination how the move ended (``finished`` or ``failed``)."""
-        self.ended.set()
-        if self.control is not None and not self.control.closed:
-            with contextlib.suppress(Exception):
-                await self.control.send_str(json.dumps({"end": how}))
-
-
-class Migrations:
-    """The migrations this controller process is driving (which instance each holds is in the
-    store, shared by every controller: see Store.begin_migration)."""
-
-    def __init__(self) -> None:
-        self.relays: dict[str, Relay] = {}
-        self.tunnels: dict[str, Tunnel] = {}
-        self.running: dict[str, asyncio.Task[None]] = {}
-        self.docs: dict[str, dict[str, Any]] = {}
-
-
-_MIGRATIONS: weakref.WeakKeyDictionary[Any, Migrations] = weakref.WeakKeyDictionary()
-
-
-def migrations(ctl: Any) -> Migrations:
-    if ctl not in _MIGRATIONS:
-        _MIGRATIONS[ctl] = Migrations()
-    return _MIGRATIONS[ctl]
-
 
 STATES = ("running", "succeeded", "failed")
 
@@ -249,24 +144,6 @@ async def checkpointable(ctl: Any, row: dict[str, Any], doing: str) -> None:
     why = unsupported(ctl.node_view(stored) if stored is not None else None, row["node"], row["kind"])
     if why is not None:
         raise Refused(409, f"cannot {doing} instance {row['name']}: {why}", code="unsupported-kind")
-
-
-ON_NO_CONVERGE = ("stop-and-copy", "abort")
-PREPARE_TIMEOUT = 120.0  # for the destination to make the instance's disk and definition ready
-
-
-def live_kinds(node: dict[str, Any] | None) -> list[str]:
-    """The instance kinds ``node`` can move while they run, as its checkpoint plugin publishes them."""
-    plugin = ((node or {}).get("plugins") or {}).get("checkpoint") or {}
-    kinds = (plugin.get("attributes") or {}).get("live_kinds")
-    return [k for k in kinds if isinstance(k, str)] if isinstance(kinds, list) else []
-
-
-def cannot_live(node: dict[str, Any] | None, node_id: str, kind: str) -> str | None:
-    """Why ``node`` cannot be an end of a live migration of a ``kind`` instance, or None."""
-    if kind in live_kinds(node):
-        return None
-    return f"node {node_id} cannot move {kind} instances live (its live kinds: {', '.join(live_kinds(node)) or 'none'})"
 
 
 async def modes(ctl: Any, row: dict[str, Any], instance: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -360,7 +237,7 @@ async def _recover(ctl: Any, doc: dict[str, Any]) -> None:
     dumps = [t for t in await ctl.store.instance_tasks(name, since)
              if t["kind"] == "checkpoint.dump" and t["state"] == "succeeded" and t["node"] == source]
     image = doc.get("image") or (dumps[-1]["result"].get("image") if dumps else None)
-    where = await _running_on(ctl, [n for n in (destination, source) if n], name, kind, time.time())
+    where = await running_on(ctl, [n for n in (destination, source) if n], name, kind, time.time())
     stopped = f"the controller driving this migration stopped during its {cut_at} phase"
     if destination and where == destination:
         await ctl.store.move_instance(name, source, destination)
@@ -382,25 +259,6 @@ async def _recover(ctl: Any, doc: dict[str, Any]) -> None:
     else:
         doc["outcome"] = (f"the instance runs nowhere and no checkpoint of it was finished; see "
                           f"kumoctl instances show {name}")
-
-
-async def _running_on(ctl: Any, nodes: list[str], name: str, kind: str, since: float) -> str | None:
-    """The first of ``nodes`` whose report made after ``since`` lists the instance running,
-    waiting a few heartbeats for one; None when none does. Older reports do not count: what
-    the store kept from before (a dead controller's last flush) may show the source running
-    an instance that its checkpoint has since stopped."""
-    deadline = time.monotonic() + max(10.0, 5 * ctl.settings.heartbeat_interval)
-    while time.monotonic() < deadline:
-        for node_id in nodes:
-            row = await ctl.store.get_node(node_id)
-            view = ctl.node_view(row) if row is not None else None
-            if view is not None and (view["last_seen"] or 0) >= since and any(
-                i.get("name") == name and i.get("kind") == kind and i.get("state") == "running"
-                for i in view["instances"]
-            ):
-                return node_id
-        await asyncio.sleep(0.2)
-    return None
 
 
 async def _destination(ctl: Any, row: dict[str, Any], to: str | None,
@@ -457,26 +315,10 @@ def move_request(row: dict[str, Any], to: str | None) -> dict[str, Any]:
             "memory_mib": row["spec"].get("memory_mib", 0), "node": to}
 
 
-def live_options(max_downtime_ms: int | None, converge_timeout: float | None,
-                 on_no_converge: str | None) -> dict[str, Any]:
-    """A live migration's options, checked (400 naming the wrong one), with their defaults."""
-    options = {"max_downtime_ms": 300 if max_downtime_ms is None else max_downtime_ms,
-               "converge_timeout": 120.0 if converge_timeout is None else float(converge_timeout),
-               "on_no_converge": on_no_converge or "abort"}
-    if not 1 <= options["max_downtime_ms"] <= 60_000:
-        raise Refused(400, f"max_downtime_ms must be 1 to 60000 (milliseconds), got {options['max_downtime_ms']}")
-    if not 1 <= options["converge_timeout"] <= 86_400:
-        raise Refused(400, f"converge_timeout must be 1 to 86400 (seconds), got {options['converge_timeout']}")
-    if options["on_no_converge"] not in ON_NO_CONVERGE:
-        raise Refused(400, f"on_no_converge must be one of {', '.join(ON_NO_CONVERGE)}, "
-                           f"got {options['on_no_converge']!r:.40}")
-    return options
-
-
 async def start_migration(ctl: Any, row: dict[str, Any], to: str | None,
                           live: dict[str, Any] | None = None) -> dict[str, Any]:
     """Check, pre-flight and start moving ``row``'s instance (while it runs, with ``live``:
-    :func:`live_options`); its migration document.
+    :func:`~controller.services.live.live_options`); its migration document.
 
     Raises ApiError (404/409) when it cannot start: then nothing was changed anywhere.
     """
@@ -507,7 +349,7 @@ async def start_migration(ctl: Any, row: dict[str, Any], to: str | None,
         raise
     mgr = migrations(ctl)
     mgr.docs[doc["id"]] = doc
-    mgr.running[doc["id"]] = asyncio.create_task(_drive(ctl, doc, now, _migrate if live is None else _migrate_live),
+    mgr.running[doc["id"]] = asyncio.create_task(_drive(ctl, doc, now, _migrate if live is None else migrate_live),
                                                  name=f"kumo-migration-{doc['id']}")
     log.info("migration %s: %s %s from %s to %s", doc["id"], row["kind"], name, row["node"], destination)
     return doc
@@ -541,25 +383,13 @@ async def _drive(ctl: Any, doc: dict[str, Any], started: float,
         log.info("migration %s %s: %s", doc["id"], doc["state"], doc.get("outcome") or doc.get("error"))
 
 
-async def _phase(ctl: Any, doc: dict[str, Any], phase: str) -> None:
-    doc["phase"] = phase
-    await ctl.store.put_migration(doc)
-
-
-def _fail(doc: dict[str, Any], task: dict[str, Any], what: str) -> None:
-    """Record why the migration failed; its state turns ``failed`` only when it ends (``_drive``),
-    so that no client reads an outcome before the rollback has made one."""
-    code = task.get("code") or "failed"
-    doc.update(error=f"{what}: {task.get('error') or 'no error given'}", code=code)
-
-
 async def _migrate(ctl: Any, doc: dict[str, Any]) -> None:
     name, kind, source, destination = doc["instance"], doc["kind"], doc["source"], doc["destination"]
     base = {"name": name, "kind": kind}
 
     dump = await run_task(ctl, source, "checkpoint.dump", {**base, "leave_running": False}, CRIU_TIMEOUT, name)
     if dump["state"] != "succeeded":
-        _fail(doc, dump, f"checkpoint on node {source} failed")
+        fail(doc, dump, f"checkpoint on node {source} failed")
         doc["outcome"] = (f"the instance was not moved; if the dump stopped it, restore it with "
                           f"kumoctl instances restore {name}" if dump["state"] == "lost"
                           else f"the instance was not moved and stays on node {source} as the dump left it")
@@ -568,7 +398,7 @@ async def _migrate(ctl: Any, doc: dict[str, Any]) -> None:
     doc.update(image=image)
     doc["progress"]["bytes_total"] = dump["result"].get("size_bytes")
 
-    await _phase(ctl, doc, "transfer")
+    await record_phase(ctl, doc, "transfer")
     needed = dump["result"].get("images") or []
     held: list[str] = []
     if needed:
@@ -582,7 +412,7 @@ async def _migrate(ctl: Any, doc: dict[str, Any]) -> None:
         await _roll_back(ctl, doc, base, image)
         return
 
-    await _phase(ctl, doc, "restore")
+    await record_phase(ctl, doc, "restore")
     # Reports from when the restore was asked count: the one the destination sends as soon as
     # the instance runs may arrive before the task's end, and the next comes a heartbeat later.
     asked = time.time()
@@ -590,16 +420,16 @@ async def _migrate(ctl: Any, doc: dict[str, Any]) -> None:
                               await restore_payload(ctl, destination, name, kind, _id_of(received)), CRIU_TIMEOUT,
                               name)
     if restored["state"] == "lost":
-        _fail(doc, restored, f"restore on node {destination} has no outcome")
+        fail(doc, restored, f"restore on node {destination} has no outcome")
         doc["outcome"] = (f"the instance may be running on node {destination}; it was not restored on node {source} "
                           f"so that it cannot run twice: check node {destination}, then restore it where it belongs "
                           f"(its checkpoint is kept at {image} on node {source})")
         return
     if restored["state"] != "succeeded":
-        _fail(doc, restored, f"restore on node {destination} failed")
+        fail(doc, restored, f"restore on node {destination} failed")
         await _roll_back(ctl, doc, base, image)
         return
-    if await _running_on(ctl, [destination], name, kind, asked) != destination:
+    if await running_on(ctl, [destination], name, kind, asked) != destination:
         undone = await run_task(ctl, destination, f"{kind}.delete", base, CLEANUP_TIMEOUT, name)
         doc.update(code="not-running",
                    error=f"node {destination} restored the instance but never reported it running")
@@ -610,7 +440,7 @@ async def _migrate(ctl: Any, doc: dict[str, Any]) -> None:
                               f"restored on node {source} so that it cannot run twice: check node {destination}")
         return
 
-    await _phase(ctl, doc, "cleanup")
+    await record_phase(ctl, doc, "cleanup")
     await ctl.store.move_instance(name, source, destination)
     doc.update(node=destination)
     cleanup = await run_task(ctl, source, f"{kind}.delete", base, CLEANUP_TIMEOUT, name)
@@ -624,97 +454,6 @@ async def _migrate(ctl: Any, doc: dict[str, Any]) -> None:
     else:
         doc["outcome"] = (f"instance {name} runs on node {destination}; removing the stopped copy from node {source} "
                           f"failed ({cleanup.get('error')}): delete it there by hand")
-
-
-async def _migrate_live(ctl: Any, doc: dict[str, Any]) -> None:
-    """A live migration: the source's facts, the destination prepared (``checkpoint.live_receive``,
-    which then serves the tunnels), the move on the source (``checkpoint.live_send``), then
-    the record moves as after a stop-and-copy. The source's hypervisor keeps the instance
-    until the destination's has it running, so every failure leaves it running there."""
-    name, kind, source, destination = doc["instance"], doc["kind"], doc["source"], doc["destination"]
-    base = {"name": name, "kind": kind}
-    stays = f"the instance was not moved and runs on node {source}"
-    facts = await run_task(ctl, source, "checkpoint.live_facts", base, PREFLIGHT_TIMEOUT, name)
-    if facts["state"] != "succeeded":
-        _fail(doc, facts, f"node {source} cannot move it live")
-        doc["outcome"] = stays
-        return
-    row = await ctl.store.get_instance(name)
-    tunnel = migrations(ctl).tunnels[doc["id"]] = Tunnel(source, destination)
-    ends = {**base, "migration": doc["id"], "controller": ctl.settings.url}
-    recv, _ = await submit(ctl, new_task(destination, "checkpoint.live_receive", {
-        **ends, "instance": {**base, **(row or {}).get("spec", {})}, "facts": facts["result"]["facts"]}, instance=name))
-    receiving = asyncio.ensure_future(tasks.wait(ctl, recv, TRANSFER_TIMEOUT, harmless=True))
-    try:
-        await asyncio.wait({tunnel.ready, receiving}, timeout=PREPARE_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
-        if not tunnel.ready.done() or tunnel.ready.exception() is not None:
-            await tunnel.end("failed")
-            got = await _within(receiving, ABORT_GRACE)
-            if got is not None and got["state"] not in ("succeeded", "pending", "delivered"):
-                _fail(doc, got, f"preparing node {destination} failed")
-            else:
-                doc.update(code="prepare-failed", error=f"node {destination} was not ready within "
-                                                        f"{PREPARE_TIMEOUT:.0f} s")
-            doc["outcome"] = stays
-            return
-        ready = tunnel.ready.result()
-        if not isinstance(ready.get("definition"), str) or not isinstance(ready.get("channels"), list):
-            await tunnel.end("failed")
-            doc.update(code="prepare-failed", error=f"node {destination} said it was ready without a definition "
-                                                    "and channels")
-            doc["outcome"] = stays
-            return
-        await _phase(ctl, doc, "live")
-        tunnel.live = True
-        asked = time.time()
-        sent = await run_task(ctl, source, "checkpoint.live_send", {
-            **ends, "definition": ready["definition"], "channels": ready["channels"], **doc["live"]},
-            TRANSFER_TIMEOUT, name)
-        await tunnel.end("finished" if sent["state"] == "succeeded" else "failed")
-        got = await _within(receiving, CLEANUP_TIMEOUT)
-    finally:
-        receiving.cancel()
-    if sent["state"] == "lost":
-        _fail(doc, sent, f"the live migration on node {source} has no outcome")
-        where = await _running_on(ctl, [destination, source], name, kind, asked)
-        doc["outcome"] = (f"the instance runs on node {where}" if where else "the instance was not seen running on "
-                          f"either node: check nodes {source} and {destination}")
-        if where != destination:
-            return
-    elif sent["state"] != "succeeded":
-        _fail(doc, sent, f"the live migration from node {source} failed")
-        if got is not None and got["state"] == "failed" and got.get("code") == "migration-failed":
-            doc["outcome"] = f"{stays}; node {destination} holds nothing of it"
-        else:  # its agent stopped, or its clean-up failed
-            doc["outcome"] = (f"{stays}; node {destination} did not confirm it removed what it prepared "
-                              f"({(got or {}).get('error') or 'no answer'}): its agent removes its directory of the "
-                              "instance when it next starts, if no create or arrival of that name replaces it first")
-        return
-    doc["progress"].update(sent["result"] or {})
-    if got is None or got["state"] != "succeeded":
-        log.warning("migration %s: node %s did not confirm the arrival (%s); its heartbeat decides", doc["id"],
-                    destination, (got or {}).get("error"))
-    if await _running_on(ctl, [destination], name, kind, asked) != destination:
-        doc.update(code="not-running", error=f"node {destination} never reported the instance running after "
-                   f"node {source} moved it")
-        doc["outcome"] = f"check node {destination}: its hypervisor took the instance, its agent did not report it"
-        return
-    await _phase(ctl, doc, "cleanup")
-    await ctl.store.move_instance(name, source, destination)
-    doc.update(node=destination)
-    # What the hypervisor left on the source: the instance's directory, its checkpoints.
-    cleanup = await run_task(ctl, source, f"{kind}.delete", base, CLEANUP_TIMEOUT, name)
-    if cleanup["state"] == "succeeded":
-        await run_task(ctl, source, "checkpoint.discard", base, CLEANUP_TIMEOUT, name)
-    doc.update(phase="done", outcome=f"instance {name} runs on node {destination}; node {source} no longer has it"
-               + ("" if cleanup["state"] == "succeeded" else
-                  f" (removing its files there failed: {cleanup.get('error')})"))
-
-
-async def _within(future: asyncio.Future[dict[str, Any]], timeout: float) -> dict[str, Any] | None:
-    """The task ``future`` waits for, or None when it does not end within ``timeout``."""
-    done, _ = await asyncio.wait({future}, timeout=timeout)
-    return future.result() if done else None
 
 
 async def _transfer(ctl: Any, doc: dict[str, Any], base: dict[str, Any], image: str, held: list[str]) -> str | None:
@@ -760,7 +499,7 @@ async def _transfer(ctl: Any, doc: dict[str, Any], base: dict[str, Any], image: 
     sent, got = ended[send["id"]], ended[recv["id"]]
     for task, where in ((got, destination), (sent, source)):
         if task["state"] != "succeeded":
-            _fail(doc, task, f"transfer ({'receiving on' if where == destination else 'sending from'} node {where}) failed")
+            fail(doc, task, f"transfer ({'receiving on' if where == destination else 'sending from'} node {where}) failed")
             return None
     if sent["result"].get("sha256") != got["result"].get("sha256") or sent["result"].get("bytes") != got["result"].get("bytes"):
         doc.update(code="transfer-checksum",
@@ -798,19 +537,31 @@ def _id_of(image: str) -> str:
 
 
 async def evacuate(ctl: Any, node_id: str) -> dict[str, Any]:
-    """Start migrating every instance of ``node_id`` that passes its pre-flight check.
+    """Start migrating every instance of ``node_id`` that passes its pre-flight check: live
+    when its kind and both nodes can (as ``modes`` and a live migration's placement judge it),
+    else by stop-and-copy. A live move that does not converge is finished by pausing the
+    instance: the node must empty either way.
 
-    Returns ``{"moving": [migration document], "staying": [{"name", "kind", "reason", "blockers"}]}``.
+    Returns ``{"moving": [migration document, whose "mode" says which], "staying": [{"name",
+    "kind", "reason", "blockers"}]}``.
     """
     moving, staying = [], []
     for row in await ctl.store.list_instances():
         if row["node"] != node_id:
             continue
         try:
-            moving.append(await start_migration(ctl, row, None))
+            moving.append(await start_migration(ctl, row, None, await _drain_live_options(ctl, row)))
         except Refused as exc:
             staying.append({"name": row["name"], "kind": row["kind"], "reason": exc.message,
                             "blockers": exc.extra.get("blockers") or []})
     return {"moving": moving, "staying": staying}
 
 
+async def _drain_live_options(ctl: Any, row: dict[str, Any]) -> dict[str, Any] | None:
+    """A drain's live options for ``row``'s instance, or None when no node could take it live
+    (then it moves by stop-and-copy, and whatever keeps it from moving at all is said then)."""
+    try:
+        await _destination(ctl, row, None, live=True)
+    except Refused:
+        return None
+    return live_options(None, None, "stop-and-copy")

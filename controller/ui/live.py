@@ -22,7 +22,7 @@ from typing import Any
 
 from aiohttp import web
 
-from controller.services.migrations import migrations
+from controller.services.inflight import migrations
 from controller.store.database import Event
 
 KEEPALIVE = 15.0

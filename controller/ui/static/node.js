@@ -15,8 +15,9 @@ async function refresh() {
       ? button("Undrain", async () => { await api("POST", `/v1/nodes/${encodeURIComponent(id)}/undrain`); return `${id} takes new instances again`; })
       : button("Drain", async () => {
         const answer = await api("POST", `/v1/nodes/${encodeURIComponent(id)}/drain`);
+        const moving = answer.evacuation.moving.map((m) => `${m.instance} (${m.mode})`).join(", ");
         const staying = answer.evacuation.staying.map((s) => `${s.name}: ${s.reason}`).join("; ");
-        return `${id} is drained: ${answer.evacuation.moving.length} instance(s) moving${staying ? `; staying: ${staying}` : ""}`;
+        return `${id} is drained: ${moving ? `moving ${moving}` : "nothing to move"}${staying ? `; staying: ${staying}` : ""}`;
       }),
     button("Remove", async () => {
       if (!window.confirm(`Remove node ${id} and revoke its certificates?`)) return null;

@@ -1,0 +1,150 @@
+"""Live migration: an instance moved while it runs, by its hypervisors, through the controller.
+
+The source's facts (``checkpoint.live_facts``), the destination prepared
+(``checkpoint.live_receive``, which then serves the tunnels), the move on the source
+(``checkpoint.live_send``), then the record moves as after a stop-and-copy. The nodes'
+hypervisors talk through the :class:`~controller.services.inflight.Tunnel` this controller
+holds for the migration. Only the kinds both nodes' checkpoint plugins publish in
+``attributes.live_kinds`` move live. Starting, placing and ending a migration are
+:mod:`controller.services.migrations`'s, as for a stop-and-copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from controller.services import Refused, tasks
+from controller.services.inflight import (
+    ABORT_GRACE,
+    CLEANUP_TIMEOUT,
+    PREFLIGHT_TIMEOUT,
+    TRANSFER_TIMEOUT,
+    Tunnel,
+    fail,
+    migrations,
+    record_phase,
+    running_on,
+    within,
+)
+from controller.services.tasks import new_task, run_task, submit
+
+log = logging.getLogger("kumo.controller.migration")
+
+ON_NO_CONVERGE = ("stop-and-copy", "abort")
+PREPARE_TIMEOUT = 120.0  # for the destination to make the instance's disk and definition ready
+
+
+def live_kinds(node: dict[str, Any] | None) -> list[str]:
+    """The instance kinds ``node`` can move while they run, as its checkpoint plugin publishes them."""
+    plugin = ((node or {}).get("plugins") or {}).get("checkpoint") or {}
+    kinds = (plugin.get("attributes") or {}).get("live_kinds")
+    return [k for k in kinds if isinstance(k, str)] if isinstance(kinds, list) else []
+
+
+def cannot_live(node: dict[str, Any] | None, node_id: str, kind: str) -> str | None:
+    """Why ``node`` cannot be an end of a live migration of a ``kind`` instance, or None."""
+    if kind in live_kinds(node):
+        return None
+    return f"node {node_id} cannot move {kind} instances live (its live kinds: {', '.join(live_kinds(node)) or 'none'})"
+
+
+def live_options(max_downtime_ms: int | None, converge_timeout: float | None,
+                 on_no_converge: str | None) -> dict[str, Any]:
+    """A live migration's options, checked (400 naming the wrong one), with their defaults."""
+    options = {"max_downtime_ms": 300 if max_downtime_ms is None else max_downtime_ms,
+               "converge_timeout": 120.0 if converge_timeout is None else float(converge_timeout),
+               "on_no_converge": on_no_converge or "abort"}
+    if not 1 <= options["max_downtime_ms"] <= 60_000:
+        raise Refused(400, f"max_downtime_ms must be 1 to 60000 (milliseconds), got {options['max_downtime_ms']}")
+    if not 1 <= options["converge_timeout"] <= 86_400:
+        raise Refused(400, f"converge_timeout must be 1 to 86400 (seconds), got {options['converge_timeout']}")
+    if options["on_no_converge"] not in ON_NO_CONVERGE:
+        raise Refused(400, f"on_no_converge must be one of {', '.join(ON_NO_CONVERGE)}, "
+                           f"got {options['on_no_converge']!r:.40}")
+    return options
+
+
+async def migrate_live(ctl: Any, doc: dict[str, Any]) -> None:
+    """Carry out the live migration ``doc`` (the steps above). The source's hypervisor keeps the
+    instance until the destination's has it running, so every failure leaves it running there."""
+    name, kind, source, destination = doc["instance"], doc["kind"], doc["source"], doc["destination"]
+    base = {"name": name, "kind": kind}
+    stays = f"the instance was not moved and runs on node {source}"
+    facts = await run_task(ctl, source, "checkpoint.live_facts", base, PREFLIGHT_TIMEOUT, name)
+    if facts["state"] != "succeeded":
+        fail(doc, facts, f"node {source} cannot move it live")
+        doc["outcome"] = stays
+        return
+    row = await ctl.store.get_instance(name)
+    tunnel = migrations(ctl).tunnels[doc["id"]] = Tunnel(source, destination)
+    ends = {**base, "migration": doc["id"], "controller": ctl.settings.url}
+    recv, _ = await submit(ctl, new_task(destination, "checkpoint.live_receive", {
+        **ends, "instance": {**base, **(row or {}).get("spec", {})}, "facts": facts["result"]["facts"]}, instance=name))
+    receiving = asyncio.ensure_future(tasks.wait(ctl, recv, TRANSFER_TIMEOUT, harmless=True))
+    try:
+        await asyncio.wait({tunnel.ready, receiving}, timeout=PREPARE_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+        if not tunnel.ready.done() or tunnel.ready.exception() is not None:
+            await tunnel.end("failed")
+            got = await within(receiving, ABORT_GRACE)
+            if got is not None and got["state"] not in ("succeeded", "pending", "delivered"):
+                fail(doc, got, f"preparing node {destination} failed")
+            else:
+                doc.update(code="prepare-failed", error=f"node {destination} was not ready within "
+                                                        f"{PREPARE_TIMEOUT:.0f} s")
+            doc["outcome"] = stays
+            return
+        ready = tunnel.ready.result()
+        if not isinstance(ready.get("definition"), str) or not isinstance(ready.get("channels"), list):
+            await tunnel.end("failed")
+            doc.update(code="prepare-failed", error=f"node {destination} said it was ready without a definition "
+                                                    "and channels")
+            doc["outcome"] = stays
+            return
+        await record_phase(ctl, doc, "live")
+        tunnel.live = True
+        asked = time.time()
+        sent = await run_task(ctl, source, "checkpoint.live_send", {
+            **ends, "definition": ready["definition"], "channels": ready["channels"], **doc["live"]},
+            TRANSFER_TIMEOUT, name)
+        await tunnel.end("finished" if sent["state"] == "succeeded" else "failed")
+        got = await within(receiving, CLEANUP_TIMEOUT)
+    finally:
+        receiving.cancel()
+    if sent["state"] == "lost":
+        fail(doc, sent, f"the live migration on node {source} has no outcome")
+        where = await running_on(ctl, [destination, source], name, kind, asked)
+        doc["outcome"] = (f"the instance runs on node {where}" if where else "the instance was not seen running on "
+                          f"either node: check nodes {source} and {destination}")
+        if where != destination:
+            return
+    elif sent["state"] != "succeeded":
+        fail(doc, sent, f"the live migration from node {source} failed")
+        if got is not None and got["state"] == "failed" and got.get("code") == "migration-failed":
+            doc["outcome"] = f"{stays}; node {destination} holds nothing of it"
+        else:  # its agent stopped, or its clean-up failed
+            doc["outcome"] = (f"{stays}; node {destination} did not confirm it removed what it prepared "
+                              f"({(got or {}).get('error') or 'no answer'}): its agent removes its directory of the "
+                              "instance when it next starts, if no create or arrival of that name replaces it first")
+        return
+    doc["progress"].update(sent["result"] or {})
+    if got is None or got["state"] != "succeeded":
+        log.warning("migration %s: node %s did not confirm the arrival (%s); its heartbeat decides", doc["id"],
+                    destination, (got or {}).get("error"))
+    if await running_on(ctl, [destination], name, kind, asked) != destination:
+        doc.update(code="not-running", error=f"node {destination} never reported the instance running after "
+                   f"node {source} moved it")
+        doc["outcome"] = f"check node {destination}: its hypervisor took the instance, its agent did not report it"
+        return
+    await record_phase(ctl, doc, "cleanup")
+    await ctl.store.move_instance(name, source, destination)
+    doc.update(node=destination)
+    # What the hypervisor left on the source: the instance's directory, its checkpoints.
+    cleanup = await run_task(ctl, source, f"{kind}.delete", base, CLEANUP_TIMEOUT, name)
+    if cleanup["state"] == "succeeded":
+        await run_task(ctl, source, "checkpoint.discard", base, CLEANUP_TIMEOUT, name)
+    doc.update(phase="done", outcome=f"instance {name} runs on node {destination}; node {source} no longer has it"
+               + ("" if cleanup["state"] == "succeeded" else
+                  f" (removing its files there failed: {cleanup.get('error')})"))
