@@ -357,10 +357,16 @@ async def _recover(ctl: Any, doc: dict[str, Any]) -> None:
         if task["state"] in ("pending", "delivered"):
             with contextlib.suppress(TimeoutError):
                 await ctl.wait_task(task["id"], CRIU_TIMEOUT)
-    dumps = [t for t in await ctl.store.instance_tasks(name, since)
-             if t["kind"] == "checkpoint.dump" and t["state"] == "succeeded" and t["node"] == source]
+    ended = await ctl.store.instance_tasks(name, since)
+    dumps = [t for t in ended if t["kind"] == "checkpoint.dump" and t["state"] == "succeeded" and t["node"] == source]
     image = doc.get("image") or (dumps[-1]["result"].get("image") if dumps else None)
-    where = await _running_on(ctl, [n for n in (destination, source) if n], name, kind, time.time())
+    # A live move's destination that kept the instance (libvirt's Finish started it there)
+    # holds it, whatever the source reports: when Finish's answer was lost on its way back,
+    # libvirt resumed the source's copy too, and that copy is removed below.
+    kept = any(t["kind"] == "checkpoint.live_receive" and t["node"] == destination and t["state"] == "succeeded"
+               for t in ended)
+    where = (kept and await _running_on(ctl, [destination], name, kind, time.time())
+             or await _running_on(ctl, [n for n in (destination, source) if n], name, kind, time.time()))
     stopped = f"the controller driving this migration stopped during its {cut_at} phase"
     if destination and where == destination:
         await ctl.store.move_instance(name, source, destination)
@@ -674,22 +680,29 @@ async def _migrate_live(ctl: Any, doc: dict[str, Any]) -> None:
         got = await _within(receiving, CLEANUP_TIMEOUT)
     finally:
         receiving.cancel()
-    if sent["state"] == "lost":
-        _fail(doc, sent, f"the live migration on node {source} has no outcome")
-        where = await _running_on(ctl, [destination, source], name, kind, asked)
-        doc["outcome"] = (f"the instance runs on node {where}" if where else "the instance was not seen running on "
-                          f"either node: check nodes {source} and {destination}")
-        if where != destination:
+    if sent["state"] != "succeeded":
+        unknown = sent["state"] == "lost" or sent.get("code") == "interrupted"
+        _fail(doc, sent, f"the live migration on node {source} has no outcome" if unknown
+              else f"the live migration from node {source} failed")
+        where: str | None = source  # libvirt resumed it there
+        if got is not None and got["state"] == "succeeded":
+            # The destination kept a guest that libvirt's Finish started there: when Finish's
+            # answer is lost on its way back, libvirt resumes the source's copy too, which goes
+            # below, as after a move.
+            where = destination
+        elif unknown:  # the source's agent stopped mid-move
+            where = await _running_on(ctl, [destination, source], name, kind, asked)
+        if where is None:
+            doc["outcome"] = f"the instance was not seen running on either node: check nodes {source} and {destination}"
             return
-    elif sent["state"] != "succeeded":
-        _fail(doc, sent, f"the live migration from node {source} failed")
-        if got is not None and got["state"] == "failed" and got.get("code") == "migration-failed":
-            doc["outcome"] = f"{stays}; node {destination} holds nothing of it"
-        else:  # its agent stopped, or its clean-up failed
-            doc["outcome"] = (f"{stays}; node {destination} did not confirm it removed what it prepared "
-                              f"({(got or {}).get('error') or 'no answer'}): its directory of the instance is "
-                              "replaced by the next create or arrival of that name there")
-        return
+        if where == source:
+            if got is not None and got["state"] == "failed" and got.get("code") == "migration-failed":
+                doc["outcome"] = f"{stays}; node {destination} holds nothing of it"
+            else:  # its agent stopped, or its clean-up failed
+                doc["outcome"] = (f"{stays}; node {destination} did not confirm it removed what it prepared "
+                                  f"({(got or {}).get('error') or 'no answer'}): its directory of the instance is "
+                                  "replaced by the next create or arrival of that name there")
+            return
     doc["progress"].update(sent["result"] or {})
     if got is None or got["state"] != "succeeded":
         log.warning("migration %s: node %s did not confirm the arrival (%s); its heartbeat decides", doc["id"],
