@@ -365,8 +365,8 @@ async def _recover(ctl: Any, doc: dict[str, Any]) -> None:
     # libvirt resumed the source's copy too, and that copy is removed below.
     kept = any(t["kind"] == "checkpoint.live_receive" and t["node"] == destination and t["state"] == "succeeded"
                for t in ended)
-    where = (kept and await _running_on(ctl, [destination], name, kind, time.time())
-             or await _running_on(ctl, [n for n in (destination, source) if n], name, kind, time.time()))
+    where = await _running_on(ctl, [destination], name, kind, time.time()) if kept else None
+    where = where or await _running_on(ctl, [n for n in (destination, source) if n], name, kind, time.time())
     stopped = f"the controller driving this migration stopped during its {cut_at} phase"
     if destination and where == destination:
         await ctl.store.move_instance(name, source, destination)
