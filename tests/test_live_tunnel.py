@@ -223,3 +223,46 @@ async def test_a_failed_move_says_what_the_destination_left_only_as_it_confirmed
     await live.migrate_live(ctl, doc)
     assert doc["code"] == "migration-failed" and "runs on node s" in doc["outcome"], doc
     assert outcome in doc["outcome"], doc
+
+
+async def test_a_move_the_destination_kept_ends_there_whatever_the_source_said(monkeypatch):
+    # libvirt's Finish started the guest on the destination, and its answer was lost on the
+    # way back: the source's libvirt resumed its own copy, which must go.
+    ctl = Ctl()
+    ctl.store = Store()
+    ctl.settings = type("Settings", (), {"url": "https://ctl:8443"})
+    doc = {"id": MID, "instance": "vm", "kind": "kvm", "source": "s", "destination": "d", "phase": "prepare",
+           "live": {"max_downtime_ms": 300}, "progress": {}, "error": None}
+    asked: list[tuple[str, str]] = []
+    moved: list[tuple[str, str, str]] = []
+
+    async def run_task(ctl: Any, node: str, kind: str, payload: Any, timeout: float, instance: Any = None) -> Any:
+        asked.append((node, kind))
+        if kind == "checkpoint.live_facts":
+            return {"state": "succeeded", "result": {"facts": {}}}
+        if kind == "checkpoint.live_send":
+            return {"state": "failed", "code": "migration-failed", "error": "End of file while reading data",
+                    "result": None}
+        return {"state": "succeeded", "result": {}}
+
+    async def submit(ctl: Any, task: dict[str, Any]) -> Any:
+        inflight.migrations(ctl).tunnels[MID].ready.set_result({"definition": "<domain/>", "channels": ["control"]})
+        return task, True
+
+    async def wait(ctl: Any, task: Any, timeout: float, harmless: bool = False) -> Any:
+        return {"state": "succeeded", "result": {"arrived": True}}
+
+    async def running_on(ctl: Any, nodes: list[str], name: str, kind: str, since: float) -> str | None:
+        return "d" if "d" in nodes else None
+
+    async def move_instance(name: str, source: str, destination: str) -> None:
+        moved.append((name, source, destination))
+
+    monkeypatch.setattr(live, "run_task", run_task)
+    monkeypatch.setattr(live, "submit", submit)
+    monkeypatch.setattr(live.tasks, "wait", wait)
+    monkeypatch.setattr(live, "running_on", running_on)
+    monkeypatch.setattr(ctl.store, "move_instance", move_instance, raising=False)
+    await live.migrate_live(ctl, doc)
+    assert moved == [("vm", "s", "d")] and ("s", "kvm.delete") in asked, (moved, asked)
+    assert doc["node"] == "d" and doc["outcome"].startswith("instance vm runs on node d; node s no longer has it"), doc

@@ -301,8 +301,9 @@ def test_a_destination_killed_during_a_live_migration_leaves_it_running_on_the_s
 
     answer = controller.admin("POST", f"/v1/instances/{name}/migrate", {"live": True, "to": b.node_id})
     path = f"/v1/migrations/{answer['migration']['id']}"
-    # B is ready and A begins to copy, which takes seconds: B dies in the middle.
-    wait_for(lambda: controller.admin("GET", path)["phase"] == "live", "the live copy to begin", limit=120)
+    # B is ready and A copies, which takes seconds (A reports the copy's first figures): B
+    # dies in the middle.
+    wait_for(lambda: controller.admin("GET", path)["progress"].get("memory_total"), "the live copy to begin", limit=120)
     b.kill()
     done = finished(controller, answer["migration"]["id"])
     assert done["state"] == "failed" and f"runs on node {a.node_id}" in done["outcome"], done
@@ -329,3 +330,70 @@ def test_a_destination_killed_during_a_live_migration_leaves_it_running_on_the_s
     assert "finished by stop-and-copy" in paused.stdout, paused.stdout
     assert controller.admin("GET", f"/v1/instances/{name}")["node"] == b.node_id
     wait_for(lambda: len(counts(b_dir / name / "console.log")) >= 3, "the guest to count on B, resumed", limit=60)
+
+
+@pytest.mark.reliability("VM live migration", "source agent kill -9 during the memory copy, restarted")
+def test_a_source_agent_killed_during_a_live_migration_leaves_it_running_on_the_source(
+        vm_cluster, libvirtd, second_libvirtd):
+    # Its agent is the libvirt client driving the move and holds the tunnels' sockets: killed,
+    # every stream breaks, so libvirt fails the copy, resumes the guest on A and drops B's.
+    controller, a, a_dir, b, b_dir, name, log_a = counting_on_a(vm_cluster, (libvirtd, second_libvirtd), "kumo-vmlive-s",
+                                                                "kumo.fill=16")
+    answer = controller.admin("POST", f"/v1/instances/{name}/migrate",
+                              {"live": True, "to": b.node_id, "max_downtime_ms": 1})
+    path = f"/v1/migrations/{answer['migration']['id']}"
+    # Killed once A reports the copy's figures: its libvirt job runs (phase "live" alone
+    # comes before A takes its task).
+    wait_for(lambda: controller.admin("GET", path)["progress"].get("memory_total"), "the live copy to begin", limit=120)
+    a.kill()
+    a.start()
+    done = finished(controller, answer["migration"]["id"])
+    # Its task is answered "interrupted" by the restarted agent: where the VM runs decides.
+    assert done["state"] == "failed" and done["code"] == "interrupted", done
+    assert f"runs on node {a.node_id}; node {b.node_id} holds nothing of it" in done["outcome"], done
+    assert controller.admin("GET", f"/v1/instances/{name}")["node"] == a.node_id
+    wait_for(lambda: running_on(a, name), "the restarted A to report the VM running")
+    before = counts(log_a)[-1]
+    wait_for(lambda: counts(log_a)[-1] > before + 3, "the guest to count on on A")
+    assert log_a.read_text(errors="replace").count("GUEST-BOOTED") == 1, "it never stopped"
+    assert name not in domains(second_libvirtd) and reported(b, name) is None
+    assert not (b_dir / name).exists(), "B removed what it prepared"
+
+    # Nothing of the cut-off move is in the way of the next one.
+    moved = kumoctl(controller, "instances", "migrate", name, "--live", "--to", b.node_id, "--max-downtime", "1",
+                    "--converge-timeout", "1", "--on-no-converge", "stop-and-copy")
+    assert moved.returncode == 0, moved.stderr
+    assert controller.admin("GET", f"/v1/instances/{name}")["node"] == b.node_id
+    assert name not in domains(libvirtd)
+
+
+@pytest.mark.reliability("VM live migration", "controller kill -9 once the VM runs on the destination, restart")
+def test_a_controller_killed_as_a_live_migration_finishes_leaves_it_on_the_destination(
+        vm_cluster, libvirtd, second_libvirtd):
+    import libvirt
+
+    controller, a, a_dir, b, b_dir, name, log_a = counting_on_a(vm_cluster, (libvirtd, second_libvirtd), "kumo-vmlive-c")
+    conn = libvirt.open(second_libvirtd)
+    try:
+        def runs_on_b() -> bool:
+            return any(dom.name() == name and dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+                       for dom in conn.listAllDomains())
+
+        answer = controller.admin("POST", f"/v1/instances/{name}/migrate", {"live": True, "to": b.node_id})
+        # libvirt's Finish resumes the guest on B: the controller dies then, before it hears
+        # that the move ended, so B's agent is never told.
+        wait_for(runs_on_b, "libvirt to finish the move to B", limit=120, interval=0.002)
+        controller.kill()
+    finally:
+        conn.close()
+    controller.start()
+    done = finished(controller, answer["migration"]["id"])
+    assert done["state"] == "succeeded", done
+    assert f"stopped during its live phase; another controller found it running on node {b.node_id}" in done["outcome"]
+    assert controller.admin("GET", f"/v1/instances/{name}")["node"] == b.node_id
+    assert running_on(b, name)
+    wait_for(lambda: reported(a, name) is None, "node A to forget the VM")
+    assert name not in domains(libvirtd) and not (a_dir / name).exists(), "A holds nothing of it"
+    log_b = b_dir / name / "console.log"
+    wait_for(lambda: len(counts(log_b)) >= 3, "the guest to count on B", limit=60)
+    assert "GUEST-BOOTED" not in log_b.read_text(errors="replace"), "moved, not booted again"

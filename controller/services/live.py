@@ -113,22 +113,30 @@ async def migrate_live(ctl: Any, doc: dict[str, Any]) -> None:
         got = await within(receiving, CLEANUP_TIMEOUT)
     finally:
         receiving.cancel()
-    if sent["state"] == "lost":
-        fail(doc, sent, f"the live migration on node {source} has no outcome")
-        where = await running_on(ctl, [destination, source], name, kind, asked)
-        doc["outcome"] = (f"the instance runs on node {where}" if where else "the instance was not seen running on "
-                          f"either node: check nodes {source} and {destination}")
-        if where != destination:
+    if sent["state"] != "succeeded":
+        unknown = sent["state"] == "lost" or sent.get("code") == "interrupted"
+        fail(doc, sent, f"the live migration on node {source} has no outcome" if unknown
+             else f"the live migration from node {source} failed")
+        where: str | None = source  # libvirt resumed it there
+        if got is not None and got["state"] == "succeeded":
+            # The destination kept a guest that libvirt's Finish started there: when Finish's
+            # answer is lost on its way back, libvirt resumes the source's copy too, which goes
+            # below, as after a move.
+            where = destination
+        elif unknown:  # the source's agent stopped mid-move
+            where = await running_on(ctl, [destination, source], name, kind, asked)
+        if where is None:
+            doc["outcome"] = f"the instance was not seen running on either node: check nodes {source} and {destination}"
             return
-    elif sent["state"] != "succeeded":
-        fail(doc, sent, f"the live migration from node {source} failed")
-        if got is not None and got["state"] == "failed" and got.get("code") == "migration-failed":
-            doc["outcome"] = f"{stays}; node {destination} holds nothing of it"
-        else:  # its agent stopped, or its clean-up failed
-            doc["outcome"] = (f"{stays}; node {destination} did not confirm it removed what it prepared "
-                              f"({(got or {}).get('error') or 'no answer'}): its agent removes its directory of the "
-                              "instance when it next starts, if no create or arrival of that name replaces it first")
-        return
+        if where == source:
+            if got is not None and got["state"] == "failed" and got.get("code") == "migration-failed":
+                doc["outcome"] = f"{stays}; node {destination} holds nothing of it"
+            else:  # its agent stopped, or its clean-up failed
+                doc["outcome"] = (f"{stays}; node {destination} did not confirm it removed what it prepared "
+                                  f"({(got or {}).get('error') or 'no answer'}): its agent removes its directory of "
+                                  "the instance when it next starts, if no create or arrival of that name replaces "
+                                  "it first")
+            return
     doc["progress"].update(sent["result"] or {})
     if got is None or got["state"] != "succeeded":
         log.warning("migration %s: node %s did not confirm the arrival (%s); its heartbeat decides", doc["id"],

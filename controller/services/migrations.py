@@ -234,10 +234,16 @@ async def _recover(ctl: Any, doc: dict[str, Any]) -> None:
         if task["state"] in ("pending", "delivered"):
             with contextlib.suppress(TimeoutError):
                 await ctl.wait_task(task["id"], CRIU_TIMEOUT)
-    dumps = [t for t in await ctl.store.instance_tasks(name, since)
-             if t["kind"] == "checkpoint.dump" and t["state"] == "succeeded" and t["node"] == source]
+    ended = await ctl.store.instance_tasks(name, since)
+    dumps = [t for t in ended if t["kind"] == "checkpoint.dump" and t["state"] == "succeeded" and t["node"] == source]
     image = doc.get("image") or (dumps[-1]["result"].get("image") if dumps else None)
-    where = await running_on(ctl, [n for n in (destination, source) if n], name, kind, time.time())
+    # A live move's destination that kept the instance (libvirt's Finish started it there)
+    # holds it, whatever the source reports: when Finish's answer was lost on its way back,
+    # libvirt resumed the source's copy too, and that copy is removed below.
+    kept = any(t["kind"] == "checkpoint.live_receive" and t["node"] == destination and t["state"] == "succeeded"
+               for t in ended)
+    where = await running_on(ctl, [destination], name, kind, time.time()) if kept else None
+    where = where or await running_on(ctl, [n for n in (destination, source) if n], name, kind, time.time())
     stopped = f"the controller driving this migration stopped during its {cut_at} phase"
     if destination and where == destination:
         await ctl.store.move_instance(name, source, destination)
