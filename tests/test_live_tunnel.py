@@ -225,9 +225,11 @@ async def test_a_failed_move_says_what_the_destination_left_only_as_it_confirmed
     assert outcome in doc["outcome"], doc
 
 
-async def test_a_move_the_destination_kept_ends_there_whatever_the_source_said(monkeypatch):
+@pytest.mark.parametrize("source_runs", [True, False])
+async def test_a_copy_the_destination_holds_goes_on_only_when_the_source_has_none(monkeypatch, source_runs):
     # libvirt's Finish started the guest on the destination, and its answer was lost on the
-    # way back: the source's libvirt resumed its own copy, which must go.
+    # way back: the source's libvirt resumed its own copy, and the destination, not told that
+    # the move finished, paused its copy. The source's goes on if it runs; else the held one.
     ctl = Ctl()
     ctl.store = Store()
     ctl.settings = type("Settings", (), {"url": "https://ctl:8443"})
@@ -250,10 +252,10 @@ async def test_a_move_the_destination_kept_ends_there_whatever_the_source_said(m
         return task, True
 
     async def wait(ctl: Any, task: Any, timeout: float, harmless: bool = False) -> Any:
-        return {"state": "succeeded", "result": {"arrived": True}}
+        return {"state": "succeeded", "result": {"arrived": True, "held": True}}
 
     async def running_on(ctl: Any, nodes: list[str], name: str, kind: str, since: float) -> str | None:
-        return "d" if "d" in nodes else None
+        return "s" if source_runs and "s" in nodes else "d" if not source_runs and "d" in nodes else None
 
     async def move_instance(name: str, source: str, destination: str) -> None:
         moved.append((name, source, destination))
@@ -264,5 +266,11 @@ async def test_a_move_the_destination_kept_ends_there_whatever_the_source_said(m
     monkeypatch.setattr(live, "running_on", running_on)
     monkeypatch.setattr(ctl.store, "move_instance", move_instance, raising=False)
     await live.migrate_live(ctl, doc)
-    assert moved == [("vm", "s", "d")] and ("s", "kvm.delete") in asked, (moved, asked)
-    assert doc["node"] == "d" and doc["outcome"].startswith("instance vm runs on node d; node s no longer has it"), doc
+    if source_runs:
+        assert moved == [] and ("d", "kvm.delete") in asked and ("d", "kvm.start") not in asked, (moved, asked)
+        assert doc["outcome"].startswith("the instance was not moved and runs on node s; node d's copy"), doc
+        assert doc["outcome"].endswith("was paused and removed"), doc
+    else:
+        assert ("d", "kvm.start") in asked and ("d", "kvm.delete") not in asked, asked
+        assert moved == [("vm", "s", "d")] and ("s", "kvm.delete") in asked, (moved, asked)
+        assert doc["node"] == "d" and doc["outcome"].startswith("instance vm runs on node d; node s no longer has it"), doc

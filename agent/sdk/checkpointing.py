@@ -281,10 +281,14 @@ class LiveMigrator(NativeCheckpointer, Protocol):
         the instance runs here as before."""
         ...
 
-    async def live_arrived(self, name: str) -> bool:
+    async def live_arrived(self, name: str, hold: bool) -> bool:
         """On the destination, after the source's move ended (or the controller went away
-        without saying how): whether instance ``name`` runs here now (then it is this
-        node's, as a restored instance is)."""
+        without saying how): whether instance ``name`` came here (then it is this node's, as
+        a restored instance is). ``hold``: the move is not known to have finished on the
+        source, whose hypervisor may have resumed its own copy (the answer to the last step
+        of the move can be lost on its way back), so an instance that came here is paused
+        and kept paused until the controller decides which copy goes on (``start`` resumes
+        it, ``delete`` removes it)."""
         ...
 
     async def live_abandon(self, name: str) -> None:

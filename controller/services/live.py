@@ -113,22 +113,22 @@ async def migrate_live(ctl: Any, doc: dict[str, Any]) -> None:
         got = await within(receiving, CLEANUP_TIMEOUT)
     finally:
         receiving.cancel()
+    held = got is not None and got["state"] == "succeeded" and bool((got.get("result") or {}).get("held"))
     if sent["state"] != "succeeded":
         unknown = sent["state"] == "lost" or sent.get("code") == "interrupted"
         fail(doc, sent, f"the live migration on node {source} has no outcome" if unknown
              else f"the live migration from node {source} failed")
         where: str | None = source  # libvirt resumed it there
-        if got is not None and got["state"] == "succeeded":
-            # The destination kept a guest that libvirt's Finish started there: when Finish's
-            # answer is lost on its way back, libvirt resumes the source's copy too, which goes
-            # below, as after a move.
-            where = destination
+        if held:
+            where = await settle_held(ctl, doc, finished=False)
         elif unknown:  # the source's agent stopped mid-move
             where = await running_on(ctl, [destination, source], name, kind, asked)
         if where is None:
             doc["outcome"] = f"the instance was not seen running on either node: check nodes {source} and {destination}"
             return
         if where == source:
+            if held:
+                return  # settle_held said what became of the destination's copy
             if got is not None and got["state"] == "failed" and got.get("code") == "migration-failed":
                 doc["outcome"] = f"{stays}; node {destination} holds nothing of it"
             else:  # its agent stopped, or its clean-up failed
@@ -137,7 +137,10 @@ async def migrate_live(ctl: Any, doc: dict[str, Any]) -> None:
                                   "the instance when it next starts, if no create or arrival of that name replaces "
                                   "it first")
             return
-    doc["progress"].update(sent["result"] or {})
+    else:
+        doc["progress"].update(sent["result"] or {})
+        if held:  # the source finished, but the destination did not hear it: its copy goes on
+            await settle_held(ctl, doc, finished=True)
     if got is None or got["state"] != "succeeded":
         log.warning("migration %s: node %s did not confirm the arrival (%s); its heartbeat decides", doc["id"],
                     destination, (got or {}).get("error"))
@@ -156,3 +159,26 @@ async def migrate_live(ctl: Any, doc: dict[str, Any]) -> None:
     doc.update(phase="done", outcome=f"instance {name} runs on node {destination}; node {source} no longer has it"
                + ("" if cleanup["state"] == "succeeded" else
                   f" (removing its files there failed: {cleanup.get('error')})"))
+
+
+async def settle_held(ctl: Any, doc: dict[str, Any], finished: bool) -> str | None:
+    """Decide which copy goes on when the destination holds a paused one: libvirt's Finish
+    started the instance there, but the destination was not told that the source finished
+    (the answer to Finish can be lost on its way back, and the source's libvirt then
+    resumes its own copy). The source's copy goes on when the source did not finish and
+    its node reports it running; the held copy is then removed. Otherwise the held copy is
+    resumed. The node it runs on (None: neither); ``doc``'s outcome says what was done."""
+    name, kind, source, destination = doc["instance"], doc["kind"], doc["source"], doc["destination"]
+    base = {"name": name, "kind": kind}
+    if not finished and await running_on(ctl, [source], name, kind, time.time()) == source:
+        removed = await run_task(ctl, destination, f"{kind}.delete", base, CLEANUP_TIMEOUT, name)
+        doc["outcome"] = (f"the instance was not moved and runs on node {source}; node {destination}'s copy, which "
+                          "libvirt had started there as the source's end failed, was paused and "
+                          + ("removed" if removed["state"] == "succeeded" else
+                             f"removing it failed ({removed.get('error')}): delete it there by hand"))
+        return source
+    resumed = await run_task(ctl, destination, f"{kind}.start", base, CLEANUP_TIMEOUT, name)
+    if resumed["state"] != "succeeded":
+        log.error("migration %s: node %s could not resume the instance it held: %s", doc["id"], destination,
+                  resumed.get("error"))
+    return destination

@@ -65,7 +65,7 @@ from controller.services.inflight import (
     record_phase,
     running_on,
 )
-from controller.services.live import cannot_live, live_options, migrate_live
+from controller.services.live import cannot_live, live_options, migrate_live, settle_held
 from controller.services.tasks import new_task, run_task, submit
 from controller.store.database import cancel_and_wait
 
@@ -237,14 +237,17 @@ async def _recover(ctl: Any, doc: dict[str, Any]) -> None:
     ended = await ctl.store.instance_tasks(name, since)
     dumps = [t for t in ended if t["kind"] == "checkpoint.dump" and t["state"] == "succeeded" and t["node"] == source]
     image = doc.get("image") or (dumps[-1]["result"].get("image") if dumps else None)
-    # A live move's destination that kept the instance (libvirt's Finish started it there)
-    # holds it, whatever the source reports: when Finish's answer was lost on its way back,
-    # libvirt resumed the source's copy too, and that copy is removed below.
-    kept = any(t["kind"] == "checkpoint.live_receive" and t["node"] == destination and t["state"] == "succeeded"
-               for t in ended)
-    where = await running_on(ctl, [destination], name, kind, time.time()) if kept else None
-    where = where or await running_on(ctl, [n for n in (destination, source) if n], name, kind, time.time())
     stopped = f"the controller driving this migration stopped during its {cut_at} phase"
+    # A live move's destination that was not told how the move ended holds a paused copy
+    # when libvirt's Finish started it there: which copy goes on is decided first.
+    if any(t["kind"] == "checkpoint.live_receive" and t["node"] == destination and t["state"] == "succeeded"
+           and (t["result"] or {}).get("held") for t in ended):
+        finished = any(t["kind"] == "checkpoint.live_send" and t["node"] == source and t["state"] == "succeeded"
+                       for t in ended)
+        if await settle_held(ctl, doc, finished) == source:
+            doc.update(error=stopped, code="interrupted")
+            return
+    where = await running_on(ctl, [n for n in (destination, source) if n], name, kind, time.time())
     if destination and where == destination:
         await ctl.store.move_instance(name, source, destination)
         doc.update(node=destination, phase="done")

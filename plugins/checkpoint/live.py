@@ -71,7 +71,9 @@ class LiveMigrations:
 
     async def receive(self, cp: AnyCheckpointer, args: LiveReceive, task_id: str) -> Mapping[str, Any]:
         """The destination's end: prepare, serve the tunnels until the controller says how
-        the move ended, and keep the instance (it runs here) or remove what was prepared."""
+        the move ended, and keep the instance (it came here) or remove what was prepared.
+        ``held`` in the result: it came here, but the move was not known to have finished on
+        the source, so it is paused here until the controller decides where it goes on."""
         from plugins.checkpoint import tunnels
 
         migrator = _migrator(cp)
@@ -80,11 +82,13 @@ class LiveMigrations:
             prepared = await migrator.live_prepare(args.name, args.instance, args.facts, sockets)
             try:
                 ready = {"definition": prepared.definition, "channels": sorted(prepared.targets)}
-                await tunnels.destination_tunnels(session, ready, prepared)
-                # Asked whatever the controller said: one that died after libvirt finished the
-                # move never says "finished", and the VM runs here all the same.
-                if await migrator.live_arrived(args.name):
-                    return {"arrived": True}
+                ended = await tunnels.destination_tunnels(session, ready, prepared)
+                # Asked whatever the controller said: the hypervisors may have finished the move
+                # while it went away or as the source's end failed. Only a move the source
+                # finished is known to have left no copy there: otherwise this one is held.
+                held = ended != "finished"
+                if await migrator.live_arrived(args.name, held):
+                    return {"arrived": True, "held": held}
             finally:
                 await migrator.live_abandon(args.name)
         raise TaskError(f"{cp.kind} instance {args.name!r} did not arrive: the migration failed on the source or "

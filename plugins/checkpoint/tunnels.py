@@ -148,10 +148,10 @@ async def source_tunnels(session: Session, sockets: Path, channels: list[str]) -
         await control.close()
 
 
-async def destination_tunnels(session: Session, ready: Mapping[str, Any], prepared: LivePrepared) -> None:
+async def destination_tunnels(session: Session, ready: Mapping[str, Any], prepared: LivePrepared) -> str | None:
     """Tell the controller the destination is ``ready``, then connect each tunnelled
     connection it announces to its channel's local target (through the channel's filter),
-    until it says the migration ended or goes away."""
+    until it says the migration ended (how: "finished" or "failed") or goes away (None)."""
     import aiohttp
 
     conns: set[asyncio.Task[None]] = set()
@@ -180,7 +180,7 @@ async def destination_tunnels(session: Session, ready: Mapping[str, Any], prepar
                 break
             order = json.loads(message.data)
             if "end" in order:
-                return
+                return str(order["end"])
             if order.get("channel") in targets:
                 task = asyncio.ensure_future(connect(order["channel"], str(order["conn"])))
                 conns.add(task)
@@ -189,3 +189,4 @@ async def destination_tunnels(session: Session, ready: Mapping[str, Any], prepar
         for task in list(conns):
             task.cancel()
         await control.close()
+    return None

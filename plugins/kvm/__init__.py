@@ -234,12 +234,15 @@ class KvmPlugin:
         self._report_changed()
 
     async def start(self, name: str) -> None:
-        """Start a stopped domain; starting a running one is not an error."""
+        """Start a stopped domain, resume a paused one (a live migration's arrival held for
+        the controller to decide); starting a running one is not an error."""
         host = self._require_host()
         conn = await host.connection()
         dom = await self._instances.domain(conn, name)
         if not await asyncio.to_thread(dom.isActive):
             await host.call(name, "start", dom.create)
+        elif (await asyncio.to_thread(dom.state))[0] == host.libvirt.VIR_DOMAIN_PAUSED:
+            await host.call(name, "resume", dom.resume)
         await self._instances.refresh(conn, name)
 
     async def stop(self, name: str, timeout: float | None) -> bool:
@@ -335,8 +338,8 @@ class KvmPlugin:
     async def prepare_arrival(self, name: str, spec: CreateSpec, saved: SavedVm, disk_bytes: int) -> str:
         return await self._require_moves().prepare_arrival(name, spec, saved, disk_bytes)
 
-    async def arrived(self, name: str) -> bool:
-        return await self._require_moves().arrived(name)
+    async def arrived(self, name: str, hold: bool) -> bool:
+        return await self._require_moves().arrived(name, hold)
 
     async def abandon_arrival(self, name: str) -> None:
         await self._require_moves().abandon_arrival(name)

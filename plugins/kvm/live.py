@@ -157,8 +157,8 @@ class KvmLiveMigrator(KvmCheckpointer):
             await asyncio.to_thread(share_with_qemu, path)
         return await self.plugin.migrate_out(name, definition, sockets, options, progress)
 
-    async def live_arrived(self, name: str) -> bool:
-        return await self.plugin.arrived(name)
+    async def live_arrived(self, name: str, hold: bool) -> bool:
+        return await self.plugin.arrived(name, hold)
 
     async def live_abandon(self, name: str) -> None:
         await self.plugin.abandon_arrival(name)

@@ -170,14 +170,19 @@ class Moves:
         self._arriving[name] = (directory, base, accel.name, definition)
         return definition
 
-    async def arrived(self, name: str) -> bool:
-        """Whether the VM a live migration brought runs here; it is an instance from now on."""
+    async def arrived(self, name: str, hold: bool) -> bool:
+        """Whether the VM a live migration brought runs here; it is an instance from now on,
+        paused first when ``hold`` (see agent.sdk.LiveMigrator.live_arrived)."""
         conn = await self._host.connection()
         libvirt = self._host.libvirt
         dom = await asyncio.to_thread(lookup, libvirt, conn, name)
         # An incoming VM is paused until libvirt's Finish succeeds, so one that runs has arrived.
         if dom is None or name not in self._arriving or (await asyncio.to_thread(dom.state))[0] != libvirt.VIR_DOMAIN_RUNNING:
             return False
+        if hold:
+            log.warning("kvm: VM %s arrived, but the move is not known to have finished on the source, whose copy "
+                        "may run on: it is paused here until the controller decides which one goes on", name)
+            await asyncio.to_thread(dom.suspend)
         directory, base, accel, definition = self._arriving.pop(name)
         self._instances.fetched.remove(base)
         self._instances.by_name[name] = Instance(name, directory, "creating", acceleration=accel, base=base)
@@ -190,7 +195,7 @@ class Moves:
                       "definition is the one the source sent: %s", name, exc.get_error_message())
         await self._instances.refresh(conn, name)
         self._context.report_changed()
-        return self._instances.by_name[name].state == "running"
+        return self._instances.by_name[name].state == ("paused" if hold else "running")
 
     async def abandon_arrival(self, name: str) -> None:
         """Remove what :meth:`prepare_arrival` made, unless libvirt holds the VM now."""
