@@ -225,11 +225,12 @@ async def test_a_failed_move_says_what_the_destination_left_only_as_it_confirmed
     assert outcome in doc["outcome"], doc
 
 
-@pytest.mark.parametrize("source_runs", [True, False])
+@pytest.mark.parametrize("source_runs", [True, False, None])
 async def test_a_copy_the_destination_holds_goes_on_only_when_the_source_has_none(monkeypatch, source_runs):
     # libvirt's Finish started the guest on the destination, and its answer was lost on the
     # way back: the source's libvirt resumed its own copy, and the destination, not told that
-    # the move finished, paused its copy. The source's goes on if it runs; else the held one.
+    # the move finished, paused its copy. The source's goes on if it runs; the held one if the
+    # source says it has none; neither, while the source does not say.
     ctl = Ctl()
     ctl.store = Store()
     ctl.settings = type("Settings", (), {"url": "https://ctl:8443"})
@@ -255,7 +256,11 @@ async def test_a_copy_the_destination_holds_goes_on_only_when_the_source_has_non
         return {"state": "succeeded", "result": {"arrived": True, "held": True}}
 
     async def running_on(ctl: Any, nodes: list[str], name: str, kind: str, since: float) -> str | None:
-        return "s" if source_runs and "s" in nodes else "d" if not source_runs and "d" in nodes else None
+        return "d" if source_runs is False and "d" in nodes else None
+
+    async def reports_running(ctl: Any, node: str, name: str, kind: str, since: float) -> bool | None:
+        assert node == "s"
+        return source_runs
 
     async def move_instance(name: str, source: str, destination: str) -> None:
         moved.append((name, source, destination))
@@ -264,9 +269,13 @@ async def test_a_copy_the_destination_holds_goes_on_only_when_the_source_has_non
     monkeypatch.setattr(live, "submit", submit)
     monkeypatch.setattr(live.tasks, "wait", wait)
     monkeypatch.setattr(live, "running_on", running_on)
+    monkeypatch.setattr(live, "reports_running", reports_running)
     monkeypatch.setattr(ctl.store, "move_instance", move_instance, raising=False)
     await live.migrate_live(ctl, doc)
-    if source_runs:
+    if source_runs is None:
+        assert moved == [] and {kind for node, kind in asked if node == "d"} == set(), asked
+        assert "node s does not report whether it runs the instance, and node d holds a paused copy" in doc["outcome"]
+    elif source_runs:
         assert moved == [] and ("d", "kvm.delete") in asked and ("d", "kvm.start") not in asked, (moved, asked)
         assert doc["outcome"].startswith("the instance was not moved and runs on node s; node d's copy"), doc
         assert doc["outcome"].endswith("was paused and removed"), doc

@@ -163,15 +163,31 @@ async def running_on(ctl: Any, nodes: list[str], name: str, kind: str, since: fl
     deadline = time.monotonic() + max(10.0, 5 * ctl.settings.heartbeat_interval)
     while time.monotonic() < deadline:
         for node_id in nodes:
-            row = await ctl.store.get_node(node_id)
-            view = ctl.node_view(row) if row is not None else None
-            if view is not None and (view["last_seen"] or 0) >= since and any(
-                i.get("name") == name and i.get("kind") == kind and i.get("state") == "running"
-                for i in view["instances"]
-            ):
+            if await _reports_running(ctl, node_id, name, kind, since):
                 return node_id
         await asyncio.sleep(0.2)
     return None
+
+
+async def reports_running(ctl: Any, node_id: str, name: str, kind: str, since: float) -> bool | None:
+    """Whether the first report ``node_id`` makes after ``since`` lists the instance running,
+    waiting a few heartbeats for one; None when it makes none (it may run it all the same)."""
+    deadline = time.monotonic() + max(10.0, 5 * ctl.settings.heartbeat_interval)
+    while time.monotonic() < deadline:
+        answer = await _reports_running(ctl, node_id, name, kind, since)
+        if answer is not None:
+            return answer
+        await asyncio.sleep(0.2)
+    return None
+
+
+async def _reports_running(ctl: Any, node_id: str, name: str, kind: str, since: float) -> bool | None:
+    row = await ctl.store.get_node(node_id)
+    view = ctl.node_view(row) if row is not None else None
+    if view is None or (view["last_seen"] or 0) < since:
+        return None
+    return any(i.get("name") == name and i.get("kind") == kind and i.get("state") == "running"
+               for i in view["instances"])
 
 
 async def within(future: asyncio.Future[dict[str, Any]], timeout: float) -> dict[str, Any] | None:

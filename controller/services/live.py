@@ -26,6 +26,7 @@ from controller.services.inflight import (
     fail,
     migrations,
     record_phase,
+    reports_running,
     running_on,
     within,
 )
@@ -124,7 +125,9 @@ async def migrate_live(ctl: Any, doc: dict[str, Any]) -> None:
         elif unknown:  # the source's agent stopped mid-move
             where = await running_on(ctl, [destination, source], name, kind, asked)
         if where is None:
-            doc["outcome"] = f"the instance was not seen running on either node: check nodes {source} and {destination}"
+            if not held:  # else settle_held said what it holds
+                doc["outcome"] = (f"the instance was not seen running on either node: check nodes {source} and "
+                                  f"{destination}")
             return
         if where == source:
             if held:
@@ -167,10 +170,19 @@ async def settle_held(ctl: Any, doc: dict[str, Any], finished: bool) -> str | No
     (the answer to Finish can be lost on its way back, and the source's libvirt then
     resumes its own copy). The source's copy goes on when the source did not finish and
     its node reports it running; the held copy is then removed. Otherwise the held copy is
-    resumed. The node it runs on (None: neither); ``doc``'s outcome says what was done."""
+    resumed, but only when the source finished or says it does not run it: a source that
+    does not report may run its copy, so the held one stays paused, for an admin. The node
+    it runs on (None: neither known); ``doc``'s outcome says what was done."""
     name, kind, source, destination = doc["instance"], doc["kind"], doc["source"], doc["destination"]
     base = {"name": name, "kind": kind}
-    if not finished and await running_on(ctl, [source], name, kind, time.time()) == source:
+    source_runs = None if finished else await reports_running(ctl, source, name, kind, time.time())
+    if not finished and source_runs is None:
+        doc["outcome"] = (f"node {source} does not report whether it runs the instance, and node {destination} holds "
+                          "a paused copy that libvirt started there as the move ended: once node "
+                          f"{source} reports again, remove the copy that must not run (kumoctl instances show "
+                          f"{name}, then virsh on node {destination})")
+        return None
+    if source_runs:
         removed = await run_task(ctl, destination, f"{kind}.delete", base, CLEANUP_TIMEOUT, name)
         doc["outcome"] = (f"the instance was not moved and runs on node {source}; node {destination}'s copy, which "
                           "libvirt had started there as the source's end failed, was paused and "

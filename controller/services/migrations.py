@@ -244,7 +244,7 @@ async def _recover(ctl: Any, doc: dict[str, Any]) -> None:
            and (t["result"] or {}).get("held") for t in ended):
         finished = any(t["kind"] == "checkpoint.live_send" and t["node"] == source and t["state"] == "succeeded"
                        for t in ended)
-        if await settle_held(ctl, doc, finished) == source:
+        if await settle_held(ctl, doc, finished) != destination:  # its outcome says where it is
             doc.update(error=stopped, code="interrupted")
             return
     where = await running_on(ctl, [n for n in (destination, source) if n], name, kind, time.time())
