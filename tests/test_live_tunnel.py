@@ -205,17 +205,19 @@ async def test_a_failed_move_says_what_the_destination_left_only_as_it_confirmed
            "live": {"max_downtime_ms": 300}, "progress": {}}
 
     async def run_task(ctl: Any, node: str, kind: str, payload: Any, timeout: float, instance: Any = None) -> Any:
-        if kind == "checkpoint.live_facts":
-            return {"state": "succeeded", "result": {"facts": {}}}
-        assert kind == "checkpoint.live_send" and inflight.migrations(ctl).tunnels[MID].live
-        return {"state": "failed", "code": "migration-failed", "error": "the tunnel broke"}
-
-    async def submit(ctl: Any, task: dict[str, Any]) -> Any:
-        inflight.migrations(ctl).tunnels[MID].ready.set_result({"definition": "<domain/>", "channels": ["control"]})
-        return task, True
+        assert kind == "checkpoint.live_facts"
+        return {"state": "succeeded", "result": {"facts": {}}}
 
     async def wait(ctl: Any, task: Any, timeout: float, harmless: bool = False) -> Any:
+        if task["kind"] == "checkpoint.live_send":
+            assert inflight.migrations(ctl).tunnels[MID].live and harmless
+            return {"state": "failed", "code": "migration-failed", "error": "the tunnel broke"}
         return received
+
+    async def submit(ctl: Any, task: dict[str, Any]) -> Any:
+        if task["kind"] == "checkpoint.live_receive":
+            inflight.migrations(ctl).tunnels[MID].ready.set_result({"definition": "<domain/>", "channels": ["control"]})
+        return task, True
 
     monkeypatch.setattr(live, "run_task", run_task)
     monkeypatch.setattr(live, "submit", submit)
@@ -243,16 +245,17 @@ async def test_a_copy_the_destination_holds_goes_on_only_when_the_source_has_non
         asked.append((node, kind))
         if kind == "checkpoint.live_facts":
             return {"state": "succeeded", "result": {"facts": {}}}
-        if kind == "checkpoint.live_send":
-            return {"state": "failed", "code": "migration-failed", "error": "End of file while reading data",
-                    "result": None}
         return {"state": "succeeded", "result": {}}
 
     async def submit(ctl: Any, task: dict[str, Any]) -> Any:
-        inflight.migrations(ctl).tunnels[MID].ready.set_result({"definition": "<domain/>", "channels": ["control"]})
+        if task["kind"] == "checkpoint.live_receive":
+            inflight.migrations(ctl).tunnels[MID].ready.set_result({"definition": "<domain/>", "channels": ["control"]})
         return task, True
 
     async def wait(ctl: Any, task: Any, timeout: float, harmless: bool = False) -> Any:
+        if task["kind"] == "checkpoint.live_send":
+            return {"state": "failed", "code": "migration-failed", "error": "End of file while reading data",
+                    "result": None}
         return {"state": "succeeded", "result": {"arrived": True, "held": True}}
 
     async def running_on(ctl: Any, nodes: list[str], name: str, kind: str, since: float) -> str | None:

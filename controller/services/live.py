@@ -107,16 +107,18 @@ async def migrate_live(ctl: Any, doc: dict[str, Any]) -> None:
         await record_phase(ctl, doc, "live")
         tunnel.live = True
         asked = time.time()
-        sent = await run_task(ctl, source, "checkpoint.live_send", {
-            **ends, "definition": ready["definition"], "channels": ready["channels"], **doc["live"]},
-            TRANSFER_TIMEOUT, name)
+        # A source that stops reporting is given up on (harmless: its agent answers a task
+        # handed again "interrupted"); its tunnels went with it, so libvirt ended the move.
+        send, _ = await submit(ctl, new_task(source, "checkpoint.live_send", {
+            **ends, "definition": ready["definition"], "channels": ready["channels"], **doc["live"]}, instance=name))
+        sent = await tasks.wait(ctl, send, TRANSFER_TIMEOUT, harmless=True)
         await tunnel.end("finished" if sent["state"] == "succeeded" else "failed")
         got = await within(receiving, CLEANUP_TIMEOUT)
     finally:
         receiving.cancel()
     held = got is not None and got["state"] == "succeeded" and bool((got.get("result") or {}).get("held"))
     if sent["state"] != "succeeded":
-        unknown = sent["state"] == "lost" or sent.get("code") == "interrupted"
+        unknown = sent["state"] == "lost" or sent.get("code") in ("interrupted", "node-unreachable")
         fail(doc, sent, f"the live migration on node {source} has no outcome" if unknown
              else f"the live migration from node {source} failed")
         where: str | None = source  # libvirt resumed it there
