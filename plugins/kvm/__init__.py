@@ -67,6 +67,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+SHUTDOWN_RETRY = 10.0  # seconds between presses of the power button while a stop waits
+
 
 class KvmPlugin:
     """Runs ``kind: kvm`` instances through libvirt; it is its own instance driver."""
@@ -256,10 +258,19 @@ class KvmPlugin:
         forced = False
         if await asyncio.to_thread(dom.isActive):
             await host.call(name, "shut down", dom.shutdown)
-            if not await self._instances.wait_state(name, ("stopped", "failed"), timeout):
-                if await asyncio.to_thread(dom.isActive):
-                    forced = True
-                    await host.call(name, "destroy", dom.destroy)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            # A guest can miss the power button (still booting, its listener not yet there):
+            # it is pressed again every SHUTDOWN_RETRY seconds until the timeout, as nova does.
+            while not await self._instances.wait_state(name, ("stopped", "failed"),
+                                                        max(0.0, min(SHUTDOWN_RETRY, deadline - loop.time()))):
+                if loop.time() >= deadline:
+                    if await asyncio.to_thread(dom.isActive):
+                        forced = True
+                        await host.call(name, "destroy", dom.destroy)
+                    break
+                with contextlib.suppress(host.libvirt.libvirtError):  # it stopped meanwhile
+                    await asyncio.to_thread(dom.shutdown)
         await self._instances.refresh(conn, name)
         self._report_changed()
         return forced
