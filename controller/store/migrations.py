@@ -8,7 +8,7 @@ import json
 import time
 from typing import Any
 
-from controller.store.queries import Queries, all_decoded, decoded, select_sql
+from controller.store.queries import Queries, all_decoded, decoded, page_before, select_sql
 
 
 class MigrationQueries(Queries):
@@ -55,9 +55,7 @@ class MigrationQueries(Queries):
         if state:
             clauses.append("state=?")
             args.append(state)
-        if before is not None:
-            clauses.append("(created_at < ? OR (created_at = ? AND id < ?))")
-            args += [before[0], before[0], before[1]]
+        page_before(before, clauses, args)
         async with self._tx() as tx:
             rows = all_decoded(await tx.all(select_sql("migrations", clauses, "created_at DESC, id DESC", limit),
                                              *args, limit))

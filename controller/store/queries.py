@@ -33,6 +33,14 @@ def select_sql(table: str, clauses: list[str], order: str, limit: int | None) ->
     return f"SELECT * FROM {table}{where} ORDER BY {order}" + (" LIMIT ?" if limit is not None else "")  # noqa: S608
 
 
+def page_before(before: tuple[float, str] | None, clauses: list[str], args: list[Any]) -> None:
+    """Add to ``clauses`` and ``args`` what starts a newest-first page after ``before``
+    (the last row's created_at and id)."""
+    if before is not None:
+        clauses.append("(created_at < ? OR (created_at = ? AND id < ?))")
+        args += [before[0], before[0], before[1]]
+
+
 def limit_args(limit: int | None) -> list[int]:
     return [] if limit is None else [limit]
 

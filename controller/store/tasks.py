@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from controller.store.database import Tx
-from controller.store.queries import Queries, all_decoded, decoded, select_sql
+from controller.store.queries import Queries, all_decoded, decoded, page_before, select_sql
 
 
 class TaskQueries(Queries):
@@ -83,9 +83,7 @@ class TaskQueries(Queries):
         if state:
             clauses.append("state=?")
             args.append(state)
-        if before is not None:
-            clauses.append("(created_at < ? OR (created_at = ? AND id < ?))")
-            args += [before[0], before[0], before[1]]
+        page_before(before, clauses, args)
         async with self._tx() as tx:
             return all_decoded(await tx.all(select_sql("tasks", clauses, "created_at DESC, id DESC", limit), *args, limit))
 
