@@ -1,5 +1,5 @@
 """Scrape cost of per-instance usage: does a scrape cost the same per instance with 1, 10 and
-50 instances? Against node_exporter's scrape time in the same run.
+100 instances? Against node_exporter's scrape time in the same run.
 
 The agent's side is the real thing minus the controller: the process plugin through the
 agent's Hooks, N real process instances (``sleep``), and the agent's own /metrics server
@@ -9,11 +9,11 @@ default collectors is the baseline. Scrapes alternate between the two over keep-
 connections, as Prometheus makes them.
 
 Per instance is the scrape time above the same agent's with no instance, divided by N;
-flat means it stays about the same from N=1 to N=50. ``usage()`` alone is also timed
+flat means it stays about the same from N=1 to N=100. ``usage()`` alone is also timed
 directly (the /proc pass and the family building, without HTTP). It prints; it asserts
 nothing.
 
-    .venv/bin/python bench/bench_instance_usage.py [--scrapes 200] [--counts 1,10,50]
+    .venv/bin/python bench/bench_instance_usage.py [--scrapes 200] [--counts 1,10,100]
 """
 
 from __future__ import annotations
@@ -180,7 +180,7 @@ def run(work: Path, scrapes: int, counts: list[int]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scrapes", type=int, default=200, help="scrapes of each endpoint per row (default 200)")
-    parser.add_argument("--counts", default="1,10,50", help="instance counts, comma-separated (default 1,10,50)")
+    parser.add_argument("--counts", default="1,10,100", help="instance counts, comma-separated (default 1,10,100)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="kumo-bench-usage-") as tmp:
         run(Path(tmp), args.scrapes, [int(n) for n in args.counts.split(",")])

@@ -43,7 +43,7 @@ class Policy:
     cpu_high: float = 0.8
     margin: float = 0.1
     window: float = 300.0
-    interval: float = 30.0  # between samples: a window is covered from one interval after its start
+    interval: float = 30.0  # between samples: a window is covered by samples from its first interval on
     max_in_flight: int = 2
 
     @classmethod
@@ -177,7 +177,10 @@ def busy(samples: Sequence[tuple[float, float]], policy: Policy, now: float) -> 
     if not window:
         return None, False
     low = round(min(share for _, share in window), 4)
-    covered = window[0][0] <= now - policy.window + policy.interval and len(window) >= 2
+    # Samples come every interval, give or take the event loop's lateness: the first must be
+    # within an interval and a half of the window's start, so that a sample taken a few
+    # milliseconds late does not leave the window uncovered.
+    covered = window[0][0] <= now - policy.window + 1.5 * policy.interval and len(window) >= 2
     return low, covered and low > policy.cpu_high
 
 

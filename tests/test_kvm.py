@@ -397,6 +397,18 @@ async def test_create_boots_with_the_users_seed(kvm_bed: KvmTestBed, kvm_guest: 
     assert kvm_bed.changes >= 2
 
 
+def domstats(uri: str, name: str) -> dict[str, int]:
+    """``virsh domstats`` of one domain (its CPU, balloon and block figures), by key."""
+    out = subprocess.run(["virsh", "-c", uri, "domstats", "--cpu-total", "--balloon", "--block", name],  # noqa: S603, S607
+                         capture_output=True, text=True, check=True).stdout
+    return {key: int(value) for key, _, value in (line.strip().partition("=") for line in out.splitlines())
+            if value.isdigit()}
+
+
+def block_total(stats: dict[str, int], key: str) -> int:
+    return sum(stats.get(f"block.{i}.{key}", 0) for i in range(stats.get("block.count", 0)))
+
+
 @pytest.mark.integration
 async def test_stop_start_delete(kvm_bed: KvmTestBed, kvm_guest: Guest) -> None:
     node = await kvm_bed.node()
@@ -412,9 +424,20 @@ async def test_stop_start_delete(kvm_bed: KvmTestBed, kvm_guest: Guest) -> None:
 
     await holding(1)
     # Usage from libvirt's bulk stats: the guest has run, and read its initrd's seed cdrom.
+    # The figures are virsh domstats's for the same domain: counters between a reading before
+    # and one after, the resident memory of an idle guest within 5 % of both.
+    before = domstats(kvm_bed.uri, name)
     usage = node.plugin.usage()[name]
+    after = domstats(kvm_bed.uri, name)
     assert usage.cpu_seconds > 0 and usage.memory_bytes > 0 and usage.memory_limit_bytes == 192 << 20
     assert usage.block_read_bytes > 0 and usage.block_read_operations > 0
+    assert before["cpu.time"] / 1e9 <= usage.cpu_seconds <= after["cpu.time"] / 1e9, (before, usage, after)
+    assert usage.memory_limit_bytes == after["balloon.maximum"] * 1024
+    assert all(abs(usage.memory_bytes - stats["balloon.rss"] * 1024) <= 0.05 * stats["balloon.rss"] * 1024
+               for stats in (before, after)), (before, usage, after)
+    for figure, key in (("block_read_bytes", "rd.bytes"), ("block_read_operations", "rd.reqs"),
+                        ("block_write_bytes", "wr.bytes"), ("block_write_operations", "wr.reqs")):
+        assert block_total(before, key) <= getattr(usage, figure) <= block_total(after, key), (figure, before, usage)
     assert node.metric("kumo_instance_cpu_seconds_total", instance=name, kind="kvm") >= usage.cpu_seconds
     assert node.metric("kumo_instance_block_read_bytes_total", instance=name, kind="kvm") >= usage.block_read_bytes
     stopped = await node.task("kvm.stop", name=name)

@@ -141,6 +141,21 @@ def limit_key(controller: str) -> str:
             "cpu": "cpu.max" if v2 else "cpu.cfs_quota_us"}[controller]
 
 
+def kernel_usage(cgroup: list[str]) -> tuple[float, int]:
+    """(CPU seconds, memory in use less the inactive file cache) of a container, from its
+    cgroup's own files as lxc-cgroup reads them."""
+    def stat(key: str) -> dict[str, int]:
+        return {k: int(v) for k, v in (line.split() for line in run(*cgroup, key).stdout.splitlines() if line)}
+
+    if cgroup_layout()["cpu"] == "v2":
+        cpu = stat("cpu.stat")["usage_usec"] / 1e6
+    else:
+        cpu = int(run(*cgroup, "cpuacct.usage").stdout) / 1e9
+    if cgroup_layout()["memory"] == "v2":
+        return cpu, int(run(*cgroup, "memory.current").stdout) - stat("memory.stat")["inactive_file"]
+    return cpu, int(run(*cgroup, "memory.usage_in_bytes").stdout) - stat("memory.stat")["total_inactive_file"]
+
+
 @integration
 async def test_busybox_container_with_limits_and_a_static_address_on_a_bridge(lxc_node, lxc_bridge):
     node = await lxc_node()
@@ -168,10 +183,17 @@ async def test_busybox_container_with_limits_and_a_static_address_on_a_bridge(lx
     memory = run(*cgroup, limit_key("memory")).stdout.strip()
     assert memory == str(96 * 1024 * 1024)
 
-    # Usage from the container's cgroup and network namespace: the limit liblxc set, and
-    # the ping above among the packets its eth0 received and sent.
+    # Usage from the container's cgroup and network namespace: what the kernel's cgroup files
+    # say (CPU between a reading before and one after), the limit liblxc set, and the ping
+    # above among the packets its eth0 received and sent.
+    cpu_before, memory_before = kernel_usage(cgroup)
     usage = node.plugin.usage()["web-1"]
-    assert usage.memory_limit_bytes == 96 * 1024 * 1024 and usage.memory_bytes > 0 and usage.cpu_seconds > 0
+    cpu_after, memory_after = kernel_usage(cgroup)
+    assert cpu_before <= usage.cpu_seconds <= cpu_after and usage.cpu_seconds > 0, (cpu_before, usage, cpu_after)
+    # An idle container's memory barely moves: within 5 % of both readings.
+    assert all(abs(usage.memory_bytes - kernel) <= 0.05 * kernel for kernel in (memory_before, memory_after)), (
+        memory_before, usage, memory_after)
+    assert usage.memory_limit_bytes == 96 * 1024 * 1024 and usage.memory_bytes > 0
     assert usage.network_receive_packets >= 1 and usage.network_transmit_packets >= 1
     assert usage.network_receive_bytes >= 84 and usage.network_transmit_bytes >= 84  # an ICMP echo's IP packet
     assert usage.block_read_bytes is not None and usage.block_write_operations is not None

@@ -44,6 +44,15 @@ def test_a_burst_is_not_sustained_and_a_window_not_yet_covered_is_not_either():
         assert result.moves == [] and "nothing to move" in result.summary
 
 
+def test_samples_a_little_late_still_cover_the_window_and_a_missed_first_one_does_not():
+    # Every 10 s, each 0.2 s late: the window's first sample is 10.x s after its start.
+    late = Node("n-a", 4, tuple((NOW - 49.8 + 10 * i, 0.95) for i in range(5)))
+    missed = Node("n-a", 4, tuple((NOW - 40 + 10 * i, 0.95) for i in range(5)))
+    sustained = [plan([busy, node("n-b", 0.0)], [inst("p", "n-a", 3.8, everywhere=("n-a", "n-b"))], POLICY,
+                      NOW).nodes[0].sustained for busy in (late, missed)]
+    assert sustained == [True, False]
+
+
 def test_a_move_must_leave_the_destination_below_the_threshold_less_the_margin():
     # One instance of 3 cores: wherever it goes that node is at 75% (>= 70%): it stays.
     nodes = [node("n-a", 0.95), node("n-b", 0.0)]

@@ -2,8 +2,9 @@
 ``kumo_instance_*`` families and heartbeat summary with fake drivers, then a real process
 instance burning CPU, scraped by promtool and by a real Prometheus.
 
-The lxc and kvm kinds' usage is checked on their real components where those tests already
-run a container or a guest (tests/test_lxc.py, tests/test_kvm.py).
+The lxc and kvm kinds' usage is checked on their real components, against the container's
+cgroup files and ``virsh domstats`` for the same instance, where those tests already run a
+container or a guest (tests/test_lxc.py, tests/test_kvm.py).
 """
 
 from __future__ import annotations

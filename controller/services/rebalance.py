@@ -233,6 +233,7 @@ def _shown(result: rebalancer.Plan, rules: rebalancer.Policy) -> dict[str, Any]:
 async def loop(ctl: Any) -> None:
     """The singleton's work: sample every interval and, in ``auto`` mode, run a round."""
     settings = ctl.settings.rebalance
+    tick = time.monotonic()
     while True:
         try:
             await sample(ctl)
@@ -244,4 +245,7 @@ async def loop(ctl: Any) -> None:
             log.info("rebalancing round skipped: %s", exc.message)
         except Exception:
             log.exception("rebalancing round failed; trying again in %g s", settings.interval)
-        await asyncio.sleep(settings.interval)
+        # A sample every interval, not every interval plus the work: the planner counts a
+        # window covered only if its samples are that close (a late one starts its own tick).
+        tick = max(tick + settings.interval, time.monotonic())
+        await asyncio.sleep(tick - time.monotonic())
