@@ -240,15 +240,19 @@ def shot(driver: Any, name: str) -> None:
 
 
 def fresh(action: Any, limit: float = 10.0) -> Any:
-    """``action()``, again while what it touched was replaced: live pages render anew on
-    every change."""
-    from selenium.common.exceptions import StaleElementReferenceException
+    """``action()``, again while what it touched was replaced or not yet ready for input:
+    live pages render anew on every change."""
+    from selenium.common.exceptions import (
+        ElementClickInterceptedException,
+        ElementNotInteractableException,
+        StaleElementReferenceException,
+    )
 
     deadline = time.monotonic() + limit
     while True:
         try:
             return action()
-        except StaleElementReferenceException:
+        except (StaleElementReferenceException, ElementNotInteractableException, ElementClickInterceptedException):
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
@@ -341,7 +345,7 @@ def test_the_fleet_in_a_browser(ui_controller, kumo_agent, browser, criu_require
     browser.get(f"https://127.0.0.1:{ctl.ui_port}/instances/webby")
     until(lambda: browser.find_element("id", "main").get_attribute("data-state") == "running", "webby's page", limit=20)
     until(lambda: "Possible" in browser.find_element("id", "migrate-why").text, "the migration check", limit=20)
-    browser.find_element("id", "console-follow").send_keys(Keys.ENTER)
+    fresh(lambda: browser.find_element("id", "console-follow").send_keys(Keys.ENTER))
     until(lambda: "hello from webby" in browser.find_element("id", "console").text, "webby's console", limit=30)
     # Followed: its new lines arrive with no further click.
     first = last_tick(browser.find_element("id", "console").text)
@@ -370,7 +374,7 @@ def test_the_fleet_in_a_browser(ui_controller, kumo_agent, browser, criu_require
 
     browser.get(f"https://127.0.0.1:{ctl.ui_port}/tokens")
     until(lambda: css(browser, "#token button"), "the tokens page", limit=20)
-    css(browser, "#token button")[0].click()
+    fresh(lambda: css(browser, "#token button")[0].click())
     command = until(lambda: css(browser, "#join-command") and browser.find_element("id", "join-command").text,
                     "the join command", limit=20)
     assert command.startswith("kumo-agent join --token ")
