@@ -13,8 +13,9 @@ anyway, by the package's ``__init__``, whatever part of prometheus_client is imp
 
 The server answers ``GET`` and ``HEAD /metrics`` (a query string is ignored), 404 for any
 other path, 405 for another method on ``/metrics``, 400 for a malformed request, 414/431 for
-a request line or headers over the limits below and 505 for an HTTP major version other
-than 1. Connections are kept alive (HTTP/1.1 by default, HTTP/1.0 when asked; Prometheus
+a request line or headers over the limits below, 505 for an HTTP major version other than
+1, and 503 to the request of a connection over ``max_connections`` (each refusal's body
+says why). Connections are kept alive (HTTP/1.1 by default, HTTP/1.0 when asked; Prometheus
 reuses its connections) until ``Connection: close``, an error, a request with a body (which
 is not read: the answer is sent, then the connection closed) or ``IDLE_TIMEOUT``. A request
 must arrive whole, and its answer be taken, within ``REQUEST_TIMEOUT``.
@@ -57,7 +58,8 @@ _REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") (\S+) HTTP/(\d)\.(\d)")
 _HEADER_LINE = re.compile(rb"(" + _TOKEN + rb"):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*")
 _REASONS = {
     200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 414: "URI Too Long",
-    431: "Request Header Fields Too Large", 500: "Internal Server Error", 505: "HTTP Version Not Supported",
+    431: "Request Header Fields Too Large", 500: "Internal Server Error", 503: "Service Unavailable",
+    505: "HTTP Version Not Supported",
 }
 
 
@@ -161,11 +163,13 @@ class _Request:
 class MetricsServer:
     """``GET /metrics`` on ``host:port``; plain HTTP, or mTLS when ``tls`` is given."""
 
-    def __init__(self, metrics: AgentMetrics, host: str, port: int, tls: ssl.SSLContext | None = None):
+    def __init__(self, metrics: AgentMetrics, host: str, port: int, tls: ssl.SSLContext | None = None,
+                 max_connections: int = 64):
         self.metrics = metrics
         self.host = host
         self.port = port  # 0 picks a free port; start() puts the one bound here
         self.tls = tls
+        self.max_connections = max_connections
         self._server: asyncio.Server | None = None
         self._connections: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
 
@@ -201,13 +205,18 @@ class MetricsServer:
         task = asyncio.current_task()
         assert task is not None
         self._connections[task] = writer
+        # Answered rather than dropped: a scraper shows a 503, where it retries a silent close.
+        full = len(self._connections) > self.max_connections
         try:
             wait = REQUEST_TIMEOUT  # a new connection's first request is due at once
             while True:
                 try:
                     request = await _read_request(reader, wait)
+                    if full and request is not None:
+                        raise _Refused(503, f"this agent's /metrics already holds {self.max_connections} connections "
+                                            "(metrics.max_connections in agent.yaml); retry shortly")
                 except _Refused as refused:
-                    body = f"{refused.status}: {_REASONS[refused.status]}".encode()
+                    body = f"{refused.status}: {_REASONS[refused.status]}: {refused}".encode()
                     log.debug("metrics: answered %d: %s", refused.status, refused)
                     writer.write(_response(refused.status, body, keep_alive=False) + body)
                     break

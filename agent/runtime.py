@@ -288,7 +288,7 @@ class Runtime:
         if self.settings.metrics.client_ca is not None:
             assert self.identity is not None
             tls = server_tls_context(self.identity, self.settings.metrics.client_ca)
-        self.metrics_server = MetricsServer(self.metrics, host, port, tls)
+        self.metrics_server = MetricsServer(self.metrics, host, port, tls, self.settings.metrics.max_connections)
         try:
             await self.metrics_server.start()
         except OSError as exc:

@@ -43,10 +43,13 @@ class MetricsSettings:
 
     Loopback by default: a node's metrics name its instances and their usage, so plain HTTP
     is not offered to the network unless asked for. The packaged agent.yaml serves every
-    interface behind the fleet's own CA (scraper and admin certificates only)."""
+    interface behind the fleet's own CA (scraper and admin certificates only).
+    ``max_connections`` caps the connections held at once (a scraper keeps one or two):
+    one over it is answered 503 and closed, so no client can take the agent's files."""
 
     listen: str | None = "127.0.0.1:9464"
     client_ca: Path | None = None
+    max_connections: int = 64
 
 
 @dataclasses.dataclass
@@ -144,6 +147,8 @@ def _validate(settings: AgentSettings, path: Path) -> None:
             split_listen(settings.metrics.listen)
         except ValueError as exc:
             raise ConfigError(f"{path}: metrics.listen: {exc}") from None
+    if settings.metrics.max_connections < 1:
+        raise ConfigError(f"{path}: metrics.max_connections: expected a whole number of connections, 1 or more")
     if settings.metrics.client_ca is not None and settings.metrics.listen is None:
         raise ConfigError(f"{path}: metrics.client_ca: set, but metrics.listen is null (metrics are off)")
     if settings.image_cache.max_mib is not None and settings.image_cache.max_mib <= 0:

@@ -49,6 +49,9 @@ class ControllerSettings:
     max_connections: int = 16384
     max_connections_per_client: int = 64
     keepalive_timeout: float = 30.0  # seconds an idle kept-alive connection stays open
+    # Task long-polls one node may hold open at once on this controller (an agent holds one;
+    # more get a 429): a node cannot tie up the controller's connections with polls.
+    max_polls_per_node: int = 4
     alertmanager_url: str | None = None  # e.g. http://alertmanager:9093: alerts are forwarded there
     retention_days: float = 14.0  # finished tasks, migrations and resolved alerts are kept this long
     placement_cpu_busy_max: float = 0.9  # a node whose measured CPU is busier takes no new instance
@@ -121,6 +124,8 @@ def load_settings(path: Path) -> ControllerSettings:
     for key in ("max_connections", "max_connections_per_client"):
         if getattr(settings, key) < 1:
             raise ConfigError(f"{path}: {key}: expected a whole number of connections, 1 or more")
+    if settings.max_polls_per_node < 1:
+        raise ConfigError(f"{path}: max_polls_per_node: expected a whole number of long polls, 1 or more")
     if settings.max_connections_per_client > settings.max_connections:
         raise ConfigError(f"{path}: max_connections_per_client: expected at most max_connections "
                           f"({settings.max_connections})")

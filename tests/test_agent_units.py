@@ -271,6 +271,7 @@ def test_settings_defaults_and_values(tmp_path):
         ("stat_dir: /x\n", "{p}: stat_dir: unknown key (allowed keys: controller, controller_timeout, heartbeat, image_cache, log_level, metrics, plugins, state_dir, tasks, vcpu_overcommit)"),
         ("metrics: {listen: 9464}\n", "{p}: metrics.listen: expected a string or null, got 9464"),
         ("metrics: {listen: 'nohost'}\n", "{p}: metrics.listen: expected HOST:PORT (e.g. 0.0.0.0:9464), got 'nohost'"),
+        ("metrics: {max_connections: 0}\n", "{p}: metrics.max_connections: expected a whole number of connections, 1 or more"),
         ("controller: http://ctl:8443\n", "{p}: controller: expected https://HOST:PORT (a controller's API address), got 'http://ctl:8443'"),
         ("controller: [https://a:8443, https://b]\n", "{p}: controller[1]: expected https://HOST:PORT (a controller's API address), got 'https://b'"),
         ("controller: [https://a:8443, 'https://a:8443/']\n", "{p}: controller[1]: https://a:8443 is listed twice"),

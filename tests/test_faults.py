@@ -228,10 +228,14 @@ def test_a_node_whose_certificate_expired_in_a_partition_joins_again_as_itself(
     agent.wait_log("the node certificate expired", timeout=60)
     queued = submit(controller, agent.node_id, "process.create",
                     {"name": "queued", "kind": "process", "options": {"command": counter_command(workloads / "queued")}})
+    attempts = agent.log_text().count("controller: next attempt in")
     partition.heal()
-    # Locked out (the controller refuses the expired certificate), but still running and
-    # saying what to do; the workload never noticed.
+    # Locked out (the controller refuses the expired certificate in the handshake), but still
+    # running, trying again with backoff rather than spinning, having said once what to do;
+    # the workload never noticed.
+    agent.wait_log("controller: next attempt in", count=attempts + 2)
     assert agent.proc is not None and agent.proc.poll() is None
+    assert agent.log_text().count("the node certificate expired") == 1
     assert "run `kumo-agent join --force --token JOIN` here and restart the agent" in agent.log_text()
     status = subprocess.run([*agent_command(), "status", "--state-dir", str(agent.state_dir)],  # noqa: S603
                             capture_output=True, text=True, env=agent.env, check=False)

@@ -161,19 +161,20 @@ def test_a_result_too_large_for_the_controller_fails_the_task_instead_of_hanging
 
 
 @pytest.mark.integration
-def test_a_node_cannot_hold_more_than_a_few_long_polls(controller, tmp_path) -> None:
+def test_a_node_cannot_hold_more_than_a_few_long_polls(controller_factory, tmp_path) -> None:
     import concurrent.futures
 
-    from controller.api.nodes import MAX_POLLS_PER_NODE
-
+    controller = controller_factory(max_polls_per_node=2)
     node_id, cert = enroll_node(controller, tmp_path)
-    with concurrent.futures.ThreadPoolExecutor(MAX_POLLS_PER_NODE + 1) as pool:
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
         waiting = [pool.submit(controller.call, "GET", f"/v1/nodes/{node_id}/tasks?wait=3", cert=cert)
-                   for _ in range(MAX_POLLS_PER_NODE)]
+                   for _ in range(2)]
         time.sleep(1)
         status, answer = controller.call("GET", f"/v1/nodes/{node_id}/tasks?wait=3", cert=cert)
-        assert status == 429 and "task polls waiting" in answer["error"], answer
-        assert [f.result()[0] for f in waiting] == [200] * MAX_POLLS_PER_NODE
+        assert status == 429 and answer["error"] == (f"node {node_id} already has 2 task polls waiting "
+                                                     "(max_polls_per_node in controller.yaml); poll again when "
+                                                     "one returns"), answer
+        assert [f.result()[0] for f in waiting] == [200, 200]
     assert controller.call("GET", f"/v1/nodes/{node_id}/tasks?wait=0", cert=cert)[0] == 200
 
 
@@ -292,6 +293,7 @@ def test_connections_are_capped_per_client_and_in_all_and_idle_ones_closed(contr
     ("max_connections: 0", "max_connections: expected a whole number of connections, 1 or more"),
     ("max_connections: 8\nmax_connections_per_client: 9", "max_connections_per_client: expected at most max_connections (8)"),
     ("keepalive_timeout: 0", "keepalive_timeout: expected a positive number of seconds"),
+    ("max_polls_per_node: 0", "max_polls_per_node: expected a whole number of long polls, 1 or more"),
 ])
 def test_bad_connection_settings_name_the_key(tmp_path, text, message) -> None:
     from agent.sdk import ConfigError
@@ -302,4 +304,5 @@ def test_bad_connection_settings_name_the_key(tmp_path, text, message) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_settings(path)
     path.write_text("pki_dir: pki\ndatabase: c.db\n")
-    assert (load_settings(path).max_connections, load_settings(path).keepalive_timeout) == (16384, 30.0)
+    defaults = load_settings(path)
+    assert (defaults.max_connections, defaults.keepalive_timeout, defaults.max_polls_per_node) == (16384, 30.0, 4)

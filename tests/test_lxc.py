@@ -514,12 +514,12 @@ async def test_a_container_from_another_lxcpath_is_staged_checked_and_taken_over
                                              "plugs into bridge brnope8") as err:
             await here.plugin.stage_migration("web", "lxc.rootfs.path = dir:/src/lxc/web/rootfs\n"
                                               "lxc.idmap = u 0 1000000 65536\nlxc.idmap = g 0 1000000 65536\n"
-                                              "lxc.net.0.type = veth\nlxc.net.0.link = brnope8\n", "/src/lxc")
+                                              "lxc.net.0.type = veth\nlxc.net.0.link = brnope8\n", "/src/lxc", None)
         assert err.value.code == "no-bridge"
         assert list(here.lxcpath.iterdir()) == [], "nothing is staged when the node cannot run it"
 
         config = (source.lxcpath / "mover/config").read_text()
-        staged, privileged = await here.plugin.stage_migration("mover", config, str(source.lxcpath))
+        staged, privileged = await here.plugin.stage_migration("mover", config, str(source.lxcpath), False)
         assert not privileged
         assert staged.parent == here.lxcpath and staged.name.startswith(".import-mover-")
         assert run("cp", "-a", f"{source.lxcpath / 'mover'}/.", str(staged)).returncode == 0
@@ -534,7 +534,7 @@ async def test_a_container_from_another_lxcpath_is_staged_checked_and_taken_over
         assert started["state"] == "running" and started["details"]["source"] == "template:busybox"
         assert await here.plugin.init_pid("mover") == started["details"]["pid"]
         with pytest.raises(TaskError, match="a container named 'mover' already exists") as err:
-            await here.plugin.stage_migration("mover", config, str(source.lxcpath))
+            await here.plugin.stage_migration("mover", config, str(source.lxcpath), False)
         assert err.value.code == "exists"
     finally:
         await here.stop()

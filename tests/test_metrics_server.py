@@ -238,6 +238,29 @@ async def test_stop_closes_kept_alive_connections_and_the_listener() -> None:
     await served.stop()  # twice is fine
 
 
+async def test_a_connection_over_the_cap_is_answered_503_and_closed() -> None:
+    served = MetricsServer(AgentMetrics(), "127.0.0.1", 0, max_connections=2)
+    await served.start()
+    held = [await asyncio.open_connection("127.0.0.1", served.port) for _ in range(2)]
+    try:
+        for reader, writer in held:
+            writer.write(GET)
+            assert (await read_response(reader)).status == 200
+        response, was_closed = await exchange(served.port, GET)
+        assert (response.status, response.headers["connection"], was_closed) == (503, "close", True)
+        assert response.body == (b"503: Service Unavailable: this agent's /metrics already holds 2 connections "
+                                 b"(metrics.max_connections in agent.yaml); retry shortly")
+        held.pop()[1].close()  # a place frees: the next connection is served
+        async with asyncio.timeout(5):
+            while len(served._connections) > 1:
+                await asyncio.sleep(0.01)
+        assert (await exchange(served.port, GET))[0].status == 200
+    finally:
+        for _, writer in held:
+            writer.close()
+        await served.stop()
+
+
 # ---- mutual TLS --------------------------------------------------------------------------
 
 NOW = datetime.datetime.now(datetime.UTC).replace(tzinfo=None)

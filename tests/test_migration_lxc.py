@@ -424,10 +424,36 @@ async def test_the_lxc_plugin_refuses_to_stage_a_container_it_cannot_or_would_no
     checkpointer = node.plugin.kumo_checkpointer()
     with pytest.raises(TaskError) as err:
         await checkpointer.stage("web", {"lxcpath": "/src/lxc"}, b"lxc.rootfs.path = dir:/src/lxc/web/rootfs\n"
-                                 + IDMAP.encode() + lines)
+                                 + IDMAP.encode() + lines, {"name": "web", "kind": "lxc"})
     assert err.value.code == code and named in str(err.value)
     assert not Path("/tmp/kumo-owned").exists()
     assert not [p for p in node.lxcpath.iterdir()], "nothing is staged when the node cannot run it"
+
+
+@pytest.mark.integration
+async def test_whether_a_container_is_privileged_is_the_controllers_word_not_the_sources(lxc_node):
+    """On a node that allows privileged containers, a source dropping an unprivileged
+    container's idmap would make its root this host's root: the controller's record decides."""
+    node = await lxc_node({"allow_privileged": True})
+    checkpointer = node.plugin.kumo_checkpointer()
+    bare = b"lxc.rootfs.path = dir:/src/lxc/web/rootfs\nlxc.net.0.type = empty\n"
+
+    def stage(config: bytes, privileged: bool) -> Any:
+        instance = {"name": "web", "kind": "lxc", "options": {"privileged": privileged}}
+        return checkpointer.stage("web", {"lxcpath": "/src/lxc"}, config, instance)
+
+    for config, recorded, sent in ((bare, False, "no user namespace"), (bare + IDMAP.encode(), True, "a user namespace")):
+        with pytest.raises(TaskError) as err:
+            await stage(config, recorded)
+        assert err.value.code == "import-refused", err.value
+        assert (f"container 'web' is refused on this node: the controller records it as "
+                f"{'privileged' if recorded else 'unprivileged'}, but the config its source sent gives it {sent}"
+                in str(err.value)), err.value
+    assert list(node.lxcpath.iterdir()) == [], "nothing is staged for a refused container"
+    staged = await stage(bare, True)
+    assert staged.ids is None and staged.path.parent == node.lxcpath
+    staged = await stage(bare + IDMAP.encode(), False)
+    assert staged.ids == range(SHIFT, SHIFT + 65536)
 
 
 # ---- two real agents ----------------------------------------------------------------------
@@ -516,6 +542,9 @@ def test_a_container_migrates_keeping_its_counter_address_and_files(lxc_cluster,
     assert len(done["sha256"]) == 64
 
     assert running_on(b, "mover")
+    # B was told by the controller, not by A, whether the container is privileged.
+    [receive] = controller.sql("SELECT payload FROM tasks WHERE kind = 'checkpoint.receive'")
+    assert json.loads(receive["payload"])["instance"]["options"]["privileged"] is privileged
     shown = kumoctl(controller, "instances", "show", "mover")
     assert f"privileged: {'yes' if privileged else 'no'}\n" in shown.stdout, shown.stdout + shown.stderr
     uid_map = run("lxc-attach", "-P", str(path_b), "-n", "mover", "--", "/bin/cat", "/proc/self/uid_map")

@@ -132,11 +132,18 @@ class DirectoryCheckpointer(Checkpointer, Protocol):
     whose CRIU then failed is undone with the kind's ``delete`` operation, so a failed
     migration leaves no copy behind."""
 
-    async def stage(self, name: str, record: Mapping[str, Any], definition: bytes) -> StagedDirectory:
+    async def stage(self, name: str, record: Mapping[str, Any], definition: bytes,
+                    instance: Mapping[str, Any] | None) -> StagedDirectory:
         """A migration is arriving: check that this node can run the instance described by
         ``definition`` (the file the source's subject named) and return a new empty
         directory to unpack the travelling directory into, with the ids its files may have
-        here. Refuse with a TaskError that says what this node lacks."""
+        here. Refuse with a TaskError that says what this node lacks.
+
+        ``instance`` is the instance's create payload as the controller keeps it (None from a
+        controller that does not send it). ``record`` and ``definition`` come from a node
+        this one does not control: what decides how the instance is confined here (a
+        container's user namespace) is taken from ``instance``, and a definition that says
+        otherwise is refused with ``import-refused``."""
         ...
 
     async def take_over(self, name: str, record: Mapping[str, Any], directory: Path) -> None:

@@ -32,7 +32,6 @@ from controller.services import iso, migrations
 from controller.services.tasks import leaves_no_instance
 
 MAX_POLL_WAIT = 60.0
-MAX_POLLS_PER_NODE = 4
 CLAIM_LIMIT = 32
 
 
@@ -82,10 +81,10 @@ async def poll_tasks(request: web.Request) -> web.Response:
         wait = math.nan
     if not 0 <= wait:  # also NaN: a NaN deadline would park the poll in the event loop for ever
         raise ApiError(400, f"wait must be a number of seconds, 0 or more, got {request.query['wait']!r}")
-    if wait and ctl.polls[node_id] >= MAX_POLLS_PER_NODE:
+    if wait and ctl.polls[node_id] >= (most := ctl.settings.max_polls_per_node):
         # An agent keeps one poll open; a node opening many would hold the controller's sockets.
-        raise ApiError(429, f"node {node_id} already has {MAX_POLLS_PER_NODE} task polls waiting; poll again "
-                            "when one returns")
+        raise ApiError(429, f"node {node_id} already has {most} task polls waiting (max_polls_per_node in "
+                            "controller.yaml); poll again when one returns")
     deadline = time.monotonic() + min(wait, MAX_POLL_WAIT)
     ctl.polls[node_id] += 1
     try:

@@ -124,19 +124,28 @@ def unsupported(node: dict[str, Any] | None, node_id: str, kind: str) -> str | N
 
 async def restore_payload(ctl: Any, node_id: str, name: str, kind: str, checkpoint: str | None) -> dict[str, Any]:
     """``checkpoint.restore``'s payload for ``node_id``, from ``checkpoint`` (an id; None:
-    the latest). A kind the node restores by its own
-    means (``native_kinds``: a VM) gets the instance's create payload as this controller
-    keeps it, so a destination builds the instance from it rather than from what the
-    source node wrote; older agents, which take no such key, are never sent it."""
+    the latest). A kind the node restores by its own means (``native_kinds``: a VM) gets the
+    instance's create payload, so a destination builds the instance from it rather than
+    from what the source node wrote."""
     payload: dict[str, Any] = {"name": name, "kind": kind}
     if checkpoint is not None:
         payload["checkpoint"] = checkpoint
+    instance = await kept_instance(ctl, node_id, name, kind, "native_kinds")
+    if instance is not None:
+        payload["instance"] = instance
+    return payload
+
+
+async def kept_instance(ctl: Any, node_id: str, name: str, kind: str, takers: str) -> dict[str, Any] | None:
+    """The instance's create payload as this controller keeps it, for a task to ``node_id``
+    when its checkpoint plugin lists ``kind`` under the attribute ``takers``; else None
+    (older agents, which take no such key, are never sent it)."""
     stored = await ctl.store.get_node(node_id)
     plugin = ((ctl.node_view(stored) if stored is not None else {}).get("plugins") or {}).get("checkpoint") or {}
+    if kind not in ((plugin.get("attributes") or {}).get(takers) or []):
+        return None
     row = await ctl.store.get_instance(name)
-    if row is not None and kind in ((plugin.get("attributes") or {}).get("native_kinds") or []):
-        payload["instance"] = {"name": name, "kind": kind, **row["spec"]}
-    return payload
+    return None if row is None else {"name": name, "kind": kind, **row["spec"]}
 
 
 async def checkpointable(ctl: Any, row: dict[str, Any], doing: str) -> None:
@@ -474,9 +483,13 @@ async def _transfer(ctl: Any, doc: dict[str, Any], base: dict[str, Any], image: 
     transfer = {**base, "migration": doc["id"]}
     sending = {**transfer, "image": image, **({"skip_images": held} if held else {})}
     send, _ = await submit(ctl, new_task(source, "checkpoint.send", sending, instance=doc["instance"]))
-    image_name = _id_of(image)
-    recv, _ = await submit(ctl, new_task(destination, "checkpoint.receive", {**transfer, "image_name": image_name},
-                                         instance=doc["instance"]))
+    receiving = {**transfer, "image_name": _id_of(image)}
+    # What confines the instance there (a container's user namespace) is the controller's
+    # word, not the source's: the source may be compromised.
+    instance = await kept_instance(ctl, destination, doc["instance"], doc["kind"], "directory_kinds")
+    if instance is not None:
+        receiving["instance"] = instance
+    recv, _ = await submit(ctl, new_task(destination, "checkpoint.receive", receiving, instance=doc["instance"]))
     # Harmless to give up on an end whose node went silent: sending reads a checkpoint and
     # receiving one never restores it.
     waits = {asyncio.ensure_future(tasks.wait(ctl, t, TRANSFER_TIMEOUT, harmless=True)): t for t in (send, recv)}

@@ -42,9 +42,10 @@ Tasks (each ``{"name", "kind", ...}``), one at a time per instance:
   others, ``keep`` in all, ``{"removed": [id], "checkpoints": [...]}``;
 - ``checkpoint.holds`` (``images``): which of those images this node's cache holds, ``{"held"}``;
 - ``checkpoint.send`` (``migration``, ``image``, ``skip_images``: the images the destination
-  holds) and ``checkpoint.receive`` (``migration``, ``image_name``): the two ends of a
-  migration's transfer, ``{"bytes", "sha256", ...}``; the images the destination lacks
-  travel with the checkpoint and land in its image cache;
+  holds) and ``checkpoint.receive`` (``migration``, ``image_name``; ``instance``, the
+  controller's create payload of it, for a kind whose instances take a directory along):
+  the two ends of a migration's transfer, ``{"bytes", "sha256", ...}``; the images the
+  destination lacks travel with the checkpoint and land in its image cache;
 - ``checkpoint.discard``: removes every checkpoint of an instance that moved away;
 - ``checkpoint.live_facts``, ``checkpoint.live_receive`` and ``checkpoint.live_send``: what
   the source tells the destination, and the two ends of a live migration (:mod:`.live`).
@@ -70,6 +71,7 @@ from typing import Any
 from agent.sdk import (
     NAME_RE,
     ConfigError,
+    DirectoryCheckpointer,
     Fingerprint,
     LiveMigrator,
     NativeCheckpointer,
@@ -149,11 +151,13 @@ class CheckpointPlugin:
         native = sorted(kind for kind, cp in checkpointers.items() if isinstance(cp, NativeCheckpointer))
         # A kind that saves itself needs no criu: only CRIU's kinds wait for a working one.
         kinds = sorted(checkpointers) if st.usable else native
-        # native_kinds: their restore takes the controller's payload of the instance.
+        # native_kinds: their restore takes the controller's payload of the instance;
+        # directory_kinds: their checkpoint.receive does.
         # live_kinds: they also move while they run (checkpoint.live_*).
+        directory = sorted(kind for kind, cp in checkpointers.items() if isinstance(cp, DirectoryCheckpointer))
         live_kinds = sorted(kind for kind, cp in checkpointers.items() if isinstance(cp, LiveMigrator))
         attributes: dict[str, Any] = {"criu": st.path, "criu_version": st.version, "instance_kinds": kinds,
-                                      "native_kinds": native, "live_kinds": live_kinds}
+                                      "native_kinds": native, "directory_kinds": directory, "live_kinds": live_kinds}
         if st.usable:
             attributes.update(
                 check="ok",

@@ -46,6 +46,9 @@ class Send(Target):
 class Receive(Target):
     migration: str
     image_name: str
+    # The instance's create payload as the controller keeps it, for a kind whose instances
+    # take a directory along: how the instance is confined here comes from it, not the source.
+    instance: dict[str, Any] | None = None
 
 
 class MigrationTransfer:
@@ -106,7 +109,7 @@ class MigrationTransfer:
         await asyncio.to_thread(incoming.mkdir, parents=True)
         staged: list[Path] = []
         placed: list[Path] = []  # the instance's open files written into the agent's state
-        stage, own = self._stager(cp, args.name, incoming, staged), self.ws.context.agent_state_dir
+        stage, own = self._stager(cp, args, incoming, staged), self.ws.context.agent_state_dir
         try:
             got = await transfer.receive(self.ws.context, args.migration,
                                          lambda body: stream.unpack(body, incoming, own, stage, args.name, placed),
@@ -134,7 +137,7 @@ class MigrationTransfer:
         return {"image": str(final), "bytes": got["bytes"], "sha256": got["sha256"], "files": got["files"],
                 "images": got["images"]}
 
-    def _stager(self, cp: AnyCheckpointer, name: str, incoming: Path, staged: list[Path]) -> stream.Stage:
+    def _stager(self, cp: AnyCheckpointer, args: Receive, incoming: Path, staged: list[Path]) -> stream.Stage:
         """What the unpacking thread calls when a travelling directory's definition arrives:
         the kind checks it (on the event loop) and gives the directory to unpack into."""
         loop = asyncio.get_running_loop()
@@ -146,7 +149,8 @@ class MigrationTransfer:
                                 code="image-corrupt")
             if not isinstance(cp, DirectoryCheckpointer):
                 raise TaskError(f"{cp.kind} instances take no directory along on this node", code="unsupported-kind")
-            given = asyncio.run_coroutine_threadsafe(cp.stage(name, manifest["instance"], data), loop).result()
+            given = asyncio.run_coroutine_threadsafe(cp.stage(args.name, manifest["instance"], data, args.instance),
+                                                     loop).result()
             staged.append(given.path)
             return given
 

@@ -53,6 +53,7 @@ from agent.sdk import (
     LiveOptions,
     LivePrepared,
     TaskError,
+    atomic_write,
     boot_id,
     run_command,
     start_time,
@@ -204,7 +205,10 @@ def _defined(host: Host, name: str) -> bool | None:
 def _mark(path: Path) -> None:
     """Write ``path``, naming this process as no other process is, even after a reboot. Blocking."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps([boot_id(), os.getpid(), start_time(os.getpid())]))
+    # Whole or absent (a full disk fails the task naming it): a torn mark would read as a
+    # killed preparer's, and its arrival be discarded under way. Not fsynced: a mark is
+    # about this boot only.
+    atomic_write(path, json.dumps([boot_id(), os.getpid(), start_time(os.getpid())]), durable=False)
 
 
 def _preparer_runs(mark: Path) -> bool:

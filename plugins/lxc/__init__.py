@@ -272,10 +272,12 @@ class LxcPlugin:
 
     # ---- for the checkpointer (plugins/lxc/checkpointing.py) ----------------------------
 
-    async def stage_migration(self, name: str, config: str, source_lxcpath: str) -> tuple[Path, bool]:
+    async def stage_migration(self, name: str, config: str, source_lxcpath: str,
+                              privileged: bool | None) -> tuple[Path, bool]:
         """Check a migrating container's lxc ``config`` (from ``source_lxcpath`` on its node)
-        against this node; a fresh hidden directory under lxcpath to unpack it into, and
-        whether the container is privileged (its config has no user namespace)."""
+        against this node and against whether the controller records it ``privileged`` (None:
+        not known); a fresh hidden directory under lxcpath to unpack it into, and whether the
+        container is privileged (its config has no user namespace)."""
         from . import migration
 
         self._require_migratable(name)
@@ -284,6 +286,8 @@ class LxcPlugin:
                             code="bad-request")
         await self._refuse_existing(name, "delete it before migrating one of that name here")
         adapted = await asyncio.to_thread(migration.adapt, self.config, name, config, source_lxcpath, None)
+        if privileged is not None:
+            migration.require_recorded(name, adapted, privileged)
         directory = await asyncio.to_thread(migration.staging_directory, self.config.lxcpath, name)
         return directory, migration.is_privileged(adapted)
 

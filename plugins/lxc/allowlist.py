@@ -5,9 +5,11 @@ The config arrives from the source node, which may be compromised, and liblxc ru
 root: ``lxc.hook.*`` runs any command on this host, a bind of ``/`` or a writable
 ``sys``/``proc`` hands the host to the container, ``lxc.cgroup.devices.allow = a`` opens
 every device, a missing ``lxc.idmap`` turns an unprivileged container into a privileged
-one (so a config without one is accepted only where ``allow_privileged`` is set), ``lxc.log.file`` writes wherever it names. So the check is an allow-list of
-what the plugin writes (its own block, a template's lines, the image base; see
-lxcconf.py) with the values it writes, never a deny-list of what is known to be dangerous.
+one (so a config without one is accepted only where ``allow_privileged`` is set, and the
+migration checks it against the controller's record), ``lxc.log.file`` writes wherever it
+names. So the check is an allow-list of what the plugin writes (its own block, a template's
+lines, the image base; see lxcconf.py) with the values it writes, never a deny-list of what
+is known to be dangerous.
 """
 
 from __future__ import annotations

@@ -20,7 +20,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from agent.sdk import CheckpointSubject, CriuCommand, StagedDirectory, TaskError, atomic_write
+from agent.sdk import (
+    CheckpointSubject,
+    CriuCommand,
+    StagedDirectory,
+    TaskError,
+    atomic_write,
+    parse_payload,
+)
+
+from .spec import CreatePayload, asks_privileged
 
 KIND = "lxc"
 DEFINITION = "config"  # the file of a container's directory the destination checks first
@@ -72,11 +81,14 @@ class LxcCheckpointer:
             raise TaskError(f"container {name!r} was restored but liblxc shows no init pid", code="restore-failed")
         return pid
 
-    async def stage(self, name: str, record: Mapping[str, Any], definition: bytes) -> StagedDirectory:
+    async def stage(self, name: str, record: Mapping[str, Any], definition: bytes,
+                    instance: Mapping[str, Any] | None) -> StagedDirectory:
+        recorded = None if instance is None else asks_privileged(parse_payload(CreatePayload, instance,
+                                                                                "payload.instance"))
         path, privileged = await self.plugin.stage_migration(name, definition.decode("utf-8", "replace"),
-                                                             _source(record))
+                                                             _source(record), recorded)
         # The config was just checked to use this node's own user namespace, or none where
-        # this node allows privileged containers.
+        # this node allows privileged containers and the controller records it privileged.
         config = self.plugin.config
         ids = None if privileged else range(config.idmap_start, config.idmap_start + config.idmap_size)
         return StagedDirectory(path, ids)

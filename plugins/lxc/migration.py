@@ -11,7 +11,9 @@ container directory are rewritten to ours, the same checks run again, and the di
 renamed into place. The source may be compromised: the config must also be one this node's
 plugin could have written (allowlist.py), its user namespace this node's own; a config
 without one (a privileged container) is taken only by a node that allows privileged
-containers, since a compromised source could have dropped an unprivileged one's idmap.
+containers, and only when the controller's record of the container (sent with the
+migration) says privileged too, since a compromised source could have dropped an
+unprivileged one's idmap.
 
 Every function here blocks: call them through ``asyncio.to_thread``.
 """
@@ -63,6 +65,16 @@ def is_privileged(config: str) -> bool:
     return not any(key == "lxc.idmap" for key, _ in config_items(config))
 
 
+def require_recorded(name: str, config: str, privileged: bool) -> None:
+    """Refuse an adapted ``config`` that confines the container otherwise than the controller
+    recorded (``privileged``): a source must not turn an unprivileged container privileged."""
+    if is_privileged(config) != privileged:
+        recorded, sent = ("privileged", "a user namespace") if privileged else ("unprivileged", "no user namespace")
+        raise TaskError(f"container {name!r} is refused on this node: the controller records it as {recorded}, but "
+                        f"the config its source sent gives it {sent}; a source cannot change that: check the source "
+                        "node", code="import-refused")
+
+
 def staging_directory(lxcpath: Path, name: str) -> Path:
     """A fresh hidden directory under lxcpath for the arriving container."""
     return Path(tempfile.mkdtemp(prefix=f"{STAGED_PREFIX}{name}-", dir=lxcpath))
@@ -83,7 +95,8 @@ def take_over(node: LxcConfig, name: str, staged: Path, source_lxcpath: str) -> 
         raise TaskError(f"container {name!r} is refused on this node: its {LXC_LOG} is not a regular file",
                         code="import-refused")
     atomic_write(config_path, config, mode=stat.S_IMODE(os.stat(config_path).st_mode))
-    # The details show the record, which the source wrote: what the config says wins.
+    # The details show the record, which the source wrote: what the config says wins (it was
+    # checked against the controller's record at staging, and the stream cannot rewrite it).
     privileged = is_privileged(config)
     record = {} if (staged / RECORD_FILE).is_symlink() else read_record(staged)
     write_record(staged, {**record, "privileged": privileged})

@@ -46,9 +46,8 @@ class LxcConfig:
     ``lxc_checkpoint`` is the tool that checkpoints and restores a container (it runs criu).
     Containers are unprivileged: their root is host uid ``idmap_start`` and up.
     ``allow_privileged`` lets a create ask for a privileged one (``privileged: true``), and
-    lets a privileged container migrate here. It is off by default: a privileged container's
-    root is the host's root, and the node cannot tell a privileged container migrating in
-    from an unprivileged one whose compromised source dropped its idmap lines.
+    lets a privileged container migrate here (when the controller records it privileged).
+    It is off by default: a privileged container's root is the host's root.
     """
 
     lxcpath: Path = Path("/var/lib/kumo-lxc")

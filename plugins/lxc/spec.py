@@ -93,7 +93,7 @@ def parse_create(payload: Mapping[str, Any], config: LxcConfig) -> CreateSpec:
     image = raw.image
     template = raw.template if raw.template is not None else options.template
     hostname = raw.hostname if raw.hostname is not None else options.hostname
-    privileged = bool(raw.privileged if raw.privileged is not None else options.privileged)
+    privileged = asks_privileged(raw)
     if privileged and not config.allow_privileged:
         raise TaskError("this node runs no privileged container (its root would be the host's root): leave out "
                         "privileged, or set plugins.lxc.allow_privileged: true on a node meant for them",
@@ -126,6 +126,12 @@ def parse_create(payload: Mapping[str, Any], config: LxcConfig) -> CreateSpec:
         hostname=hostname,
         privileged=privileged,
     )
+
+
+def asks_privileged(raw: CreatePayload) -> bool:
+    """Whether a create payload asks for a privileged container (the top level wins over options)."""
+    options = raw.options or OptionsPayload()
+    return bool(raw.privileged if raw.privileged is not None else options.privileged)
 
 
 def parse_network(value: NetworkPayload, config: LxcConfig) -> NetworkSpec:
