@@ -165,15 +165,16 @@ def main() -> int:
         joining = ssl.create_default_context(cafile=str(pki / "ca.crt"))
         api = per_connection(tls_context(settings, True), agent, args.connections)
         enrollment = per_connection(tls_context(settings, False), joining, args.connections)
+        release = "unknown"
+        cleared: float | str = "not measured"
         try:
             modes = ContextMode()
             measured = tls_context(settings, True)
-            mode = modes.get(measured)
+            release = "set" if modes.get(measured) & SSL_MODE_RELEASE_BUFFERS else "NOT set"
             modes.clear(measured, SSL_MODE_RELEASE_BUFFERS)
-            cleared: float | str = per_connection(measured, agent, args.connections)
-            release = "set" if mode & SSL_MODE_RELEASE_BUFFERS else "NOT set"
+            cleared = per_connection(measured, agent, args.connections)
         except OSError as exc:
-            cleared, release = f"not measured: {exc}", "unknown"
+            cleared = f"not measured: {exc}"
     print(f"OpenSSL per idle server connection (malloc in-use bytes), {ssl.OPENSSL_VERSION}, "
           f"{args.connections} connections per case")
     print(f"  client certificate verified (API listener)   {api:6.1f} KiB")
