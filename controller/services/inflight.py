@@ -171,7 +171,8 @@ async def running_on(ctl: Any, nodes: list[str], name: str, kind: str, since: fl
 
 async def reports_running(ctl: Any, node_id: str, name: str, kind: str, since: float) -> bool | None:
     """Whether the first report ``node_id`` makes after ``since`` lists the instance running,
-    waiting a few heartbeats for one; None when it makes none (it may run it all the same)."""
+    waiting a few heartbeats for one; None when it makes none (it may run it all the same).
+    A removed node runs nothing: an admin removes a node whose host is gone."""
     deadline = time.monotonic() + max(10.0, 5 * ctl.settings.heartbeat_interval)
     while time.monotonic() < deadline:
         answer = await _reports_running(ctl, node_id, name, kind, since)
@@ -183,8 +184,10 @@ async def reports_running(ctl: Any, node_id: str, name: str, kind: str, since: f
 
 async def _reports_running(ctl: Any, node_id: str, name: str, kind: str, since: float) -> bool | None:
     row = await ctl.store.get_node(node_id)
-    view = ctl.node_view(row) if row is not None else None
-    if view is None or (view["last_seen"] or 0) < since:
+    if row is None or row.get("removed"):
+        return False
+    view = ctl.node_view(row)
+    if (view["last_seen"] or 0) < since:
         return None
     return any(i.get("name") == name and i.get("kind") == kind and i.get("state") == "running"
                for i in view["instances"])

@@ -127,9 +127,7 @@ async def migrate_live(ctl: Any, doc: dict[str, Any]) -> None:
         elif unknown:  # the source's agent stopped mid-move
             where = await running_on(ctl, [destination, source], name, kind, asked)
         if where is None:
-            if not held:  # else settle_held said what it holds
-                doc["outcome"] = (f"the instance was not seen running on either node: check nodes {source} and "
-                                  f"{destination}")
+            doc["outcome"] = f"the instance was not seen running on either node: check nodes {source} and {destination}"
             return
         if where == source:
             if held:
@@ -173,17 +171,19 @@ async def settle_held(ctl: Any, doc: dict[str, Any], finished: bool) -> str | No
     resumes its own copy). The source's copy goes on when the source did not finish and
     its node reports it running; the held copy is then removed. Otherwise the held copy is
     resumed, but only when the source finished or says it does not run it: a source that
-    does not report may run its copy, so the held one stays paused, for an admin. The node
-    it runs on (None: neither known); ``doc``'s outcome says what was done."""
+    does not report may run its copy, so the held one stays paused, and the migration waits
+    (phase ``held``) until the source reports again or an admin removes its node. The node
+    it runs on; ``doc``'s outcome says what was done."""
     name, kind, source, destination = doc["instance"], doc["kind"], doc["source"], doc["destination"]
     base = {"name": name, "kind": kind}
     source_runs = None if finished else await reports_running(ctl, source, name, kind, time.time())
     if not finished and source_runs is None:
-        doc["outcome"] = (f"node {source} does not report whether it runs the instance, and node {destination} holds "
-                          "a paused copy that libvirt started there as the move ended: once node "
-                          f"{source} reports again, remove the copy that must not run (kumoctl instances show "
-                          f"{name}, then virsh on node {destination})")
-        return None
+        doc["outcome"] = (f"waiting for node {source} to report whether it runs the instance: node {destination} "
+                          "holds a paused copy that libvirt started there as the move ended, resumed only if node "
+                          f"{source} runs none (removing node {source}, whose host must then be down, counts as that)")
+        await record_phase(ctl, doc, "held")
+        while source_runs is None:
+            source_runs = await reports_running(ctl, source, name, kind, time.time())
     if source_runs:
         removed = await run_task(ctl, destination, f"{kind}.delete", base, CLEANUP_TIMEOUT, name)
         doc["outcome"] = (f"the instance was not moved and runs on node {source}; node {destination}'s copy, which "
