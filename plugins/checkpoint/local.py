@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import os
 import platform
+import re
 import shutil
 import time
 from collections.abc import Mapping
@@ -311,9 +312,12 @@ class LocalCheckpoints:
                 os.close(fd)
         if rc != 0:
             reason = await asyncio.to_thread(criu.criu_error, command.log, logs / "restore.out")
+            # A process this node started after the pids were found free took one of them.
+            taken = re.search(r"Can't fork for (\d+): File exists", reason)
             raise TaskError(f"{Path(command.argv[0]).name} restore of {cp.kind} instance {name!r} failed: {reason}; "
-                            f"the instance is left stopped (logs: {command.log}, {logs / 'restore.out'})",
-                            code="restore-failed")
+                            + (f"pid {taken[1]} was taken by another process as the restore began; " if taken else "")
+                            + f"the instance is left stopped (logs: {command.log}, {logs / 'restore.out'})",
+                            code="pid-in-use" if taken else "restore-failed")
         return await cp.restored(name, manifest["instance"], chosen)
 
     # -- listing, removing, pruning ------------------------------------------------------
