@@ -321,6 +321,41 @@ async def test_a_start_removes_no_arrival_under_way_or_that_libvirtd_cannot_judg
     assert sorted(p.name for p in instances.iterdir()) == [ARRIVING, f"{ARRIVING}killed", "killed", "under-way"]
 
 
+async def test_an_arrival_libvirt_cannot_pause_is_kept_for_the_controller_to_settle(tmp_path: Path) -> None:
+    """Held, but the pause fails: removing the VM would lose it if the source did finish, so
+    it stays an instance here, running, and the controller stops one copy."""
+    import types
+
+    from plugins.kvm.moves import Moves
+
+    class LibvirtError(Exception):
+        def get_error_message(self) -> str:
+            return str(self)
+
+    libvirt = types.SimpleNamespace(VIR_DOMAIN_RUNNING=1, libvirtError=LibvirtError)
+
+    def suspend() -> None:
+        raise LibvirtError("Timed out during operation: cannot acquire state change lock")
+
+    dom = types.SimpleNamespace(state=lambda: [1, 2], suspend=suspend)
+    conn = types.SimpleNamespace(lookupByName=lambda name: dom, defineXML=lambda xml: None)
+
+    async def connection() -> Any:
+        return conn
+
+    async def refresh(conn: Any, name: str) -> None:
+        instances.by_name[name].state = "running"
+
+    base = tmp_path / "base"
+    instances = types.SimpleNamespace(by_name={}, fetched=[base], refresh=refresh)
+    context = types.SimpleNamespace(report_changed=lambda: None)
+    host = types.SimpleNamespace(connection=connection, libvirt=libvirt)
+    moves = Moves(None, context, host, instances, None)  # type: ignore[arg-type]
+    moves._arriving["vm"] = (tmp_path / "vm", base, "qemu", "<domain/>")
+    assert await moves.arrived("vm", hold=True) is True
+    assert instances.by_name["vm"].state == "running" and instances.fetched == []
+
+
 @pytest.mark.integration
 def test_idle_node_fingerprints_libvirt_without_loading_it(libvirtd: str, tmp_path: Path) -> None:
     report = _lazy_run(tmp_path, libvirtd)

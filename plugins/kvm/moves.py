@@ -172,7 +172,8 @@ class Moves:
 
     async def arrived(self, name: str, hold: bool) -> bool:
         """Whether the VM a live migration brought runs here; it is an instance from now on,
-        paused first when ``hold`` (see agent.sdk.LiveMigrator.live_arrived)."""
+        paused first when ``hold`` (see agent.sdk.LiveMigrator.live_arrived), or left running
+        when libvirt cannot pause it: the controller's decision then stops one copy."""
         conn = await self._host.connection()
         libvirt = self._host.libvirt
         dom = await asyncio.to_thread(lookup, libvirt, conn, name)
@@ -182,7 +183,13 @@ class Moves:
         if hold:
             log.warning("kvm: VM %s arrived, but the move is not known to have finished on the source, whose copy "
                         "may run on: it is paused here until the controller decides which one goes on", name)
-            await asyncio.to_thread(dom.suspend)
+            try:
+                await asyncio.to_thread(dom.suspend)
+            except libvirt.libvirtError as exc:
+                # Still an arrival the controller must settle: removed here, the VM would be
+                # lost if the source did finish.
+                log.error("kvm: VM %s could not be paused (%s): it runs here until the controller decides", name,
+                          exc.get_error_message())
         directory, base, accel, definition = self._arriving.pop(name)
         self._instances.fetched.remove(base)
         self._instances.by_name[name] = Instance(name, directory, "creating", acceleration=accel, base=base)
@@ -195,7 +202,7 @@ class Moves:
                       "definition is the one the source sent: %s", name, exc.get_error_message())
         await self._instances.refresh(conn, name)
         self._context.report_changed()
-        return self._instances.by_name[name].state == ("paused" if hold else "running")
+        return self._instances.by_name[name].state in ("paused", "running")
 
     async def abandon_arrival(self, name: str) -> None:
         """Remove what :meth:`prepare_arrival` made, unless libvirt holds the VM now."""
