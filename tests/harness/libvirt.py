@@ -215,8 +215,9 @@ def host_network() -> Iterator[HostNetwork]:
         _run(*network.enter, "iptables-restore", stdin=_HOST_FILTER)
         yield network
     finally:
-        # Deleting the link removes both ends at once; the namespace's own end would go only
-        # when the kernel frees the namespace, later.
+        # Deleting the link removes both ends at once. The namespace's end would otherwise go
+        # only when the kernel frees the namespace: later, and not before every mount namespace
+        # made meanwhile (another run's second libvirtd) that holds its /run/netns mount ends.
         subprocess.run(["ip", "link", "del", network.link], capture_output=True, check=False)  # noqa: S603, S607
         subprocess.run(["ip", "netns", "del", network.name], capture_output=True, check=False)  # noqa: S603, S607
 
