@@ -270,8 +270,8 @@ def another_libvirtd(home: Path, network: HostNetwork | None = None) -> Iterator
     shutil.chown(home / "lib", "libvirt-qemu", "libvirt-qemu")
     (home / "lib").chmod(0o750)
     daemon = subprocess.Popen(  # noqa: S603 - an argv list, never a shell
-        [*(network.enter if network else []), "unshare", "--mount", "--propagation", "private", "--", sys.executable, "-c", _SECOND_LIBVIRTD, str(home),
-         str(MIGRATION_DIR)],
+        [*(network.enter if network else []), "unshare", "--mount", "--propagation", "private", "--",
+         sys.executable, "-c", _SECOND_LIBVIRTD, str(home), str(MIGRATION_DIR)],
         stdout=(home / "libvirtd.out").open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     uri = f"qemu+unix:///system?socket={home / 'run' / 'libvirt-sock'}"
     deadline = time.monotonic() + 30
