@@ -19,7 +19,9 @@ against ``virsh migrate --live --copy-storage-inc`` straight from one libvirtd t
 over loopback TCP (what two hosts with a route between them would do), with the same
 downtime limit (``--max-downtime``) and the same destination overlay made beforehand. The
 second agent runs in the second libvirtd's mount namespace, as the tests' does: the
-migration's unix sockets have one path on both "hosts".
+migration's unix sockets have one path on both "hosts". Unlike the tests' (which run it in a
+network namespace of its own), that "host" shares this machine's network: the raw baseline
+migrates over loopback TCP.
 
 Downtime is the time from the guest leaving the running state on the source to running on
 the destination, seen by polling both libvirtds every 5 ms in every case (for live, qemu's

@@ -3,10 +3,14 @@ on the source, the memory state, overlay and seed relayed sha256-checked, the re
 destination in its own directories with its own copy of the base image; or live, libvirt's
 own migration tunnelled through the controller, as a drain moves it when both nodes can.
 
-Each agent has a libvirtd of its own (the second in a mount namespace, as another host),
-its own instance directory and image cache. The guest prints a counter on its serial
-console: on the destination it goes on from where it was saved. A transfer damaged on its
-way, or a destination that cannot restore it, leaves it running on the source.
+Each agent has a libvirtd of its own, its own instance directory and image cache. The second
+libvirtd and its agents run as another host: in a mount namespace of their own, and in a
+network namespace that reaches this machine only at the controller's ports, through a veth
+pair (tests.harness.libvirt's ``second_host``): whatever passes between the nodes passes
+through the controller, as between nodes with no route to each other. The guest prints a
+counter on its serial console: on the destination it goes on from where it was saved. A
+transfer damaged on its way, or a destination that cannot restore it, leaves it running on
+the source.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any
 
 import pytest
 
+from tests.harness import free_port
 from tests.harness.agents import reported, running_on, wait_for
 from tests.harness.guest import Guest
 from tests.harness.libvirt import MIGRATION_DIR, TEST_INSTANCE_ROOT, host_of
@@ -42,13 +47,22 @@ def counts(path: Path) -> list[int]:
 
 
 @pytest.fixture
+def controller(controller_factory, second_host):
+    """The controller where agents of both "hosts" reach it: on this machine's end of the
+    second host's veth pair, which lets that host in there."""
+    ctl = controller_factory(host=second_host.gateway)
+    second_host.allow(ctl.port, ctl.enroll_port)
+    return ctl
+
+
+@pytest.fixture
 def vm_cluster(controller, kumo_agent, libvirtd, second_libvirtd, kvm_guest: Guest) -> Iterator[Any]:
     """(controller, make_agent(uri, agent settings, **kvm settings) -> (agent, instance dir),
     create_vm(agent, name))."""
     roots: list[Path] = []
 
     def make_agent(uri: str, settings: dict[str, Any] | None = None, **kvm: Any) -> tuple[Any, Path]:
-        """An agent on the "host" of the libvirtd at ``uri`` (in its mount namespace)."""
+        """An agent on the "host" of the libvirtd at ``uri`` (in its namespaces)."""
         root = TEST_INSTANCE_ROOT / f"kumo-vmckpt-{uuid.uuid4().hex[:8]}"
         root.mkdir(mode=0o711)
         root.chmod(0o711)
@@ -91,8 +105,8 @@ def kumoctl(controller: Any, *args: str) -> subprocess.CompletedProcess[str]:
 
 def counting_on_a(vm_cluster: Any, uris: tuple[str, str], prefix: str,
                   boot: str = "") -> tuple[Any, Any, Path, Any, Path, str, Path]:
-    """Agent A on the first libvirtd's "host", B on the second's (its mount namespace, its own
-    sockets), and a new VM counting on A (``boot``: see create_vm): (controller, a, a_dir, b,
+    """Agent A on the first libvirtd's "host", B on the second's (its namespaces, its own
+    sockets and network), and a new VM counting on A (``boot``: see create_vm): (controller, a, a_dir, b,
     b_dir, name, A's console log)."""
     controller, make_agent, create_vm = vm_cluster
     (a, a_dir), (b, b_dir) = make_agent(uris[0]), make_agent(uris[1])
@@ -145,16 +159,18 @@ class CorruptingProxy:
     carry more than ``after`` bytes towards the agent (the image's download): a transfer
     tampered with on its way."""
 
-    def __init__(self, port: int, after: int = 4 << 20):
-        self.port = port
+    def __init__(self, controller: Any, after: int = 4 << 20):
+        self.upstream = (controller.host, controller.port)
         self.after = after
         self.flipped = threading.Event()
-        self.listener = socket.create_server(("127.0.0.1", 0))
+        # Beside the controller, whose certificate names that address.
+        self.listener = socket.create_server((controller.host, 0))
+        self.port = self.listener.getsockname()[1]
         self.sockets: list[socket.socket] = []
 
     @property
     def url(self) -> str:
-        return f"https://127.0.0.1:{self.listener.getsockname()[1]}"
+        return f"https://{self.upstream[0]}:{self.port}"
 
     def start(self) -> None:
         threading.Thread(target=self._accept, daemon=True).start()
@@ -173,7 +189,7 @@ class CorruptingProxy:
                 client, _ = self.listener.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(("127.0.0.1", self.port))
+            upstream = socket.create_connection(self.upstream)
             self.sockets += [client, upstream]
             threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
@@ -195,17 +211,33 @@ class CorruptingProxy:
                 end.shutdown(socket.SHUT_RDWR)
 
 
-def test_a_tampered_or_refused_transfer_leaves_it_running_on_the_source(vm_cluster, libvirtd, second_libvirtd):
+def test_a_tampered_or_refused_transfer_leaves_it_running_on_the_source(vm_cluster, libvirtd, second_libvirtd,
+                                                                          second_host):
     controller, make_agent, create_vm = vm_cluster
-    proxy = CorruptingProxy(int(controller.url.rpartition(":")[2]))
+    proxy = CorruptingProxy(controller)
     proxy.start()
+    second_host.allow(proxy.port)
     try:
         a, a_dir = make_agent(libvirtd)
         # B reaches the controller through the proxy, which damages the image on its way to B.
         b, b_dir = make_agent(second_libvirtd, settings={"controller": proxy.url})
         # C gives its VMs a network interface, which the saved guest did not have: its state
-        # cannot be restored there, which C finds only once everything has arrived.
-        c, c_dir = make_agent(second_libvirtd, network="user")
+        # cannot be restored there, which C finds only once everything has arrived. Its
+        # metrics listen on every address of its host, as a real node's do.
+        c_metrics = free_port()
+        c, c_dir = make_agent(second_libvirtd, settings={"metrics": {"listen": f"0.0.0.0:{c_metrics}"}},
+                              network="user")
+        # B's and C's host reaches this machine at the controller's (and the proxy's) ports
+        # alone: not A's, neither on its loopback (its own) nor through the veth, nor a port
+        # open on every address here; and nothing here reaches into it.
+        assert second_host.connects("127.0.0.1", c_metrics), "the probe works: C's own metrics answer"
+        assert second_host.connects(controller.host, controller.port)
+        with socket.create_server(("", 0)) as everywhere:
+            for host, port in (("127.0.0.1", a.metrics_port), (controller.host, a.metrics_port),
+                               (controller.host, everywhere.getsockname()[1])):
+                assert not second_host.connects(host, port), f"{host}:{port} reached from the second host"
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((second_host.address, c_metrics), 5)
         name = f"kumo-vmckpt-st-{uuid.uuid4().hex[:6]}"
         create_vm(a, name)
         log_a = a_dir / name / "console.log"

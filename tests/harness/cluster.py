@@ -1,5 +1,6 @@
 """A real ``kumo-controller`` for tests: initialised in a temporary directory and run as a
-subprocess on 127.0.0.1, so tests go through TLS, the store and the CLI exactly as users do.
+subprocess on 127.0.0.1 (or another address of this machine), so tests go through TLS, the
+store and the CLI exactly as users do.
 
     def test_x(controller):
         controller.admin("GET", "/v1/nodes")                 # JSON, AssertionError on >= 400
@@ -9,7 +10,9 @@ subprocess on 127.0.0.1, so tests go through TLS, the store and the CLI exactly 
 ``controller_factory(**settings)`` makes more (e.g. ``node_cert_ttl=20``);
 ``controller_factory(init_args=["--database", url])`` makes one on PostgreSQL, and
 ``controller_factory(share_with=ctl)`` a second controller of ``ctl``'s fleet: the same
-PostgreSQL database and CA (``init --database --ca-from``), its own ports and URL.
+PostgreSQL database and CA (``init --database --ca-from``), its own ports and URL;
+``controller_factory(host=ADDRESS)`` one that listens on ADDRESS instead of 127.0.0.1 (where
+agents in another network namespace reach it: :class:`tests.harness.libvirt.HostNetwork`).
 Heartbeats are every second so readiness shows quickly.
 """
 
@@ -48,12 +51,15 @@ def controller_command() -> list[str]:
 class ControllerProcess:
     """One initialised controller directory and, while started, its process."""
 
-    def __init__(self, directory: Path, settings: dict[str, Any], init_args: list[str] = ()):
+    def __init__(self, directory: Path, settings: dict[str, Any], init_args: list[str] = (), host: str = "127.0.0.1"):
         self.dir = directory
+        # Both listeners on ``host`` alone: init puts it in the server certificate and the URL
+        # that join strings and kumoctl.yaml give.
+        self.host = host
         self.port, self.enroll_port = free_port(), free_port()
         result = subprocess.run(  # noqa: S603 - fixed argument list
-            [*controller_command(), "init", "--dir", str(directory), "--listen", f"127.0.0.1:{self.port}",
-             "--enroll-listen", f"127.0.0.1:{self.enroll_port}", *init_args],
+            [*controller_command(), "init", "--dir", str(directory), "--listen", f"{host}:{self.port}",
+             "--enroll-listen", f"{host}:{self.enroll_port}", *init_args],
             capture_output=True, text=True, timeout=60, check=False,
         )
         assert result.returncode == 0, result.stderr
@@ -66,7 +72,7 @@ class ControllerProcess:
         self.config_path.write_text(yaml.safe_dump(config))
         self.database: str = config["database"]
         self.pki = directory / "pki"
-        self.url = f"https://127.0.0.1:{self.port}"
+        self.url = f"https://{host}:{self.port}"
         self.kumoctl_config = directory / "kumoctl.yaml"
         self.log_path = directory / "controller.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -87,7 +93,7 @@ class ControllerProcess:
         """(status, decoded JSON) of one request; ``raw`` sends bytes as they are."""
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
         request = urllib.request.Request(
-            f"https://127.0.0.1:{port or self.port}{path}", data=data, method=method,
+            f"https://{self.host}:{port or self.port}{path}", data=data, method=method,
             headers={"Content-Type": "application/json"},
         )
         try:
@@ -110,7 +116,7 @@ class ControllerProcess:
         """``GET path`` as the admin over one kept-alive connection, for a benchmark that polls:
         a connection per poll (:meth:`admin`) costs the controller a TLS handshake each time,
         on the very cores the benchmark measures."""
-        conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=self.context(self.admin_cert), timeout=30)
+        conn = http.client.HTTPSConnection(self.host, self.port, context=self.context(self.admin_cert), timeout=30)
 
         def get(path: str) -> Any:
             for attempt in (1, 2):
@@ -199,7 +205,7 @@ class ControllerProcess:
 def controller_factory(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Callable[..., ControllerProcess]]:
-    """Factory: ``controller_factory(init_args=(), share_with=None, **settings)`` → a started
+    """Factory: ``controller_factory(init_args=(), share_with=None, host="127.0.0.1", **settings)`` → a started
     :class:`ControllerProcess`.
 
     With ``KUMO_TEST_DATABASE=postgresql`` in the environment, every controller that does not
@@ -208,14 +214,15 @@ def controller_factory(
     """
     made: list[ControllerProcess] = []
 
-    def make(init_args: list[str] = (), share_with: ControllerProcess | None = None, **settings: Any) -> ControllerProcess:
+    def make(init_args: list[str] = (), share_with: ControllerProcess | None = None, host: str = "127.0.0.1",
+             **settings: Any) -> ControllerProcess:
         init_args = list(init_args)
         if share_with is not None:
             assert is_database_url(share_with.database), "controllers share a fleet only on PostgreSQL"
             init_args += ["--database", share_with.database, "--ca-from", str(share_with.pki)]
         if STORE == "postgresql" and "--database" not in init_args:
             init_args += ["--database", request.getfixturevalue("postgres").database()]
-        ctl = ControllerProcess(tmp_path_factory.mktemp("controller"), settings, init_args)
+        ctl = ControllerProcess(tmp_path_factory.mktemp("controller"), settings, init_args, host)
         made.append(ctl)
         ctl.start()
         return ctl

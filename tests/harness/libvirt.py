@@ -2,9 +2,12 @@
 
 No init system runs libvirtd and virtlogd on these machines: the ``libvirtd`` fixture
 starts them when they are not running and leaves them running, since other tests (and
-engineers) share the one daemon. ``second_libvirtd`` runs another one, in a mount
-namespace with its own state and sockets, for a test that needs two hosts (a VM's
-migration: domain names are unique per libvirtd). "libvirtd goes down" is simulated with
+engineers) share the one daemon. ``second_libvirtd`` runs another one as a second host, for
+a test that needs two (a VM's migration: domain names are unique per libvirtd): in a mount
+namespace with its own state and sockets, and a network namespace (``second_host``) that
+reaches this machine only through a veth pair and, there, only the ports it is allowed (the
+controller's), so that what works between the two "hosts" needs no network route between
+them; a program runs on that host with :func:`host_of`. "libvirtd goes down" is simulated with
 :class:`LibvirtSocketProxy`, a socket forwarder the plugin connects through, so the test
 never stops the shared daemon.
 
@@ -17,7 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import ipaddress
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -42,7 +47,7 @@ SYSTEM_SOCKET = Path("/run/libvirt/libvirt-sock")
 # The checkpoint plugin's default live_sockets: each libvirtd's "host" has its own (a bind
 # mount in the second one's namespace), as each real host has, since a live migration's qemu
 # sockets have the same path on both ends. An agent of the second "host" runs in its
-# namespace (:func:`host_of`).
+# namespaces (:func:`host_of`).
 MIGRATION_DIR = Path("/run/kumo/migrations")
 # Must be reachable by qemu (user libvirt-qemu): pytest's tmp_path is under a 0700 dir.
 TEST_INSTANCE_ROOT = Path("/var/lib/libvirt/images")
@@ -126,6 +131,109 @@ def libvirtd() -> str:
     return SYSTEM_URI
 
 
+# Second hosts' networks: a /30 each, in a range no other test uses (lxc's bridges take
+# 10.231-10.234, the demo 10.77).
+HOST_NETWORKS = ipaddress.ip_network("10.235.0.0/16")
+# The namespace's filter: nothing from this machine gets in but answers, nothing goes out but
+# to loopback and to the ports HostNetwork.allow opens (inserted before the final REJECT).
+# REJECT, not DROP: a connection that must fail fails at once, without waiting out a timeout.
+_HOST_FILTER = """*filter
+:INPUT ACCEPT [0:0]
+:FORWARD DROP [0:0]
+:OUTPUT ACCEPT [0:0]
+-A INPUT -i lo -j ACCEPT
+-A INPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
+-A INPUT -j REJECT
+-A OUTPUT -o lo -j ACCEPT
+-A OUTPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
+-A OUTPUT -j REJECT
+COMMIT
+"""
+
+
+def _run(*argv: str, stdin: str | None = None) -> None:
+    done = subprocess.run(argv, input=stdin, capture_output=True, text=True, check=False)  # noqa: S603
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)}: {done.stderr.strip()}")
+
+
+@dataclasses.dataclass
+class HostNetwork:
+    """A network namespace that stands for another host's network: it reaches this machine
+    only through a veth pair (``gateway`` is this machine's end, ``address`` its own) and,
+    there, only the TCP ports :meth:`allow` opens; this machine cannot connect into it."""
+
+    name: str  # the namespace, as ``ip netns`` names it
+    link: str  # this machine's end of the veth pair
+    gateway: str
+    address: str
+
+    @property
+    def enter(self) -> list[str]:
+        """The command prefix that runs a program in the namespace."""
+        return ["nsenter", f"--net=/run/netns/{self.name}", "--"]
+
+    def allow(self, *ports: int) -> None:
+        """Let the namespace connect to these TCP ports of ``gateway`` (a controller's)."""
+        for port in ports:
+            _run(*self.enter, "iptables", "-w", "-I", "OUTPUT", "1", "-d", self.gateway, "-p", "tcp",
+                 "--dport", str(port), "-j", "ACCEPT")
+
+    def connects(self, host: str, port: int) -> bool:
+        """Whether a TCP connection from inside the namespace to ``host``:``port`` is accepted."""
+        probe = "import socket, sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), 5).close()"
+        return subprocess.run([*self.enter, sys.executable, "-c", probe, host, str(port)],  # noqa: S603
+                              capture_output=True, check=False).returncode == 0
+
+
+def _free_subnet() -> ipaddress.IPv4Network:
+    """A /30 of HOST_NETWORKS that no address of this machine is in (another run's)."""
+    shown = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True, check=True).stdout  # noqa: S607
+    used = [ipaddress.ip_interface(fields[3]).network for fields in map(str.split, shown.splitlines())]
+    for _ in range(100):
+        subnet = ipaddress.ip_network(f"{HOST_NETWORKS[secrets.randbelow(HOST_NETWORKS.num_addresses // 4) * 4]}/30")
+        if not any(subnet.overlaps(network) for network in used):
+            return subnet
+    raise RuntimeError(f"no free /30 in {HOST_NETWORKS}")
+
+
+@contextlib.contextmanager
+def host_network() -> Iterator[HostNetwork]:
+    """A new :class:`HostNetwork` (names and subnet of its own: other engineers run tests on
+    this machine too); the namespace and the veth pair are deleted on exit."""
+    suffix = secrets.token_hex(4)
+    subnet = _free_subnet()
+    network = HostNetwork(f"kumo-host-{suffix}", f"kh{suffix}", str(subnet[1]), str(subnet[2]))
+    _run("ip", "netns", "add", network.name)
+    try:
+        _run("ip", "link", "add", network.link, "type", "veth", "peer", "name", "eth0", "netns", network.name)
+        _run("ip", "addr", "add", f"{network.gateway}/30", "dev", network.link)
+        _run("ip", "link", "set", network.link, "up")
+        _run("ip", "-n", network.name, "addr", "add", f"{network.address}/30", "dev", "eth0")
+        _run("ip", "-n", network.name, "link", "set", "eth0", "up")
+        _run("ip", "-n", network.name, "link", "set", "lo", "up")
+        _run(*network.enter, "iptables-restore", stdin=_HOST_FILTER)
+        yield network
+    finally:
+        # Deleting the link removes both ends at once. The namespace's end would otherwise go
+        # only when the kernel frees the namespace: later, and not before every mount namespace
+        # made meanwhile (another run's second libvirtd) that holds its /run/netns mount ends.
+        subprocess.run(["ip", "link", "del", network.link], capture_output=True, check=False)  # noqa: S603, S607
+        subprocess.run(["ip", "netns", "del", network.name], capture_output=True, check=False)  # noqa: S603, S607
+
+
+@pytest.fixture(scope="module")
+def second_host() -> Iterator[HostNetwork]:
+    """The network of the second libvirtd's host (:func:`host_network`) for a module's tests."""
+    for tool in ("ip", "iptables", "nsenter"):
+        require(shutil.which(tool) is not None, f"{tool} (scripts/deps/00-base.sh installs it)")
+    try:
+        with host_network() as network:
+            yield network
+    except RuntimeError as exc:
+        require(False, f"a network namespace for a second host: {exc}")
+
+
 # Runs in a mount namespace of its own (argv: the daemon's directory): libvirt's state,
 # config, cache, logs and sockets become that directory's, so a second libvirtd manages
 # domains of the same names as the first, as another host would, and then becomes libvirtd.
@@ -140,11 +248,12 @@ os.execvp("libvirtd", ["libvirtd", "--pid-file", os.path.join(home, "run", "libv
 
 
 @contextlib.contextmanager
-def another_libvirtd(home: Path) -> Iterator[str]:
+def another_libvirtd(home: Path, network: HostNetwork | None = None) -> Iterator[str]:
     """Run a second libvirtd on this machine that behaves as another host's (its own domains,
-    sockets and state under ``home``; the same instance image directory); its URI. Its
-    domains are destroyed and it is stopped on exit. Raises RuntimeError when it does not
-    answer within 30 s."""
+    sockets and state under ``home``; the same instance image directory), in ``network``
+    when given (its qemu processes too), else in this machine's; its URI. Its domains are
+    destroyed and it is stopped on exit. Raises RuntimeError when it does not answer within
+    30 s."""
     import libvirt
 
     for sub in ("run", "etc/qemu", "lib", "cache", "log/qemu", "migrate"):
@@ -161,8 +270,8 @@ def another_libvirtd(home: Path) -> Iterator[str]:
     shutil.chown(home / "lib", "libvirt-qemu", "libvirt-qemu")
     (home / "lib").chmod(0o750)
     daemon = subprocess.Popen(  # noqa: S603 - an argv list, never a shell
-        ["unshare", "--mount", "--propagation", "private", "--", sys.executable, "-c", _SECOND_LIBVIRTD, str(home),
-         str(MIGRATION_DIR)],
+        [*(network.enter if network else []), "unshare", "--mount", "--propagation", "private", "--",
+         sys.executable, "-c", _SECOND_LIBVIRTD, str(home), str(MIGRATION_DIR)],
         stdout=(home / "libvirtd.out").open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     uri = f"qemu+unix:///system?socket={home / 'run' / 'libvirt-sock'}"
     deadline = time.monotonic() + 30
@@ -185,10 +294,11 @@ def another_libvirtd(home: Path) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def second_libvirtd(libvirtd: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """:func:`another_libvirtd` for a module's tests; its URI."""
+def second_libvirtd(libvirtd: str, second_host: HostNetwork, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """:func:`another_libvirtd` in ``second_host`` for a module's tests; its URI. Its agents
+    reach the controller only when it listens on ``second_host.gateway`` and allows it there."""
     try:
-        with another_libvirtd(tmp_path_factory.mktemp("libvirtd2")) as uri:
+        with another_libvirtd(tmp_path_factory.mktemp("libvirtd2"), second_host) as uri:
             yield uri
     except RuntimeError as exc:
         require(False, str(exc))
@@ -196,13 +306,13 @@ def second_libvirtd(libvirtd: str, tmp_path_factory: pytest.TempPathFactory) -> 
 
 def host_of(uri: str) -> list[str]:
     """The command prefix that runs a program on the "host" of the libvirtd at ``uri``: in
-    the mount namespace of a second libvirtd (:func:`another_libvirtd`), nothing for the
-    system one."""
+    the mount and network namespaces of a second libvirtd (:func:`another_libvirtd`),
+    nothing for the system one."""
     socket_path = uri.partition("?socket=")[2]
     if not socket_path:
         return []
     pid = (Path(socket_path).parent / "libvirtd.pid").read_text().strip()
-    return ["nsenter", "--target", pid, "--mount", "--"]
+    return ["nsenter", "--target", pid, "--mount", "--net", "--"]
 
 
 class LibvirtSocketProxy:
