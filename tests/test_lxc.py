@@ -190,9 +190,10 @@ async def test_busybox_container_with_limits_and_a_static_address_on_a_bridge(lx
     usage = node.plugin.usage()["web-1"]
     cpu_after, memory_after = kernel_usage(cgroup)
     assert cpu_before <= usage.cpu_seconds <= cpu_after and usage.cpu_seconds > 0, (cpu_before, usage, cpu_after)
-    # An idle container's memory barely moves: within 5 % of both readings.
-    assert all(abs(usage.memory_bytes - kernel) <= 0.05 * kernel for kernel in (memory_before, memory_after)), (
-        memory_before, usage, memory_after)
+    # An idle container's memory moves little, but it moves (a CI run saw it fall by 11 %
+    # between two readings): between the two, give or take 5 %.
+    low, high = sorted((memory_before, memory_after))
+    assert 0.95 * low <= usage.memory_bytes <= 1.05 * high, (memory_before, usage, memory_after)
     assert usage.memory_limit_bytes == 96 * 1024 * 1024 and usage.memory_bytes > 0
     assert usage.network_receive_packets >= 1 and usage.network_transmit_packets >= 1
     assert usage.network_receive_bytes >= 84 and usage.network_transmit_bytes >= 84  # an ICMP echo's IP packet
