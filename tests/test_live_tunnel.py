@@ -237,7 +237,7 @@ async def test_a_copy_the_destination_holds_goes_on_only_when_the_source_has_non
     phases: list[str] = []
     ctl = Ctl()
     ctl.store = Store()
-    ctl.settings = type("Settings", (), {"url": "https://ctl:8443"})
+    ctl.settings = type("Settings", (), {"url": "https://ctl:8443", "heartbeat_interval": 10.0})
     doc = {"id": MID, "instance": "vm", "kind": "kvm", "source": "s", "destination": "d", "phase": "prepare",
            "live": {"max_downtime_ms": 300}, "progress": {}, "error": None}
     asked: list[tuple[str, str]] = []
@@ -263,7 +263,8 @@ async def test_a_copy_the_destination_holds_goes_on_only_when_the_source_has_non
     async def running_on(ctl: Any, nodes: list[str], name: str, kind: str, since: float) -> str | None:
         return "d" if source_runs is False and "d" in nodes else None
 
-    async def reports_running(ctl: Any, node: str, name: str, kind: str, since: float) -> bool | None:
+    async def reports_running(ctl: Any, node: str, name: str, kind: str, since: float,
+                              poll: float = 0.2) -> bool | None:
         assert node == "s"
         phases.append(doc["phase"])
         return answers.pop(0)

@@ -169,16 +169,18 @@ async def running_on(ctl: Any, nodes: list[str], name: str, kind: str, since: fl
     return None
 
 
-async def reports_running(ctl: Any, node_id: str, name: str, kind: str, since: float) -> bool | None:
+async def reports_running(ctl: Any, node_id: str, name: str, kind: str, since: float,
+                          poll: float = 0.2) -> bool | None:
     """Whether the first report ``node_id`` makes after ``since`` lists the instance running,
-    waiting a few heartbeats for one; None when it makes none (it may run it all the same).
-    A removed node runs nothing: an admin removes a node whose host is gone."""
+    waiting a few heartbeats for one and reading the store every ``poll`` seconds; None when
+    it makes none (it may run it all the same). A removed node runs nothing: an admin
+    removes a node whose host is gone."""
     deadline = time.monotonic() + max(10.0, 5 * ctl.settings.heartbeat_interval)
     while time.monotonic() < deadline:
         answer = await _reports_running(ctl, node_id, name, kind, since)
         if answer is not None:
             return answer
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(poll)
     return None
 
 

@@ -182,8 +182,10 @@ async def settle_held(ctl: Any, doc: dict[str, Any], finished: bool) -> str | No
                           "holds a paused copy that libvirt started there as the move ended, resumed only if node "
                           f"{source} runs none (removing node {source}, whose host must then be down, counts as that)")
         await record_phase(ctl, doc, "held")
+        # This wait can last as long as the source's host is down: the store is read once a
+        # heartbeat, not five times a second.
         while source_runs is None:
-            source_runs = await reports_running(ctl, source, name, kind, time.time())
+            source_runs = await reports_running(ctl, source, name, kind, time.time(), ctl.settings.heartbeat_interval)
     if source_runs:
         removed = await run_task(ctl, destination, f"{kind}.delete", base, CLEANUP_TIMEOUT, name)
         doc["outcome"] = (f"the instance was not moved and runs on node {source}; node {destination}'s copy, which "
